@@ -1,0 +1,208 @@
+//! `scabbard submit`, `scabbard task get|list|cancel`, `scabbard logs`.
+
+use std::io::Write;
+
+use anyhow::{Result, bail};
+use scabbard_common::client::{self, TaskServiceClient};
+use scabbard_common::is_final;
+use scabbard_common::proto::{
+    CancelTaskRequest, GetTaskRequest, ListTasksRequest, LogStream, NoopTask, Requirements,
+    ShellTask, SubmitTaskRequest, Task, TaskLogsRequest, TaskSpec, TaskState, WatchTasksRequest,
+    task_spec::Kind,
+};
+use tonic::transport::Channel;
+
+use crate::args::{LogsArgs, SubmitArgs, TaskCommand};
+use crate::output;
+
+pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
+    let kind = match (a.noop, a.sh, a.command.is_empty()) {
+        (true, _, true) => Kind::Noop(NoopTask {}),
+        (false, Some(script), true) => Kind::Shell(ShellTask {
+            command: vec!["sh".into(), "-c".into(), script],
+        }),
+        (false, None, false) => Kind::Shell(ShellTask { command: a.command }),
+        (false, None, true) => bail!(
+            "nothing to run: give a command after `--` (scabbard submit -- make test), or --sh 'script', or --noop"
+        ),
+        _ => bail!("give either a command, --sh or --noop, not several"),
+    };
+    let spec = TaskSpec {
+        name: a.name.unwrap_or_default(),
+        kind: Some(kind),
+        env: a.env.into_iter().collect(),
+        requirements: Some(Requirements {
+            capabilities: a.require_capabilities,
+            labels: a.require_labels.into_iter().collect(),
+        }),
+        priority: a.priority,
+        timeout_ms: a.timeout.map_or(0, |d| d.as_millis() as u64),
+        labels: a.labels.into_iter().collect(),
+        max_infra_retries: 0,
+    };
+    let mut tasks = TaskServiceClient::new(client::connect(&a.target.controller).await?);
+    let resp = tasks
+        .submit(SubmitTaskRequest {
+            spec: Some(spec),
+            idempotency_key: a.idempotency_key.unwrap_or_default(),
+        })
+        .await
+        .map_err(output::status)?
+        .into_inner();
+    let task = resp.task.unwrap_or_default();
+    if resp.existing {
+        eprintln!("task {} already exists for this idempotency key", task.id);
+    }
+    if !a.wait && !a.follow {
+        println!("{}", task.id);
+        return Ok(0);
+    }
+    eprintln!("submitted {}", task.id);
+    if a.follow {
+        print_logs(&mut tasks, &task.id, 0, true).await?;
+    }
+    let final_task = wait(&mut tasks, &task.id).await?;
+    Ok(report(&final_task))
+}
+
+/// Waits until the task is in a final state.
+async fn wait(tasks: &mut TaskServiceClient<Channel>, id: &str) -> Result<Task> {
+    let mut stream = tasks
+        .watch(WatchTasksRequest {
+            ids: vec![id.to_string()],
+            send_initial: true,
+        })
+        .await
+        .map_err(output::status)?
+        .into_inner();
+    while let Some(ev) = stream.message().await.map_err(output::status)? {
+        if let Some(t) = ev.task
+            && is_final(t.state())
+        {
+            return Ok(t);
+        }
+    }
+    bail!("the controller closed the watch before task {id} finished")
+}
+
+/// Prints the outcome on stderr; the exit code is the task's (1 when it has none).
+fn report(t: &Task) -> u8 {
+    let r = t.result.clone().unwrap_or_default();
+    eprintln!(
+        "task {} {} (exit code {}){}",
+        t.id,
+        output::state_name(t.state()),
+        r.exit_code,
+        if r.message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", r.message)
+        }
+    );
+    match t.state() {
+        TaskState::Succeeded => 0,
+        _ if (1..=255).contains(&r.exit_code) => r.exit_code as u8,
+        _ => 1,
+    }
+}
+
+async fn print_logs(
+    tasks: &mut TaskServiceClient<Channel>,
+    id: &str,
+    attempt: u32,
+    follow: bool,
+) -> Result<()> {
+    let mut stream = tasks
+        .logs(TaskLogsRequest {
+            task_id: id.to_string(),
+            attempt,
+            follow,
+            from_seq: 0,
+        })
+        .await
+        .map_err(output::status)?
+        .into_inner();
+    let mut current_attempt = 0;
+    while let Some(c) = stream.message().await.map_err(output::status)? {
+        if current_attempt != 0 && c.attempt != current_attempt {
+            eprintln!("--- attempt {} ---", c.attempt);
+        }
+        current_attempt = c.attempt;
+        match c.stream() {
+            LogStream::Stderr => std::io::stderr().write_all(&c.data)?,
+            LogStream::System => eprint!("[scabbard] {}", String::from_utf8_lossy(&c.data)),
+            _ => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&c.data)?;
+                out.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
+    match c {
+        TaskCommand::Get { target, id } => {
+            let mut tasks = TaskServiceClient::new(client::connect(&target.controller).await?);
+            let t = tasks
+                .get(GetTaskRequest { id })
+                .await
+                .map_err(output::status)?
+                .into_inner();
+            output::task(&t);
+        }
+        TaskCommand::List {
+            target,
+            states,
+            labels,
+            limit,
+        } => {
+            let states = states
+                .iter()
+                .map(|s| {
+                    let name = format!("TASK_STATE_{}", s.to_ascii_uppercase());
+                    TaskState::from_str_name(&name).map(|s| s as i32).ok_or_else(|| {
+                        anyhow::anyhow!("unknown state {s:?} (queued, assigned, running, succeeded, failed, cancelled, timed_out, retry_wait)")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut tasks = TaskServiceClient::new(client::connect(&target.controller).await?);
+            let resp = tasks
+                .list(ListTasksRequest {
+                    states,
+                    labels: labels.into_iter().collect(),
+                    page_size: limit.clamp(1, 1000),
+                    page_token: String::new(),
+                })
+                .await
+                .map_err(output::status)?
+                .into_inner();
+            output::tasks(&resp.tasks);
+        }
+        TaskCommand::Cancel { target, id, reason } => {
+            let mut tasks = TaskServiceClient::new(client::connect(&target.controller).await?);
+            let t = tasks
+                .cancel(CancelTaskRequest { id, reason })
+                .await
+                .map_err(output::status)?
+                .into_inner();
+            println!(
+                "{} {}",
+                t.id,
+                if is_final(t.state()) {
+                    output::state_name(t.state())
+                } else {
+                    "cancel requested"
+                }
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub(crate) async fn logs(a: LogsArgs) -> Result<u8> {
+    let mut tasks = TaskServiceClient::new(client::connect(&a.target.controller).await?);
+    print_logs(&mut tasks, &a.id, a.attempt, a.follow).await?;
+    Ok(0)
+}

@@ -1,0 +1,56 @@
+//! Client library: connecting to a controller and the generated clients with an optional
+//! bearer token.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Error, Result};
+
+pub use crate::proto::admin_service_client::AdminServiceClient;
+pub use crate::proto::agent_service_client::AgentServiceClient;
+pub use crate::proto::task_service_client::TaskServiceClient;
+
+/// Largest message the clients accept or send (matches the controller's limit).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Normalises `host:port` or a URL into an endpoint URL (`http://` when no scheme).
+pub fn endpoint_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Builds an endpoint with Scabbard's defaults (connect timeout, keep-alive, no Nagle).
+pub fn endpoint(addr: &str) -> Result<Endpoint> {
+    let url = endpoint_url(addr);
+    let ep = Endpoint::from_shared(url.clone())
+        .map_err(|e| Error::invalid(format!("bad controller address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    Ok(ep)
+}
+
+/// Connects to a controller at `addr` (`host:port` or URL).
+pub async fn connect(addr: &str) -> Result<Channel> {
+    endpoint(addr)?
+        .connect()
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot reach controller at {addr}: {e}")))
+}
+
+/// Adds `authorization: Bearer <token>` to a request when a token is given.
+pub fn with_token<T>(mut req: tonic::Request<T>, token: Option<&str>) -> Result<tonic::Request<T>> {
+    if let Some(t) = token {
+        let v = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| Error::invalid("token contains characters not allowed in metadata"))?;
+        req.metadata_mut().insert("authorization", v);
+    }
+    Ok(req)
+}

@@ -1,0 +1,146 @@
+//! The one error type of Scabbard. Every variant knows its gRPC code; the conversion to
+//! `tonic::Status` lives here and nowhere else.
+
+use tonic::{Code, Status};
+
+/// Result alias using [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Domain error carrying the gRPC code a caller should see.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; the message says which field and why.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The named thing does not exist.
+    #[error("{kind} {id:?} not found")]
+    NotFound {
+        /// What was looked up ("task", "agent").
+        kind: &'static str,
+        /// The id that was asked for.
+        id: String,
+    },
+    /// The thing exists already (idempotency conflicts, duplicate names).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The operation is not allowed in the current state (cancel a finished task, ...).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A report from an attempt whose fencing token is no longer current.
+    #[error("stale attempt: {0}")]
+    StaleAttempt(String),
+    /// Missing or bad credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Valid credentials without the right to do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A limit was hit (message size, queue quota, rate).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The store or another dependency is unavailable; retrying may help.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A compare-and-swap lost to a concurrent writer.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A bug or an unexpected failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+
+    /// Shorthand for [`Error::NotFound`].
+    pub fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
+        Self::NotFound {
+            kind,
+            id: id.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Internal`].
+    pub fn internal(msg: impl std::fmt::Display) -> Self {
+        Self::Internal(msg.to_string())
+    }
+
+    /// The gRPC code callers see for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound { .. } => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) | Error::StaleAttempt(_) => Code::FailedPrecondition,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Conflict(_) => Code::Aborted,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<Status> for Error {
+    fn from(s: Status) -> Self {
+        let msg = s.message().to_string();
+        match s.code() {
+            Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(msg),
+            Code::NotFound => Error::NotFound {
+                kind: "resource",
+                id: msg,
+            },
+            Code::AlreadyExists => Error::AlreadyExists(msg),
+            Code::FailedPrecondition => Error::FailedPrecondition(msg),
+            Code::Unauthenticated => Error::Unauthenticated(msg),
+            Code::PermissionDenied => Error::PermissionDenied(msg),
+            Code::ResourceExhausted => Error::ResourceExhausted(msg),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Error::Unavailable(msg),
+            Code::Aborted => Error::Conflict(msg),
+            _ => Error::Internal(format!("{}: {msg}", s.code())),
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Internal(format!("io: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_survive_the_round_trip_through_status() {
+        let cases = [
+            Error::invalid("x"),
+            Error::not_found("task", "t1"),
+            Error::Unauthenticated("no".into()),
+            Error::ResourceExhausted("full".into()),
+            Error::StaleAttempt("old".into()),
+        ];
+        for e in cases {
+            let code = e.code();
+            let status: Status = e.into();
+            assert_eq!(status.code(), code);
+        }
+    }
+
+    #[test]
+    fn not_found_names_the_kind_and_id() {
+        let s: Status = Error::not_found("task", "abc").into();
+        assert_eq!(s.message(), "task \"abc\" not found");
+    }
+}

@@ -1,0 +1,115 @@
+//! Serving `TaskService.Logs`: reads an attempt's log from the log store and, with
+//! `follow`, waits for more until the attempt is sealed — moving on to the next attempt
+//! when the task was requeued and the caller follows the latest one.
+
+use std::sync::Arc;
+
+use scabbard_common::proto::{LogChunk, Task};
+use scabbard_common::{Error, Result, is_final};
+use tokio::sync::{broadcast, mpsc};
+use tonic::Status;
+
+use crate::core::{CoreHandle, CoreMsg};
+use crate::logstore::LogStore;
+
+const PAGE: usize = 512;
+
+pub(super) struct Follower {
+    pub(super) core: CoreHandle,
+    pub(super) logs: Arc<LogStore>,
+    pub(super) task_id: String,
+    pub(super) follow_latest: bool,
+    /// 0: not assigned yet.
+    pub(super) attempt: u32,
+    pub(super) seq: u64,
+    pub(super) follow: bool,
+}
+
+impl Follower {
+    pub(super) async fn run(mut self, tx: mpsc::Sender<Result<LogChunk, Status>>) {
+        if let Err(e) = self.serve(&tx).await {
+            let _ = tx.send(Err(e.into())).await;
+        }
+    }
+
+    async fn task(&self) -> Result<Task> {
+        let id = self.task_id.clone();
+        self.core.ask(|reply| CoreMsg::Get { id, reply }).await
+    }
+
+    async fn serve(&mut self, tx: &mpsc::Sender<Result<LogChunk, Status>>) -> Result<()> {
+        let (_, mut events) = self
+            .core
+            .call(|reply| CoreMsg::Subscribe { ids: vec![], reply })
+            .await?;
+        loop {
+            if self.attempt == 0 {
+                // Not assigned yet: wait for the first attempt (or the end).
+                let task = self.task().await?;
+                if task.fencing_token > 0 {
+                    self.attempt = task.fencing_token as u32;
+                    continue;
+                }
+                if !self.follow || is_final(task.state()) {
+                    return Ok(());
+                }
+                self.wait_task_event(&mut events).await?;
+                continue;
+            }
+            let mut pos = self.logs.subscribe(&self.task_id, self.attempt);
+            loop {
+                let chunks = self.logs.read(&self.task_id, self.attempt, self.seq, PAGE).await?;
+                let n = chunks.len();
+                for c in chunks {
+                    self.seq = c.seq + 1;
+                    if tx.send(Ok(c)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                if n == PAGE {
+                    continue;
+                }
+                let p = *pos.borrow_and_update();
+                if p.sealed && self.seq >= p.next_seq {
+                    break;
+                }
+                if !self.follow {
+                    return Ok(());
+                }
+                tokio::select! {
+                    r = pos.changed() => if r.is_err() { return Ok(()) },
+                    _ = tx.closed() => return Ok(()),
+                }
+            }
+            // This attempt's log is complete.
+            if !self.follow || !self.follow_latest {
+                return Ok(());
+            }
+            loop {
+                let task = self.task().await?;
+                if task.fencing_token as u32 > self.attempt {
+                    self.attempt = task.fencing_token as u32;
+                    self.seq = 0;
+                    break;
+                }
+                if is_final(task.state()) {
+                    return Ok(());
+                }
+                self.wait_task_event(&mut events).await?;
+            }
+        }
+    }
+
+    async fn wait_task_event(&self, events: &mut broadcast::Receiver<Arc<Task>>) -> Result<()> {
+        loop {
+            match events.recv().await {
+                Ok(t) if t.id == self.task_id => return Ok(()),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return Ok(()),
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(Error::Unavailable("controller is shutting down".into()));
+                }
+            }
+        }
+    }
+}

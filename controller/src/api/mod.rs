@@ -1,0 +1,11 @@
+//! Thin tonic services: each method checks its input's shape, calls the core (or the log
+//! store) and maps the domain error to a `Status` through `scabbard_common::Error`.
+
+mod admin;
+mod agents;
+mod logs;
+mod tasks;
+
+pub use admin::AdminApi;
+pub use agents::AgentApi;
+pub use tasks::TaskApi;

@@ -1,0 +1,163 @@
+//! `TaskService`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use scabbard_common::proto::{
+    CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, LogChunk,
+    SubmitTaskRequest, SubmitTaskResponse, Task, TaskEvent, TaskLogsRequest, TaskState,
+    WatchTasksRequest, task_service_server::TaskService,
+};
+use scabbard_common::Error;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::core::{CoreHandle, CoreMsg, validate};
+use crate::logstore::LogStore;
+
+/// Server-stream type used by the streaming methods.
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Implementation of `scabbard.v1.TaskService`.
+pub struct TaskApi {
+    pub(crate) core: CoreHandle,
+    pub(crate) logs: Arc<LogStore>,
+}
+
+#[tonic::async_trait]
+impl TaskService for TaskApi {
+    async fn submit(
+        &self,
+        req: Request<SubmitTaskRequest>,
+    ) -> Result<Response<SubmitTaskResponse>, Status> {
+        let r = req.into_inner();
+        let spec = r
+            .spec
+            .ok_or_else(|| Error::invalid("spec is required"))?;
+        let (task, existing) = self
+            .core
+            .ask(|reply| CoreMsg::Submit { spec, idempotency_key: r.idempotency_key, reply })
+            .await?;
+        Ok(Response::new(SubmitTaskResponse { task: Some(task), existing }))
+    }
+
+    async fn get(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
+        let id = req.into_inner().id;
+        validate::id("task", &id)?;
+        Ok(Response::new(self.core.ask(|reply| CoreMsg::Get { id, reply }).await?))
+    }
+
+    async fn list(
+        &self,
+        req: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let req = req.into_inner();
+        for s in &req.states {
+            if TaskState::try_from(*s).is_err() || *s == 0 {
+                return Err(Error::invalid(format!(
+                    "states: {s} is not a task state (use TASK_STATE_QUEUED … TASK_STATE_RETRY_WAIT)"
+                ))
+                .into());
+            }
+        }
+        let (tasks, next_page_token) = self.core.ask(|reply| CoreMsg::List { req, reply }).await?;
+        Ok(Response::new(ListTasksResponse { tasks, next_page_token }))
+    }
+
+    async fn cancel(&self, req: Request<CancelTaskRequest>) -> Result<Response<Task>, Status> {
+        let r = req.into_inner();
+        validate::id("task", &r.id)?;
+        if r.reason.len() > 1024 {
+            return Err(Error::invalid("reason is longer than 1024 bytes").into());
+        }
+        let task = self
+            .core
+            .ask(|reply| CoreMsg::Cancel { id: r.id, reason: r.reason, reply })
+            .await?;
+        Ok(Response::new(task))
+    }
+
+    type WatchStream = BoxStream<TaskEvent>;
+
+    async fn watch(
+        &self,
+        req: Request<WatchTasksRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = req.into_inner();
+        for id in &r.ids {
+            validate::id("task", id)?;
+        }
+        let ids = r.ids.clone();
+        let (snapshot, mut rx) = self.core.call(|reply| CoreMsg::Subscribe { ids, reply }).await?;
+        if r.ids.len() != snapshot.len() {
+            let missing = r.ids.iter().find(|id| !snapshot.iter().any(|t| &t.id == *id));
+            return Err(Error::not_found("task", missing.cloned().unwrap_or_default()).into());
+        }
+        let (tx, out) = mpsc::channel(1024);
+        let filter: std::collections::HashSet<String> = r.ids.into_iter().collect();
+        let send_initial = r.send_initial;
+        tokio::spawn(async move {
+            if send_initial {
+                for t in snapshot {
+                    if tx.send(Ok(TaskEvent { task: Some(t) })).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(t) => {
+                        if !filter.is_empty() && !filter.contains(&t.id) {
+                            continue;
+                        }
+                        if tx.send(Ok(TaskEvent { task: Some((*t).clone()) })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::aborted(format!(
+                                "watch fell {n} events behind; watch again with send_initial"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    type LogsStream = BoxStream<LogChunk>;
+
+    async fn logs(&self, req: Request<TaskLogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let r = req.into_inner();
+        validate::id("task", &r.task_id)?;
+        let id = r.task_id.clone();
+        let task = self.core.ask(|reply| CoreMsg::Get { id, reply }).await?;
+        if r.attempt as usize > task.attempts.len() {
+            return Err(Error::invalid(format!(
+                "task {} has {} attempts; attempt {} does not exist",
+                task.id,
+                task.attempts.len(),
+                r.attempt
+            ))
+            .into());
+        }
+        let (tx, out) = mpsc::channel(256);
+        let follower = super::logs::Follower {
+            core: self.core.clone(),
+            logs: self.logs.clone(),
+            task_id: r.task_id,
+            follow_latest: r.attempt == 0,
+            attempt: if r.attempt == 0 { task.fencing_token as u32 } else { r.attempt },
+            seq: r.from_seq,
+            follow: r.follow,
+        };
+        tokio::spawn(follower.run(tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}

@@ -1,0 +1,134 @@
+//! Controller configuration: one struct read from a TOML file, then overridden by
+//! environment and flags (in the CLI). Checked up front by [`ControllerConfig::validate`]:
+//! a bad value stops the process before it binds anything.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use scabbard_common::{Error, Result};
+use serde::Deserialize;
+
+/// Everything a controller needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Where the embedded store and the task logs live.
+    pub data_dir: PathBuf,
+    /// Secret that workers present to `AgentService.Register`.
+    pub registration_token: String,
+    /// How often workers heartbeat (milliseconds).
+    pub heartbeat_interval_ms: u64,
+    /// How long an agent may be silent or disconnected before its attempts are requeued
+    /// as infrastructure failures (milliseconds).
+    pub agent_lease_ttl_ms: u64,
+    /// Timeout of a task that sets none (milliseconds).
+    pub default_task_timeout_ms: u64,
+    /// Longest timeout a task may ask for (milliseconds).
+    pub max_task_timeout_ms: u64,
+    /// How often a task may be requeued after infrastructure failures, unless it says.
+    pub default_max_infra_retries: u32,
+    /// Largest gRPC message accepted (bytes).
+    pub max_message_bytes: usize,
+    /// Most tasks waiting in the queue; submits beyond get `RESOURCE_EXHAUSTED`.
+    pub max_queued_tasks: usize,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7400".parse().expect("static address"),
+            data_dir: PathBuf::from("./scabbard-data"),
+            registration_token: String::new(),
+            heartbeat_interval_ms: 2_000,
+            agent_lease_ttl_ms: 10_000,
+            default_task_timeout_ms: 3_600_000,
+            max_task_timeout_ms: 7 * 24 * 3_600_000,
+            default_max_infra_retries: 3,
+            max_message_bytes: scabbard_common::client::MAX_MESSAGE_BYTES,
+            max_queued_tasks: 1_000_000,
+        }
+    }
+}
+
+impl ControllerConfig {
+    /// Parses a TOML file; unknown keys are errors.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::invalid(format!("controller config: {e}")))
+    }
+
+    /// Refuses configurations that cannot work, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.registration_token.len() < 16 {
+            return Err(Error::invalid(
+                "registration_token must be at least 16 characters (set --registration-token or SCABBARD_REGISTRATION_TOKEN)",
+            ));
+        }
+        if self.heartbeat_interval_ms < 50 {
+            return Err(Error::invalid("heartbeat_interval_ms must be at least 50"));
+        }
+        if self.agent_lease_ttl_ms < 2 * self.heartbeat_interval_ms {
+            return Err(Error::invalid(format!(
+                "agent_lease_ttl_ms ({}) must be at least twice heartbeat_interval_ms ({})",
+                self.agent_lease_ttl_ms, self.heartbeat_interval_ms
+            )));
+        }
+        if self.default_task_timeout_ms == 0
+            || self.default_task_timeout_ms > self.max_task_timeout_ms
+        {
+            return Err(Error::invalid(
+                "default_task_timeout_ms must be > 0 and <= max_task_timeout_ms",
+            ));
+        }
+        if self.max_message_bytes < 4096 {
+            return Err(Error::invalid("max_message_bytes must be at least 4096"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(Error::invalid("data_dir must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Heartbeat interval as a duration.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    /// Agent lease TTL (grace period) as a duration.
+    pub fn agent_lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.agent_lease_ttl_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = ControllerConfig::from_toml("listen = \"127.0.0.1:1\"\nlisten_adress = 1").unwrap_err();
+        assert!(err.to_string().contains("listen_adress"), "{err}");
+    }
+
+    #[test]
+    fn short_registration_token_is_refused() {
+        let cfg = ControllerConfig {
+            registration_token: "short".into(),
+            ..Default::default()
+        };
+        assert!(cfg.validate().unwrap_err().to_string().contains("registration_token"));
+    }
+
+    #[test]
+    fn lease_must_cover_two_heartbeats() {
+        let cfg = ControllerConfig {
+            registration_token: "x".repeat(20),
+            heartbeat_interval_ms: 1000,
+            agent_lease_ttl_ms: 1500,
+            ..Default::default()
+        };
+        assert!(cfg.validate().is_err());
+    }
+}

@@ -1,0 +1,237 @@
+//! The agent table: registration, attaching and detaching sessions, reconciling the
+//! attempts a reconnecting agent reports, the lease sweeper, draining.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use prost::Message;
+use scabbard_common::proto::{
+    Agent, AgentStatus, CancelAttempt, ControllerMessage, Drain, Hello, Resume, StoredAgent,
+    TaskState, Welcome, agent_message, controller_message,
+};
+use scabbard_common::time::now_ms;
+use scabbard_common::{Error, is_final};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{
+    AGENT_PREFIX, AgentEntry, Attached, Conn, Reply, State, agent_effect, reply_effect,
+};
+
+impl State {
+    pub(super) async fn register(&mut self, stored: StoredAgent, reply: Reply<()>) {
+        let Some(agent) = stored.agent.clone() else {
+            let _ = reply.send(Err(Error::internal("register without agent")));
+            return;
+        };
+        if let Some(old) = self.agents.get(&agent.id) {
+            self.token_index.remove(&old.stored.token_sha256);
+        }
+        self.token_index.insert(stored.token_sha256.clone(), agent.id.clone());
+        let entry = self.agents.entry(agent.id.clone()).or_insert_with(|| AgentEntry {
+            stored: stored.clone(),
+            conn: None,
+            running: HashSet::new(),
+            disconnected_at: Some(Instant::now()),
+            lost: false,
+            last_seen_ms: now_ms(),
+        });
+        entry.stored = stored.clone();
+        info!(agent = %agent.id, name = %agent.name, "agent registered");
+        self.write(
+            format!("{AGENT_PREFIX}{}", agent.id),
+            Some(stored.encode_to_vec()),
+            vec![reply_effect(reply, ())],
+        )
+        .await;
+    }
+
+    pub(super) async fn attach(
+        &mut self,
+        token_hash: String,
+        hello: Hello,
+        tx: mpsc::Sender<ControllerMessage>,
+        reply: Reply<Attached>,
+    ) {
+        let Some(agent_id) = self.token_index.get(&token_hash).cloned() else {
+            let _ = reply.send(Err(Error::Unauthenticated(
+                "unknown agent token: register the agent again".into(),
+            )));
+            return;
+        };
+        if !hello.agent_id.is_empty() && hello.agent_id != agent_id {
+            let _ = reply.send(Err(Error::PermissionDenied(format!(
+                "this token belongs to agent {agent_id}, not {}",
+                hello.agent_id
+            ))));
+            return;
+        }
+        self.next_session += 1;
+        let session = self.next_session;
+        let Some(entry) = self.agents.get_mut(&agent_id) else {
+            let _ = reply.send(Err(Error::internal("token index points to a missing agent")));
+            return;
+        };
+        if let Some(a) = entry.stored.agent.as_mut() {
+            a.capabilities = hello.capabilities.clone();
+            a.labels = hello.labels.clone();
+            a.slots = hello.slots;
+            if !hello.version.is_empty() {
+                a.version = hello.version.clone();
+            }
+        }
+        entry.conn = Some(Conn { session, tx: tx.clone() });
+        entry.disconnected_at = None;
+        entry.lost = false;
+        entry.last_seen_ms = now_ms();
+        let previously: HashSet<String> = std::mem::take(&mut entry.running);
+
+        let mut resume = Vec::new();
+        let mut attempts = Vec::new();
+        let mut cancels = Vec::new();
+        for r in &hello.running {
+            let mut res = Resume {
+                task_id: r.task_id.clone(),
+                fencing_token: r.fencing_token,
+                ..Default::default()
+            };
+            if let Some(t) = self.tasks.get(&r.task_id).map(|e| &e.task) {
+                let current = t.fencing_token == r.fencing_token && t.agent_id == agent_id;
+                if current && matches!(t.state(), TaskState::Assigned | TaskState::Running) {
+                    res.keep = true;
+                    attempts.push((r.task_id.clone(), r.fencing_token));
+                    if t.cancel_requested {
+                        cancels.push((r.task_id.clone(), r.fencing_token));
+                    }
+                } else if is_final(t.state())
+                    && t.attempts.last().is_some_and(|a| {
+                        a.fencing_token == r.fencing_token && a.agent_id == agent_id && a.result.is_some()
+                    })
+                {
+                    res.result_recorded = true;
+                }
+            }
+            resume.push(res);
+        }
+        let entry = self.agents.get_mut(&agent_id).expect("checked above");
+        for (task, _) in &attempts {
+            entry.running.insert(task.clone());
+        }
+        let stored = entry.stored.clone();
+        // Attempts this controller gave the agent that it no longer knows: lost.
+        let lost: Vec<String> = previously
+            .into_iter()
+            .filter(|t| !attempts.iter().any(|(kept, _)| kept == t))
+            .collect();
+        let welcome = Welcome {
+            heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+            lease_ttl_ms: self.cfg.agent_lease_ttl_ms,
+            resume,
+        };
+        info!(agent = %agent_id, session, resumed = attempts.len(), lost = lost.len(), "agent attached");
+        let _ = reply.send(Ok(Attached { agent_id: agent_id.clone(), session, welcome, attempts }));
+        for (task_id, fencing_token) in cancels {
+            let _ = tx.try_send(ControllerMessage {
+                msg: Some(controller_message::Msg::Cancel(CancelAttempt {
+                    task_id,
+                    fencing_token,
+                    reason: "cancelled while the agent was away".into(),
+                })),
+            });
+        }
+        for t in lost {
+            self.requeue_or_fail(&t, "the agent came back without this attempt").await;
+        }
+        self.write(format!("{AGENT_PREFIX}{agent_id}"), Some(stored.encode_to_vec()), Vec::new())
+            .await;
+    }
+
+    pub(super) fn detach(&mut self, agent_id: &str, session: u64) {
+        if let Some(a) = self.agents.get_mut(agent_id)
+            && a.conn.as_ref().is_some_and(|c| c.session == session)
+        {
+            a.conn = None;
+            a.disconnected_at = Some(Instant::now());
+            info!(agent = agent_id, session, "agent session ended; grace period started");
+        }
+    }
+
+    pub(super) async fn from_agent(&mut self, agent_id: &str, session: u64, msg: agent_message::Msg) {
+        let live = self
+            .agents
+            .get_mut(agent_id)
+            .filter(|a| a.conn.as_ref().is_some_and(|c| c.session == session));
+        let Some(agent) = live else { return };
+        agent.last_seen_ms = now_ms();
+        use agent_message::Msg;
+        match msg {
+            Msg::Accepted(a) => self.on_accepted(agent_id, &a.task_id, a.fencing_token).await,
+            Msg::Rejected(r) => {
+                if self.current_attempt(&r.task_id, r.fencing_token, agent_id).is_some() {
+                    let why = format!("agent {agent_id} rejected the task: {}", r.reason);
+                    self.requeue_or_fail(&r.task_id, &why).await;
+                }
+            }
+            Msg::Finished(f) => self.on_finished(agent_id, f).await,
+            Msg::Heartbeat(_) | Msg::Progress(_) | Msg::Hello(_) | Msg::Log(_) => {}
+        }
+    }
+
+    /// Agents disconnected for longer than the lease TTL are lost: their attempts are
+    /// requeued as infrastructure failures.
+    pub(crate) async fn sweep_lost_agents(&mut self) {
+        let ttl = self.cfg.agent_lease_ttl();
+        let mut lost = Vec::new();
+        for (id, a) in self.agents.iter_mut() {
+            if a.lost || a.conn.is_some() {
+                continue;
+            }
+            if a.disconnected_at.is_some_and(|t| t.elapsed() >= ttl) {
+                a.lost = true;
+                warn!(agent = %id, attempts = a.running.len(), "agent lost: lease expired");
+                lost.extend(a.running.drain().map(|t| (id.clone(), t)));
+            }
+        }
+        for (agent, task) in lost {
+            let why = format!("agent {agent} was lost (no contact for {} ms)", ttl.as_millis());
+            self.requeue_or_fail(&task, &why).await;
+        }
+    }
+
+    pub(super) async fn drain(&mut self, id: String, reason: String, reply: Reply<Agent>) {
+        let Some(entry) = self.agents.get_mut(&id) else {
+            let _ = reply.send(Err(Error::not_found("agent", id)));
+            return;
+        };
+        if let Some(a) = entry.stored.agent.as_mut() {
+            a.draining = true;
+        }
+        let mut effects = Vec::new();
+        if let Some(conn) = &entry.conn {
+            effects.push(agent_effect(
+                conn.tx.clone(),
+                ControllerMessage { msg: Some(controller_message::Msg::Drain(Drain { reason })) },
+            ));
+        }
+        let stored = entry.stored.clone();
+        let view = self.agent_view(self.agents.get(&id).expect("present"));
+        effects.insert(0, reply_effect(reply, view));
+        self.write(format!("{AGENT_PREFIX}{id}"), Some(stored.encode_to_vec()), effects).await;
+    }
+
+    pub(super) fn agent_view(&self, a: &AgentEntry) -> Agent {
+        let mut view = a.stored.agent.clone().unwrap_or_default();
+        view.running = a.running.len() as u32;
+        view.last_seen_ms = a.last_seen_ms;
+        view.status = if a.lost {
+            AgentStatus::Lost
+        } else if a.conn.is_none() {
+            AgentStatus::Disconnected
+        } else if view.draining {
+            AgentStatus::Draining
+        } else {
+            AgentStatus::Connected
+        } as i32;
+        view
+    }
+}

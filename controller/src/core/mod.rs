@@ -1,0 +1,420 @@
+//! The core: one actor that owns the cluster's live state — every task, the run queue and
+//! the agent table — and is the only place where tasks change state. Tonic services and
+//! agent session actors talk to it through [`CoreHandle`]; it never awaits I/O except to
+//! hand writes to the [`persist`] loop, which runs their effects (replies, messages to
+//! agents, events) once they are durable.
+//!
+//! On start (and after a failed commit) it rebuilds itself from the store.
+
+mod agents;
+pub(crate) mod persist;
+pub(crate) mod scheduler;
+mod tasks;
+pub(crate) mod validate;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use scabbard_common::proto::{
+    Agent, ControllerMessage, Hello, ListTasksRequest, StoredAgent, Task, TaskSpec, TaskState,
+    Welcome, agent_message,
+};
+use scabbard_common::{Error, Result};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::ControllerConfig;
+use crate::logstore::LogStore;
+use crate::store::Store;
+use persist::{Effect, Persister, Write};
+use scheduler::{QueueKey, RunQueue};
+
+/// Store key prefix of task records.
+pub(crate) const TASK_PREFIX: &str = "tasks/";
+/// Store key prefix of agent records.
+pub(crate) const AGENT_PREFIX: &str = "agents/";
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// What an attached session gets back.
+pub(crate) struct Attached {
+    pub(crate) agent_id: String,
+    pub(crate) session: u64,
+    pub(crate) welcome: Welcome,
+    /// Attempt ids (task, token) the session may report on.
+    pub(crate) attempts: Vec<(String, u64)>,
+}
+
+/// Requests to the core actor.
+pub(crate) enum CoreMsg {
+    Submit {
+        spec: TaskSpec,
+        idempotency_key: String,
+        reply: Reply<(Task, bool)>,
+    },
+    Get {
+        id: String,
+        reply: Reply<Task>,
+    },
+    List {
+        req: ListTasksRequest,
+        reply: Reply<(Vec<Task>, String)>,
+    },
+    Cancel {
+        id: String,
+        reason: String,
+        reply: Reply<Task>,
+    },
+    Subscribe {
+        ids: Vec<String>,
+        reply: oneshot::Sender<(Vec<Task>, broadcast::Receiver<Arc<Task>>)>,
+    },
+    Register {
+        stored: StoredAgent,
+        reply: Reply<()>,
+    },
+    Attach {
+        token_hash: String,
+        hello: Hello,
+        tx: mpsc::Sender<ControllerMessage>,
+        reply: Reply<Attached>,
+    },
+    Detach {
+        agent_id: String,
+        session: u64,
+    },
+    FromAgent {
+        agent_id: String,
+        session: u64,
+        msg: agent_message::Msg,
+    },
+    ListAgents {
+        reply: Reply<Vec<Agent>>,
+    },
+    DrainAgent {
+        id: String,
+        reason: String,
+        reply: Reply<Agent>,
+    },
+    Stats {
+        reply: oneshot::Sender<CoreStats>,
+    },
+}
+
+/// Counters for status pages and the benchmark.
+#[derive(Debug, Clone, Default)]
+pub struct CoreStats {
+    /// Tasks waiting for an agent.
+    pub queued: usize,
+    /// Tasks assigned or running.
+    pub active: usize,
+    /// Tasks known in memory.
+    pub total: usize,
+    /// Agents with a live session.
+    pub connected_agents: usize,
+}
+
+/// Cheap handle to the core actor.
+#[derive(Clone)]
+pub struct CoreHandle {
+    tx: mpsc::Sender<CoreMsg>,
+}
+
+impl CoreHandle {
+    pub(crate) async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> CoreMsg) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::Unavailable("controller is shutting down".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("controller is shutting down".into()))
+    }
+
+    /// Like [`call`](Self::call) for requests whose reply is itself a `Result`.
+    pub(crate) async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> CoreMsg) -> Result<T> {
+        self.call(make).await?
+    }
+
+    pub(crate) async fn send(&self, msg: CoreMsg) {
+        let _ = self.tx.send(msg).await;
+    }
+
+    /// Current counters.
+    pub async fn stats(&self) -> Result<CoreStats> {
+        self.call(|reply| CoreMsg::Stats { reply }).await
+    }
+}
+
+pub(crate) struct TaskEntry {
+    pub(crate) task: Task,
+    pub(crate) queue_key: Option<QueueKey>,
+}
+
+pub(crate) struct Conn {
+    pub(crate) session: u64,
+    pub(crate) tx: mpsc::Sender<ControllerMessage>,
+}
+
+pub(crate) struct AgentEntry {
+    pub(crate) stored: StoredAgent,
+    pub(crate) conn: Option<Conn>,
+    /// Task ids with a live attempt on this agent.
+    pub(crate) running: HashSet<String>,
+    pub(crate) disconnected_at: Option<Instant>,
+    pub(crate) lost: bool,
+    pub(crate) last_seen_ms: i64,
+}
+
+pub(crate) struct State {
+    pub(crate) cfg: Arc<ControllerConfig>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) tasks: BTreeMap<String, TaskEntry>,
+    pub(crate) idempotency: HashMap<String, String>,
+    pub(crate) queue: RunQueue,
+    pub(crate) agents: BTreeMap<String, AgentEntry>,
+    pub(crate) token_index: HashMap<String, String>,
+    pub(crate) persister: Persister,
+    pub(crate) events: broadcast::Sender<Arc<Task>>,
+    pub(crate) logs: Arc<LogStore>,
+    pub(crate) next_session: u64,
+    pub(crate) ids: ulid::Generator,
+}
+
+/// Starts the core: rebuilds state from `store`, then serves requests until `shutdown`.
+pub async fn start(
+    cfg: Arc<ControllerConfig>,
+    store: Arc<dyn Store>,
+    logs: Arc<LogStore>,
+    shutdown: CancellationToken,
+) -> Result<(CoreHandle, tokio::task::JoinHandle<()>)> {
+    let failed = Arc::new(Notify::new());
+    let (persister, _persist_task) = Persister::start(store.clone(), 4096, failed.clone());
+    let (events, _) = broadcast::channel(16 * 1024);
+    let mut state = State {
+        cfg,
+        store,
+        tasks: BTreeMap::new(),
+        idempotency: HashMap::new(),
+        queue: RunQueue::default(),
+        agents: BTreeMap::new(),
+        token_index: HashMap::new(),
+        persister,
+        events,
+        logs,
+        next_session: 0,
+        ids: ulid::Generator::new(),
+    };
+    state.recover().await?;
+    let (tx, rx) = mpsc::channel(16 * 1024);
+    let handle = tokio::spawn(run(state, rx, failed, shutdown));
+    Ok((CoreHandle { tx }, handle))
+}
+
+async fn run(
+    mut state: State,
+    mut rx: mpsc::Receiver<CoreMsg>,
+    failed: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let sweep_every = (state.cfg.agent_lease_ttl() / 4).max(Duration::from_millis(25));
+    let mut sweep = tokio::time::interval(sweep_every);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                state.handle(msg).await;
+                // Drain what is already queued before scheduling once for all of it.
+                let mut n = 0;
+                while n < 1024 {
+                    match rx.try_recv() {
+                        Ok(msg) => { state.handle(msg).await; n += 1; }
+                        Err(_) => break,
+                    }
+                }
+                state.schedule().await;
+            }
+            _ = sweep.tick() => {
+                state.sweep_lost_agents().await;
+                state.schedule().await;
+            }
+            _ = failed.notified() => {
+                warn!("a store commit failed: rebuilding state from the store");
+                if let Err(e) = state.recover().await {
+                    warn!(error = %e, "rebuild failed; will retry on the next failure");
+                }
+            }
+        }
+    }
+    info!("core stopped");
+}
+
+impl State {
+    async fn handle(&mut self, msg: CoreMsg) {
+        match msg {
+            CoreMsg::Submit { spec, idempotency_key, reply } => {
+                self.submit(spec, idempotency_key, reply).await
+            }
+            CoreMsg::Get { id, reply } => {
+                let _ = reply.send(
+                    self.tasks
+                        .get(&id)
+                        .map(|e| e.task.clone())
+                        .ok_or_else(|| Error::not_found("task", id)),
+                );
+            }
+            CoreMsg::List { req, reply } => {
+                let _ = reply.send(self.list(&req));
+            }
+            CoreMsg::Cancel { id, reason, reply } => self.cancel(id, reason, reply).await,
+            CoreMsg::Subscribe { ids, reply } => {
+                let rx = self.events.subscribe();
+                let snapshot = ids
+                    .iter()
+                    .filter_map(|id| self.tasks.get(id).map(|e| e.task.clone()))
+                    .collect();
+                let _ = reply.send((snapshot, rx));
+            }
+            CoreMsg::Register { stored, reply } => self.register(stored, reply).await,
+            CoreMsg::Attach { token_hash, hello, tx, reply } => {
+                self.attach(token_hash, hello, tx, reply).await
+            }
+            CoreMsg::Detach { agent_id, session } => self.detach(&agent_id, session),
+            CoreMsg::FromAgent { agent_id, session, msg } => {
+                self.from_agent(&agent_id, session, msg).await
+            }
+            CoreMsg::ListAgents { reply } => {
+                let _ = reply.send(Ok(self.agents.values().map(|a| self.agent_view(a)).collect()));
+            }
+            CoreMsg::DrainAgent { id, reason, reply } => self.drain(id, reason, reply).await,
+            CoreMsg::Stats { reply } => {
+                let active = self.agents.values().map(|a| a.running.len()).sum();
+                let _ = reply.send(CoreStats {
+                    queued: self.queue.len(),
+                    active,
+                    total: self.tasks.len(),
+                    connected_agents: self.agents.values().filter(|a| a.conn.is_some()).count(),
+                });
+            }
+        }
+    }
+
+    /// Rebuilds tasks, queue and agents from the store.
+    async fn recover(&mut self) -> Result<()> {
+        let now = Instant::now();
+        self.tasks.clear();
+        self.idempotency.clear();
+        self.queue = RunQueue::default();
+        self.token_index.clear();
+        let old_agents = std::mem::take(&mut self.agents);
+        drop(old_agents); // dropping the senders ends every session; workers reconnect.
+        for kv in self.load_prefix(AGENT_PREFIX).await? {
+            let stored = StoredAgent::decode(kv.value.as_slice())
+                .map_err(|e| Error::internal(format!("corrupt agent record {}: {e}", kv.key)))?;
+            let Some(agent) = stored.agent.as_ref() else { continue };
+            let id = agent.id.clone();
+            self.token_index.insert(stored.token_sha256.clone(), id.clone());
+            self.agents.insert(
+                id,
+                AgentEntry {
+                    last_seen_ms: agent.last_seen_ms,
+                    stored,
+                    conn: None,
+                    running: HashSet::new(),
+                    disconnected_at: Some(now),
+                    lost: false,
+                },
+            );
+        }
+        let mut orphans = Vec::new();
+        for kv in self.load_prefix(TASK_PREFIX).await? {
+            let task = Task::decode(kv.value.as_slice())
+                .map_err(|e| Error::internal(format!("corrupt task record {}: {e}", kv.key)))?;
+            let mut entry = TaskEntry { task, queue_key: None };
+            let t = &entry.task;
+            if !t.idempotency_key.is_empty() {
+                self.idempotency.insert(t.idempotency_key.clone(), t.id.clone());
+            }
+            match t.state() {
+                TaskState::Queued | TaskState::RetryWait => {
+                    entry.queue_key = Some(self.queue.push(&t.id, t.spec.as_ref().map_or(0, |s| s.priority)));
+                }
+                TaskState::Assigned | TaskState::Running => match self.agents.get_mut(&t.agent_id) {
+                    Some(a) => {
+                        a.running.insert(t.id.clone());
+                    }
+                    None => orphans.push(t.id.clone()),
+                },
+                _ => {}
+            }
+            self.tasks.insert(entry.task.id.clone(), entry);
+        }
+        info!(
+            tasks = self.tasks.len(),
+            queued = self.queue.len(),
+            agents = self.agents.len(),
+            "state rebuilt from the store"
+        );
+        for id in orphans {
+            self.requeue_or_fail(&id, "its agent is unknown to this controller").await;
+        }
+        Ok(())
+    }
+
+    async fn load_prefix(&self, prefix: &str) -> Result<Vec<crate::store::KeyValue>> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.range(prefix, after.as_deref(), 10_000).await?;
+            after = page.kvs.last().map(|kv| kv.key.clone());
+            out.extend(page.kvs);
+            if !page.more || after.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Queues the durable write of a task record with its effects; publishes the new state
+    /// as an event once durable.
+    pub(crate) async fn persist_task(&self, task: &Task, mut effects: Vec<Effect>) {
+        let snapshot = Arc::new(task.clone());
+        let events = self.events.clone();
+        effects.push(Box::new(move |r| {
+            if r.is_ok() {
+                let _ = events.send(snapshot);
+            }
+        }));
+        self.write(format!("{TASK_PREFIX}{}", task.id), Some(task.encode_to_vec()), effects)
+            .await;
+    }
+
+    pub(crate) async fn write(&self, key: String, value: Option<Vec<u8>>, effects: Vec<Effect>) {
+        if let Err(e) = self.persister.write(Write { key, value, effects }).await {
+            warn!(error = %e, "dropping a write: persister gone");
+        }
+    }
+}
+
+/// An effect that answers `reply` with `value` once durable (or with the store error).
+pub(crate) fn reply_effect<T: Send + 'static>(reply: Reply<T>, value: T) -> Effect {
+    Box::new(move |r| {
+        let _ = reply.send(match r {
+            Ok(()) => Ok(value),
+            Err(e) => Err(Error::Unavailable(format!("could not persist: {e}"))),
+        });
+    })
+}
+
+/// An effect that sends `msg` to an agent session once durable.
+pub(crate) fn agent_effect(tx: mpsc::Sender<ControllerMessage>, msg: ControllerMessage) -> Effect {
+    Box::new(move |r| {
+        if r.is_ok() && tx.try_send(msg).is_err() {
+            warn!("agent session queue full or closed; the agent will resync on reconnect");
+        }
+    })
+}

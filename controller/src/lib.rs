@@ -1,0 +1,19 @@
+//! The Scabbard controller: registers agents, holds their session streams, keeps the task
+//! state machine and the run queue, and persists everything in the store before it is
+//! acknowledged.
+//!
+//! Layout: [`api`] (thin tonic services) → [`core`] (the actor owning live state) →
+//! [`store`] (etcd-like store interface and backends); [`session`] runs one actor per
+//! agent stream; [`logstore`] keeps task logs; [`server`] wires it all to a listener.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod core;
+pub mod logstore;
+pub mod server;
+mod session;
+pub mod store;
+
+pub use config::ControllerConfig;
+pub use server::{RunningController, run, serve, spawn};

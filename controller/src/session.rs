@@ -1,0 +1,216 @@
+//! One actor per agent stream (`AgentService.Session`). It owns the stream: it forwards
+//! the core's messages to the worker, writes log chunks straight into the log store (and
+//! acks them) for attempts the agent currently holds, passes every other report to the
+//! core, and ends the session when the agent goes silent for longer than its lease.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use scabbard_common::proto::{
+    Ack, AgentMessage, ControllerMessage, LogChunk, agent_message, controller_message,
+};
+use scabbard_common::{Error, Result};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::{Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::core::{Attached, CoreHandle, CoreMsg};
+use crate::logstore::LogStore;
+
+/// Most inbound messages handled before log chunks are flushed and acked.
+const BATCH: usize = 512;
+
+/// State of one live session.
+pub(crate) struct SessionActor {
+    pub(crate) core: CoreHandle,
+    pub(crate) logs: Arc<LogStore>,
+    pub(crate) agent_id: String,
+    pub(crate) session: u64,
+    /// Attempts this agent holds: task id → fencing token.
+    pub(crate) attempts: HashMap<String, u64>,
+    pub(crate) silence_limit: Duration,
+    pub(crate) out: mpsc::Sender<Result<ControllerMessage, Status>>,
+}
+
+impl SessionActor {
+    /// Builds the actor from what the core answered to `Attach`.
+    pub(crate) fn new(
+        core: CoreHandle,
+        logs: Arc<LogStore>,
+        attached: &Attached,
+        out: mpsc::Sender<Result<ControllerMessage, Status>>,
+    ) -> Self {
+        Self {
+            core,
+            logs,
+            agent_id: attached.agent_id.clone(),
+            session: attached.session,
+            attempts: attached.attempts.iter().cloned().collect(),
+            silence_limit: Duration::from_millis(attached.welcome.lease_ttl_ms),
+            out,
+        }
+    }
+
+    /// Runs the session until the stream ends, the core replaces it, or the agent goes silent.
+    pub(crate) async fn run(
+        mut self,
+        attached: Attached,
+        mut inbound: Streaming<AgentMessage>,
+        mut from_core: mpsc::Receiver<ControllerMessage>,
+    ) {
+        let why = match self.serve(attached, &mut inbound, &mut from_core).await {
+            Ok(why) => why,
+            Err(e) => format!("error: {e}"),
+        };
+        info!(agent = %self.agent_id, session = self.session, why, "session ended");
+        self.core
+            .send(CoreMsg::Detach { agent_id: self.agent_id.clone(), session: self.session })
+            .await;
+    }
+
+    async fn serve(
+        &mut self,
+        attached: Attached,
+        inbound: &mut Streaming<AgentMessage>,
+        from_core: &mut mpsc::Receiver<ControllerMessage>,
+    ) -> Result<String> {
+        let mut welcome = attached.welcome;
+        for r in welcome.resume.iter_mut().filter(|r| r.keep) {
+            r.next_seq = self.logs.next_seq(&r.task_id, r.fencing_token as u32).await?;
+        }
+        self.emit(ControllerMessage { msg: Some(controller_message::Msg::Welcome(welcome)) })
+            .await?;
+        let mut deadline = Instant::now() + self.silence_limit;
+        loop {
+            tokio::select! {
+                msg = from_core.recv() => match msg {
+                    Some(m) => { self.observe(&m); self.emit(m).await?; }
+                    None => return Ok("replaced by a newer session".into()),
+                },
+                msg = inbound.message() => {
+                    let first = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Ok("agent closed the stream".into()),
+                        Err(s) => return Ok(format!("stream error: {}", s.message())),
+                    };
+                    deadline = Instant::now() + self.silence_limit;
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH {
+                        match inbound.message().now_or_never() {
+                            Some(Ok(Some(m))) => batch.push(m),
+                            _ => break,
+                        }
+                    }
+                    self.handle_batch(batch).await?;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Ok(format!("no message for {} ms", self.silence_limit.as_millis()));
+                }
+            }
+        }
+    }
+
+    /// Tracks which attempts the agent holds from what the core sends it.
+    fn observe(&mut self, m: &ControllerMessage) {
+        match &m.msg {
+            Some(controller_message::Msg::Assign(a)) => {
+                self.attempts.insert(a.task_id.clone(), a.fencing_token);
+            }
+            Some(controller_message::Msg::Ack(a)) if a.result || a.stale => {
+                if self.attempts.get(&a.task_id) == Some(&a.fencing_token) {
+                    self.attempts.remove(&a.task_id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn emit(&self, m: ControllerMessage) -> Result<()> {
+        self.out
+            .send(Ok(m))
+            .await
+            .map_err(|_| Error::Unavailable("agent stream closed".into()))
+    }
+
+    async fn handle_batch(&mut self, batch: Vec<AgentMessage>) -> Result<()> {
+        let mut pending: Vec<(String, u64, Vec<LogChunk>)> = Vec::new();
+        for m in batch {
+            match m.msg {
+                Some(agent_message::Msg::Log(c)) => {
+                    if self.attempts.get(&c.task_id) != Some(&c.fencing_token) {
+                        debug!(task = %c.task_id, token = c.fencing_token, "log chunk for a stale attempt");
+                        self.emit(stale_ack(&c.task_id, c.fencing_token)).await?;
+                        continue;
+                    }
+                    let chunk = LogChunk {
+                        attempt: c.fencing_token as u32,
+                        seq: c.seq,
+                        stream: c.stream,
+                        data: c.data,
+                        at_ms: c.at_ms,
+                    };
+                    match pending.last_mut() {
+                        Some((t, tok, v)) if *t == c.task_id && *tok == c.fencing_token => v.push(chunk),
+                        _ => pending.push((c.task_id, c.fencing_token, vec![chunk])),
+                    }
+                }
+                Some(other) => {
+                    // Logs before a report are stored before the core sees the report.
+                    self.flush(&mut pending).await?;
+                    if let agent_message::Msg::Hello(_) = other {
+                        warn!(agent = %self.agent_id, "ignoring a second Hello");
+                        continue;
+                    }
+                    self.core
+                        .send(CoreMsg::FromAgent {
+                            agent_id: self.agent_id.clone(),
+                            session: self.session,
+                            msg: other,
+                        })
+                        .await;
+                }
+                None => {}
+            }
+        }
+        self.flush(&mut pending).await
+    }
+
+    async fn flush(&mut self, pending: &mut Vec<(String, u64, Vec<LogChunk>)>) -> Result<()> {
+        for (task_id, token, chunks) in pending.drain(..) {
+            let next_seq = match self.logs.append(&task_id, token as u32, &chunks).await {
+                Ok(n) => n,
+                Err(Error::InvalidArgument(e)) => {
+                    // A gap: tell the agent where the log stands so it resends from there.
+                    warn!(task = %task_id, error = %e, "log gap");
+                    self.logs.next_seq(&task_id, token as u32).await?
+                }
+                Err(e) => return Err(e),
+            };
+            self.emit(ControllerMessage {
+                msg: Some(controller_message::Msg::Ack(Ack {
+                    task_id,
+                    fencing_token: token,
+                    next_seq,
+                    result: false,
+                    stale: false,
+                })),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+fn stale_ack(task_id: &str, token: u64) -> ControllerMessage {
+    ControllerMessage {
+        msg: Some(controller_message::Msg::Ack(Ack {
+            task_id: task_id.to_string(),
+            fencing_token: token,
+            stale: true,
+            ..Default::default()
+        })),
+    }
+}

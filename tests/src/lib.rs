@@ -1,0 +1,1 @@
+//! Test harness: starts controllers and workers on loopback.

@@ -1,0 +1,91 @@
+//! Worker configuration (TOML file, then env and flags in the CLI), checked up front.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use scabbard_common::{Error, Result};
+use serde::Deserialize;
+
+/// Everything a worker needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Controller address (`host:port` or URL).
+    pub controller: String,
+    /// Registration token (needed for the first start; later the agent token in
+    /// `data_dir` is used).
+    pub registration_token: String,
+    /// Agent name shown in listings (default: host name).
+    pub name: String,
+    /// Labels tasks can select on.
+    pub labels: HashMap<String, String>,
+    /// How many attempts run at once.
+    pub slots: u32,
+    /// Agent identity and the log spool.
+    pub data_dir: PathBuf,
+    /// Parent of per-attempt working directories (default: `<data_dir>/work`).
+    pub work_dir: Option<PathBuf>,
+    /// Timeout for tasks that carry none (milliseconds).
+    pub default_task_timeout_ms: u64,
+    /// Longest wait between reconnect attempts (milliseconds).
+    pub max_reconnect_backoff_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            controller: "127.0.0.1:7400".into(),
+            registration_token: String::new(),
+            name: String::new(),
+            labels: HashMap::new(),
+            slots: 4,
+            data_dir: PathBuf::from("./scabbard-worker"),
+            work_dir: None,
+            default_task_timeout_ms: 3_600_000,
+            max_reconnect_backoff_ms: 10_000,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Parses a TOML file; unknown keys are errors.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::invalid(format!("worker config: {e}")))
+    }
+
+    /// Refuses configurations that cannot work, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.controller.trim().is_empty() {
+            return Err(Error::invalid(
+                "controller address is required (--controller)",
+            ));
+        }
+        scabbard_common::client::endpoint(&self.controller)?;
+        if self.slots == 0 || self.slots > 4096 {
+            return Err(Error::invalid(format!(
+                "slots must be 1..=4096, got {}",
+                self.slots
+            )));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(Error::invalid("data_dir must not be empty"));
+        }
+        if self.default_task_timeout_ms == 0 {
+            return Err(Error::invalid("default_task_timeout_ms must be > 0"));
+        }
+        Ok(())
+    }
+
+    /// Where attempts get their working directories.
+    pub fn work_root(&self) -> PathBuf {
+        self.work_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("work"))
+    }
+
+    /// Reconnect backoff cap.
+    pub fn max_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_reconnect_backoff_ms.max(100))
+    }
+}

@@ -1,0 +1,346 @@
+//! The worker's link to the controller: register (once; the identity is kept in the data
+//! dir), open the `Session` stream, reconcile running attempts after `Welcome`, then pump
+//! messages both ways with heartbeats. A dropped stream is retried with jittered
+//! exponential backoff; while it is down attempts keep running and their output stays in
+//! the spool, from which the next session refills whatever the controller lacks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scabbard_common::backoff::Backoff;
+use scabbard_common::client::{self, AgentServiceClient};
+use scabbard_common::proto::{
+    self, AgentMessage, ControllerMessage, Heartbeat, Hello, RegisterRequest, agent_message,
+    controller_message,
+};
+use scabbard_common::{Error, Result};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::WorkerConfig;
+use crate::identity::{self, Identity};
+use crate::runner::{AttemptKey, Runner};
+
+/// Ways a session ends.
+enum End {
+    Shutdown,
+    /// The agent token was refused: register again.
+    Reregister(String),
+    Lost(Error),
+}
+
+pub(crate) struct Connection {
+    pub(crate) cfg: WorkerConfig,
+    pub(crate) runner: Arc<Runner>,
+    pub(crate) outbox: mpsc::Receiver<AgentMessage>,
+    pub(crate) draining: bool,
+}
+
+impl Connection {
+    /// Connects, serves and reconnects until `shutdown`.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        let backoff = Backoff {
+            max: self.cfg.max_backoff(),
+            ..Backoff::default()
+        };
+        let mut failures = 0u32;
+        loop {
+            let (end, welcomed) = self.session(&shutdown).await;
+            match end {
+                End::Shutdown => return Ok(()),
+                End::Reregister(why) => {
+                    warn!(why, "agent token refused; registering again");
+                    let _ = std::fs::remove_file(self.cfg.data_dir.join("identity"));
+                }
+                End::Lost(e) => warn!(error = %e, "controller connection lost"),
+            }
+            failures = if welcomed {
+                0
+            } else {
+                failures.saturating_add(1)
+            };
+            let delay = backoff.delay(failures);
+            // Keep draining the outbox while away: everything in it is spooled.
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    _ = shutdown.cancelled() => return Ok(()),
+                    m = self.outbox.recv() => if m.is_none() { return Ok(()) },
+                }
+            }
+        }
+    }
+
+    async fn identity(&self) -> Result<Identity> {
+        if let Some(id) = identity::load(&self.cfg.data_dir)? {
+            return Ok(id);
+        }
+        if self.cfg.registration_token.is_empty() {
+            return Err(Error::Unauthenticated(
+                "no agent identity in the data dir and no registration token (--registration-token or SCABBARD_REGISTRATION_TOKEN)".into(),
+            ));
+        }
+        let channel = client::connect(&self.cfg.controller).await?;
+        let name = if self.cfg.name.is_empty() {
+            hostname()
+        } else {
+            self.cfg.name.clone()
+        };
+        let resp = AgentServiceClient::new(channel)
+            .register(RegisterRequest {
+                registration_token: self.cfg.registration_token.clone(),
+                name,
+                labels: self.cfg.labels.clone(),
+                capabilities: self.runner.capabilities(),
+                slots: self.cfg.slots,
+                version: env!("CARGO_PKG_VERSION").into(),
+                agent_id: String::new(),
+            })
+            .await
+            .map_err(Error::from)?
+            .into_inner();
+        let id = Identity {
+            agent_id: resp.agent_id,
+            agent_token: resp.agent_token,
+        };
+        identity::save(&self.cfg.data_dir, &id)?;
+        info!(agent = %id.agent_id, "registered");
+        Ok(id)
+    }
+
+    /// One session; returns how it ended and whether the controller welcomed us.
+    async fn session(&mut self, shutdown: &CancellationToken) -> (End, bool) {
+        let id = match self.identity().await {
+            Ok(id) => id,
+            Err(e @ Error::Unauthenticated(_)) if self.cfg.registration_token.is_empty() => {
+                return (End::Lost(e), false);
+            }
+            Err(e) => return (End::Lost(e), false),
+        };
+        let (req_tx, req_rx) = mpsc::channel::<AgentMessage>(1024);
+        let hello = Hello {
+            agent_id: id.agent_id.clone(),
+            capabilities: self.runner.capabilities(),
+            labels: self.cfg.labels.clone(),
+            slots: self.cfg.slots,
+            running: self.runner.hello_list(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let _ = req_tx
+            .send(AgentMessage {
+                msg: Some(agent_message::Msg::Hello(hello)),
+            })
+            .await;
+        let channel = match client::connect(&self.cfg.controller).await {
+            Ok(c) => c,
+            Err(e) => return (End::Lost(e), false),
+        };
+        let req = match client::with_token(
+            tonic::Request::new(ReceiverStream::new(req_rx)),
+            Some(&id.agent_token),
+        ) {
+            Ok(r) => r,
+            Err(e) => return (End::Lost(e), false),
+        };
+        let mut inbound = match AgentServiceClient::new(channel)
+            .max_decoding_message_size(client::MAX_MESSAGE_BYTES)
+            .session(req)
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                return (End::Reregister(s.message().to_string()), false);
+            }
+            Err(s) => return (End::Lost(s.into()), false),
+        };
+        let welcome = match inbound.message().await {
+            Ok(Some(ControllerMessage {
+                msg: Some(controller_message::Msg::Welcome(w)),
+            })) => w,
+            Ok(_) => return (End::Lost(Error::internal("expected Welcome")), false),
+            Err(s) => return (End::Lost(s.into()), false),
+        };
+        info!(agent = %id.agent_id, resumed = welcome.resume.len(), "session open");
+        let mut pump = Pump {
+            runner: self.runner.clone(),
+            tx: req_tx,
+            sent: HashMap::new(),
+        };
+        if let Err(e) = pump.reconcile(&welcome).await {
+            return (End::Lost(e), true);
+        }
+        let hb = Duration::from_millis(welcome.heartbeat_interval_ms.max(50));
+        let mut ticker = tokio::time::interval(hb);
+        loop {
+            let step = tokio::select! {
+                _ = shutdown.cancelled() => return (End::Shutdown, true),
+                m = self.outbox.recv() => match m {
+                    Some(m) => pump.outgoing(m).await,
+                    None => return (End::Shutdown, true),
+                },
+                m = inbound.message() => match m {
+                    Ok(Some(m)) => self.incoming(&mut pump, m).await,
+                    Ok(None) => Err(Error::Unavailable("controller closed the session".into())),
+                    Err(s) => Err(s.into()),
+                },
+                _ = ticker.tick() => {
+                    let free = self.runner.slots.saturating_sub(self.runner.running());
+                    pump.send(agent_message::Msg::Heartbeat(Heartbeat { free_slots: free })).await
+                }
+            };
+            if let Err(e) = step {
+                return (End::Lost(e), true);
+            }
+        }
+    }
+
+    async fn incoming(&mut self, pump: &mut Pump, m: ControllerMessage) -> Result<()> {
+        use controller_message::Msg;
+        match m.msg {
+            Some(Msg::Assign(a)) => {
+                let key = (a.task_id.clone(), a.fencing_token);
+                if self.draining {
+                    return pump.reject(&key, "the worker is draining").await;
+                }
+                match self.runner.start(a) {
+                    Ok(true) => {
+                        pump.sent.insert(key.clone(), 0);
+                        pump.send(agent_message::Msg::Accepted(proto::Accepted {
+                            task_id: key.0,
+                            fencing_token: key.1,
+                        }))
+                        .await
+                    }
+                    Ok(false) => Ok(()),
+                    Err(why) => pump.reject(&key, &why).await,
+                }
+            }
+            Some(Msg::Cancel(c)) => {
+                self.runner.cancel(&(c.task_id, c.fencing_token));
+                Ok(())
+            }
+            Some(Msg::Ack(a)) => {
+                let key = (a.task_id, a.fencing_token);
+                if a.stale || a.result {
+                    if a.stale {
+                        warn!(task = %key.0, token = key.1, "controller says this attempt is stale; dropping it");
+                    }
+                    pump.sent.remove(&key);
+                    self.runner.forget(&key);
+                }
+                Ok(())
+            }
+            Some(Msg::Drain(d)) => {
+                info!(reason = %d.reason, "draining: no new work will be accepted");
+                self.draining = true;
+                Ok(())
+            }
+            Some(Msg::Welcome(_)) | None => Ok(()),
+        }
+    }
+}
+
+/// Sends on the current session, filling gaps from the spool so the controller sees every
+/// chunk exactly once and in order.
+struct Pump {
+    runner: Arc<Runner>,
+    tx: mpsc::Sender<AgentMessage>,
+    /// Next chunk sequence number to send, per attempt on this session.
+    sent: HashMap<AttemptKey, u64>,
+}
+
+impl Pump {
+    async fn send(&self, msg: agent_message::Msg) -> Result<()> {
+        self.tx
+            .send(AgentMessage { msg: Some(msg) })
+            .await
+            .map_err(|_| Error::Unavailable("session stream closed".into()))
+    }
+
+    async fn reject(&self, key: &AttemptKey, reason: &str) -> Result<()> {
+        self.send(agent_message::Msg::Rejected(proto::Rejected {
+            task_id: key.0.clone(),
+            fencing_token: key.1,
+            reason: reason.to_string(),
+        }))
+        .await
+    }
+
+    async fn reconcile(&mut self, welcome: &proto::Welcome) -> Result<()> {
+        for r in &welcome.resume {
+            let key = (r.task_id.clone(), r.fencing_token);
+            if !r.keep {
+                if !r.result_recorded {
+                    warn!(task = %key.0, token = key.1, "controller does not know this attempt any more; stopping it");
+                }
+                self.runner.forget(&key);
+                continue;
+            }
+            self.sent.insert(key.clone(), r.next_seq);
+            self.fill(&key, u64::MAX).await?;
+            if let Some(f) = self.runner.finished(&key) {
+                self.send(agent_message::Msg::Finished(f)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends spooled chunks of `key` from the next unsent one up to (excluding) `upto`.
+    async fn fill(&mut self, key: &AttemptKey, upto: u64) -> Result<()> {
+        let Some(&from) = self.sent.get(key) else {
+            return Ok(());
+        };
+        if from >= upto {
+            return Ok(());
+        }
+        let chunks = self.runner.spool.chunks_from(&key.0, key.1, from)?;
+        for c in chunks.into_iter().take_while(|c| c.seq < upto) {
+            let next = c.seq + 1;
+            self.send(agent_message::Msg::Log(c)).await?;
+            self.sent.insert(key.clone(), next);
+        }
+        Ok(())
+    }
+
+    async fn outgoing(&mut self, m: AgentMessage) -> Result<()> {
+        match m.msg {
+            Some(agent_message::Msg::Log(c)) => {
+                let key = (c.task_id.clone(), c.fencing_token);
+                let Some(&next) = self.sent.get(&key) else {
+                    return Ok(());
+                };
+                if c.seq < next {
+                    return Ok(()); // already sent from the spool
+                }
+                if c.seq > next {
+                    self.fill(&key, c.seq).await?;
+                }
+                self.sent.insert(key, c.seq + 1);
+                self.send(agent_message::Msg::Log(c)).await
+            }
+            Some(agent_message::Msg::Finished(f)) => {
+                let key = (f.task_id.clone(), f.fencing_token);
+                if !self.sent.contains_key(&key) {
+                    return Ok(());
+                }
+                self.fill(&key, f.log_chunks).await?;
+                self.send(agent_message::Msg::Finished(f)).await
+            }
+            Some(other) => self.send(other).await,
+            None => Ok(()),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}

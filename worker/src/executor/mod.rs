@@ -1,0 +1,207 @@
+//! Executors: the code that runs one attempt of a task on this host.
+//!
+//! An [`Executor`] owns everything between "here is a spec" and "here is the outcome": the
+//! process (or engine session), its working directory, its output and its termination on
+//! timeout or cancel. It streams raw output as [`OutputChunk`]s and returns an
+//! [`ExecOutcome`]. It must not talk to the controller, number log chunks or spool anything:
+//! the runner does that with what the executor hands back.
+
+mod noop;
+mod shell;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use scabbard_common::proto;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use noop::NoopExecutor;
+pub use shell::ShellExecutor;
+
+/// What an executor needs to know about the attempt besides its spec.
+#[derive(Debug, Clone)]
+pub struct ExecContext {
+    /// The task being run.
+    pub task_id: String,
+    /// The attempt's fencing token (unique per attempt of a task).
+    pub fencing_token: u64,
+    /// The attempt number (1-based), exported to the task as `SCABBARD_ATTEMPT`.
+    pub attempt: u32,
+    /// Parent directory of the per-attempt working directories.
+    pub work_root: PathBuf,
+    /// Wall-clock limit used when the spec has no `timeout_ms`; zero means no limit.
+    pub default_timeout: Duration,
+}
+
+impl ExecContext {
+    /// The limit for this attempt: the spec's `timeout_ms` if set, else the default.
+    /// `None` means no limit.
+    pub fn timeout_for(&self, spec: &proto::TaskSpec) -> Option<Duration> {
+        let limit = if spec.timeout_ms > 0 {
+            Duration::from_millis(spec.timeout_ms)
+        } else {
+            self.default_timeout
+        };
+        (!limit.is_zero()).then_some(limit)
+    }
+}
+
+/// Which stream a piece of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutStream {
+    /// The task's standard output.
+    Stdout,
+    /// The task's standard error.
+    Stderr,
+    /// Messages from the worker itself about the attempt ("timed out, sent SIGTERM").
+    System,
+}
+
+impl From<OutStream> for proto::LogStream {
+    fn from(s: OutStream) -> Self {
+        match s {
+            OutStream::Stdout => proto::LogStream::Stdout,
+            OutStream::Stderr => proto::LogStream::Stderr,
+            OutStream::System => proto::LogStream::System,
+        }
+    }
+}
+
+/// A piece of output, sent as soon as it was read (not split on lines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// Where it came from.
+    pub stream: OutStream,
+    /// The raw bytes (at most 64 KiB).
+    pub data: Vec<u8>,
+}
+
+/// How an attempt ended, as far as the executor can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// Succeeded, failed, cancelled or timed out.
+    pub outcome: proto::Outcome,
+    /// The process's exit code; `128 + signal` when killed by a signal, 127 when the command
+    /// could not be started, -1 when no process ran because of the platform.
+    pub exit_code: i32,
+    /// Human-readable explanation (empty on success).
+    pub message: String,
+    /// Whose fault a failure is; `Unspecified` on success.
+    pub error_class: proto::ErrorClass,
+    /// Named outputs of the task (none for shell tasks yet).
+    pub outputs: HashMap<String, String>,
+}
+
+impl ExecOutcome {
+    /// A successful attempt with no outputs.
+    pub fn succeeded() -> Self {
+        Self {
+            outcome: proto::Outcome::Succeeded,
+            exit_code: 0,
+            message: String::new(),
+            error_class: proto::ErrorClass::Unspecified,
+            outputs: HashMap::new(),
+        }
+    }
+
+    /// A failed attempt.
+    pub fn failed(exit_code: i32, class: proto::ErrorClass, message: impl Into<String>) -> Self {
+        Self {
+            outcome: proto::Outcome::Failed,
+            exit_code,
+            message: message.into(),
+            error_class: class,
+            outputs: HashMap::new(),
+        }
+    }
+
+    /// A failure of the platform rather than of the task (no process ran).
+    pub fn infrastructure(message: impl Into<String>) -> Self {
+        Self::failed(-1, proto::ErrorClass::Infrastructure, message)
+    }
+}
+
+impl From<ExecOutcome> for proto::TaskResult {
+    fn from(o: ExecOutcome) -> Self {
+        proto::TaskResult {
+            outcome: o.outcome as i32,
+            exit_code: o.exit_code,
+            message: o.message,
+            error_class: o.error_class as i32,
+            outputs: o.outputs,
+        }
+    }
+}
+
+/// Runs attempts of one kind of task.
+#[async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// The capability name this executor is advertised under ("shell", "noop").
+    fn capability(&self) -> &'static str;
+
+    /// Runs one attempt to the end. Output goes to `out` (a dropped receiver is tolerated:
+    /// output is then discarded). When `cancel` fires the attempt is stopped and the outcome
+    /// is `Cancelled`. Returns only once everything the attempt started is gone.
+    async fn run(
+        &self,
+        ctx: ExecContext,
+        spec: &proto::TaskSpec,
+        out: mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> ExecOutcome;
+}
+
+/// The capability a spec needs, i.e. which executor runs it; `None` if the spec has no kind.
+pub fn executor_for(spec: &proto::TaskSpec) -> Option<&'static str> {
+    use proto::task_spec::Kind;
+    match spec.kind.as_ref()? {
+        Kind::Shell(_) => Some(shell::CAPABILITY),
+        Kind::Noop(_) => Some(noop::CAPABILITY),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::task_spec::Kind;
+
+    #[test]
+    fn specs_map_to_their_executor() {
+        let mut spec = proto::TaskSpec::default();
+        assert_eq!(executor_for(&spec), None);
+        spec.kind = Some(Kind::Noop(proto::NoopTask {}));
+        assert_eq!(executor_for(&spec), Some(NoopExecutor.capability()));
+        spec.kind = Some(Kind::Shell(proto::ShellTask::default()));
+        assert_eq!(executor_for(&spec), Some(ShellExecutor::new().capability()));
+    }
+
+    #[test]
+    fn spec_timeout_wins_over_default_and_zero_means_none() {
+        let mut ctx = ExecContext {
+            task_id: "t".into(),
+            fencing_token: 1,
+            attempt: 1,
+            work_root: PathBuf::from("/nonexistent"),
+            default_timeout: Duration::from_secs(60),
+        };
+        let mut spec = proto::TaskSpec::default();
+        assert_eq!(ctx.timeout_for(&spec), Some(Duration::from_secs(60)));
+        spec.timeout_ms = 1500;
+        assert_eq!(ctx.timeout_for(&spec), Some(Duration::from_millis(1500)));
+        spec.timeout_ms = 0;
+        ctx.default_timeout = Duration::ZERO;
+        assert_eq!(ctx.timeout_for(&spec), None);
+    }
+
+    #[test]
+    fn outcome_converts_to_task_result() {
+        let r: proto::TaskResult =
+            ExecOutcome::failed(3, proto::ErrorClass::User, "exited with code 3").into();
+        assert_eq!(r.outcome, proto::Outcome::Failed as i32);
+        assert_eq!(r.exit_code, 3);
+        assert_eq!(r.error_class, proto::ErrorClass::User as i32);
+    }
+}

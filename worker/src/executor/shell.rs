@@ -1,0 +1,440 @@
+//! The `shell` executor: runs a task's argv as a host process.
+//!
+//! It owns the attempt's working directory (created fresh, removed afterwards), the child's
+//! environment (cleared: only the spec's variables, `PATH`, `HOME` and `SCABBARD_*`), its
+//! process group (every process the command starts is killed on timeout, cancel, or when the
+//! command exits and leaves background processes behind) and the reading of its stdout and
+//! stderr. It must not outlive its processes: `run` returns only once the group is gone.
+
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use scabbard_common::proto::{self, ErrorClass, Outcome};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use super::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
+
+/// Capability name of [`ShellExecutor`].
+pub(super) const CAPABILITY: &str = "shell";
+/// `PATH` given to tasks when the worker itself has none.
+const FALLBACK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Largest output chunk.
+const CHUNK_SIZE: usize = 64 * 1024;
+/// Once the group is dead, a pipe that stays silent this long is held by an escaped
+/// process: stop reading it.
+const DRAIN_IDLE: Duration = Duration::from_millis(200);
+/// Once the group is dead, stop reading output after this long whatever happens.
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+/// How long to wait for the kernel to remove a SIGKILLed group.
+const REAP_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs `shell` tasks as host processes in their own process group.
+#[derive(Debug, Clone)]
+pub struct ShellExecutor {
+    kill_grace: Duration,
+}
+
+impl ShellExecutor {
+    /// Time between SIGTERM and SIGKILL unless configured otherwise.
+    pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
+
+    /// An executor with the default kill grace period.
+    pub fn new() -> Self {
+        Self::with_kill_grace(Self::DEFAULT_KILL_GRACE)
+    }
+
+    /// An executor that waits `grace` after SIGTERM before sending SIGKILL.
+    pub fn with_kill_grace(grace: Duration) -> Self {
+        Self { kill_grace: grace }
+    }
+}
+
+impl Default for ShellExecutor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl Executor for ShellExecutor {
+    fn capability(&self) -> &'static str {
+        CAPABILITY
+    }
+
+    async fn run(
+        &self,
+        ctx: ExecContext,
+        spec: &proto::TaskSpec,
+        out: mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> ExecOutcome {
+        let argv = match &spec.kind {
+            Some(proto::task_spec::Kind::Shell(shell)) => &shell.command,
+            _ => return ExecOutcome::infrastructure("shell executor given a non-shell task"),
+        };
+        if argv.is_empty() {
+            return ExecOutcome::failed(127, ErrorClass::User, "shell task has an empty command");
+        }
+        let workdir = match prepare_workdir(&ctx).await {
+            Ok(dir) => dir,
+            Err(e) => {
+                return ExecOutcome::infrastructure(format!(
+                    "cannot create a working directory under {}: {e}",
+                    ctx.work_root.display()
+                ));
+            }
+        };
+        let outcome = self.run_in(&ctx, spec, argv, &workdir, out, cancel).await;
+        if let Err(e) = tokio::fs::remove_dir_all(&workdir).await {
+            tracing::warn!(dir = %workdir.display(), error = %e, "cannot remove working directory");
+        }
+        outcome
+    }
+}
+
+/// Why the wait for the child ended.
+enum Ending {
+    Exited(io::Result<ExitStatus>),
+    TimedOut(Duration),
+    Cancelled,
+}
+
+impl ShellExecutor {
+    async fn run_in(
+        &self,
+        ctx: &ExecContext,
+        spec: &proto::TaskSpec,
+        argv: &[String],
+        workdir: &Path,
+        out: mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> ExecOutcome {
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .current_dir(workdir)
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| FALLBACK_PATH.into()),
+            )
+            .env("HOME", workdir)
+            .envs(&spec.env)
+            .env("SCABBARD_TASK_ID", &ctx.task_id)
+            .env("SCABBARD_ATTEMPT", ctx.attempt.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        own_process_group(cmd.as_std_mut());
+
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => return spawn_failure(&argv[0], &e),
+        };
+        // The child called setsid(): its pid is its process group id.
+        let Some(pgid) = child.id().and_then(|id| libc::pid_t::try_from(id).ok()) else {
+            return ExecOutcome::infrastructure("spawned child has no pid");
+        };
+        let mut group = GroupGuard(Some(pgid));
+        let group_dead = CancellationToken::new();
+        let mut pumps = Vec::new();
+        if let Some(stdout) = child.stdout.take() {
+            pumps.push(tokio::spawn(pump(
+                stdout,
+                OutStream::Stdout,
+                out.clone(),
+                group_dead.clone(),
+            )));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            pumps.push(tokio::spawn(pump(
+                stderr,
+                OutStream::Stderr,
+                out.clone(),
+                group_dead.clone(),
+            )));
+        }
+
+        let limit = ctx.timeout_for(spec);
+        let deadline = async {
+            match limit {
+                Some(limit) => sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        let ending = tokio::select! {
+            status = child.wait() => Ending::Exited(status),
+            () = cancel.cancelled() => Ending::Cancelled,
+            () = deadline => Ending::TimedOut(limit.unwrap_or_default()),
+        };
+
+        let outcome = match ending {
+            Ending::Exited(Ok(status)) => {
+                // Background processes the command left behind die with it.
+                signal_group(pgid, libc::SIGKILL);
+                exit_outcome(status)
+            }
+            Ending::Exited(Err(e)) => {
+                signal_group(pgid, libc::SIGKILL);
+                let _ = child.wait().await;
+                ExecOutcome::infrastructure(format!("cannot wait for the task's process: {e}"))
+            }
+            Ending::TimedOut(limit) => {
+                let why = format!("timed out after {}", secs(limit));
+                let status = self.terminate(&mut child, pgid, &why, &out).await;
+                stopped_outcome(Outcome::TimedOut, why, status)
+            }
+            Ending::Cancelled => {
+                let why = "cancelled".to_string();
+                let status = self.terminate(&mut child, pgid, &why, &out).await;
+                stopped_outcome(Outcome::Cancelled, why, status)
+            }
+        };
+        wait_group_gone(pgid, Instant::now() + REAP_WAIT).await;
+        group.0 = None;
+
+        // Everything in the group is dead: what is still in the pipes is read, then a pipe held
+        // open by a process that escaped the group is abandoned.
+        group_dead.cancel();
+        for mut pump in pumps {
+            if timeout(DRAIN_MAX, &mut pump).await.is_err() {
+                pump.abort();
+            }
+        }
+        outcome
+    }
+
+    /// SIGTERM to the group, then SIGKILL after the grace period; returns the child's status.
+    async fn terminate(
+        &self,
+        child: &mut tokio::process::Child,
+        pgid: libc::pid_t,
+        why: &str,
+        out: &mpsc::Sender<OutputChunk>,
+    ) -> io::Result<ExitStatus> {
+        let grace = self.kill_grace;
+        let deadline = Instant::now() + grace;
+        signal_group(pgid, libc::SIGTERM);
+        let note = format!(
+            "{why}: sent SIGTERM to the process group, SIGKILL in {}",
+            secs(grace)
+        );
+        system_note(out, note, deadline).await;
+        let status = timeout_at(deadline, child.wait()).await;
+        if status.is_err() || !wait_group_gone(pgid, deadline).await {
+            signal_group(pgid, libc::SIGKILL);
+            let note = format!("still running after {}: sent SIGKILL", secs(grace));
+            system_note(out, note, Instant::now() + Duration::from_secs(1)).await;
+        }
+        signal_group(pgid, libc::SIGKILL);
+        match status {
+            Ok(status) => status,
+            Err(_) => child.wait().await,
+        }
+    }
+}
+
+/// Kills the whole process group if `run` is dropped before it finished.
+struct GroupGuard(Option<libc::pid_t>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            signal_group(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Makes the child the leader of a new session and process group, and has the kernel
+/// SIGKILL it if the worker dies.
+fn own_process_group(cmd: &mut std::process::Command) {
+    let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (setsid, prctl, getppid); it allocates nothing.
+    // PR_SET_PDEATHSIG fires when the *thread* that forked dies: spawns happen on runtime
+    // threads, which live as long as the worker.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // The worker may have died between fork and prctl: then nobody is left to kill us.
+            if libc::getppid() != parent {
+                return Err(io::Error::other("the worker exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends `signal` to every process of the group; a group that is already gone is fine.
+fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
+    // SAFETY: kill() has no memory-safety preconditions; a negative pid targets the group.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(-pgid, signal) };
+    if rc == -1 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(pgid, signal, error = %e, "cannot signal process group");
+        }
+    }
+}
+
+/// Whether any process is left in the group (zombies not yet reaped count).
+fn group_alive(pgid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks for existence; no memory is involved.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(-pgid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Polls until the group is empty or `deadline` passes; true if it is gone.
+async fn wait_group_gone(pgid: libc::pid_t, deadline: Instant) -> bool {
+    loop {
+        if !group_alive(pgid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(pgid, "process group still alive");
+            return false;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Copies one pipe to `out` in chunks of up to [`CHUNK_SIZE`], as soon as bytes arrive.
+async fn pump(
+    mut pipe: impl AsyncRead + Unpin,
+    stream: OutStream,
+    out: mpsc::Sender<OutputChunk>,
+    group_dead: CancellationToken,
+) {
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut receiver_gone = false;
+    loop {
+        let read = if group_dead.is_cancelled() {
+            match timeout(DRAIN_IDLE, pipe.read(&mut buf)).await {
+                Ok(read) => read,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                read = pipe.read(&mut buf) => read,
+                // `read` is cancel-safe: nothing is lost by dropping it.
+                () = group_dead.cancelled() => continue,
+            }
+        };
+        match read {
+            Ok(0) => break,
+            Ok(n) => {
+                // Keep reading after the receiver is gone so the child never blocks on a full pipe.
+                if !receiver_gone {
+                    let chunk = OutputChunk {
+                        stream,
+                        data: buf[..n].to_vec(),
+                    };
+                    receiver_gone = out.send(chunk).await.is_err();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(?stream, error = %e, "cannot read task output");
+                break;
+            }
+        }
+    }
+}
+
+/// Sends a line of our own to the output; a stuck receiver must not delay the kill.
+async fn system_note(out: &mpsc::Sender<OutputChunk>, text: String, until: Instant) {
+    let chunk = OutputChunk {
+        stream: OutStream::System,
+        data: format!("{text}\n").into_bytes(),
+    };
+    let _ = timeout_at(until, out.send(chunk)).await;
+}
+
+/// A fresh `work_root/<task_id>-<fencing_token>`, emptied if a previous run left it behind.
+async fn prepare_workdir(ctx: &ExecContext) -> io::Result<PathBuf> {
+    let name: String = ctx
+        .task_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let dir = ctx.work_root.join(format!("{name}-{}", ctx.fencing_token));
+    tokio::fs::create_dir_all(&ctx.work_root).await?;
+    match tokio::fs::remove_dir_all(&dir).await {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    tokio::fs::create_dir(&dir).await?;
+    Ok(dir)
+}
+
+fn spawn_failure(program: &str, e: &io::Error) -> ExecOutcome {
+    let message = match e.kind() {
+        io::ErrorKind::NotFound => format!("command not found: {program}"),
+        io::ErrorKind::PermissionDenied => format!("permission denied: {program}"),
+        _ => format!("cannot start {program}: {e}"),
+    };
+    ExecOutcome::failed(127, ErrorClass::User, message)
+}
+
+/// The shell's convention: the exit code, or 128 + the signal that killed the process.
+fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+fn exit_outcome(status: ExitStatus) -> ExecOutcome {
+    if status.success() {
+        return ExecOutcome::succeeded();
+    }
+    let message = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, None) => format!("ended with {status}"),
+    };
+    ExecOutcome::failed(exit_code(status), ErrorClass::User, message)
+}
+
+fn stopped_outcome(outcome: Outcome, why: String, status: io::Result<ExitStatus>) -> ExecOutcome {
+    ExecOutcome {
+        outcome,
+        exit_code: status.map(exit_code).unwrap_or(-1),
+        message: why,
+        error_class: if outcome == Outcome::TimedOut {
+            ErrorClass::User
+        } else {
+            ErrorClass::Unspecified
+        },
+        outputs: Default::default(),
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests;

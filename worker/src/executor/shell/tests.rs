@@ -1,0 +1,379 @@
+//! Tests of the shell executor against real processes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use scabbard_common::proto::{self, ErrorClass, Outcome};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::ShellExecutor;
+use crate::executor::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
+
+fn spec(argv: &[&str]) -> proto::TaskSpec {
+    proto::TaskSpec {
+        kind: Some(proto::task_spec::Kind::Shell(proto::ShellTask {
+            command: argv.iter().map(|s| s.to_string()).collect(),
+        })),
+        ..Default::default()
+    }
+}
+
+fn ctx(work_root: &Path) -> ExecContext {
+    ExecContext {
+        task_id: "task-1".into(),
+        fencing_token: 7,
+        attempt: 2,
+        work_root: work_root.to_path_buf(),
+        default_timeout: Duration::from_secs(30),
+    }
+}
+
+/// Runs `spec` to the end and returns the outcome with every chunk the executor sent.
+async fn run(
+    spec: &proto::TaskSpec,
+    work_root: &Path,
+    cancel: CancellationToken,
+) -> (ExecOutcome, Vec<OutputChunk>) {
+    let (tx, mut rx) = mpsc::channel(16);
+    let collector = tokio::spawn(async move {
+        let mut chunks = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            chunks.push(chunk);
+        }
+        chunks
+    });
+    let exec = ShellExecutor::with_kill_grace(Duration::from_millis(300));
+    let outcome = exec.run(ctx(work_root), spec, tx, cancel).await;
+    let chunks = collector.await.expect("collector");
+    (outcome, chunks)
+}
+
+fn text(chunks: &[OutputChunk], stream: OutStream) -> String {
+    let bytes: Vec<u8> = chunks
+        .iter()
+        .filter(|c| c.stream == stream)
+        .flat_map(|c| c.data.iter().copied())
+        .collect();
+    String::from_utf8(bytes).expect("utf-8 output")
+}
+
+/// Whether `pid` no longer runs (a zombie waiting for init counts as gone).
+fn process_gone(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, 0) };
+    if rc == -1 {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+async fn assert_gone_soon(pid: libc::pid_t) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !process_gone(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} survived the attempt"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn read_pid(path: &Path) -> libc::pid_t {
+    std::fs::read_to_string(path)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+#[tokio::test]
+async fn output_arrives_in_order_and_streams_are_split() {
+    let root = tempfile::tempdir().unwrap();
+    let script = "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done";
+    let (outcome, chunks) = run(
+        &spec(&["sh", "-c", script]),
+        root.path(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(outcome, ExecOutcome::succeeded());
+    assert_eq!(
+        text(&chunks, OutStream::Stdout),
+        "out1\nout2\nout3\nout4\nout5\n"
+    );
+    assert_eq!(
+        text(&chunks, OutStream::Stderr),
+        "err1\nerr2\nerr3\nerr4\nerr5\n"
+    );
+    assert!(chunks.iter().all(|c| c.data.len() <= 64 * 1024));
+    // The working directory is gone, the root stays.
+    assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn large_output_is_chunked_and_complete() {
+    let root = tempfile::tempdir().unwrap();
+    let (outcome, chunks) = run(
+        &spec(&["sh", "-c", "head -c 300000 /dev/zero"]),
+        root.path(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(outcome.outcome, Outcome::Succeeded);
+    let total: usize = chunks.iter().map(|c| c.data.len()).sum();
+    assert_eq!(total, 300_000);
+    assert!(chunks.len() >= 5 && chunks.iter().all(|c| c.data.len() <= 64 * 1024));
+}
+
+#[tokio::test]
+async fn partial_lines_are_sent_without_waiting_for_a_newline() {
+    let root = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::channel(16);
+    let cancel = CancellationToken::new();
+    let spec = spec(&["sh", "-c", "printf partial; sleep 30"]);
+    let ctx = ctx(root.path());
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            ShellExecutor::with_kill_grace(Duration::from_millis(300))
+                .run(ctx, &spec, tx, cancel)
+                .await
+        }
+    });
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("output in time");
+    assert_eq!(first.expect("a chunk").data, b"partial");
+    cancel.cancel();
+    assert_eq!(run.await.unwrap().outcome, Outcome::Cancelled);
+}
+
+#[tokio::test]
+async fn non_zero_exit_is_a_user_failure() {
+    let root = tempfile::tempdir().unwrap();
+    let (outcome, _) = run(
+        &spec(&["sh", "-c", "exit 3"]),
+        root.path(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(outcome.outcome, Outcome::Failed);
+    assert_eq!(outcome.exit_code, 3);
+    assert_eq!(outcome.error_class, ErrorClass::User);
+    assert_eq!(outcome.message, "exited with code 3");
+}
+
+#[tokio::test]
+async fn death_by_signal_maps_to_128_plus_signal() {
+    let root = tempfile::tempdir().unwrap();
+    let (outcome, _) = run(
+        &spec(&["sh", "-c", "kill -KILL $$"]),
+        root.path(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(outcome.outcome, Outcome::Failed);
+    assert_eq!(outcome.exit_code, 128 + libc::SIGKILL);
+}
+
+#[tokio::test]
+async fn timeout_kills_the_whole_group() {
+    let root = tempfile::tempdir().unwrap();
+    let pid_file = root.path().join("bg.pid");
+    let mut spec = spec(&["sh", "-c", "sleep 100 & echo $! > \"$PID_FILE\"; sleep 100"]);
+    spec.env = HashMap::from([("PID_FILE".into(), pid_file.display().to_string())]);
+    spec.timeout_ms = 500;
+    let started = Instant::now();
+    let (outcome, chunks) = run(&spec, root.path(), CancellationToken::new()).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(outcome.outcome, Outcome::TimedOut);
+    assert_eq!(outcome.error_class, ErrorClass::User);
+    assert_eq!(outcome.exit_code, 128 + libc::SIGTERM);
+    assert!(text(&chunks, OutStream::System).starts_with("timed out after 0.5s: sent SIGTERM"));
+    assert_gone_soon(read_pid(&pid_file)).await;
+}
+
+#[tokio::test]
+async fn a_group_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let root = tempfile::tempdir().unwrap();
+    let mut spec = spec(&["sh", "-c", "trap '' TERM; sleep 100 & sleep 100"]);
+    spec.timeout_ms = 200;
+    let (outcome, chunks) = run(&spec, root.path(), CancellationToken::new()).await;
+    assert_eq!(outcome.outcome, Outcome::TimedOut);
+    assert_eq!(outcome.exit_code, 128 + libc::SIGKILL);
+    assert!(text(&chunks, OutStream::System).contains("sent SIGKILL"));
+}
+
+#[tokio::test]
+async fn cancel_stops_the_attempt() {
+    let root = tempfile::tempdir().unwrap();
+    let pid_file = root.path().join("bg.pid");
+    let mut spec = spec(&["sh", "-c", "sleep 100 & echo $! > \"$PID_FILE\"; wait"]);
+    spec.env = HashMap::from([("PID_FILE".into(), pid_file.display().to_string())]);
+    let cancel = CancellationToken::new();
+    let trigger = {
+        let (cancel, pid_file) = (cancel.clone(), pid_file.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::metadata(&pid_file)
+                .map(|m| m.len() == 0)
+                .unwrap_or(true)
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            cancel.cancel();
+        }
+    };
+    let ((outcome, chunks), ()) = tokio::join!(run(&spec, root.path(), cancel), trigger);
+    assert_eq!(outcome.outcome, Outcome::Cancelled);
+    assert!(text(&chunks, OutStream::System).starts_with("cancelled: sent SIGTERM"));
+    assert_gone_soon(read_pid(&pid_file)).await;
+}
+
+#[tokio::test]
+async fn background_processes_left_behind_are_killed_on_exit() {
+    let root = tempfile::tempdir().unwrap();
+    let pid_file = root.path().join("bg.pid");
+    // The background sleep inherits stdout: the executor must not wait for it.
+    let mut spec = spec(&["sh", "-c", "sleep 100 & echo $! > \"$PID_FILE\"; echo done"]);
+    spec.env = HashMap::from([("PID_FILE".into(), pid_file.display().to_string())]);
+    let started = Instant::now();
+    let (outcome, chunks) = run(&spec, root.path(), CancellationToken::new()).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(outcome.outcome, Outcome::Succeeded);
+    assert_eq!(text(&chunks, OutStream::Stdout), "done\n");
+    assert_gone_soon(read_pid(&pid_file)).await;
+}
+
+#[tokio::test]
+async fn a_process_escaping_the_group_does_not_hang_the_executor() {
+    let root = tempfile::tempdir().unwrap();
+    let pid_file = root.path().join("escaped.pid");
+    let mut spec = spec(&[
+        "sh",
+        "-c",
+        "setsid sh -c 'echo $$ > \"$PID_FILE\"; exec sleep 100' & \
+         while [ ! -s \"$PID_FILE\" ]; do sleep 0.01; done",
+    ]);
+    spec.env = HashMap::from([("PID_FILE".into(), pid_file.display().to_string())]);
+    let started = Instant::now();
+    let (outcome, _) = run(&spec, root.path(), CancellationToken::new()).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(outcome.outcome, Outcome::Succeeded);
+    let pid = read_pid(&pid_file);
+    // SAFETY: kill() has no memory-safety preconditions; we started this process.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    assert_gone_soon(pid).await;
+}
+
+#[tokio::test]
+async fn environment_is_cleared_except_for_the_spec_and_ours() {
+    let root = tempfile::tempdir().unwrap();
+    assert!(std::env::vars_os().count() > 0);
+    let mut spec = spec(&["env"]);
+    spec.env = HashMap::from([("GREETING".into(), "hello world".into())]);
+    let (outcome, chunks) = run(&spec, root.path(), CancellationToken::new()).await;
+    assert_eq!(outcome, ExecOutcome::succeeded());
+    let vars: HashMap<String, String> = text(&chunks, OutStream::Stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut names: Vec<&str> = vars.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "GREETING",
+            "HOME",
+            "PATH",
+            "SCABBARD_ATTEMPT",
+            "SCABBARD_TASK_ID"
+        ]
+    );
+    assert_eq!(vars["GREETING"], "hello world");
+    assert_eq!(vars["SCABBARD_TASK_ID"], "task-1");
+    assert_eq!(vars["SCABBARD_ATTEMPT"], "2");
+    assert_eq!(
+        vars["HOME"],
+        root.path().join("task-1-7").display().to_string()
+    );
+}
+
+#[tokio::test]
+async fn runs_in_a_fresh_working_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let stale = root.path().join("task-1-7");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("leftover"), b"x").unwrap();
+    let (outcome, chunks) = run(
+        &spec(&["sh", "-c", "pwd; ls -A"]),
+        root.path(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(outcome.outcome, Outcome::Succeeded);
+    assert_eq!(
+        text(&chunks, OutStream::Stdout),
+        format!("{}\n", stale.display())
+    );
+    assert!(!stale.exists());
+}
+
+#[tokio::test]
+async fn unknown_command_is_a_user_failure_with_127() {
+    let root = tempfile::tempdir().unwrap();
+    let (outcome, _) = run(
+        &spec(&["no-such-command-scabbard"]),
+        root.path(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(outcome.outcome, Outcome::Failed);
+    assert_eq!(outcome.exit_code, 127);
+    assert_eq!(outcome.error_class, ErrorClass::User);
+    assert_eq!(
+        outcome.message,
+        "command not found: no-such-command-scabbard"
+    );
+}
+
+#[tokio::test]
+async fn empty_command_fails() {
+    let root = tempfile::tempdir().unwrap();
+    let (outcome, _) = run(&spec(&[]), root.path(), CancellationToken::new()).await;
+    assert_eq!(outcome.outcome, Outcome::Failed);
+    assert_eq!(outcome.message, "shell task has an empty command");
+}
+
+#[tokio::test]
+async fn an_unusable_work_root_is_an_infrastructure_failure() {
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("not-a-dir");
+    std::fs::write(&file, b"").unwrap();
+    let (outcome, _) = run(&spec(&["true"]), &file, CancellationToken::new()).await;
+    assert_eq!(outcome.outcome, Outcome::Failed);
+    assert_eq!(outcome.error_class, ErrorClass::Infrastructure);
+}

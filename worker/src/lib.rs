@@ -1,0 +1,58 @@
+//! The Scabbard worker daemon: registers with a controller, holds one `Session` stream,
+//! runs assigned attempts on its slots with the matching executor, and streams their logs
+//! and results back — spooling both on disk so a dropped stream or a restart loses nothing.
+//!
+//! Layout: [`connection`] (register, stream, reconnect) → [`runner`] (slots, attempts,
+//! cancel) → [`executor`] (`shell`, `noop`); [`spool`] keeps unacknowledged output.
+
+pub mod config;
+mod connection;
+pub mod executor;
+pub mod identity;
+mod runner;
+pub mod spool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use scabbard_common::Result;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::WorkerConfig;
+
+/// Runs a worker until `shutdown` is cancelled.
+pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    std::fs::create_dir_all(cfg.work_root())?;
+    let spool = Arc::new(spool::Spool::open(&cfg.data_dir.join("spool"))?);
+    let (outbox_tx, outbox_rx) = mpsc::channel(4096);
+    let executors: Vec<Arc<dyn executor::Executor>> = vec![
+        Arc::new(executor::ShellExecutor::default()),
+        Arc::new(executor::NoopExecutor),
+    ];
+    let runner = Arc::new(runner::Runner::new(
+        spool,
+        executors,
+        cfg.work_root(),
+        Duration::from_millis(cfg.default_task_timeout_ms),
+        cfg.slots,
+        outbox_tx,
+    ));
+    let adopted = runner.adopt_spooled()?;
+    if adopted > 0 {
+        info!(
+            adopted,
+            "found attempts spooled by a previous run; they will be reported"
+        );
+    }
+    let conn = connection::Connection {
+        cfg,
+        runner,
+        outbox: outbox_rx,
+        draining: false,
+    };
+    conn.run(shutdown).await
+}

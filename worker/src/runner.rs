@@ -1,0 +1,265 @@
+//! Attempts on this worker: starting them on a free slot with the right executor, cancel,
+//! and the per-attempt task that numbers output chunks, spools them and queues them for
+//! the controller. Everything an attempt produces is spooled *before* it is queued, so the
+//! connection can always refill what a dropped stream lost.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use scabbard_common::proto::{
+    self, AgentLogChunk, AgentMessage, RunningAttempt, TaskResult, agent_message,
+};
+use scabbard_common::time::now_ms;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::executor::{ExecContext, Executor, executor_for};
+use crate::spool::Spool;
+
+/// (task id, fencing token).
+pub(crate) type AttemptKey = (String, u64);
+
+pub(crate) struct AttemptState {
+    pub(crate) cancel: CancellationToken,
+    /// Set once the attempt ended (and its result is spooled).
+    pub(crate) finished: Option<proto::Finished>,
+}
+
+/// Owns the attempts of this worker.
+pub(crate) struct Runner {
+    pub(crate) attempts: Mutex<HashMap<AttemptKey, AttemptState>>,
+    pub(crate) spool: Arc<Spool>,
+    executors: HashMap<&'static str, Arc<dyn Executor>>,
+    work_root: std::path::PathBuf,
+    default_timeout: Duration,
+    pub(crate) slots: u32,
+    outbox: mpsc::Sender<AgentMessage>,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        spool: Arc<Spool>,
+        executors: Vec<Arc<dyn Executor>>,
+        work_root: std::path::PathBuf,
+        default_timeout: Duration,
+        slots: u32,
+        outbox: mpsc::Sender<AgentMessage>,
+    ) -> Self {
+        Self {
+            attempts: Mutex::new(HashMap::new()),
+            spool,
+            executors: executors.into_iter().map(|e| (e.capability(), e)).collect(),
+            work_root,
+            default_timeout,
+            slots,
+            outbox,
+        }
+    }
+
+    /// Capabilities to advertise.
+    pub(crate) fn capabilities(&self) -> Vec<String> {
+        let mut c: Vec<String> = self.executors.keys().map(|k| k.to_string()).collect();
+        c.sort();
+        c
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptKey, AttemptState>> {
+        self.attempts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attempts still executing.
+    pub(crate) fn running(&self) -> u32 {
+        self.lock()
+            .values()
+            .filter(|a| a.finished.is_none())
+            .count() as u32
+    }
+
+    /// Every attempt the controller should hear about in `Hello`.
+    pub(crate) fn hello_list(&self) -> Vec<RunningAttempt> {
+        self.lock()
+            .iter()
+            .map(|((task_id, token), a)| RunningAttempt {
+                task_id: task_id.clone(),
+                fencing_token: *token,
+                finished: a.finished.is_some(),
+            })
+            .collect()
+    }
+
+    pub(crate) fn finished(&self, key: &AttemptKey) -> Option<proto::Finished> {
+        self.lock().get(key).and_then(|a| a.finished.clone())
+    }
+
+    /// Re-adopts attempts spooled by a previous run of this worker. Their processes died
+    /// with it, so unfinished ones end as infrastructure failures (keeping their logs).
+    pub(crate) fn adopt_spooled(&self) -> scabbard_common::Result<usize> {
+        let spooled = self.spool.load_all()?;
+        let mut table = self.lock();
+        for s in &spooled {
+            let key = (s.assign.task_id.clone(), s.assign.fencing_token);
+            let finished = match &s.finished {
+                Some(f) => f.clone(),
+                None => {
+                    let f = proto::Finished {
+                        task_id: key.0.clone(),
+                        fencing_token: key.1,
+                        result: Some(TaskResult {
+                            outcome: proto::Outcome::Failed as i32,
+                            message: "the worker restarted while the attempt ran".into(),
+                            error_class: proto::ErrorClass::Infrastructure as i32,
+                            ..Default::default()
+                        }),
+                        log_chunks: s.last_seq.map_or(0, |l| l + 1),
+                    };
+                    self.spool.finish(&f)?;
+                    f
+                }
+            };
+            table.insert(
+                key,
+                AttemptState {
+                    cancel: CancellationToken::new(),
+                    finished: Some(finished),
+                },
+            );
+        }
+        Ok(spooled.len())
+    }
+
+    /// Starts an attempt; `Err(reason)` when it cannot run here.
+    pub(crate) fn start(self: &Arc<Self>, assign: proto::Assign) -> Result<bool, String> {
+        let key = (assign.task_id.clone(), assign.fencing_token);
+        let spec = assign.spec.clone().ok_or("assignment without a spec")?;
+        let cap = executor_for(&spec).ok_or("task spec has no kind")?;
+        let exec = self
+            .executors
+            .get(cap)
+            .cloned()
+            .ok_or_else(|| format!("this worker has no '{cap}' executor"))?;
+        let cancel = CancellationToken::new();
+        {
+            let mut table = self.lock();
+            if table.contains_key(&key) {
+                return Ok(false); // duplicate delivery
+            }
+            let running = table.values().filter(|a| a.finished.is_none()).count() as u32;
+            if running >= self.slots {
+                return Err(format!("no free slot ({running}/{} busy)", self.slots));
+            }
+            self.spool
+                .begin(&assign)
+                .map_err(|e| format!("cannot spool: {e}"))?;
+            table.insert(
+                key.clone(),
+                AttemptState {
+                    cancel: cancel.clone(),
+                    finished: None,
+                },
+            );
+        }
+        let ctx = ExecContext {
+            task_id: assign.task_id.clone(),
+            fencing_token: assign.fencing_token,
+            attempt: assign.attempt,
+            work_root: self.work_root.clone(),
+            default_timeout: self.default_timeout,
+        };
+        let runner = self.clone();
+        tokio::spawn(async move { runner.run_attempt(key, ctx, spec, exec, cancel).await });
+        Ok(true)
+    }
+
+    async fn run_attempt(
+        self: Arc<Self>,
+        key: AttemptKey,
+        ctx: ExecContext,
+        spec: proto::TaskSpec,
+        exec: Arc<dyn Executor>,
+        cancel: CancellationToken,
+    ) {
+        let (tx, mut rx) = mpsc::channel(64);
+        let run = exec.run(ctx, &spec, tx, cancel);
+        tokio::pin!(run);
+        let mut seq = 0u64;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut run => break outcome,
+                Some(chunk) = rx.recv() => self.emit_chunk(&key, &mut seq, chunk).await,
+            }
+        };
+        while let Ok(chunk) = rx.try_recv() {
+            self.emit_chunk(&key, &mut seq, chunk).await;
+        }
+        let finished = proto::Finished {
+            task_id: key.0.clone(),
+            fencing_token: key.1,
+            result: Some(TaskResult {
+                outcome: outcome.outcome as i32,
+                exit_code: outcome.exit_code,
+                message: outcome.message,
+                error_class: outcome.error_class as i32,
+                outputs: outcome.outputs,
+            }),
+            log_chunks: seq,
+        };
+        if let Err(e) = self.spool.finish(&finished) {
+            warn!(task = %key.0, error = %e, "cannot spool the result; it is kept in memory only");
+        }
+        info!(task = %key.0, attempt = key.1, outcome = ?outcome.outcome, "attempt finished");
+        if let Some(a) = self.lock().get_mut(&key) {
+            a.finished = Some(finished.clone());
+        }
+        let _ = self
+            .outbox
+            .send(AgentMessage {
+                msg: Some(agent_message::Msg::Finished(finished)),
+            })
+            .await;
+    }
+
+    async fn emit_chunk(
+        &self,
+        key: &AttemptKey,
+        seq: &mut u64,
+        chunk: crate::executor::OutputChunk,
+    ) {
+        let c = AgentLogChunk {
+            task_id: key.0.clone(),
+            fencing_token: key.1,
+            seq: *seq,
+            stream: proto::LogStream::from(chunk.stream) as i32,
+            data: chunk.data,
+            at_ms: now_ms(),
+        };
+        *seq += 1;
+        if let Err(e) = self.spool.append_chunk(&c) {
+            warn!(task = %key.0, error = %e, "cannot spool a log chunk");
+        }
+        let _ = self
+            .outbox
+            .send(AgentMessage {
+                msg: Some(agent_message::Msg::Log(c)),
+            })
+            .await;
+    }
+
+    /// Asks a running attempt to stop (the executor reports CANCELLED).
+    pub(crate) fn cancel(&self, key: &AttemptKey) {
+        if let Some(a) = self.lock().get(key) {
+            a.cancel.cancel();
+        }
+    }
+
+    /// Forgets an attempt: stops it if running and deletes its spool.
+    pub(crate) fn forget(&self, key: &AttemptKey) {
+        if let Some(a) = self.lock().remove(key) {
+            a.cancel.cancel();
+        }
+        if let Err(e) = self.spool.remove(&key.0, key.1) {
+            warn!(task = %key.0, error = %e, "cannot remove spool");
+        }
+    }
+}

@@ -157,7 +157,12 @@ impl LogStore {
     /// `seq > next_seq` is a gap and fails with `InvalidArgument` (nothing is written).
     /// New chunks for a sealed attempt fail with `FailedPrecondition`. Returns the new
     /// next_seq.
-    pub async fn append(&self, task_id: &str, attempt: u32, chunks: &[proto::LogChunk]) -> Result<u64> {
+    pub async fn append(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        chunks: &[proto::LogChunk],
+    ) -> Result<u64> {
         check_task_id(task_id)?;
         let mut buf = Vec::with_capacity(chunks.iter().map(|c| c.data.len() + 32).sum());
         let mut records = Vec::with_capacity(chunks.len());
@@ -172,7 +177,8 @@ impl LogStore {
             });
         }
         let entry = self.shared.entry(task_id, attempt);
-        self.blocking(move |shared| shared.append(&entry, &buf, &records)).await
+        self.blocking(move |shared| shared.append(&entry, &buf, &records))
+            .await
     }
 
     /// The attempt's next sequence number; 0 if it has no log.
@@ -216,7 +222,8 @@ impl LogStore {
     ) -> Result<Vec<proto::LogChunk>> {
         check_task_id(task_id)?;
         let entry = self.shared.entry(task_id, attempt);
-        self.blocking(move |shared| shared.read(&entry, from_seq, max_chunks)).await
+        self.blocking(move |shared| shared.read(&entry, from_seq, max_chunks))
+            .await
     }
 
     /// Watches the attempt's position: it changes whenever next_seq grows or the attempt is
@@ -252,7 +259,11 @@ impl LogStore {
 
     /// Syncs every log written since its last sync to disk.
     pub async fn sync_all(&self) -> Result<()> {
-        let entries: Vec<_> = lock(&self.shared.cache).attempts.values().cloned().collect();
+        let entries: Vec<_> = lock(&self.shared.cache)
+            .attempts
+            .values()
+            .cloned()
+            .collect();
         self.blocking(move |shared| shared.sync(&entries)).await
     }
 
@@ -287,7 +298,10 @@ impl Shared {
                 }
                 !idle
             });
-            cache.sweep_at = self.limits.max_cached_attempts.max(cache.attempts.len() * 2);
+            cache.sweep_at = self
+                .limits
+                .max_cached_attempts
+                .max(cache.attempts.len() * 2);
         }
         let entry = Arc::new(AttemptLog {
             key: key.clone(),
@@ -379,7 +393,11 @@ impl Shared {
             let data: std::borrow::Cow<'_, [u8]> = if accepted.len() == records.len() {
                 buf.into()
             } else {
-                accepted.iter().flat_map(|r| &buf[r.start..r.start + r.len]).copied().collect()
+                accepted
+                    .iter()
+                    .flat_map(|r| &buf[r.start..r.start + r.len])
+                    .copied()
+                    .collect()
             };
             let len = st.len;
             let written = match st.file.as_mut() {
@@ -452,7 +470,12 @@ impl Shared {
         }
     }
 
-    fn read(&self, entry: &AttemptLog, from_seq: u64, max_chunks: usize) -> Result<Vec<proto::LogChunk>> {
+    fn read(
+        &self,
+        entry: &AttemptLog,
+        from_seq: u64,
+        max_chunks: usize,
+    ) -> Result<Vec<proto::LogChunk>> {
         let (start, end) = {
             let mut st = lock(&entry.state);
             self.load(entry, &mut st)?;
@@ -535,7 +558,8 @@ impl AttemptLog {
             next_seq: st.next_seq,
             sealed: st.sealed,
         };
-        self.position.send_if_modified(|pos| std::mem::replace(pos, now) != now);
+        self.position
+            .send_if_modified(|pos| std::mem::replace(pos, now) != now);
     }
 }
 
@@ -549,7 +573,9 @@ impl OpenFiles {
         self.by_tick.insert(self.tick, key.clone());
         let mut victims = Vec::new();
         while self.by_key.len() > cap {
-            let Some((_, victim)) = self.by_tick.pop_first() else { break };
+            let Some((_, victim)) = self.by_tick.pop_first() else {
+                break;
+            };
             self.by_key.remove(&victim);
             victims.push(victim);
         }
@@ -568,7 +594,9 @@ fn check_task_id(task_id: &str) -> Result<()> {
     let valid = !task_id.is_empty()
         && task_id.len() <= 256
         && !task_id.starts_with('.')
-        && task_id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && task_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if valid {
         Ok(())
     } else {
@@ -579,7 +607,10 @@ fn check_task_id(task_id: &str) -> Result<()> {
 fn encode_record(buf: &mut Vec<u8>, chunk: &proto::LogChunk) -> Result<()> {
     let len = chunk.encoded_len();
     if len > MAX_BODY {
-        return Err(Error::invalid(format!("log chunk {} is too large ({len} bytes)", chunk.seq)));
+        return Err(Error::invalid(format!(
+            "log chunk {} is too large ({len} bytes)",
+            chunk.seq
+        )));
     }
     let start = buf.len();
     buf.extend_from_slice(&[0; HEADER_LEN]);
@@ -593,7 +624,11 @@ fn encode_record(buf: &mut Vec<u8>, chunk: &proto::LogChunk) -> Result<()> {
 /// Reads records from `input`, which starts at file offset `offset`, calling
 /// `f(offset, chunk)` for each until it returns false, the input ends or a record is torn
 /// or corrupt. Returns the offset after the last record accepted.
-fn scan(input: impl Read, mut offset: u64, mut f: impl FnMut(u64, proto::LogChunk) -> bool) -> Result<u64> {
+fn scan(
+    input: impl Read,
+    mut offset: u64,
+    mut f: impl FnMut(u64, proto::LogChunk) -> bool,
+) -> Result<u64> {
     let mut reader = BufReader::with_capacity(64 * 1024, input);
     let mut header = [0u8; HEADER_LEN];
     let mut body = Vec::new();

@@ -1,1 +1,290 @@
-//! Test harness: starts controllers and workers on loopback.
+//! Test harness: starts real `scabbard` controller and worker processes on loopback (free
+//! ports, temp data dirs), a TCP proxy that can cut connections, and client helpers that
+//! wait on conditions with deadlines. Every child is killed when its handle drops.
+
+pub mod proxy;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use scabbard_common::client::{self, TaskServiceClient};
+use scabbard_common::proto::{
+    GetTaskRequest, ShellTask, SubmitTaskRequest, Task, TaskLogsRequest, TaskSpec, TaskState,
+    task_spec::Kind,
+};
+use tonic::transport::Channel;
+
+/// Registration token used by every test cluster.
+pub const TOKEN: &str = "test-registration-token-0123456789";
+
+/// Path of the `scabbard` binary built alongside the tests.
+pub fn scabbard_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/scabbard
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("scabbard");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process killed (SIGKILL) on drop.
+pub struct Proc {
+    child: Option<Child>,
+    /// What it is, for messages.
+    pub name: String,
+}
+
+impl Proc {
+    /// PID of the process.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY-free: libc::kill is an FFI call; a stale pid is harmless here.
+            send_signal(c.id() as i32, sig);
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `deadline` for exit (SIGKILL after).
+    pub fn terminate(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        send_signal(c.id() as i32, libc::SIGTERM);
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+}
+
+#[allow(unsafe_code)]
+fn send_signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Whether a process (or group member) with `pid` exists.
+#[allow(unsafe_code)]
+pub fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill(pid, 0) only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A controller process.
+pub struct Controller {
+    /// The process.
+    pub proc: Proc,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+}
+
+/// Options of a test controller.
+#[derive(Clone)]
+pub struct ControllerOpts {
+    /// Agent lease / grace period.
+    pub lease: &'static str,
+    /// Heartbeat interval.
+    pub heartbeat: &'static str,
+}
+
+impl Default for ControllerOpts {
+    fn default() -> Self {
+        Self { lease: "2s", heartbeat: "200ms" }
+    }
+}
+
+impl Controller {
+    /// Starts a controller on `port` with `data_dir`.
+    pub fn start(data_dir: &Path, port: u16, opts: &ControllerOpts) -> Result<Self> {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let mut child = Command::new(scabbard_bin())
+            .args(["controller", "--listen", &addr.to_string(), "--registration-token", TOKEN])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--agent-lease-ttl", opts.lease, "--heartbeat-interval", opts.heartbeat])
+            .env("SCABBARD_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn controller")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if !line.starts_with("listening on ") {
+            let _ = child.kill();
+            bail!("controller did not start: {line:?}");
+        }
+        Ok(Self { proc: Proc { child: Some(child), name: "controller".into() }, addr, data_dir: data_dir.to_path_buf() })
+    }
+}
+
+/// A worker process.
+pub struct Worker {
+    /// The process.
+    pub proc: Proc,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+}
+
+impl Worker {
+    /// Starts a worker connecting to `controller` with `slots`, labelled `name=<name>`.
+    pub fn start(controller: &str, data_dir: &Path, name: &str, slots: u32) -> Result<Self> {
+        let child = Command::new(scabbard_bin())
+            .args(["worker", "--controller", controller, "--registration-token", TOKEN])
+            .args(["--name", name, "--label", &format!("name={name}"), "--slots", &slots.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("SCABBARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn worker")?;
+        Ok(Self { proc: Proc { child: Some(child), name: name.into() }, data_dir: data_dir.to_path_buf() })
+    }
+
+    /// The agent id this worker registered as (after it registered).
+    pub fn agent_id(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir.join("identity"))
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_string))
+    }
+
+    /// The agent token this worker holds.
+    pub fn agent_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir.join("identity"))
+            .ok()
+            .and_then(|s| s.lines().nth(1).map(str::to_string))
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > end {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A task client for `addr`, retrying the connection until the controller answers.
+pub async fn tasks_client(addr: &str) -> Result<TaskServiceClient<Channel>> {
+    let ch = eventually("controller to accept connections", Duration::from_secs(20), || async {
+        client::connect(addr).await.ok()
+    })
+    .await?;
+    Ok(TaskServiceClient::new(ch))
+}
+
+/// A shell task spec.
+pub fn shell(script: &str) -> TaskSpec {
+    TaskSpec {
+        kind: Some(Kind::Shell(ShellTask { command: vec!["sh".into(), "-c".into(), script.into()] })),
+        ..Default::default()
+    }
+}
+
+/// Submits a spec; returns the task id.
+pub async fn submit(c: &mut TaskServiceClient<Channel>, spec: TaskSpec) -> Result<String> {
+    let r = c
+        .submit(SubmitTaskRequest { spec: Some(spec), idempotency_key: String::new() })
+        .await?
+        .into_inner();
+    Ok(r.task.ok_or_else(|| anyhow!("no task in response"))?.id)
+}
+
+/// Gets a task.
+pub async fn get(c: &mut TaskServiceClient<Channel>, id: &str) -> Result<Task> {
+    Ok(c.get(GetTaskRequest { id: id.into() }).await?.into_inner())
+}
+
+/// Waits until the task reaches `state` (or any final state when `state` is None).
+pub async fn wait_state(
+    c: &mut TaskServiceClient<Channel>,
+    id: &str,
+    state: Option<TaskState>,
+    timeout: Duration,
+) -> Result<Task> {
+    let end = Instant::now() + timeout;
+    loop {
+        let t = get(c, id).await?;
+        let done = match state {
+            Some(s) => t.state() == s,
+            None => scabbard_common::is_final(t.state()),
+        };
+        if done {
+            return Ok(t);
+        }
+        if Instant::now() > end {
+            bail!("task {id} is {:?} after {timeout:?} (wanted {state:?}): {t:?}", t.state());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The whole log of a task's latest attempt (or `attempt`), as text.
+pub async fn logs(c: &mut TaskServiceClient<Channel>, id: &str, attempt: u32, follow: bool) -> Result<String> {
+    let mut s = c
+        .logs(TaskLogsRequest { task_id: id.into(), attempt, follow, from_seq: 0 })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    let mut expect = 0;
+    while let Some(chunk) = s.message().await? {
+        if chunk.seq != expect {
+            bail!("log chunk out of order: got seq {}, expected {expect}", chunk.seq);
+        }
+        expect += 1;
+        out.extend_from_slice(&chunk.data);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}

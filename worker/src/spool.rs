@@ -46,8 +46,11 @@ pub struct SpooledAttempt {
 pub struct Spool {
     dir: PathBuf,
     /// Attempts with an open file, by (task id, fencing token).
-    open: Mutex<HashMap<(String, u64), Arc<Mutex<AttemptFile>>>>,
+    open: Mutex<HashMap<AttemptKey, Arc<Mutex<AttemptFile>>>>,
 }
+
+/// (task id, fencing token).
+type AttemptKey = (String, u64);
 
 /// The write side of one attempt's file.
 #[derive(Debug)]
@@ -356,7 +359,7 @@ fn recover(path: &Path, file: File) -> Result<Option<SpooledAttempt>> {
     }))
 }
 
-fn already_spooled(key: &(String, u64)) -> Error {
+fn already_spooled(key: &AttemptKey) -> Error {
     Error::AlreadyExists(format!("attempt {}/{} is already spooled", key.0, key.1))
 }
 

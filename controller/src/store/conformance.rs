@@ -102,7 +102,9 @@ fn assert_put_event(e: &WatchEvent, key: &str, value: &[u8], rev: i64) {
 
 fn assert_delete_event(e: &WatchEvent, key: &str, rev: Option<i64>) -> i64 {
     match e {
-        WatchEvent::Delete { key: k, revision } if k == key && rev.is_none_or(|r| r == *revision) => {
+        WatchEvent::Delete { key: k, revision }
+            if k == key && rev.is_none_or(|r| r == *revision) =>
+        {
             *revision
         }
         other => panic!("expected Delete({key:?}, rev {rev:?}), got {other:?}"),
@@ -137,7 +139,12 @@ pub async fn put_get_metadata(store: &Arc<dyn Store>, prefix: &str) {
     assert!(r2 > r1, "second put revision {r2} must exceed {r1}");
     let kv = must_get(store, &k).await;
     assert_eq!(
-        (kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version),
+        (
+            kv.value.as_slice(),
+            kv.create_revision,
+            kv.mod_revision,
+            kv.version
+        ),
         (&b"v2"[..], r1, r2, 2)
     );
     assert!(store.revision().await.expect("revision") >= r2);
@@ -147,7 +154,12 @@ pub async fn put_get_metadata(store: &Arc<dyn Store>, prefix: &str) {
     let r3 = store.put(&k, Vec::new()).await.expect("re-create");
     let kv = must_get(store, &k).await;
     assert_eq!(
-        (kv.value.len(), kv.create_revision, kv.mod_revision, kv.version),
+        (
+            kv.value.len(),
+            kv.create_revision,
+            kv.mod_revision,
+            kv.version
+        ),
         (0, r3, r3, 1),
         "a re-created key starts a new life"
     );
@@ -156,7 +168,11 @@ pub async fn put_get_metadata(store: &Arc<dyn Store>, prefix: &str) {
 /// One revision per writing transaction, none for a transaction that writes nothing.
 /// Assumes no other writer meanwhile.
 pub async fn revisions(store: &Arc<dyn Store>, prefix: &str) {
-    let (a, b, c) = (format!("{prefix}a"), format!("{prefix}b"), format!("{prefix}c"));
+    let (a, b, c) = (
+        format!("{prefix}a"),
+        format!("{prefix}b"),
+        format!("{prefix}c"),
+    );
     let before = store.revision().await.expect("revision");
     let r = store
         .txn(txn(
@@ -166,7 +182,11 @@ pub async fn revisions(store: &Arc<dyn Store>, prefix: &str) {
         ))
         .await
         .expect("three puts");
-    assert_eq!(r.revision, before + 1, "a txn of three puts is one revision");
+    assert_eq!(
+        r.revision,
+        before + 1,
+        "a txn of three puts is one revision"
+    );
     for k in [&a, &b, &c] {
         assert_eq!(must_get(store, k).await.mod_revision, r.revision);
     }
@@ -178,10 +198,16 @@ pub async fn revisions(store: &Arc<dyn Store>, prefix: &str) {
     ];
     for t in no_writes {
         let resp = store.txn(t.clone()).await.expect("txn without writes");
-        assert_eq!(resp.revision, r.revision, "{t:?} must not bump the revision");
+        assert_eq!(
+            resp.revision, r.revision,
+            "{t:?} must not bump the revision"
+        );
     }
     assert_eq!(store.revision().await.expect("revision"), r.revision);
-    assert_eq!(store.put(&a, b"2".to_vec()).await.expect("put"), r.revision + 1);
+    assert_eq!(
+        store.put(&a, b"2".to_vec()).await.expect("put"),
+        r.revision + 1
+    );
 }
 
 /// Every compare target with every operator, on a present and a missing key; branches.
@@ -207,7 +233,11 @@ pub async fn txn_compares(store: &Arc<dyn Store>, prefix: &str) {
                 .await
                 .expect("compare txn");
             let want = if r.succeeded { 1 } else { 2 };
-            assert_eq!(r.results.len(), want, "{c:?}: results must come from the branch that ran");
+            assert_eq!(
+                r.results.len(),
+                want,
+                "{c:?}: results must come from the branch that ran"
+            );
             r.succeeded
         }
     };
@@ -230,7 +260,12 @@ pub async fn txn_compares(store: &Arc<dyn Store>, prefix: &str) {
         ];
         for (op, operand, want) in cases {
             let got = holds(&k, op, target(operand)).await;
-            assert_eq!(got, want, "{:?} {op:?} {operand} (actual {actual})", target(operand));
+            assert_eq!(
+                got,
+                want,
+                "{:?} {op:?} {operand} (actual {actual})",
+                target(operand)
+            );
         }
     }
     let value_cases: [(CmpOp, &[u8], bool); 8] = [
@@ -253,8 +288,14 @@ pub async fn txn_compares(store: &Arc<dyn Store>, prefix: &str) {
         CompareTarget::CreateRevision(0),
         CompareTarget::ModRevision(0),
     ] {
-        assert!(holds(&missing, Equal, target.clone()).await, "missing key: {target:?} == 0");
-        assert!(!holds(&missing, Greater, target).await, "missing key: nothing > 0");
+        assert!(
+            holds(&missing, Equal, target.clone()).await,
+            "missing key: {target:?} == 0"
+        );
+        assert!(
+            !holds(&missing, Greater, target).await,
+            "missing key: nothing > 0"
+        );
     }
     // All compares must hold; one false one sends the txn to `failure`.
     let r = store
@@ -303,7 +344,10 @@ pub async fn txn_sees_own_writes(store: &Arc<dyn Store>, prefix: &str) {
             OpResult::Get(None),
         ] => {
             assert_eq!((kv.value.as_slice(), kv.version), (&b"v"[..], 1));
-            assert_eq!((kv.create_revision, kv.mod_revision), (r.revision, r.revision));
+            assert_eq!(
+                (kv.create_revision, kv.mod_revision),
+                (r.revision, r.revision)
+            );
         }
         other => panic!("results: {other:?}"),
     }
@@ -343,7 +387,10 @@ pub async fn create_if_absent_race(store: &Arc<dyn Store>, prefix: &str) {
         }
     }
     assert_eq!(winners.len(), 1, "exactly one creator must win");
-    assert!(seen.iter().all(|v| *v == winners[0]), "losers must see the winner's value");
+    assert!(
+        seen.iter().all(|v| *v == winners[0]),
+        "losers must see the winner's value"
+    );
     assert_eq!(must_get(store, &k).await.value, winners[0]);
 }
 
@@ -390,7 +437,10 @@ pub async fn range_paging(store: &Arc<dyn Store>, prefix: &str) {
     let keys: Vec<String> = (0..25).map(|i| format!("{prefix}k{i:02}")).collect();
     // Neighbours that share a string prefix with the range but are outside it.
     let outside = format!("{}x", prefix.trim_end_matches('/'));
-    store.put(&outside, b"no".to_vec()).await.expect("put outside");
+    store
+        .put(&outside, b"no".to_vec())
+        .await
+        .expect("put outside");
     let mut last = 0;
     for k in keys.iter().rev() {
         last = store.put(k, k.as_bytes().to_vec()).await.expect("put");
@@ -422,7 +472,10 @@ pub async fn range_paging(store: &Arc<dyn Store>, prefix: &str) {
     assert_eq!((exact.kvs.len(), exact.more), (25, false));
     let tail = store.range(prefix, Some(&keys[24]), 0).await.expect("tail");
     assert_eq!((tail.kvs.len(), tail.more), (0, false));
-    let before = store.range(prefix, Some(""), 3).await.expect("start before prefix");
+    let before = store
+        .range(prefix, Some(""), 3)
+        .await
+        .expect("start before prefix");
     assert_eq!(before.kvs[0].key, keys[0]);
     assert!(before.more);
     let mid = store.range(prefix, Some(&keys[4]), 2).await.expect("mid");
@@ -441,21 +494,40 @@ pub async fn watch_live(store: &Arc<dyn Store>, prefix: &str) {
     let (a, b) = (format!("{prefix}a"), format!("{prefix}b"));
     let outside = format!("{}-outside", prefix.trim_end_matches('/'));
     let ra = store.put(&a, b"1".to_vec()).await.expect("put a");
-    store.put(&outside, b"x".to_vec()).await.expect("put outside");
+    store
+        .put(&outside, b"x".to_vec())
+        .await
+        .expect("put outside");
     let rb = store.put(&b, b"2".to_vec()).await.expect("put b");
     store.delete(&a).await.expect("delete a");
     let t = store
-        .txn(txn(vec![], vec![Op::put(&a, "3"), Op::put(&b, "4")], vec![]))
+        .txn(txn(
+            vec![],
+            vec![Op::put(&a, "3"), Op::put(&b, "4")],
+            vec![],
+        ))
         .await
         .expect("txn");
     assert_put_event(&next_event(&mut rx, "put a").await, &a, b"1", ra);
     assert_put_event(&next_event(&mut rx, "put b").await, &b, b"2", rb);
     let rd = assert_delete_event(&next_event(&mut rx, "delete a").await, &a, None);
     assert!(rd > rb);
-    assert_put_event(&next_event(&mut rx, "txn put a").await, &a, b"3", t.revision);
-    assert_put_event(&next_event(&mut rx, "txn put b").await, &b, b"4", t.revision);
+    assert_put_event(
+        &next_event(&mut rx, "txn put a").await,
+        &a,
+        b"3",
+        t.revision,
+    );
+    assert_put_event(
+        &next_event(&mut rx, "txn put b").await,
+        &b,
+        b"4",
+        t.revision,
+    );
     assert!(
-        timeout(Duration::from_millis(200), rx.recv()).await.is_err(),
+        timeout(Duration::from_millis(200), rx.recv())
+            .await
+            .is_err(),
         "no further events expected"
     );
 }
@@ -469,20 +541,42 @@ pub async fn watch_replay(store: &Arc<dyn Store>, prefix: &str) {
     store.delete(&a).await.expect("delete a");
     let mut from_r1 = store.watch(prefix, r1).await.expect("watch from r1");
     let mut from_r2 = store.watch(prefix, r2).await.expect("watch from r2");
-    assert_put_event(&next_event(&mut from_r1, "replay put a").await, &a, b"1", r1);
-    assert_put_event(&next_event(&mut from_r1, "replay put b").await, &b, b"2", r2);
+    assert_put_event(
+        &next_event(&mut from_r1, "replay put a").await,
+        &a,
+        b"1",
+        r1,
+    );
+    assert_put_event(
+        &next_event(&mut from_r1, "replay put b").await,
+        &b,
+        b"2",
+        r2,
+    );
     assert_delete_event(&next_event(&mut from_r1, "replay delete a").await, &a, None);
-    assert_put_event(&next_event(&mut from_r2, "replay put b").await, &b, b"2", r2);
+    assert_put_event(
+        &next_event(&mut from_r2, "replay put b").await,
+        &b,
+        b"2",
+        r2,
+    );
     assert_delete_event(&next_event(&mut from_r2, "replay delete a").await, &a, None);
     let r4 = store.put(&b, b"3".to_vec()).await.expect("live put");
     assert_put_event(&next_event(&mut from_r1, "live put").await, &b, b"3", r4);
     assert_put_event(&next_event(&mut from_r2, "live put").await, &b, b"3", r4);
-    assert!(timeout(Duration::from_millis(200), from_r1.recv()).await.is_err());
+    assert!(
+        timeout(Duration::from_millis(200), from_r1.recv())
+            .await
+            .is_err()
+    );
 }
 
 /// Revoking a lease deletes exactly its keys (with delete events) and ends the lease.
 pub async fn lease_revoke(store: &Arc<dyn Store>, prefix: &str) {
-    let lease = store.lease_grant(Duration::from_secs(60)).await.expect("grant");
+    let lease = store
+        .lease_grant(Duration::from_secs(60))
+        .await
+        .expect("grant");
     let (a, b, plain, moved) = (
         format!("{prefix}a"),
         format!("{prefix}b"),
@@ -524,7 +618,10 @@ pub async fn lease_revoke(store: &Arc<dyn Store>, prefix: &str) {
     assert_eq!(store.get(&b).await.expect("get b"), None);
     assert_eq!(must_get(store, &plain).await.value, b"4");
     assert_eq!(must_get(store, &moved).await.value, b"5");
-    assert_not_found(store.lease_keep_alive(lease).await, "keep-alive after revoke");
+    assert_not_found(
+        store.lease_keep_alive(lease).await,
+        "keep-alive after revoke",
+    );
     assert_not_found(store.lease_revoke(lease).await, "revoke twice");
     assert_not_found(
         store
@@ -551,7 +648,10 @@ pub async fn unknown_lease(store: &Arc<dyn Store>, prefix: &str) {
         "put with an unknown lease",
     );
     let kv = must_get(store, &k).await;
-    assert_eq!((kv.value.as_slice(), kv.mod_revision), (&b"before"[..], before));
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision),
+        (&b"before"[..], before)
+    );
     assert_not_found(store.lease_keep_alive(unknown).await, "keep-alive unknown");
     assert_not_found(store.lease_revoke(unknown).await, "revoke unknown");
 }
@@ -570,9 +670,16 @@ pub async fn lease_keep_alive(store: &Arc<dyn Store>, prefix: &str) {
         tokio::time::sleep(SHORT_TTL / 3).await;
         store.lease_keep_alive(lease).await.expect("keep-alive");
     }
-    assert_eq!(must_get(store, &k).await.lease, lease, "kept-alive key must survive");
+    assert_eq!(
+        must_get(store, &k).await.lease,
+        lease,
+        "kept-alive key must survive"
+    );
     wait_for_deletion(store, &k).await;
-    assert_not_found(store.lease_keep_alive(lease).await, "keep-alive after expiry");
+    assert_not_found(
+        store.lease_keep_alive(lease).await,
+        "keep-alive after expiry",
+    );
 }
 
 /// An expired lease deletes its keys with delete events at a new revision.

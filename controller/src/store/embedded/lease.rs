@@ -147,14 +147,10 @@ pub(super) fn spawn_expiry(
         .spawn(move || {
             loop {
                 let now = Instant::now();
-                let (any_expired, next) = {
-                    let leases = lock(&shared.leases);
-                    (
-                        leases.next_deadline().is_some_and(|d| d <= now),
-                        leases.next_deadline(),
-                    )
-                };
-                if any_expired && !shared.expire_pending.swap(true, Ordering::AcqRel) {
+                let next = lock(&shared.leases).next_deadline();
+                if next.is_some_and(|d| d <= now)
+                    && !shared.expire_pending.swap(true, Ordering::AcqRel)
+                {
                     let Some(sender) = requests.upgrade() else {
                         return;
                     };
@@ -188,7 +184,10 @@ mod tests {
             .keep_alive(1, t0 + Duration::from_millis(900))
             .unwrap();
         assert!(table.is_live(1, t0 + Duration::from_millis(1800)));
-        assert_eq!(table.expired(t0 + Duration::from_millis(1800)), Vec::<i64>::new());
+        assert_eq!(
+            table.expired(t0 + Duration::from_millis(1800)),
+            Vec::<i64>::new()
+        );
         assert_eq!(table.expired(t0 + Duration::from_secs(2)), vec![1]);
         assert!(matches!(
             table.keep_alive(1, t0 + Duration::from_secs(2)),

@@ -245,10 +245,7 @@ impl EmbeddedStore {
     fn stopped(&self) -> Error {
         match lock(&self.shared.failure).as_ref() {
             Some(msg) => Error::Unavailable(msg.clone()),
-            None => Error::Unavailable(format!(
-                "embedded store {} is closed",
-                self.path.display()
-            )),
+            None => Error::Unavailable(format!("embedded store {} is closed", self.path.display())),
         }
     }
 
@@ -331,14 +328,19 @@ struct Loaded {
 /// Creates the tables if needed and loads counters and leases (each with a fresh TTL), then
 /// rebuilds the lease -> keys index from the key table.
 fn load(db: &Database) -> Result<Loaded> {
-    let wtx = db.begin_write().map_err(|e| storage_err("begin write", e))?;
+    let wtx = db
+        .begin_write()
+        .map_err(|e| storage_err("begin write", e))?;
     let loaded = {
         let open = |e| storage_err("open table", e);
         let kv = wtx.open_table(KV).map_err(open)?;
         let meta = wtx.open_table(META).map_err(open)?;
         let leases_t = wtx.open_table(LEASES).map_err(open)?;
         let counter = |name: &str, default: i64| -> Result<i64> {
-            Ok(meta.get(name).map_err(read_err)?.map_or(default, |g| g.value()))
+            Ok(meta
+                .get(name)
+                .map_err(read_err)?
+                .map_or(default, |g| g.value()))
         };
         let revision = counter(META_REVISION, INITIAL_REVISION)?;
         let next_lease = counter(META_NEXT_LEASE, 1)?;
@@ -357,7 +359,11 @@ fn load(db: &Database) -> Result<Loaded> {
             if leases.contains(rec.lease) {
                 leases.move_key(key.value(), 0, rec.lease);
             } else {
-                tracing::warn!(key = key.value(), lease = rec.lease, "key attached to unknown lease");
+                tracing::warn!(
+                    key = key.value(),
+                    lease = rec.lease,
+                    "key attached to unknown lease"
+                );
             }
         }
         Loaded {
@@ -430,7 +436,10 @@ fn read_range(
     };
     let mut kvs = Vec::new();
     let mut more = false;
-    for entry in kv.range::<&str>((lower, Bound::Unbounded)).map_err(read_err)? {
+    for entry in kv
+        .range::<&str>((lower, Bound::Unbounded))
+        .map_err(read_err)?
+    {
         let (key, bytes) = entry.map_err(read_err)?;
         let key = key.value();
         if !key.starts_with(prefix) {
@@ -454,7 +463,7 @@ impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         // A point read of cached pages: cheap enough to run on the async thread.
         let db = self.database()?;
-            let rtx = db.begin_read().map_err(read_err)?;
+        let rtx = db.begin_read().map_err(read_err)?;
         let kv = rtx.open_table(KV).map_err(read_err)?;
         let guard = kv.get(key).map_err(read_err)?;
         guard
@@ -513,7 +522,9 @@ impl Store for EmbeddedStore {
         let running = lock(&self.running);
         match &running.writer {
             Some(h) if !h.is_finished() => Ok(()),
-            _ => Err(Error::Unavailable("embedded store writer is not running".into())),
+            _ => Err(Error::Unavailable(
+                "embedded store writer is not running".into(),
+            )),
         }
     }
 }

@@ -11,7 +11,9 @@ use tempfile::TempDir;
 use tokio::time::timeout;
 
 use super::{EmbeddedOptions, EmbeddedStore};
-use crate::store::{Compare, CompareTarget, CmpOp, Op, OpResult, Store, Txn, WatchEvent, conformance};
+use crate::store::{
+    CmpOp, Compare, CompareTarget, Op, OpResult, Store, Txn, WatchEvent, conformance,
+};
 
 fn temp_store() -> (TempDir, Arc<EmbeddedStore>) {
     temp_store_with(EmbeddedOptions::default())
@@ -59,7 +61,10 @@ async fn data_revision_and_leases_survive_close_and_reopen() {
     assert_eq!(store.get("a").await.unwrap().unwrap().value, b"1");
     let kv = store.get("leased").await.unwrap().unwrap();
     assert_eq!((kv.lease, kv.mod_revision), (lease, rev));
-    store.lease_keep_alive(lease).await.expect("lease survives reopen");
+    store
+        .lease_keep_alive(lease)
+        .await
+        .expect("lease survives reopen");
     let next = store.lease_grant(Duration::from_secs(60)).await.unwrap();
     assert!(next > lease, "lease ids are not reused");
     assert_eq!(store.put("c", b"3".to_vec()).await.unwrap(), rev + 1);
@@ -71,7 +76,10 @@ async fn data_revision_and_leases_survive_close_and_reopen() {
         store.watch("", rev).await,
         Err(Error::FailedPrecondition(_))
     ));
-    store.watch("", rev + 1).await.expect("watch from after the reopen");
+    store
+        .watch("", rev + 1)
+        .await
+        .expect("watch from after the reopen");
     drop(store);
     // Dropping the last handle closes the file too.
     let store = EmbeddedStore::open(&path).expect("reopen after drop");
@@ -98,8 +106,15 @@ async fn leased_keys_expire_after_reopen() {
     store.close().await.unwrap();
     let store = EmbeddedStore::open(&path).unwrap();
     let mut rx = store.watch("k", 0).await.unwrap();
-    let e = timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap().unwrap();
-    assert!(matches!(e, WatchEvent::Delete { ref key, .. } if key == "k"), "{e:?}");
+    let e = timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(e, WatchEvent::Delete { ref key, .. } if key == "k"),
+        "{e:?}"
+    );
     assert_not_found(store.lease_keep_alive(lease).await);
 }
 
@@ -126,7 +141,10 @@ async fn concurrent_writes_share_commits() {
             let store = store.clone();
             tokio::spawn(async move {
                 for j in 0..4 {
-                    store.put(&format!("k/{i}/{j}"), vec![0; 200]).await.unwrap();
+                    store
+                        .put(&format!("k/{i}/{j}"), vec![0; 200])
+                        .await
+                        .unwrap();
                 }
             })
         })
@@ -209,14 +227,21 @@ async fn slow_watcher_gets_an_error_and_old_history_is_compacted() {
     let rev = store.revision().await.unwrap();
     let mut w = store.watch("k", rev - 2).await.unwrap();
     for _ in 0..3 {
-        timeout(Duration::from_secs(5), w.recv()).await.unwrap().unwrap().unwrap();
+        timeout(Duration::from_secs(5), w.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }
 
 #[tokio::test]
 async fn bad_input_is_rejected_not_panicked_on() {
     let (_dir, store) = temp_store();
-    assert!(matches!(store.put("", vec![]).await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        store.put("", vec![]).await,
+        Err(Error::InvalidArgument(_))
+    ));
     assert!(matches!(
         store.put("big", vec![0; 2 * 1024 * 1024]).await,
         Err(Error::ResourceExhausted(_))
@@ -225,7 +250,10 @@ async fn bad_input_is_rejected_not_panicked_on() {
         store.lease_grant(Duration::ZERO).await,
         Err(Error::InvalidArgument(_))
     ));
-    assert!(matches!(store.watch("", -5).await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        store.watch("", -5).await,
+        Err(Error::InvalidArgument(_))
+    ));
     assert!(store.get(&"x".repeat(100_000)).await.unwrap().is_none());
     store.health().await.unwrap();
 }
@@ -287,7 +315,8 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         (0..6u8, any::<u8>()).prop_map(|(k, v)| Step::Put(k, v)),
         (0..6u8).prop_map(Step::Delete),
-        (0..6u8, 0..4i64, 0..6u8, any::<u8>()).prop_map(|(k, v, o, x)| Step::CasVersion(k, v, o, x)),
+        (0..6u8, 0..4i64, 0..6u8, any::<u8>())
+            .prop_map(|(k, v, o, x)| Step::CasVersion(k, v, o, x)),
         (0..6u8, any::<u8>(), any::<u8>()).prop_map(|(k, b, x)| Step::CasValueLess(k, b, x)),
     ]
 }
@@ -335,12 +364,28 @@ fn model_ops(model: &mut Model, rev: i64, ops: &[Op]) -> (Vec<OpResult>, bool) {
 fn to_txn(s: &Step, model: &Model) -> (Txn, bool) {
     let get = |k: u8| Op::Get { key: key(k) };
     match s {
-        Step::Put(k, v) => (Txn { success: vec![Op::put(key(*k), vec![*v])], ..Txn::default() }, true),
-        Step::Delete(k) => (Txn { success: vec![Op::delete(key(*k))], ..Txn::default() }, true),
+        Step::Put(k, v) => (
+            Txn {
+                success: vec![Op::put(key(*k), vec![*v])],
+                ..Txn::default()
+            },
+            true,
+        ),
+        Step::Delete(k) => (
+            Txn {
+                success: vec![Op::delete(key(*k))],
+                ..Txn::default()
+            },
+            true,
+        ),
         Step::CasVersion(k, v, o, x) => {
             let holds = model.get(&key(*k)).map_or(0, |e| e.3) == *v;
             let t = Txn {
-                compares: vec![Compare { key: key(*k), op: CmpOp::Equal, target: CompareTarget::Version(*v) }],
+                compares: vec![Compare {
+                    key: key(*k),
+                    op: CmpOp::Equal,
+                    target: CompareTarget::Version(*v),
+                }],
                 success: vec![Op::put(key(*k), vec![*x]), get(*k)],
                 failure: vec![Op::delete(key(*o)), get(*o)],
             };
@@ -350,7 +395,11 @@ fn to_txn(s: &Step, model: &Model) -> (Txn, bool) {
             let cur = model.get(&key(*k)).map_or(Vec::new(), |e| e.0.clone());
             let holds = cur < vec![*b];
             let t = Txn {
-                compares: vec![Compare { key: key(*k), op: CmpOp::Less, target: CompareTarget::Value(vec![*b]) }],
+                compares: vec![Compare {
+                    key: key(*k),
+                    op: CmpOp::Less,
+                    target: CompareTarget::Value(vec![*b]),
+                }],
                 success: vec![Op::put(key(*k), vec![*x]), get(*k)],
                 failure: vec![get(*k)],
             };

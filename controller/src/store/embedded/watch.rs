@@ -130,9 +130,7 @@ impl WatchHub {
         let seen = self.published.subscribe();
         let hub = Arc::clone(self);
         let prefix = prefix.to_string();
-        tokio::spawn(
-            async move { hub.run_watch(prefix, next, tx, seen).await }.in_current_span(),
-        );
+        tokio::spawn(async move { hub.run_watch(prefix, next, tx, seen).await }.in_current_span());
         Ok(rx)
     }
 

@@ -23,9 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
 use super::lease::{lock, ttl_millis};
-use super::record::{
-    KV, LEASES, META, META_NEXT_LEASE, META_REVISION, Record, storage_err,
-};
+use super::record::{KV, LEASES, META, META_NEXT_LEASE, META_REVISION, Record, storage_err};
 use crate::store::{
     CmpOp, Compare, CompareTarget, LeaseId, Op, OpResult, Txn, TxnResponse, WatchEvent,
 };
@@ -206,10 +204,13 @@ impl Writer {
         }
         self.revision = outcome.revision;
         self.next_lease = outcome.next_lease;
-        self.shared.revision.store(outcome.revision, Ordering::Release);
+        // Ring first: a reader of `revision()` then finds that revision's events in the ring.
         if !outcome.events.is_empty() {
             self.shared.hub.publish(outcome.events, outcome.revision);
         }
+        self.shared
+            .revision
+            .store(outcome.revision, Ordering::Release);
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
         self.shared.txns.fetch_add(outcome.txns, Ordering::Relaxed);
     }
@@ -358,7 +359,10 @@ impl<'t> Batch<'t> {
                     continue;
                 }
                 let write = match &t.current {
-                    Some(r) => self.kv.insert(key.as_str(), r.encode().as_slice()).map(drop),
+                    Some(r) => self
+                        .kv
+                        .insert(key.as_str(), r.encode().as_slice())
+                        .map(drop),
                     None => self.kv.remove(key.as_str()).map(drop),
                 };
                 write.map_err(|e| storage_err("write", e))?;

@@ -1,1 +1,222 @@
-fn main() {}
+//! `scabbard-bench`: measures the control plane end to end on loopback — a controller on
+//! the embedded store (durable: every transition is committed before it is acknowledged)
+//! and N workers, each with its own gRPC session, all in this process.
+//!
+//! * throughput: submit `--tasks` tasks from `--concurrency` concurrent clients and time
+//!   first submit → last final state (observed through `TaskService.Watch`).
+//! * latency: `--latency-samples` tasks one at a time on an idle cluster; submit→start
+//!   (RUNNING event) and submit→finish (final event) p50/p99.
+//!
+//! Run: `cargo run --release -p scabbard-bench -- --kind noop` (or `--kind shell`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use scabbard_common::client::{self, TaskServiceClient};
+use scabbard_common::proto::{
+    NoopTask, ShellTask, SubmitTaskRequest, TaskSpec, TaskState, WatchTasksRequest,
+    task_spec::Kind,
+};
+use scabbard_common::is_final;
+use tokio::sync::{Mutex, mpsc};
+
+#[derive(Parser, Debug)]
+#[command(about = "Scabbard control-plane benchmark")]
+struct Args {
+    /// `noop` (control plane alone) or `shell` (`true` as a host process).
+    #[arg(long, default_value = "noop")]
+    kind: String,
+    /// Tasks in the throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    /// Concurrent submitting clients.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Worker count.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Slots per worker.
+    #[arg(long, default_value_t = 256)]
+    slots: u32,
+    /// Sequential tasks for the latency run.
+    #[arg(long, default_value_t = 500)]
+    latency_samples: usize,
+    /// Data directory (default: a temporary one).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+}
+
+fn spec(kind: &str) -> TaskSpec {
+    TaskSpec {
+        kind: Some(match kind {
+            "shell" => Kind::Shell(ShellTask { command: vec!["true".into()] }),
+            _ => Kind::Noop(NoopTask {}),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Times at which this client saw each task start and finish.
+#[derive(Default)]
+struct Seen {
+    started: HashMap<String, Instant>,
+    finished: HashMap<String, Instant>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if !matches!(args.kind.as_str(), "noop" | "shell") {
+        bail!("--kind must be noop or shell");
+    }
+    let temp = tempfile::tempdir()?;
+    let dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    let token = "bench-registration-token-0123456789".to_string();
+    let ctl = scabbard_controller::spawn(scabbard_controller::ControllerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.join("controller"),
+        registration_token: token.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let addr = ctl.addr.to_string();
+    let stop = tokio_util::sync::CancellationToken::new();
+    for i in 0..args.workers {
+        let cfg = scabbard_worker::WorkerConfig {
+            controller: addr.clone(),
+            registration_token: token.clone(),
+            name: format!("bench-{i}"),
+            slots: args.slots,
+            data_dir: dir.join(format!("worker-{i}")),
+            ..Default::default()
+        };
+        tokio::spawn(scabbard_worker::run(cfg, stop.child_token()));
+    }
+    let channel = client::connect(&addr).await?;
+    // Wait for the workers to attach.
+    let mut admin = client::AdminServiceClient::new(channel.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let agents = admin.list_agents(scabbard_common::proto::ListAgentsRequest {}).await?.into_inner().agents;
+        if agents.iter().filter(|a| a.status == 1).count() == args.workers {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("workers did not attach");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    println!(
+        "scabbard-bench: kind={} workers={} slots={} (embedded store, durable commits, loopback)",
+        args.kind, args.workers, args.slots
+    );
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+    watch_all(channel.clone(), seen.clone(), done_tx).await?;
+
+    // Latency: one at a time on an idle cluster.
+    let mut tasks = TaskServiceClient::new(channel.clone());
+    let mut to_start = Vec::new();
+    let mut to_finish = Vec::new();
+    for _ in 0..args.latency_samples {
+        let t0 = Instant::now();
+        let id = submit(&mut tasks, &args.kind).await?;
+        done_rx.recv().await.context("watch ended")?;
+        let s = seen.lock().await;
+        let (Some(st), Some(fin)) = (s.started.get(&id), s.finished.get(&id)) else {
+            continue;
+        };
+        to_start.push(st.duration_since(t0));
+        to_finish.push(fin.duration_since(t0));
+    }
+    report("submit→start ", &mut to_start);
+    report("submit→finish", &mut to_finish);
+
+    // Throughput.
+    let per_client = args.tasks / args.concurrency.max(1);
+    let total = per_client * args.concurrency.max(1);
+    let t0 = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..args.concurrency.max(1) {
+        let mut c = TaskServiceClient::new(channel.clone());
+        let kind = args.kind.clone();
+        clients.push(tokio::spawn(async move {
+            for _ in 0..per_client {
+                submit(&mut c, &kind).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for c in clients {
+        c.await??;
+    }
+    let submitted = t0.elapsed();
+    for _ in 0..total {
+        done_rx.recv().await.context("watch ended")?;
+    }
+    let elapsed = t0.elapsed();
+    println!(
+        "throughput: {total} tasks in {:.2}s = {:.0} tasks/s end to end (submits alone: {:.0}/s)",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        total as f64 / submitted.as_secs_f64()
+    );
+    stop.cancel();
+    ctl.shutdown.cancel();
+    let _ = ctl.task.await;
+    Ok(())
+}
+
+async fn submit(c: &mut TaskServiceClient<tonic::transport::Channel>, kind: &str) -> Result<String> {
+    let r = c
+        .submit(SubmitTaskRequest { spec: Some(spec(kind)), idempotency_key: String::new() })
+        .await?
+        .into_inner();
+    Ok(r.task.context("no task")?.id)
+}
+
+/// Follows every task event; signals one `()` per task that reaches a final state.
+async fn watch_all(
+    channel: tonic::transport::Channel,
+    seen: Arc<Mutex<Seen>>,
+    done: mpsc::UnboundedSender<()>,
+) -> Result<()> {
+    let mut stream = TaskServiceClient::new(channel)
+        .watch(WatchTasksRequest { ids: vec![], send_initial: false })
+        .await?
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(ev)) = stream.message().await {
+            let Some(t) = ev.task else { continue };
+            let now = Instant::now();
+            let mut s = seen.lock().await;
+            if t.state() == TaskState::Running || is_final(t.state()) {
+                s.started.entry(t.id.clone()).or_insert(now);
+            }
+            if is_final(t.state()) && s.finished.insert(t.id.clone(), now).is_none() {
+                let _ = done.send(());
+            }
+        }
+        eprintln!("watch stream ended");
+    });
+    Ok(())
+}
+
+fn report(what: &str, samples: &mut [Duration]) {
+    if samples.is_empty() {
+        println!("{what}: no samples");
+        return;
+    }
+    samples.sort();
+    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    println!(
+        "{what}: p50 {:.2} ms  p99 {:.2} ms  (n={})",
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        samples.len()
+    );
+}

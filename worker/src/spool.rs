@@ -124,8 +124,10 @@ impl Spool {
         Ok(())
     }
 
-    /// Records the attempt's result and waits until it is on disk. Closes the attempt's file;
-    /// it stays readable until [`Spool::remove`].
+    /// Records the attempt's result (written to the OS, like every record: it survives the
+    /// worker process dying; a machine crash loses only unacknowledged attempts, which the
+    /// controller requeues after the agent's lease). Closes the attempt's file; it stays
+    /// readable until [`Spool::remove`].
     pub fn finish(&self, finished: &proto::Finished) -> Result<()> {
         let key = (finished.task_id.clone(), finished.fencing_token);
         let attempt = self.attempt(&key.0, key.1)?;
@@ -139,10 +141,7 @@ impl Spool {
             }
             attempt.write(TAG_FINISHED, finished)?;
             attempt.finished = true;
-            attempt.file.sync_data()?;
         }
-        // The file may have been created since the directory was last synced.
-        File::open(&self.dir)?.sync_all()?;
         lock(&self.open).remove(&key);
         Ok(())
     }

@@ -1,5 +1,5 @@
 //! Serving `TaskService.Logs`: reads an attempt's log from the log store and, with
-//! `follow`, waits for more until the attempt is sealed — moving on to the next attempt
+//! `follow`, waits for more until the attempt has ended — moving on to the next attempt
 //! when the task was requeued and the caller follows the latest one.
 
 use std::sync::Arc;
@@ -57,6 +57,7 @@ impl Follower {
                 continue;
             }
             let mut pos = self.logs.subscribe(&self.task_id, self.attempt);
+            let mut finished = false;
             loop {
                 let chunks = self.logs.read(&self.task_id, self.attempt, self.seq, PAGE).await?;
                 let n = chunks.len();
@@ -69,15 +70,27 @@ impl Follower {
                 if n == PAGE {
                     continue;
                 }
+                if finished || !self.follow {
+                    break;
+                }
                 let p = *pos.borrow_and_update();
                 if p.sealed && self.seq >= p.next_seq {
                     break;
                 }
-                if !self.follow {
-                    return Ok(());
+                // Every chunk of an attempt is stored before its end is recorded, so once
+                // the task shows the attempt ended, one more read completes the log.
+                let task = self.task().await?;
+                if task
+                    .attempts
+                    .get(self.attempt as usize - 1)
+                    .is_some_and(|a| a.result.is_some())
+                {
+                    finished = true;
+                    continue;
                 }
                 tokio::select! {
                     r = pos.changed() => if r.is_err() { return Ok(()) },
+                    r = self.wait_task_event(&mut events) => r?,
                     _ = tx.closed() => return Ok(()),
                 }
             }

@@ -342,28 +342,20 @@ impl State {
         }
         let mut effects: Vec<Effect> = Vec::new();
         if let Some(tx) = tx {
-            // Seal the log (fsync) before the worker may drop its spool.
+            effects.push(agent_effect(tx, ack(false)));
+        }
+        if f.log_chunks > 0 {
+            // Flush the finished log to disk and release its file, off the hot path.
             let logs = self.logs.clone();
             let task_id = f.task_id.clone();
-            let msg = ack(false);
             effects.push(Box::new(move |r| {
                 if r.is_ok() {
                     tokio::spawn(async move {
                         if let Err(e) = logs.seal(&task_id, attempt).await {
-                            tracing::warn!(task = %task_id, error = %e, "sealing the log failed; not acking");
-                            return;
+                            tracing::warn!(task = %task_id, error = %e, "sealing the log failed");
                         }
-                        let _ = tx.try_send(msg);
                     });
                 }
-            }));
-        } else {
-            let logs = self.logs.clone();
-            let task_id = f.task_id.clone();
-            effects.push(Box::new(move |_| {
-                tokio::spawn(async move {
-                    let _ = logs.seal(&task_id, attempt).await;
-                });
             }));
         }
         self.persist_task(&task, effects).await;

@@ -1,5 +1,7 @@
 //! Tests of the log store against a real directory.
 
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::time::Duration;
 
 use super::*;

@@ -31,8 +31,11 @@ const CHUNK_SIZE: usize = 64 * 1024;
 /// Once the group is dead, a pipe that stays silent this long is held by an escaped
 /// process: stop reading it.
 const DRAIN_IDLE: Duration = Duration::from_millis(200);
-/// Once the group is dead, stop reading output after this long whatever happens.
-const DRAIN_MAX: Duration = Duration::from_secs(10);
+/// Once the group is dead, at most this much more output is read from a pipe: what was
+/// buffered in it, not what an escaped process keeps writing.
+const DRAIN_MAX_BYTES: usize = 4 << 20;
+/// Last resort against a receiver that neither reads nor goes away.
+const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// How long to wait for the kernel to remove a SIGKILLed group.
 const REAP_WAIT: Duration = Duration::from_secs(5);
 
@@ -198,7 +201,9 @@ impl ShellExecutor {
                 stopped_outcome(Outcome::Cancelled, why, status)
             }
         };
-        wait_group_gone(pgid, Instant::now() + REAP_WAIT).await;
+        if !wait_group_gone(pgid, Instant::now() + REAP_WAIT).await {
+            tracing::warn!(task_id = %ctx.task_id, pgid, "process group still alive after SIGKILL");
+        }
         group.0 = None;
 
         // Everything in the group is dead: what is still in the pipes is read, then a pipe held
@@ -206,6 +211,7 @@ impl ShellExecutor {
         group_dead.cancel();
         for mut pump in pumps {
             if timeout(DRAIN_MAX, &mut pump).await.is_err() {
+                tracing::warn!(task_id = %ctx.task_id, "output receiver stuck: dropping the rest");
                 pump.abort();
             }
         }
@@ -292,12 +298,30 @@ fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
     }
 }
 
-/// Whether any process is left in the group (zombies not yet reaped count).
+/// Whether a live process is left in the group. Zombies do not count: they hold nothing,
+/// and an init that reaps orphans slowly (as in some containers) must not delay us.
 fn group_alive(pgid: libc::pid_t) -> bool {
     // SAFETY: signal 0 only checks for existence; no memory is involved.
     #[allow(unsafe_code)]
     let rc = unsafe { libc::kill(-pgid, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    if rc == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return false;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    procs.flatten().any(|entry| {
+        // `pid (comm) state ppid pgrp ...`; comm may contain anything, even ')'.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        let mut fields = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace();
+        let (state, pgrp) = (fields.next(), fields.nth(1));
+        state != Some("Z") && pgrp.and_then(|p| p.parse().ok()) == Some(pgid)
+    })
 }
 
 /// Polls until the group is empty or `deadline` passes; true if it is gone.
@@ -307,7 +331,6 @@ async fn wait_group_gone(pgid: libc::pid_t, deadline: Instant) -> bool {
             return true;
         }
         if Instant::now() >= deadline {
-            tracing::warn!(pgid, "process group still alive");
             return false;
         }
         sleep(Duration::from_millis(10)).await;
@@ -323,8 +346,12 @@ async fn pump(
 ) {
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut receiver_gone = false;
+    let mut after_death = 0;
     loop {
         let read = if group_dead.is_cancelled() {
+            if after_death >= DRAIN_MAX_BYTES {
+                break;
+            }
             match timeout(DRAIN_IDLE, pipe.read(&mut buf)).await {
                 Ok(read) => read,
                 Err(_) => break,
@@ -339,6 +366,9 @@ async fn pump(
         match read {
             Ok(0) => break,
             Ok(n) => {
+                if group_dead.is_cancelled() {
+                    after_death += n;
+                }
                 // Keep reading after the receiver is gone so the child never blocks on a full pipe.
                 if !receiver_gone {
                     let chunk = OutputChunk {

@@ -258,13 +258,33 @@ async fn bad_input_is_rejected_not_panicked_on() {
     store.health().await.unwrap();
 }
 
+/// How the benchmark picks keys.
+#[derive(Debug, Clone, Copy)]
+enum KeyLayout {
+    /// Each writer appends under its own prefix: every txn of a batch touches its own leaf.
+    PerWriter,
+    /// Globally increasing keys (ULID-like ids): a batch touches a few leaves.
+    Sequential,
+    /// Updates of random existing keys among 20,000.
+    RandomUpdate,
+}
+
 /// Write throughput with 256 concurrent writers of ~200-byte puts. Run with
 /// `cargo test --release -p scabbard-controller throughput -- --ignored --nocapture`.
 #[test]
 #[ignore = "benchmark; run in release mode"]
 fn throughput_256_writers() {
-    const WRITERS: usize = 256;
-    const PER_WRITER: usize = 800;
+    for layout in [
+        KeyLayout::Sequential,
+        KeyLayout::RandomUpdate,
+        KeyLayout::PerWriter,
+    ] {
+        bench(layout, 256, 400);
+    }
+}
+
+fn bench(layout: KeyLayout, writers: usize, per_writer: usize) {
+    use std::sync::atomic::{AtomicU64, Ordering};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -272,13 +292,39 @@ fn throughput_256_writers() {
         .unwrap();
     rt.block_on(async {
         let (_dir, store) = temp_store();
+        const UPDATE_KEYS: u64 = 20_000;
+        if let KeyLayout::RandomUpdate = layout {
+            for chunk in 0..UPDATE_KEYS / 1000 {
+                let ops = (chunk * 1000..(chunk + 1) * 1000)
+                    .map(|i| Op::put(format!("bench/{i:08}"), vec![b'x'; 200]))
+                    .collect();
+                store
+                    .txn(Txn {
+                        success: ops,
+                        ..Txn::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+        let counter = Arc::new(AtomicU64::new(0));
+        let before = store.stats();
         let start = Instant::now();
-        let tasks: Vec<_> = (0..WRITERS)
+        let tasks: Vec<_> = (0..writers)
             .map(|w| {
                 let store = store.clone();
+                let counter = counter.clone();
                 tokio::spawn(async move {
-                    for i in 0..PER_WRITER {
-                        let key = format!("bench/{w:03}/{i:05}");
+                    for i in 0..per_writer {
+                        let key = match layout {
+                            KeyLayout::PerWriter => format!("bench/{w:03}/{i:06}"),
+                            KeyLayout::Sequential => {
+                                format!("bench/{:012}", counter.fetch_add(1, Ordering::Relaxed))
+                            }
+                            KeyLayout::RandomUpdate => {
+                                format!("bench/{:08}", rand::random_range(0..UPDATE_KEYS))
+                            }
+                        };
                         store.put(&key, vec![b'x'; 200]).await.unwrap();
                     }
                 })
@@ -288,13 +334,13 @@ fn throughput_256_writers() {
             t.await.unwrap();
         }
         let elapsed = start.elapsed();
-        let stats = store.stats();
-        let n = (WRITERS * PER_WRITER) as f64;
+        let after = store.stats();
+        let (txns, commits) = (after.txns - before.txns, after.commits - before.commits);
         println!(
-            "{n} txns in {elapsed:?}: {:.0} txns/s, {} commits ({:.1} txns/commit)",
-            n / elapsed.as_secs_f64(),
-            stats.commits,
-            stats.txns as f64 / stats.commits.max(1) as f64
+            "{layout:?}: {txns} txns in {elapsed:.2?}: {:.0} txns/s, {commits} commits \
+             ({:.1} txns/commit)",
+            txns as f64 / elapsed.as_secs_f64(),
+            txns as f64 / commits.max(1) as f64
         );
         store.close().await.unwrap();
     });

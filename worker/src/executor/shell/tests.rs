@@ -377,3 +377,55 @@ async fn an_unusable_work_root_is_an_infrastructure_failure() {
     assert_eq!(outcome.outcome, Outcome::Failed);
     assert_eq!(outcome.error_class, ErrorClass::Infrastructure);
 }
+
+#[tokio::test]
+async fn a_dropped_receiver_does_not_block_the_task() {
+    let root = tempfile::tempdir().unwrap();
+    let (tx, rx) = mpsc::channel(1);
+    drop(rx);
+    let spec = spec(&["sh", "-c", "head -c 1000000 /dev/zero; echo done >&2"]);
+    let exec = ShellExecutor::new();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        exec.run(ctx(root.path()), &spec, tx, CancellationToken::new()),
+    )
+    .await
+    .expect("finished in time");
+    assert_eq!(outcome, ExecOutcome::succeeded());
+}
+
+/// Set in the helper process of `worker_death_kills_the_direct_child`: the pid file to use.
+const HELPER_ENV: &str = "SCABBARD_TEST_PDEATHSIG_PID_FILE";
+
+#[tokio::test]
+async fn worker_death_kills_the_direct_child() {
+    if let Some(pid_file) = std::env::var_os(HELPER_ENV) {
+        // Helper mode: play a worker running a long task until killed.
+        let root = tempfile::tempdir().unwrap();
+        let mut spec = spec(&["sh", "-c", "echo $$ > \"$PID_FILE\"; exec sleep 100"]);
+        spec.env = HashMap::from([("PID_FILE".into(), pid_file.to_string_lossy().into_owned())]);
+        run(&spec, root.path(), CancellationToken::new()).await;
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("child.pid");
+    let name = module_path!().split_once("::").map_or("", |(_, path)| path);
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            &format!("{name}::worker_death_kills_the_direct_child"),
+        ])
+        .env(HELPER_ENV, &pid_file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&pid_file).map_or(true, |m| m.len() == 0) {
+        assert!(Instant::now() < deadline, "helper never started the task");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = read_pid(&pid_file);
+    helper.kill().unwrap(); // SIGKILL: no cleanup code runs in the helper.
+    helper.wait().unwrap();
+    assert_gone_soon(pid).await;
+}

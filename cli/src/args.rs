@@ -107,6 +107,9 @@ pub(crate) struct WorkerArgs {
     /// Data directory (identity, spool, work dirs).
     #[arg(long, env = "SCABBARD_WORKER_DATA_DIR")]
     pub(crate) data_dir: Option<PathBuf>,
+    /// On SIGTERM, how long running tasks may take to finish before the worker exits.
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub(crate) shutdown_grace: Option<std::time::Duration>,
 }
 
 #[derive(Args, Debug)]

@@ -74,8 +74,13 @@ impl Proc {
 
     /// SIGTERM, then wait up to `deadline` for exit (SIGKILL after).
     pub fn terminate(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(deadline)
+    }
+
+    /// Waits up to `deadline` for the process to exit by itself (SIGKILL after).
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        send_signal(c.id() as i32, libc::SIGTERM);
         let end = Instant::now() + deadline;
         while Instant::now() < end {
             if let Ok(Some(st)) = c.try_wait() {

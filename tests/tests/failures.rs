@@ -159,3 +159,32 @@ async fn controller_restart_keeps_tasks_results_and_logs() -> anyhow::Result<()>
     assert_eq!(logs(&mut tasks, &queued, 0, false).await?, "later\n");
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_lets_running_tasks_finish_and_takes_no_new_work() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = Controller::start(&dir.path().join("c"), free_port(), &ControllerOpts::default())?;
+    let addr = c.addr.to_string();
+    let mut w = Worker::start(&addr, &dir.path().join("w"), "w", 2)?;
+    let mut tasks = tasks_client(&addr).await?;
+    let id = submit(&mut tasks, shell("echo start; sleep 1.5; echo end")).await?;
+    wait_state(&mut tasks, &id, Some(TaskState::Running), T).await?;
+    w.proc.signal(libc::SIGTERM);
+    let mut admin = scabbard_common::client::AdminServiceClient::new(client::connect(&addr).await?);
+    eventually("the agent to be draining", T, || {
+        let mut admin = admin.clone();
+        async move {
+            let agents = admin.list_agents(scabbard_common::proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
+            agents.first()?.draining.then_some(())
+        }
+    })
+    .await?;
+    let later = submit(&mut tasks, shell("echo later")).await?;
+    let t = wait_state(&mut tasks, &id, None, T).await?;
+    assert_eq!(t.state(), TaskState::Succeeded, "{t:?}");
+    assert_eq!(logs(&mut tasks, &id, 0, false).await?, "start\nend\n");
+    let status = w.proc.wait_exit(Duration::from_secs(20)).expect("worker exited");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(get(&mut tasks, &later).await?.state(), TaskState::Queued, "a stopping worker takes no new work");
+    Ok(())
+}

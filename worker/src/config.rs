@@ -30,6 +30,9 @@ pub struct WorkerConfig {
     pub default_task_timeout_ms: u64,
     /// Longest wait between reconnect attempts (milliseconds).
     pub max_reconnect_backoff_ms: u64,
+    /// On shutdown, how long running tasks may take to finish and report (milliseconds);
+    /// after that the worker exits and its tasks are requeued by the controller.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -44,6 +47,7 @@ impl Default for WorkerConfig {
             work_dir: None,
             default_task_timeout_ms: 3_600_000,
             max_reconnect_backoff_ms: 10_000,
+            shutdown_grace_ms: 600_000,
         }
     }
 }

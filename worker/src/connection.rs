@@ -37,10 +37,13 @@ pub(crate) struct Connection {
     pub(crate) runner: Arc<Runner>,
     pub(crate) outbox: mpsc::Receiver<AgentMessage>,
     pub(crate) draining: bool,
+    /// Set once shutdown was asked: finish what runs, then stop (or at this instant).
+    pub(crate) stop_at: Option<tokio::time::Instant>,
 }
 
 impl Connection {
-    /// Connects, serves and reconnects until `shutdown`.
+    /// Connects, serves and reconnects until `shutdown`; then takes no new work, lets
+    /// running attempts finish and report (up to the configured grace), and returns.
     pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         let backoff = Backoff {
             max: self.cfg.max_backoff(),
@@ -49,6 +52,9 @@ impl Connection {
         let mut failures = 0u32;
         loop {
             let (end, welcomed) = self.session(&shutdown).await;
+            if self.stopping_done() {
+                return Ok(());
+            }
             match end {
                 End::Shutdown => return Ok(()),
                 End::Reregister(why) => {
@@ -69,11 +75,31 @@ impl Connection {
             loop {
                 tokio::select! {
                     _ = &mut sleep => break,
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = shutdown.cancelled(), if self.stop_at.is_none() => self.begin_stop(),
                     m = self.outbox.recv() => if m.is_none() { return Ok(()) },
+                }
+                if self.stopping_done() {
+                    return Ok(());
                 }
             }
         }
+    }
+
+    fn begin_stop(&mut self) {
+        let grace = Duration::from_millis(self.cfg.shutdown_grace_ms);
+        info!(
+            running = self.runner.running(),
+            grace_s = grace.as_secs(),
+            "shutting down: no new work; waiting for running tasks to finish and report"
+        );
+        self.draining = true;
+        self.stop_at = Some(tokio::time::Instant::now() + grace);
+    }
+
+    /// Shutdown was asked and either everything has reported or the grace is over.
+    fn stopping_done(&self) -> bool {
+        self.stop_at
+            .is_some_and(|at| self.runner.is_idle() || tokio::time::Instant::now() >= at)
     }
 
     async fn identity(&self) -> Result<Identity> {
@@ -177,8 +203,17 @@ impl Connection {
         let hb = Duration::from_millis(welcome.heartbeat_interval_ms.max(50));
         let mut ticker = tokio::time::interval(hb);
         loop {
+            if self.stopping_done() {
+                return (End::Shutdown, true);
+            }
+            let stop_at = self.stop_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
             let step = tokio::select! {
-                _ = shutdown.cancelled() => return (End::Shutdown, true),
+                _ = shutdown.cancelled(), if self.stop_at.is_none() => {
+                    self.begin_stop();
+                    let free = self.runner.slots.saturating_sub(self.runner.running());
+                    pump.send(agent_message::Msg::Heartbeat(Heartbeat { free_slots: free, draining: true })).await
+                }
+                _ = tokio::time::sleep_until(stop_at) => return (End::Shutdown, true),
                 m = self.outbox.recv() => match m {
                     Some(m) => pump.outgoing(m).await,
                     None => return (End::Shutdown, true),
@@ -190,7 +225,7 @@ impl Connection {
                 },
                 _ = ticker.tick() => {
                     let free = self.runner.slots.saturating_sub(self.runner.running());
-                    pump.send(agent_message::Msg::Heartbeat(Heartbeat { free_slots: free })).await
+                    pump.send(agent_message::Msg::Heartbeat(Heartbeat { free_slots: free, draining: self.draining })).await
                 }
             };
             if let Err(e) = step {

@@ -22,7 +22,8 @@ use tracing::info;
 
 pub use config::WorkerConfig;
 
-/// Runs a worker until `shutdown` is cancelled.
+/// Runs a worker until `shutdown` is cancelled and its running attempts have finished and
+/// reported (or `shutdown_grace_ms` passed).
 pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)?;
@@ -53,6 +54,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         runner,
         outbox: outbox_rx,
         draining: false,
+        stop_at: None,
     };
     conn.run(shutdown).await
 }

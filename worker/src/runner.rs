@@ -77,6 +77,11 @@ impl Runner {
             .count() as u32
     }
 
+    /// Whether no attempt is running or waiting for its result to be acknowledged.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Every attempt the controller should hear about in `Hello`.
     pub(crate) fn hello_list(&self) -> Vec<RunningAttempt> {
         self.lock()

@@ -33,10 +33,10 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         name: "dev-worker".into(),
         slots: a.slots,
         data_dir: data_dir.join("worker"),
+        shutdown_grace_ms: 3_000,
         ..WorkerConfig::default()
     };
-    let worker_stop = shutdown.child_token();
-    let worker = tokio::spawn(scabbard_worker::run(worker_cfg, worker_stop));
+    let worker = tokio::spawn(scabbard_worker::run(worker_cfg, shutdown.clone()));
     println!(
         "Scabbard dev mode: controller + 1 local worker ({} slots), embedded store",
         a.slots
@@ -51,10 +51,8 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     println!("  grpcurl -plaintext {addr} list");
     println!();
     println!("Ctrl-C stops everything.");
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        r = worker => { r.context("worker task")?.context("worker")?; }
-    }
+    // The worker returns once shutdown was asked and its tasks reported (or on error).
+    worker.await.context("worker task")?.context("worker")?;
     controller.shutdown.cancel();
     controller.task.await.context("controller task")??;
     Ok(0)
@@ -123,6 +121,9 @@ pub(crate) async fn worker(a: WorkerArgs) -> Result<u8> {
     }
     if let Some(d) = a.data_dir {
         cfg.data_dir = d;
+    }
+    if let Some(g) = a.shutdown_grace {
+        cfg.shutdown_grace_ms = g.as_millis() as u64;
     }
     cfg.validate()?;
     let shutdown = super::shutdown_on_signals();

@@ -22,7 +22,8 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
     }
 }
 
-/// A token cancelled on SIGINT or SIGTERM.
+/// A token cancelled on the first SIGINT or SIGTERM (graceful stop); a second signal
+/// exits at once.
 pub(crate) fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
@@ -38,8 +39,14 @@ pub(crate) fn shutdown_on_signals() -> CancellationToken {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::info!("shutting down");
+        tracing::info!("shutting down (signal again to stop at once)");
         t.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
     });
     token
 }

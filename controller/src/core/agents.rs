@@ -173,7 +173,16 @@ impl State {
                 }
             }
             Msg::Finished(f) => self.on_finished(agent_id, f).await,
-            Msg::Heartbeat(_) | Msg::Progress(_) | Msg::Hello(_) | Msg::Log(_) => {}
+            Msg::Heartbeat(h) => {
+                if h.draining
+                    && let Some(a) = agent.stored.agent.as_mut()
+                    && !a.draining
+                {
+                    info!(agent = agent_id, "agent is shutting down: no new work");
+                    a.draining = true;
+                }
+            }
+            Msg::Progress(_) | Msg::Hello(_) | Msg::Log(_) => {}
         }
     }
 

@@ -279,6 +279,9 @@ fn throughput_256_writers() {
         KeyLayout::RandomUpdate,
         KeyLayout::PerWriter,
     ] {
+        if std::env::var("BENCH_LAYOUT").is_ok_and(|l| l != format!("{layout:?}")) {
+            continue;
+        }
         bench(layout, 256, 400);
     }
 }

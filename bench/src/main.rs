@@ -69,6 +69,7 @@ struct Seen {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    scabbard_common::logging::init("warn", false);
     if !matches!(args.kind.as_str(), "noop" | "shell") {
         bail!("--kind must be noop or shell");
     }

@@ -11,7 +11,6 @@ use scabbard_common::proto::{
 };
 use scabbard_common::{Error, Result};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -54,7 +53,10 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let router = router(&cfg, core, logs.clone())?;
     info!(%addr, "controller serving");
-    let incoming = TcpListenerStream::new(listener);
+    // Nagle off on accepted sockets: small stream messages must not wait for delayed ACKs.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)));
     let stop = shutdown.clone();
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         stop.cancelled().await;

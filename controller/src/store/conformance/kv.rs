@@ -1,17 +1,9 @@
 //! Conformance checks of keys, revisions, transactions and ranges.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::time::timeout;
-
-use super::{
-    EVENT_WAIT, SHORT_TTL, assert_delete_event, assert_not_found, assert_put_event, get_op,
-    must_get, next_event, put_leased, txn,
-};
-use crate::store::{
-    CmpOp, Compare, CompareTarget, KeyValue, LeaseId, Op, OpResult, Store, WatchEvent,
-};
+use super::{get_op, must_get, txn};
+use crate::store::{CmpOp, Compare, CompareTarget, KeyValue, Op, OpResult, Store};
 
 /// Put/get/delete and the metadata etcd keeps per key.
 pub async fn put_get_metadata(store: &Arc<dyn Store>, prefix: &str) {
@@ -137,7 +129,8 @@ pub async fn txn_compares(store: &Arc<dyn Store>, prefix: &str) {
         }
     };
     use CmpOp::*;
-    let ints: [(fn(i64) -> CompareTarget, i64); 3] = [
+    type IntTarget = fn(i64) -> CompareTarget;
+    let ints: [(IntTarget, i64); 3] = [
         (CompareTarget::Version, 2),
         (CompareTarget::CreateRevision, create),
         (CompareTarget::ModRevision, modr),

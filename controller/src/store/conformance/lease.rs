@@ -3,16 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::timeout;
+use tokio::time::Instant;
 
 use super::{
-    EVENT_WAIT, SHORT_TTL, assert_delete_event, assert_not_found, assert_put_event, get_op,
-    must_get, next_event, put_leased, txn,
+    SHORT_TTL, assert_delete_event, assert_not_found, must_get, next_event, put_leased, txn,
 };
-use crate::store::{
-    CmpOp, Compare, CompareTarget, KeyValue, LeaseId, Op, OpResult, Store, WatchEvent,
-};
-use tokio::time::Instant;
+use crate::store::{LeaseId, Op, Store, WatchEvent};
 
 /// Revoking a lease deletes exactly its keys (with delete events) and ends the lease.
 pub async fn lease_revoke(store: &Arc<dyn Store>, prefix: &str) {

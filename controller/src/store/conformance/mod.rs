@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scabbard_common::Error;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 
 mod kv;
 mod lease;
@@ -37,10 +37,7 @@ pub use kv::{
 pub use lease::{lease_expiry, lease_keep_alive, lease_revoke, unknown_lease};
 pub use watch::{watch_live, watch_replay};
 
-use super::{
-    CmpOp, Compare, CompareTarget, KeyValue, LeaseId, Op, OpResult, Store, Txn, WatchEvent,
-    WatchStream,
-};
+use super::{Compare, KeyValue, LeaseId, Op, Store, Txn, WatchEvent, WatchStream};
 
 /// How long a check waits for an event that should come promptly.
 pub(super) const EVENT_WAIT: Duration = Duration::from_secs(10);

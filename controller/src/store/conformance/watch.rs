@@ -5,13 +5,8 @@ use std::time::Duration;
 
 use tokio::time::timeout;
 
-use super::{
-    EVENT_WAIT, SHORT_TTL, assert_delete_event, assert_not_found, assert_put_event, get_op,
-    must_get, next_event, put_leased, txn,
-};
-use crate::store::{
-    CmpOp, Compare, CompareTarget, KeyValue, LeaseId, Op, OpResult, Store, WatchEvent,
-};
+use super::{assert_delete_event, assert_put_event, next_event, txn};
+use crate::store::{Op, Store};
 
 /// A watch from now sees puts and deletes under its prefix, in order, and nothing else.
 pub async fn watch_live(store: &Arc<dyn Store>, prefix: &str) {

@@ -1,16 +1,23 @@
 //! The embedded store backend: the [`Store`] trait on a local redb file
 //! (`<data_dir>/state.redb`), for single-controller deployments and tests.
 //!
-//! It owns the database file, the single writer thread (group commit, see `writer`), the lease
-//! table and expiry thread (`lease`), and the in-memory watch history (`watch`). Reads go
-//! straight to redb read transactions. It must not be shared between processes: opening a
-//! file another process holds fails with [`Error::Unavailable`].
+//! It owns the database file and its write-ahead log (`wal`, replayed by `recovery`), the
+//! single writer thread (group commit, see `writer`), the lease table and expiry thread
+//! (`lease`), and the in-memory watch history (`watch`). Reads go straight to redb read
+//! transactions. It must not be shared between processes: opening a file another process
+//! holds fails with [`Error::Unavailable`].
+//!
+//! Durability: a batch of writes is durable once its log frame is synced (or, with
+//! [`EmbeddedOptions::wal`] off, once its redb commit is); callers are answered only then.
 //!
 //! Lifecycle: [`EmbeddedStore::open`] starts the threads; [`EmbeddedStore::close`] (or
 //! dropping the last handle) stops them and closes the file so that it can be reopened.
 
+mod batch;
 mod lease;
 mod record;
+mod recovery;
+mod wal;
 mod watch;
 mod writer;
 
@@ -24,17 +31,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable};
+use redb::{Database, DatabaseError, ReadableDatabase};
 use scabbard_common::{Error, Result};
 use tokio::sync::{mpsc, oneshot};
 
 use self::lease::{LeaseTable, lock, ttl_millis};
 use self::record::{
-    INITIAL_REVISION, KV, LEASES, MAX_KEY_BYTES, MAX_VALUE_BYTES, META, META_NEXT_LEASE,
-    META_REVISION, Record, read_err, storage_err,
+    INITIAL_REVISION, KV, MAX_KEY_BYTES, MAX_VALUE_BYTES, META, META_REVISION, Record, read_err,
+    storage_err,
 };
+use self::wal::Wal;
 use self::watch::WatchHub;
-use self::writer::{Request, Writer};
+use self::writer::{Position, Request, Writer, WriterConfig};
 use super::{KeyValue, LeaseId, Op, RangePage, Store, Txn, TxnResponse, WatchStream};
 
 /// Tuning knobs of an [`EmbeddedStore`]; [`Default`] suits a controller.
@@ -53,6 +61,15 @@ pub struct EmbeddedOptions {
     pub expiry_tick: Duration,
     /// redb page cache size in bytes.
     pub cache_bytes: usize,
+    /// Make batches durable through a write-ahead log (one sequential append and sync per
+    /// batch, redb committed durably at checkpoints). Off: every batch is a durable redb
+    /// commit, which rewrites each B-tree page it touched and is several times slower on
+    /// scattered keys.
+    pub wal: bool,
+    /// Longest time between checkpoints (durable redb commit, then the log is emptied).
+    pub checkpoint_interval: Duration,
+    /// Log size that forces a checkpoint.
+    pub checkpoint_wal_bytes: u64,
 }
 
 impl Default for EmbeddedOptions {
@@ -64,6 +81,9 @@ impl Default for EmbeddedOptions {
             queue: 4096,
             expiry_tick: Duration::from_millis(100),
             cache_bytes: 256 * 1024 * 1024,
+            wal: true,
+            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_wal_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -71,8 +91,10 @@ impl Default for EmbeddedOptions {
 /// Counters of the writer, for tests and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Durable redb commits (one per batch that wrote something).
+    /// Group commits: batches that wrote something, each made durable once.
     pub commits: u64,
+    /// Checkpoints (durable redb commits that emptied the write-ahead log).
+    pub checkpoints: u64,
     /// Store transactions answered (including read-only and failed-compare ones).
     pub txns: u64,
 }
@@ -83,6 +105,7 @@ struct Shared {
     hub: Arc<WatchHub>,
     revision: AtomicI64,
     commits: AtomicU64,
+    checkpoints: AtomicU64,
     txns: AtomicU64,
     /// An `Expire` request is queued and not yet handled.
     expire_pending: AtomicBool,
@@ -120,8 +143,9 @@ impl std::fmt::Debug for EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Opens (creating if absent) the database file at `path` with default options. Blocks
-    /// while the file is opened and the lease index rebuilt: call it at startup.
+    /// Opens (creating if absent) the database file at `path` with default options, replaying
+    /// its write-ahead log (`<path>.wal`) if the last run crashed. Blocks while the file is
+    /// opened, the log replayed and the lease index rebuilt: call it at startup.
     ///
     /// Fails with [`Error::Unavailable`] if another process (or another open handle in this
     /// process) holds the file.
@@ -136,7 +160,26 @@ impl EmbeddedStore {
             .create(path)
             .map_err(|e| open_error(path, e))?;
         let db = Arc::new(db);
-        let loaded = load(&db)?;
+        // The redb lock is held: nobody else touches the log.
+        let wal_path = Wal::path_for(path);
+        let (mut wal, frames) = Wal::open(&wal_path)?;
+        let loaded = recovery::load(&db, frames)?;
+        // Everything in the log is now durable in the database.
+        wal.reset()?;
+        let wal = if options.wal {
+            Some(wal)
+        } else {
+            drop(wal);
+            std::fs::remove_file(&wal_path)
+                .map_err(|e| Error::Unavailable(format!("removing {}: {e}", wal_path.display())))?;
+            None
+        };
+        tracing::debug!(
+            path = %path.display(),
+            revision = loaded.revision,
+            keys = loaded.keys,
+            "opened embedded store"
+        );
         let hub = Arc::new(WatchHub::new(
             loaded.revision,
             loaded.revision <= INITIAL_REVISION,
@@ -148,6 +191,7 @@ impl EmbeddedStore {
             hub,
             revision: AtomicI64::new(loaded.revision),
             commits: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
             txns: AtomicU64::new(0),
             expire_pending: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -157,9 +201,17 @@ impl EmbeddedStore {
             Arc::clone(&db),
             rx,
             Arc::clone(&shared),
-            loaded.revision,
-            loaded.next_lease,
-            options.max_batch,
+            Position {
+                revision: loaded.revision,
+                next_lease: loaded.next_lease,
+                wal_seq: loaded.wal_seq,
+            },
+            WriterConfig {
+                max_batch: options.max_batch,
+                wal,
+                checkpoint_interval: options.checkpoint_interval,
+                checkpoint_wal_bytes: options.checkpoint_wal_bytes,
+            },
         )
         .spawn()?;
         let (stop_tx, stop_rx) = std_mpsc::channel();
@@ -197,6 +249,7 @@ impl EmbeddedStore {
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             commits: self.shared.commits.load(Ordering::Relaxed),
+            checkpoints: self.shared.checkpoints.load(Ordering::Relaxed),
             txns: self.shared.txns.load(Ordering::Relaxed),
         }
     }
@@ -316,64 +369,6 @@ fn open_error(path: &Path, e: DatabaseError) -> Error {
         )),
         e => Error::Unavailable(format!("opening store file {}: {e}", path.display())),
     }
-}
-
-/// What startup reads from the file.
-struct Loaded {
-    revision: i64,
-    next_lease: i64,
-    leases: LeaseTable,
-}
-
-/// Creates the tables if needed and loads counters and leases (each with a fresh TTL), then
-/// rebuilds the lease -> keys index from the key table.
-fn load(db: &Database) -> Result<Loaded> {
-    let wtx = db
-        .begin_write()
-        .map_err(|e| storage_err("begin write", e))?;
-    let loaded = {
-        let open = |e| storage_err("open table", e);
-        let kv = wtx.open_table(KV).map_err(open)?;
-        let meta = wtx.open_table(META).map_err(open)?;
-        let leases_t = wtx.open_table(LEASES).map_err(open)?;
-        let counter = |name: &str, default: i64| -> Result<i64> {
-            Ok(meta
-                .get(name)
-                .map_err(read_err)?
-                .map_or(default, |g| g.value()))
-        };
-        let revision = counter(META_REVISION, INITIAL_REVISION)?;
-        let next_lease = counter(META_NEXT_LEASE, 1)?;
-        let mut leases = LeaseTable::default();
-        let now = Instant::now();
-        for entry in leases_t.iter().map_err(read_err)? {
-            let (id, ttl_ms) = entry.map_err(read_err)?;
-            leases.insert(id.value(), Duration::from_millis(ttl_ms.value()), now);
-        }
-        for entry in kv.iter().map_err(read_err)? {
-            let (key, bytes) = entry.map_err(read_err)?;
-            let rec = Record::decode(key.value(), bytes.value())?;
-            if rec.lease == 0 {
-                continue;
-            }
-            if leases.contains(rec.lease) {
-                leases.move_key(key.value(), 0, rec.lease);
-            } else {
-                tracing::warn!(
-                    key = key.value(),
-                    lease = rec.lease,
-                    "key attached to unknown lease"
-                );
-            }
-        }
-        Loaded {
-            revision,
-            next_lease,
-            leases,
-        }
-    };
-    wtx.commit().map_err(|e| storage_err("commit", e))?;
-    Ok(loaded)
 }
 
 /// Rejects what the writer must never see: empty or oversized keys and values, negative

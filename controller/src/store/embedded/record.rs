@@ -18,6 +18,9 @@ pub(super) const META_REVISION: &str = "revision";
 /// The next lease id to hand out (ids are never reused, even across restarts).
 pub(super) const META_NEXT_LEASE: &str = "next_lease";
 
+/// Sequence number of the last write-ahead log frame applied to the tables.
+pub(super) const META_WAL_SEQ: &str = "wal_seq";
+
 /// Revision of a store that has never been written (as etcd, the first write is revision 2).
 pub(super) const INITIAL_REVISION: i64 = 1;
 

@@ -143,14 +143,12 @@ impl WatchHub {
         }
         let start = ring.events.partition_point(|e| event_revision(e) < next);
         let mut out = Vec::new();
-        let mut scanned = 0;
         let mut last = None;
-        for e in ring.events.range(start..) {
+        for (scanned, e) in ring.events.range(start..).enumerate() {
             let rev = event_revision(e);
             if scanned >= CHUNK && last != Some(rev) {
                 break;
             }
-            scanned += 1;
             last = Some(rev);
             if event_key(e).starts_with(prefix) {
                 out.push(e.clone());

@@ -2,31 +2,32 @@
 //!
 //! Every write (transactions, lease grants, revokes and reaping) is a [`Request`] on one
 //! bounded channel. The writer thread takes whatever is queued (up to `max_batch`), applies it
-//! in order inside ONE redb write transaction, commits durably once, then publishes the watch
-//! events, updates the lease table and answers every caller. Each store transaction is
-//! evaluated against the state left by the earlier ones of its batch and is atomic on its own:
-//! its changes are staged in a scratch map and reach the redb table only if it succeeds.
+//! in order inside ONE redb write transaction, makes it durable once (a synced write-ahead log
+//! frame, then a non-durable redb commit; or a durable redb commit without the log), then
+//! publishes the watch events, updates the lease table and answers every caller (`batch`
+//! applies the requests). Nothing becomes visible to readers before it is durable.
 //!
-//! A storage failure fails the whole batch and stops the writer (redb refuses further writes
-//! after a failed commit; reopening the database repairs it). This module owns the writes and
-//! must not be bypassed: nothing else opens a redb write transaction after startup.
+//! Between batches the writer checkpoints: a durable redb commit, after which the log is
+//! emptied. A storage failure fails the whole batch and stops the writer (redb refuses
+//! further writes after a failed commit; reopening the database repairs it and replays the
+//! log). This module owns the writes and must not be bypassed: nothing else opens a redb
+//! write transaction after startup.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Durability};
 use scabbard_common::{Error, Result};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
-use super::lease::{lock, ttl_millis};
-use super::record::{KV, LEASES, META, META_NEXT_LEASE, META_REVISION, Record, storage_err};
-use crate::store::{
-    CmpOp, Compare, CompareTarget, LeaseId, Op, OpResult, Txn, TxnResponse, WatchEvent,
-};
+use super::batch::{Batch, Outcome};
+use super::lease::lock;
+use super::record::storage_err;
+use super::wal::{MutationLog, Wal};
+use crate::store::{LeaseId, Txn, TxnResponse};
 
 /// A write for the writer thread.
 pub(super) enum Request {
@@ -76,37 +77,56 @@ impl Answer {
     }
 }
 
-/// The writer thread's state: the committed revision and lease counter.
+/// Where the committed state stands.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Position {
+    /// Store revision.
+    pub(super) revision: i64,
+    /// Next lease id.
+    pub(super) next_lease: i64,
+    /// Sequence number of the last batch (its log frame and `META_WAL_SEQ`).
+    pub(super) wal_seq: u64,
+}
+
+/// How the writer batches and makes batches durable.
+pub(super) struct WriterConfig {
+    /// Most requests per batch.
+    pub(super) max_batch: usize,
+    /// The write-ahead log, or `None` to commit every batch durably in redb.
+    pub(super) wal: Option<Wal>,
+    /// Longest time between checkpoints.
+    pub(super) checkpoint_interval: Duration,
+    /// Log size that forces a checkpoint.
+    pub(super) checkpoint_wal_bytes: u64,
+}
+
+/// The writer thread's state.
 pub(super) struct Writer {
     db: Arc<Database>,
     rx: mpsc::Receiver<Request>,
     shared: Arc<Shared>,
-    revision: i64,
-    next_lease: i64,
-    max_batch: usize,
-    wal: Option<std::fs::File>,
-    last_ckpt: Instant,
+    at: Position,
+    config: WriterConfig,
+    last_checkpoint: Instant,
 }
 
 impl Writer {
-    /// A writer continuing from the committed `revision` and `next_lease`.
+    /// A writer continuing from the committed position `at`.
     pub(super) fn new(
         db: Arc<Database>,
         rx: mpsc::Receiver<Request>,
         shared: Arc<Shared>,
-        revision: i64,
-        next_lease: i64,
-        max_batch: usize,
+        at: Position,
+        mut config: WriterConfig,
     ) -> Self {
+        config.max_batch = config.max_batch.max(1);
         Self {
             db,
             rx,
             shared,
-            revision,
-            next_lease,
-            max_batch: max_batch.max(1),
-            wal: None,
-            last_ckpt: Instant::now(),
+            at,
+            config,
+            last_checkpoint: Instant::now(),
         }
     }
 
@@ -118,35 +138,80 @@ impl Writer {
     }
 
     fn run(mut self) {
-        let mut requests = Vec::with_capacity(self.max_batch);
+        let mut requests = Vec::with_capacity(self.config.max_batch);
         while let Some(first) = self.rx.blocking_recv() {
             requests.push(first);
-            while requests.len() < self.max_batch {
+            while requests.len() < self.config.max_batch {
                 match self.rx.try_recv() {
                     Ok(r) => requests.push(r),
                     Err(_) => break,
                 }
             }
             let mut answers = Vec::with_capacity(requests.len());
-            match self.write_batch(requests.drain(..), &mut answers) {
+            let result = self.write_batch(requests.drain(..), &mut answers);
+            let result = match result {
                 Ok(outcome) => {
                     self.publish(outcome);
                     answers.into_iter().for_each(Answer::send);
+                    self.maybe_checkpoint()
                 }
                 Err(e) => {
-                    let msg = format!(
-                        "embedded store writer stopped after a storage failure ({e}); \
-                         restart the controller to reopen and repair the database"
-                    );
-                    tracing::error!("{msg}");
-                    *lock(&self.shared.failure) = Some(msg.clone());
+                    let msg = self.stop(&e);
                     answers.into_iter().for_each(|a| a.fail(&msg));
-                    // Queued requests are dropped with the receiver; their callers see the
-                    // failure message through `Shared::failure`.
                     return;
                 }
+            };
+            if let Err(e) = result {
+                self.stop(&e);
+                return;
             }
         }
+        // Every handle is gone: leave a database that needs no replay.
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!("final checkpoint of the embedded store: {e}");
+        }
+    }
+
+    /// Records a fatal storage failure; queued requests are dropped with the receiver and
+    /// their callers see the message through `Shared::failure`.
+    fn stop(&self, e: &Error) -> String {
+        let msg = format!(
+            "embedded store writer stopped after a storage failure ({e}); the outcome of \
+             in-flight writes is unknown; restart the controller to reopen and repair the \
+             database"
+        );
+        tracing::error!("{msg}");
+        *lock(&self.shared.failure) = Some(msg.clone());
+        msg
+    }
+
+    fn maybe_checkpoint(&mut self) -> Result<()> {
+        let due = self.config.wal.as_ref().is_some_and(|wal| {
+            wal.len() > 0
+                && (wal.len() >= self.config.checkpoint_wal_bytes
+                    || self.last_checkpoint.elapsed() >= self.config.checkpoint_interval)
+        });
+        if due { self.checkpoint() } else { Ok(()) }
+    }
+
+    /// Commits durably in redb everything committed so far, then empties the log.
+    fn checkpoint(&mut self) -> Result<()> {
+        let Some(wal) = self.config.wal.as_mut() else {
+            return Ok(());
+        };
+        if wal.len() == 0 {
+            return Ok(());
+        }
+        // An empty durable commit persists the non-durable commits before it.
+        let wtx = self
+            .db
+            .begin_write()
+            .map_err(|e| storage_err("begin checkpoint", e))?;
+        wtx.commit().map_err(|e| storage_err("checkpoint", e))?;
+        wal.reset()?;
+        self.last_checkpoint = Instant::now();
+        self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Applies `requests` in one redb transaction and commits it (if anything was written).
@@ -155,16 +220,21 @@ impl Writer {
         requests: impl Iterator<Item = Request>,
         answers: &mut Vec<Answer>,
     ) -> Result<Outcome> {
-        let wtx = self
+        let mut wtx = self
             .db
             .begin_write()
             .map_err(|e| storage_err("begin write", e))?;
-        let mut batch = Batch::open(&wtx, &self.shared, self.revision, self.next_lease)?;
+        if self.config.wal.is_some() {
+            // The log frame makes the batch durable; the next checkpoint persists the pages.
+            wtx.set_durability(Durability::None)
+                .map_err(|e| storage_err("set durability", e))?;
+        }
+        let log = self.config.wal.is_some().then(MutationLog::default);
+        let mut batch = Batch::open(&wtx, &self.shared, self.at, log)?;
         for req in requests {
             match req {
                 Request::Txn { txn, reply } => {
                     let r = batch.apply_txn(txn)?;
-                    batch.out.txns += 1;
                     answers.push(Answer::Txn(reply, r));
                 }
                 Request::Grant { ttl, reply } => {
@@ -180,18 +250,15 @@ impl Writer {
         }
         let outcome = batch.finish()?;
         if outcome.dirty {
-            let mut wtx = wtx;
-            wtx.set_durability(redb::Durability::None).unwrap();
-            wtx.commit().map_err(|e| storage_err("commit", e))?;
-            use std::io::Write;
-            let f = self.wal.get_or_insert_with(|| std::fs::OpenOptions::new().create(true).append(true).open("/tmp/proto.wal").unwrap());
-            f.write_all(&vec![7u8; 250 * outcome.txns as usize]).unwrap();
-            f.sync_data().unwrap();
-            if self.last_ckpt.elapsed() > Duration::from_millis(500) {
-                let w = self.db.begin_write().unwrap();
-                w.commit().unwrap();
-                self.last_ckpt = Instant::now();
+            if let (Some(wal), Some(log)) = (self.config.wal.as_mut(), outcome.log.as_ref()) {
+                wal.append(
+                    outcome.at.wal_seq,
+                    outcome.at.revision,
+                    outcome.at.next_lease,
+                    log,
+                )?;
             }
+            wtx.commit().map_err(|e| storage_err("commit", e))?;
         } else {
             wtx.abort().map_err(|e| storage_err("abort", e))?;
         }
@@ -217,309 +284,15 @@ impl Writer {
                 leases.remove(id);
             }
         }
-        self.revision = outcome.revision;
-        self.next_lease = outcome.next_lease;
+        self.at = outcome.at;
         // Ring first: a reader of `revision()` then finds that revision's events in the ring.
         if !outcome.events.is_empty() {
-            self.shared.hub.publish(outcome.events, outcome.revision);
+            self.shared.hub.publish(outcome.events, outcome.at.revision);
         }
         self.shared
             .revision
-            .store(outcome.revision, Ordering::Release);
+            .store(outcome.at.revision, Ordering::Release);
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
         self.shared.txns.fetch_add(outcome.txns, Ordering::Relaxed);
-    }
-}
-
-/// What a batch did, to publish after its commit.
-struct Outcome {
-    dirty: bool,
-    revision: i64,
-    next_lease: i64,
-    granted: HashMap<LeaseId, Duration>,
-    revoked: HashSet<LeaseId>,
-    /// (key, from lease, to lease) in batch order.
-    moves: Vec<(String, LeaseId, LeaseId)>,
-    events: Vec<WatchEvent>,
-    txns: u64,
-}
-
-/// A key touched by the transaction being applied.
-struct Touched {
-    /// Lease of the key before this transaction.
-    base_lease: LeaseId,
-    current: Option<Record>,
-    changed: bool,
-}
-
-/// One batch in progress: the open tables and everything not yet committed.
-struct Batch<'t> {
-    kv: Table<'t, &'static str, &'static [u8]>,
-    leases: Table<'t, i64, u64>,
-    meta: Table<'t, &'static str, i64>,
-    shared: &'t Shared,
-    now: Instant,
-    out: Outcome,
-}
-
-/// Outer `Result`: a storage failure that sinks the batch. Inner: this request's answer.
-type Applied<T> = Result<Result<T>>;
-
-impl<'t> Batch<'t> {
-    fn open(
-        wtx: &'t WriteTransaction,
-        shared: &'t Shared,
-        revision: i64,
-        next_lease: i64,
-    ) -> Result<Self> {
-        let open = |e| storage_err("open table", e);
-        Ok(Self {
-            kv: wtx.open_table(KV).map_err(open)?,
-            leases: wtx.open_table(LEASES).map_err(open)?,
-            meta: wtx.open_table(META).map_err(open)?,
-            shared,
-            now: Instant::now(),
-            out: Outcome {
-                dirty: false,
-                revision,
-                next_lease,
-                granted: HashMap::new(),
-                revoked: HashSet::new(),
-                moves: Vec::new(),
-                events: Vec::new(),
-                txns: 0,
-            },
-        })
-    }
-
-    /// The key's committed-or-earlier-in-batch record.
-    fn read(&self, key: &str) -> Result<Option<Record>> {
-        let guard = self.kv.get(key).map_err(|e| storage_err("read", e))?;
-        guard.map(|g| Record::decode(key, g.value())).transpose()
-    }
-
-    fn lease_exists(&self, id: LeaseId) -> bool {
-        !self.out.revoked.contains(&id)
-            && (self.out.granted.contains_key(&id) || lock(&self.shared.leases).contains(id))
-    }
-
-    fn lease_live(&self, id: LeaseId) -> bool {
-        !self.out.revoked.contains(&id)
-            && (self.out.granted.contains_key(&id)
-                || lock(&self.shared.leases).is_live(id, self.now))
-    }
-
-    fn apply_txn(&mut self, txn: Txn) -> Applied<TxnResponse> {
-        let mut succeeded = true;
-        for c in &txn.compares {
-            if !compare_holds(c, self.read(&c.key)?.as_ref()) {
-                succeeded = false;
-                break;
-            }
-        }
-        let ops = if succeeded { txn.success } else { txn.failure };
-        let rev = self.out.revision + 1;
-        let mut scratch: HashMap<String, Touched> = HashMap::new();
-        let mut events = Vec::new();
-        let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            match op {
-                Op::Put { key, value, lease } => {
-                    if lease != 0 && !self.lease_live(lease) {
-                        return Ok(Err(Error::not_found("lease", lease.to_string())));
-                    }
-                    let t = self.touch(&mut scratch, &key)?;
-                    let rec = match &t.current {
-                        Some(old) => Record {
-                            create_revision: old.create_revision,
-                            mod_revision: rev,
-                            version: old.version.saturating_add(1),
-                            lease,
-                            value,
-                        },
-                        None => Record {
-                            create_revision: rev,
-                            mod_revision: rev,
-                            version: 1,
-                            lease,
-                            value,
-                        },
-                    };
-                    events.push(WatchEvent::Put(rec.to_kv(&key)));
-                    t.current = Some(rec);
-                    t.changed = true;
-                    results.push(OpResult::Put);
-                }
-                Op::Delete { key } => {
-                    let t = self.touch(&mut scratch, &key)?;
-                    let existed = t.current.take().is_some();
-                    if existed {
-                        t.changed = true;
-                        events.push(WatchEvent::Delete { key, revision: rev });
-                    }
-                    results.push(OpResult::Delete(existed));
-                }
-                Op::Get { key } => {
-                    let rec = match scratch.get(&key) {
-                        Some(t) => t.current.clone(),
-                        None => self.read(&key)?,
-                    };
-                    results.push(OpResult::Get(rec.map(|r| r.to_kv(&key))));
-                }
-            }
-        }
-        if !events.is_empty() {
-            for (key, t) in scratch {
-                if !t.changed {
-                    continue;
-                }
-                let write = match &t.current {
-                    Some(r) => self
-                        .kv
-                        .insert(key.as_str(), r.encode().as_slice())
-                        .map(drop),
-                    None => self.kv.remove(key.as_str()).map(drop),
-                };
-                write.map_err(|e| storage_err("write", e))?;
-                let to = t.current.as_ref().map_or(0, |r| r.lease);
-                if t.base_lease != to {
-                    self.out.moves.push((key, t.base_lease, to));
-                }
-            }
-            self.out.revision = rev;
-            self.out.events.extend(events);
-            self.out.dirty = true;
-        }
-        Ok(Ok(TxnResponse {
-            succeeded,
-            revision: self.out.revision,
-            results,
-        }))
-    }
-
-    /// The scratch entry for `key`, loaded from the table on first touch.
-    fn touch<'s>(
-        &self,
-        scratch: &'s mut HashMap<String, Touched>,
-        key: &str,
-    ) -> Result<&'s mut Touched> {
-        if !scratch.contains_key(key) {
-            let current = self.read(key)?;
-            let base_lease = current.as_ref().map_or(0, |r| r.lease);
-            scratch.insert(
-                key.to_string(),
-                Touched {
-                    base_lease,
-                    current,
-                    changed: false,
-                },
-            );
-        }
-        scratch
-            .get_mut(key)
-            .ok_or_else(|| Error::internal("scratch entry vanished"))
-    }
-
-    fn grant(&mut self, ttl: Duration) -> Applied<LeaseId> {
-        let ms = match ttl_millis(ttl) {
-            Ok(ms) => ms,
-            Err(e) => return Ok(Err(e)),
-        };
-        let id = self.out.next_lease;
-        self.out.next_lease = id.saturating_add(1);
-        self.leases
-            .insert(id, ms)
-            .map_err(|e| storage_err("write lease", e))?;
-        self.out.granted.insert(id, Duration::from_millis(ms));
-        self.out.dirty = true;
-        Ok(Ok(id))
-    }
-
-    /// Revokes a lease: deletes its keys at one new revision (none if it had no keys).
-    fn revoke(&mut self, id: LeaseId) -> Applied<()> {
-        if !self.lease_exists(id) {
-            return Ok(Err(Error::not_found("lease", id.to_string())));
-        }
-        let mut candidates: BTreeSet<String> =
-            lock(&self.shared.leases).keys(id).into_iter().collect();
-        candidates.extend(
-            self.out
-                .moves
-                .iter()
-                .filter(|(_, _, to)| *to == id)
-                .map(|(k, _, _)| k.clone()),
-        );
-        let rev = self.out.revision + 1;
-        let mut deleted = false;
-        for key in candidates {
-            if !self.read(&key)?.is_some_and(|r| r.lease == id) {
-                continue;
-            }
-            self.kv
-                .remove(key.as_str())
-                .map_err(|e| storage_err("delete", e))?;
-            self.out.events.push(WatchEvent::Delete {
-                key: key.clone(),
-                revision: rev,
-            });
-            self.out.moves.push((key, id, 0));
-            deleted = true;
-        }
-        if deleted {
-            self.out.revision = rev;
-        }
-        self.leases
-            .remove(id)
-            .map_err(|e| storage_err("delete lease", e))?;
-        self.out.granted.remove(&id);
-        self.out.revoked.insert(id);
-        self.out.dirty = true;
-        Ok(Ok(()))
-    }
-
-    /// Revokes every lease whose deadline has passed, one revision each.
-    fn reap_expired(&mut self) -> Result<()> {
-        self.shared.expire_pending.store(false, Ordering::Release);
-        let expired = lock(&self.shared.leases).expired(Instant::now());
-        for id in expired {
-            if !self.out.revoked.contains(&id) {
-                // The lease exists (it is in the table), so the inner result is Ok.
-                let _ = self.revoke(id)?;
-                tracing::debug!(lease = id, "lease expired");
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes the counters and closes the tables.
-    fn finish(mut self) -> Result<Outcome> {
-        if self.out.dirty {
-            let meta = |e| storage_err("write meta", e);
-            self.meta
-                .insert(META_REVISION, self.out.revision)
-                .map_err(meta)?;
-            self.meta
-                .insert(META_NEXT_LEASE, self.out.next_lease)
-                .map_err(meta)?;
-        }
-        Ok(self.out)
-    }
-}
-
-/// Evaluates one guard; a missing key has version and revisions 0 and an empty value.
-pub(super) fn compare_holds(c: &Compare, rec: Option<&Record>) -> bool {
-    let ord = match &c.target {
-        CompareTarget::Version(v) => rec.map_or(0, |r| r.version).cmp(v),
-        CompareTarget::CreateRevision(v) => rec.map_or(0, |r| r.create_revision).cmp(v),
-        CompareTarget::ModRevision(v) => rec.map_or(0, |r| r.mod_revision).cmp(v),
-        CompareTarget::Value(v) => rec
-            .map_or(&[][..], |r| r.value.as_slice())
-            .cmp(v.as_slice()),
-    };
-    match c.op {
-        CmpOp::Equal => ord.is_eq(),
-        CmpOp::NotEqual => ord.is_ne(),
-        CmpOp::Greater => ord.is_gt(),
-        CmpOp::Less => ord.is_lt(),
     }
 }

@@ -13,6 +13,9 @@ async fn main() -> anyhow::Result<()> {
         store.put(&format!("k/{i}"), vec![0u8; 300]).await?;
     }
     let el = t0.elapsed();
-    println!("sequential: {n} commits in {el:?} = {:.2} ms/commit", el.as_secs_f64() * 1e3 / n as f64);
+    println!(
+        "sequential: {n} commits in {el:?} = {:.2} ms/commit",
+        el.as_secs_f64() * 1e3 / n as f64
+    );
     Ok(())
 }

@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use scabbard_common::client::{self, TaskServiceClient};
-use scabbard_common::proto::{
-    NoopTask, ShellTask, SubmitTaskRequest, TaskSpec, TaskState, WatchTasksRequest,
-    task_spec::Kind,
-};
 use scabbard_common::is_final;
+use scabbard_common::proto::{
+    NoopTask, ShellTask, SubmitTaskRequest, TaskSpec, TaskState, WatchTasksRequest, task_spec::Kind,
+};
 use tokio::sync::{Mutex, mpsc};
 
 #[derive(Parser, Debug)]
@@ -52,7 +51,9 @@ struct Args {
 fn spec(kind: &str) -> TaskSpec {
     TaskSpec {
         kind: Some(match kind {
-            "shell" => Kind::Shell(ShellTask { command: vec!["true".into()] }),
+            "shell" => Kind::Shell(ShellTask {
+                command: vec!["true".into()],
+            }),
             _ => Kind::Noop(NoopTask {}),
         }),
         ..Default::default()
@@ -74,7 +75,10 @@ async fn main() -> Result<()> {
         bail!("--kind must be noop or shell");
     }
     let temp = tempfile::tempdir()?;
-    let dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
     let token = "bench-registration-token-0123456789".to_string();
     let ctl = scabbard_controller::spawn(scabbard_controller::ControllerConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -101,7 +105,11 @@ async fn main() -> Result<()> {
     let mut admin = client::AdminServiceClient::new(channel.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let agents = admin.list_agents(scabbard_common::proto::ListAgentsRequest {}).await?.into_inner().agents;
+        let agents = admin
+            .list_agents(scabbard_common::proto::ListAgentsRequest {})
+            .await?
+            .into_inner()
+            .agents;
         if agents.iter().filter(|a| a.status == 1).count() == args.workers {
             break;
         }
@@ -172,9 +180,15 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn submit(c: &mut TaskServiceClient<tonic::transport::Channel>, kind: &str) -> Result<String> {
+async fn submit(
+    c: &mut TaskServiceClient<tonic::transport::Channel>,
+    kind: &str,
+) -> Result<String> {
     let r = c
-        .submit(SubmitTaskRequest { spec: Some(spec(kind)), idempotency_key: String::new() })
+        .submit(SubmitTaskRequest {
+            spec: Some(spec(kind)),
+            idempotency_key: String::new(),
+        })
         .await?
         .into_inner();
     Ok(r.task.context("no task")?.id)
@@ -187,7 +201,10 @@ async fn watch_all(
     done: mpsc::UnboundedSender<()>,
 ) -> Result<()> {
     let mut stream = TaskServiceClient::new(channel)
-        .watch(WatchTasksRequest { ids: vec![], send_initial: false })
+        .watch(WatchTasksRequest {
+            ids: vec![],
+            send_initial: false,
+        })
         .await?
         .into_inner();
     tokio::spawn(async move {

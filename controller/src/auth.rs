@@ -23,7 +23,10 @@ pub fn token_hash(token: &str) -> String {
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     // Hash both first so the length does not leak either.
     let (ha, hb) = (Sha256::digest(a), Sha256::digest(b));
-    ha.iter().zip(hb.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    ha.iter()
+        .zip(hb.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Reads `authorization: Bearer <token>` from request metadata.

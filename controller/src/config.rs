@@ -108,7 +108,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused() {
-        let err = ControllerConfig::from_toml("listen = \"127.0.0.1:1\"\nlisten_adress = 1").unwrap_err();
+        let err =
+            ControllerConfig::from_toml("listen = \"127.0.0.1:1\"\nlisten_adress = 1").unwrap_err();
         assert!(err.to_string().contains("listen_adress"), "{err}");
     }
 
@@ -118,7 +119,12 @@ mod tests {
             registration_token: "short".into(),
             ..Default::default()
         };
-        assert!(cfg.validate().unwrap_err().to_string().contains("registration_token"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("registration_token")
+        );
     }
 
     #[test]

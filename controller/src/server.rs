@@ -25,10 +25,17 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Opens the embedded store in `cfg.data_dir` and serves on `listener` until `shutdown`
 /// is cancelled.
-pub async fn run(cfg: ControllerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    cfg: ControllerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        Error::invalid(format!("cannot create data_dir {}: {e}", cfg.data_dir.display()))
+        Error::invalid(format!(
+            "cannot create data_dir {}: {e}",
+            cfg.data_dir.display()
+        ))
     })?;
     let store = EmbeddedStore::open(&cfg.data_dir.join("state.redb"))?;
     let result = serve(cfg, store.clone(), listener, shutdown).await;
@@ -49,7 +56,8 @@ pub async fn serve(
     let cfg = Arc::new(cfg);
     let logs = LogStore::open(&cfg.data_dir.join("logs"))?;
     let core_stop = CancellationToken::new();
-    let (core, core_task) = core::start(cfg.clone(), store, logs.clone(), core_stop.clone()).await?;
+    let (core, core_task) =
+        core::start(cfg.clone(), store, logs.clone(), core_stop.clone()).await?;
     let addr = listener.local_addr()?;
     let router = router(&cfg, core, logs.clone())?;
     info!(%addr, "controller serving");
@@ -93,7 +101,9 @@ fn router(
         reporter.set_serving::<TaskServiceServer<TaskApi>>().await;
         reporter.set_serving::<AgentServiceServer<AgentApi>>().await;
         reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
-        reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
     });
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -105,12 +115,19 @@ fn router(
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(Error::internal)?;
-    let tasks = TaskServiceServer::new(TaskApi { core: core.clone(), logs: logs.clone() })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
-    let agents = AgentServiceServer::new(AgentApi { core: core.clone(), logs, cfg: cfg.clone() })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let tasks = TaskServiceServer::new(TaskApi {
+        core: core.clone(),
+        logs: logs.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let agents = AgentServiceServer::new(AgentApi {
+        core: core.clone(),
+        logs,
+        cfg: cfg.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let admin = AdminServiceServer::new(AdminApi { core })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -145,5 +162,9 @@ pub async fn spawn(cfg: ControllerConfig) -> Result<RunningController> {
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(cfg, listener, shutdown.clone()));
-    Ok(RunningController { addr, shutdown, task })
+    Ok(RunningController {
+        addr,
+        shutdown,
+        task,
+    })
 }

@@ -67,7 +67,10 @@ impl SessionActor {
         };
         info!(agent = %self.agent_id, session = self.session, why, "session ended");
         self.core
-            .send(CoreMsg::Detach { agent_id: self.agent_id.clone(), session: self.session })
+            .send(CoreMsg::Detach {
+                agent_id: self.agent_id.clone(),
+                session: self.session,
+            })
             .await;
     }
 
@@ -79,10 +82,15 @@ impl SessionActor {
     ) -> Result<String> {
         let mut welcome = attached.welcome;
         for r in welcome.resume.iter_mut().filter(|r| r.keep) {
-            r.next_seq = self.logs.next_seq(&r.task_id, r.fencing_token as u32).await?;
+            r.next_seq = self
+                .logs
+                .next_seq(&r.task_id, r.fencing_token as u32)
+                .await?;
         }
-        self.emit(ControllerMessage { msg: Some(controller_message::Msg::Welcome(welcome)) })
-            .await?;
+        self.emit(ControllerMessage {
+            msg: Some(controller_message::Msg::Welcome(welcome)),
+        })
+        .await?;
         let mut deadline = Instant::now() + self.silence_limit;
         loop {
             tokio::select! {
@@ -119,10 +127,11 @@ impl SessionActor {
             Some(controller_message::Msg::Assign(a)) => {
                 self.attempts.insert(a.task_id.clone(), a.fencing_token);
             }
-            Some(controller_message::Msg::Ack(a)) if a.result || a.stale => {
-                if self.attempts.get(&a.task_id) == Some(&a.fencing_token) {
-                    self.attempts.remove(&a.task_id);
-                }
+            Some(controller_message::Msg::Ack(a))
+                if (a.result || a.stale)
+                    && self.attempts.get(&a.task_id) == Some(&a.fencing_token) =>
+            {
+                self.attempts.remove(&a.task_id);
             }
             _ => {}
         }
@@ -153,7 +162,9 @@ impl SessionActor {
                         at_ms: c.at_ms,
                     };
                     match pending.last_mut() {
-                        Some((t, tok, v)) if *t == c.task_id && *tok == c.fencing_token => v.push(chunk),
+                        Some((t, tok, v)) if *t == c.task_id && *tok == c.fencing_token => {
+                            v.push(chunk)
+                        }
                         _ => pending.push((c.task_id, c.fencing_token, vec![chunk])),
                     }
                 }

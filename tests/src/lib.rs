@@ -135,7 +135,10 @@ pub struct ControllerOpts {
 
 impl Default for ControllerOpts {
     fn default() -> Self {
-        Self { lease: "2s", heartbeat: "200ms" }
+        Self {
+            lease: "2s",
+            heartbeat: "200ms",
+        }
     }
 }
 
@@ -144,10 +147,21 @@ impl Controller {
     pub fn start(data_dir: &Path, port: u16, opts: &ControllerOpts) -> Result<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let mut child = Command::new(scabbard_bin())
-            .args(["controller", "--listen", &addr.to_string(), "--registration-token", TOKEN])
+            .args([
+                "controller",
+                "--listen",
+                &addr.to_string(),
+                "--registration-token",
+                TOKEN,
+            ])
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--agent-lease-ttl", opts.lease, "--heartbeat-interval", opts.heartbeat])
+            .args([
+                "--agent-lease-ttl",
+                opts.lease,
+                "--heartbeat-interval",
+                opts.heartbeat,
+            ])
             .env("SCABBARD_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -160,7 +174,14 @@ impl Controller {
             let _ = child.kill();
             bail!("controller did not start: {line:?}");
         }
-        Ok(Self { proc: Proc { child: Some(child), name: "controller".into() }, addr, data_dir: data_dir.to_path_buf() })
+        Ok(Self {
+            proc: Proc {
+                child: Some(child),
+                name: "controller".into(),
+            },
+            addr,
+            data_dir: data_dir.to_path_buf(),
+        })
     }
 }
 
@@ -176,8 +197,21 @@ impl Worker {
     /// Starts a worker connecting to `controller` with `slots`, labelled `name=<name>`.
     pub fn start(controller: &str, data_dir: &Path, name: &str, slots: u32) -> Result<Self> {
         let child = Command::new(scabbard_bin())
-            .args(["worker", "--controller", controller, "--registration-token", TOKEN])
-            .args(["--name", name, "--label", &format!("name={name}"), "--slots", &slots.to_string()])
+            .args([
+                "worker",
+                "--controller",
+                controller,
+                "--registration-token",
+                TOKEN,
+            ])
+            .args([
+                "--name",
+                name,
+                "--label",
+                &format!("name={name}"),
+                "--slots",
+                &slots.to_string(),
+            ])
             .arg("--data-dir")
             .arg(data_dir)
             .env("SCABBARD_LOG", "info")
@@ -185,7 +219,13 @@ impl Worker {
             .stderr(Stdio::inherit())
             .spawn()
             .context("spawn worker")?;
-        Ok(Self { proc: Proc { child: Some(child), name: name.into() }, data_dir: data_dir.to_path_buf() })
+        Ok(Self {
+            proc: Proc {
+                child: Some(child),
+                name: name.into(),
+            },
+            data_dir: data_dir.to_path_buf(),
+        })
     }
 
     /// The agent id this worker registered as (after it registered).
@@ -223,9 +263,11 @@ where
 
 /// A task client for `addr`, retrying the connection until the controller answers.
 pub async fn tasks_client(addr: &str) -> Result<TaskServiceClient<Channel>> {
-    let ch = eventually("controller to accept connections", Duration::from_secs(20), || async {
-        client::connect(addr).await.ok()
-    })
+    let ch = eventually(
+        "controller to accept connections",
+        Duration::from_secs(20),
+        || async { client::connect(addr).await.ok() },
+    )
     .await?;
     Ok(TaskServiceClient::new(ch))
 }
@@ -233,7 +275,9 @@ pub async fn tasks_client(addr: &str) -> Result<TaskServiceClient<Channel>> {
 /// A shell task spec.
 pub fn shell(script: &str) -> TaskSpec {
     TaskSpec {
-        kind: Some(Kind::Shell(ShellTask { command: vec!["sh".into(), "-c".into(), script.into()] })),
+        kind: Some(Kind::Shell(ShellTask {
+            command: vec!["sh".into(), "-c".into(), script.into()],
+        })),
         ..Default::default()
     }
 }
@@ -241,7 +285,10 @@ pub fn shell(script: &str) -> TaskSpec {
 /// Submits a spec; returns the task id.
 pub async fn submit(c: &mut TaskServiceClient<Channel>, spec: TaskSpec) -> Result<String> {
     let r = c
-        .submit(SubmitTaskRequest { spec: Some(spec), idempotency_key: String::new() })
+        .submit(SubmitTaskRequest {
+            spec: Some(spec),
+            idempotency_key: String::new(),
+        })
         .await?
         .into_inner();
     Ok(r.task.ok_or_else(|| anyhow!("no task in response"))?.id)
@@ -270,23 +317,39 @@ pub async fn wait_state(
             return Ok(t);
         }
         if Instant::now() > end {
-            bail!("task {id} is {:?} after {timeout:?} (wanted {state:?}): {t:?}", t.state());
+            bail!(
+                "task {id} is {:?} after {timeout:?} (wanted {state:?}): {t:?}",
+                t.state()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// The whole log of a task's latest attempt (or `attempt`), as text.
-pub async fn logs(c: &mut TaskServiceClient<Channel>, id: &str, attempt: u32, follow: bool) -> Result<String> {
+pub async fn logs(
+    c: &mut TaskServiceClient<Channel>,
+    id: &str,
+    attempt: u32,
+    follow: bool,
+) -> Result<String> {
     let mut s = c
-        .logs(TaskLogsRequest { task_id: id.into(), attempt, follow, from_seq: 0 })
+        .logs(TaskLogsRequest {
+            task_id: id.into(),
+            attempt,
+            follow,
+            from_seq: 0,
+        })
         .await?
         .into_inner();
     let mut out = Vec::new();
     let mut expect = 0;
     while let Some(chunk) = s.message().await? {
         if chunk.seq != expect {
-            bail!("log chunk out of order: got seq {}, expected {expect}", chunk.seq);
+            bail!(
+                "log chunk out of order: got seq {}, expected {expect}",
+                chunk.seq
+            );
         }
         expect += 1;
         out.extend_from_slice(&chunk.data);

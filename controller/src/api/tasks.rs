@@ -4,12 +4,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use scabbard_common::Error;
 use scabbard_common::proto::{
     CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, LogChunk,
     SubmitTaskRequest, SubmitTaskResponse, Task, TaskEvent, TaskLogsRequest, TaskState,
     WatchTasksRequest, task_service_server::TaskService,
 };
-use scabbard_common::Error;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -33,20 +33,27 @@ impl TaskService for TaskApi {
         req: Request<SubmitTaskRequest>,
     ) -> Result<Response<SubmitTaskResponse>, Status> {
         let r = req.into_inner();
-        let spec = r
-            .spec
-            .ok_or_else(|| Error::invalid("spec is required"))?;
+        let spec = r.spec.ok_or_else(|| Error::invalid("spec is required"))?;
         let (task, existing) = self
             .core
-            .ask(|reply| CoreMsg::Submit { spec, idempotency_key: r.idempotency_key, reply })
+            .ask(|reply| CoreMsg::Submit {
+                spec,
+                idempotency_key: r.idempotency_key,
+                reply,
+            })
             .await?;
-        Ok(Response::new(SubmitTaskResponse { task: Some(task), existing }))
+        Ok(Response::new(SubmitTaskResponse {
+            task: Some(task),
+            existing,
+        }))
     }
 
     async fn get(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
         let id = req.into_inner().id;
         validate::id("task", &id)?;
-        Ok(Response::new(self.core.ask(|reply| CoreMsg::Get { id, reply }).await?))
+        Ok(Response::new(
+            self.core.ask(|reply| CoreMsg::Get { id, reply }).await?,
+        ))
     }
 
     async fn list(
@@ -63,7 +70,10 @@ impl TaskService for TaskApi {
             }
         }
         let (tasks, next_page_token) = self.core.ask(|reply| CoreMsg::List { req, reply }).await?;
-        Ok(Response::new(ListTasksResponse { tasks, next_page_token }))
+        Ok(Response::new(ListTasksResponse {
+            tasks,
+            next_page_token,
+        }))
     }
 
     async fn cancel(&self, req: Request<CancelTaskRequest>) -> Result<Response<Task>, Status> {
@@ -74,7 +84,11 @@ impl TaskService for TaskApi {
         }
         let task = self
             .core
-            .ask(|reply| CoreMsg::Cancel { id: r.id, reason: r.reason, reply })
+            .ask(|reply| CoreMsg::Cancel {
+                id: r.id,
+                reason: r.reason,
+                reply,
+            })
             .await?;
         Ok(Response::new(task))
     }
@@ -90,9 +104,15 @@ impl TaskService for TaskApi {
             validate::id("task", id)?;
         }
         let ids = r.ids.clone();
-        let (snapshot, mut rx) = self.core.call(|reply| CoreMsg::Subscribe { ids, reply }).await?;
+        let (snapshot, mut rx) = self
+            .core
+            .call(|reply| CoreMsg::Subscribe { ids, reply })
+            .await?;
         if r.ids.len() != snapshot.len() {
-            let missing = r.ids.iter().find(|id| !snapshot.iter().any(|t| &t.id == *id));
+            let missing = r
+                .ids
+                .iter()
+                .find(|id| !snapshot.iter().any(|t| &t.id == *id));
             return Err(Error::not_found("task", missing.cloned().unwrap_or_default()).into());
         }
         let (tx, out) = mpsc::channel(1024);
@@ -112,7 +132,13 @@ impl TaskService for TaskApi {
                         if !filter.is_empty() && !filter.contains(&t.id) {
                             continue;
                         }
-                        if tx.send(Ok(TaskEvent { task: Some((*t).clone()) })).await.is_err() {
+                        if tx
+                            .send(Ok(TaskEvent {
+                                task: Some((*t).clone()),
+                            }))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -133,7 +159,10 @@ impl TaskService for TaskApi {
 
     type LogsStream = BoxStream<LogChunk>;
 
-    async fn logs(&self, req: Request<TaskLogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+    async fn logs(
+        &self,
+        req: Request<TaskLogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
         let r = req.into_inner();
         validate::id("task", &r.task_id)?;
         let id = r.task_id.clone();
@@ -153,7 +182,11 @@ impl TaskService for TaskApi {
             logs: self.logs.clone(),
             task_id: r.task_id,
             follow_latest: r.attempt == 0,
-            attempt: if r.attempt == 0 { task.fencing_token as u32 } else { r.attempt },
+            attempt: if r.attempt == 0 {
+                task.fencing_token as u32
+            } else {
+                r.attempt
+            },
             seq: r.from_seq,
             follow: r.follow,
         };

@@ -14,9 +14,7 @@ use scabbard_common::{Error, is_final};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{
-    AGENT_PREFIX, AgentEntry, Attached, Conn, Reply, State, agent_effect, reply_effect,
-};
+use super::{AGENT_PREFIX, AgentEntry, Attached, Conn, Reply, State, agent_effect, reply_effect};
 
 impl State {
     pub(super) async fn register(&mut self, stored: StoredAgent, reply: Reply<()>) {
@@ -27,15 +25,19 @@ impl State {
         if let Some(old) = self.agents.get(&agent.id) {
             self.token_index.remove(&old.stored.token_sha256);
         }
-        self.token_index.insert(stored.token_sha256.clone(), agent.id.clone());
-        let entry = self.agents.entry(agent.id.clone()).or_insert_with(|| AgentEntry {
-            stored: stored.clone(),
-            conn: None,
-            running: HashSet::new(),
-            disconnected_at: Some(Instant::now()),
-            lost: false,
-            last_seen_ms: now_ms(),
-        });
+        self.token_index
+            .insert(stored.token_sha256.clone(), agent.id.clone());
+        let entry = self
+            .agents
+            .entry(agent.id.clone())
+            .or_insert_with(|| AgentEntry {
+                stored: stored.clone(),
+                conn: None,
+                running: HashSet::new(),
+                disconnected_at: Some(Instant::now()),
+                lost: false,
+                last_seen_ms: now_ms(),
+            });
         entry.stored = stored.clone();
         info!(agent = %agent.id, name = %agent.name, "agent registered");
         self.write(
@@ -69,7 +71,9 @@ impl State {
         self.next_session += 1;
         let session = self.next_session;
         let Some(entry) = self.agents.get_mut(&agent_id) else {
-            let _ = reply.send(Err(Error::internal("token index points to a missing agent")));
+            let _ = reply.send(Err(Error::internal(
+                "token index points to a missing agent",
+            )));
             return;
         };
         if let Some(a) = entry.stored.agent.as_mut() {
@@ -80,7 +84,10 @@ impl State {
                 a.version = hello.version.clone();
             }
         }
-        entry.conn = Some(Conn { session, tx: tx.clone() });
+        entry.conn = Some(Conn {
+            session,
+            tx: tx.clone(),
+        });
         entry.disconnected_at = None;
         entry.lost = false;
         entry.last_seen_ms = now_ms();
@@ -105,7 +112,9 @@ impl State {
                     }
                 } else if is_final(t.state())
                     && t.attempts.last().is_some_and(|a| {
-                        a.fencing_token == r.fencing_token && a.agent_id == agent_id && a.result.is_some()
+                        a.fencing_token == r.fencing_token
+                            && a.agent_id == agent_id
+                            && a.result.is_some()
                     })
                 {
                     res.result_recorded = true;
@@ -129,7 +138,12 @@ impl State {
             resume,
         };
         info!(agent = %agent_id, session, resumed = attempts.len(), lost = lost.len(), "agent attached");
-        let _ = reply.send(Ok(Attached { agent_id: agent_id.clone(), session, welcome, attempts }));
+        let _ = reply.send(Ok(Attached {
+            agent_id: agent_id.clone(),
+            session,
+            welcome,
+            attempts,
+        }));
         for (task_id, fencing_token) in cancels {
             let _ = tx.try_send(ControllerMessage {
                 msg: Some(controller_message::Msg::Cancel(CancelAttempt {
@@ -140,10 +154,15 @@ impl State {
             });
         }
         for t in lost {
-            self.requeue_or_fail(&t, "the agent came back without this attempt").await;
+            self.requeue_or_fail(&t, "the agent came back without this attempt")
+                .await;
         }
-        self.write(format!("{AGENT_PREFIX}{agent_id}"), Some(stored.encode_to_vec()), Vec::new())
-            .await;
+        self.write(
+            format!("{AGENT_PREFIX}{agent_id}"),
+            Some(stored.encode_to_vec()),
+            Vec::new(),
+        )
+        .await;
     }
 
     pub(super) fn detach(&mut self, agent_id: &str, session: u64) {
@@ -152,11 +171,19 @@ impl State {
         {
             a.conn = None;
             a.disconnected_at = Some(Instant::now());
-            info!(agent = agent_id, session, "agent session ended; grace period started");
+            info!(
+                agent = agent_id,
+                session, "agent session ended; grace period started"
+            );
         }
     }
 
-    pub(super) async fn from_agent(&mut self, agent_id: &str, session: u64, msg: agent_message::Msg) {
+    pub(super) async fn on_agent_message(
+        &mut self,
+        agent_id: &str,
+        session: u64,
+        msg: agent_message::Msg,
+    ) {
         let live = self
             .agents
             .get_mut(agent_id)
@@ -165,9 +192,15 @@ impl State {
         agent.last_seen_ms = now_ms();
         use agent_message::Msg;
         match msg {
-            Msg::Accepted(a) => self.on_accepted(agent_id, &a.task_id, a.fencing_token).await,
+            Msg::Accepted(a) => {
+                self.on_accepted(agent_id, &a.task_id, a.fencing_token)
+                    .await
+            }
             Msg::Rejected(r) => {
-                if self.current_attempt(&r.task_id, r.fencing_token, agent_id).is_some() {
+                if self
+                    .current_attempt(&r.task_id, r.fencing_token, agent_id)
+                    .is_some()
+                {
                     let why = format!("agent {agent_id} rejected the task: {}", r.reason);
                     self.requeue_or_fail(&r.task_id, &why).await;
                 }
@@ -202,7 +235,10 @@ impl State {
             }
         }
         for (agent, task) in lost {
-            let why = format!("agent {agent} was lost (no contact for {} ms)", ttl.as_millis());
+            let why = format!(
+                "agent {agent} was lost (no contact for {} ms)",
+                ttl.as_millis()
+            );
             self.requeue_or_fail(&task, &why).await;
         }
     }
@@ -219,13 +255,20 @@ impl State {
         if let Some(conn) = &entry.conn {
             effects.push(agent_effect(
                 conn.tx.clone(),
-                ControllerMessage { msg: Some(controller_message::Msg::Drain(Drain { reason })) },
+                ControllerMessage {
+                    msg: Some(controller_message::Msg::Drain(Drain { reason })),
+                },
             ));
         }
         let stored = entry.stored.clone();
         let view = self.agent_view(self.agents.get(&id).expect("present"));
         effects.insert(0, reply_effect(reply, view));
-        self.write(format!("{AGENT_PREFIX}{id}"), Some(stored.encode_to_vec()), effects).await;
+        self.write(
+            format!("{AGENT_PREFIX}{id}"),
+            Some(stored.encode_to_vec()),
+            effects,
+        )
+        .await;
     }
 
     pub(super) fn agent_view(&self, a: &AgentEntry) -> Agent {

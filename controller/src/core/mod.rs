@@ -124,7 +124,10 @@ pub struct CoreHandle {
 }
 
 impl CoreHandle {
-    pub(crate) async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> CoreMsg) -> Result<T> {
+    pub(crate) async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> CoreMsg,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(make(tx))
@@ -257,9 +260,11 @@ async fn run(
 impl State {
     async fn handle(&mut self, msg: CoreMsg) {
         match msg {
-            CoreMsg::Submit { spec, idempotency_key, reply } => {
-                self.submit(spec, idempotency_key, reply).await
-            }
+            CoreMsg::Submit {
+                spec,
+                idempotency_key,
+                reply,
+            } => self.submit(spec, idempotency_key, reply).await,
             CoreMsg::Get { id, reply } => {
                 let _ = reply.send(
                     self.tasks
@@ -281,15 +286,24 @@ impl State {
                 let _ = reply.send((snapshot, rx));
             }
             CoreMsg::Register { stored, reply } => self.register(stored, reply).await,
-            CoreMsg::Attach { token_hash, hello, tx, reply } => {
-                self.attach(token_hash, hello, tx, reply).await
-            }
+            CoreMsg::Attach {
+                token_hash,
+                hello,
+                tx,
+                reply,
+            } => self.attach(token_hash, hello, tx, reply).await,
             CoreMsg::Detach { agent_id, session } => self.detach(&agent_id, session),
-            CoreMsg::FromAgent { agent_id, session, msg } => {
-                self.from_agent(&agent_id, session, msg).await
-            }
+            CoreMsg::FromAgent {
+                agent_id,
+                session,
+                msg,
+            } => self.on_agent_message(&agent_id, session, msg).await,
             CoreMsg::ListAgents { reply } => {
-                let _ = reply.send(Ok(self.agents.values().map(|a| self.agent_view(a)).collect()));
+                let _ = reply.send(Ok(self
+                    .agents
+                    .values()
+                    .map(|a| self.agent_view(a))
+                    .collect()));
             }
             CoreMsg::DrainAgent { id, reason, reply } => self.drain(id, reason, reply).await,
             CoreMsg::Stats { reply } => {
@@ -316,9 +330,12 @@ impl State {
         for kv in self.load_prefix(AGENT_PREFIX).await? {
             let stored = StoredAgent::decode(kv.value.as_slice())
                 .map_err(|e| Error::internal(format!("corrupt agent record {}: {e}", kv.key)))?;
-            let Some(agent) = stored.agent.as_ref() else { continue };
+            let Some(agent) = stored.agent.as_ref() else {
+                continue;
+            };
             let id = agent.id.clone();
-            self.token_index.insert(stored.token_sha256.clone(), id.clone());
+            self.token_index
+                .insert(stored.token_sha256.clone(), id.clone());
             self.agents.insert(
                 id,
                 AgentEntry {
@@ -335,21 +352,30 @@ impl State {
         for kv in self.load_prefix(TASK_PREFIX).await? {
             let task = Task::decode(kv.value.as_slice())
                 .map_err(|e| Error::internal(format!("corrupt task record {}: {e}", kv.key)))?;
-            let mut entry = TaskEntry { task, queue_key: None };
+            let mut entry = TaskEntry {
+                task,
+                queue_key: None,
+            };
             let t = &entry.task;
             if !t.idempotency_key.is_empty() {
-                self.idempotency.insert(t.idempotency_key.clone(), t.id.clone());
+                self.idempotency
+                    .insert(t.idempotency_key.clone(), t.id.clone());
             }
             match t.state() {
                 TaskState::Queued | TaskState::RetryWait => {
-                    entry.queue_key = Some(self.queue.push(&t.id, t.spec.as_ref().map_or(0, |s| s.priority)));
+                    entry.queue_key = Some(
+                        self.queue
+                            .push(&t.id, t.spec.as_ref().map_or(0, |s| s.priority)),
+                    );
                 }
-                TaskState::Assigned | TaskState::Running => match self.agents.get_mut(&t.agent_id) {
-                    Some(a) => {
-                        a.running.insert(t.id.clone());
+                TaskState::Assigned | TaskState::Running => {
+                    match self.agents.get_mut(&t.agent_id) {
+                        Some(a) => {
+                            a.running.insert(t.id.clone());
+                        }
+                        None => orphans.push(t.id.clone()),
                     }
-                    None => orphans.push(t.id.clone()),
-                },
+                }
                 _ => {}
             }
             self.tasks.insert(entry.task.id.clone(), entry);
@@ -361,7 +387,8 @@ impl State {
             "state rebuilt from the store"
         );
         for id in orphans {
-            self.requeue_or_fail(&id, "its agent is unknown to this controller").await;
+            self.requeue_or_fail(&id, "its agent is unknown to this controller")
+                .await;
         }
         Ok(())
     }
@@ -389,12 +416,24 @@ impl State {
                 let _ = events.send(snapshot);
             }
         }));
-        self.write(format!("{TASK_PREFIX}{}", task.id), Some(task.encode_to_vec()), effects)
-            .await;
+        self.write(
+            format!("{TASK_PREFIX}{}", task.id),
+            Some(task.encode_to_vec()),
+            effects,
+        )
+        .await;
     }
 
     pub(crate) async fn write(&self, key: String, value: Option<Vec<u8>>, effects: Vec<Effect>) {
-        if let Err(e) = self.persister.write(Write { key, value, effects }).await {
+        if let Err(e) = self
+            .persister
+            .write(Write {
+                key,
+                value,
+                effects,
+            })
+            .await
+        {
             warn!(error = %e, "dropping a write: persister gone");
         }
     }

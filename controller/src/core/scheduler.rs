@@ -140,16 +140,43 @@ mod tests {
         let none = HashMap::new();
         let agents = || {
             vec![
-                Candidate { id: "a1", capabilities: &caps_shell, labels: &linux, slots: 2, running: 2 },
-                Candidate { id: "a2", capabilities: &caps_gpu, labels: &none, slots: 4, running: 0 },
-                Candidate { id: "a3", capabilities: &caps_shell, labels: &linux, slots: 4, running: 1 },
+                Candidate {
+                    id: "a1",
+                    capabilities: &caps_shell,
+                    labels: &linux,
+                    slots: 2,
+                    running: 2,
+                },
+                Candidate {
+                    id: "a2",
+                    capabilities: &caps_gpu,
+                    labels: &none,
+                    slots: 4,
+                    running: 0,
+                },
+                Candidate {
+                    id: "a3",
+                    capabilities: &caps_shell,
+                    labels: &linux,
+                    slots: 4,
+                    running: 1,
+                },
             ]
             .into_iter()
         };
-        assert_eq!(pick(&shell_spec(&[], &[("os", "linux")]), agents()), Some("a3"));
+        assert_eq!(
+            pick(&shell_spec(&[], &[("os", "linux")]), agents()),
+            Some("a3")
+        );
         assert_eq!(pick(&shell_spec(&["gpu"], &[]), agents()), Some("a2"));
-        assert_eq!(pick(&shell_spec(&["gpu"], &[("os", "linux")]), agents()), None);
-        let noop = TaskSpec { kind: Some(Kind::Noop(NoopTask {})), ..Default::default() };
+        assert_eq!(
+            pick(&shell_spec(&["gpu"], &[("os", "linux")]), agents()),
+            None
+        );
+        let noop = TaskSpec {
+            kind: Some(Kind::Noop(NoopTask {})),
+            ..Default::default()
+        };
         assert_eq!(pick(&noop, agents()), Some("a3"));
     }
 }

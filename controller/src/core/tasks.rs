@@ -27,13 +27,20 @@ use super::scheduler::{self, Candidate};
 use super::{Effect, Reply, State, TaskEntry, agent_effect, reply_effect, validate};
 
 impl State {
-    pub(super) async fn submit(&mut self, mut spec: TaskSpec, key: String, reply: Reply<(Task, bool)>) {
+    pub(super) async fn submit(
+        &mut self,
+        mut spec: TaskSpec,
+        key: String,
+        reply: Reply<(Task, bool)>,
+    ) {
         if let Err(e) = validate::task_spec(&mut spec, &self.cfg) {
             let _ = reply.send(Err(e));
             return;
         }
         if key.len() > 256 {
-            let _ = reply.send(Err(Error::invalid("idempotency_key is longer than 256 bytes")));
+            let _ = reply.send(Err(Error::invalid(
+                "idempotency_key is longer than 256 bytes",
+            )));
             return;
         }
         if !key.is_empty()
@@ -71,7 +78,8 @@ impl State {
             self.idempotency.insert(key, id.clone());
         }
         let queue_key = Some(self.queue.push(&id, priority));
-        self.persist_task(&task, vec![reply_effect(reply, (task.clone(), false))]).await;
+        self.persist_task(&task, vec![reply_effect(reply, (task.clone(), false))])
+            .await;
         self.tasks.insert(id, TaskEntry { task, queue_key });
     }
 
@@ -125,7 +133,11 @@ impl State {
             ))));
             return;
         }
-        let reason = if reason.is_empty() { "cancelled by request".to_string() } else { reason };
+        let reason = if reason.is_empty() {
+            "cancelled by request".to_string()
+        } else {
+            reason
+        };
         let now = now_ms();
         entry.task.updated_at_ms = now;
         let mut effects = Vec::new();
@@ -196,7 +208,8 @@ impl State {
                         capabilities: &ag.capabilities,
                         labels: &ag.labels,
                         slots: ag.slots,
-                        running: a.running.len() as u32 + extra.get(id.as_str()).copied().unwrap_or(0),
+                        running: a.running.len() as u32
+                            + extra.get(id.as_str()).copied().unwrap_or(0),
                     })
                 });
             match scheduler::pick(spec, candidates) {
@@ -215,11 +228,14 @@ impl State {
     }
 
     async fn assign(&mut self, task_id: &str, agent_id: &str) {
-        let (Some(entry), Some(agent)) = (self.tasks.get_mut(task_id), self.agents.get_mut(agent_id))
+        let (Some(entry), Some(agent)) =
+            (self.tasks.get_mut(task_id), self.agents.get_mut(agent_id))
         else {
             return;
         };
-        let Some(conn) = agent.conn.as_ref() else { return };
+        let Some(conn) = agent.conn.as_ref() else {
+            return;
+        };
         let now = now_ms();
         let t = &mut entry.task;
         entry.queue_key = None;
@@ -244,14 +260,24 @@ impl State {
                 spec: t.spec.clone(),
             })),
         };
-        debug!(task = task_id, agent = agent_id, attempt = number, "assigned");
+        debug!(
+            task = task_id,
+            agent = agent_id,
+            attempt = number,
+            "assigned"
+        );
         let effects = vec![agent_effect(conn.tx.clone(), msg)];
         let task = t.clone();
         self.persist_task(&task, effects).await;
     }
 
     /// The task's current attempt, if `agent_id` holds it with `token`.
-    pub(super) fn current_attempt(&mut self, task_id: &str, token: u64, agent_id: &str) -> Option<&mut TaskEntry> {
+    pub(super) fn current_attempt(
+        &mut self,
+        task_id: &str,
+        token: u64,
+        agent_id: &str,
+    ) -> Option<&mut TaskEntry> {
         self.tasks.get_mut(task_id).filter(|e| {
             e.task.fencing_token == token
                 && e.task.agent_id == agent_id
@@ -260,7 +286,9 @@ impl State {
     }
 
     pub(super) async fn on_accepted(&mut self, agent_id: &str, task_id: &str, token: u64) {
-        let Some(entry) = self.current_attempt(task_id, token, agent_id) else { return };
+        let Some(entry) = self.current_attempt(task_id, token, agent_id) else {
+            return;
+        };
         if entry.task.state() != TaskState::Assigned {
             return;
         }
@@ -295,7 +323,9 @@ impl State {
             let recorded = self.tasks.get(&f.task_id).is_some_and(|e| {
                 is_final(e.task.state())
                     && e.task.attempts.last().is_some_and(|a| {
-                        a.fencing_token == f.fencing_token && a.agent_id == agent_id && a.result.is_some()
+                        a.fencing_token == f.fencing_token
+                            && a.agent_id == agent_id
+                            && a.result.is_some()
                     })
             });
             if !recorded {
@@ -312,8 +342,12 @@ impl State {
             error_class: ErrorClass::Infrastructure as i32,
             ..Default::default()
         });
-        if result.error_class() == ErrorClass::Infrastructure && result.outcome() == Outcome::Failed {
-            let msg = format!("infrastructure failure on agent {agent_id}: {}", result.message);
+        if result.error_class() == ErrorClass::Infrastructure && result.outcome() == Outcome::Failed
+        {
+            let msg = format!(
+                "infrastructure failure on agent {agent_id}: {}",
+                result.message
+            );
             self.requeue_or_fail(&f.task_id, &msg).await;
             if let Some(tx) = tx {
                 let _ = tx.try_send(ack(false));
@@ -365,7 +399,9 @@ impl State {
     /// past the bound, or finish as cancelled when that was asked.
     pub(crate) async fn requeue_or_fail(&mut self, task_id: &str, why: &str) {
         let default_max = self.cfg.default_max_infra_retries;
-        let Some(entry) = self.tasks.get_mut(task_id) else { return };
+        let Some(entry) = self.tasks.get_mut(task_id) else {
+            return;
+        };
         let t = &mut entry.task;
         if is_final(t.state()) {
             return;
@@ -398,7 +434,10 @@ impl State {
         } else if t.infra_failures > max {
             t.state = TaskState::Failed as i32;
             t.result = Some(TaskResult {
-                message: format!("gave up after {} infrastructure failures; last: {why}", t.infra_failures),
+                message: format!(
+                    "gave up after {} infrastructure failures; last: {why}",
+                    t.infra_failures
+                ),
                 ..failure
             });
         } else {

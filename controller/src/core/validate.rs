@@ -90,7 +90,9 @@ fn check_map(
             return Err(Error::invalid(format!("{field}[{k:?}] is too long")));
         }
         if k.contains('\0') || v.contains('\0') {
-            return Err(Error::invalid(format!("{field}[{k:?}] contains a NUL byte")));
+            return Err(Error::invalid(format!(
+                "{field}[{k:?}] contains a NUL byte"
+            )));
         }
         if env && k.contains('=') {
             return Err(Error::invalid(format!(
@@ -106,7 +108,11 @@ pub(crate) fn id(kind: &str, id: &str) -> Result<()> {
     if id.is_empty() {
         return Err(Error::invalid(format!("{kind} id is required")));
     }
-    if id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if id.len() > 128
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         return Err(Error::invalid(format!(
             "{kind} id {id:?} is malformed (expected letters, digits, '-' or '_')"
         )));
@@ -152,7 +158,12 @@ mod tests {
         let cfg = ControllerConfig::default();
         let mut s = shell(&["true"]);
         s.env.insert("A=B".into(), "x".into());
-        assert!(task_spec(&mut s, &cfg).unwrap_err().to_string().contains("'='"));
+        assert!(
+            task_spec(&mut s, &cfg)
+                .unwrap_err()
+                .to_string()
+                .contains("'='")
+        );
     }
 
     #[test]

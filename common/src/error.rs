@@ -44,9 +44,22 @@ pub enum Error {
     /// A compare-and-swap lost to a concurrent writer.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// This controller is not the leader; `leader` is where to go instead (if known).
+    #[error("{}", not_leader_message(.leader))]
+    NotLeader {
+        /// The leader's gRPC address, when one is elected.
+        leader: Option<String>,
+    },
     /// A bug or an unexpected failure.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn not_leader_message(leader: &Option<String>) -> String {
+    match leader {
+        Some(l) => format!("this controller is not the leader; the leader is at {l} (metadata {LEADER_KEY})", LEADER_KEY = crate::LEADER_METADATA_KEY),
+        None => "this controller is not the leader and no leader is elected yet; retry shortly".into(),
+    }
 }
 
 impl Error {
@@ -78,7 +91,7 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::Unavailable(_) => Code::Unavailable,
+            Error::Unavailable(_) | Error::NotLeader { .. } => Code::Unavailable,
             Error::Conflict(_) => Code::Aborted,
             Error::Internal(_) => Code::Internal,
         }
@@ -87,8 +100,25 @@ impl Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        Status::new(e.code(), e.to_string())
+        let mut status = Status::new(e.code(), e.to_string());
+        if let Error::NotLeader { leader: Some(l) } = &e
+            && let Ok(v) = l.parse()
+        {
+            status.metadata_mut().insert(crate::LEADER_METADATA_KEY, v);
+        }
+        status
     }
+}
+
+/// The leader address carried by a redirect status, if any.
+pub fn leader_hint(s: &Status) -> Option<String> {
+    if s.code() != Code::Unavailable {
+        return None;
+    }
+    s.metadata()
+        .get(crate::LEADER_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 impl From<Status> for Error {
@@ -105,6 +135,9 @@ impl From<Status> for Error {
             Code::Unauthenticated => Error::Unauthenticated(msg),
             Code::PermissionDenied => Error::PermissionDenied(msg),
             Code::ResourceExhausted => Error::ResourceExhausted(msg),
+            Code::Unavailable if leader_hint(&s).is_some() => Error::NotLeader {
+                leader: leader_hint(&s),
+            },
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Error::Unavailable(msg),
             Code::Aborted => Error::Conflict(msg),
             _ => Error::Internal(format!("{}: {msg}", s.code())),
@@ -136,6 +169,16 @@ mod tests {
             let status: Status = e.into();
             assert_eq!(status.code(), code);
         }
+    }
+
+    #[test]
+    fn not_leader_carries_the_leader_address_in_metadata() {
+        let s: Status = Error::NotLeader { leader: Some("10.0.0.2:7400".into()) }.into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(leader_hint(&s).as_deref(), Some("10.0.0.2:7400"));
+        assert!(matches!(Error::from(s), Error::NotLeader { leader: Some(_) }));
+        let s: Status = Error::NotLeader { leader: None }.into();
+        assert_eq!(leader_hint(&s), None);
     }
 
     #[test]

@@ -34,6 +34,12 @@ pub struct ControllerConfig {
     pub max_message_bytes: usize,
     /// Most tasks waiting in the queue; submits beyond get `RESOURCE_EXHAUSTED`.
     pub max_queued_tasks: usize,
+    /// TTL of the leader's lease: a dead leader is replaced within about this long
+    /// (milliseconds).
+    pub leader_lease_ttl_ms: u64,
+    /// Address other controllers, workers and clients are redirected to when this
+    /// controller leads (default: the listen address).
+    pub advertise_addr: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -49,6 +55,8 @@ impl Default for ControllerConfig {
             default_max_infra_retries: 3,
             max_message_bytes: scabbard_common::client::MAX_MESSAGE_BYTES,
             max_queued_tasks: 1_000_000,
+            leader_lease_ttl_ms: 5_000,
+            advertise_addr: None,
         }
     }
 }
@@ -85,6 +93,14 @@ impl ControllerConfig {
         if self.max_message_bytes < 4096 {
             return Err(Error::invalid("max_message_bytes must be at least 4096"));
         }
+        if self.leader_lease_ttl_ms < 1_000 {
+            return Err(Error::invalid("leader_lease_ttl_ms must be at least 1000"));
+        }
+        if let Some(a) = &self.advertise_addr
+            && a.trim().is_empty()
+        {
+            return Err(Error::invalid("advertise_addr must not be empty when set"));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(Error::invalid("data_dir must not be empty"));
         }
@@ -94,6 +110,11 @@ impl ControllerConfig {
     /// Heartbeat interval as a duration.
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    /// Leader lease TTL as a duration.
+    pub fn leader_lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.leader_lease_ttl_ms)
     }
 
     /// Agent lease TTL (grace period) as a duration.

@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod core;
+pub mod leader;
 pub mod logstore;
 pub mod server;
 mod session;

@@ -11,12 +11,15 @@ use scabbard_common::proto::{
 };
 use scabbard_common::{Error, Result};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::{AdminApi, AgentApi, TaskApi};
 use crate::config::ControllerConfig;
-use crate::core::{self, CoreHandle};
+use crate::core::persist::Fence;
+use crate::core::{self, CoreRouter, Route};
+use crate::leader;
 use crate::logstore::LogStore;
 use crate::store::{EmbeddedStore, Store};
 
@@ -55,12 +58,27 @@ pub async fn serve(
     cfg.validate()?;
     let cfg = Arc::new(cfg);
     let logs = LogStore::open(&cfg.data_dir.join("logs"))?;
-    let core_stop = CancellationToken::new();
-    let (core, core_task) =
-        core::start(cfg.clone(), store, logs.clone(), core_stop.clone()).await?;
     let addr = listener.local_addr()?;
-    let router = router(&cfg, core, logs.clone())?;
-    info!(%addr, "controller serving");
+    let advertise = cfg.advertise_addr.clone().unwrap_or_else(|| addr.to_string());
+    let (route, router_handle) = CoreRouter::new(Route::Follower(None));
+    let leading = tokio::spawn(lead_when_elected(
+        cfg.clone(),
+        store,
+        logs.clone(),
+        advertise.clone(),
+        route,
+        shutdown.clone(),
+    ));
+    // Serve once the first election settled (leading, or knowing the leader), so the first
+    // calls do not bounce; give up waiting after two lease TTLs (health says NOT_SERVING).
+    let mut settled = router_handle.watch();
+    let _ = tokio::time::timeout(
+        cfg.leader_lease_ttl() * 2,
+        settled.wait_for(|r| !matches!(r, Route::Follower(None))),
+    )
+    .await;
+    let router = router(&cfg, router_handle, logs.clone())?;
+    info!(%addr, %advertise, "controller serving");
     // Nagle off on accepted sockets: small stream messages must not wait for delayed ACKs.
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -73,37 +91,81 @@ pub async fn serve(
     let served = tokio::select! {
         r = &mut server => r,
         _ = shutdown.cancelled() => {
-            // Stop the core so long-lived streams end, then give calls a deadline.
-            core_stop.cancel();
+            // The core stops with `shutdown`, so long-lived streams end; calls get a deadline.
             match tokio::time::timeout(DRAIN_DEADLINE, &mut server).await {
                 Ok(r) => r,
                 Err(_) => Ok(()),
             }
         }
     };
-    core_stop.cancel();
-    let _ = core_task.await;
+    shutdown.cancel();
+    let _ = leading.await;
     logs.sync_all().await?;
     info!(%addr, "controller stopped");
     served.map_err(|e| Error::Unavailable(format!("gRPC server on {addr}: {e}")))
 }
 
+/// Campaigns for leadership; while leading runs the core and routes requests to it, and
+/// stops it (requests get redirected) as soon as leadership is lost.
+async fn lead_when_elected(
+    cfg: Arc<ControllerConfig>,
+    store: Arc<dyn Store>,
+    logs: Arc<LogStore>,
+    advertise: String,
+    route: watch::Sender<Route>,
+    shutdown: CancellationToken,
+) {
+    let ttl = cfg.leader_lease_ttl();
+    while let Some(lead) = leader::campaign(store.clone(), &advertise, ttl, &route, &shutdown).await {
+        let core_stop = CancellationToken::new();
+        let fence = Fence { compare: lead.fence.clone(), lost: lead.lost.clone() };
+        match core::start(cfg.clone(), store.clone(), logs.clone(), core_stop.clone(), Some(fence)).await {
+            Ok((core, task)) => {
+                route.send_replace(Route::Active(core));
+                tokio::select! {
+                    _ = lead.lost.cancelled() => warn!("leadership lost: stopping the core"),
+                    _ = shutdown.cancelled() => {}
+                }
+                route.send_replace(Route::Follower(None));
+                core_stop.cancel();
+                let _ = task.await;
+            }
+            Err(e) => {
+                warn!(error = %e, "could not start the core; resigning");
+            }
+        }
+        lead.resign(store.as_ref()).await;
+        if shutdown.is_cancelled() {
+            break;
+        }
+    }
+}
+
 fn router(
     cfg: &Arc<ControllerConfig>,
-    core: CoreHandle,
+    core: CoreRouter,
     logs: Arc<LogStore>,
 ) -> Result<tonic::transport::server::Router> {
     let max = cfg.max_message_bytes;
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    // The reporter only marks services; it is cheap to keep for the lifetime of the server.
-    let reporter = health.clone();
+    let (reporter, health_svc) = tonic_health::server::health_reporter();
+    // SERVING while this controller leads or knows the leader to redirect to; NOT_SERVING
+    // while no leader is known (e.g. the store is unreachable).
+    let mut routes = core.watch();
     tokio::spawn(async move {
-        reporter.set_serving::<TaskServiceServer<TaskApi>>().await;
-        reporter.set_serving::<AgentServiceServer<AgentApi>>().await;
-        reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        loop {
+            let serving = !matches!(&*routes.borrow_and_update(), Route::Follower(None));
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for name in ["", "scabbard.v1.TaskService", "scabbard.v1.AgentService", "scabbard.v1.AdminService"] {
+                reporter.set_service_status(name, status).await;
+            }
+            if routes.changed().await.is_err() {
+                return;
+            }
+        }
     });
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)

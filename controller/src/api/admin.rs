@@ -6,11 +6,11 @@ use scabbard_common::proto::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::core::{CoreHandle, CoreMsg, validate};
+use crate::core::{CoreMsg, CoreRouter, validate};
 
 /// Implementation of `scabbard.v1.AdminService`.
 pub struct AdminApi {
-    pub(crate) core: CoreHandle,
+    pub(crate) core: CoreRouter,
 }
 
 #[tonic::async_trait]

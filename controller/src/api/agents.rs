@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth;
 use crate::config::ControllerConfig;
-use crate::core::{CoreHandle, CoreMsg, validate};
+use crate::core::{CoreMsg, CoreRouter, validate};
 use crate::logstore::LogStore;
 use crate::session::SessionActor;
 
@@ -25,7 +25,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Implementation of `scabbard.v1.AgentService`.
 pub struct AgentApi {
-    pub(crate) core: CoreHandle,
+    pub(crate) core: CoreRouter,
     pub(crate) logs: Arc<LogStore>,
     pub(crate) cfg: Arc<ControllerConfig>,
 }
@@ -114,8 +114,9 @@ impl AgentService for AgentApi {
         };
         let (core_tx, core_rx) = mpsc::channel::<ControllerMessage>(4096);
         let token_hash = auth::token_hash(&token);
-        let attached = self
-            .core
+        // The session stays with this core even if leadership moves on.
+        let core = self.core.current()?;
+        let attached = core
             .ask(|reply| CoreMsg::Attach {
                 token_hash,
                 hello,
@@ -124,7 +125,7 @@ impl AgentService for AgentApi {
             })
             .await?;
         let (out_tx, out_rx) = mpsc::channel(1024);
-        let actor = SessionActor::new(self.core.clone(), self.logs.clone(), &attached, out_tx);
+        let actor = SessionActor::new(core, self.logs.clone(), &attached, out_tx);
         tokio::spawn(actor.run(attached, inbound, core_rx));
         Ok(Response::new(ReceiverStream::new(out_rx)))
     }

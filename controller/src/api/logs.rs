@@ -9,13 +9,13 @@ use scabbard_common::{Error, Result, is_final};
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
-use crate::core::{CoreHandle, CoreMsg};
+use crate::core::{CoreMsg, CoreRouter};
 use crate::logstore::LogStore;
 
 const PAGE: usize = 512;
 
 pub(super) struct Follower {
-    pub(super) core: CoreHandle,
+    pub(super) core: CoreRouter,
     pub(super) logs: Arc<LogStore>,
     pub(super) task_id: String,
     pub(super) follow_latest: bool,

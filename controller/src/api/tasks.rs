@@ -14,7 +14,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::core::{CoreHandle, CoreMsg, validate};
+use crate::core::{CoreMsg, CoreRouter, validate};
 use crate::logstore::LogStore;
 
 /// Server-stream type used by the streaming methods.
@@ -22,7 +22,7 @@ pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Se
 
 /// Implementation of `scabbard.v1.TaskService`.
 pub struct TaskApi {
-    pub(crate) core: CoreHandle,
+    pub(crate) core: CoreRouter,
     pub(crate) logs: Arc<LogStore>,
 }
 

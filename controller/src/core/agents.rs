@@ -16,6 +16,8 @@ use tracing::{info, warn};
 
 use super::{AGENT_PREFIX, AgentEntry, Attached, Conn, Reply, State, agent_effect, reply_effect};
 
+static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl State {
     pub(super) async fn register(&mut self, stored: StoredAgent, reply: Reply<()>) {
         let Some(agent) = stored.agent.clone() else {
@@ -68,8 +70,9 @@ impl State {
             ))));
             return;
         }
-        self.next_session += 1;
-        let session = self.next_session;
+        // Process-wide, so a session of an earlier core (before a leadership change) can
+        // never be mistaken for one of this core.
+        let session = NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(entry) = self.agents.get_mut(&agent_id) else {
             let _ = reply.send(Err(Error::internal(
                 "token index points to a missing agent",

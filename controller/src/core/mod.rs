@@ -22,7 +22,7 @@ use scabbard_common::proto::{
     Welcome, agent_message,
 };
 use scabbard_common::{Error, Result};
-use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -117,10 +117,55 @@ pub struct CoreStats {
     pub connected_agents: usize,
 }
 
-/// Cheap handle to the core actor.
+/// Cheap handle to one running core actor.
 #[derive(Clone)]
 pub struct CoreHandle {
     tx: mpsc::Sender<CoreMsg>,
+}
+
+/// Where requests go on this controller: the running core when it leads, otherwise a
+/// redirect to the leader. Services hold this; it follows leadership changes.
+#[derive(Clone)]
+pub struct CoreRouter {
+    slot: watch::Receiver<Route>,
+}
+
+/// The current route of a [`CoreRouter`].
+#[derive(Clone)]
+pub enum Route {
+    /// This controller leads; its core serves.
+    Active(CoreHandle),
+    /// Another controller leads (address if known).
+    Follower(Option<String>),
+}
+
+impl CoreRouter {
+    /// A router and the sender that switches it.
+    pub fn new(initial: Route) -> (watch::Sender<Route>, Self) {
+        let (tx, slot) = watch::channel(initial);
+        (tx, Self { slot })
+    }
+
+    /// Follows route changes.
+    pub fn watch(&self) -> watch::Receiver<Route> {
+        self.slot.clone()
+    }
+
+    /// The running core, or `NotLeader` with the leader's address.
+    pub fn current(&self) -> Result<CoreHandle> {
+        match &*self.slot.borrow() {
+            Route::Active(h) => Ok(h.clone()),
+            Route::Follower(leader) => Err(Error::NotLeader { leader: leader.clone() }),
+        }
+    }
+
+    pub(crate) async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> CoreMsg) -> Result<T> {
+        self.current()?.call(make).await
+    }
+
+    pub(crate) async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> CoreMsg) -> Result<T> {
+        self.current()?.ask(make).await
+    }
 }
 
 impl CoreHandle {
@@ -183,19 +228,23 @@ pub(crate) struct State {
     pub(crate) persister: Persister,
     pub(crate) events: broadcast::Sender<Arc<Task>>,
     pub(crate) logs: Arc<LogStore>,
-    pub(crate) next_session: u64,
     pub(crate) ids: ulid::Generator,
 }
 
 /// Starts the core: rebuilds state from `store`, then serves requests until `shutdown`.
-pub async fn start(
+///
+/// `fence`, when given, guards every write (the leader's compare); a refused write cancels
+/// `fence.lost`.
+pub(crate) async fn start(
     cfg: Arc<ControllerConfig>,
     store: Arc<dyn Store>,
     logs: Arc<LogStore>,
     shutdown: CancellationToken,
+    fence: Option<persist::Fence>,
 ) -> Result<(CoreHandle, tokio::task::JoinHandle<()>)> {
     let failed = Arc::new(Notify::new());
-    let (persister, _persist_task) = Persister::start(store.clone(), 4096, failed.clone());
+    let max_batch = 4096usize.min(store.max_txn_ops().saturating_sub(1)).max(1);
+    let (persister, _persist_task) = Persister::start(store.clone(), max_batch, failed.clone(), fence);
     let (events, _) = broadcast::channel(16 * 1024);
     let mut state = State {
         cfg,
@@ -208,7 +257,6 @@ pub async fn start(
         persister,
         events,
         logs,
-        next_session: 0,
         ids: ulid::Generator::new(),
     };
     state.recover().await?;

@@ -10,7 +10,16 @@ use scabbard_common::{Error, Result};
 use tokio::sync::{Notify, mpsc};
 use tracing::{error, warn};
 
-use crate::store::{Op, Store, Txn};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Compare, Op, Store, Txn};
+
+/// What guards every commit: the leader's fence, and the token to cancel when it fails.
+#[derive(Clone)]
+pub(crate) struct Fence {
+    pub(crate) compare: Compare,
+    pub(crate) lost: CancellationToken,
+}
 
 /// Runs after the write's batch committed (`Ok`) or failed (`Err`).
 pub(crate) type Effect = Box<dyn FnOnce(&Result<(), String>) + Send>;
@@ -36,9 +45,10 @@ impl Persister {
         store: Arc<dyn Store>,
         max_batch: usize,
         failed: Arc<Notify>,
+        fence: Option<Fence>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(64 * 1024);
-        let handle = tokio::spawn(run(store, rx, max_batch.max(1), failed));
+        let handle = tokio::spawn(run(store, rx, max_batch.max(1), failed, fence));
         (Self { tx }, handle)
     }
 
@@ -56,6 +66,7 @@ async fn run(
     mut rx: mpsc::Receiver<Write>,
     max_batch: usize,
     failed: Arc<Notify>,
+    fence: Option<Fence>,
 ) {
     let mut batch: Vec<Write> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.recv().await {
@@ -67,7 +78,7 @@ async fn run(
             }
         }
         let ops = ops_for(&batch);
-        let result = commit(store.as_ref(), ops).await;
+        let result = commit(store.as_ref(), ops, fence.as_ref()).await;
         if let Err(e) = &result {
             error!(error = %e, writes = batch.len(), "store commit failed; the core will resync");
             failed.notify_one();
@@ -101,16 +112,22 @@ fn ops_for(batch: &[Write]) -> Vec<Op> {
     ops
 }
 
-async fn commit(store: &dyn Store, ops: Vec<Op>) -> Result<(), String> {
+async fn commit(store: &dyn Store, ops: Vec<Op>, fence: Option<&Fence>) -> Result<(), String> {
     let mut attempt = 0u32;
     loop {
         let txn = Txn {
-            compares: Vec::new(),
+            compares: fence.iter().map(|f| f.compare.clone()).collect(),
             success: ops.clone(),
             failure: Vec::new(),
         };
         match store.txn(txn).await {
-            Ok(_) => return Ok(()),
+            Ok(r) if r.succeeded => return Ok(()),
+            Ok(_) => {
+                if let Some(f) = fence {
+                    f.lost.cancel();
+                }
+                return Err("this controller is no longer the leader (fenced write refused)".into());
+            }
             Err(e @ Error::Unavailable(_)) if attempt < 3 => {
                 attempt += 1;
                 warn!(error = %e, attempt, "store unavailable; retrying commit");

@@ -234,6 +234,11 @@ pub trait Store: Send + Sync + 'static {
     /// Ok when the store can serve reads and writes.
     async fn health(&self) -> Result<()>;
 
+    /// Most operations (compares + ops) one transaction may carry (etcd: 128 by default).
+    fn max_txn_ops(&self) -> usize {
+        usize::MAX
+    }
+
     /// Convenience: unconditional put; returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64> {
         let r = self

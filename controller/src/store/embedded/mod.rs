@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::lease::{LeaseTable, lock, ttl_millis};
 use self::record::{
-    INITIAL_REVISION, KV, MAX_KEY_BYTES, MAX_VALUE_BYTES, META, META_REVISION, Record, read_err,
-    storage_err,
+    INITIAL_REVISION, KV, MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_VALUE_BYTES, META, META_REVISION,
+    Record, read_err, storage_err,
 };
 use self::wal::Wal;
 use self::watch::WatchHub;
@@ -405,6 +405,12 @@ fn validate(txn: &Txn) -> Result<()> {
             }
             Op::Delete { key } | Op::Get { key } => check_key(key)?,
         }
+    }
+    let size = writer::txn_bytes(txn);
+    if size > MAX_TXN_BYTES {
+        return Err(Error::ResourceExhausted(format!(
+            "transaction of {size} bytes exceeds the {MAX_TXN_BYTES}-byte limit"
+        )));
     }
     Ok(())
 }

@@ -29,6 +29,11 @@ pub(super) const MAX_KEY_BYTES: usize = 64 * 1024;
 /// Largest value accepted, in bytes (etcd's default request limit).
 pub(super) const MAX_VALUE_BYTES: usize = 1536 * 1024;
 
+/// Largest transaction accepted (keys and values of both branches), in bytes.
+pub(super) const MAX_TXN_BYTES: usize = 32 * 1024 * 1024;
+/// The writer stops adding requests to a batch past this many bytes.
+pub(super) const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+
 /// Header: create_revision, mod_revision, version, lease, each an i64 little-endian.
 const HEADER_BYTES: usize = 32;
 

@@ -25,9 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::Shared;
 use super::batch::{Batch, Outcome};
 use super::lease::lock;
-use super::record::storage_err;
+use super::record::{MAX_BATCH_BYTES, storage_err};
 use super::wal::{MutationLog, Wal};
-use crate::store::{LeaseId, Txn, TxnResponse};
+use crate::store::{LeaseId, Op, Txn, TxnResponse};
 
 /// A write for the writer thread.
 pub(super) enum Request {
@@ -48,6 +48,32 @@ pub(super) enum Request {
     },
     /// Reap every expired lease (sent by the expiry thread; nobody waits for it).
     Expire,
+}
+
+impl Request {
+    /// Rough size, to bound a batch.
+    fn bytes(&self) -> usize {
+        match self {
+            Request::Txn { txn, .. } => txn_bytes(txn),
+            _ => 16,
+        }
+    }
+}
+
+/// Bytes of keys and values in a transaction.
+pub(super) fn txn_bytes(txn: &Txn) -> usize {
+    let op = |op: &Op| match op {
+        Op::Put { key, value, .. } => key.len() + value.len() + 32,
+        Op::Delete { key } | Op::Get { key } => key.len() + 8,
+    };
+    let compares: usize = txn.compares.iter().map(|c| c.key.len() + 16).sum();
+    compares
+        + txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .map(op)
+            .sum::<usize>()
 }
 
 /// A computed answer, sent only once its batch is durable.
@@ -140,10 +166,14 @@ impl Writer {
     fn run(mut self) {
         let mut requests = Vec::with_capacity(self.config.max_batch);
         while let Some(first) = self.rx.blocking_recv() {
+            let mut bytes = first.bytes();
             requests.push(first);
-            while requests.len() < self.config.max_batch {
+            while requests.len() < self.config.max_batch && bytes < MAX_BATCH_BYTES {
                 match self.rx.try_recv() {
-                    Ok(r) => requests.push(r),
+                    Ok(r) => {
+                        bytes += r.bytes();
+                        requests.push(r);
+                    }
                     Err(_) => break,
                 }
             }

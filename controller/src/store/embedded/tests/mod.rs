@@ -375,5 +375,15 @@ async fn bad_input_is_rejected_not_panicked_on() {
         Err(Error::InvalidArgument(_))
     ));
     assert!(store.get(&"x".repeat(100_000)).await.unwrap().is_none());
+    let huge = Txn {
+        success: (0..30)
+            .map(|i| Op::put(format!("huge/{i}"), vec![0; 1_200_000]))
+            .collect(),
+        ..Txn::default()
+    };
+    assert!(matches!(
+        store.txn(huge).await,
+        Err(Error::ResourceExhausted(_))
+    ));
     store.health().await.unwrap();
 }

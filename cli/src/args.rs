@@ -33,12 +33,17 @@ pub(crate) enum Command {
     /// Inspect and drain agents.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Cluster status: leader, controllers, store health, queue depths.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 /// Where the controller is.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct Target {
-    /// Controller address.
+    /// Controller address; several (comma-separated) to find the leader among them.
     #[arg(long, env = "SCABBARD_CONTROLLER", default_value = "127.0.0.1:7400")]
     pub(crate) controller: String,
 }
@@ -89,7 +94,7 @@ pub(crate) struct WorkerArgs {
     /// TOML config file (flags and env override it).
     #[arg(long, env = "SCABBARD_WORKER_CONFIG")]
     pub(crate) config: Option<PathBuf>,
-    /// Controller address.
+    /// Controller address(es), comma-separated; the worker follows the leader.
     #[arg(long, env = "SCABBARD_CONTROLLER")]
     pub(crate) controller: Option<String>,
     /// Registration token (first start only).

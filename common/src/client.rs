@@ -44,6 +44,53 @@ pub async fn connect(addr: &str) -> Result<Channel> {
         .map_err(|e| Error::Unavailable(format!("cannot reach controller at {addr}: {e}")))
 }
 
+/// Splits a comma-separated list of controller addresses.
+pub fn addresses(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Connects to the leading controller, given one or more controller addresses
+/// (comma-separated): asks the first reachable one for the cluster status and follows it to
+/// the leader. With no leader elected yet, returns the reachable controller (its answers
+/// then say so).
+pub async fn connect_leader(list: &str) -> Result<Channel> {
+    let addrs = addresses(list);
+    if addrs.is_empty() {
+        return Err(Error::invalid(
+            "no controller address given (--controller host:port[,host:port…])",
+        ));
+    }
+    let mut last = None;
+    for addr in &addrs {
+        let channel = match connect(addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = Some(e);
+                continue;
+            }
+        };
+        let status = AdminServiceClient::new(channel.clone())
+            .cluster_status(crate::proto::ClusterStatusRequest {})
+            .await;
+        match status {
+            Ok(s) => {
+                let s = s.into_inner();
+                if s.answered_by_leader || s.leader.is_empty() || s.leader == s.answered_by {
+                    return Ok(channel);
+                }
+                return connect(&s.leader).await;
+            }
+            Err(e) if e.code() == tonic::Code::Unimplemented => return Ok(channel),
+            Err(e) => last = Some(e.into()),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Unavailable("no controller reachable".into())))
+}
+
 /// Adds `authorization: Bearer <token>` to a request when a token is given.
 pub fn with_token<T>(mut req: tonic::Request<T>, token: Option<&str>) -> Result<tonic::Request<T>> {
     if let Some(t) = token {

@@ -57,8 +57,13 @@ pub enum Error {
 
 fn not_leader_message(leader: &Option<String>) -> String {
     match leader {
-        Some(l) => format!("this controller is not the leader; the leader is at {l} (metadata {LEADER_KEY})", LEADER_KEY = crate::LEADER_METADATA_KEY),
-        None => "this controller is not the leader and no leader is elected yet; retry shortly".into(),
+        Some(l) => format!(
+            "this controller is not the leader; the leader is at {l} (metadata {LEADER_KEY})",
+            LEADER_KEY = crate::LEADER_METADATA_KEY
+        ),
+        None => {
+            "this controller is not the leader and no leader is elected yet; retry shortly".into()
+        }
     }
 }
 
@@ -173,10 +178,16 @@ mod tests {
 
     #[test]
     fn not_leader_carries_the_leader_address_in_metadata() {
-        let s: Status = Error::NotLeader { leader: Some("10.0.0.2:7400".into()) }.into();
+        let s: Status = Error::NotLeader {
+            leader: Some("10.0.0.2:7400".into()),
+        }
+        .into();
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(leader_hint(&s).as_deref(), Some("10.0.0.2:7400"));
-        assert!(matches!(Error::from(s), Error::NotLeader { leader: Some(_) }));
+        assert!(matches!(
+            Error::from(s),
+            Error::NotLeader { leader: Some(_) }
+        ));
         let s: Status = Error::NotLeader { leader: None }.into();
         assert_eq!(leader_hint(&s), None);
     }

@@ -52,7 +52,10 @@ pub async fn campaign(
     route: &watch::Sender<Route>,
     shutdown: &CancellationToken,
 ) -> Option<Leadership> {
-    let backoff = Backoff { max: ttl / 2, ..Backoff::default() };
+    let backoff = Backoff {
+        max: ttl / 2,
+        ..Backoff::default()
+    };
     let mut failures = 0;
     loop {
         if shutdown.is_cancelled() {
@@ -88,12 +91,18 @@ async fn try_lead(
     ttl: Duration,
 ) -> Result<std::result::Result<Leadership, (String, i64)>> {
     let lease = store.lease_grant(ttl).await?;
-    let put = Op::Put { key: LEADER_KEY.into(), value: advertise.as_bytes().to_vec(), lease };
+    let put = Op::Put {
+        key: LEADER_KEY.into(),
+        value: advertise.as_bytes().to_vec(),
+        lease,
+    };
     let r = store
         .txn(Txn {
             compares: vec![Compare::absent(LEADER_KEY)],
             success: vec![put.clone()],
-            failure: vec![Op::Get { key: LEADER_KEY.into() }],
+            failure: vec![Op::Get {
+                key: LEADER_KEY.into(),
+            }],
         })
         .await?;
     let revision = if r.succeeded {
@@ -101,7 +110,11 @@ async fn try_lead(
     } else {
         let current = match r.results.first() {
             Some(OpResult::Get(Some(kv))) => kv.clone(),
-            _ => return Err(Error::internal("election: leader key vanished mid-transaction")),
+            _ => {
+                return Err(Error::internal(
+                    "election: leader key vanished mid-transaction",
+                ));
+            }
         };
         let holder = String::from_utf8_lossy(&current.value).into_owned();
         if holder != advertise {
@@ -130,7 +143,12 @@ async fn try_lead(
     };
     let lost = CancellationToken::new();
     let keepalive = tokio::spawn(keep_alive(store.clone(), lease, ttl, lost.clone()));
-    Ok(Ok(Leadership { lease, fence, lost, keepalive }))
+    Ok(Ok(Leadership {
+        lease,
+        fence,
+        lost,
+        keepalive,
+    }))
 }
 
 /// Renews the lease every ttl/3; declares leadership lost when renewal fails for 2/3 of
@@ -196,19 +214,31 @@ mod tests {
         let (route_a, _) = watch::channel(Route::Follower(None));
         let (route_b, mut rx_b) = watch::channel(Route::Follower(None));
         let ttl = Duration::from_secs(2);
-        let a = campaign(store.clone(), "a:1", ttl, &route_a, &stop).await.expect("a leads");
+        let a = campaign(store.clone(), "a:1", ttl, &route_a, &stop)
+            .await
+            .expect("a leads");
         let b = tokio::spawn({
             let store = store.clone();
             let stop = stop.clone();
             async move { campaign(store, "b:1", ttl, &route_b, &stop).await }
         });
-        rx_b.wait_for(|r| matches!(r, Route::Follower(Some(l)) if l == "a:1")).await.unwrap();
+        rx_b.wait_for(|r| matches!(r, Route::Follower(Some(l)) if l == "a:1"))
+            .await
+            .unwrap();
         assert!(!b.is_finished());
         a.resign(store.as_ref()).await;
-        let b = tokio::time::timeout(Duration::from_secs(5), b).await.unwrap().unwrap().expect("b leads");
+        let b = tokio::time::timeout(Duration::from_secs(5), b)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("b leads");
         // A's fence no longer holds.
         let r = store
-            .txn(Txn { compares: vec![b.fence.clone()], success: vec![], failure: vec![] })
+            .txn(Txn {
+                compares: vec![b.fence.clone()],
+                success: vec![],
+                failure: vec![],
+            })
             .await
             .unwrap();
         assert!(r.succeeded);
@@ -222,14 +252,23 @@ mod tests {
         let stop = CancellationToken::new();
         let (route, _) = watch::channel(Route::Follower(None));
         let ttl = Duration::from_secs(30);
-        let first = campaign(store.clone(), "me:1", ttl, &route, &stop).await.unwrap();
-        first.keepalive.abort(); // "crash" without resigning
-        let second = tokio::time::timeout(Duration::from_secs(2), campaign(store.clone(), "me:1", ttl, &route, &stop))
+        let first = campaign(store.clone(), "me:1", ttl, &route, &stop)
             .await
-            .unwrap()
             .unwrap();
+        first.keepalive.abort(); // "crash" without resigning
+        let second = tokio::time::timeout(
+            Duration::from_secs(2),
+            campaign(store.clone(), "me:1", ttl, &route, &stop),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         let stale = store
-            .txn(Txn { compares: vec![first.fence.clone()], success: vec![], failure: vec![] })
+            .txn(Txn {
+                compares: vec![first.fence.clone()],
+                success: vec![],
+                failure: vec![],
+            })
             .await
             .unwrap();
         assert!(!stale.succeeded, "the old incarnation's fence must fail");

@@ -12,6 +12,7 @@ pub mod config;
 pub mod core;
 pub mod leader;
 pub mod logstore;
+pub mod membership;
 pub mod server;
 mod session;
 pub mod store;

@@ -59,11 +59,14 @@ pub async fn serve(
     let cfg = Arc::new(cfg);
     let logs = LogStore::open(&cfg.data_dir.join("logs"))?;
     let addr = listener.local_addr()?;
-    let advertise = cfg.advertise_addr.clone().unwrap_or_else(|| addr.to_string());
+    let advertise = cfg
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| addr.to_string());
     let (route, router_handle) = CoreRouter::new(Route::Follower(None));
     let leading = tokio::spawn(lead_when_elected(
         cfg.clone(),
-        store,
+        store.clone(),
         logs.clone(),
         advertise.clone(),
         route,
@@ -77,7 +80,19 @@ pub async fn serve(
         settled.wait_for(|r| !matches!(r, Route::Follower(None))),
     )
     .await;
-    let router = router(&cfg, router_handle, logs.clone())?;
+    let members = tokio::spawn(crate::membership::keep_membership(
+        store.clone(),
+        advertise.clone(),
+        cfg.leader_lease_ttl(),
+        shutdown.clone(),
+    ));
+    let router = router(
+        &cfg,
+        router_handle,
+        logs.clone(),
+        store.clone(),
+        advertise.clone(),
+    )?;
     info!(%addr, %advertise, "controller serving");
     // Nagle off on accepted sockets: small stream messages must not wait for delayed ACKs.
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
@@ -100,6 +115,7 @@ pub async fn serve(
     };
     shutdown.cancel();
     let _ = leading.await;
+    let _ = members.await;
     logs.sync_all().await?;
     info!(%addr, "controller stopped");
     served.map_err(|e| Error::Unavailable(format!("gRPC server on {addr}: {e}")))
@@ -116,10 +132,22 @@ async fn lead_when_elected(
     shutdown: CancellationToken,
 ) {
     let ttl = cfg.leader_lease_ttl();
-    while let Some(lead) = leader::campaign(store.clone(), &advertise, ttl, &route, &shutdown).await {
+    while let Some(lead) = leader::campaign(store.clone(), &advertise, ttl, &route, &shutdown).await
+    {
         let core_stop = CancellationToken::new();
-        let fence = Fence { compare: lead.fence.clone(), lost: lead.lost.clone() };
-        match core::start(cfg.clone(), store.clone(), logs.clone(), core_stop.clone(), Some(fence)).await {
+        let fence = Fence {
+            compare: lead.fence.clone(),
+            lost: lead.lost.clone(),
+        };
+        match core::start(
+            cfg.clone(),
+            store.clone(),
+            logs.clone(),
+            core_stop.clone(),
+            Some(fence),
+        )
+        .await
+        {
             Ok((core, task)) => {
                 route.send_replace(Route::Active(core));
                 tokio::select! {
@@ -145,6 +173,8 @@ fn router(
     cfg: &Arc<ControllerConfig>,
     core: CoreRouter,
     logs: Arc<LogStore>,
+    store: Arc<dyn Store>,
+    advertise: String,
 ) -> Result<tonic::transport::server::Router> {
     let max = cfg.max_message_bytes;
     let (reporter, health_svc) = tonic_health::server::health_reporter();
@@ -159,7 +189,12 @@ fn router(
             } else {
                 tonic_health::ServingStatus::NotServing
             };
-            for name in ["", "scabbard.v1.TaskService", "scabbard.v1.AgentService", "scabbard.v1.AdminService"] {
+            for name in [
+                "",
+                "scabbard.v1.TaskService",
+                "scabbard.v1.AgentService",
+                "scabbard.v1.AdminService",
+            ] {
                 reporter.set_service_status(name, status).await;
             }
             if routes.changed().await.is_err() {
@@ -190,9 +225,13 @@ fn router(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let admin = AdminServiceServer::new(AdminApi { core })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let admin = AdminServiceServer::new(AdminApi {
+        core,
+        store,
+        advertise,
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     Ok(tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

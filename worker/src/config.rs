@@ -11,7 +11,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// Controller address (`host:port` or URL).
+    /// Controller address (`host:port` or URL); several, comma-separated, for a cluster
+    /// (the worker follows redirects to the leader).
     pub controller: String,
     /// Registration token (needed for the first start; later the agent token in
     /// `data_dir` is used).
@@ -65,7 +66,9 @@ impl WorkerConfig {
                 "controller address is required (--controller)",
             ));
         }
-        scabbard_common::client::endpoint(&self.controller)?;
+        for addr in scabbard_common::client::addresses(&self.controller) {
+            scabbard_common::client::endpoint(&addr)?;
+        }
         if self.slots == 0 || self.slots > 4096 {
             return Err(Error::invalid(format!(
                 "slots must be 1..=4096, got {}",

@@ -37,6 +37,8 @@ pub(crate) struct Connection {
     pub(crate) runner: Arc<Runner>,
     pub(crate) outbox: mpsc::Receiver<AgentMessage>,
     pub(crate) draining: bool,
+    /// The controller this worker talks to now (the leader, once redirected).
+    pub(crate) target: String,
     /// Set once shutdown was asked: finish what runs, then stop (or at this instant).
     pub(crate) stop_at: Option<tokio::time::Instant>,
 }
@@ -61,7 +63,25 @@ impl Connection {
                     warn!(why, "agent token refused; registering again");
                     let _ = std::fs::remove_file(self.cfg.data_dir.join("identity"));
                 }
-                End::Lost(e) => warn!(error = %e, "controller connection lost"),
+                End::Lost(Error::NotLeader {
+                    leader: Some(leader),
+                }) if leader != self.target => {
+                    info!(%leader, "redirected to the leader");
+                    self.target = leader;
+                    continue;
+                }
+                End::Lost(e) => {
+                    warn!(controller = %self.target, error = %e, "controller connection lost");
+                    // Next time, try the next configured controller (it redirects if needed).
+                    let all = scabbard_common::client::addresses(&self.cfg.controller);
+                    if !welcomed && !all.is_empty() {
+                        let next = all
+                            .iter()
+                            .position(|a| *a == self.target)
+                            .map_or(0, |i| (i + 1) % all.len());
+                        self.target = all[next].clone();
+                    }
+                }
             }
             failures = if welcomed {
                 0
@@ -111,7 +131,7 @@ impl Connection {
                 "no agent identity in the data dir and no registration token (--registration-token or SCABBARD_REGISTRATION_TOKEN)".into(),
             ));
         }
-        let channel = client::connect(&self.cfg.controller).await?;
+        let channel = client::connect(&self.target).await?;
         let name = if self.cfg.name.is_empty() {
             hostname()
         } else {
@@ -162,7 +182,7 @@ impl Connection {
                 msg: Some(agent_message::Msg::Hello(hello)),
             })
             .await;
-        let channel = match client::connect(&self.cfg.controller).await {
+        let channel = match client::connect(&self.target).await {
             Ok(c) => c,
             Err(e) => return (End::Lost(e), false),
         };

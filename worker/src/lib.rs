@@ -49,7 +49,12 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
             "found attempts spooled by a previous run; they will be reported"
         );
     }
+    let target = scabbard_common::client::addresses(&cfg.controller)
+        .into_iter()
+        .next()
+        .unwrap_or_default();
     let conn = connection::Connection {
+        target,
         cfg,
         runner,
         outbox: outbox_rx,

@@ -19,6 +19,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Task(c) => tasks::task(c).await,
         Command::Logs(a) => tasks::logs(a).await,
         Command::Agents(c) => agents::agents(c).await,
+        Command::Status { target } => agents::status(target).await,
     }
 }
 

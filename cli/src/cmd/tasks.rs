@@ -40,7 +40,7 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
         labels: a.labels.into_iter().collect(),
         max_infra_retries: 0,
     };
-    let mut tasks = TaskServiceClient::new(client::connect(&a.target.controller).await?);
+    let mut tasks = TaskServiceClient::new(client::connect_leader(&a.target.controller).await?);
     let resp = tasks
         .submit(SubmitTaskRequest {
             spec: Some(spec),
@@ -144,7 +144,8 @@ async fn print_logs(
 pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
     match c {
         TaskCommand::Get { target, id } => {
-            let mut tasks = TaskServiceClient::new(client::connect(&target.controller).await?);
+            let mut tasks =
+                TaskServiceClient::new(client::connect_leader(&target.controller).await?);
             let t = tasks
                 .get(GetTaskRequest { id })
                 .await
@@ -167,7 +168,8 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let mut tasks = TaskServiceClient::new(client::connect(&target.controller).await?);
+            let mut tasks =
+                TaskServiceClient::new(client::connect_leader(&target.controller).await?);
             let resp = tasks
                 .list(ListTasksRequest {
                     states,
@@ -181,7 +183,8 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
             output::tasks(&resp.tasks);
         }
         TaskCommand::Cancel { target, id, reason } => {
-            let mut tasks = TaskServiceClient::new(client::connect(&target.controller).await?);
+            let mut tasks =
+                TaskServiceClient::new(client::connect_leader(&target.controller).await?);
             let t = tasks
                 .cancel(CancelTaskRequest { id, reason })
                 .await
@@ -202,7 +205,7 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
 }
 
 pub(crate) async fn logs(a: LogsArgs) -> Result<u8> {
-    let mut tasks = TaskServiceClient::new(client::connect(&a.target.controller).await?);
+    let mut tasks = TaskServiceClient::new(client::connect_leader(&a.target.controller).await?);
     print_logs(&mut tasks, &a.id, a.attempt, a.follow).await?;
     Ok(0)
 }

@@ -155,11 +155,16 @@ impl CoreRouter {
     pub fn current(&self) -> Result<CoreHandle> {
         match &*self.slot.borrow() {
             Route::Active(h) => Ok(h.clone()),
-            Route::Follower(leader) => Err(Error::NotLeader { leader: leader.clone() }),
+            Route::Follower(leader) => Err(Error::NotLeader {
+                leader: leader.clone(),
+            }),
         }
     }
 
-    pub(crate) async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> CoreMsg) -> Result<T> {
+    pub(crate) async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> CoreMsg,
+    ) -> Result<T> {
         self.current()?.call(make).await
     }
 
@@ -244,7 +249,8 @@ pub(crate) async fn start(
 ) -> Result<(CoreHandle, tokio::task::JoinHandle<()>)> {
     let failed = Arc::new(Notify::new());
     let max_batch = 4096usize.min(store.max_txn_ops().saturating_sub(1)).max(1);
-    let (persister, _persist_task) = Persister::start(store.clone(), max_batch, failed.clone(), fence);
+    let (persister, _persist_task) =
+        Persister::start(store.clone(), max_batch, failed.clone(), fence);
     let (events, _) = broadcast::channel(16 * 1024);
     let mut state = State {
         cfg,

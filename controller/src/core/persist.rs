@@ -126,7 +126,9 @@ async fn commit(store: &dyn Store, ops: Vec<Op>, fence: Option<&Fence>) -> Resul
                 if let Some(f) = fence {
                     f.lost.cancel();
                 }
-                return Err("this controller is no longer the leader (fenced write refused)".into());
+                return Err(
+                    "this controller is no longer the leader (fenced write refused)".into(),
+                );
             }
             Err(e @ Error::Unavailable(_)) if attempt < 3 => {
                 attempt += 1;

@@ -234,6 +234,11 @@ pub trait Store: Send + Sync + 'static {
     /// Ok when the store can serve reads and writes.
     async fn health(&self) -> Result<()>;
 
+    /// Backend name for status pages ("embedded", "etcd").
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
     /// Most operations (compares + ops) one transaction may carry (etcd: 128 by default).
     fn max_txn_ops(&self) -> usize {
         usize::MAX

@@ -2,7 +2,7 @@
 //! a candidate creates the leader key bound to its own lease only if the key is absent, keeps
 //! the lease alive while it leads, and everybody else watches the key until it disappears
 //! (the leader resigned, or its lease expired because it died). The leader's writes carry a
-//! compare on the key's create revision (the *fence*), so a deposed leader can never commit.
+//! compare on the key's mod revision (the *fence*), so a deposed leader can never commit.
 //!
 //! It works the same on etcd (several controllers) and on the embedded store (one).
 
@@ -121,11 +121,11 @@ async fn try_lead(
             let _ = store.lease_revoke(lease).await;
             return Ok(Err((holder, current.mod_revision)));
         }
-        // Our own key from before a restart: take it over.
+        // Our own key from before a restart: take it over (a new write, so a new fence).
         let r = store
             .txn(Txn {
                 compares: vec![Compare::mod_revision(LEADER_KEY, current.mod_revision)],
-                success: vec![Op::delete(LEADER_KEY), put],
+                success: vec![put],
                 failure: vec![],
             })
             .await?;
@@ -136,10 +136,12 @@ async fn try_lead(
         r.revision
     };
     info!(advertise, revision, "elected leader");
+    // Only elections write the leader key (renewals touch the lease, not the key), so its
+    // mod revision identifies this term.
     let fence = Compare {
         key: LEADER_KEY.into(),
         op: CmpOp::Equal,
-        target: CompareTarget::CreateRevision(revision),
+        target: CompareTarget::ModRevision(revision),
     };
     let lost = CancellationToken::new();
     let keepalive = tokio::spawn(keep_alive(store.clone(), lease, ttl, lost.clone()));

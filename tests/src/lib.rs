@@ -2,6 +2,7 @@
 //! ports, temp data dirs), a TCP proxy that can cut connections, and client helpers that
 //! wait on conditions with deadlines. Every child is killed when its handle drops.
 
+pub mod etcd;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader};

@@ -8,6 +8,7 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use scabbard_common::Result;
 use tokio::sync::mpsc;
 
 pub use embedded::EmbeddedStore;
+pub use etcd::{EtcdConfig, EtcdStore};
 
 /// A lease id (0 = none).
 pub type LeaseId = i64;
@@ -147,6 +149,7 @@ pub enum OpResult {
 }
 
 /// A compare-and-swap transaction: if every compare holds, run `success`, else `failure`.
+/// Portable transactions write each key at most once (etcd refuses more).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Txn {
     /// Guards.

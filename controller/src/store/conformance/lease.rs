@@ -75,17 +75,19 @@ pub async fn lease_revoke(store: &Arc<dyn Store>, prefix: &str) {
 pub async fn unknown_lease(store: &Arc<dyn Store>, prefix: &str) {
     let unknown: LeaseId = 0x3fff_ffff_ffff_fff1;
     let k = format!("{prefix}k");
+    let k2 = format!("{prefix}k2");
     let before = store.put(&k, b"before".to_vec()).await.expect("put");
     assert_not_found(
         store
             .txn(txn(
                 vec![],
-                vec![Op::put(&k, "partial"), put_leased(&k, b"x", unknown)],
+                vec![Op::put(&k, "partial"), put_leased(&k2, b"x", unknown)],
                 vec![],
             ))
             .await,
         "put with an unknown lease",
     );
+    assert_eq!(store.get(&k2).await.expect("get k2"), None);
     let kv = must_get(store, &k).await;
     assert_eq!(
         (kv.value.as_slice(), kv.mod_revision),

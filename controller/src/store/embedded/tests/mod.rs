@@ -30,6 +30,8 @@ pub(super) fn temp_store_with(options: EmbeddedOptions) -> (TempDir, Arc<Embedde
 async fn conformance_suite_passes() {
     let (_dir, store) = temp_store();
     conformance::run_all(store.clone()).await;
+    let dyn_store: Arc<dyn Store> = store.clone();
+    conformance::txn_sees_own_writes(&dyn_store, "own_writes/").await;
     store.close().await.expect("close");
 }
 

@@ -75,12 +75,39 @@ pub(crate) struct ControllerArgs {
     /// Token workers present to register (at least 16 characters).
     #[arg(long, env = "SCABBARD_REGISTRATION_TOKEN", hide_env_values = true)]
     pub(crate) registration_token: Option<String>,
-    /// State store backend: `embedded` (single node).
-    #[arg(long, env = "SCABBARD_STORE", default_value = "embedded")]
-    pub(crate) store: String,
-    /// etcd endpoints (with `--store etcd`), comma-separated.
+    /// State store backend: `embedded` (single node, default) or `etcd` (several controllers).
+    #[arg(long, env = "SCABBARD_STORE")]
+    pub(crate) store: Option<String>,
+    /// etcd client URLs (with `--store etcd`), comma-separated.
     #[arg(long, env = "SCABBARD_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub(crate) etcd_endpoints: Vec<String>,
+    /// etcd user name.
+    #[arg(long, env = "SCABBARD_ETCD_USERNAME")]
+    pub(crate) etcd_username: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "SCABBARD_ETCD_PASSWORD", hide_env_values = true)]
+    pub(crate) etcd_password: Option<String>,
+    /// CA bundle for etcd's TLS certificate.
+    #[arg(long)]
+    pub(crate) etcd_ca_file: Option<PathBuf>,
+    /// Client certificate for etcd (mutual TLS).
+    #[arg(long)]
+    pub(crate) etcd_cert_file: Option<PathBuf>,
+    /// Client key for etcd (mutual TLS).
+    #[arg(long)]
+    pub(crate) etcd_key_file: Option<PathBuf>,
+    /// Key prefix in etcd (default `/scabbard/`).
+    #[arg(long)]
+    pub(crate) etcd_namespace: Option<String>,
+    /// Address others are redirected to while this controller leads (default: --listen).
+    #[arg(long, env = "SCABBARD_ADVERTISE_ADDR")]
+    pub(crate) advertise_addr: Option<String>,
+    /// Task log directory (shared by all controllers of an etcd cluster).
+    #[arg(long, env = "SCABBARD_LOGS_DIR")]
+    pub(crate) logs_dir: Option<PathBuf>,
+    /// Leader lease TTL: a dead leader is replaced within about this long.
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub(crate) leader_lease_ttl: Option<std::time::Duration>,
     /// Agent lease / reconnect grace period.
     #[arg(long, value_parser = crate::duration::parse)]
     pub(crate) agent_lease_ttl: Option<std::time::Duration>,

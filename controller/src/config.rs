@@ -40,6 +40,13 @@ pub struct ControllerConfig {
     /// Address other controllers, workers and clients are redirected to when this
     /// controller leads (default: the listen address).
     pub advertise_addr: Option<String>,
+    /// Where task logs live (default `<data_dir>/logs`). With several controllers, a
+    /// directory they all share (e.g. NFS), so a new leader serves every accepted log.
+    pub logs_dir: Option<PathBuf>,
+    /// State store backend: `embedded` (single node) or `etcd`.
+    pub store: String,
+    /// etcd settings (with `store = "etcd"`).
+    pub etcd: crate::store::EtcdConfig,
 }
 
 impl Default for ControllerConfig {
@@ -57,6 +64,9 @@ impl Default for ControllerConfig {
             max_queued_tasks: 1_000_000,
             leader_lease_ttl_ms: 5_000,
             advertise_addr: None,
+            logs_dir: None,
+            store: "embedded".into(),
+            etcd: crate::store::EtcdConfig::default(),
         }
     }
 }
@@ -93,6 +103,15 @@ impl ControllerConfig {
         if self.max_message_bytes < 4096 {
             return Err(Error::invalid("max_message_bytes must be at least 4096"));
         }
+        match self.store.as_str() {
+            "embedded" => {}
+            "etcd" => self.etcd.validate()?,
+            other => {
+                return Err(Error::invalid(format!(
+                    "store {other:?} is not a backend: use \"embedded\" or \"etcd\""
+                )));
+            }
+        }
         if self.leader_lease_ttl_ms < 1_000 {
             return Err(Error::invalid("leader_lease_ttl_ms must be at least 1000"));
         }
@@ -110,6 +129,13 @@ impl ControllerConfig {
     /// Heartbeat interval as a duration.
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    /// Where task logs live.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.logs_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("logs"))
     }
 
     /// Leader lease TTL as a duration.

@@ -21,13 +21,13 @@ use crate::core::persist::Fence;
 use crate::core::{self, CoreRouter, Route};
 use crate::leader;
 use crate::logstore::LogStore;
-use crate::store::{EmbeddedStore, Store};
+use crate::store::{EmbeddedStore, EtcdStore, Store};
 
 /// How long in-flight calls may take to finish after shutdown is requested.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Opens the embedded store in `cfg.data_dir` and serves on `listener` until `shutdown`
-/// is cancelled.
+/// Opens the configured store (embedded in `cfg.data_dir`, or etcd) and serves on
+/// `listener` until `shutdown` is cancelled.
 pub async fn run(
     cfg: ControllerConfig,
     listener: TcpListener,
@@ -40,6 +40,10 @@ pub async fn run(
             cfg.data_dir.display()
         ))
     })?;
+    if cfg.store == "etcd" {
+        let store = EtcdStore::connect(&cfg.etcd).await?;
+        return serve(cfg, store, listener, shutdown).await;
+    }
     let store = EmbeddedStore::open(&cfg.data_dir.join("state.redb"))?;
     let result = serve(cfg, store.clone(), listener, shutdown).await;
     if let Err(e) = store.close().await {
@@ -57,7 +61,6 @@ pub async fn serve(
 ) -> Result<()> {
     cfg.validate()?;
     let cfg = Arc::new(cfg);
-    let logs = LogStore::open(&cfg.data_dir.join("logs"))?;
     let addr = listener.local_addr()?;
     let advertise = cfg
         .advertise_addr
@@ -67,7 +70,6 @@ pub async fn serve(
     let leading = tokio::spawn(lead_when_elected(
         cfg.clone(),
         store.clone(),
-        logs.clone(),
         advertise.clone(),
         route,
         shutdown.clone(),
@@ -86,13 +88,7 @@ pub async fn serve(
         cfg.leader_lease_ttl(),
         shutdown.clone(),
     ));
-    let router = router(
-        &cfg,
-        router_handle,
-        logs.clone(),
-        store.clone(),
-        advertise.clone(),
-    )?;
+    let router = router(&cfg, router_handle, store.clone(), advertise.clone())?;
     info!(%addr, %advertise, "controller serving");
     // Nagle off on accepted sockets: small stream messages must not wait for delayed ACKs.
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
@@ -116,7 +112,6 @@ pub async fn serve(
     shutdown.cancel();
     let _ = leading.await;
     let _ = members.await;
-    logs.sync_all().await?;
     info!(%addr, "controller stopped");
     served.map_err(|e| Error::Unavailable(format!("gRPC server on {addr}: {e}")))
 }
@@ -126,7 +121,6 @@ pub async fn serve(
 async fn lead_when_elected(
     cfg: Arc<ControllerConfig>,
     store: Arc<dyn Store>,
-    logs: Arc<LogStore>,
     advertise: String,
     route: watch::Sender<Route>,
     shutdown: CancellationToken,
@@ -139,17 +133,24 @@ async fn lead_when_elected(
             compare: lead.fence.clone(),
             lost: lead.lost.clone(),
         };
-        match core::start(
-            cfg.clone(),
-            store.clone(),
-            logs.clone(),
-            core_stop.clone(),
-            Some(fence),
-        )
-        .await
-        {
+        // A fresh log store per term: the directory may have been written by the previous
+        // leader (a shared logs_dir), so nothing cached from an earlier term is trusted.
+        let started = match LogStore::open(&cfg.logs_dir()) {
+            Ok(logs) => {
+                core::start(
+                    cfg.clone(),
+                    store.clone(),
+                    logs,
+                    core_stop.clone(),
+                    Some(fence),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match started {
             Ok((core, task)) => {
-                route.send_replace(Route::Active(core));
+                route.send_replace(Route::Active(core.clone()));
                 tokio::select! {
                     _ = lead.lost.cancelled() => warn!("leadership lost: stopping the core"),
                     _ = shutdown.cancelled() => {}
@@ -157,6 +158,9 @@ async fn lead_when_elected(
                 route.send_replace(Route::Follower(None));
                 core_stop.cancel();
                 let _ = task.await;
+                if let Err(e) = core.logs().sync_all().await {
+                    warn!(error = %e, "flushing logs at the end of the term");
+                }
             }
             Err(e) => {
                 warn!(error = %e, "could not start the core; resigning");
@@ -172,7 +176,6 @@ async fn lead_when_elected(
 fn router(
     cfg: &Arc<ControllerConfig>,
     core: CoreRouter,
-    logs: Arc<LogStore>,
     store: Arc<dyn Store>,
     advertise: String,
 ) -> Result<tonic::transport::server::Router> {
@@ -212,15 +215,11 @@ fn router(
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(Error::internal)?;
-    let tasks = TaskServiceServer::new(TaskApi {
-        core: core.clone(),
-        logs: logs.clone(),
-    })
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
+    let tasks = TaskServiceServer::new(TaskApi { core: core.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let agents = AgentServiceServer::new(AgentApi {
         core: core.clone(),
-        logs,
         cfg: cfg.clone(),
     })
     .max_decoding_message_size(max)

@@ -132,6 +132,8 @@ pub struct ControllerOpts {
     pub lease: &'static str,
     /// Heartbeat interval.
     pub heartbeat: &'static str,
+    /// More flags (e.g. `--store etcd …`).
+    pub extra: Vec<String>,
 }
 
 impl Default for ControllerOpts {
@@ -139,6 +141,7 @@ impl Default for ControllerOpts {
         Self {
             lease: "2s",
             heartbeat: "200ms",
+            extra: Vec::new(),
         }
     }
 }
@@ -163,6 +166,7 @@ impl Controller {
                 "--heartbeat-interval",
                 opts.heartbeat,
             ])
+            .args(&opts.extra)
             .env("SCABBARD_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -113,7 +113,7 @@ async fn stream_cut_within_grace_loses_and_duplicates_nothing() -> anyhow::Resul
     let dir = tempfile::tempdir()?;
     let opts = ControllerOpts {
         lease: "5s",
-        heartbeat: "200ms",
+        ..ControllerOpts::default()
     };
     let c = Controller::start(&dir.path().join("c"), free_port(), &opts)?;
     let proxy = Proxy::start(c.addr).await?;
@@ -173,7 +173,7 @@ async fn controller_restart_keeps_tasks_results_and_logs() -> anyhow::Result<()>
     let port = free_port();
     let opts = ControllerOpts {
         lease: "5s",
-        heartbeat: "200ms",
+        ..ControllerOpts::default()
     };
     let mut c = Controller::start(&dir.path().join("c"), port, &opts)?;
     let addr = c.addr.to_string();

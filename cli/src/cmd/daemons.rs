@@ -1,7 +1,7 @@
 //! `scabbard dev`, `scabbard controller`, `scabbard worker`: config from file, then env and
 //! flags; validated before anything starts.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use scabbard_controller::ControllerConfig;
 use scabbard_worker::WorkerConfig;
 
@@ -65,13 +65,38 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
         )?,
         None => ControllerConfig::default(),
     };
-    match a.store.as_str() {
-        "embedded" => {}
-        "etcd" => bail!(
-            "--store etcd is not available in this build yet; use --store embedded (endpoints given: {:?})",
-            a.etcd_endpoints
-        ),
-        other => bail!("--store {other:?} is not a store backend (use embedded)"),
+    if let Some(store) = a.store {
+        cfg.store = store;
+    }
+    if !a.etcd_endpoints.is_empty() {
+        cfg.etcd.endpoints = a.etcd_endpoints;
+    }
+    if a.etcd_username.is_some() {
+        cfg.etcd.username = a.etcd_username;
+    }
+    if a.etcd_password.is_some() {
+        cfg.etcd.password = a.etcd_password;
+    }
+    if a.etcd_ca_file.is_some() {
+        cfg.etcd.ca_file = a.etcd_ca_file;
+    }
+    if a.etcd_cert_file.is_some() {
+        cfg.etcd.cert_file = a.etcd_cert_file;
+    }
+    if a.etcd_key_file.is_some() {
+        cfg.etcd.key_file = a.etcd_key_file;
+    }
+    if let Some(ns) = a.etcd_namespace {
+        cfg.etcd.namespace = ns;
+    }
+    if a.advertise_addr.is_some() {
+        cfg.advertise_addr = a.advertise_addr;
+    }
+    if a.logs_dir.is_some() {
+        cfg.logs_dir = a.logs_dir;
+    }
+    if let Some(d) = a.leader_lease_ttl {
+        cfg.leader_lease_ttl_ms = d.as_millis() as u64;
     }
     if let Some(l) = a.listen {
         cfg.listen = l;

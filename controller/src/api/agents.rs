@@ -17,7 +17,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth;
 use crate::config::ControllerConfig;
 use crate::core::{CoreMsg, CoreRouter, validate};
-use crate::logstore::LogStore;
 use crate::session::SessionActor;
 
 /// How long a new session may take to send its `Hello`.
@@ -26,7 +25,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Implementation of `scabbard.v1.AgentService`.
 pub struct AgentApi {
     pub(crate) core: CoreRouter,
-    pub(crate) logs: Arc<LogStore>,
     pub(crate) cfg: Arc<ControllerConfig>,
 }
 
@@ -125,7 +123,7 @@ impl AgentService for AgentApi {
             })
             .await?;
         let (out_tx, out_rx) = mpsc::channel(1024);
-        let actor = SessionActor::new(core, self.logs.clone(), &attached, out_tx);
+        let actor = SessionActor::new(core.clone(), core.logs().clone(), &attached, out_tx);
         tokio::spawn(actor.run(attached, inbound, core_rx));
         Ok(Response::new(ReceiverStream::new(out_rx)))
     }

@@ -1,7 +1,6 @@
 //! `TaskService`.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use futures::Stream;
 use scabbard_common::Error;
@@ -15,7 +14,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::core::{CoreMsg, CoreRouter, validate};
-use crate::logstore::LogStore;
 
 /// Server-stream type used by the streaming methods.
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -23,7 +21,6 @@ pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Se
 /// Implementation of `scabbard.v1.TaskService`.
 pub struct TaskApi {
     pub(crate) core: CoreRouter,
-    pub(crate) logs: Arc<LogStore>,
 }
 
 #[tonic::async_trait]
@@ -179,7 +176,7 @@ impl TaskService for TaskApi {
         let (tx, out) = mpsc::channel(256);
         let follower = super::logs::Follower {
             core: self.core.clone(),
-            logs: self.logs.clone(),
+            logs: self.core.current()?.logs().clone(),
             task_id: r.task_id,
             follow_latest: r.attempt == 0,
             attempt: if r.attempt == 0 {

@@ -117,10 +117,11 @@ pub struct CoreStats {
     pub connected_agents: usize,
 }
 
-/// Cheap handle to one running core actor.
+/// Cheap handle to one running core actor (one leadership term) and its log store.
 #[derive(Clone)]
 pub struct CoreHandle {
     tx: mpsc::Sender<CoreMsg>,
+    logs: Arc<LogStore>,
 }
 
 /// Where requests go on this controller: the running core when it leads, otherwise a
@@ -196,6 +197,11 @@ impl CoreHandle {
         let _ = self.tx.send(msg).await;
     }
 
+    /// The log store of this term.
+    pub fn logs(&self) -> &Arc<LogStore> {
+        &self.logs
+    }
+
     /// Current counters.
     pub async fn stats(&self) -> Result<CoreStats> {
         self.call(|reply| CoreMsg::Stats { reply }).await
@@ -267,8 +273,9 @@ pub(crate) async fn start(
     };
     state.recover().await?;
     let (tx, rx) = mpsc::channel(16 * 1024);
+    let logs = state.logs.clone();
     let handle = tokio::spawn(run(state, rx, failed, shutdown));
-    Ok((CoreHandle { tx }, handle))
+    Ok((CoreHandle { tx, logs }, handle))
 }
 
 async fn run(

@@ -11,8 +11,8 @@ use scabbard_tests::*;
 const T: Duration = Duration::from_secs(60);
 
 struct Cluster {
-    _etcd: EtcdCluster,
-    _dir: tempfile::TempDir,
+    etcd: EtcdCluster,
+    dir: tempfile::TempDir,
     controllers: Vec<Controller>,
     workers: Vec<Worker>,
 }
@@ -67,8 +67,8 @@ fn start(controllers: usize, workers: usize) -> anyhow::Result<Cluster> {
         )?);
     }
     Ok(Cluster {
-        _etcd: etcd,
-        _dir: dir,
+        etcd,
+        dir,
         controllers: cs,
         workers: ws,
     })
@@ -170,5 +170,135 @@ async fn killing_the_leader_loses_no_task_and_runs_none_twice() -> anyhow::Resul
         );
     }
     let _ = &c.workers;
+    Ok(())
+}
+
+#[tokio::test]
+async fn frozen_worker_is_replaced_and_its_stale_results_rejected() -> anyhow::Result<()> {
+    let mut c = start(1, 0)?;
+    let addrs = c.addrs();
+    eventually("a leader", T, || leader(&addrs)).await?;
+    let dir = tempfile::tempdir()?;
+    let frozen = Worker::start(&addrs, &dir.path().join("frozen"), "frozen", 1)?;
+    let mut tasks = TaskServiceClient::new(client::connect_leader(&addrs).await?);
+    let id = submit(&mut tasks, shell("echo begin; sleep 2; echo done")).await?;
+    let t = wait_state(&mut tasks, &id, Some(TaskState::Running), T).await?;
+    assert_eq!(Some(t.agent_id.clone()), frozen.agent_id());
+
+    frozen.proc.signal(libc::SIGSTOP);
+    let healthy = Worker::start(&addrs, &dir.path().join("healthy"), "healthy", 1)?;
+    let t = wait_state(&mut tasks, &id, None, T).await?;
+    assert_eq!(t.state(), TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.attempts.len(), 2, "{t:?}");
+    assert_eq!(Some(t.attempts[1].agent_id.clone()), healthy.agent_id());
+    assert_eq!(t.infra_failures, 1);
+
+    // Resumed, the frozen worker finishes its stale attempt: the result is refused, the
+    // recorded one stays, and the worker rejoins.
+    frozen.proc.signal(libc::SIGCONT);
+    let frozen_id = frozen.agent_id().expect("registered");
+    let admin = AdminServiceClient::new(client::connect_leader(&addrs).await?);
+    eventually("the frozen worker to rejoin", T, || {
+        let mut admin = admin.clone();
+        let frozen_id = frozen_id.clone();
+        async move {
+            let agents = admin
+                .list_agents(scabbard_common::proto::ListAgentsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .agents;
+            let a = agents.into_iter().find(|a| a.id == frozen_id)?;
+            (a.status() == scabbard_common::proto::AgentStatus::Connected && a.running == 0)
+                .then_some(())
+        }
+    })
+    .await?;
+    let after = get(&mut tasks, &id).await?;
+    assert_eq!(after.attempts.len(), 2);
+    assert_eq!(
+        after.result, t.result,
+        "the stale attempt must not change the result"
+    );
+    // Work still flows.
+    let next = submit(&mut tasks, shell("echo again")).await?;
+    assert_eq!(
+        wait_state(&mut tasks, &next, None, T).await?.state(),
+        TaskState::Succeeded
+    );
+    c.workers.clear();
+    Ok(())
+}
+
+async fn health(addr: &str) -> Option<i32> {
+    let ch = client::connect(addr).await.ok()?;
+    let r = tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().status)
+}
+
+#[tokio::test]
+async fn etcd_outage_and_controller_restart_lose_nothing() -> anyhow::Result<()> {
+    let mut c = start(1, 1)?;
+    let addr = c.controllers[0].addr.to_string();
+    eventually("a leader", T, || leader(&addr)).await?;
+    let mut tasks = TaskServiceClient::new(client::connect_leader(&addr).await?);
+    let done = submit(&mut tasks, shell("echo kept")).await?;
+    wait_state(&mut tasks, &done, None, T).await?;
+
+    // etcd down: the controller keeps running and says NOT_SERVING; back up: it recovers.
+    c.etcd.members[0].kill9();
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    eventually("health NOT_SERVING", T, || async {
+        health(&addr).await.filter(|s| *s != serving)
+    })
+    .await?;
+    c.etcd.members[0].restart()?;
+    eventually("leading again", T, || leader(&addr)).await?;
+    assert_eq!(health(&addr).await, Some(serving));
+    let mut tasks = TaskServiceClient::new(client::connect_leader(&addr).await?);
+    let after = submit(&mut tasks, shell("echo after-outage")).await?;
+    assert_eq!(
+        wait_state(&mut tasks, &after, None, T).await?.state(),
+        TaskState::Succeeded
+    );
+
+    // A controller restarted on the etcd backend sees exactly the state it left.
+    let before = tasks
+        .list(scabbard_common::proto::ListTasksRequest::default())
+        .await?
+        .into_inner()
+        .tasks;
+    let port = c.controllers[0].addr.port();
+    let data = c.controllers[0].data_dir.clone();
+    let opts = ControllerOpts {
+        lease: "4s",
+        extra: vec![
+            "--store".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            c.etcd.endpoints(),
+            "--logs-dir".into(),
+            c.dir.path().join("shared-logs").display().to_string(),
+            "--leader-lease-ttl".into(),
+            "2s".into(),
+        ],
+        ..ControllerOpts::default()
+    };
+    c.controllers[0].proc.kill9();
+    c.controllers[0] = Controller::start(&data, port, &opts)?;
+    eventually("leading after restart", T, || leader(&addr)).await?;
+    let mut tasks = TaskServiceClient::new(client::connect_leader(&addr).await?);
+    let again = tasks
+        .list(scabbard_common::proto::ListTasksRequest::default())
+        .await?
+        .into_inner()
+        .tasks;
+    assert_eq!(before, again);
+    assert_eq!(logs(&mut tasks, &done, 0, false).await?, "kept\n");
     Ok(())
 }

@@ -46,6 +46,12 @@ struct Args {
     /// Data directory (default: a temporary one).
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
+    /// Store backend: `embedded` or `etcd`.
+    #[arg(long, default_value = "embedded")]
+    store: String,
+    /// etcd endpoints (with `--store etcd`), comma-separated.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: String,
 }
 
 fn spec(kind: &str) -> TaskSpec {
@@ -80,13 +86,27 @@ async fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| temp.path().to_path_buf());
     let token = "bench-registration-token-0123456789".to_string();
+    let namespace = format!("/bench-{}/", std::process::id());
+    let etcd = scabbard_controller::store::EtcdConfig {
+        endpoints: args.etcd_endpoints.split(',').map(str::to_string).collect(),
+        namespace: namespace.clone(),
+        ..Default::default()
+    };
     let ctl = scabbard_controller::spawn(scabbard_controller::ControllerConfig {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.join("controller"),
         registration_token: token.clone(),
+        store: args.store.clone(),
+        etcd: etcd.clone(),
         ..Default::default()
     })
     .await?;
+    // etcd bumps its revision once per write transaction: the delta counts writes.
+    let etcd_probe = if args.store == "etcd" {
+        Some(scabbard_controller::store::EtcdStore::connect(&etcd).await?)
+    } else {
+        None
+    };
     let addr = ctl.addr.to_string();
     let stop = tokio_util::sync::CancellationToken::new();
     for i in 0..args.workers {
@@ -120,8 +140,8 @@ async fn main() -> Result<()> {
     }
 
     println!(
-        "scabbard-bench: kind={} workers={} slots={} (embedded store, durable commits, loopback)",
-        args.kind, args.workers, args.slots
+        "scabbard-bench: kind={} workers={} slots={} store={} (durable commits, loopback)",
+        args.kind, args.workers, args.slots, args.store
     );
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
@@ -146,6 +166,10 @@ async fn main() -> Result<()> {
     report("submit→finish", &mut to_finish);
 
     // Throughput.
+    let rev0 = match &etcd_probe {
+        Some(s) => Some(scabbard_controller::store::Store::revision(s.as_ref()).await?),
+        None => None,
+    };
     let per_client = args.tasks / args.concurrency.max(1);
     let total = per_client * args.concurrency.max(1);
     let t0 = Instant::now();
@@ -174,6 +198,14 @@ async fn main() -> Result<()> {
         total as f64 / elapsed.as_secs_f64(),
         total as f64 / submitted.as_secs_f64()
     );
+    if let (Some(s), Some(r0)) = (&etcd_probe, rev0) {
+        let r1 = scabbard_controller::store::Store::revision(s.as_ref()).await?;
+        println!(
+            "etcd: {} write transactions for {total} tasks = {:.3} per task",
+            r1 - r0,
+            (r1 - r0) as f64 / total as f64
+        );
+    }
     stop.cancel();
     ctl.shutdown.cancel();
     let _ = ctl.task.await;

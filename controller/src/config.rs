@@ -62,7 +62,7 @@ impl Default for ControllerConfig {
             default_max_infra_retries: 3,
             max_message_bytes: scabbard_common::client::MAX_MESSAGE_BYTES,
             max_queued_tasks: 1_000_000,
-            leader_lease_ttl_ms: 5_000,
+            leader_lease_ttl_ms: 3_000,
             advertise_addr: None,
             logs_dir: None,
             store: "embedded".into(),

@@ -41,7 +41,22 @@ pub async fn run(
         ))
     })?;
     if cfg.store == "etcd" {
-        let store = EtcdStore::connect(&cfg.etcd).await?;
+        // etcd may not be up yet (a cluster starting together): keep trying.
+        let backoff = scabbard_common::backoff::Backoff::default();
+        let mut failures = 0;
+        let store = loop {
+            match EtcdStore::connect(&cfg.etcd).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, failures, "etcd not reachable yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.delay(failures)) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+            }
+        };
         return serve(cfg, store, listener, shutdown).await;
     }
     let store = EmbeddedStore::open(&cfg.data_dir.join("state.redb"))?;

@@ -47,7 +47,7 @@ impl Default for WorkerConfig {
             data_dir: PathBuf::from("./scabbard-worker"),
             work_dir: None,
             default_task_timeout_ms: 3_600_000,
-            max_reconnect_backoff_ms: 10_000,
+            max_reconnect_backoff_ms: 3_000,
             shutdown_grace_ms: 600_000,
         }
     }

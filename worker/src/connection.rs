@@ -52,6 +52,7 @@ impl Connection {
             ..Backoff::default()
         };
         let mut failures = 0u32;
+        let mut wrapped = true;
         loop {
             let (end, welcomed) = self.session(&shutdown).await;
             if self.stopping_done() {
@@ -72,7 +73,8 @@ impl Connection {
                 }
                 End::Lost(e) => {
                     warn!(controller = %self.target, error = %e, "controller connection lost");
-                    // Next time, try the next configured controller (it redirects if needed).
+                    // Next time, try the next configured controller (it redirects if needed);
+                    // back off harder only once every address was tried.
                     let all = scabbard_common::client::addresses(&self.cfg.controller);
                     if !welcomed && !all.is_empty() {
                         let next = all
@@ -80,14 +82,23 @@ impl Connection {
                             .position(|a| *a == self.target)
                             .map_or(0, |i| (i + 1) % all.len());
                         self.target = all[next].clone();
+                        if next != 0 {
+                            failures = failures.min(1);
+                            wrapped = false;
+                        } else {
+                            wrapped = true;
+                        }
                     }
                 }
             }
             failures = if welcomed {
                 0
-            } else {
+            } else if wrapped {
                 failures.saturating_add(1)
+            } else {
+                failures.max(1)
             };
+            wrapped = true;
             let delay = backoff.delay(failures);
             // Keep draining the outbox while away: everything in it is spooled.
             let sleep = tokio::time::sleep(delay);

@@ -236,3 +236,23 @@ fn concurrent_attempts_do_not_interfere() {
             .all(|a| a.last_seq == Some(199) && a.finished.is_some())
     );
 }
+
+/// Manual timing check: `cargo test -p scabbard-worker --release spool::tests::rate -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn rate_of_no_output_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let n = 20_000u64;
+    let start = std::time::Instant::now();
+    for token in 0..n {
+        spool.begin(&assign("bench-task", token)).unwrap();
+        spool.finish(&finished("bench-task", token, 0)).unwrap();
+        spool.remove("bench-task", token).unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{n} no-output attempts (begin+finish+remove) in {secs:.3}s: {:.0}/s",
+        n as f64 / secs
+    );
+}

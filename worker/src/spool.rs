@@ -42,9 +42,10 @@ use prost::Message;
 use scabbard_common::proto;
 use scabbard_common::{Error, Result};
 
-use journal::{AttemptKey, Journal, io_error};
+use journal::{AttemptKey, Journal};
 use record::Tag;
 
+mod compaction;
 mod journal;
 mod legacy;
 mod record;
@@ -140,17 +141,13 @@ impl Spool {
         let reads = lock(&self.journal).chunk_reads(&key, from_seq)?;
         let mut chunks = Vec::with_capacity(reads.iter().map(|(_, spans)| spans.len()).sum());
         for (file, spans) in &reads {
-            record::read_at(&file.file, spans, |rec| {
+            record::read_at(&file.file, &file.path, spans, |rec| {
                 let expected = from_seq + chunks.len() as u64;
                 let chunk = decode_chunk(rec, &key, expected).map_err(|why| {
                     Error::internal(format!("spool journal {}: {why}", file.path.display()))
                 })?;
                 chunks.push(chunk);
                 Ok(())
-            })
-            .map_err(|e| match e {
-                Error::Internal(_) => e,
-                e => io_error(&file.path, e),
             })?;
         }
         Ok(chunks)

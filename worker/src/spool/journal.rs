@@ -1,8 +1,8 @@
 //! The journal: the segment files of one spool directory and the in-memory index of the
-//! attempts recorded in them. It owns appending records, rotating to a new segment,
-//! compacting the oldest segment and deleting dead ones; [`super::replay`] rebuilds it from
-//! disk. It knows nothing of locking (the [`super::Spool`] holds it in a mutex) and never
-//! reads log bytes back into memory except to answer a read or copy them.
+//! attempts recorded in them. It owns appending records, rotating to a new segment and
+//! deleting dead ones; `compaction` copies attempts out of old segments and `replay`
+//! rebuilds the journal from disk. It knows nothing of locking (the [`super::Spool`] holds it
+//! in a mutex) and never holds log bytes in memory.
 //!
 //! Segments are deleted strictly oldest first. That keeps `Removed` records correct without
 //! any bookkeeping: a `Removed` record only cancels records *before* it, and it stays on
@@ -107,7 +107,7 @@ impl Attempt {
         }
     }
 
-    fn oldest_segment(&self) -> Option<u64> {
+    pub(super) fn oldest_segment(&self) -> Option<u64> {
         self.shares.first().map(|&(s, _)| s)
     }
 }
@@ -132,21 +132,6 @@ pub(super) struct Journal {
     /// Length of the active segment from which the next rotation is tried.
     rotate_at: u64,
 }
-
-/// A move group being written: a complete copy of one attempt (see [`Tag::MoveStart`]).
-pub(super) struct Group {
-    key: AttemptKey,
-    segment: u64,
-    /// Where the group starts: cut back to here if it fails.
-    start: u64,
-    /// Where `out` will land.
-    flushed: u64,
-    out: Vec<u8>,
-    chunks: Vec<Loc>,
-}
-
-/// Write a group out whenever this much is buffered.
-const GROUP_FLUSH: usize = 1 << 20;
 
 impl Journal {
     /// A journal over `segments` (at least one: the last is the active one) and `attempts`.
@@ -271,18 +256,22 @@ impl Journal {
         Ok(attempt)
     }
 
-    fn reads(&self, locs: &[Loc]) -> Reads {
+    /// The records at `locs`, grouped by segment (in order).
+    pub(super) fn reads(&self, locs: &[Loc]) -> Reads {
         let mut reads: Reads = Vec::new();
+        let mut segment = None;
         for loc in locs {
             match reads.last_mut() {
-                Some((file, spans)) if Arc::ptr_eq(file, &self.segments[&loc.segment].file) => {
+                Some((_, spans)) if segment == Some(loc.segment) => {
                     spans.push((loc.offset, loc.len));
                 }
+                // A live attempt's segments are never deleted.
                 _ => reads.push((
                     self.segments[&loc.segment].file.clone(),
                     vec![(loc.offset, loc.len)],
                 )),
             }
+            segment = Some(loc.segment);
         }
         reads
     }
@@ -305,7 +294,7 @@ impl Journal {
 
     /// Appends whole records to the active segment; returns the offset they start at. A
     /// failed write is cut off again, so the segment always ends with a whole record.
-    fn write(&mut self, bytes: &[u8]) -> Result<u64> {
+    pub(super) fn write(&mut self, bytes: &[u8]) -> Result<u64> {
         if let Some(why) = &self.broken {
             return Err(Error::internal(format!("the spool is unusable: {why}")));
         }
@@ -320,14 +309,15 @@ impl Journal {
                 Ok(offset)
             }
             Err(e) => {
+                let e = io_error(&seg.file.path, e);
                 self.cut_back(offset);
-                Err(e.into())
+                Err(e)
             }
         }
     }
 
     /// Truncates the active segment to `len` after a failed write.
-    fn cut_back(&mut self, len: u64) {
+    pub(super) fn cut_back(&mut self, len: u64) {
         let Some(seg) = self.segments.get_mut(&self.active) else {
             return;
         };
@@ -346,7 +336,7 @@ impl Journal {
 
     /// Rotates (and compacts) once the active segment is full. The record that got us here
     /// is written, so a failure is logged and retried a little later, not returned.
-    pub(super) fn after_write(&mut self) {
+    fn after_write(&mut self) {
         let len = self.segments.get(&self.active).map_or(0, |s| s.len);
         if len < self.rotate_at {
             return;
@@ -365,7 +355,8 @@ impl Journal {
             .read(true)
             .append(true)
             .create_new(true)
-            .open(&path)?;
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
         self.segments.insert(id, Segment::new(path, file, 0));
         self.active = id;
         self.rotate_at = self.limits.segment_bytes;
@@ -391,161 +382,6 @@ impl Journal {
             }
         }
         true
-    }
-
-    /// Copies the live attempts out of the oldest segments into the active one and deletes
-    /// them, while [`Journal::worth_compacting`] says so. Only segments closed before the
-    /// call are touched, so this ends.
-    pub(super) fn compact(&mut self) -> Result<()> {
-        let horizon = self.active;
-        while self.drop_dead_segments() {
-            let Some(&oldest) = self.segments.keys().next() else {
-                break;
-            };
-            if oldest >= horizon || !self.worth_compacting(oldest) {
-                break;
-            }
-            let keys: Vec<AttemptKey> = self
-                .attempts
-                .iter()
-                .filter(|(_, a)| a.oldest_segment() == Some(oldest))
-                .map(|(k, _)| k.clone())
-                .collect();
-            let moved_bytes: u64 = self.segments[&oldest].live_bytes;
-            for key in &keys {
-                self.relocate(key)?;
-            }
-            tracing::debug!(
-                segment = oldest,
-                attempts = keys.len(),
-                moved_bytes,
-                "compacted a spool segment"
-            );
-        }
-        Ok(())
-    }
-
-    /// Whether the oldest segment should be compacted: it is mostly dead, or dead segments
-    /// wait behind it.
-    fn worth_compacting(&self, oldest: u64) -> bool {
-        let ratio = u64::from(self.limits.compact_ratio);
-        let seg = &self.segments[&oldest];
-        if seg.len.saturating_sub(seg.live_bytes) > ratio.saturating_mul(seg.live_bytes) {
-            return true;
-        }
-        let (len, live) = self
-            .segments
-            .iter()
-            .filter(|(id, _)| **id != self.active)
-            .fold((0, 0), |(len, live), (_, s)| (len + s.len, live + s.live_bytes));
-        let dead = len.saturating_sub(live);
-        dead >= self.limits.segment_bytes && dead > ratio.saturating_mul(live)
-    }
-
-    /// Rewrites an attempt's records at the end of the active segment as one move group.
-    fn relocate(&mut self, key: &AttemptKey) -> Result<()> {
-        let Some(attempt) = self.attempts.get(key) else {
-            return Ok(());
-        };
-        let assign = attempt.assign.clone();
-        let finished = attempt.finished.clone();
-        let reads = self.reads(&attempt.chunks);
-        let mut group = self.group_start(key.clone(), &assign)?;
-        let copied = reads.iter().try_for_each(|(file, spans)| {
-            record::read_at(&file.file, spans, |rec| {
-                record::check(rec).map_err(|why| {
-                    Error::internal(format!("{}: {why}", file.path.display()))
-                })?;
-                self.group_push(&mut group, rec)
-            })
-        });
-        match copied {
-            Ok(()) => self.group_end(group, assign, finished),
-            Err(e) => {
-                self.group_abort(group);
-                Err(e)
-            }
-        }
-    }
-
-    /// Cuts off what a failed move group wrote.
-    pub(super) fn group_abort(&mut self, group: Group) {
-        self.cut_back(group.start);
-    }
-
-    /// Starts a move group for `key` (buffered; nothing is written yet).
-    pub(super) fn group_start(&mut self, key: AttemptKey, assign: &proto::Assign) -> Result<Group> {
-        let start = self.segments.get(&self.active).map_or(0, |s| s.len);
-        let mut out = Vec::new();
-        let r = AttemptRef {
-            task_id: key.0.clone(),
-            fencing_token: key.1,
-        };
-        record::encode(&mut out, Tag::MoveStart, &r)?;
-        record::encode(&mut out, Tag::Begin, assign)?;
-        Ok(Group {
-            key,
-            segment: self.active,
-            start,
-            flushed: start,
-            out,
-            chunks: Vec::new(),
-        })
-    }
-
-    /// Adds the next log chunk's whole record to a move group.
-    pub(super) fn group_push(&mut self, group: &mut Group, rec: &[u8]) -> Result<()> {
-        group.chunks.push(Loc {
-            segment: group.segment,
-            offset: group.flushed + group.out.len() as u64,
-            len: rec.len() as u32,
-        });
-        group.out.extend_from_slice(rec);
-        if group.out.len() >= GROUP_FLUSH {
-            self.group_flush(group)?;
-        }
-        Ok(())
-    }
-
-    fn group_flush(&mut self, group: &mut Group) -> Result<()> {
-        let offset = self.write(&group.out)?;
-        if offset != group.flushed || self.active != group.segment {
-            return Err(Error::internal("spool move group written out of place"));
-        }
-        group.flushed += group.out.len() as u64;
-        group.out.clear();
-        Ok(())
-    }
-
-    /// Ends a move group and puts the copy in place of the attempt's old records. On error
-    /// the whole group is cut off again.
-    pub(super) fn group_end(
-        &mut self,
-        mut group: Group,
-        assign: proto::Assign,
-        finished: Option<proto::Finished>,
-    ) -> Result<()> {
-        let r = AttemptRef {
-            task_id: group.key.0.clone(),
-            fencing_token: group.key.1,
-        };
-        let written = finished
-            .as_ref()
-            .map_or(Ok(0), |f| record::encode(&mut group.out, Tag::Finished, f))
-            .and_then(|_| record::encode(&mut group.out, Tag::MoveEnd, &r))
-            .and_then(|_| self.group_flush(&mut group));
-        if let Err(e) = written {
-            self.cut_back(group.start);
-            return Err(e);
-        }
-        let mut copy = Attempt::new(assign);
-        copy.finished = finished;
-        copy.chunks = group.chunks;
-        copy.charge(&mut self.segments, group.segment, group.flushed - group.start);
-        if let Some(old) = self.attempts.insert(group.key, copy) {
-            old.discharge(&mut self.segments);
-        }
-        Ok(())
     }
 }
 
@@ -576,4 +412,49 @@ pub(super) fn segment_id(file_name: &str) -> Option<u64> {
 
 pub(super) fn not_found(key: &AttemptKey) -> Error {
     Error::not_found("spooled attempt", format!("{}/{}", key.0, key.1))
+}
+
+/// An I/O failure on `path`, naming it.
+pub(super) fn io_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::internal(format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+impl Journal {
+    /// Checks the index against itself and the files, and returns every segment's
+    /// (id, length, live bytes, live attempts) plus every attempt's chunk locations: what a
+    /// replay of the files must rebuild exactly.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn snapshot(&self) -> (Vec<(u64, u64, u64, usize)>, Vec<(AttemptKey, Vec<Loc>)>) {
+        let mut shares: BTreeMap<u64, (u64, usize)> = BTreeMap::new();
+        for attempt in self.attempts.values() {
+            assert!(attempt.shares.windows(2).all(|w| w[0].0 < w[1].0));
+            for &(segment, bytes) in &attempt.shares {
+                let share = shares.entry(segment).or_default();
+                share.0 += bytes;
+                share.1 += 1;
+            }
+            for loc in &attempt.chunks {
+                assert!(attempt.shares.iter().any(|&(s, _)| s == loc.segment));
+            }
+        }
+        for (id, seg) in &self.segments {
+            let share = shares.remove(id).unwrap_or_default();
+            assert_eq!(share, (seg.live_bytes, seg.live_attempts), "segment {id}");
+            assert_eq!(seg.file.file.metadata().unwrap().len(), seg.len);
+        }
+        assert!(shares.is_empty(), "shares of missing segments: {shares:?}");
+        let segments = self
+            .segments
+            .iter()
+            .map(|(&id, s)| (id, s.len, s.live_bytes, s.live_attempts))
+            .collect();
+        let mut attempts: Vec<_> = self
+            .attempts
+            .iter()
+            .map(|(k, a)| (k.clone(), a.chunks.clone()))
+            .collect();
+        attempts.sort_by(|a, b| a.0.cmp(&b.0));
+        (segments, attempts)
+    }
 }

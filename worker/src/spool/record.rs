@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use prost::Message;
 use scabbard_common::{Error, Result};
@@ -196,11 +197,12 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<Fill> {
     })
 }
 
-/// Reads the whole records at `spans` (offset, length) of `file`, in the order given,
-/// calling `each` with every record's bytes. Records close together are read with one
-/// `pread`.
+/// Reads the whole records at `spans` (offset, length) of `file` (at `path`), in the order
+/// given, calling `each` with every record's bytes. Records close together are read with
+/// one `pread`.
 pub(super) fn read_at(
     file: &File,
+    path: &Path,
     spans: &[(u64, u32)],
     mut each: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
@@ -223,7 +225,8 @@ pub(super) fn read_at(
             j += 1;
         }
         buf.resize((end - start) as usize, 0);
-        file.read_exact_at(&mut buf, start)?;
+        file.read_exact_at(&mut buf, start)
+            .map_err(|e| Error::internal(format!("{}: {e}", path.display())))?;
         for &(offset, len) in &spans[i..j] {
             let at = (offset - start) as usize;
             each(&buf[at..at + len as usize])?;

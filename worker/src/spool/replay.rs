@@ -15,7 +15,7 @@ use scabbard_common::{Error, Result, proto};
 
 use super::SpoolLimits;
 use super::journal::{
-    Attempt, AttemptKey, Journal, Loc, Segment, Segments, segment_id, segment_path,
+    Attempt, AttemptKey, Journal, Loc, Segment, Segments, io_error, segment_id, segment_path,
 };
 use super::legacy;
 use super::record::{AttemptRef, Next, Reader, Tag};
@@ -50,7 +50,8 @@ impl Journal {
                 .read(true)
                 .append(true)
                 .create_new(true)
-                .open(&path)?;
+                .open(&path)
+                .map_err(|e| io_error(&path, e))?;
             replay.segments.insert(1, Segment::new(path, file, 0));
         }
         let mut journal = Journal::new(dir.to_path_buf(), limits, replay.segments, replay.attempts);
@@ -58,8 +59,8 @@ impl Journal {
         for path in legacy_files {
             legacy::import(&mut journal, &path)?;
         }
+        // Rotation and compaction wait for the next write, as they would have without the restart.
         journal.drop_dead_segments();
-        journal.after_write();
         Ok(journal)
     }
 }
@@ -83,7 +84,11 @@ impl Replay {
     /// Replays one segment; `last` is the one that will be appended to.
     fn segment(&mut self, dir: &Path, id: u64, last: bool) -> Result<()> {
         let path = segment_path(dir, id);
-        let file = OpenOptions::new().read(true).append(last).open(&path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .append(last)
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
         let file_len = file.metadata()?.len();
         let segment = Segment::new(path.clone(), file, 0);
         let handle = segment.file.clone();
@@ -93,7 +98,7 @@ impl Replay {
         let mut pending = None;
         let mut cut = None;
         loop {
-            match reader.next_record()? {
+            match reader.next_record().map_err(|e| io_error(&path, e))? {
                 Next::End => break,
                 Next::Bad { offset, why } => {
                     cut = Some((offset, why));
@@ -132,7 +137,7 @@ impl Replay {
                     path = %path.display(), at, dropped_bytes = file_len - at, %why,
                     "cutting off the torn tail of the spool journal"
                 );
-                handle.file.set_len(at)?;
+                handle.file.set_len(at).map_err(|e| io_error(&path, e))?;
                 at
             }
             Some((at, why)) => {

@@ -1,8 +1,33 @@
 //! Tests of the spool against a real directory.
 
 use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
 
+use super::journal::{segment_id, segment_path};
 use super::*;
+
+mod journal;
+mod model;
+
+fn segment(dir: &Path, id: u64) -> PathBuf {
+    segment_path(dir, id)
+}
+
+/// Ids of the segment files in `dir`, oldest first.
+fn segment_ids(dir: &Path) -> Vec<u64> {
+    let mut ids: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| segment_id(e.unwrap().file_name().to_str()?))
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn append_bytes(path: &Path, bytes: &[u8]) {
+    let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    file.write_all(bytes).unwrap();
+}
 
 fn assign(task_id: &str, token: u64) -> proto::Assign {
     proto::Assign {
@@ -146,13 +171,11 @@ fn a_torn_tail_is_cut_off_and_appending_continues() {
     spool.append_chunk(&chunk("t1", 3, 1)).unwrap();
     drop(spool);
     // A crash in the middle of writing chunk 2: only part of its record reached the file.
-    let path = dir.path().join("t1.3.spool");
+    let path = segment(dir.path(), 1);
     let good_len = std::fs::metadata(&path).unwrap().len();
-    let mut record = Vec::new();
-    encode_record(&mut record, TAG_CHUNK, &chunk("t1", 3, 2));
-    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-    file.write_all(&record[..record.len() - 3]).unwrap();
-    drop(file);
+    let mut rec = Vec::new();
+    record::encode(&mut rec, Tag::Chunk, &chunk("t1", 3, 2)).unwrap();
+    append_bytes(&path, &rec[..rec.len() - 3]);
 
     let spool = Spool::open(dir.path()).unwrap();
     let all = spool.load_all().unwrap();
@@ -161,6 +184,12 @@ fn a_torn_tail_is_cut_off_and_appending_continues() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
     spool.append_chunk(&chunk("t1", 3, 2)).unwrap();
     assert_eq!(spool.chunks_from("t1", 3, 0).unwrap().len(), 3);
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(
+        spool.chunks_from("t1", 3, 0).unwrap(),
+        (0..3).map(|s| chunk("t1", 3, s)).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -172,7 +201,7 @@ fn a_corrupt_record_ends_the_readable_log() {
     spool.append_chunk(&chunk("t1", 3, 1)).unwrap();
     drop(spool);
     // Flip the last byte: chunk 1's checksum no longer matches.
-    let path = dir.path().join("t1.3.spool");
+    let path = segment(dir.path(), 1);
     let mut bytes = std::fs::read(&path).unwrap();
     *bytes.last_mut().unwrap() ^= 0xff;
     std::fs::write(&path, bytes).unwrap();
@@ -182,14 +211,46 @@ fn a_corrupt_record_ends_the_readable_log() {
 }
 
 #[test]
-fn a_file_without_an_assignment_is_dropped() {
+fn garbage_in_the_journal_is_cut_off_and_other_files_are_left_alone() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("t1.1.spool"), [1, 2, 3]).unwrap();
+    std::fs::write(segment(dir.path(), 1), [1, 2, 3]).unwrap();
     std::fs::write(dir.path().join("unrelated.txt"), b"keep").unwrap();
     let spool = Spool::open(dir.path()).unwrap();
     assert!(spool.load_all().unwrap().is_empty());
-    assert!(!dir.path().join("t1.1.spool").exists());
+    assert_eq!(std::fs::metadata(segment(dir.path(), 1)).unwrap().len(), 0);
     assert!(dir.path().join("unrelated.txt").exists());
+}
+
+#[test]
+fn old_per_attempt_files_are_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = Vec::new();
+    record::encode(&mut old, Tag::Begin, &assign("t1", 4)).unwrap();
+    for seq in 0..3 {
+        record::encode(&mut old, Tag::Chunk, &chunk("t1", 4, seq)).unwrap();
+    }
+    record::encode(&mut old, Tag::Finished, &finished("t1", 4, 3)).unwrap();
+    old.extend_from_slice(&[9, 9]); // a torn tail, as the old format allowed
+    std::fs::write(dir.path().join("t1.4.spool"), &old).unwrap();
+    // A file without an assignment is dropped, as it always was.
+    std::fs::write(dir.path().join("t2.1.spool"), [1, 2, 3]).unwrap();
+
+    let spool = Spool::open(dir.path()).unwrap();
+    let expected = vec![SpooledAttempt {
+        assign: assign("t1", 4),
+        last_seq: Some(2),
+        finished: Some(finished("t1", 4, 3)),
+    }];
+    assert_eq!(spool.load_all().unwrap(), expected);
+    assert!(!dir.path().join("t1.4.spool").exists());
+    assert!(!dir.path().join("t2.1.spool").exists());
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(spool.load_all().unwrap(), expected);
+    assert_eq!(
+        spool.chunks_from("t1", 4, 1).unwrap(),
+        vec![chunk("t1", 4, 1), chunk("t1", 4, 2)]
+    );
 }
 
 #[test]
@@ -234,25 +295,5 @@ fn concurrent_attempts_do_not_interfere() {
     assert!(
         all.iter()
             .all(|a| a.last_seq == Some(199) && a.finished.is_some())
-    );
-}
-
-/// Manual timing check: `cargo test -p scabbard-worker --release spool::tests::rate -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn rate_of_no_output_attempts() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path()).unwrap();
-    let n = 20_000u64;
-    let start = std::time::Instant::now();
-    for token in 0..n {
-        spool.begin(&assign("bench-task", token)).unwrap();
-        spool.finish(&finished("bench-task", token, 0)).unwrap();
-        spool.remove("bench-task", token).unwrap();
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{n} no-output attempts (begin+finish+remove) in {secs:.3}s: {:.0}/s",
-        n as f64 / secs
     );
 }

@@ -22,6 +22,10 @@ use scabbard_common::proto::{
 };
 use tokio::sync::{Mutex, mpsc};
 
+/// Same allocator as the `scabbard` binary (many small, cross-thread allocations).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "Scabbard control-plane benchmark")]
 struct Args {

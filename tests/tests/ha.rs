@@ -31,7 +31,7 @@ fn start(controllers: usize, workers: usize) -> anyhow::Result<Cluster> {
     let etcd = EtcdCluster::start(1)?;
     let dir = tempfile::tempdir()?;
     let opts = ControllerOpts {
-        lease: "4s",
+        lease: "8s",
         extra: vec![
             "--store".into(),
             "etcd".into(),
@@ -91,12 +91,23 @@ async fn followers_redirect_to_the_single_leader() -> anyhow::Result<()> {
     let leader = eventually("a leader", T, || leader(&addrs)).await?;
     let mut redirects = 0;
     for ctl in &c.controllers {
-        let s = AdminServiceClient::new(client::connect(&ctl.addr.to_string()).await?)
-            .cluster_status(ClusterStatusRequest {})
-            .await?
-            .into_inner();
-        assert_eq!(s.leader, leader, "every controller names the same leader");
-        assert_eq!(s.members.len(), 3, "{s:?}");
+        // Every controller names the same leader and sees all three members (each
+        // registers its membership as it starts).
+        let addr = ctl.addr.to_string();
+        let s = eventually("a settled cluster view", T, || {
+            let addr = addr.clone();
+            let leader = leader.clone();
+            async move {
+                let s = AdminServiceClient::new(client::connect(&addr).await.ok()?)
+                    .cluster_status(ClusterStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                (s.leader == leader && s.members.len() == 3).then_some(s)
+            }
+        })
+        .await?;
+        assert_eq!(s.members.iter().filter(|m| m.leader).count(), 1, "{s:?}");
         if ctl.addr.to_string() != leader {
             let err = TaskServiceClient::new(client::connect(&ctl.addr.to_string()).await?)
                 .submit(scabbard_common::proto::SubmitTaskRequest {
@@ -276,7 +287,7 @@ async fn etcd_outage_and_controller_restart_lose_nothing() -> anyhow::Result<()>
     let port = c.controllers[0].addr.port();
     let data = c.controllers[0].data_dir.clone();
     let opts = ControllerOpts {
-        lease: "4s",
+        lease: "8s",
         extra: vec![
             "--store".into(),
             "etcd".into(),

@@ -53,6 +53,7 @@ impl Connection {
         };
         let mut failures = 0u32;
         let mut wrapped = true;
+        let mut last_failed: Option<String> = None;
         loop {
             let (end, welcomed) = self.session(&shutdown).await;
             if self.stopping_done() {
@@ -64,15 +65,20 @@ impl Connection {
                     warn!(why, "agent token refused; registering again");
                     let _ = std::fs::remove_file(self.cfg.data_dir.join("identity"));
                 }
+                // Follow a redirect at once, unless it points at the controller that just
+                // failed (a follower still naming a dead leader): then back off as usual.
                 End::Lost(Error::NotLeader {
                     leader: Some(leader),
-                }) if leader != self.target => {
+                }) if leader != self.target && last_failed.as_deref() != Some(leader.as_str()) => {
                     info!(%leader, "redirected to the leader");
                     self.target = leader;
                     continue;
                 }
                 End::Lost(e) => {
                     warn!(controller = %self.target, error = %e, "controller connection lost");
+                    if !matches!(e, Error::NotLeader { .. }) {
+                        last_failed = Some(self.target.clone());
+                    }
                     // Next time, try the next configured controller (it redirects if needed);
                     // back off harder only once every address was tried.
                     let all = scabbard_common::client::addresses(&self.cfg.controller);
@@ -90,6 +96,9 @@ impl Connection {
                         }
                     }
                 }
+            }
+            if welcomed {
+                last_failed = None;
             }
             failures = if welcomed {
                 0

@@ -313,3 +313,33 @@ async fn etcd_outage_and_controller_restart_lose_nothing() -> anyhow::Result<()>
     assert_eq!(logs(&mut tasks, &done, 0, false).await?, "kept\n");
     Ok(())
 }
+
+#[tokio::test]
+async fn agent_presence_is_an_etcd_lease_that_outlives_the_agent_by_its_grace() -> anyhow::Result<()>
+{
+    use scabbard_controller::store::{EtcdConfig, EtcdStore, Store};
+    let mut c = start(1, 1)?;
+    let addrs = c.addrs();
+    eventually("a leader", T, || leader(&addrs)).await?;
+    let agent = eventually("the worker to register", T, || async {
+        c.workers[0].agent_id()
+    })
+    .await?;
+    let etcd = EtcdStore::connect(&EtcdConfig {
+        endpoints: vec![c.etcd.endpoints()],
+        ..Default::default()
+    })
+    .await?;
+    let key = format!("presence/{agent}");
+    let kv = eventually("the presence key", T, || async {
+        etcd.get(&key).await.ok().flatten()
+    })
+    .await?;
+    assert_ne!(kv.lease, 0, "presence must be bound to a lease");
+    c.workers[0].proc.kill9();
+    eventually("the presence key to expire", T, || async {
+        matches!(etcd.get(&key).await, Ok(None)).then_some(())
+    })
+    .await?;
+    Ok(())
+}

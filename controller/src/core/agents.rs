@@ -87,6 +87,8 @@ impl State {
                 a.version = hello.version.clone();
             }
         }
+        self.presence.up(&agent_id);
+        let entry = self.agents.get_mut(&agent_id).expect("checked above");
         entry.conn = Some(Conn {
             session,
             tx: tx.clone(),
@@ -174,6 +176,7 @@ impl State {
         {
             a.conn = None;
             a.disconnected_at = Some(Instant::now());
+            self.presence.down(agent_id);
             info!(
                 agent = agent_id,
                 session, "agent session ended; grace period started"

@@ -8,6 +8,7 @@
 
 mod agents;
 pub(crate) mod persist;
+mod presence;
 pub(crate) mod scheduler;
 mod tasks;
 pub(crate) mod validate;
@@ -240,6 +241,7 @@ pub(crate) struct State {
     pub(crate) events: broadcast::Sender<Arc<Task>>,
     pub(crate) logs: Arc<LogStore>,
     pub(crate) ids: ulid::Generator,
+    pub(crate) presence: presence::Presence,
 }
 
 /// Starts the core: rebuilds state from `store`, then serves requests until `shutdown`.
@@ -258,6 +260,8 @@ pub(crate) async fn start(
     let (persister, _persist_task) =
         Persister::start(store.clone(), max_batch, failed.clone(), fence);
     let (events, _) = broadcast::channel(16 * 1024);
+    let store_for_presence = store.clone();
+    let agent_ttl = cfg.agent_lease_ttl();
     let mut state = State {
         cfg,
         store,
@@ -270,6 +274,7 @@ pub(crate) async fn start(
         events,
         logs,
         ids: ulid::Generator::new(),
+        presence: presence::Presence::start(store_for_presence, agent_ttl, shutdown.child_token()),
     };
     state.recover().await?;
     let (tx, rx) = mpsc::channel(16 * 1024);
@@ -388,6 +393,18 @@ impl State {
         self.token_index.clear();
         let old_agents = std::mem::take(&mut self.agents);
         drop(old_agents); // dropping the senders ends every session; workers reconnect.
+        // Agents whose presence key expired are gone: no grace for them.
+        let present: HashSet<String> = self
+            .load_prefix(presence::PRESENCE_PREFIX)
+            .await?
+            .into_iter()
+            .map(|kv| {
+                kv.key
+                    .trim_start_matches(presence::PRESENCE_PREFIX)
+                    .to_string()
+            })
+            .collect();
+        let gone_since = now.checked_sub(self.cfg.agent_lease_ttl()).unwrap_or(now);
         for kv in self.load_prefix(AGENT_PREFIX).await? {
             let stored = StoredAgent::decode(kv.value.as_slice())
                 .map_err(|e| Error::internal(format!("corrupt agent record {}: {e}", kv.key)))?;
@@ -395,16 +412,18 @@ impl State {
                 continue;
             };
             let id = agent.id.clone();
+            let was_present = present.contains(&id);
+            let last_seen_ms = agent.last_seen_ms;
             self.token_index
                 .insert(stored.token_sha256.clone(), id.clone());
             self.agents.insert(
                 id,
                 AgentEntry {
-                    last_seen_ms: agent.last_seen_ms,
+                    last_seen_ms,
                     stored,
                     conn: None,
                     running: HashSet::new(),
-                    disconnected_at: Some(now),
+                    disconnected_at: Some(if was_present { now } else { gone_since }),
                     lost: false,
                 },
             );

@@ -393,18 +393,6 @@ impl State {
         self.token_index.clear();
         let old_agents = std::mem::take(&mut self.agents);
         drop(old_agents); // dropping the senders ends every session; workers reconnect.
-        // Agents whose presence key expired are gone: no grace for them.
-        let present: HashSet<String> = self
-            .load_prefix(presence::PRESENCE_PREFIX)
-            .await?
-            .into_iter()
-            .map(|kv| {
-                kv.key
-                    .trim_start_matches(presence::PRESENCE_PREFIX)
-                    .to_string()
-            })
-            .collect();
-        let gone_since = now.checked_sub(self.cfg.agent_lease_ttl()).unwrap_or(now);
         for kv in self.load_prefix(AGENT_PREFIX).await? {
             let stored = StoredAgent::decode(kv.value.as_slice())
                 .map_err(|e| Error::internal(format!("corrupt agent record {}: {e}", kv.key)))?;
@@ -412,7 +400,6 @@ impl State {
                 continue;
             };
             let id = agent.id.clone();
-            let was_present = present.contains(&id);
             let last_seen_ms = agent.last_seen_ms;
             self.token_index
                 .insert(stored.token_sha256.clone(), id.clone());
@@ -423,7 +410,8 @@ impl State {
                     stored,
                     conn: None,
                     running: HashSet::new(),
-                    disconnected_at: Some(if was_present { now } else { gone_since }),
+                    // Every agent gets the grace period to reconnect to this leader.
+                    disconnected_at: Some(now),
                     lost: false,
                 },
             );

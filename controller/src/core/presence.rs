@@ -1,9 +1,8 @@
 //! Agent presence in the store: while an agent's session is up, the leader keeps a
 //! `presence/<agent id>` key alive under a lease of its own (TTL = the agent lease). When
 //! the session ends the lease is left to expire, so the key outlives the agent by exactly
-//! the grace period. A new leader reads these keys to tell agents that were alive a moment
-//! ago (they get the grace period to reconnect) from agents already gone (their attempts
-//! are requeued at once).
+//! the grace period: operators (and other controllers) can see in the store which agents
+//! are alive. A new leader still gives every agent the full grace period to reconnect.
 
 use std::collections::HashMap;
 use std::sync::Arc;

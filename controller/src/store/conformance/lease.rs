@@ -145,7 +145,10 @@ pub async fn lease_expiry(store: &Arc<dyn Store>, prefix: &str) {
     // before the revision counter).
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
     while store.revision().await.expect("revision") < rev {
-        assert!(tokio::time::Instant::now() < deadline, "revision never reached {rev}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "revision never reached {rev}"
+        );
         tokio::task::yield_now().await;
     }
     assert_not_found(

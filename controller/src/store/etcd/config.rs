@@ -1,0 +1,252 @@
+//! How to reach etcd: [`EtcdConfig`], the `[etcd]` table of the controller's TOML config,
+//! checked up front by [`EtcdConfig::validate`]. Owns no connection.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use scabbard_common::{Error, Result};
+use serde::{Deserialize, Deserializer};
+
+/// How to reach etcd. In TOML, durations are strings with a unit: `"5s"`, `"500ms"`, `"1m"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Client URLs: `http://host:2379`, or `https://host:2379` with `ca_file`.
+    pub endpoints: Vec<String>,
+    /// etcd user (with `password`).
+    pub username: Option<String>,
+    /// etcd password (with `username`).
+    pub password: Option<String>,
+    /// CA bundle (PEM) that etcd's certificate must chain to; required for `https://`.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS, with `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Prefix of every key Scabbard stores (default `/scabbard/`); callers never see it.
+    /// Ends with `/` so that two namespaces never overlap.
+    pub namespace: String,
+    /// Bound of every request, retries included (default 5 s).
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// Bound of [`EtcdStore::connect`](super::EtcdStore::connect) (default 5 s).
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            username: None,
+            password: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            namespace: "/scabbard/".into(),
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl EtcdConfig {
+    /// Refuses settings that cannot work, naming the field (`etcd.<field>`).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::invalid(format!("etcd.{msg}")));
+        if self.endpoints.is_empty() {
+            return bad("endpoints must list at least one URL (--etcd-endpoints)".into());
+        }
+        let mut https = 0;
+        for e in &self.endpoints {
+            match e.split_once("://") {
+                Some(("https", rest)) if !rest.trim().is_empty() => https += 1,
+                Some(("http", rest)) if !rest.trim().is_empty() => {}
+                _ => {
+                    return bad(format!(
+                        "endpoints: {e:?} is not a URL like http://127.0.0.1:2379 or https://host:2379"
+                    ));
+                }
+            }
+        }
+        if https != 0 && https != self.endpoints.len() {
+            return bad("endpoints mix http:// and https:// URLs".into());
+        }
+        let tls_files = self.ca_file.is_some() || self.cert_file.is_some();
+        if https > 0 && self.ca_file.is_none() {
+            return bad(
+                "ca_file is required with https:// endpoints (no system roots are trusted)".into(),
+            );
+        }
+        if https == 0 && tls_files {
+            return bad("ca_file/cert_file/key_file need https:// endpoints".into());
+        }
+        match (&self.username, &self.password) {
+            (Some(u), Some(_)) if u.is_empty() => return bad("username must not be empty".into()),
+            (Some(_), None) | (None, Some(_)) => {
+                return bad("username and etcd.password go together".into());
+            }
+            _ => {}
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return bad("cert_file and etcd.key_file go together".into());
+        }
+        for (field, f) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if let Some(f) = f
+                && !f.is_file()
+            {
+                return bad(format!("{field}: {} is not a readable file", f.display()));
+            }
+        }
+        if self.namespace.is_empty() || !self.namespace.ends_with('/') {
+            return bad(format!(
+                "namespace {:?} must be non-empty and end with '/' (e.g. \"/scabbard/\")",
+                self.namespace
+            ));
+        }
+        if self.request_timeout < Duration::from_millis(10) {
+            return bad("request_timeout must be at least 10ms".into());
+        }
+        if self.connect_timeout < Duration::from_millis(10) {
+            return bad("connect_timeout must be at least 10ms".into());
+        }
+        Ok(())
+    }
+}
+
+/// Deserializes `"250ms"`, `"5s"`, `"1m"` or combinations like `"1m30s"`.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err("empty duration: write e.g. \"5s\" or \"500ms\"".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("bad duration {s:?}: write e.g. \"5s\" or \"500ms\""))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        total += match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            unit => {
+                return Err(format!(
+                    "bad duration unit {unit:?} in {s:?} (use ms, s or m, e.g. \"5s\")"
+                ));
+            }
+        };
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(c: &EtcdConfig) -> String {
+        c.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn default_is_valid() {
+        EtcdConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let base = EtcdConfig::default();
+        let c = EtcdConfig {
+            endpoints: vec![],
+            ..base.clone()
+        };
+        assert!(err(&c).contains("etcd.endpoints"), "{}", err(&c));
+        let c = EtcdConfig {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            ..base.clone()
+        };
+        assert!(err(&c).contains("etcd.endpoints"));
+        let c = EtcdConfig {
+            endpoints: vec!["http://a:1".into(), "https://b:1".into()],
+            ..base.clone()
+        };
+        assert!(err(&c).contains("mix"));
+        let c = EtcdConfig {
+            endpoints: vec!["https://a:1".into()],
+            ..base.clone()
+        };
+        assert!(err(&c).contains("etcd.ca_file"));
+        let c = EtcdConfig {
+            ca_file: Some("/etc/hostname".into()),
+            ..base.clone()
+        };
+        assert!(err(&c).contains("https"));
+        let c = EtcdConfig {
+            username: Some("u".into()),
+            ..base.clone()
+        };
+        assert!(err(&c).contains("etcd.username"));
+        let c = EtcdConfig {
+            namespace: "/x".into(),
+            ..base.clone()
+        };
+        assert!(err(&c).contains("etcd.namespace"));
+        let c = EtcdConfig {
+            request_timeout: Duration::ZERO,
+            ..base.clone()
+        };
+        assert!(err(&c).contains("etcd.request_timeout"));
+        let c = EtcdConfig {
+            connect_timeout: Duration::ZERO,
+            ..base.clone()
+        };
+        assert!(err(&c).contains("etcd.connect_timeout"));
+        let c = EtcdConfig {
+            endpoints: vec!["https://a:1".into()],
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..base
+        };
+        assert!(err(&c).contains("etcd.ca_file"));
+    }
+
+    #[test]
+    fn parses_from_toml_with_durations() {
+        let c: EtcdConfig = toml::from_str(
+            r#"
+            endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+            namespace = "/prod/"
+            request_timeout = "1500ms"
+            connect_timeout = "1m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.endpoints.len(), 2);
+        assert_eq!(c.namespace, "/prod/");
+        assert_eq!(c.request_timeout, Duration::from_millis(1500));
+        assert_eq!(c.connect_timeout, Duration::from_secs(60));
+        assert_eq!(c.username, None);
+        c.validate().unwrap();
+        let unknown = toml::from_str::<EtcdConfig>("endpoint = []").unwrap_err();
+        assert!(unknown.to_string().contains("endpoint"), "{unknown}");
+        let no_unit = toml::from_str::<EtcdConfig>("request_timeout = \"5\"").unwrap_err();
+        assert!(no_unit.to_string().contains("unit"), "{no_unit}");
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("s").is_err());
+    }
+}

@@ -266,6 +266,26 @@ where
     }
 }
 
+/// Polls `AdminService.ListAgents` (on the leader among `addrs`) until some agent satisfies
+/// `pred`; returns that agent.
+pub async fn wait_agent(
+    addrs: &str,
+    what: &str,
+    pred: impl Fn(&scabbard_common::proto::Agent) -> bool,
+) -> Result<scabbard_common::proto::Agent> {
+    let admin = client::AdminServiceClient::new(client::connect_leader(addrs).await?);
+    let pred = &pred;
+    eventually(what, Duration::from_secs(30), || {
+        let mut admin = admin.clone();
+        async move {
+            let req = scabbard_common::proto::ListAgentsRequest {};
+            let agents = admin.list_agents(req).await.ok()?.into_inner().agents;
+            agents.into_iter().find(|a| pred(a))
+        }
+    })
+    .await
+}
+
 /// A task client for `addr`, retrying the connection until the controller answers.
 pub async fn tasks_client(addr: &str) -> Result<TaskServiceClient<Channel>> {
     let ch = eventually(

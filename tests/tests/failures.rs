@@ -137,22 +137,11 @@ async fn stream_cut_within_grace_loses_and_duplicates_nothing() -> anyhow::Resul
     })
     .await?;
     proxy.cut(true);
-    let mut admin = scabbard_common::client::AdminServiceClient::new(
-        client::connect(&c.addr.to_string()).await?,
-    );
-    eventually("the controller to see the agent disconnected", T, || {
-        let mut admin = admin.clone();
-        async move {
-            let agents = admin
-                .list_agents(scabbard_common::proto::ListAgentsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .agents;
-            (agents.first()?.status() == scabbard_common::proto::AgentStatus::Disconnected)
-                .then_some(())
-        }
-    })
+    wait_agent(
+        &c.addr.to_string(),
+        "the controller to see the agent disconnected",
+        |a| a.status() == scabbard_common::proto::AgentStatus::Disconnected,
+    )
     .await?;
     proxy.restore();
     let t = wait_state(&mut tasks, &id, None, T).await?;
@@ -161,9 +150,6 @@ async fn stream_cut_within_grace_loses_and_duplicates_nothing() -> anyhow::Resul
     let text = logs(&mut tasks, &id, 0, false).await?;
     let expected: String = (1..=60).map(|i| format!("line-{i}\n")).collect();
     assert_eq!(text, expected);
-    let _ = admin
-        .list_agents(scabbard_common::proto::ListAgentsRequest {})
-        .await?;
     Ok(())
 }
 
@@ -232,20 +218,7 @@ async fn sigterm_lets_running_tasks_finish_and_takes_no_new_work() -> anyhow::Re
     let id = submit(&mut tasks, shell("echo start; sleep 1.5; echo end")).await?;
     wait_state(&mut tasks, &id, Some(TaskState::Running), T).await?;
     w.proc.signal(libc::SIGTERM);
-    let admin = scabbard_common::client::AdminServiceClient::new(client::connect(&addr).await?);
-    eventually("the agent to be draining", T, || {
-        let mut admin = admin.clone();
-        async move {
-            let agents = admin
-                .list_agents(scabbard_common::proto::ListAgentsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .agents;
-            agents.first()?.draining.then_some(())
-        }
-    })
-    .await?;
+    wait_agent(&addr, "the agent to be draining", |a| a.draining).await?;
     let later = submit(&mut tasks, shell("echo later")).await?;
     let t = wait_state(&mut tasks, &id, None, T).await?;
     assert_eq!(t.state(), TaskState::Succeeded, "{t:?}");

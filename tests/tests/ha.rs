@@ -208,21 +208,10 @@ async fn frozen_worker_is_replaced_and_its_stale_results_rejected() -> anyhow::R
     // recorded one stays, and the worker rejoins.
     frozen.proc.signal(libc::SIGCONT);
     let frozen_id = frozen.agent_id().expect("registered");
-    let admin = AdminServiceClient::new(client::connect_leader(&addrs).await?);
-    eventually("the frozen worker to rejoin", T, || {
-        let mut admin = admin.clone();
-        let frozen_id = frozen_id.clone();
-        async move {
-            let agents = admin
-                .list_agents(scabbard_common::proto::ListAgentsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .agents;
-            let a = agents.into_iter().find(|a| a.id == frozen_id)?;
-            (a.status() == scabbard_common::proto::AgentStatus::Connected && a.running == 0)
-                .then_some(())
-        }
+    wait_agent(&addrs, "the frozen worker to rejoin", |a| {
+        a.id == frozen_id
+            && a.status() == scabbard_common::proto::AgentStatus::Connected
+            && a.running == 0
     })
     .await?;
     let after = get(&mut tasks, &id).await?;

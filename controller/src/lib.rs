@@ -7,6 +7,7 @@
 //! agent stream; [`logstore`] keeps task logs; [`server`] wires it all to a listener.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod core;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use scabbard_common::proto::{
     FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
-    agent_service_server::AgentServiceServer, task_service_server::TaskServiceServer,
+    agent_service_server::AgentServiceServer, project_service_server::ProjectServiceServer,
+    task_service_server::TaskServiceServer,
 };
 use scabbard_common::{Error, Result};
 use tokio::net::TcpListener;
@@ -15,7 +16,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{AdminApi, AgentApi, TaskApi};
+use crate::api::{AdminApi, AgentApi, ProjectApi, TaskApi};
+use crate::auth::catalog::{Bootstrap, DefaultLimits};
+use crate::auth::{AuthLayer, Catalog};
 use crate::config::ControllerConfig;
 use crate::core::persist::Fence;
 use crate::core::{self, CoreRouter, Route};
@@ -81,10 +84,37 @@ pub async fn serve(
         .advertise_addr
         .clone()
         .unwrap_or_else(|| addr.to_string());
+    let catalog = Catalog::open(
+        store.clone(),
+        Some(cfg.registration_token.as_str()),
+        DefaultLimits {
+            requests_per_second: cfg.rate_limit_per_second,
+            burst: cfg.rate_limit_burst,
+        },
+        shutdown.child_token(),
+    )
+    .await?;
+    match catalog.bootstrap(cfg.given_bootstrap_token()?).await? {
+        Bootstrap::Created {
+            secret,
+            generated: true,
+        } => {
+            // Shown once: only its hash is kept.
+            println!(
+                "\nbootstrap admin token (shown once, store it now):\n  {secret}\n\nuse it with: scabbard login --controller {advertise} --token <token>\n"
+            );
+            info!("cluster bootstrapped: admin token created and printed on stdout");
+        }
+        Bootstrap::Created { .. } => {
+            info!("cluster bootstrapped with the given admin token")
+        }
+        Bootstrap::AlreadyDone => {}
+    }
     let (route, router_handle) = CoreRouter::new(Route::Follower(None));
     let leading = tokio::spawn(lead_when_elected(
         cfg.clone(),
         store.clone(),
+        catalog.clone(),
         advertise.clone(),
         route,
         shutdown.clone(),
@@ -103,7 +133,13 @@ pub async fn serve(
         cfg.leader_lease_ttl(),
         shutdown.clone(),
     ));
-    let router = router(&cfg, router_handle, store.clone(), advertise.clone())?;
+    let router = router(
+        &cfg,
+        router_handle,
+        store.clone(),
+        catalog,
+        advertise.clone(),
+    )?;
     info!(%addr, %advertise, "controller serving");
     // Nagle off on accepted sockets: small stream messages must not wait for delayed ACKs.
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
@@ -136,6 +172,7 @@ pub async fn serve(
 async fn lead_when_elected(
     cfg: Arc<ControllerConfig>,
     store: Arc<dyn Store>,
+    catalog: Arc<Catalog>,
     advertise: String,
     route: watch::Sender<Route>,
     shutdown: CancellationToken,
@@ -155,6 +192,7 @@ async fn lead_when_elected(
                 core::start(
                     cfg.clone(),
                     store.clone(),
+                    catalog.clone(),
                     logs,
                     core_stop.clone(),
                     Some(fence),
@@ -192,8 +230,13 @@ fn router(
     cfg: &Arc<ControllerConfig>,
     core: CoreRouter,
     store: Arc<dyn Store>,
+    catalog: Arc<Catalog>,
     advertise: String,
-) -> Result<tonic::transport::server::Router> {
+) -> Result<
+    tonic::transport::server::Router<
+        tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+    >,
+> {
     let max = cfg.max_message_bytes;
     let (reporter, health_svc) = tonic_health::server::health_reporter();
     // SERVING while this controller leads or knows the leader to redirect to; NOT_SERVING
@@ -212,6 +255,7 @@ fn router(
                 "scabbard.v1.TaskService",
                 "scabbard.v1.AgentService",
                 "scabbard.v1.AdminService",
+                "scabbard.v1.ProjectService",
             ] {
                 reporter.set_service_status(name, status).await;
             }
@@ -230,23 +274,34 @@ fn router(
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(Error::internal)?;
-    let tasks = TaskServiceServer::new(TaskApi { core: core.clone() })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let tasks = TaskServiceServer::new(TaskApi {
+        core: core.clone(),
+        catalog: catalog.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let agents = AgentServiceServer::new(AgentApi {
         core: core.clone(),
-        cfg: cfg.clone(),
+        catalog: catalog.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let admin = AdminServiceServer::new(AdminApi {
-        core,
+        core: core.clone(),
         store,
+        catalog: catalog.clone(),
         advertise,
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    let projects = ProjectServiceServer::new(ProjectApi {
+        core,
+        catalog: catalog.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     Ok(tonic::transport::Server::builder()
+        .layer(AuthLayer::new(catalog))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -255,7 +310,8 @@ fn router(
         .add_service(reflection_v1alpha)
         .add_service(tasks)
         .add_service(agents)
-        .add_service(admin))
+        .add_service(admin)
+        .add_service(projects))
 }
 
 /// A controller running in this process (tests, `scabbard dev`).

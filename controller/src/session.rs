@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::auth::Catalog;
 use crate::core::{Attached, CoreHandle, CoreMsg};
 use crate::logstore::LogStore;
 
@@ -33,6 +34,9 @@ pub(crate) struct SessionActor {
     pub(crate) attempts: HashMap<String, u64>,
     pub(crate) silence_limit: Duration,
     pub(crate) out: mpsc::Sender<Result<ControllerMessage, Status>>,
+    /// The agent token this session authenticated with; its revocation ends the session.
+    pub(crate) token_id: String,
+    pub(crate) catalog: Arc<Catalog>,
 }
 
 impl SessionActor {
@@ -42,6 +46,8 @@ impl SessionActor {
         logs: Arc<LogStore>,
         attached: &Attached,
         out: mpsc::Sender<Result<ControllerMessage, Status>>,
+        token_id: String,
+        catalog: Arc<Catalog>,
     ) -> Self {
         Self {
             core,
@@ -51,6 +57,8 @@ impl SessionActor {
             attempts: attached.attempts.iter().cloned().collect(),
             silence_limit: Duration::from_millis(attached.welcome.lease_ttl_ms),
             out,
+            token_id,
+            catalog,
         }
     }
 
@@ -92,8 +100,29 @@ impl SessionActor {
         })
         .await?;
         let mut deadline = Instant::now() + self.silence_limit;
+        let mut revocations = self.catalog.revocations();
         loop {
             tokio::select! {
+                id = revocations.recv() => {
+                    let revoked = match &id {
+                        Ok(id) => *id == self.token_id,
+                        // Missed some: ask the catalog directly.
+                        Err(_) => self.catalog.token(&self.token_id).is_none_or(|t| t.revoked),
+                    };
+                    if revoked {
+                        let _ = self
+                            .out
+                            .send(Err(Status::unauthenticated(format!(
+                                "agent token {} was revoked: the session is closed",
+                                self.token_id
+                            ))))
+                            .await;
+                        return Ok("agent token revoked".into());
+                    }
+                    if matches!(id, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                        revocations = self.catalog.revocations();
+                    }
+                }
                 msg = from_core.recv() => match msg {
                     Some(m) => { self.observe(&m); self.emit(m).await?; }
                     None => return Ok("replaced by a newer session".into()),

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use scabbard_common::client::{self, TaskServiceClient};
+use scabbard_common::client::{self, AuthedChannel, TaskServiceClient};
 use scabbard_common::proto::{
     GetTaskRequest, ShellTask, SubmitTaskRequest, Task, TaskLogsRequest, TaskSpec, TaskState,
     task_spec::Kind,
@@ -168,6 +168,7 @@ impl Controller {
             ])
             .args(&opts.extra)
             .env("SCABBARD_LOG", "info")
+            .env("SCABBARD_BOOTSTRAP_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -273,7 +274,7 @@ pub async fn wait_agent(
     what: &str,
     pred: impl Fn(&scabbard_common::proto::Agent) -> bool,
 ) -> Result<scabbard_common::proto::Agent> {
-    let admin = client::AdminServiceClient::new(client::connect_leader(addrs).await?);
+    let admin = client::AdminServiceClient::new(admin_channel(addrs).await?);
     let pred = &pred;
     eventually(what, Duration::from_secs(30), || {
         let mut admin = admin.clone();
@@ -286,15 +287,44 @@ pub async fn wait_agent(
     .await
 }
 
-/// A task client for `addr`, retrying the connection until the controller answers.
-pub async fn tasks_client(addr: &str) -> Result<TaskServiceClient<Channel>> {
+/// The admin token every test controller is bootstrapped with.
+pub const ADMIN_TOKEN: &str = "scbd_api_test-admin-0123456789abcdef0123456789abcdef";
+
+/// A task client as used by the tests (admin token on every call).
+pub type Tasks = TaskServiceClient<AuthedChannel>;
+
+/// A channel to the leader among `addrs` carrying the admin token.
+pub async fn admin_channel(addrs: &str) -> Result<AuthedChannel> {
+    Ok(client::authed(
+        client::connect_leader(addrs).await?,
+        Some(ADMIN_TOKEN),
+    )?)
+}
+
+/// `channel` carrying `token` on every call.
+pub fn with_token(channel: Channel, token: &str) -> AuthedChannel {
+    client::authed(channel, Some(token)).expect("token is valid metadata")
+}
+
+/// A task client for `addr` with the admin token, retrying the connection until the
+/// controller answers.
+pub async fn tasks_client(addr: &str) -> Result<Tasks> {
     let ch = eventually(
         "controller to accept connections",
         Duration::from_secs(20),
         || async { client::connect(addr).await.ok() },
     )
     .await?;
-    Ok(TaskServiceClient::new(ch))
+    Ok(TaskServiceClient::new(with_token(ch, ADMIN_TOKEN)))
+}
+
+/// A `scabbard` CLI command using the admin token and a private config dir.
+pub fn cli(config_dir: &Path) -> Command {
+    let mut c = Command::new(scabbard_bin());
+    c.env("SCABBARD_TOKEN", ADMIN_TOKEN)
+        .env("SCABBARD_CONFIG_DIR", config_dir)
+        .env("SCABBARD_LOG", "warn");
+    c
 }
 
 /// A shell task spec.
@@ -308,11 +338,12 @@ pub fn shell(script: &str) -> TaskSpec {
 }
 
 /// Submits a spec; returns the task id.
-pub async fn submit(c: &mut TaskServiceClient<Channel>, spec: TaskSpec) -> Result<String> {
+pub async fn submit(c: &mut Tasks, spec: TaskSpec) -> Result<String> {
     let r = c
         .submit(SubmitTaskRequest {
             spec: Some(spec),
             idempotency_key: String::new(),
+            project: String::new(),
         })
         .await?
         .into_inner();
@@ -320,13 +351,13 @@ pub async fn submit(c: &mut TaskServiceClient<Channel>, spec: TaskSpec) -> Resul
 }
 
 /// Gets a task.
-pub async fn get(c: &mut TaskServiceClient<Channel>, id: &str) -> Result<Task> {
+pub async fn get(c: &mut Tasks, id: &str) -> Result<Task> {
     Ok(c.get(GetTaskRequest { id: id.into() }).await?.into_inner())
 }
 
 /// Waits until the task reaches `state` (or any final state when `state` is None).
 pub async fn wait_state(
-    c: &mut TaskServiceClient<Channel>,
+    c: &mut Tasks,
     id: &str,
     state: Option<TaskState>,
     timeout: Duration,
@@ -352,12 +383,7 @@ pub async fn wait_state(
 }
 
 /// The whole log of a task's latest attempt (or `attempt`), as text.
-pub async fn logs(
-    c: &mut TaskServiceClient<Channel>,
-    id: &str,
-    attempt: u32,
-    follow: bool,
-) -> Result<String> {
+pub async fn logs(c: &mut Tasks, id: &str, attempt: u32, follow: bool) -> Result<String> {
     let mut s = c
         .logs(TaskLogsRequest {
             task_id: id.into(),

@@ -24,6 +24,7 @@ impl InProc {
             listen: "127.0.0.1:0".parse()?,
             data_dir: dir.path().to_path_buf(),
             registration_token: TOKEN.into(),
+            bootstrap_token: Some(ADMIN_TOKEN.into()),
             max_message_bytes: 1024 * 1024,
             ..ControllerConfig::default()
         };
@@ -191,6 +192,7 @@ async fn idempotency_key_returns_the_first_task() -> anyhow::Result<()> {
     let req = SubmitTaskRequest {
         spec: Some(shell("true")),
         idempotency_key: "build-42".into(),
+        project: String::new(),
     };
     let a = tasks.submit(req.clone()).await?.into_inner();
     let b = tasks.submit(req).await?.into_inner();
@@ -264,7 +266,8 @@ async fn agent_credentials_are_checked() -> anyhow::Result<()> {
         Code::PermissionDenied
     );
 
-    let mut admin = AdminServiceClient::new(client::connect(&c.addr()).await?);
+    let mut admin =
+        AdminServiceClient::new(with_token(client::connect(&c.addr()).await?, ADMIN_TOKEN));
     let (code, _) = code_and_message(
         admin
             .drain_agent(DrainAgentRequest {
@@ -332,6 +335,8 @@ async fn grpcurl_lists_services_and_submits_a_task() -> anyhow::Result<()> {
     let out = tokio::task::spawn_blocking(move || {
         run_grpcurl(&[
             "-plaintext",
+            "-H",
+            &format!("authorization: Bearer {ADMIN_TOKEN}"),
             "-d",
             r#"{"spec":{"shell":{"command":["echo","hello grpcurl"]}}}"#,
             &a,
@@ -355,6 +360,6 @@ async fn grpcurl_lists_services_and_submits_a_task() -> anyhow::Result<()> {
     })
     .await??;
     assert!(health.contains("SERVING"), "{health}");
-    let _ = TaskServiceClient::new(client::connect(&addr).await?);
+    let _ = TaskServiceClient::new(with_token(client::connect(&addr).await?, ADMIN_TOKEN));
     Ok(())
 }

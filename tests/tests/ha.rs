@@ -98,11 +98,14 @@ async fn followers_redirect_to_the_single_leader() -> anyhow::Result<()> {
             let addr = addr.clone();
             let leader = leader.clone();
             async move {
-                let s = AdminServiceClient::new(client::connect(&addr).await.ok()?)
-                    .cluster_status(ClusterStatusRequest {})
-                    .await
-                    .ok()?
-                    .into_inner();
+                let s = AdminServiceClient::new(with_token(
+                    client::connect(&addr).await.ok()?,
+                    ADMIN_TOKEN,
+                ))
+                .cluster_status(ClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
                 (s.leader == leader && s.members.len() == 3).then_some(s)
             }
         })
@@ -133,7 +136,7 @@ async fn killing_the_leader_loses_no_task_and_runs_none_twice() -> anyhow::Resul
     let mut c = start(3, 2)?;
     let addrs = c.addrs();
     let first = eventually("a leader", T, || leader(&addrs)).await?;
-    let mut tasks = TaskServiceClient::new(client::connect_leader(&addrs).await?);
+    let mut tasks = TaskServiceClient::new(admin_channel(&addrs).await?);
     let mut ids = Vec::new();
     for i in 0..8 {
         ids.push(
@@ -170,7 +173,7 @@ async fn killing_the_leader_loses_no_task_and_runs_none_twice() -> anyhow::Resul
     eprintln!("failover: new leader {second} after {:?}", killed.elapsed());
     assert_ne!(first, second);
 
-    let mut tasks = TaskServiceClient::new(client::connect_leader(&rest).await?);
+    let mut tasks = TaskServiceClient::new(admin_channel(&rest).await?);
     for (i, id) in ids.iter().enumerate() {
         let t = wait_state(&mut tasks, id, None, T).await?;
         assert_eq!(t.state(), TaskState::Succeeded, "{t:?}");
@@ -191,7 +194,7 @@ async fn frozen_worker_is_replaced_and_its_stale_results_rejected() -> anyhow::R
     eventually("a leader", T, || leader(&addrs)).await?;
     let dir = tempfile::tempdir()?;
     let frozen = Worker::start(&addrs, &dir.path().join("frozen"), "frozen", 1)?;
-    let mut tasks = TaskServiceClient::new(client::connect_leader(&addrs).await?);
+    let mut tasks = TaskServiceClient::new(admin_channel(&addrs).await?);
     let id = submit(&mut tasks, shell("echo begin; sleep 2; echo done")).await?;
     let t = wait_state(&mut tasks, &id, Some(TaskState::Running), T).await?;
     assert_eq!(Some(t.agent_id.clone()), frozen.agent_id());
@@ -246,7 +249,7 @@ async fn etcd_outage_and_controller_restart_lose_nothing() -> anyhow::Result<()>
     let mut c = start(1, 1)?;
     let addr = c.controllers[0].addr.to_string();
     eventually("a leader", T, || leader(&addr)).await?;
-    let mut tasks = TaskServiceClient::new(client::connect_leader(&addr).await?);
+    let mut tasks = TaskServiceClient::new(admin_channel(&addr).await?);
     let done = submit(&mut tasks, shell("echo kept")).await?;
     wait_state(&mut tasks, &done, None, T).await?;
 
@@ -260,7 +263,7 @@ async fn etcd_outage_and_controller_restart_lose_nothing() -> anyhow::Result<()>
     c.etcd.members[0].restart()?;
     eventually("leading again", T, || leader(&addr)).await?;
     assert_eq!(health(&addr).await, Some(serving));
-    let mut tasks = TaskServiceClient::new(client::connect_leader(&addr).await?);
+    let mut tasks = TaskServiceClient::new(admin_channel(&addr).await?);
     let after = submit(&mut tasks, shell("echo after-outage")).await?;
     assert_eq!(
         wait_state(&mut tasks, &after, None, T).await?.state(),
@@ -292,7 +295,7 @@ async fn etcd_outage_and_controller_restart_lose_nothing() -> anyhow::Result<()>
     c.controllers[0].proc.kill9();
     c.controllers[0] = Controller::start(&data, port, &opts)?;
     eventually("leading after restart", T, || leader(&addr)).await?;
-    let mut tasks = TaskServiceClient::new(client::connect_leader(&addr).await?);
+    let mut tasks = TaskServiceClient::new(admin_channel(&addr).await?);
     let again = tasks
         .list(scabbard_common::proto::ListTasksRequest::default())
         .await?

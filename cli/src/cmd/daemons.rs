@@ -107,6 +107,11 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if let Some(t) = a.registration_token {
         cfg.registration_token = t;
     }
+    if let Ok(t) = std::env::var("SCABBARD_BOOTSTRAP_TOKEN")
+        && !t.trim().is_empty()
+    {
+        cfg.bootstrap_token = Some(t);
+    }
     if let Some(d) = a.agent_lease_ttl {
         cfg.agent_lease_ttl_ms = d.as_millis() as u64;
     }

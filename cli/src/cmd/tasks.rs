@@ -39,12 +39,14 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
         timeout_ms: a.timeout.map_or(0, |d| d.as_millis() as u64),
         labels: a.labels.into_iter().collect(),
         max_infra_retries: 0,
+        secret_env: Default::default(),
     };
     let mut tasks = TaskServiceClient::new(client::connect_leader(&a.target.controller).await?);
     let resp = tasks
         .submit(SubmitTaskRequest {
             spec: Some(spec),
             idempotency_key: a.idempotency_key.unwrap_or_default(),
+            project: String::new(),
         })
         .await
         .map_err(output::status)?
@@ -176,6 +178,7 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
                     labels: labels.into_iter().collect(),
                     page_size: limit.clamp(1, 1000),
                     page_token: String::new(),
+                    project: String::new(),
                 })
                 .await
                 .map_err(output::status)?

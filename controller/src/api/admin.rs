@@ -1,13 +1,18 @@
-//! `AdminService`.
+//! `AdminService`: cluster status, agents, tokens, the audit log.
 
 use std::sync::Arc;
 
+use scabbard_common::Error;
 use scabbard_common::proto::{
-    Agent, ClusterStatusRequest, ClusterStatusResponse, ControllerMember, DrainAgentRequest,
-    ListAgentsRequest, ListAgentsResponse, admin_service_server::AdminService,
+    Agent, ClusterStatusRequest, ClusterStatusResponse, ControllerMember, CreateTokenRequest,
+    CreateTokenResponse, DrainAgentRequest, ListAgentsRequest, ListAgentsResponse,
+    ListAuditRequest, ListAuditResponse, ListTokensRequest, ListTokensResponse, RevokeTokenRequest,
+    TokenInfo, TokenKind, WhoAmIRequest, WhoAmIResponse, admin_service_server::AdminService,
 };
 use tonic::{Request, Response, Status};
 
+use crate::audit;
+use crate::auth::{self, Catalog, Principal};
 use crate::core::{CoreMsg, CoreRouter, Route, validate};
 use crate::membership::MEMBER_PREFIX;
 use crate::store::Store;
@@ -16,6 +21,7 @@ use crate::store::Store;
 pub struct AdminApi {
     pub(crate) core: CoreRouter,
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) catalog: Arc<Catalog>,
     /// This controller's advertised address.
     pub(crate) advertise: String,
 }
@@ -32,8 +38,10 @@ impl AdminService for AdminApi {
 
     async fn cluster_status(
         &self,
-        _req: Request<ClusterStatusRequest>,
+        req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        // Anyone may find the leader; queue depths are for token holders.
+        let may_read = req.extensions().get::<Principal>().is_some();
         let route = self.core.watch().borrow().clone();
         let (leader, active) = match route {
             Route::Active(core) => (self.advertise.clone(), Some(core)),
@@ -62,7 +70,7 @@ impl AdminService for AdminApi {
                 })
                 .collect();
         }
-        if let Some(core) = active
+        if let Some(core) = active.filter(|_| may_read)
             && let Ok(stats) = core.stats().await
         {
             status.queued_tasks = stats.queued as u64;
@@ -78,8 +86,20 @@ impl AdminService for AdminApi {
         &self,
         req: Request<DrainAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
+        let who = auth::principal(&req)?;
+        who.require_cluster_wide("draining an agent (agents serve every project)")?;
         let r = req.into_inner();
         validate::id("agent", &r.id)?;
+        if r.reason.len() > 1024 {
+            return Err(Error::invalid("reason is longer than 1024 bytes").into());
+        }
+        let entry = audit::entry(
+            &who,
+            "agent.drain",
+            &r.id,
+            auth::ALL_PROJECTS,
+            r.reason.clone(),
+        );
         let agent = self
             .core
             .ask(|reply| CoreMsg::DrainAgent {
@@ -88,6 +108,78 @@ impl AdminService for AdminApi {
                 reply,
             })
             .await?;
+        audit::record(&self.store, &entry).await?;
         Ok(Response::new(agent))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let (token, secret) = self.catalog.create_token(&who, req.into_inner()).await?;
+        Ok(Response::new(CreateTokenResponse {
+            token: Some(token),
+            secret,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let r = req.into_inner();
+        let kind = TokenKind::try_from(r.kind)
+            .map_err(|_| Error::invalid(format!("kind: {} is not a token kind", r.kind)))?;
+        let filter = who.list_filter(&r.project)?;
+        let tokens = self
+            .catalog
+            .list_tokens(filter.as_deref(), kind, r.include_revoked);
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<RevokeTokenRequest>,
+    ) -> Result<Response<TokenInfo>, Status> {
+        let who = auth::principal(&req)?;
+        let r = req.into_inner();
+        validate::id("token", &r.id)?;
+        if r.reason.len() > 1024 {
+            return Err(Error::invalid("reason is longer than 1024 bytes").into());
+        }
+        Ok(Response::new(
+            self.catalog.revoke_token(&who, &r.id, &r.reason).await?,
+        ))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<WhoAmIRequest>,
+    ) -> Result<Response<WhoAmIResponse>, Status> {
+        let who = auth::principal(&req)?;
+        Ok(Response::new(WhoAmIResponse {
+            token: self.catalog.token(&who.token_id),
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => 100,
+            n if n <= 1000 => n as usize,
+            n => return Err(Error::invalid(format!("limit {n} is larger than 1000")).into()),
+        };
+        let filter = who.list_filter(&r.project)?;
+        if r.action.len() > 128 {
+            return Err(Error::invalid("action is longer than 128 bytes").into());
+        }
+        let entries = audit::list(&self.store, filter.as_deref(), &r.action, limit).await?;
+        Ok(Response::new(ListAuditResponse { entries }))
     }
 }

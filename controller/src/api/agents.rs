@@ -1,21 +1,21 @@
-//! `AgentService`: registration with the registration token, and the session stream
-//! authenticated by the agent token.
+//! `AgentService`: registration with a registration token (which issues the agent's own
+//! token), the session stream and token rotation, authenticated by the agent token.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use scabbard_common::Error;
 use scabbard_common::proto::{
-    Agent, AgentMessage, ControllerMessage, RegisterRequest, RegisterResponse, StoredAgent,
-    agent_message, agent_service_server::AgentService,
+    Agent, AgentMessage, ControllerMessage, RegisterRequest, RegisterResponse,
+    RotateAgentTokenRequest, RotateAgentTokenResponse, StoredAgent, agent_message,
+    agent_service_server::AgentService,
 };
 use scabbard_common::time::now_ms;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth;
-use crate::config::ControllerConfig;
+use crate::auth::{self, Catalog};
 use crate::core::{CoreMsg, CoreRouter, validate};
 use crate::session::SessionActor;
 
@@ -25,7 +25,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Implementation of `scabbard.v1.AgentService`.
 pub struct AgentApi {
     pub(crate) core: CoreRouter,
-    pub(crate) cfg: Arc<ControllerConfig>,
+    pub(crate) catalog: Arc<Catalog>,
 }
 
 #[tonic::async_trait]
@@ -37,15 +37,9 @@ impl AgentService for AgentApi {
         let r = req.into_inner();
         if r.registration_token.is_empty() {
             return Err(Error::Unauthenticated(
-                "registration_token is required (the controller's --registration-token)".into(),
+                "registration_token is required (`scabbard token create --kind registration`, or the controller's --registration-token)".into(),
             )
             .into());
-        }
-        if !auth::constant_time_eq(
-            r.registration_token.as_bytes(),
-            self.cfg.registration_token.as_bytes(),
-        ) {
-            return Err(Error::Unauthenticated("registration token is not valid".into()).into());
         }
         if r.slots == 0 || r.slots > 4096 {
             return Err(Error::invalid(format!("slots must be 1..=4096, got {}", r.slots)).into());
@@ -59,16 +53,25 @@ impl AgentService for AgentApi {
             validate::id("agent", &r.agent_id)?;
             r.agent_id
         };
-        let token = auth::new_agent_token();
+        // Counted only once the request is otherwise valid.
+        let by = self
+            .catalog
+            .use_registration_token(&r.registration_token)
+            .await?;
+        let name = if r.name.is_empty() {
+            agent_id.clone()
+        } else {
+            r.name
+        };
+        let token = self
+            .catalog
+            .issue_agent_token(&agent_id, &name, &by)
+            .await?;
         let now = now_ms();
         let stored = StoredAgent {
             agent: Some(Agent {
                 id: agent_id.clone(),
-                name: if r.name.is_empty() {
-                    agent_id.clone()
-                } else {
-                    r.name
-                },
+                name,
                 labels: r.labels,
                 capabilities: r.capabilities,
                 slots: r.slots,
@@ -77,7 +80,8 @@ impl AgentService for AgentApi {
                 last_seen_ms: now,
                 ..Default::default()
             }),
-            token_sha256: auth::token_hash(&token),
+            // The token lives in the catalog (tokens/<id>), bound to this agent id.
+            token_sha256: String::new(),
         };
         self.core
             .ask(|reply| CoreMsg::Register { stored, reply })
@@ -94,14 +98,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let token = auth::bearer(req.metadata())
-            .ok_or_else(|| {
-                Error::Unauthenticated(
-                    "missing agent token: send metadata 'authorization: Bearer <agent token>'"
-                        .into(),
-                )
-            })?
-            .to_string();
+        let who = auth::principal(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -111,20 +108,35 @@ impl AgentService for AgentApi {
             _ => return Err(Error::invalid("the first session message must be Hello").into()),
         };
         let (core_tx, core_rx) = mpsc::channel::<ControllerMessage>(4096);
-        let token_hash = auth::token_hash(&token);
         // The session stays with this core even if leadership moves on.
         let core = self.core.current()?;
         let attached = core
             .ask(|reply| CoreMsg::Attach {
-                token_hash,
+                agent_id: who.agent_id.clone(),
                 hello,
                 tx: core_tx,
                 reply,
             })
             .await?;
         let (out_tx, out_rx) = mpsc::channel(1024);
-        let actor = SessionActor::new(core.clone(), core.logs().clone(), &attached, out_tx);
+        let actor = SessionActor::new(
+            core.clone(),
+            core.logs().clone(),
+            &attached,
+            out_tx,
+            who.token_id,
+            self.catalog.clone(),
+        );
         tokio::spawn(actor.run(attached, inbound, core_rx));
         Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+
+    async fn rotate_token(
+        &self,
+        req: Request<RotateAgentTokenRequest>,
+    ) -> Result<Response<RotateAgentTokenResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let agent_token = self.catalog.rotate_agent_token(&who).await?;
+        Ok(Response::new(RotateAgentTokenResponse { agent_token }))
     }
 }

@@ -4,8 +4,10 @@
 mod admin;
 mod agents;
 mod logs;
+mod projects;
 mod tasks;
 
 pub use admin::AdminApi;
 pub use agents::AgentApi;
+pub use projects::ProjectApi;
 pub use tasks::TaskApi;

@@ -1,6 +1,7 @@
 //! `TaskService`.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use scabbard_common::Error;
@@ -13,6 +14,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::audit;
+use crate::auth::{self, Catalog, Principal};
 use crate::core::{CoreMsg, CoreRouter, validate};
 
 /// Server-stream type used by the streaming methods.
@@ -21,6 +24,17 @@ pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Se
 /// Implementation of `scabbard.v1.TaskService`.
 pub struct TaskApi {
     pub(crate) core: CoreRouter,
+    pub(crate) catalog: Arc<Catalog>,
+}
+
+impl TaskApi {
+    /// The task, if the caller's project may see it (`PERMISSION_DENIED` otherwise).
+    async fn visible_task(&self, who: &Principal, id: String) -> Result<Task, Status> {
+        validate::id("task", &id)?;
+        let task = self.core.ask(|reply| CoreMsg::Get { id, reply }).await?;
+        who.check_project(&format!("task {}", task.id), &task.project)?;
+        Ok(task)
+    }
 }
 
 #[tonic::async_trait]
@@ -29,13 +43,19 @@ impl TaskService for TaskApi {
         &self,
         req: Request<SubmitTaskRequest>,
     ) -> Result<Response<SubmitTaskResponse>, Status> {
+        let who = auth::principal(&req)?;
         let r = req.into_inner();
         let spec = r.spec.ok_or_else(|| Error::invalid("spec is required"))?;
+        let project = who.resolve_project(&r.project)?;
+        if self.catalog.project(&project).is_none() {
+            return Err(Error::not_found("project", project).into());
+        }
         let (task, existing) = self
             .core
             .ask(|reply| CoreMsg::Submit {
                 spec,
                 idempotency_key: r.idempotency_key,
+                project,
                 reply,
             })
             .await?;
@@ -46,10 +66,9 @@ impl TaskService for TaskApi {
     }
 
     async fn get(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
-        let id = req.into_inner().id;
-        validate::id("task", &id)?;
+        let who = auth::principal(&req)?;
         Ok(Response::new(
-            self.core.ask(|reply| CoreMsg::Get { id, reply }).await?,
+            self.visible_task(&who, req.into_inner().id).await?,
         ))
     }
 
@@ -57,7 +76,9 @@ impl TaskService for TaskApi {
         &self,
         req: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
-        let req = req.into_inner();
+        let who = auth::principal(&req)?;
+        let mut req = req.into_inner();
+        req.project = who.list_filter(&req.project)?.unwrap_or_default();
         for s in &req.states {
             if TaskState::try_from(*s).is_err() || *s == 0 {
                 return Err(Error::invalid(format!(
@@ -74,11 +95,19 @@ impl TaskService for TaskApi {
     }
 
     async fn cancel(&self, req: Request<CancelTaskRequest>) -> Result<Response<Task>, Status> {
+        let who = auth::principal(&req)?;
         let r = req.into_inner();
-        validate::id("task", &r.id)?;
         if r.reason.len() > 1024 {
             return Err(Error::invalid("reason is longer than 1024 bytes").into());
         }
+        let task = self.visible_task(&who, r.id.clone()).await?;
+        let entry = audit::entry(
+            &who,
+            "task.cancel",
+            &task.id,
+            &task.project,
+            r.reason.clone(),
+        );
         let task = self
             .core
             .ask(|reply| CoreMsg::Cancel {
@@ -87,6 +116,10 @@ impl TaskService for TaskApi {
                 reply,
             })
             .await?;
+        // The cancel is recorded; a failed audit write is reported but does not undo it.
+        if let Err(e) = audit::record(self.catalog.store(), &entry).await {
+            tracing::warn!(error = %e, task = %task.id, "could not record the cancel in the audit log");
+        }
         Ok(Response::new(task))
     }
 
@@ -96,6 +129,7 @@ impl TaskService for TaskApi {
         &self,
         req: Request<WatchTasksRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = auth::principal(&req)?;
         let r = req.into_inner();
         for id in &r.ids {
             validate::id("task", id)?;
@@ -112,6 +146,9 @@ impl TaskService for TaskApi {
                 .find(|id| !snapshot.iter().any(|t| &t.id == *id));
             return Err(Error::not_found("task", missing.cloned().unwrap_or_default()).into());
         }
+        for t in &snapshot {
+            who.check_project(&format!("task {}", t.id), &t.project)?;
+        }
         let (tx, out) = mpsc::channel(1024);
         let filter: std::collections::HashSet<String> = r.ids.into_iter().collect();
         let send_initial = r.send_initial;
@@ -126,7 +163,9 @@ impl TaskService for TaskApi {
             loop {
                 match rx.recv().await {
                     Ok(t) => {
-                        if !filter.is_empty() && !filter.contains(&t.id) {
+                        if (!filter.is_empty() && !filter.contains(&t.id))
+                            || !who.may_access(&t.project)
+                        {
                             continue;
                         }
                         if tx
@@ -160,10 +199,9 @@ impl TaskService for TaskApi {
         &self,
         req: Request<TaskLogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let who = auth::principal(&req)?;
         let r = req.into_inner();
-        validate::id("task", &r.task_id)?;
-        let id = r.task_id.clone();
-        let task = self.core.ask(|reply| CoreMsg::Get { id, reply }).await?;
+        let task = self.visible_task(&who, r.task_id.clone()).await?;
         if r.attempt as usize > task.attempts.len() {
             return Err(Error::invalid(format!(
                 "task {} has {} attempts; attempt {} does not exist",

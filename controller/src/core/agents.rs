@@ -24,11 +24,6 @@ impl State {
             let _ = reply.send(Err(Error::internal("register without agent")));
             return;
         };
-        if let Some(old) = self.agents.get(&agent.id) {
-            self.token_index.remove(&old.stored.token_sha256);
-        }
-        self.token_index
-            .insert(stored.token_sha256.clone(), agent.id.clone());
         let entry = self
             .agents
             .entry(agent.id.clone())
@@ -52,17 +47,11 @@ impl State {
 
     pub(super) async fn attach(
         &mut self,
-        token_hash: String,
+        agent_id: String,
         hello: Hello,
         tx: mpsc::Sender<ControllerMessage>,
         reply: Reply<Attached>,
     ) {
-        let Some(agent_id) = self.token_index.get(&token_hash).cloned() else {
-            let _ = reply.send(Err(Error::Unauthenticated(
-                "unknown agent token: register the agent again".into(),
-            )));
-            return;
-        };
         if !hello.agent_id.is_empty() && hello.agent_id != agent_id {
             let _ = reply.send(Err(Error::PermissionDenied(format!(
                 "this token belongs to agent {agent_id}, not {}",
@@ -74,9 +63,9 @@ impl State {
         // never be mistaken for one of this core.
         let session = NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(entry) = self.agents.get_mut(&agent_id) else {
-            let _ = reply.send(Err(Error::internal(
-                "token index points to a missing agent",
-            )));
+            let _ = reply.send(Err(Error::Unauthenticated(format!(
+                "agent {agent_id} is not registered with this cluster: register it again"
+            ))));
             return;
         };
         if let Some(a) = entry.stored.agent.as_mut() {

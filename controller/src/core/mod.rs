@@ -27,6 +27,7 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::auth::Catalog;
 use crate::config::ControllerConfig;
 use crate::logstore::LogStore;
 use crate::store::Store;
@@ -54,6 +55,8 @@ pub(crate) enum CoreMsg {
     Submit {
         spec: TaskSpec,
         idempotency_key: String,
+        /// Resolved and checked by the API (exists, the caller may use it).
+        project: String,
         reply: Reply<(Task, bool)>,
     },
     Get {
@@ -78,7 +81,8 @@ pub(crate) enum CoreMsg {
         reply: Reply<()>,
     },
     Attach {
-        token_hash: String,
+        /// From the agent token the session authenticated with.
+        agent_id: String,
         hello: Hello,
         tx: mpsc::Sender<ControllerMessage>,
         reply: Reply<Attached>,
@@ -232,11 +236,12 @@ pub(crate) struct AgentEntry {
 pub(crate) struct State {
     pub(crate) cfg: Arc<ControllerConfig>,
     pub(crate) store: Arc<dyn Store>,
+    /// Projects (quotas) and tokens.
+    pub(crate) catalog: Arc<Catalog>,
     pub(crate) tasks: BTreeMap<String, TaskEntry>,
     pub(crate) idempotency: HashMap<String, String>,
     pub(crate) queue: RunQueue,
     pub(crate) agents: BTreeMap<String, AgentEntry>,
-    pub(crate) token_index: HashMap<String, String>,
     pub(crate) persister: Persister,
     pub(crate) events: broadcast::Sender<Arc<Task>>,
     pub(crate) logs: Arc<LogStore>,
@@ -251,6 +256,7 @@ pub(crate) struct State {
 pub(crate) async fn start(
     cfg: Arc<ControllerConfig>,
     store: Arc<dyn Store>,
+    catalog: Arc<Catalog>,
     logs: Arc<LogStore>,
     shutdown: CancellationToken,
     fence: Option<persist::Fence>,
@@ -265,11 +271,11 @@ pub(crate) async fn start(
     let mut state = State {
         cfg,
         store,
+        catalog,
         tasks: BTreeMap::new(),
         idempotency: HashMap::new(),
         queue: RunQueue::default(),
         agents: BTreeMap::new(),
-        token_index: HashMap::new(),
         persister,
         events,
         logs,
@@ -329,8 +335,9 @@ impl State {
             CoreMsg::Submit {
                 spec,
                 idempotency_key,
+                project,
                 reply,
-            } => self.submit(spec, idempotency_key, reply).await,
+            } => self.submit(spec, idempotency_key, project, reply).await,
             CoreMsg::Get { id, reply } => {
                 let _ = reply.send(
                     self.tasks
@@ -353,11 +360,11 @@ impl State {
             }
             CoreMsg::Register { stored, reply } => self.register(stored, reply).await,
             CoreMsg::Attach {
-                token_hash,
+                agent_id,
                 hello,
                 tx,
                 reply,
-            } => self.attach(token_hash, hello, tx, reply).await,
+            } => self.attach(agent_id, hello, tx, reply).await,
             CoreMsg::Detach { agent_id, session } => self.detach(&agent_id, session),
             CoreMsg::FromAgent {
                 agent_id,
@@ -390,7 +397,6 @@ impl State {
         self.tasks.clear();
         self.idempotency.clear();
         self.queue = RunQueue::default();
-        self.token_index.clear();
         let old_agents = std::mem::take(&mut self.agents);
         drop(old_agents); // dropping the senders ends every session; workers reconnect.
         for kv in self.load_prefix(AGENT_PREFIX).await? {
@@ -401,8 +407,6 @@ impl State {
             };
             let id = agent.id.clone();
             let last_seen_ms = agent.last_seen_ms;
-            self.token_index
-                .insert(stored.token_sha256.clone(), id.clone());
             self.agents.insert(
                 id,
                 AgentEntry {
@@ -418,23 +422,30 @@ impl State {
         }
         let mut orphans = Vec::new();
         for kv in self.load_prefix(TASK_PREFIX).await? {
-            let task = Task::decode(kv.value.as_slice())
+            let mut task = Task::decode(kv.value.as_slice())
                 .map_err(|e| Error::internal(format!("corrupt task record {}: {e}", kv.key)))?;
+            if task.project.is_empty() {
+                // Tasks from before projects existed.
+                task.project = crate::auth::DEFAULT_PROJECT.to_string();
+            }
             let mut entry = TaskEntry {
                 task,
                 queue_key: None,
             };
             let t = &entry.task;
             if !t.idempotency_key.is_empty() {
-                self.idempotency
-                    .insert(t.idempotency_key.clone(), t.id.clone());
+                self.idempotency.insert(
+                    idempotency_key(&t.project, &t.idempotency_key),
+                    t.id.clone(),
+                );
             }
             match t.state() {
                 TaskState::Queued | TaskState::RetryWait => {
-                    entry.queue_key = Some(
-                        self.queue
-                            .push(&t.id, t.spec.as_ref().map_or(0, |s| s.priority)),
-                    );
+                    entry.queue_key = Some(self.queue.push(
+                        &t.id,
+                        t.spec.as_ref().map_or(0, |s| s.priority),
+                        &t.project,
+                    ));
                 }
                 TaskState::Assigned | TaskState::Running => {
                     match self.agents.get_mut(&t.agent_id) {
@@ -505,6 +516,11 @@ impl State {
             warn!(error = %e, "dropping a write: persister gone");
         }
     }
+}
+
+/// Idempotency keys are unique per project.
+pub(crate) fn idempotency_key(project: &str, key: &str) -> String {
+    format!("{project}\u{0}{key}")
 }
 
 /// An effect that answers `reply` with `value` once durable (or with the store error).

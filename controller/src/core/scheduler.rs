@@ -16,20 +16,44 @@ pub(crate) type QueueKey = (Reverse<i32>, u64, String);
 pub(crate) struct RunQueue {
     order: BTreeSet<QueueKey>,
     next_seq: u64,
+    /// Project of each queued task, and queued tasks per project (for quotas).
+    project_of: HashMap<String, String>,
+    per_project: HashMap<String, u32>,
 }
 
 impl RunQueue {
-    /// Adds a task; returns its key (needed to remove it).
-    pub(crate) fn push(&mut self, task_id: &str, priority: i32) -> QueueKey {
+    /// Adds a task of `project`; returns its key (needed to remove it).
+    pub(crate) fn push(&mut self, task_id: &str, priority: i32, project: &str) -> QueueKey {
         self.next_seq += 1;
         let key = (Reverse(priority), self.next_seq, task_id.to_string());
-        self.order.insert(key.clone());
+        if self.order.insert(key.clone())
+            && self
+                .project_of
+                .insert(task_id.to_string(), project.to_string())
+                .is_none()
+        {
+            *self.per_project.entry(project.to_string()).or_default() += 1;
+        }
         key
     }
 
     /// Removes a task by its key.
     pub(crate) fn remove(&mut self, key: &QueueKey) -> bool {
-        self.order.remove(key)
+        let removed = self.order.remove(key);
+        if removed && let Some(p) = self.project_of.remove(&key.2) {
+            if let Some(n) = self.per_project.get_mut(&p) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_project.remove(&p);
+                }
+            }
+        }
+        removed
+    }
+
+    /// Tasks of `project` in the queue.
+    pub(crate) fn queued_in(&self, project: &str) -> u32 {
+        self.per_project.get(project).copied().unwrap_or(0)
     }
 
     /// Number of queued tasks.
@@ -122,10 +146,11 @@ mod tests {
     #[test]
     fn queue_orders_by_priority_then_arrival() {
         let mut q = RunQueue::default();
-        q.push("a", 0);
-        q.push("b", 5);
-        let c = q.push("c", 0);
-        q.push("d", 5);
+        q.push("a", 0, "p");
+        q.push("b", 5, "p");
+        let c = q.push("c", 0, "p");
+        assert_eq!(q.queued_in("p"), 3);
+        q.push("d", 5, "p");
         let order: Vec<_> = q.iter().map(|k| k.2.clone()).collect();
         assert_eq!(order, ["b", "d", "a", "c"]);
         assert!(q.remove(&c));

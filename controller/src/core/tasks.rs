@@ -31,6 +31,7 @@ impl State {
         &mut self,
         mut spec: TaskSpec,
         key: String,
+        project: String,
         reply: Reply<(Task, bool)>,
     ) {
         if let Err(e) = validate::task_spec(&mut spec, &self.cfg) {
@@ -43,10 +44,23 @@ impl State {
             )));
             return;
         }
+        // Idempotency keys are per project: two tenants may use the same key.
+        let key_in_project = super::idempotency_key(&project, &key);
         if !key.is_empty()
-            && let Some(entry) = self.idempotency.get(&key).and_then(|id| self.tasks.get(id))
+            && let Some(entry) = self
+                .idempotency
+                .get(&key_in_project)
+                .and_then(|id| self.tasks.get(id))
         {
             let _ = reply.send(Ok((entry.task.clone(), true)));
+            return;
+        }
+        let quota = self.catalog.quota(&project);
+        if quota.max_queued_tasks > 0 && self.queue.queued_in(&project) >= quota.max_queued_tasks {
+            let _ = reply.send(Err(Error::ResourceExhausted(format!(
+                "project {project:?} has {} tasks queued, its quota (max_queued_tasks); retry when some have started",
+                quota.max_queued_tasks
+            ))));
             return;
         }
         if self.queue.len() >= self.cfg.max_queued_tasks {
@@ -72,12 +86,13 @@ impl State {
             created_at_ms: now,
             updated_at_ms: now,
             idempotency_key: key.clone(),
+            project: project.clone(),
             ..Default::default()
         };
         if !key.is_empty() {
-            self.idempotency.insert(key, id.clone());
+            self.idempotency.insert(key_in_project, id.clone());
         }
-        let queue_key = Some(self.queue.push(&id, priority));
+        let queue_key = Some(self.queue.push(&id, priority, &project));
         self.persist_task(&task, vec![reply_effect(reply, (task.clone(), false))])
             .await;
         self.tasks.insert(id, TaskEntry { task, queue_key });
@@ -99,6 +114,9 @@ impl State {
         let mut next = String::new();
         for (id, e) in self.tasks.range((std::ops::Bound::Unbounded, upper)).rev() {
             let t = &e.task;
+            if !req.project.is_empty() && t.project != req.project {
+                continue;
+            }
             if !req.states.is_empty() && !req.states.contains(&t.state) {
                 continue;
             }
@@ -190,13 +208,28 @@ impl State {
         }
         let mut plan: Vec<(super::scheduler::QueueKey, String)> = Vec::new();
         let mut unplaceable = 0usize;
+        // Projects with a running-task quota, and how many of their tasks hold a slot.
+        let mut limits: HashMap<String, Option<(u32, u32)>> = HashMap::new();
         for key in self.queue.iter() {
             if free == 0 || unplaceable > 10_000 {
                 break;
             }
-            let Some(spec) = self.tasks.get(&key.2).and_then(|e| e.task.spec.as_ref()) else {
+            let Some(task) = self.tasks.get(&key.2).map(|e| &e.task) else {
                 continue;
             };
+            let Some(spec) = task.spec.as_ref() else {
+                continue;
+            };
+            let limit = limits.entry(task.project.clone()).or_insert_with(|| {
+                let max = self.catalog.quota(&task.project).max_running_tasks;
+                (max > 0).then(|| (max, self.active_in(&task.project)))
+            });
+            if let Some((max, active)) = limit
+                && *active >= *max
+            {
+                unplaceable += 1;
+                continue;
+            }
             let candidates = self
                 .agents
                 .iter()
@@ -214,6 +247,9 @@ impl State {
                 });
             match scheduler::pick(spec, candidates) {
                 Some(agent) => {
+                    if let Some((_, active)) = limit {
+                        *active += 1;
+                    }
                     *extra.entry(agent).or_default() += 1;
                     free -= 1;
                     plan.push((key.clone(), agent.to_string()));
@@ -225,6 +261,19 @@ impl State {
             self.queue.remove(&key);
             self.assign(&key.2, &agent).await;
         }
+    }
+
+    /// Tasks of `project` holding an agent slot (assigned or running).
+    fn active_in(&self, project: &str) -> u32 {
+        self.agents
+            .values()
+            .flat_map(|a| a.running.iter())
+            .filter(|id| {
+                self.tasks
+                    .get(*id)
+                    .is_some_and(|e| e.task.project == project)
+            })
+            .count() as u32
     }
 
     async fn assign(&mut self, task_id: &str, agent_id: &str) {
@@ -443,7 +492,7 @@ impl State {
         } else {
             t.state = TaskState::Queued as i32;
             let prio = t.spec.as_ref().map_or(0, |s| s.priority);
-            entry.queue_key = Some(self.queue.push(task_id, prio));
+            entry.queue_key = Some(self.queue.push(task_id, prio, &t.project));
         }
         info!(task = task_id, agent = %old_agent, state = ?entry.task.state(), why, "attempt lost");
         let task = entry.task.clone();

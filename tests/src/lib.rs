@@ -407,3 +407,58 @@ pub async fn logs(c: &mut Tasks, id: &str, attempt: u32, follow: bool) -> Result
     }
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
+
+/// A controller running inside the test process on the embedded store (admin token
+/// [`ADMIN_TOKEN`], registration token [`TOKEN`]); stopped on drop.
+pub struct InProc {
+    _dir: tempfile::TempDir,
+    /// The running controller.
+    pub ctl: scabbard_controller::RunningController,
+}
+
+impl InProc {
+    /// Starts one with the test defaults (1 MiB message limit).
+    pub async fn start() -> Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts one after `tune` adjusted the config.
+    pub async fn start_with(tune: impl FnOnce(&mut scabbard_controller::ControllerConfig)) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg = scabbard_controller::ControllerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: dir.path().to_path_buf(),
+            registration_token: TOKEN.into(),
+            bootstrap_token: Some(ADMIN_TOKEN.into()),
+            max_message_bytes: 1024 * 1024,
+            heartbeat_interval_ms: 200,
+            agent_lease_ttl_ms: 2_000,
+            ..scabbard_controller::ControllerConfig::default()
+        };
+        tune(&mut cfg);
+        let ctl = scabbard_controller::spawn(cfg).await?;
+        Ok(Self { _dir: dir, ctl })
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> String {
+        self.ctl.addr.to_string()
+    }
+
+    /// A plaintext channel to it carrying `token`.
+    pub async fn channel(&self, token: &str) -> Result<AuthedChannel> {
+        Ok(with_token(client::connect(&self.addr()).await?, token))
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        self.ctl.shutdown.cancel();
+    }
+}
+
+/// The code and message of an expected error.
+pub fn code_and_message<T: std::fmt::Debug>(r: std::result::Result<T, tonic::Status>) -> (tonic::Code, String) {
+    let s = r.expect_err("expected an error");
+    (s.code(), s.message().to_string())
+}

@@ -8,45 +8,8 @@ use scabbard_common::proto::{
     AgentMessage, CancelTaskRequest, DrainAgentRequest, GetTaskRequest, Hello, ListTasksRequest,
     RegisterRequest, SubmitTaskRequest, TaskLogsRequest, TaskSpec, agent_message,
 };
-use scabbard_controller::ControllerConfig;
 use scabbard_tests::*;
 use tonic::Code;
-
-struct InProc {
-    _dir: tempfile::TempDir,
-    ctl: scabbard_controller::RunningController,
-}
-
-impl InProc {
-    async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let cfg = ControllerConfig {
-            listen: "127.0.0.1:0".parse()?,
-            data_dir: dir.path().to_path_buf(),
-            registration_token: TOKEN.into(),
-            bootstrap_token: Some(ADMIN_TOKEN.into()),
-            max_message_bytes: 1024 * 1024,
-            ..ControllerConfig::default()
-        };
-        let ctl = scabbard_controller::spawn(cfg).await?;
-        Ok(Self { _dir: dir, ctl })
-    }
-
-    fn addr(&self) -> String {
-        self.ctl.addr.to_string()
-    }
-}
-
-impl Drop for InProc {
-    fn drop(&mut self) {
-        self.ctl.shutdown.cancel();
-    }
-}
-
-fn code_and_message<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (Code, String) {
-    let s = r.expect_err("expected an error");
-    (s.code(), s.message().to_string())
-}
 
 #[tokio::test]
 async fn bad_task_input_gets_clear_errors() -> anyhow::Result<()> {

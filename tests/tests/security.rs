@@ -310,7 +310,7 @@ async fn cross_project_access_is_refused_on_every_rpc_that_takes_an_id() -> anyh
 async fn revoked_agent_token_drops_the_live_stream_within_a_second() -> anyhow::Result<()> {
     let c = InProc::start().await?;
     let dir = tempfile::tempdir()?;
-    let w = Worker::start(&c.addr(), dir.path(), "w1", 1)?;
+    let mut w = Worker::start(&c.addr(), dir.path(), "w1", 1)?;
     let agent = wait_agent(&c.addr(), "the worker to connect", |a| a.name == "w1" && a.status == 1).await?;
     let mut adm = admin(&c).await?;
     let tokens = adm
@@ -337,6 +337,14 @@ async fn revoked_agent_token_drops_the_live_stream_within_a_second() -> anyhow::
         agents.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await,
     );
     assert_eq!(code, Code::Unauthenticated, "{msg}");
+    // The worker does not sneak back in by registering again: it stops, saying why.
+    let waited = Instant::now();
+    let status = tokio::task::spawn_blocking(move || w.proc.wait_exit(Duration::from_secs(20)))
+        .await?
+        .expect("worker status");
+    // (wait_exit kills it at the deadline: make sure it exited by itself well before.)
+    assert!(waited.elapsed() < Duration::from_secs(15), "the worker kept running");
+    assert!(!status.success());
     Ok(())
 }
 

@@ -29,6 +29,9 @@ enum End {
     Shutdown,
     /// The agent token was refused: register again.
     Reregister(String),
+    /// An administrator revoked this agent's token: stop (registering again would undo
+    /// the revocation).
+    Revoked(String),
     Lost(Error),
 }
 
@@ -61,6 +64,12 @@ impl Connection {
             }
             match end {
                 End::Shutdown => return Ok(()),
+                End::Revoked(why) => {
+                    return Err(Error::Unauthenticated(format!(
+                        "{why}: this worker stops. To bring the host back, register it again: remove {} and start it with a valid registration token",
+                        self.cfg.data_dir.join("identity").display()
+                    )));
+                }
                 End::Reregister(why) => {
                     warn!(why, "agent token refused; registering again");
                     let _ = std::fs::remove_file(self.cfg.data_dir.join("identity"));
@@ -219,6 +228,9 @@ impl Connection {
             .await
         {
             Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unauthenticated && s.message().contains("revoked") => {
+                return (End::Revoked(s.message().to_string()), false);
+            }
             Err(s) if s.code() == tonic::Code::Unauthenticated => {
                 return (End::Reregister(s.message().to_string()), false);
             }

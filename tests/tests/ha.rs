@@ -335,3 +335,73 @@ async fn agent_presence_is_an_etcd_lease_that_outlives_the_agent_by_its_grace() 
     .await?;
     Ok(())
 }
+
+/// Tokens live in etcd: one created through the leader authenticates on every controller,
+/// and its revocation reaches the followers within a watch delivery.
+#[tokio::test]
+async fn tokens_are_shared_and_revocations_reach_every_controller() -> anyhow::Result<()> {
+    use scabbard_common::proto::{
+        CreateTokenRequest, RevokeTokenRequest, Scope, TokenKind, WhoAmIRequest,
+    };
+    let c = start(2, 0)?;
+    let mut admin = AdminServiceClient::new(admin_channel(&c.addrs()).await?);
+    let created = admin
+        .create_token(CreateTokenRequest {
+            kind: TokenKind::Api as i32,
+            name: "shared".into(),
+            scopes: vec![Scope::Read as i32],
+            project: "default".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let secret = created.secret.clone();
+    // Every controller knows it (WhoAmI is answered locally, leader or not).
+    for ctl in &c.controllers {
+        let addr = ctl.addr.to_string();
+        let secret = secret.clone();
+        eventually("the token to reach every controller", T, || {
+            let (addr, secret) = (addr.clone(), secret.clone());
+            async move {
+                let ch = client::connect(&addr).await.ok()?;
+                AdminServiceClient::new(with_token(ch, &secret))
+                    .who_am_i(WhoAmIRequest {})
+                    .await
+                    .ok()
+            }
+        })
+        .await?;
+    }
+    admin
+        .revoke_token(RevokeTokenRequest {
+            id: created.token.unwrap().id,
+            reason: "test".into(),
+        })
+        .await?;
+    let revoked = Instant::now();
+    for ctl in &c.controllers {
+        let addr = ctl.addr.to_string();
+        let secret = secret.clone();
+        let code = eventually("the revocation to reach every controller", T, || {
+            let (addr, secret) = (addr.clone(), secret.clone());
+            async move {
+                let ch = client::connect(&addr).await.ok()?;
+                match AdminServiceClient::new(with_token(ch, &secret))
+                    .who_am_i(WhoAmIRequest {})
+                    .await
+                {
+                    Err(s) => Some(s.code()),
+                    Ok(_) => None,
+                }
+            }
+        })
+        .await?;
+        assert_eq!(code, tonic::Code::Unauthenticated);
+    }
+    assert!(
+        revoked.elapsed() < Duration::from_secs(2),
+        "revocation took {:?} to reach every controller",
+        revoked.elapsed()
+    );
+    Ok(())
+}

@@ -569,3 +569,24 @@ fn first_start_prints_one_admin_token_and_later_starts_do_not() -> anyhow::Resul
     let _ = second.wait();
     Ok(())
 }
+
+#[tokio::test]
+async fn revoking_an_api_token_closes_its_open_watch() -> anyhow::Result<()> {
+    let c = InProc::start().await?;
+    let (id, secret) = api_token(&c, "default", Scope::Read, 0).await?;
+    let mut events = tasks_as(&c, &secret)
+        .await?
+        .watch(WatchTasksRequest::default())
+        .await?
+        .into_inner();
+    let revoked = Instant::now();
+    admin(&c)
+        .await?
+        .revoke_token(RevokeTokenRequest { id, reason: "gone".into() })
+        .await?;
+    let end = tokio::time::timeout(Duration::from_secs(1), events.message()).await?;
+    let status = end.expect_err("the watch ends with an error");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(revoked.elapsed() < Duration::from_secs(1));
+    Ok(())
+}

@@ -3,6 +3,7 @@
 
 mod admin;
 mod agents;
+mod guard;
 mod logs;
 mod projects;
 mod tasks;

@@ -11,7 +11,6 @@ use scabbard_common::proto::{
     WatchTasksRequest, task_service_server::TaskService,
 };
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::audit;
@@ -152,6 +151,7 @@ impl TaskService for TaskApi {
         let (tx, out) = mpsc::channel(1024);
         let filter: std::collections::HashSet<String> = r.ids.into_iter().collect();
         let send_initial = r.send_initial;
+        let token_id = who.token_id.clone();
         tokio::spawn(async move {
             if send_initial {
                 for t in snapshot {
@@ -190,7 +190,11 @@ impl TaskService for TaskApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+        Ok(Response::new(super::guard::close_on_revoke(
+            self.catalog.clone(),
+            token_id,
+            out,
+        )))
     }
 
     type LogsStream = BoxStream<LogChunk>;
@@ -226,6 +230,10 @@ impl TaskService for TaskApi {
             follow: r.follow,
         };
         tokio::spawn(follower.run(tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+        Ok(Response::new(super::guard::close_on_revoke(
+            self.catalog.clone(),
+            who.token_id,
+            out,
+        )))
     }
 }

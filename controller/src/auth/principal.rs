@@ -16,6 +16,7 @@ pub struct Principal {
     pub token_id: String,
     /// The token's name, for audit entries.
     pub name: String,
+    /// What kind of token it is.
     pub kind: TokenKind,
     /// Effective scope (the highest the token holds; each includes those below).
     pub scope: Scope,
@@ -25,6 +26,7 @@ pub struct Principal {
     pub agent_id: String,
     /// Requests per second allowed to this principal (0 = unlimited) and burst.
     pub rate_per_second: u32,
+    /// Requests allowed at once above the rate.
     pub burst: u32,
     /// The client's address (for audit entries), when known.
     pub peer: String,

@@ -40,12 +40,13 @@ impl RunQueue {
     /// Removes a task by its key.
     pub(crate) fn remove(&mut self, key: &QueueKey) -> bool {
         let removed = self.order.remove(key);
-        if removed && let Some(p) = self.project_of.remove(&key.2) {
-            if let Some(n) = self.per_project.get_mut(&p) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.per_project.remove(&p);
-                }
+        if removed
+            && let Some(p) = self.project_of.remove(&key.2)
+            && let Some(n) = self.per_project.get_mut(&p)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_project.remove(&p);
             }
         }
         removed

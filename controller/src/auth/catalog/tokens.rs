@@ -230,7 +230,7 @@ impl Catalog {
             }
             info.uses += 1;
             match self.write_token(&stored, Some(rev), vec![]).await {
-                Ok(()) => return Ok(p),
+                Ok(_) => return Ok(p),
                 Err(Error::Conflict(_)) => {
                     // Another controller counted a use first: re-read and try again.
                     if let Some(kv) = self
@@ -292,18 +292,11 @@ impl Catalog {
             .iter()
             .map(|t| Op::put(token_key(t), t.encode_to_vec()))
             .collect();
-        self.write_token(&stored, None, ops).await?;
+        let revision = self.write_token(&stored, None, ops).await?;
         for t in extra {
             // Write-through of the revocations (the watch would bring them shortly too).
             let id = t.info.as_ref().map(|i| i.id.clone()).unwrap_or_default();
-            let rev = self
-                .cache
-                .read()
-                .expect("catalog lock")
-                .tokens
-                .get(&id)
-                .map_or(0, |(_, r)| *r);
-            self.put_token(&id, t, rev + 1);
+            self.put_token(&id, t, revision);
         }
         Ok(secret)
     }
@@ -419,12 +412,13 @@ impl Catalog {
 
     /// Writes a token record (created when `expect_rev` is `None`, else compare-and-swap
     /// against that revision) with `extra` ops in the same transaction; applies it locally.
+    /// Returns the store revision of the write.
     async fn write_token(
         &self,
         stored: &StoredToken,
         expect_rev: Option<i64>,
         extra: Vec<Op>,
-    ) -> Result<()> {
+    ) -> Result<i64> {
         let key = token_key(stored);
         let compare = match expect_rev {
             None => Compare::absent(key.clone()),
@@ -451,7 +445,7 @@ impl Catalog {
             .map(|i| i.id.clone())
             .unwrap_or_default();
         self.put_token(&id, stored.clone(), resp.revision);
-        Ok(())
+        Ok(resp.revision)
     }
 }
 

@@ -6,6 +6,8 @@
 //! open agent sessions using them close at once.
 
 mod projects;
+#[cfg(test)]
+mod tests;
 mod tokens;
 
 use std::collections::{BTreeMap, HashMap};

@@ -44,6 +44,8 @@ fn bad_controller_config_is_refused_before_starting() {
         "127.0.0.1:0",
         "--data-dir",
         dir.path().to_str().unwrap(),
+        "--registration-token",
+        "short",
     ]);
     assert!(!ok);
     assert!(err.contains("registration_token"), "{err}");

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{Error, Result};
 
@@ -98,19 +98,185 @@ pub async fn connect(addr: &str) -> Result<Channel> {
     connect_with(addr, &ClientOptions::default()).await
 }
 
-/// Builds an endpoint for `addr` with the TLS settings of `opts`.
+impl ClientOptions {
+    /// Whether connections to `addr` use TLS: a CA certificate or a client certificate is
+    /// configured, or the address is `https://…`.
+    pub fn uses_tls(&self, addr: &str) -> bool {
+        self.ca_cert.is_some() || self.client_cert.is_some() || addr.starts_with("https://")
+    }
+
+    /// The tonic TLS settings (CA, client identity, domain), with every PEM file read and
+    /// checked; errors name the file.
+    pub fn tls_config(&self) -> Result<ClientTlsConfig> {
+        let Some(ca) = &self.ca_cert else {
+            return Err(Error::invalid(
+                "TLS needs the CA certificate that signed the controller's certificate (--ca-cert, or ca_cert in the config); this build has no system roots, so for a public CA pass the system bundle (e.g. /etc/ssl/certs/ca-certificates.crt)",
+            ));
+        };
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(crate::tls::read_cert_pem(
+                ca, "ca_cert",
+            )?))
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
+        match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(
+                    crate::tls::read_cert_pem(cert, "client_cert")?,
+                    crate::tls::read_key_pem(key, "client_key")?,
+                ));
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "client_cert is set without client_key (--client-key)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(
+                    "client_key is set without client_cert (--client-cert)",
+                ));
+            }
+        }
+        if let Some(d) = &self.tls_domain {
+            tls = tls.domain_name(d.clone());
+        }
+        Ok(tls)
+    }
+}
+
+/// How long a TLS handshake with the controller may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds an endpoint for `addr` with the TLS settings of `opts`: with TLS (see
+/// [`ClientOptions::uses_tls`]) a bare `host:port` becomes `https://host:port`, and an
+/// explicit `http://` address is refused rather than silently sent in plaintext.
 pub fn endpoint_with(addr: &str, opts: &ClientOptions) -> Result<Endpoint> {
-    // TLS settings are applied here (see crate::tls once it exists).
-    let _ = opts;
-    endpoint(addr)
+    if !opts.uses_tls(addr) {
+        return endpoint(addr);
+    }
+    if addr.starts_with("http://") {
+        return Err(Error::invalid(format!(
+            "controller address {addr:?} is plaintext (http://) but TLS settings are given: use https:// or host:port"
+        )));
+    }
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("https://{addr}")
+    };
+    endpoint(&url)?
+        .tls_config(opts.tls_config()?)
+        .map_err(|e| Error::invalid(format!("TLS settings for {addr}: {}", error_chain(&e))))
 }
 
 /// Connects to a controller at `addr` with `opts` (TLS when configured).
+///
+/// With a client certificate, one health check is made before returning: under TLS 1.3 a
+/// server refuses a client certificate only after the client considers the handshake
+/// done, and the refusal would otherwise surface later as a bare "broken pipe".
 pub async fn connect_with(addr: &str, opts: &ClientOptions) -> Result<Channel> {
-    endpoint_with(addr, opts)?
-        .connect()
+    let channel = endpoint_with(addr, opts)?.connect().await.map_err(|e| {
+        let mut msg = format!("cannot reach controller at {addr}: {}", error_chain(&e));
+        if !opts.uses_tls(addr) && looks_like_tls_needed(&msg) {
+            msg.push_str(" (does the controller use TLS? then pass --ca-cert)");
+        }
+        Error::Unavailable(msg)
+    })?;
+    if let Some(cert) = &opts.client_cert
+        && let Err(why) = probe(channel.clone()).await
+    {
+        return Err(Error::Unavailable(format!(
+            "controller at {addr} closed the connection after the TLS handshake, most likely refusing the client certificate {} (is it issued by the controller's client CA, and still valid?): {why}",
+            cert.display()
+        )));
+    }
+    Ok(channel)
+}
+
+/// `grpc.health.v1.HealthCheckRequest` (for [`probe`]).
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse` (for [`probe`]).
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+/// One health check: `Ok` once the server answered at all (any gRPC status), `Err` when
+/// the connection itself failed.
+async fn probe(channel: Channel) -> std::result::Result<(), String> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let call = async {
+        grpc.ready().await.map_err(|e| error_chain(&e))?;
+        let r: std::result::Result<tonic::Response<HealthCheckResponse>, tonic::Status> = grpc
+            .unary(
+                tonic::Request::new(HealthCheckRequest::default()),
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/grpc.health.v1.Health/Check",
+                ),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(s) => match std::error::Error::source(&s) {
+                // Failed below gRPC: the connection is gone.
+                Some(src) if src.is::<tonic::transport::Error>() => Err(error_chain(src)),
+                _ => Ok(()),
+            },
+        }
+    };
+    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, call)
         .await
-        .map_err(|e| Error::Unavailable(format!("cannot reach controller at {addr}: {e}")))
+        .unwrap_or_else(|_| Err("no answer to a health check".into()))
+}
+
+/// `e` and its sources, joined with `: ` (tonic's transport errors say little on their own).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let s_text = s.to_string();
+        if !out.contains(&s_text) {
+            out.push_str(": ");
+            out.push_str(&s_text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// A failed call as an [`Error`]; a connection failure keeps its cause (and a hint when a
+/// plaintext client seems to have reached a TLS port).
+fn call_error(addr: &str, opts: &ClientOptions, s: tonic::Status) -> Error {
+    match std::error::Error::source(&s) {
+        Some(src) if src.is::<tonic::transport::Error>() => {
+            let mut msg = format!("controller at {addr}: {}", error_chain(src));
+            if !opts.uses_tls(addr) && looks_like_tls_needed(&msg) {
+                msg.push_str(" (does the controller use TLS? then pass --ca-cert)");
+            }
+            Error::Unavailable(msg)
+        }
+        _ => s.into(),
+    }
+}
+
+fn looks_like_tls_needed(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    [
+        "connection reset",
+        "broken pipe",
+        "connection closed",
+        "frame",
+        "protocol",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
 }
 
 /// Splits a comma-separated list of controller addresses.
@@ -159,7 +325,7 @@ pub async fn connect_leader_with(list: &str, opts: &ClientOptions) -> Result<Cha
                 return connect_with(&s.leader, opts).await;
             }
             Err(e) if e.code() == tonic::Code::Unimplemented => return Ok(channel),
-            Err(e) => last = Some(e.into()),
+            Err(e) => last = Some(call_error(addr, opts, e)),
         }
     }
     Err(last.unwrap_or_else(|| Error::Unavailable("no controller reachable".into())))

@@ -7,6 +7,7 @@ pub mod client;
 pub mod error;
 pub mod logging;
 pub mod time;
+pub mod tls;
 
 pub use error::{Error, Result};
 

@@ -34,6 +34,16 @@ pub struct WorkerConfig {
     /// On shutdown, how long running tasks may take to finish and report (milliseconds);
     /// after that the worker exits and its tasks are requeued by the controller.
     pub shutdown_grace_ms: u64,
+    /// PEM CA certificate the controller's certificate is verified against; setting it
+    /// (or an `https://` controller address) turns TLS on.
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (its CN or a DNS name must be the agent's
+    /// name; it is the default name when `name` is empty).
+    pub client_cert: Option<PathBuf>,
+    /// PEM key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// Name the controller's certificate must carry (default: the address's host).
+    pub tls_domain: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -49,6 +59,10 @@ impl Default for WorkerConfig {
             default_task_timeout_ms: 3_600_000,
             max_reconnect_backoff_ms: 3_000,
             shutdown_grace_ms: 600_000,
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+            tls_domain: None,
         }
     }
 }
@@ -66,8 +80,10 @@ impl WorkerConfig {
                 "controller address is required (--controller)",
             ));
         }
+        // Also reads and checks the TLS files, naming any that is missing or malformed.
+        let opts = self.client_options();
         for addr in scabbard_common::client::addresses(&self.controller) {
-            scabbard_common::client::endpoint(&addr)?;
+            scabbard_common::client::endpoint_with(&addr, &opts)?;
         }
         if self.slots == 0 || self.slots > 4096 {
             return Err(Error::invalid(format!(
@@ -82,6 +98,31 @@ impl WorkerConfig {
             return Err(Error::invalid("default_task_timeout_ms must be > 0"));
         }
         Ok(())
+    }
+
+    /// How to connect to the controller (TLS settings; the token is sent per call).
+    pub fn client_options(&self) -> scabbard_common::client::ClientOptions {
+        scabbard_common::client::ClientOptions {
+            token: None,
+            ca_cert: self.ca_cert.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+            tls_domain: self.tls_domain.clone(),
+        }
+    }
+
+    /// The agent name to register with: `name`, else the client certificate's name, else
+    /// the host name (`None`: let the caller pick).
+    pub fn effective_name(&self) -> Result<Option<String>> {
+        if !self.name.is_empty() {
+            return Ok(Some(self.name.clone()));
+        }
+        match &self.client_cert {
+            Some(c) => Ok(scabbard_common::tls::pem_file_names(c, "client_cert")?
+                .primary()
+                .map(str::to_string)),
+            None => Ok(None),
+        }
     }
 
     /// Where attempts get their working directories.

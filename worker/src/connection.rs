@@ -160,12 +160,8 @@ impl Connection {
                 "no agent identity in the data dir and no registration token (--registration-token or SCABBARD_REGISTRATION_TOKEN)".into(),
             ));
         }
-        let channel = client::connect(&self.target).await?;
-        let name = if self.cfg.name.is_empty() {
-            hostname()
-        } else {
-            self.cfg.name.clone()
-        };
+        let channel = client::connect_with(&self.target, &self.cfg.client_options()).await?;
+        let name = self.cfg.effective_name()?.unwrap_or_else(hostname);
         let resp = AgentServiceClient::new(channel)
             .register(RegisterRequest {
                 registration_token: self.cfg.registration_token.clone(),
@@ -211,7 +207,7 @@ impl Connection {
                 msg: Some(agent_message::Msg::Hello(hello)),
             })
             .await;
-        let channel = match client::connect(&self.target).await {
+        let channel = match client::connect_with(&self.target, &self.cfg.client_options()).await {
             Ok(c) => c,
             Err(e) => return (End::Lost(e), false),
         };
@@ -228,8 +224,18 @@ impl Connection {
             .await
         {
             Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::Unauthenticated && s.message().contains("revoked") => {
+            Err(s)
+                if s.code() == tonic::Code::Unauthenticated && s.message().contains("revoked") =>
+            {
                 return (End::Revoked(s.message().to_string()), false);
+            }
+            // A missing client certificate is not a bad agent token: keep the identity.
+            Err(s)
+                if s.code() == tonic::Code::Unauthenticated
+                    && s.message()
+                        .contains(scabbard_common::tls::CLIENT_CERT_PHRASE) =>
+            {
+                return (End::Lost(s.into()), false);
             }
             Err(s) if s.code() == tonic::Code::Unauthenticated => {
                 return (End::Reregister(s.message().to_string()), false);

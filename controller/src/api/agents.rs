@@ -26,6 +26,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AgentApi {
     pub(crate) core: CoreRouter,
     pub(crate) catalog: Arc<Catalog>,
+    /// Workers must present a verified client certificate naming the agent (mTLS).
+    pub(crate) require_client_cert: bool,
 }
 
 #[tonic::async_trait]
@@ -34,6 +36,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let peer_certs = req.peer_certs();
         let r = req.into_inner();
         if r.registration_token.is_empty() {
             return Err(Error::Unauthenticated(
@@ -53,6 +56,17 @@ impl AgentService for AgentApi {
             validate::id("agent", &r.agent_id)?;
             r.agent_id
         };
+        let cert_name = if r.name.is_empty() {
+            &agent_id
+        } else {
+            &r.name
+        };
+        crate::tls::check_agent_identity(
+            peer_certs,
+            &agent_id,
+            cert_name,
+            self.require_client_cert,
+        )?;
         // Counted only once the request is otherwise valid.
         let by = self
             .catalog
@@ -99,6 +113,14 @@ impl AgentService for AgentApi {
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let who = auth::principal(&req)?;
+        // Agent tokens are named "agent <agent name>".
+        let agent_name = who.name.strip_prefix("agent ").unwrap_or(&who.name);
+        crate::tls::check_agent_identity(
+            req.peer_certs(),
+            &who.agent_id,
+            agent_name,
+            self.require_client_cert,
+        )?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await

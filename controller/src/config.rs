@@ -33,6 +33,13 @@ pub struct ControllerConfig {
     pub rate_limit_per_second: u32,
     /// Burst above `rate_limit_per_second`.
     pub rate_limit_burst: u32,
+    /// Most gRPC calls handled at once; calls beyond are refused at once with
+    /// `RESOURCE_EXHAUSTED` and a retry hint (0 = unlimited). Streams count only until
+    /// their response starts.
+    pub max_concurrent_requests: usize,
+    /// Deadline of a call's handler (milliseconds; 0 = none): unanswered calls get
+    /// `DEADLINE_EXCEEDED`. Streams are bounded only until their response starts.
+    pub rpc_timeout_ms: u64,
     /// How often workers heartbeat (milliseconds).
     pub heartbeat_interval_ms: u64,
     /// How long an agent may be silent or disconnected before its attempts are requeued
@@ -61,6 +68,13 @@ pub struct ControllerConfig {
     pub store: String,
     /// etcd settings (with `store = "etcd"`).
     pub etcd: crate::store::EtcdConfig,
+    /// TLS on the listener and mutual TLS for workers (`[tls]`; plaintext without it).
+    pub tls: crate::tls::TlsConfig,
+    /// File holding the key that seals task secrets (`secret_env`) in the store: 32 random
+    /// bytes, hex (`openssl rand -hex 32`). The same file on every controller of a cluster.
+    /// Unset: `<data_dir>/secrets.key`, generated on first start (embedded store); with
+    /// `store = "etcd"` tasks carrying secrets are refused.
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 impl Default for ControllerConfig {
@@ -73,6 +87,8 @@ impl Default for ControllerConfig {
             bootstrap_token: None,
             rate_limit_per_second: 0,
             rate_limit_burst: 0,
+            max_concurrent_requests: 10_000,
+            rpc_timeout_ms: 30_000,
             heartbeat_interval_ms: 2_000,
             agent_lease_ttl_ms: 10_000,
             default_task_timeout_ms: 3_600_000,
@@ -85,6 +101,8 @@ impl Default for ControllerConfig {
             logs_dir: None,
             store: "embedded".into(),
             etcd: crate::store::EtcdConfig::default(),
+            tls: crate::tls::TlsConfig::default(),
+            secrets_key_file: None,
         }
     }
 }
@@ -118,6 +136,16 @@ impl ControllerConfig {
                 "default_task_timeout_ms must be > 0 and <= max_task_timeout_ms",
             ));
         }
+        if self.rate_limit_burst > 0 && self.rate_limit_per_second == 0 {
+            return Err(Error::invalid(
+                "rate_limit_burst needs rate_limit_per_second as well (--rate-limit)",
+            ));
+        }
+        if self.rpc_timeout_ms > 0 && self.rpc_timeout_ms < 100 {
+            return Err(Error::invalid(
+                "rpc_timeout_ms must be 0 (no deadline) or at least 100",
+            ));
+        }
         if self.max_message_bytes < 4096 {
             return Err(Error::invalid("max_message_bytes must be at least 4096"));
         }
@@ -140,6 +168,10 @@ impl ControllerConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(Error::invalid("data_dir must not be empty"));
+        }
+        self.tls.validate()?;
+        if let Some(path) = &self.secrets_key_file {
+            crate::sealed::read_key_file(path)?;
         }
         Ok(())
     }
@@ -205,6 +237,50 @@ mod tests {
                 .to_string()
                 .contains("registration_token")
         );
+    }
+
+    #[test]
+    fn load_limits_are_checked() {
+        let d = ControllerConfig::default();
+        assert_eq!(
+            (d.max_concurrent_requests, d.rpc_timeout_ms),
+            (10_000, 30_000)
+        );
+        let burst_alone = ControllerConfig {
+            rate_limit_burst: 10,
+            ..Default::default()
+        };
+        assert!(
+            burst_alone
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("rate_limit_burst")
+        );
+        let tiny_timeout = ControllerConfig {
+            rpc_timeout_ms: 5,
+            ..Default::default()
+        };
+        assert!(
+            tiny_timeout
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("rpc_timeout_ms")
+        );
+        let off = ControllerConfig {
+            rpc_timeout_ms: 0,
+            max_concurrent_requests: 0,
+            ..Default::default()
+        };
+        off.validate().unwrap();
+        let cfg = ControllerConfig::from_toml(
+            "rate_limit_per_second = 5\nrate_limit_burst = 10\nmax_concurrent_requests = 3\nrpc_timeout_ms = 1000",
+        )
+        .unwrap();
+        assert_eq!(cfg.max_concurrent_requests, 3);
+        assert_eq!(cfg.rpc_timeout_ms, 1000);
+        cfg.validate().unwrap();
     }
 
     #[test]

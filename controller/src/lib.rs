@@ -12,11 +12,14 @@ pub mod auth;
 pub mod config;
 pub mod core;
 pub mod leader;
+pub mod limits;
 pub mod logstore;
 pub mod membership;
+pub mod sealed;
 pub mod server;
 mod session;
 pub mod store;
+pub mod tls;
 
 pub use config::ControllerConfig;
 pub use server::{RunningController, run, serve, spawn};

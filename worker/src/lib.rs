@@ -3,12 +3,14 @@
 //! and results back — spooling both on disk so a dropped stream or a restart loses nothing.
 //!
 //! Layout: [`connection`] (register, stream, reconnect) → [`runner`] (slots, attempts,
-//! cancel) → [`executor`] (`shell`, `noop`); [`spool`] keeps unacknowledged output.
+//! cancel) → [`executor`] (`shell`, `noop`); [`spool`] keeps unacknowledged output;
+//! [`redact`] keeps task secrets out of both.
 
 pub mod config;
 mod connection;
 pub mod executor;
 pub mod identity;
+pub mod redact;
 mod runner;
 pub mod spool;
 

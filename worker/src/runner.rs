@@ -1,7 +1,9 @@
 //! Attempts on this worker: starting them on a free slot with the right executor, cancel,
 //! and the per-attempt task that numbers output chunks, spools them and queues them for
 //! the controller. Everything an attempt produces is spooled *before* it is queued, so the
-//! connection can always refill what a dropped stream lost.
+//! connection can always refill what a dropped stream lost, and redacted before that: the
+//! task's secret values never reach the spool or the controller (nor does the spooled
+//! `Assign` carry them: they live in memory only, for the attempt's process).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::executor::{ExecContext, Executor, executor_for};
+use crate::executor::{ExecContext, Executor, OutputChunk, executor_for};
+use crate::redact::{ChunkRedactor, Secrets};
 use crate::spool::Spool;
 
 /// (task id, fencing token).
@@ -135,9 +138,14 @@ impl Runner {
     }
 
     /// Starts an attempt; `Err(reason)` when it cannot run here.
-    pub(crate) fn start(self: &Arc<Self>, assign: proto::Assign) -> Result<bool, String> {
+    pub(crate) fn start(self: &Arc<Self>, mut assign: proto::Assign) -> Result<bool, String> {
         let key = (assign.task_id.clone(), assign.fencing_token);
         let spec = assign.spec.clone().ok_or("assignment without a spec")?;
+        // Spooled without its secrets: an attempt is never resumed from the spool (after a
+        // restart it ends as an infrastructure failure), so they are not needed there.
+        if let Some(s) = assign.spec.as_mut() {
+            s.secret_env.clear();
+        }
         let cap = executor_for(&spec).ok_or("task spec has no kind")?;
         let exec = self
             .executors
@@ -185,6 +193,8 @@ impl Runner {
         exec: Arc<dyn Executor>,
         cancel: CancellationToken,
     ) {
+        let secrets = Arc::new(Secrets::new(spec.secret_env.values()));
+        let mut redactor = ChunkRedactor::new(secrets.clone());
         let (tx, mut rx) = mpsc::channel(64);
         let run = exec.run(ctx, &spec, tx, cancel);
         tokio::pin!(run);
@@ -192,21 +202,26 @@ impl Runner {
         let outcome = loop {
             tokio::select! {
                 outcome = &mut run => break outcome,
-                Some(chunk) = rx.recv() => self.emit_chunk(&key, &mut seq, chunk).await,
+                Some(chunk) = rx.recv() => self.emit_chunks(&key, &mut seq, redactor.push(chunk)).await,
             }
         };
         while let Ok(chunk) = rx.try_recv() {
-            self.emit_chunk(&key, &mut seq, chunk).await;
+            self.emit_chunks(&key, &mut seq, redactor.push(chunk)).await;
         }
+        self.emit_chunks(&key, &mut seq, redactor.finish()).await;
         let finished = proto::Finished {
             task_id: key.0.clone(),
             fencing_token: key.1,
             result: Some(TaskResult {
                 outcome: outcome.outcome as i32,
                 exit_code: outcome.exit_code,
-                message: outcome.message,
+                message: secrets.redact_str(&outcome.message),
                 error_class: outcome.error_class as i32,
-                outputs: outcome.outputs,
+                outputs: outcome
+                    .outputs
+                    .iter()
+                    .map(|(k, v)| (secrets.redact_str(k), secrets.redact_str(v)))
+                    .collect(),
             }),
             log_chunks: seq,
         };
@@ -225,12 +240,13 @@ impl Runner {
             .await;
     }
 
-    async fn emit_chunk(
-        &self,
-        key: &AttemptKey,
-        seq: &mut u64,
-        chunk: crate::executor::OutputChunk,
-    ) {
+    async fn emit_chunks(&self, key: &AttemptKey, seq: &mut u64, chunks: Vec<OutputChunk>) {
+        for chunk in chunks {
+            self.emit_chunk(key, seq, chunk).await;
+        }
+    }
+
+    async fn emit_chunk(&self, key: &AttemptKey, seq: &mut u64, chunk: OutputChunk) {
         let c = AgentLogChunk {
             task_id: key.0.clone(),
             fencing_token: key.1,

@@ -16,6 +16,8 @@ use tonic::{Request, Response, Status};
 use crate::audit;
 use crate::auth::{self, Catalog, Principal};
 use crate::core::{CoreMsg, CoreRouter, validate};
+// Every task leaving this service goes through `masked`: secret values read "***".
+use crate::sealed::masked;
 
 /// Server-stream type used by the streaming methods.
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -59,16 +61,16 @@ impl TaskService for TaskApi {
             })
             .await?;
         Ok(Response::new(SubmitTaskResponse {
-            task: Some(task),
+            task: Some(masked(task)),
             existing,
         }))
     }
 
     async fn get(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
         let who = auth::principal(&req)?;
-        Ok(Response::new(
+        Ok(Response::new(masked(
             self.visible_task(&who, req.into_inner().id).await?,
-        ))
+        )))
     }
 
     async fn list(
@@ -88,7 +90,7 @@ impl TaskService for TaskApi {
         }
         let (tasks, next_page_token) = self.core.ask(|reply| CoreMsg::List { req, reply }).await?;
         Ok(Response::new(ListTasksResponse {
-            tasks,
+            tasks: tasks.into_iter().map(masked).collect(),
             next_page_token,
         }))
     }
@@ -119,7 +121,7 @@ impl TaskService for TaskApi {
         if let Err(e) = audit::record(self.catalog.store(), &entry).await {
             tracing::warn!(error = %e, task = %task.id, "could not record the cancel in the audit log");
         }
-        Ok(Response::new(task))
+        Ok(Response::new(masked(task)))
     }
 
     type WatchStream = BoxStream<TaskEvent>;
@@ -155,7 +157,13 @@ impl TaskService for TaskApi {
         tokio::spawn(async move {
             if send_initial {
                 for t in snapshot {
-                    if tx.send(Ok(TaskEvent { task: Some(t) })).await.is_err() {
+                    if tx
+                        .send(Ok(TaskEvent {
+                            task: Some(masked(t)),
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -170,7 +178,7 @@ impl TaskService for TaskApi {
                         }
                         if tx
                             .send(Ok(TaskEvent {
-                                task: Some((*t).clone()),
+                                task: Some(masked((*t).clone())),
                             }))
                             .await
                             .is_err()

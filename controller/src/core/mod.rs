@@ -247,6 +247,8 @@ pub(crate) struct State {
     pub(crate) logs: Arc<LogStore>,
     pub(crate) ids: ulid::Generator,
     pub(crate) presence: presence::Presence,
+    /// Seals `secret_env` values before they are stored; opens them for `Assign`.
+    pub(crate) secrets: crate::sealed::SecretBox,
 }
 
 /// Starts the core: rebuilds state from `store`, then serves requests until `shutdown`.
@@ -261,6 +263,7 @@ pub(crate) async fn start(
     shutdown: CancellationToken,
     fence: Option<persist::Fence>,
 ) -> Result<(CoreHandle, tokio::task::JoinHandle<()>)> {
+    let secrets = crate::sealed::SecretBox::from_config(&cfg)?;
     let failed = Arc::new(Notify::new());
     let max_batch = 4096usize.min(store.max_txn_ops().saturating_sub(1)).max(1);
     let (persister, _persist_task) =
@@ -281,6 +284,7 @@ pub(crate) async fn start(
         logs,
         ids: ulid::Generator::new(),
         presence: presence::Presence::start(store_for_presence, agent_ttl, shutdown.child_token()),
+        secrets,
     };
     state.recover().await?;
     let (tx, rx) = mpsc::channel(16 * 1024);

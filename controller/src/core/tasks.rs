@@ -38,6 +38,11 @@ impl State {
             let _ = reply.send(Err(e));
             return;
         }
+        // From here on (store, memory, events) secret values exist only sealed.
+        if let Err(e) = self.secrets.seal_spec(&mut spec) {
+            let _ = reply.send(Err(e));
+            return;
+        }
         if key.len() > 256 {
             let _ = reply.send(Err(Error::invalid(
                 "idempotency_key is longer than 256 bytes",
@@ -285,6 +290,12 @@ impl State {
         let Some(conn) = agent.conn.as_ref() else {
             return;
         };
+        // The worker gets the secret values in the clear; nothing else ever does.
+        let mut spec = entry.task.spec.clone();
+        if let Some(Err(e)) = spec.as_mut().map(|s| self.secrets.unseal_spec(s)) {
+            self.fail_unassignable(task_id, &e.to_string()).await;
+            return;
+        }
         let now = now_ms();
         let t = &mut entry.task;
         entry.queue_key = None;
@@ -306,7 +317,7 @@ impl State {
                 task_id: task_id.to_string(),
                 fencing_token: number as u64,
                 attempt: number,
-                spec: t.spec.clone(),
+                spec,
             })),
         };
         debug!(
@@ -318,6 +329,27 @@ impl State {
         let effects = vec![agent_effect(conn.tx.clone(), msg)];
         let task = t.clone();
         self.persist_task(&task, effects).await;
+    }
+
+    /// Fails a task taken off the queue that no agent can ever be given (its secrets cannot
+    /// be opened with this controller's key).
+    async fn fail_unassignable(&mut self, task_id: &str, why: &str) {
+        let Some(entry) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        entry.queue_key = None;
+        let t = &mut entry.task;
+        t.state = TaskState::Failed as i32;
+        t.updated_at_ms = now_ms();
+        t.result = Some(TaskResult {
+            outcome: Outcome::Failed as i32,
+            message: format!("cannot be assigned: {why}"),
+            error_class: ErrorClass::Infrastructure as i32,
+            ..Default::default()
+        });
+        tracing::warn!(task = task_id, why, "task cannot be assigned; failed");
+        let task = t.clone();
+        self.persist_task(&task, Vec::new()).await;
     }
 
     /// The task's current attempt, if `agent_id` holds it with `token`.

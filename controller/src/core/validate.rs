@@ -42,6 +42,22 @@ pub(crate) fn task_spec(spec: &mut TaskSpec, cfg: &ControllerConfig) -> Result<(
         return Err(Error::invalid("spec.name is longer than 256 bytes"));
     }
     check_map("spec.env", &spec.env, true)?;
+    check_map("spec.secret_env", &spec.secret_env, true)?;
+    if let Some(k) = spec.secret_env.keys().find(|k| spec.env.contains_key(*k)) {
+        return Err(Error::invalid(format!(
+            "{k:?} is in both spec.env and spec.secret_env: give it in one of them"
+        )));
+    }
+    if let Some(k) = spec
+        .secret_env
+        .iter()
+        .find_map(|(k, v)| (v == crate::sealed::MASK).then_some(k))
+    {
+        return Err(Error::invalid(format!(
+            "spec.secret_env[{k:?}] is {:?}, the mask the API shows in place of secrets: give the real value",
+            crate::sealed::MASK
+        )));
+    }
     check_map("spec.labels", &spec.labels, false)?;
     if let Some(req) = &spec.requirements {
         check_map("spec.requirements.labels", &req.labels, false)?;
@@ -164,6 +180,31 @@ mod tests {
                 .to_string()
                 .contains("'='")
         );
+    }
+
+    #[test]
+    fn secret_env_is_checked_like_env_and_never_shares_a_key_with_it() {
+        let cfg = ControllerConfig::default();
+        let mut s = shell(&["true"]);
+        s.secret_env.insert("TOKEN".into(), "hunter2".into());
+        task_spec(&mut s, &cfg).unwrap();
+        for (k, v, expect) in [
+            ("A=B", "x", "'='"),
+            ("", "x", "empty key"),
+            ("NUL", "a\0b", "NUL"),
+            ("BIG", &"x".repeat(64 * 1024 + 1), "too long"),
+            ("MASKED", "***", "real value"),
+        ] {
+            let mut s = shell(&["true"]);
+            s.secret_env.insert(k.into(), v.into());
+            let e = task_spec(&mut s, &cfg).unwrap_err().to_string();
+            assert!(e.contains(expect) && e.contains("secret_env"), "{k}: {e}");
+        }
+        s.secret_env.insert("MAX".into(), "x".repeat(64 * 1024));
+        task_spec(&mut s, &cfg).unwrap();
+        s.env.insert("TOKEN".into(), "plain".into());
+        let e = task_spec(&mut s, &cfg).unwrap_err().to_string();
+        assert!(e.contains("both"), "{e}");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The `shell` executor: runs a task's argv as a host process.
 //!
 //! It owns the attempt's working directory (created fresh, removed afterwards), the child's
-//! environment (cleared: only the spec's variables, `PATH`, `HOME` and `SCABBARD_*`), its
-//! process group (every process the command starts is killed on timeout, cancel, or when the
-//! command exits and leaves background processes behind) and the reading of its stdout and
-//! stderr. It must not outlive its processes: `run` returns only once the group is gone.
+//! environment (cleared: only the spec's `env` and `secret_env`, `PATH`, `HOME` and
+//! `SCABBARD_*`), its process group (every process the command starts is killed on timeout,
+//! cancel, or when the command exits and leaves background processes behind) and the
+//! reading of its stdout and stderr. It must not outlive its processes: `run` returns only
+//! once the group is gone. It does not redact secrets from the output: the runner does.
 
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -130,6 +131,7 @@ impl ShellExecutor {
             )
             .env("HOME", workdir)
             .envs(&spec.env)
+            .envs(&spec.secret_env)
             .env("SCABBARD_TASK_ID", &ctx.task_id)
             .env("SCABBARD_ATTEMPT", ctx.attempt.to_string())
             .stdin(Stdio::null())

@@ -294,6 +294,8 @@ async fn environment_is_cleared_except_for_the_spec_and_ours() {
     assert!(std::env::vars_os().count() > 0);
     let mut spec = spec(&["env"]);
     spec.env = HashMap::from([("GREETING".into(), "hello world".into())]);
+    // Secret variables reach the process like the others (the runner redacts the output).
+    spec.secret_env = HashMap::from([("TOKEN".into(), "s3cret".into())]);
     let (outcome, chunks) = run(&spec, root.path(), CancellationToken::new()).await;
     assert_eq!(outcome, ExecOutcome::succeeded());
     let vars: HashMap<String, String> = text(&chunks, OutStream::Stdout)
@@ -310,10 +312,12 @@ async fn environment_is_cleared_except_for_the_spec_and_ours() {
             "HOME",
             "PATH",
             "SCABBARD_ATTEMPT",
-            "SCABBARD_TASK_ID"
+            "SCABBARD_TASK_ID",
+            "TOKEN"
         ]
     );
     assert_eq!(vars["GREETING"], "hello world");
+    assert_eq!(vars["TOKEN"], "s3cret");
     assert_eq!(vars["SCABBARD_TASK_ID"], "task-1");
     assert_eq!(vars["SCABBARD_ATTEMPT"], "2");
     assert_eq!(

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use scabbard_common::client::{self, TaskServiceClient};
+use scabbard_common::client::{self, AuthedChannel, TaskServiceClient};
 use scabbard_common::is_final;
 use scabbard_common::proto::{
     NoopTask, ShellTask, SubmitTaskRequest, TaskSpec, TaskState, WatchTasksRequest, task_spec::Kind,
@@ -56,7 +56,20 @@ struct Args {
     /// etcd endpoints (with `--store etcd`), comma-separated.
     #[arg(long, default_value = "http://127.0.0.1:2379")]
     etcd_endpoints: String,
+    /// Controller's per-token rate limit (requests/s; 0 = off, so the bench is never
+    /// throttled).
+    #[arg(long, default_value_t = 0)]
+    rate_limit: u32,
+    /// Controller's global concurrency limit (0 = off).
+    #[arg(long, default_value_t = 10_000)]
+    max_concurrent_requests: usize,
+    /// Controller's per-RPC deadline in milliseconds (0 = off).
+    #[arg(long, default_value_t = 30_000)]
+    rpc_timeout_ms: u64,
 }
+
+/// Admin token the bench's controller is bootstrapped with (its clients send it).
+const ADMIN_TOKEN: &str = "scbd_api_bench-admin-0123456789abcdef0123456789abcdef";
 
 fn spec(kind: &str) -> TaskSpec {
     TaskSpec {
@@ -78,8 +91,20 @@ struct Seen {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
+async fn main() {
+    let result = bench(Args::parse()).await;
+    // Exit here, not by dropping the runtime: an error must be printed even if a background
+    // task (a worker, the controller) is slow to stop.
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("scabbard-bench: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn bench(args: Args) -> Result<()> {
     scabbard_common::logging::init("warn", false);
     if !matches!(args.kind.as_str(), "noop" | "shell") {
         bail!("--kind must be noop or shell");
@@ -96,10 +121,15 @@ async fn main() -> Result<()> {
         namespace: namespace.clone(),
         ..Default::default()
     };
-    let ctl = scabbard_controller::spawn(scabbard_controller::ControllerConfig {
+    let mut ctl = scabbard_controller::spawn(scabbard_controller::ControllerConfig {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.join("controller"),
         registration_token: token.clone(),
+        bootstrap_token: Some(ADMIN_TOKEN.into()),
+        rate_limit_per_second: args.rate_limit,
+        rate_limit_burst: args.rate_limit,
+        max_concurrent_requests: args.max_concurrent_requests,
+        rpc_timeout_ms: args.rpc_timeout_ms,
         store: args.store.clone(),
         etcd: etcd.clone(),
         ..Default::default()
@@ -124,16 +154,26 @@ async fn main() -> Result<()> {
         };
         tokio::spawn(scabbard_worker::run(cfg, stop.child_token()));
     }
-    let channel = client::connect(&addr).await?;
+    let channel = client::authed(client::connect(&addr).await?, Some(ADMIN_TOKEN))?;
     // Wait for the workers to attach.
     let mut admin = client::AdminServiceClient::new(channel.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let agents = admin
+        let agents = match admin
             .list_agents(scabbard_common::proto::ListAgentsRequest {})
-            .await?
-            .into_inner()
-            .agents;
+            .await
+        {
+            Ok(r) => r.into_inner().agents,
+            Err(e) => {
+                // Say why, if the controller itself stopped.
+                if let Ok(Ok(stopped)) =
+                    tokio::time::timeout(Duration::from_secs(1), &mut ctl.task).await
+                {
+                    bail!("the controller stopped: {stopped:?} ({e})");
+                }
+                return Err(e.into());
+            }
+        };
         if agents.iter().filter(|a| a.status == 1).count() == args.workers {
             break;
         }
@@ -144,8 +184,15 @@ async fn main() -> Result<()> {
     }
 
     println!(
-        "scabbard-bench: kind={} workers={} slots={} store={} (durable commits, loopback)",
-        args.kind, args.workers, args.slots, args.store
+        "scabbard-bench: kind={} workers={} slots={} store={} (durable commits, loopback); \
+         limits: rate {}/s per token, {} concurrent, rpc timeout {} ms (0 = off)",
+        args.kind,
+        args.workers,
+        args.slots,
+        args.store,
+        args.rate_limit,
+        args.max_concurrent_requests,
+        args.rpc_timeout_ms
     );
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
@@ -216,10 +263,7 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn submit(
-    c: &mut TaskServiceClient<tonic::transport::Channel>,
-    kind: &str,
-) -> Result<String> {
+async fn submit(c: &mut TaskServiceClient<AuthedChannel>, kind: &str) -> Result<String> {
     let r = c
         .submit(SubmitTaskRequest {
             spec: Some(spec(kind)),
@@ -233,7 +277,7 @@ async fn submit(
 
 /// Follows every task event; signals one `()` per task that reaches a final state.
 async fn watch_all(
-    channel: tonic::transport::Channel,
+    channel: AuthedChannel,
     seen: Arc<Mutex<Seen>>,
     done: mpsc::UnboundedSender<()>,
 ) -> Result<()> {

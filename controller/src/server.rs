@@ -226,6 +226,19 @@ async fn lead_when_elected(
     }
 }
 
+/// A reflection builder serving every descriptor set.
+///
+/// Kept out of line on purpose: `router` used to pass two identical fresh
+/// `Builder::configure()` values to one closure, and rustc 1.95's MIR GVN pass
+/// (rust-lang/rust#155241) then reused the first, already consumed builder for the second
+/// call in release builds: a use after free that crashed the controller at startup.
+#[inline(never)]
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
 fn router(
     cfg: &Arc<ControllerConfig>,
     core: CoreRouter,
@@ -234,7 +247,10 @@ fn router(
     advertise: String,
 ) -> Result<
     tonic::transport::server::Router<
-        tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+        tower::layer::util::Stack<
+            crate::limits::LimitsLayer,
+            tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+        >,
     >,
 > {
     let max = cfg.max_message_bytes;
@@ -264,16 +280,8 @@ fn router(
             }
         }
     });
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1()
-        .map_err(Error::internal)?;
-    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1alpha()
-        .map_err(Error::internal)?;
+    let reflection_v1 = reflection().build_v1().map_err(Error::internal)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(Error::internal)?;
     let tasks = TaskServiceServer::new(TaskApi {
         core: core.clone(),
         catalog: catalog.clone(),
@@ -283,6 +291,7 @@ fn router(
     let agents = AgentServiceServer::new(AgentApi {
         core: core.clone(),
         catalog: catalog.clone(),
+        require_client_cert: cfg.tls.require_worker_client_cert,
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -300,8 +309,12 @@ fn router(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    Ok(tonic::transport::Server::builder()
+    Ok(crate::tls::server_builder(&cfg.tls)?
         .layer(AuthLayer::new(catalog))
+        // Inside auth: rate limits per principal, concurrency limit, per-RPC deadline.
+        .layer(crate::limits::LimitsLayer::new(
+            crate::limits::Limits::from_config(cfg),
+        ))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

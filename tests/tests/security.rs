@@ -443,14 +443,25 @@ async fn project_quotas_bound_queued_and_running_tasks() -> anyhow::Result<()> {
     let mut max_running = 0;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ta = get(&mut admin_tasks, &a).await?;
-        let tb = get(&mut admin_tasks, &b).await?;
-        let running = [&ta, &tb]
+        // One List is one consistent snapshot of the core (two Gets are not).
+        let all = admin_tasks
+            .list(ListTasksRequest {
+                project: "small".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .tasks;
+        let running = all
             .iter()
             .filter(|t| matches!(t.state(), TaskState::Assigned | TaskState::Running))
             .count();
         max_running = max_running.max(running);
-        if ta.state() == TaskState::Succeeded && tb.state() == TaskState::Succeeded {
+        let done = |id: &str| {
+            all.iter()
+                .any(|t| t.id == id && t.state() == TaskState::Succeeded)
+        };
+        if done(&a) && done(&b) {
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "tasks did not finish");

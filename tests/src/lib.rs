@@ -423,7 +423,9 @@ impl InProc {
     }
 
     /// Starts one after `tune` adjusted the config.
-    pub async fn start_with(tune: impl FnOnce(&mut scabbard_controller::ControllerConfig)) -> Result<Self> {
+    pub async fn start_with(
+        tune: impl FnOnce(&mut scabbard_controller::ControllerConfig),
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut cfg = scabbard_controller::ControllerConfig {
             listen: "127.0.0.1:0".parse()?,
@@ -458,7 +460,9 @@ impl Drop for InProc {
 }
 
 /// The code and message of an expected error.
-pub fn code_and_message<T: std::fmt::Debug>(r: std::result::Result<T, tonic::Status>) -> (tonic::Code, String) {
+pub fn code_and_message<T: std::fmt::Debug>(
+    r: std::result::Result<T, tonic::Status>,
+) -> (tonic::Code, String) {
     let s = r.expect_err("expected an error");
     (s.code(), s.message().to_string())
 }

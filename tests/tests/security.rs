@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use scabbard_common::client::{self, AdminServiceClient, AgentServiceClient, ProjectServiceClient, TaskServiceClient};
+use scabbard_common::client::{
+    self, AdminServiceClient, AgentServiceClient, ProjectServiceClient, TaskServiceClient,
+};
 use scabbard_common::proto::{
     CancelTaskRequest, CreateProjectRequest, CreateTokenRequest, DeleteProjectRequest,
     DrainAgentRequest, GetProjectRequest, GetTaskRequest, ListAuditRequest, ListTasksRequest,
@@ -33,7 +35,12 @@ async fn create_project(c: &InProc, name: &str, quota: Option<ProjectQuota>) -> 
     Ok(())
 }
 
-async fn api_token(c: &InProc, project: &str, scope: Scope, ttl_ms: u64) -> anyhow::Result<(String, String)> {
+async fn api_token(
+    c: &InProc,
+    project: &str,
+    scope: Scope,
+    ttl_ms: u64,
+) -> anyhow::Result<(String, String)> {
     let r = admin(c)
         .await?
         .create_token(CreateTokenRequest {
@@ -72,13 +79,22 @@ async fn each_bad_credential_gets_its_code() -> anyhow::Result<()> {
     assert_eq!(code, Code::Unauthenticated);
     assert!(msg.contains("authorization"), "{msg}");
     // Garbage and unknown tokens.
-    for bad in ["nonsense", "scbd_api_0000000000000000000000000000000000000000000000000000000000000000"] {
-        let (code, msg) = code_and_message(tasks_as(&c, bad).await?.list(ListTasksRequest::default()).await);
+    for bad in [
+        "nonsense",
+        "scbd_api_0000000000000000000000000000000000000000000000000000000000000000",
+    ] {
+        let (code, msg) = code_and_message(
+            tasks_as(&c, bad)
+                .await?
+                .list(ListTasksRequest::default())
+                .await,
+        );
         assert_eq!(code, Code::Unauthenticated, "{bad}: {msg}");
     }
     // A malformed header (not "Bearer …").
     let mut req = tonic::Request::new(ListTasksRequest::default());
-    req.metadata_mut().insert("authorization", "Basic Zm9vOmJhcg==".parse()?);
+    req.metadata_mut()
+        .insert("authorization", "Basic Zm9vOmJhcg==".parse()?);
     assert_eq!(code_and_message(t.list(req).await).0, Code::Unauthenticated);
 
     // Expired.
@@ -86,15 +102,19 @@ async fn each_bad_credential_gets_its_code() -> anyhow::Result<()> {
     let (_, short) = api_token(&c, "team-a", Scope::Read, 300).await?;
     let mut st = tasks_as(&c, &short).await?;
     st.list(ListTasksRequest::default()).await?;
-    let (code, msg) = eventually("the short-lived token to expire", Duration::from_secs(10), || {
-        let mut st = st.clone();
-        async move {
-            match st.list(ListTasksRequest::default()).await {
-                Err(s) => Some((s.code(), s.message().to_string())),
-                Ok(_) => None,
+    let (code, msg) = eventually(
+        "the short-lived token to expire",
+        Duration::from_secs(10),
+        || {
+            let mut st = st.clone();
+            async move {
+                match st.list(ListTasksRequest::default()).await {
+                    Err(s) => Some((s.code(), s.message().to_string())),
+                    Ok(_) => None,
+                }
             }
-        }
-    })
+        },
+    )
     .await?;
     assert_eq!(code, Code::Unauthenticated);
     assert!(msg.contains("expired"), "{msg}");
@@ -105,7 +125,10 @@ async fn each_bad_credential_gets_its_code() -> anyhow::Result<()> {
     rt.submit(noop_submit("")).await?;
     admin(&c)
         .await?
-        .revoke_token(RevokeTokenRequest { id: id.clone(), reason: "leaked".into() })
+        .revoke_token(RevokeTokenRequest {
+            id: id.clone(),
+            reason: "leaked".into(),
+        })
         .await?;
     let (code, msg) = code_and_message(rt.list(ListTasksRequest::default()).await);
     assert_eq!(code, Code::Unauthenticated);
@@ -137,7 +160,13 @@ async fn each_bad_credential_gets_its_code() -> anyhow::Result<()> {
         .secret;
     assert!(reg.starts_with("scbd_reg_"));
     assert_eq!(
-        code_and_message(tasks_as(&c, &reg).await?.list(ListTasksRequest::default()).await).0,
+        code_and_message(
+            tasks_as(&c, &reg)
+                .await?
+                .list(ListTasksRequest::default())
+                .await
+        )
+        .0,
         Code::PermissionDenied
     );
     assert_eq!(
@@ -153,14 +182,21 @@ async fn each_bad_credential_gets_its_code() -> anyhow::Result<()> {
     // Foreign project on submit.
     create_project(&c, "team-b", None).await?;
     let (_, a_submit) = api_token(&c, "team-a", Scope::Submit, 0).await?;
-    let (code, msg) = code_and_message(tasks_as(&c, &a_submit).await?.submit(noop_submit("team-b")).await);
+    let (code, msg) = code_and_message(
+        tasks_as(&c, &a_submit)
+            .await?
+            .submit(noop_submit("team-b"))
+            .await,
+    );
     assert_eq!(code, Code::PermissionDenied);
     assert!(msg.contains("team-b"), "{msg}");
 
     // Health and reflection stay open.
     let mut health = tonic_health::pb::health_client::HealthClient::new(plain);
     health
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await?;
     Ok(())
 }
@@ -184,7 +220,8 @@ async fn cross_project_access_is_refused_on_every_rpc_that_takes_an_id() -> anyh
     let projects = ProjectServiceClient::new(c.channel(&alpha).await?);
     let adm = AdminServiceClient::new(c.channel(&alpha).await?);
 
-    type Call = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>;
+    type Call =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>;
     let id = beta_task.clone();
     let cases: Vec<(&str, Call)> = vec![
         ("TaskService/Get", {
@@ -194,27 +231,45 @@ async fn cross_project_access_is_refused_on_every_rpc_that_takes_an_id() -> anyh
         ("TaskService/Cancel", {
             let (mut t, id) = (tasks.clone(), id.clone());
             Box::pin(async move {
-                t.cancel(CancelTaskRequest { id, reason: String::new() }).await.map(drop)
+                t.cancel(CancelTaskRequest {
+                    id,
+                    reason: String::new(),
+                })
+                .await
+                .map(drop)
             })
         }),
         ("TaskService/Watch", {
             let (mut t, id) = (tasks.clone(), id.clone());
             Box::pin(async move {
-                t.watch(WatchTasksRequest { ids: vec![id], send_initial: true }).await.map(drop)
+                t.watch(WatchTasksRequest {
+                    ids: vec![id],
+                    send_initial: true,
+                })
+                .await
+                .map(drop)
             })
         }),
         ("TaskService/Logs", {
             let (mut t, id) = (tasks.clone(), id.clone());
             Box::pin(async move {
-                t.logs(TaskLogsRequest { task_id: id, ..Default::default() }).await.map(drop)
+                t.logs(TaskLogsRequest {
+                    task_id: id,
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
             })
         }),
         ("TaskService/List(project)", {
             let mut t = tasks.clone();
             Box::pin(async move {
-                t.list(ListTasksRequest { project: "beta".into(), ..Default::default() })
-                    .await
-                    .map(drop)
+                t.list(ListTasksRequest {
+                    project: "beta".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
             })
         }),
         ("TaskService/Submit(project)", {
@@ -223,13 +278,22 @@ async fn cross_project_access_is_refused_on_every_rpc_that_takes_an_id() -> anyh
         }),
         ("ProjectService/Get", {
             let mut p = projects.clone();
-            Box::pin(async move { p.get(GetProjectRequest { name: "beta".into() }).await.map(drop) })
+            Box::pin(async move {
+                p.get(GetProjectRequest {
+                    name: "beta".into(),
+                })
+                .await
+                .map(drop)
+            })
         }),
         ("ProjectService/Update", {
             let mut p = projects.clone();
             Box::pin(async move {
                 p.update(UpdateProjectRequest {
-                    project: Some(Project { name: "beta".into(), ..Default::default() }),
+                    project: Some(Project {
+                        name: "beta".into(),
+                        ..Default::default()
+                    }),
                 })
                 .await
                 .map(drop)
@@ -237,36 +301,56 @@ async fn cross_project_access_is_refused_on_every_rpc_that_takes_an_id() -> anyh
         }),
         ("ProjectService/Delete", {
             let mut p = projects.clone();
-            Box::pin(async move { p.delete(DeleteProjectRequest { name: "beta".into() }).await.map(drop) })
+            Box::pin(async move {
+                p.delete(DeleteProjectRequest {
+                    name: "beta".into(),
+                })
+                .await
+                .map(drop)
+            })
         }),
         ("AdminService/RevokeToken", {
             let (mut a, id) = (adm.clone(), beta_tok_id.clone());
             Box::pin(async move {
-                a.revoke_token(RevokeTokenRequest { id, reason: String::new() }).await.map(drop)
+                a.revoke_token(RevokeTokenRequest {
+                    id,
+                    reason: String::new(),
+                })
+                .await
+                .map(drop)
             })
         }),
         ("AdminService/ListTokens(project)", {
             let mut a = adm.clone();
             Box::pin(async move {
-                a.list_tokens(ListTokensRequest { project: "beta".into(), ..Default::default() })
-                    .await
-                    .map(drop)
+                a.list_tokens(ListTokensRequest {
+                    project: "beta".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
             })
         }),
         ("AdminService/ListAudit(project)", {
             let mut a = adm.clone();
             Box::pin(async move {
-                a.list_audit(ListAuditRequest { project: "beta".into(), ..Default::default() })
-                    .await
-                    .map(drop)
+                a.list_audit(ListAuditRequest {
+                    project: "beta".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
             })
         }),
         ("AdminService/DrainAgent", {
             let mut a = adm.clone();
             Box::pin(async move {
-                a.drain_agent(DrainAgentRequest { id: "agent-x".into(), reason: String::new() })
-                    .await
-                    .map(drop)
+                a.drain_agent(DrainAgentRequest {
+                    id: "agent-x".into(),
+                    reason: String::new(),
+                })
+                .await
+                .map(drop)
             })
         }),
         ("AdminService/CreateToken(project)", {
@@ -288,9 +372,19 @@ async fn cross_project_access_is_refused_on_every_rpc_that_takes_an_id() -> anyh
         assert_eq!(s.code(), Code::PermissionDenied, "{name}: {}", s.message());
     }
     // The beta task is untouched, and alpha's own listing does not show it.
-    let t = beta_admin.get(GetTaskRequest { id: beta_task.clone() }).await?.into_inner();
+    let t = beta_admin
+        .get(GetTaskRequest {
+            id: beta_task.clone(),
+        })
+        .await?
+        .into_inner();
     assert!(!t.cancel_requested && t.state() != TaskState::Cancelled);
-    let mine = tasks.clone().list(ListTasksRequest::default()).await?.into_inner().tasks;
+    let mine = tasks
+        .clone()
+        .list(ListTasksRequest::default())
+        .await?
+        .into_inner()
+        .tasks;
     assert!(mine.iter().all(|t| t.project == "alpha"), "{mine:?}");
     // A watch on everything only shows alpha's tasks.
     let mut events = tasks
@@ -299,9 +393,17 @@ async fn cross_project_access_is_refused_on_every_rpc_that_takes_an_id() -> anyh
         .await?
         .into_inner();
     beta_admin.submit(noop_submit("beta")).await?;
-    let own = tasks.clone().submit(noop_submit("")).await?.into_inner().task.unwrap();
+    let own = tasks
+        .clone()
+        .submit(noop_submit(""))
+        .await?
+        .into_inner()
+        .task
+        .unwrap();
     assert_eq!(own.project, "alpha");
-    let first = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await??
+        .unwrap();
     assert_eq!(first.task.unwrap().id, own.id);
     Ok(())
 }
@@ -311,30 +413,52 @@ async fn revoked_agent_token_drops_the_live_stream_within_a_second() -> anyhow::
     let c = InProc::start().await?;
     let dir = tempfile::tempdir()?;
     let mut w = Worker::start(&c.addr(), dir.path(), "w1", 1)?;
-    let agent = wait_agent(&c.addr(), "the worker to connect", |a| a.name == "w1" && a.status == 1).await?;
+    let agent = wait_agent(&c.addr(), "the worker to connect", |a| {
+        a.name == "w1" && a.status == 1
+    })
+    .await?;
     let mut adm = admin(&c).await?;
     let tokens = adm
-        .list_tokens(ListTokensRequest { kind: TokenKind::Agent as i32, ..Default::default() })
+        .list_tokens(ListTokensRequest {
+            kind: TokenKind::Agent as i32,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .tokens;
-    let tok = tokens.iter().find(|t| t.agent_id == agent.id).expect("agent token listed");
+    let tok = tokens
+        .iter()
+        .find(|t| t.agent_id == agent.id)
+        .expect("agent token listed");
     assert!(tok.hint.starts_with("scbd_agent_"));
     let revoked_at = Instant::now();
-    adm.revoke_token(RevokeTokenRequest { id: tok.id.clone(), reason: "host decommissioned".into() })
-        .await?;
-    wait_agent(&c.addr(), "the agent's stream to drop", |a| a.id == agent.id && a.status != 1).await?;
+    adm.revoke_token(RevokeTokenRequest {
+        id: tok.id.clone(),
+        reason: "host decommissioned".into(),
+    })
+    .await?;
+    wait_agent(&c.addr(), "the agent's stream to drop", |a| {
+        a.id == agent.id && a.status != 1
+    })
+    .await?;
     let took = revoked_at.elapsed();
-    assert!(took < Duration::from_secs(1), "stream dropped after {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "stream dropped after {took:?}"
+    );
     // The worker cannot come back with the revoked token.
     let token = w.agent_token().expect("worker identity");
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.try_send(scabbard_common::proto::AgentMessage {
-        msg: Some(scabbard_common::proto::agent_message::Msg::Hello(Default::default())),
+        msg: Some(scabbard_common::proto::agent_message::Msg::Hello(
+            Default::default(),
+        )),
     })?;
     let mut agents = AgentServiceClient::new(c.channel(&token).await?);
     let (code, msg) = code_and_message(
-        agents.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await,
+        agents
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await,
     );
     assert_eq!(code, Code::Unauthenticated, "{msg}");
     // The worker does not sneak back in by registering again: it stops, saying why.
@@ -343,7 +467,10 @@ async fn revoked_agent_token_drops_the_live_stream_within_a_second() -> anyhow::
         .await?
         .expect("worker status");
     // (wait_exit kills it at the deadline: make sure it exited by itself well before.)
-    assert!(waited.elapsed() < Duration::from_secs(15), "the worker kept running");
+    assert!(
+        waited.elapsed() < Duration::from_secs(15),
+        "the worker kept running"
+    );
     assert!(!status.success());
     Ok(())
 }
@@ -362,7 +489,10 @@ async fn agent_tokens_rotate_and_registration_tokens_expire_and_run_out() -> any
         .await?
         .into_inner();
     let info = reg.token.unwrap();
-    assert!(info.expires_at_ms > 0, "registration tokens expire by default");
+    assert!(
+        info.expires_at_ms > 0,
+        "registration tokens expire by default"
+    );
     let mut agents = AgentServiceClient::new(client::connect(&c.addr()).await?);
     let register = |token: &str, name: &str| RegisterRequest {
         registration_token: token.into(),
@@ -371,13 +501,19 @@ async fn agent_tokens_rotate_and_registration_tokens_expire_and_run_out() -> any
         slots: 1,
         ..Default::default()
     };
-    let a = agents.register(register(&reg.secret, "a")).await?.into_inner();
+    let a = agents
+        .register(register(&reg.secret, "a"))
+        .await?
+        .into_inner();
     agents.register(register(&reg.secret, "b")).await?;
     let (code, msg) = code_and_message(agents.register(register(&reg.secret, "c")).await);
     assert_eq!(code, Code::Unauthenticated);
     assert!(msg.contains("used all 2"), "{msg}");
     let listed = adm
-        .list_tokens(ListTokensRequest { kind: TokenKind::Registration as i32, ..Default::default() })
+        .list_tokens(ListTokensRequest {
+            kind: TokenKind::Registration as i32,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .tokens;
@@ -385,7 +521,11 @@ async fn agent_tokens_rotate_and_registration_tokens_expire_and_run_out() -> any
 
     // Rotation: the new token works, the old one is refused.
     let mut rot = AgentServiceClient::new(c.channel(&a.agent_token).await?);
-    let new = rot.rotate_token(RotateAgentTokenRequest {}).await?.into_inner().agent_token;
+    let new = rot
+        .rotate_token(RotateAgentTokenRequest {})
+        .await?
+        .into_inner()
+        .agent_token;
     assert_ne!(new, a.agent_token);
     let (code, _) = code_and_message(rot.rotate_token(RotateAgentTokenRequest {}).await);
     assert_eq!(code, Code::Unauthenticated);
@@ -403,11 +543,15 @@ async fn agent_tokens_rotate_and_registration_tokens_expire_and_run_out() -> any
         .await?
         .into_inner()
         .secret;
-    let code = eventually("the registration token to expire", Duration::from_secs(10), || {
-        let mut agents = agents.clone();
-        let r = register(&short, "late");
-        async move { agents.register(r).await.err().map(|s| s.code()) }
-    })
+    let code = eventually(
+        "the registration token to expire",
+        Duration::from_secs(10),
+        || {
+            let mut agents = agents.clone();
+            let r = register(&short, "late");
+            async move { agents.register(r).await.err().map(|s| s.code()) }
+        },
+    )
     .await?;
     assert_eq!(code, Code::Unauthenticated);
     Ok(())
@@ -419,7 +563,11 @@ async fn project_quotas_bound_queued_and_running_tasks() -> anyhow::Result<()> {
     create_project(
         &c,
         "small",
-        Some(ProjectQuota { max_queued_tasks: 2, max_running_tasks: 1, ..Default::default() }),
+        Some(ProjectQuota {
+            max_queued_tasks: 2,
+            max_running_tasks: 1,
+            ..Default::default()
+        }),
     )
     .await?;
     let (_, tok) = api_token(&c, "small", Scope::Submit, 0).await?;
@@ -434,7 +582,10 @@ async fn project_quotas_bound_queued_and_running_tasks() -> anyhow::Result<()> {
     assert_eq!(code, Code::ResourceExhausted);
     assert!(msg.contains("max_queued_tasks"), "{msg}");
     // Another project is not affected by this one's quota.
-    tasks_as(&c, ADMIN_TOKEN).await?.submit(noop_submit("")).await?;
+    tasks_as(&c, ADMIN_TOKEN)
+        .await?
+        .submit(noop_submit(""))
+        .await?;
 
     // Two slots, but the project may only run one task at a time.
     let dir = tempfile::tempdir()?;
@@ -482,17 +633,31 @@ async fn admin_actions_are_audited_and_whoami_answers() -> anyhow::Result<()> {
         .into_inner()
         .token
         .unwrap();
-    assert_eq!((who.id.as_str(), who.project.as_str()), (id.as_str(), "audited"));
+    assert_eq!(
+        (who.id.as_str(), who.project.as_str()),
+        (id.as_str(), "audited")
+    );
     let mut t = tasks_as(&c, &secret).await?;
     let task = t
-        .submit(SubmitTaskRequest { spec: Some(shell("sleep 5")), ..Default::default() })
+        .submit(SubmitTaskRequest {
+            spec: Some(shell("sleep 5")),
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .task
         .unwrap();
-    t.cancel(CancelTaskRequest { id: task.id.clone(), reason: "not needed".into() }).await?;
+    t.cancel(CancelTaskRequest {
+        id: task.id.clone(),
+        reason: "not needed".into(),
+    })
+    .await?;
     let mut adm = admin(&c).await?;
-    adm.revoke_token(RevokeTokenRequest { id: id.clone(), reason: "rotation".into() }).await?;
+    adm.revoke_token(RevokeTokenRequest {
+        id: id.clone(),
+        reason: "rotation".into(),
+    })
+    .await?;
     let entries = adm
         .list_audit(ListAuditRequest::default())
         .await?
@@ -502,21 +667,39 @@ async fn admin_actions_are_audited_and_whoami_answers() -> anyhow::Result<()> {
     // Newest first.
     assert_eq!(
         &actions[..4],
-        &["token.revoke", "task.cancel", "token.create", "project.create"],
+        &[
+            "token.revoke",
+            "task.cancel",
+            "token.create",
+            "project.create"
+        ],
         "{entries:#?}"
     );
     let cancel = &entries[1];
-    assert_eq!((cancel.actor.as_str(), cancel.target.as_str()), (id.as_str(), task.id.as_str()));
+    assert_eq!(
+        (cancel.actor.as_str(), cancel.target.as_str()),
+        (id.as_str(), task.id.as_str())
+    );
     assert!(cancel.peer.starts_with("127.0.0.1:"), "{cancel:?}");
     assert!(entries.iter().all(|e| e.at_ms > 0));
     // Filters.
     let only = adm
-        .list_audit(ListAuditRequest { action: "task.cancel".into(), limit: 10, ..Default::default() })
+        .list_audit(ListAuditRequest {
+            action: "task.cancel".into(),
+            limit: 10,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .entries;
     assert_eq!(only.len(), 1);
-    let (code, _) = code_and_message(adm.list_audit(ListAuditRequest { limit: 5000, ..Default::default() }).await);
+    let (code, _) = code_and_message(
+        adm.list_audit(ListAuditRequest {
+            limit: 5000,
+            ..Default::default()
+        })
+        .await,
+    );
     assert_eq!(code, Code::InvalidArgument);
     Ok(())
 }
@@ -526,39 +709,49 @@ fn first_start_prints_one_admin_token_and_later_starts_do_not() -> anyhow::Resul
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir()?;
     let rt = tokio::runtime::Runtime::new()?;
-    let start = || -> anyhow::Result<(std::process::Child, std::sync::mpsc::Receiver<String>, u16)> {
-        let port = free_port();
-        let mut child = std::process::Command::new(scabbard_bin())
-            .args(["controller", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("SCABBARD_LOG", "warn")
-            .env_remove("SCABBARD_BOOTSTRAP_TOKEN")
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in out.lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
+    let start =
+        || -> anyhow::Result<(std::process::Child, std::sync::mpsc::Receiver<String>, u16)> {
+            let port = free_port();
+            let mut child = std::process::Command::new(scabbard_bin())
+                .args(["controller", "--listen", &format!("127.0.0.1:{port}")])
+                .arg("--data-dir")
+                .arg(dir.path())
+                .env("SCABBARD_LOG", "warn")
+                .env_remove("SCABBARD_BOOTSTRAP_TOKEN")
+                .stdout(std::process::Stdio::piped())
+                .spawn()?;
+            let out = BufReader::new(child.stdout.take().unwrap());
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in out.lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
                 }
-            }
-        });
-        Ok((child, rx, port))
-    };
+            });
+            Ok((child, rx, port))
+        };
     let (mut first, rx, _) = start()?;
     // The banner ends with the login hint.
     let mut lines = Vec::new();
     while !lines.iter().any(|l: &String| l.contains("scabbard login")) {
         lines.push(rx.recv_timeout(Duration::from_secs(20))?);
     }
-    let tokens: Vec<&String> = lines.iter().filter(|l| l.trim().starts_with("scbd_api_")).collect();
+    let tokens: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.trim().starts_with("scbd_api_"))
+        .collect();
     assert_eq!(tokens.len(), 1, "{lines:?}");
     // It works as an admin token.
     let token = tokens[0].trim().to_string();
-    let port_line = lines.iter().find(|l| l.starts_with("listening on ")).expect("listening line");
-    let addr = port_line.trim_start_matches("listening on ").trim().to_string();
+    let port_line = lines
+        .iter()
+        .find(|l| l.starts_with("listening on "))
+        .expect("listening line");
+    let addr = port_line
+        .trim_start_matches("listening on ")
+        .trim()
+        .to_string();
     rt.block_on(async {
         let ch = client::connect(&addr).await?;
         AdminServiceClient::new(with_token(ch, &token))
@@ -570,10 +763,17 @@ fn first_start_prints_one_admin_token_and_later_starts_do_not() -> anyhow::Resul
     let _ = first.wait();
 
     let (mut second, rx, port) = start()?;
-    rt.block_on(eventually("the restarted controller to serve", Duration::from_secs(20), || async move {
-        let ch = client::connect(&format!("127.0.0.1:{port}")).await.ok()?;
-        AdminServiceClient::new(with_token(ch, ADMIN_TOKEN)).cluster_status(scabbard_common::proto::ClusterStatusRequest {}).await.ok()
-    }))?;
+    rt.block_on(eventually(
+        "the restarted controller to serve",
+        Duration::from_secs(20),
+        || async move {
+            let ch = client::connect(&format!("127.0.0.1:{port}")).await.ok()?;
+            AdminServiceClient::new(with_token(ch, ADMIN_TOKEN))
+                .cluster_status(scabbard_common::proto::ClusterStatusRequest {})
+                .await
+                .ok()
+        },
+    ))?;
     let later: Vec<String> = rx.try_iter().collect();
     assert!(later.iter().all(|l| !l.contains("scbd_api_")), "{later:?}");
     let _ = second.kill();
@@ -593,7 +793,10 @@ async fn revoking_an_api_token_closes_its_open_watch() -> anyhow::Result<()> {
     let revoked = Instant::now();
     admin(&c)
         .await?
-        .revoke_token(RevokeTokenRequest { id, reason: "gone".into() })
+        .revoke_token(RevokeTokenRequest {
+            id,
+            reason: "gone".into(),
+        })
         .await?;
     let end = tokio::time::timeout(Duration::from_secs(1), events.message()).await?;
     let status = end.expect_err("the watch ends with an error");

@@ -25,7 +25,12 @@ fn admin() -> Principal {
     }
 }
 
-async fn two_catalogs() -> (tempfile::TempDir, Arc<Catalog>, Arc<Catalog>, CancellationToken) {
+async fn two_catalogs() -> (
+    tempfile::TempDir,
+    Arc<Catalog>,
+    Arc<Catalog>,
+    CancellationToken,
+) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
     let stop = CancellationToken::new();
@@ -41,7 +46,10 @@ async fn two_catalogs() -> (tempfile::TempDir, Arc<Catalog>, Arc<Catalog>, Cance
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
     while !f() {
-        assert!(tokio::time::Instant::now() < end, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -55,7 +63,10 @@ async fn bootstrap_happens_once_across_controllers() {
         .filter(|r| matches!(r, Bootstrap::Created { .. }))
         .count();
     assert_eq!(created, 1);
-    assert!(matches!(a.bootstrap(None).await.unwrap(), Bootstrap::AlreadyDone));
+    assert!(matches!(
+        a.bootstrap(None).await.unwrap(),
+        Bootstrap::AlreadyDone
+    ));
     assert!(a.project("default").is_some());
     stop.cancel();
 }
@@ -80,14 +91,19 @@ async fn registration_uses_are_counted_exactly_under_contention() {
     for i in 0..20 {
         let c = if i % 2 == 0 { a.clone() } else { b.clone() };
         let s = secret.clone();
-        calls.push(tokio::spawn(async move { c.use_registration_token(&s).await }));
+        calls.push(tokio::spawn(
+            async move { c.use_registration_token(&s).await },
+        ));
     }
     let mut ok = 0;
     for c in calls {
         match c.await.unwrap() {
             Ok(_) => ok += 1,
             Err(e) => assert!(
-                matches!(e.code(), tonic::Code::Unauthenticated | tonic::Code::Unavailable),
+                matches!(
+                    e.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::Unavailable
+                ),
                 "{e}"
             ),
         }
@@ -126,7 +142,12 @@ async fn revocation_on_one_controller_reaches_the_other_and_is_broadcast() {
     assert_eq!(id, info.id);
     assert!(b.authenticate(&secret).is_err());
     // Revoking again is a no-op that still answers.
-    assert!(a.revoke_token(&admin(), &info.id, "again").await.unwrap().revoked);
+    assert!(
+        a.revoke_token(&admin(), &info.id, "again")
+            .await
+            .unwrap()
+            .revoked
+    );
     stop.cancel();
 }
 

@@ -112,13 +112,16 @@ async fn followers_redirect_to_the_single_leader() -> anyhow::Result<()> {
         .await?;
         assert_eq!(s.members.iter().filter(|m| m.leader).count(), 1, "{s:?}");
         if ctl.addr.to_string() != leader {
-            let err = TaskServiceClient::new(client::connect(&ctl.addr.to_string()).await?)
-                .submit(scabbard_common::proto::SubmitTaskRequest {
-                    spec: Some(shell("true")),
-                    ..Default::default()
-                })
-                .await
-                .unwrap_err();
+            let err = TaskServiceClient::new(with_token(
+                client::connect(&ctl.addr.to_string()).await?,
+                ADMIN_TOKEN,
+            ))
+            .submit(scabbard_common::proto::SubmitTaskRequest {
+                spec: Some(shell("true")),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
             assert_eq!(err.code(), tonic::Code::Unavailable);
             assert_eq!(
                 scabbard_common::error::leader_hint(&err).as_deref(),

@@ -15,6 +15,8 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+// Parsed once per process: boxing the large daemon variants would gain nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
     /// Run a controller on the embedded store plus one local worker, in one process.
@@ -38,14 +40,66 @@ pub(crate) enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Save an API token for a controller (checked with the controller first) in the
+    /// credentials file; the token is read from stdin unless --token gives it.
+    Login(LoginArgs),
+    /// Forget the saved token of a controller (the token itself stays valid).
+    Logout(LogoutArgs),
+    /// Show the token in use: its id, name, scopes and project.
+    Whoami {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Create, list and revoke API and registration tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Create, inspect, change and delete projects and their quotas.
+    #[command(subcommand)]
+    Project(ProjectCommand),
+    /// Show the audit log of admin and operator actions, newest first.
+    Audit(AuditArgs),
 }
 
-/// Where the controller is.
-#[derive(Args, Debug, Clone)]
+mod security;
+pub(crate) use security::*;
+
+/// Where the controller is and how to authenticate to it; what is not given here comes
+/// from the credentials file (`scabbard login`).
+#[derive(Args, Clone)]
 pub(crate) struct Target {
-    /// Controller address; several (comma-separated) to find the leader among them.
-    #[arg(long, env = "SCABBARD_CONTROLLER", default_value = "127.0.0.1:7400")]
-    pub(crate) controller: String,
+    /// Controller address; several (comma-separated) to find the leader among them
+    /// [default: the one of `scabbard login`, else 127.0.0.1:7400].
+    #[arg(long, env = "SCABBARD_CONTROLLER")]
+    pub(crate) controller: Option<String>,
+    /// API token [default: the one saved by `scabbard login` for the controller].
+    #[arg(long, env = "SCABBARD_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// PEM CA certificate of the controller; turns TLS on [default: the saved one].
+    #[arg(long, env = "SCABBARD_CA_CERT")]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS.
+    #[arg(long, env = "SCABBARD_CLIENT_CERT")]
+    pub(crate) client_cert: Option<PathBuf>,
+    /// PEM key of --client-cert.
+    #[arg(long, env = "SCABBARD_CLIENT_KEY")]
+    pub(crate) client_key: Option<PathBuf>,
+    /// Name the controller's certificate must carry (default: the address's host).
+    #[arg(long, env = "SCABBARD_TLS_DOMAIN")]
+    pub(crate) tls_domain: Option<String>,
+}
+
+// Never print the token.
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("controller", &self.controller)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("ca_cert", &self.ca_cert)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .field("tls_domain", &self.tls_domain)
+            .finish()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -59,6 +113,10 @@ pub(crate) struct DevArgs {
     /// Slots of the local worker.
     #[arg(long, default_value_t = 4)]
     pub(crate) slots: u32,
+    /// Serve TLS with a throwaway CA generated into `<data-dir>/tls/` (the local worker
+    /// uses mutual TLS with its own client certificate).
+    #[arg(long)]
+    pub(crate) tls: bool,
 }
 
 #[derive(Args, Debug)]
@@ -75,6 +133,10 @@ pub(crate) struct ControllerArgs {
     /// Token workers present to register (at least 16 characters).
     #[arg(long, env = "SCABBARD_REGISTRATION_TOKEN", hide_env_values = true)]
     pub(crate) registration_token: Option<String>,
+    /// File holding the admin token to create on the first start of an empty cluster
+    /// (default: `SCABBARD_BOOTSTRAP_TOKEN`, else one is generated and printed once).
+    #[arg(long, env = "SCABBARD_BOOTSTRAP_TOKEN_FILE")]
+    pub(crate) bootstrap_token_file: Option<PathBuf>,
     /// State store backend: `embedded` (single node, default) or `etcd` (several controllers).
     #[arg(long, env = "SCABBARD_STORE")]
     pub(crate) store: Option<String>,
@@ -105,6 +167,10 @@ pub(crate) struct ControllerArgs {
     /// Task log directory (shared by all controllers of an etcd cluster).
     #[arg(long, env = "SCABBARD_LOGS_DIR")]
     pub(crate) logs_dir: Option<PathBuf>,
+    /// Key sealing task secrets in the store (64 hex digits; the same file on every
+    /// controller). Default: `<data-dir>/secrets.key`, generated (embedded store only).
+    #[arg(long, env = "SCABBARD_SECRETS_KEY_FILE")]
+    pub(crate) secrets_key_file: Option<PathBuf>,
     /// Leader lease TTL: a dead leader is replaced within about this long.
     #[arg(long, value_parser = crate::duration::parse)]
     pub(crate) leader_lease_ttl: Option<std::time::Duration>,
@@ -114,6 +180,34 @@ pub(crate) struct ControllerArgs {
     /// Heartbeat interval asked of workers.
     #[arg(long, value_parser = crate::duration::parse)]
     pub(crate) heartbeat_interval: Option<std::time::Duration>,
+    /// Requests per second allowed per token whose project sets no rate (0 = unlimited).
+    #[arg(long, env = "SCABBARD_RATE_LIMIT")]
+    pub(crate) rate_limit: Option<u32>,
+    /// Requests a token may send at once above --rate-limit (default: the rate).
+    #[arg(long, env = "SCABBARD_RATE_BURST")]
+    pub(crate) rate_burst: Option<u32>,
+    /// Most calls handled at once; more are refused with RESOURCE_EXHAUSTED (0 = unlimited).
+    #[arg(long, env = "SCABBARD_MAX_CONCURRENT_REQUESTS")]
+    pub(crate) max_concurrent_requests: Option<usize>,
+    /// Deadline of each call's handler, e.g. 30s (0 = none; streams only until they start).
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub(crate) rpc_timeout: Option<std::time::Duration>,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long)]
+    pub(crate) max_message_bytes: Option<usize>,
+    /// PEM certificate (chain) of the listener; turns TLS on (with --tls-key).
+    #[arg(long, env = "SCABBARD_TLS_CERT")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SCABBARD_TLS_KEY")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// PEM CA that client certificates are verified against (mutual TLS; clients without a
+    /// certificate may still connect with a token).
+    #[arg(long, env = "SCABBARD_TLS_CLIENT_CA")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
+    /// Workers must present a client certificate from --tls-client-ca naming the agent.
+    #[arg(long)]
+    pub(crate) require_worker_client_cert: bool,
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +236,18 @@ pub(crate) struct WorkerArgs {
     /// On SIGTERM, how long running tasks may take to finish before the worker exits.
     #[arg(long, value_parser = crate::duration::parse)]
     pub(crate) shutdown_grace: Option<std::time::Duration>,
+    /// PEM CA certificate of the controller; turns TLS on.
+    #[arg(long, env = "SCABBARD_CA_CERT")]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (its CN is the default agent name).
+    #[arg(long, env = "SCABBARD_CLIENT_CERT")]
+    pub(crate) client_cert: Option<PathBuf>,
+    /// PEM key of --client-cert.
+    #[arg(long, env = "SCABBARD_CLIENT_KEY")]
+    pub(crate) client_key: Option<PathBuf>,
+    /// Name the controller's certificate must carry (default: the address's host).
+    #[arg(long, env = "SCABBARD_TLS_DOMAIN")]
+    pub(crate) tls_domain: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +263,14 @@ pub(crate) struct SubmitArgs {
     /// Environment variable `KEY=VALUE` (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_kv)]
     pub(crate) env: Vec<(String, String)>,
+    /// Secret environment variable `KEY=VALUE` (repeatable): stored encrypted, shown as
+    /// `***`, redacted from the task's log. Prefer --secret-env (no value in shell history).
+    #[arg(long = "secret", value_name = "KEY=VALUE", value_parser = parse_secret)]
+    pub(crate) secrets: Vec<SecretKv>,
+    /// Secret environment variable KEY whose value is taken from this command's own
+    /// environment (repeatable).
+    #[arg(long = "secret-env", value_name = "KEY")]
+    pub(crate) secret_env: Vec<String>,
     /// Task label `key=value` (repeatable).
     #[arg(long = "label", value_parser = parse_kv)]
     pub(crate) labels: Vec<(String, String)>,
@@ -178,6 +292,9 @@ pub(crate) struct SubmitArgs {
     /// Idempotency key: resubmitting with it returns the first task.
     #[arg(long)]
     pub(crate) idempotency_key: Option<String>,
+    /// Project to run the task in (default: the token's project, else `default`).
+    #[arg(long)]
+    pub(crate) project: Option<String>,
     /// Wait for the task to finish; exit with its status.
     #[arg(long)]
     pub(crate) wait: bool,
@@ -211,6 +328,9 @@ pub(crate) enum TaskCommand {
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only this project's tasks.
+        #[arg(long)]
+        project: Option<String>,
     },
     /// Cancel a queued or running task.
     Cancel {
@@ -255,6 +375,32 @@ pub(crate) enum AgentsCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+}
+
+/// A `--secret KEY=VALUE` as given; its `Debug` hides the value. Split by
+/// [`SecretKv::split`], not by clap, whose errors would repeat the value.
+#[derive(Clone)]
+pub(crate) struct SecretKv(String);
+
+impl std::fmt::Debug for SecretKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = self.0.split_once('=').map_or("?", |(k, _)| k);
+        write!(f, "{key}=***")
+    }
+}
+
+impl SecretKv {
+    /// The key and the value, or an error that does not show the value.
+    pub(crate) fn split(self) -> Result<(String, String), String> {
+        match self.0.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err("--secret expects KEY=VALUE (the value is not shown)".into()),
+        }
+    }
+}
+
+fn parse_secret(s: &str) -> Result<SecretKv, String> {
+    Ok(SecretKv(s.to_string()))
 }
 
 /// Parses `key=value`.

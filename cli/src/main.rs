@@ -3,6 +3,7 @@
 
 mod args;
 mod cmd;
+mod credentials;
 mod duration;
 mod output;
 

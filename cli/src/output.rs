@@ -1,11 +1,44 @@
-//! Human-readable output of tasks and agents.
+//! Human-readable output of tasks, agents, tokens, projects and the audit log.
 
-use scabbard_common::proto::{Agent, AgentStatus, Task, TaskState};
+use scabbard_common::proto::{
+    Agent, AgentStatus, AuditEntry, Project, Scope, Task, TaskState, TokenInfo, TokenKind,
+};
+use tonic::Code;
 
-/// Turns an RPC failure into a one-line error a person can act on.
+/// Turns an RPC failure into a one-line error a person can act on, naming the gRPC code
+/// as the protocol spells it (`UNAUTHENTICATED`, `PERMISSION_DENIED`, ...).
 pub(crate) fn status(s: tonic::Status) -> anyhow::Error {
-    let code = format!("{:?}", s.code());
-    anyhow::anyhow!("{} ({})", s.message(), code)
+    let hint = match s.code() {
+        Code::Unauthenticated => {
+            "; check the token (--token, SCABBARD_TOKEN) or run `scabbard login`"
+        }
+        Code::PermissionDenied => "; `scabbard whoami` shows the token's scopes and project",
+        _ => "",
+    };
+    anyhow::anyhow!("{} ({}{hint})", s.message(), code_name(s.code()))
+}
+
+/// The canonical name of a gRPC status code.
+pub(crate) fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 /// `QUEUED`, `RUNNING`, ...
@@ -45,6 +78,9 @@ pub(crate) fn task(t: &Task) {
     println!("id:        {}", t.id);
     println!("state:     {}", state_name(t.state()));
     println!("command:   {}", what(t));
+    if !t.project.is_empty() {
+        println!("project:   {}", t.project);
+    }
     println!("created:   {}", ago(t.created_at_ms));
     if !t.agent_id.is_empty() {
         println!("agent:     {}", t.agent_id);
@@ -117,5 +153,304 @@ pub(crate) fn agents(agents: &[Agent]) {
             a.slots,
             a.capabilities.join(",")
         );
+    }
+}
+
+/// `-` for 0 (no limit).
+fn limit(n: u32) -> String {
+    if n == 0 { "-".into() } else { n.to_string() }
+}
+
+/// `admin`, `read,submit`, ...
+pub(crate) fn scopes(t: &TokenInfo) -> String {
+    let names: Vec<String> = t
+        .scopes
+        .iter()
+        .map(|s| {
+            Scope::try_from(*s).map_or_else(
+                |_| s.to_string(),
+                |s| {
+                    s.as_str_name()
+                        .trim_start_matches("SCOPE_")
+                        .to_ascii_lowercase()
+                },
+            )
+        })
+        .collect();
+    if names.is_empty() {
+        "-".into()
+    } else {
+        names.join(",")
+    }
+}
+
+/// `api`, `registration`, `agent`.
+pub(crate) fn kind(t: &TokenInfo) -> String {
+    t.kind()
+        .as_str_name()
+        .trim_start_matches("TOKEN_KIND_")
+        .to_ascii_lowercase()
+}
+
+/// `in 3d`, `5h ago`, ... (rounded to the nearest unit).
+fn relative(ms: i64) -> String {
+    let d = ms - scabbard_common::time::now_ms();
+    let secs = d.unsigned_abs().div_ceil(1000);
+    let round = |unit: u64| (secs + unit / 2) / unit;
+    let amount = match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3569 => format!("{}m", round(60)),
+        3570..=170_999 => format!("{}h", round(3600)),
+        _ => format!("{}d", round(86_400)),
+    };
+    if d >= 0 {
+        format!("in {amount}")
+    } else {
+        format!("{amount} ago")
+    }
+}
+
+/// When a token expires: `never`, `in 29d`, `2h ago`.
+pub(crate) fn expires(t: &TokenInfo) -> String {
+    if t.expires_at_ms <= 0 {
+        "never".into()
+    } else {
+        relative(t.expires_at_ms)
+    }
+}
+
+/// `active`, `revoked` or `expired`.
+pub(crate) fn token_state(t: &TokenInfo) -> &'static str {
+    if t.revoked {
+        "revoked"
+    } else if t.expires_at_ms > 0 && t.expires_at_ms <= scabbard_common::time::now_ms() {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+/// `3` (unlimited), `3/10`, or `-` (not counted).
+fn uses(t: &TokenInfo) -> String {
+    match (t.kind(), t.max_uses) {
+        (TokenKind::Registration, 0) => t.uses.to_string(),
+        (TokenKind::Registration, max) => format!("{}/{max}", t.uses),
+        _ => "-".into(),
+    }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// Prints `rows` under `headers`, each column as wide as its widest cell (the last one
+/// not padded).
+fn table<const N: usize>(headers: [&str; N], rows: Vec<[String; N]>) {
+    let mut widths = headers.map(|h| h.chars().count());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                out.push_str(c);
+            } else {
+                out.push_str(c);
+                out.extend(std::iter::repeat_n(' ', w - c.chars().count() + 2));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+/// A table of tokens.
+pub(crate) fn tokens(ts: &[TokenInfo]) {
+    let rows = ts
+        .iter()
+        .map(|t| {
+            [
+                t.id.clone(),
+                kind(t),
+                clip(&t.name, 32),
+                t.project.clone(),
+                scopes(t),
+                t.hint.clone(),
+                ago(t.created_at_ms),
+                expires(t),
+                uses(t),
+                token_state(t).to_string(),
+            ]
+        })
+        .collect();
+    table(
+        [
+            "ID", "KIND", "NAME", "PROJECT", "SCOPES", "HINT", "CREATED", "EXPIRES", "USES",
+            "STATE",
+        ],
+        rows,
+    );
+}
+
+/// One token, in detail.
+pub(crate) fn token(t: &TokenInfo) {
+    println!("id:         {}", t.id);
+    println!("name:       {}", t.name);
+    println!("kind:       {}", kind(t));
+    println!("scopes:     {}", scopes(t));
+    println!(
+        "project:    {}{}",
+        t.project,
+        if t.project == "*" {
+            " (every project)"
+        } else {
+            ""
+        }
+    );
+    println!("hint:       {}", t.hint);
+    println!("created:    {} by {}", ago(t.created_at_ms), t.created_by);
+    println!("expires:    {}", expires(t));
+    if t.kind() == TokenKind::Registration {
+        println!("uses:       {}", uses(t));
+    }
+    if !t.agent_id.is_empty() {
+        println!("agent:      {}", t.agent_id);
+    }
+    println!("state:      {}", token_state(t));
+}
+
+/// One project, in detail.
+pub(crate) fn project(p: &Project) {
+    let q = p.quota.unwrap_or_default();
+    println!("name:         {}", p.name);
+    println!("description:  {}", p.description);
+    println!("created:      {}", ago(p.created_at_ms));
+    println!("max queued:   {}", limit(q.max_queued_tasks));
+    println!("max running:  {}", limit(q.max_running_tasks));
+    println!(
+        "rate:         {} requests/s per token",
+        limit(q.requests_per_second)
+    );
+    println!("burst:        {}", limit(q.burst));
+}
+
+/// A table of projects.
+pub(crate) fn projects(ps: &[Project]) {
+    let rows = ps
+        .iter()
+        .map(|p| {
+            let q = p.quota.unwrap_or_default();
+            [
+                p.name.clone(),
+                limit(q.max_queued_tasks),
+                limit(q.max_running_tasks),
+                limit(q.requests_per_second),
+                limit(q.burst),
+                ago(p.created_at_ms),
+                p.description.clone(),
+            ]
+        })
+        .collect();
+    table(
+        [
+            "NAME",
+            "MAX QUEUED",
+            "MAX RUNNING",
+            "RATE",
+            "BURST",
+            "CREATED",
+            "DESCRIPTION",
+        ],
+        rows,
+    );
+}
+
+/// A table of audit entries.
+pub(crate) fn audit(es: &[AuditEntry]) {
+    let rows = es
+        .iter()
+        .map(|e| {
+            let actor = match (e.actor_name.as_str(), e.actor.as_str()) {
+                ("", id) => id.to_string(),
+                (name, "") => name.to_string(),
+                (name, id) => format!("{name} ({id})"),
+            };
+            let detail = match (e.detail.as_str(), e.peer.as_str()) {
+                (d, "") => d.to_string(),
+                ("", peer) => format!("[from {peer}]"),
+                (d, peer) => format!("{d} [from {peer}]"),
+            };
+            [
+                utc(e.at_ms),
+                e.action.clone(),
+                e.project.clone(),
+                e.target.clone(),
+                actor,
+                detail,
+            ]
+        })
+        .collect();
+    table(
+        [
+            "TIME (UTC)",
+            "ACTION",
+            "PROJECT",
+            "TARGET",
+            "ACTOR",
+            "DETAIL",
+        ],
+        rows,
+    );
+}
+
+/// `2025-03-01 14:05:09` (UTC) for milliseconds since the epoch.
+pub(crate) fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_735_689_599_000), "2024-12-31 23:59:59");
+    }
+
+    #[test]
+    fn names_codes_as_grpc_does() {
+        let e = status(tonic::Status::unauthenticated("token revoked")).to_string();
+        assert!(e.starts_with("token revoked (UNAUTHENTICATED"), "{e}");
+        assert_eq!(code_name(Code::PermissionDenied), "PERMISSION_DENIED");
     }
 }

@@ -1,7 +1,7 @@
 //! `scabbard agents list|drain`.
 
 use anyhow::Result;
-use scabbard_common::client::{self, AdminServiceClient};
+use scabbard_common::client::AdminServiceClient;
 use scabbard_common::proto::{ClusterStatusRequest, DrainAgentRequest, ListAgentsRequest};
 
 use crate::args::{AgentsCommand, Target};
@@ -10,8 +10,7 @@ use crate::output;
 pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
     match c {
         AgentsCommand::List { target } => {
-            let mut admin =
-                AdminServiceClient::new(client::connect_leader(&target.controller).await?);
+            let mut admin = AdminServiceClient::new(super::connect(&target).await?);
             let agents = admin
                 .list_agents(ListAgentsRequest {})
                 .await
@@ -21,8 +20,7 @@ pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
             output::agents(&agents);
         }
         AgentsCommand::Drain { target, id, reason } => {
-            let mut admin =
-                AdminServiceClient::new(client::connect_leader(&target.controller).await?);
+            let mut admin = AdminServiceClient::new(super::connect(&target).await?);
             let a = admin
                 .drain_agent(DrainAgentRequest { id, reason })
                 .await
@@ -35,7 +33,7 @@ pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
 }
 
 pub(crate) async fn status(target: Target) -> Result<u8> {
-    let mut admin = AdminServiceClient::new(client::connect_leader(&target.controller).await?);
+    let mut admin = AdminServiceClient::new(super::connect_optional(&target).await?);
     let s = admin
         .cluster_status(ClusterStatusRequest {})
         .await

@@ -16,39 +16,88 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         }
     };
     let token = format!("dev-{}", scabbard_controller::auth::new_agent_token());
-    let cfg = ControllerConfig {
+    let worker_name = "dev-worker";
+    let admin_token = super::security::dev_admin_token(&data_dir)?;
+    let pki = if a.tls {
+        Some(dev_pki(&data_dir, worker_name, a.listen)?)
+    } else {
+        None
+    };
+    let mut cfg = ControllerConfig {
         listen: a.listen,
         data_dir: data_dir.join("controller"),
         registration_token: token.clone(),
+        bootstrap_token: Some(admin_token.clone()),
         heartbeat_interval_ms: 1_000,
         agent_lease_ttl_ms: 5_000,
         ..ControllerConfig::default()
     };
+    if let Some(p) = &pki {
+        cfg.tls = scabbard_controller::tls::TlsConfig {
+            cert_file: Some(p.server_cert.clone()),
+            key_file: Some(p.server_key.clone()),
+            client_ca_file: Some(p.ca_cert.clone()),
+            require_worker_client_cert: true,
+        };
+    }
     let shutdown = super::shutdown_on_signals();
     let controller = scabbard_controller::spawn(cfg).await?;
     let addr = controller.addr;
+    // Reach a wildcard listener through loopback (the dev certificate names 127.0.0.1).
+    let local = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
     let worker_cfg = WorkerConfig {
-        controller: addr.to_string(),
+        controller: local.to_string(),
         registration_token: token,
-        name: "dev-worker".into(),
+        name: worker_name.into(),
         slots: a.slots,
         data_dir: data_dir.join("worker"),
         shutdown_grace_ms: 3_000,
+        ca_cert: pki.as_ref().map(|p| p.ca_cert.clone()),
+        client_cert: pki.as_ref().map(|p| p.worker_cert.clone()),
+        client_key: pki.as_ref().map(|p| p.worker_key.clone()),
         ..WorkerConfig::default()
     };
     let worker = tokio::spawn(scabbard_worker::run(worker_cfg, shutdown.clone()));
     println!(
-        "Scabbard dev mode: controller + 1 local worker ({} slots), embedded store",
-        a.slots
+        "Scabbard dev mode: controller + 1 local worker ({} slots), embedded store{}",
+        a.slots,
+        if pki.is_some() { ", TLS" } else { "" }
     );
     println!("  gRPC address: {addr}");
     println!("  data dir:     {}", data_dir.display());
+    let tls_flag = match &pki {
+        Some(p) => {
+            println!("  TLS:          throwaway CA in {}", p.dir.display());
+            println!("                CA certificate {}", p.ca_cert.display());
+            println!(
+                "                the worker {worker_name:?} uses mutual TLS ({})",
+                p.worker_cert.display()
+            );
+            format!(" --ca-cert {}", p.ca_cert.display())
+        }
+        None => String::new(),
+    };
+    println!("  admin token:  {admin_token}");
+    let ca = pki.as_ref().map(|p| p.ca_cert.as_path());
+    match super::security::save_dev_login(&local.to_string(), &admin_token, ca) {
+        Ok(path) => println!("                saved for {local} in {}", path.display()),
+        Err(e) => eprintln!("warning: the admin token is not saved: {e:#}"),
+    }
     println!();
     println!("Try:");
-    println!("  scabbard submit --controller {addr} --follow -- echo hello from scabbard");
-    println!("  scabbard task list --controller {addr}");
-    println!("  scabbard agents list --controller {addr}");
-    println!("  grpcurl -plaintext {addr} list");
+    println!(
+        "  scabbard submit --controller {local}{tls_flag} --follow -- echo hello from scabbard"
+    );
+    println!("  scabbard task list --controller {local}{tls_flag}");
+    println!("  scabbard agents list --controller {local}{tls_flag}");
+    match &pki {
+        Some(p) => println!("  grpcurl -cacert {} {local} list", p.ca_cert.display()),
+        None => println!("  grpcurl -plaintext {local} list"),
+    }
     println!();
     println!("Ctrl-C stops everything.");
     // The worker returns once shutdown was asked and its tasks reported (or on error).
@@ -56,6 +105,28 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     controller.shutdown.cancel();
     controller.task.await.context("controller task")??;
     Ok(0)
+}
+
+/// Generates the dev PKI into `<data_dir>/tls/`: the controller's certificate names
+/// localhost, 127.0.0.1, ::1, the listen address and (on a wildcard listener) this host.
+fn dev_pki(
+    data_dir: &std::path::Path,
+    worker_name: &str,
+    listen: std::net::SocketAddr,
+) -> Result<scabbard_common::tls::DevPki> {
+    let mut extra = Vec::new();
+    if listen.ip().is_unspecified() {
+        if let Ok(h) = std::fs::read_to_string("/etc/hostname")
+            && !h.trim().is_empty()
+        {
+            extra.push(h.trim().to_string());
+        }
+    } else {
+        extra.push(listen.ip().to_string());
+    }
+    let dir = data_dir.join("tls");
+    scabbard_common::tls::generate_dev_pki(&dir, worker_name, &extra)
+        .with_context(|| format!("generating the dev TLS certificates in {}", dir.display()))
 }
 
 pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
@@ -95,6 +166,9 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if a.logs_dir.is_some() {
         cfg.logs_dir = a.logs_dir;
     }
+    if a.secrets_key_file.is_some() {
+        cfg.secrets_key_file = a.secrets_key_file;
+    }
     if let Some(d) = a.leader_lease_ttl {
         cfg.leader_lease_ttl_ms = d.as_millis() as u64;
     }
@@ -112,11 +186,41 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     {
         cfg.bootstrap_token = Some(t);
     }
+    if a.bootstrap_token_file.is_some() {
+        cfg.bootstrap_token_file = a.bootstrap_token_file;
+    }
     if let Some(d) = a.agent_lease_ttl {
         cfg.agent_lease_ttl_ms = d.as_millis() as u64;
     }
     if let Some(d) = a.heartbeat_interval {
         cfg.heartbeat_interval_ms = d.as_millis() as u64;
+    }
+    if let Some(r) = a.rate_limit {
+        cfg.rate_limit_per_second = r;
+    }
+    if let Some(b) = a.rate_burst {
+        cfg.rate_limit_burst = b;
+    }
+    if let Some(n) = a.max_concurrent_requests {
+        cfg.max_concurrent_requests = n;
+    }
+    if let Some(d) = a.rpc_timeout {
+        cfg.rpc_timeout_ms = d.as_millis() as u64;
+    }
+    if let Some(n) = a.max_message_bytes {
+        cfg.max_message_bytes = n;
+    }
+    if a.tls_cert.is_some() {
+        cfg.tls.cert_file = a.tls_cert;
+    }
+    if a.tls_key.is_some() {
+        cfg.tls.key_file = a.tls_key;
+    }
+    if a.tls_client_ca.is_some() {
+        cfg.tls.client_ca_file = a.tls_client_ca;
+    }
+    if a.require_worker_client_cert {
+        cfg.tls.require_worker_client_cert = true;
     }
     cfg.validate()?;
     let shutdown = super::shutdown_on_signals();
@@ -154,6 +258,18 @@ pub(crate) async fn worker(a: WorkerArgs) -> Result<u8> {
     }
     if let Some(g) = a.shutdown_grace {
         cfg.shutdown_grace_ms = g.as_millis() as u64;
+    }
+    if a.ca_cert.is_some() {
+        cfg.ca_cert = a.ca_cert;
+    }
+    if a.client_cert.is_some() {
+        cfg.client_cert = a.client_cert;
+    }
+    if a.client_key.is_some() {
+        cfg.client_key = a.client_key;
+    }
+    if a.tls_domain.is_some() {
+        cfg.tls_domain = a.tls_domain;
     }
     cfg.validate()?;
     let shutdown = super::shutdown_on_signals();

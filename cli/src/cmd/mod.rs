@@ -2,12 +2,15 @@
 
 mod agents;
 mod daemons;
+mod security;
 mod tasks;
 
 use anyhow::Result;
+use scabbard_common::client::{self, AuthedChannel};
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{Cli, Command};
+use crate::args::{Cli, Command, Target};
+use crate::credentials;
 
 /// Runs a command; returns the process exit code.
 pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
@@ -20,7 +23,29 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Logs(a) => tasks::logs(a).await,
         Command::Agents(c) => agents::agents(c).await,
         Command::Status { target } => agents::status(target).await,
+        Command::Login(a) => security::login(a).await,
+        Command::Logout(a) => security::logout(a),
+        Command::Whoami { target } => security::whoami(target).await,
+        Command::Token(c) => security::token(c).await,
+        Command::Project(c) => security::project(c).await,
+        Command::Audit(a) => security::audit(a).await,
     }
+}
+
+/// Connects to the leader among `target`'s controllers with its token and TLS settings
+/// (flags, environment, then the credentials file); fails without a token.
+pub(crate) async fn connect(target: &Target) -> Result<AuthedChannel> {
+    let r = credentials::resolve(target)?;
+    let token = r.token()?;
+    let channel = client::connect_leader_with(&r.controller, &r.opts).await?;
+    Ok(client::authed(channel, Some(token))?)
+}
+
+/// [`connect`] for calls that work without a token too (cluster status).
+pub(crate) async fn connect_optional(target: &Target) -> Result<AuthedChannel> {
+    let r = credentials::resolve(target)?;
+    let channel = client::connect_leader_with(&r.controller, &r.opts).await?;
+    Ok(client::authed(channel, r.opts.token.as_deref())?)
 }
 
 /// A token cancelled on the first SIGINT or SIGTERM (graceful stop); a second signal

@@ -3,14 +3,13 @@
 use std::io::Write;
 
 use anyhow::{Result, bail};
-use scabbard_common::client::{self, TaskServiceClient};
+use scabbard_common::client::{AuthedChannel, TaskServiceClient};
 use scabbard_common::is_final;
 use scabbard_common::proto::{
     CancelTaskRequest, GetTaskRequest, ListTasksRequest, LogStream, NoopTask, Requirements,
     ShellTask, SubmitTaskRequest, Task, TaskLogsRequest, TaskSpec, TaskState, WatchTasksRequest,
     task_spec::Kind,
 };
-use tonic::transport::Channel;
 
 use crate::args::{LogsArgs, SubmitArgs, TaskCommand};
 use crate::output;
@@ -27,6 +26,7 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
         ),
         _ => bail!("give either a command, --sh or --noop, not several"),
     };
+    let secret_env = secret_env(a.secrets, a.secret_env)?;
     let spec = TaskSpec {
         name: a.name.unwrap_or_default(),
         kind: Some(kind),
@@ -39,14 +39,14 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
         timeout_ms: a.timeout.map_or(0, |d| d.as_millis() as u64),
         labels: a.labels.into_iter().collect(),
         max_infra_retries: 0,
-        secret_env: Default::default(),
+        secret_env,
     };
-    let mut tasks = TaskServiceClient::new(client::connect_leader(&a.target.controller).await?);
+    let mut tasks = TaskServiceClient::new(super::connect(&a.target).await?);
     let resp = tasks
         .submit(SubmitTaskRequest {
             spec: Some(spec),
             idempotency_key: a.idempotency_key.unwrap_or_default(),
-            project: String::new(),
+            project: a.project.unwrap_or_default(),
         })
         .await
         .map_err(output::status)?
@@ -67,8 +67,34 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
     Ok(report(&final_task))
 }
 
+/// `--secret KEY=VALUE` and `--secret-env KEY` (the value of KEY in our environment).
+fn secret_env(
+    given: Vec<crate::args::SecretKv>,
+    from_env: Vec<String>,
+) -> Result<std::collections::HashMap<String, String>> {
+    let mut out = std::collections::HashMap::new();
+    for s in given {
+        let (k, v) = s.split().map_err(anyhow::Error::msg)?;
+        out.insert(k, v);
+    }
+    for key in from_env {
+        match std::env::var(&key) {
+            Ok(v) => {
+                out.insert(key, v);
+            }
+            Err(std::env::VarError::NotPresent) => {
+                bail!("--secret-env {key}: {key} is not set in this environment")
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                bail!("--secret-env {key}: the value of {key} is not valid UTF-8")
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Waits until the task is in a final state.
-async fn wait(tasks: &mut TaskServiceClient<Channel>, id: &str) -> Result<Task> {
+async fn wait(tasks: &mut TaskServiceClient<AuthedChannel>, id: &str) -> Result<Task> {
     let mut stream = tasks
         .watch(WatchTasksRequest {
             ids: vec![id.to_string()],
@@ -109,7 +135,7 @@ fn report(t: &Task) -> u8 {
 }
 
 async fn print_logs(
-    tasks: &mut TaskServiceClient<Channel>,
+    tasks: &mut TaskServiceClient<AuthedChannel>,
     id: &str,
     attempt: u32,
     follow: bool,
@@ -146,8 +172,7 @@ async fn print_logs(
 pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
     match c {
         TaskCommand::Get { target, id } => {
-            let mut tasks =
-                TaskServiceClient::new(client::connect_leader(&target.controller).await?);
+            let mut tasks = TaskServiceClient::new(super::connect(&target).await?);
             let t = tasks
                 .get(GetTaskRequest { id })
                 .await
@@ -160,6 +185,7 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
             states,
             labels,
             limit,
+            project,
         } => {
             let states = states
                 .iter()
@@ -170,15 +196,14 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let mut tasks =
-                TaskServiceClient::new(client::connect_leader(&target.controller).await?);
+            let mut tasks = TaskServiceClient::new(super::connect(&target).await?);
             let resp = tasks
                 .list(ListTasksRequest {
                     states,
                     labels: labels.into_iter().collect(),
                     page_size: limit.clamp(1, 1000),
                     page_token: String::new(),
-                    project: String::new(),
+                    project: project.unwrap_or_default(),
                 })
                 .await
                 .map_err(output::status)?
@@ -186,8 +211,7 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
             output::tasks(&resp.tasks);
         }
         TaskCommand::Cancel { target, id, reason } => {
-            let mut tasks =
-                TaskServiceClient::new(client::connect_leader(&target.controller).await?);
+            let mut tasks = TaskServiceClient::new(super::connect(&target).await?);
             let t = tasks
                 .cancel(CancelTaskRequest { id, reason })
                 .await
@@ -208,7 +232,7 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
 }
 
 pub(crate) async fn logs(a: LogsArgs) -> Result<u8> {
-    let mut tasks = TaskServiceClient::new(client::connect_leader(&a.target.controller).await?);
+    let mut tasks = TaskServiceClient::new(super::connect(&a.target).await?);
     print_logs(&mut tasks, &a.id, a.attempt, a.follow).await?;
     Ok(0)
 }

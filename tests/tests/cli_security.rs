@@ -37,7 +37,11 @@ impl Env {
             if out.status.success() {
                 break;
             }
-            assert!(Instant::now() < end, "controller never answered: {}", text(&out));
+            assert!(
+                Instant::now() < end,
+                "controller never answered: {}",
+                text(&out)
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(env)
@@ -76,7 +80,14 @@ impl Env {
     /// A new API token; returns (id, secret).
     fn token(&self, name: &str, scope: &str, project: &str) -> anyhow::Result<(String, String)> {
         let out = ok(self.admin(&[
-            "token", "create", "--name", name, "--scope", scope, "--project", project,
+            "token",
+            "create",
+            "--name",
+            name,
+            "--scope",
+            scope,
+            "--project",
+            project,
         ]))?;
         let secret = stdout(&out).trim().to_string();
         let err = stderr(&out);
@@ -100,7 +111,12 @@ fn stderr(o: &Output) -> String {
 }
 
 fn text(o: &Output) -> String {
-    format!("status {}\nstdout:\n{}\nstderr:\n{}", o.status, stdout(o), stderr(o))
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    )
 }
 
 /// Runs `c`, which must succeed.
@@ -170,7 +186,11 @@ fn login_saves_a_private_token_that_later_commands_use() -> anyhow::Result<()> {
     let out = ok(c)?;
     let task = stdout(&out).trim().to_string();
     let out = ok(env.bare(&["task", "get", &task]))?;
-    assert!(stdout(&out).contains("project:   default"), "{}", text(&out));
+    assert!(
+        stdout(&out).contains("project:   default"),
+        "{}",
+        text(&out)
+    );
     ok(env.bare(&["task", "list"]))?;
 
     // A bad token is refused before it is saved.
@@ -222,9 +242,20 @@ fn tokens_round_trip_and_their_scopes_and_revocation_hold() -> anyhow::Result<()
 
     // A registration token: no scopes, limited uses.
     let out = ok(env.admin(&[
-        "token", "create", "--kind", "registration", "--uses", "2", "--ttl", "1h",
+        "token",
+        "create",
+        "--kind",
+        "registration",
+        "--uses",
+        "2",
+        "--ttl",
+        "1h",
     ]))?;
-    assert!(stdout(&out).trim().starts_with("scbd_reg_"), "{}", text(&out));
+    assert!(
+        stdout(&out).trim().starts_with("scbd_reg_"),
+        "{}",
+        text(&out)
+    );
     let out = ok(env.admin(&["token", "list", "--kind", "registration"]))?;
     assert!(stdout(&out).contains("0/2"), "{}", text(&out));
     assert!(!stdout(&out).contains(&reader_id), "{}", text(&out));
@@ -303,7 +334,11 @@ fn projects_fence_submissions_and_the_audit_log_names_the_actor() -> anyhow::Res
     let out = ok(env.with(&bound, &["submit", "--name", "bound-task", "--noop"]))?;
     let bound_task = stdout(&out).trim().to_string();
     let out = ok(env.admin(&["task", "get", &bound_task]))?;
-    assert!(stdout(&out).contains("project:   payments"), "{}", text(&out));
+    assert!(
+        stdout(&out).contains("project:   payments"),
+        "{}",
+        text(&out)
+    );
     let out = ok(env.admin(&["task", "list", "--project", "payments"]))?;
     assert_eq!(stdout(&out).lines().count(), 3, "{}", text(&out));
     let out = ok(env.admin(&["task", "list", "--project", "default"]))?;

@@ -100,8 +100,13 @@ pub async fn serve(
             generated: true,
         } => {
             // Shown once: only its hash is kept.
+            let ca = if cfg.tls.enabled() {
+                " --ca-cert <the CA of this controller's certificate>"
+            } else {
+                ""
+            };
             println!(
-                "\nbootstrap admin token (shown once, store it now):\n  {secret}\n\nuse it with: scabbard login --controller {advertise} --token <token>\n"
+                "\nbootstrap admin token (shown once, store it now):\n  {secret}\n\nuse it with: scabbard login --controller {advertise} --token <token>{ca}\n"
             );
             info!("cluster bootstrapped: admin token created and printed on stdout");
         }

@@ -33,6 +33,21 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// The controller acting on its own behalf (bootstrap, tests): a cluster-wide admin.
+    pub fn internal(token_id: &str, name: &str) -> Self {
+        Self {
+            token_id: token_id.into(),
+            name: name.into(),
+            kind: TokenKind::Api,
+            scope: Scope::Admin,
+            project: ALL_PROJECTS.into(),
+            agent_id: String::new(),
+            rate_per_second: 0,
+            burst: 0,
+            peer: String::new(),
+        }
+    }
+
     /// Fails with `PERMISSION_DENIED` unless the token holds `scope` (or a higher one).
     pub fn require(&self, scope: Scope) -> Result<()> {
         if self.kind == TokenKind::Api && self.scope as i32 >= scope as i32 {

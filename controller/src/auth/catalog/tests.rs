@@ -8,21 +8,11 @@ use scabbard_common::proto::{CreateTokenRequest, Scope, TokenKind};
 use tokio_util::sync::CancellationToken;
 
 use super::{Bootstrap, Catalog, DefaultLimits};
-use crate::auth::principal::{ALL_PROJECTS, Principal};
+use crate::auth::principal::Principal;
 use crate::store::{EmbeddedStore, Store};
 
 fn admin() -> Principal {
-    Principal {
-        token_id: "tok_test".into(),
-        name: "test admin".into(),
-        kind: TokenKind::Api,
-        scope: Scope::Admin,
-        project: ALL_PROJECTS.into(),
-        agent_id: String::new(),
-        rate_per_second: 0,
-        burst: 0,
-        peer: String::new(),
-    }
+    Principal::internal("tok_test", "test admin")
 }
 
 async fn two_catalogs() -> (

@@ -364,17 +364,7 @@ impl Catalog {
             quota: None,
             created_at_ms: now,
         };
-        let who = Principal {
-            token_id: "bootstrap".into(),
-            name: "first start".into(),
-            kind: TokenKind::Api,
-            scope: Scope::Admin,
-            project: ALL_PROJECTS.into(),
-            agent_id: String::new(),
-            rate_per_second: 0,
-            burst: 0,
-            peer: String::new(),
-        };
+        let who = Principal::internal("bootstrap", "first start");
         let audit = audit::entry(
             &who,
             "cluster.bootstrap",

@@ -17,6 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "admin.proto",
         "security.proto",
         "internal.proto",
+        "workflow.proto",
+        "template.proto",
+        "schedule.proto",
     ]
     .map(|f| root.join("scabbard/v1").join(f));
     for f in &files {

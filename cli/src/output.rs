@@ -69,6 +69,18 @@ fn what(t: &Task) -> String {
     match &spec.kind {
         Some(Kind::Shell(s)) => s.command.join(" "),
         Some(Kind::Noop(_)) => "(noop)".into(),
+        Some(Kind::Container(c)) => format!(
+            "{} ({} step{})",
+            c.image,
+            c.steps.len(),
+            if c.steps.len() == 1 { "" } else { "s" }
+        ),
+        Some(Kind::DaggerCall(d)) => format!(
+            "dagger call -m {} {} {}",
+            d.module,
+            d.function,
+            d.args.join(" ")
+        ),
         None => String::new(),
     }
 }

@@ -75,6 +75,15 @@ pub struct ControllerConfig {
     /// Unset: `<data_dir>/secrets.key`, generated on first start (embedded store); with
     /// `store = "etcd"` tasks carrying secrets are refused.
     pub secrets_key_file: Option<PathBuf>,
+    /// Consecutive failures that open a circuit breaker (an agent, a template step, a named
+    /// dependency).
+    pub breaker_threshold: u32,
+    /// How long an open breaker waits before letting a probe through (milliseconds);
+    /// doubles after each failed probe up to ten times this.
+    pub breaker_open_ms: u64,
+    /// Directory of user workflow templates (`*.yaml`, `*.yml`), loaded at start next to
+    /// the built-in ones. A broken file stops the controller with the file and field named.
+    pub templates_dir: Option<PathBuf>,
 }
 
 impl Default for ControllerConfig {
@@ -103,6 +112,9 @@ impl Default for ControllerConfig {
             etcd: crate::store::EtcdConfig::default(),
             tls: crate::tls::TlsConfig::default(),
             secrets_key_file: None,
+            breaker_threshold: 5,
+            breaker_open_ms: 30_000,
+            templates_dir: None,
         }
     }
 }
@@ -113,8 +125,24 @@ impl ControllerConfig {
         toml::from_str(text).map_err(|e| Error::invalid(format!("controller config: {e}")))
     }
 
+    /// Circuit breaker tunables.
+    pub(crate) fn breakers(&self) -> crate::core::breakers::BreakerConfig {
+        let open = Duration::from_millis(self.breaker_open_ms);
+        crate::core::breakers::BreakerConfig {
+            threshold: self.breaker_threshold,
+            open_for: open,
+            max_open_for: open * 10,
+            probes: 1,
+        }
+    }
+
     /// Refuses configurations that cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
+        if self.breaker_threshold == 0 || self.breaker_open_ms < 10 {
+            return Err(Error::invalid(
+                "breaker_threshold must be at least 1 and breaker_open_ms at least 10",
+            ));
+        }
         if !self.registration_token.is_empty() && self.registration_token.len() < 16 {
             return Err(Error::invalid(
                 "registration_token must be at least 16 characters when set (--registration-token or SCABBARD_REGISTRATION_TOKEN)",

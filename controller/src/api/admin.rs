@@ -4,10 +4,12 @@ use std::sync::Arc;
 
 use scabbard_common::Error;
 use scabbard_common::proto::{
-    Agent, ClusterStatusRequest, ClusterStatusResponse, ControllerMember, CreateTokenRequest,
-    CreateTokenResponse, DrainAgentRequest, ListAgentsRequest, ListAgentsResponse,
-    ListAuditRequest, ListAuditResponse, ListTokensRequest, ListTokensResponse, RevokeTokenRequest,
-    TokenInfo, TokenKind, WhoAmIRequest, WhoAmIResponse, admin_service_server::AdminService,
+    Agent, Breaker, ClusterStatusRequest, ClusterStatusResponse, ControllerMember,
+    CreateTokenRequest, CreateTokenResponse, DrainAgentRequest, ListAgentsRequest,
+    ListAgentsResponse, ListAuditRequest, ListAuditResponse, ListBreakersRequest,
+    ListBreakersResponse, ListTokensRequest, ListTokensResponse, ResetBreakerRequest,
+    RevokeTokenRequest, TokenInfo, TokenKind, WhoAmIRequest, WhoAmIResponse,
+    admin_service_server::AdminService,
 };
 use tonic::{Request, Response, Status};
 
@@ -77,6 +79,7 @@ impl AdminService for AdminApi {
             status.active_tasks = stats.active as u64;
             status.total_tasks = stats.total as u64;
             status.connected_agents = stats.connected_agents as u32;
+            status.breakers = stats.breakers;
         }
         status.leader = leader;
         Ok(Response::new(status))
@@ -181,5 +184,41 @@ impl AdminService for AdminApi {
         }
         let entries = audit::list(&self.store, filter.as_deref(), &r.action, limit).await?;
         Ok(Response::new(ListAuditResponse { entries }))
+    }
+
+    async fn list_breakers(
+        &self,
+        req: Request<ListBreakersRequest>,
+    ) -> Result<Response<ListBreakersResponse>, Status> {
+        let all = req.into_inner().all;
+        let breakers = self
+            .core
+            .call(|reply| CoreMsg::ListBreakers { all, reply })
+            .await?;
+        Ok(Response::new(ListBreakersResponse { breakers }))
+    }
+
+    async fn reset_breaker(
+        &self,
+        req: Request<ResetBreakerRequest>,
+    ) -> Result<Response<Breaker>, Status> {
+        let who = auth::principal(&req)?;
+        let key = req.into_inner().key;
+        if key.is_empty() || key.len() > 256 {
+            return Err(Error::invalid(
+                "key is required: a breaker key as listed by ListBreakers (e.g. \"agent:<id>\")",
+            )
+            .into());
+        }
+        let breaker = self
+            .core
+            .ask(|reply| CoreMsg::ResetBreaker {
+                key: key.clone(),
+                reply,
+            })
+            .await?;
+        let entry = audit::entry(&who, "breaker.reset", &key, auth::ALL_PROJECTS, "");
+        audit::record(&self.store, &entry).await?;
+        Ok(Response::new(breaker))
     }
 }

@@ -7,6 +7,7 @@
 //! On start (and after a failed commit) it rebuilds itself from the store.
 
 mod agents;
+pub(crate) mod breakers;
 pub(crate) mod persist;
 mod presence;
 pub(crate) mod scheduler;
@@ -107,6 +108,14 @@ pub(crate) enum CoreMsg {
     Stats {
         reply: oneshot::Sender<CoreStats>,
     },
+    ListBreakers {
+        all: bool,
+        reply: oneshot::Sender<Vec<scabbard_common::proto::Breaker>>,
+    },
+    ResetBreaker {
+        key: String,
+        reply: Reply<scabbard_common::proto::Breaker>,
+    },
 }
 
 /// Counters for status pages and the benchmark.
@@ -120,6 +129,8 @@ pub struct CoreStats {
     pub total: usize,
     /// Agents with a live session.
     pub connected_agents: usize,
+    /// Circuit breakers that are not closed.
+    pub breakers: Vec<scabbard_common::proto::Breaker>,
 }
 
 /// Cheap handle to one running core actor (one leadership term) and its log store.
@@ -249,6 +260,8 @@ pub(crate) struct State {
     pub(crate) presence: presence::Presence,
     /// Seals `secret_env` values before they are stored; opens them for `Assign`.
     pub(crate) secrets: crate::sealed::SecretBox,
+    /// Circuit breakers of this term (agents, steps, named dependencies).
+    pub(crate) breakers: breakers::Breakers,
 }
 
 /// Starts the core: rebuilds state from `store`, then serves requests until `shutdown`.
@@ -271,6 +284,7 @@ pub(crate) async fn start(
     let (events, _) = broadcast::channel(16 * 1024);
     let store_for_presence = store.clone();
     let agent_ttl = cfg.agent_lease_ttl();
+    let breakers_cfg = cfg.breakers();
     let mut state = State {
         cfg,
         store,
@@ -285,6 +299,7 @@ pub(crate) async fn start(
         ids: ulid::Generator::new(),
         presence: presence::Presence::start(store_for_presence, agent_ttl, shutdown.child_token()),
         secrets,
+        breakers: breakers::Breakers::new(breakers_cfg),
     };
     state.recover().await?;
     let (tx, rx) = mpsc::channel(16 * 1024);
@@ -383,6 +398,16 @@ impl State {
                     .collect()));
             }
             CoreMsg::DrainAgent { id, reason, reply } => self.drain(id, reason, reply).await,
+            CoreMsg::ListBreakers { all, reply } => {
+                let _ = reply.send(self.breakers.list(all));
+            }
+            CoreMsg::ResetBreaker { key, reply } => {
+                let _ = reply.send(
+                    self.breakers
+                        .reset(&key)
+                        .ok_or_else(|| Error::not_found("breaker", key)),
+                );
+            }
             CoreMsg::Stats { reply } => {
                 let active = self.agents.values().map(|a| a.running.len()).sum();
                 let _ = reply.send(CoreStats {
@@ -390,6 +415,7 @@ impl State {
                     active,
                     total: self.tasks.len(),
                     connected_agents: self.agents.values().filter(|a| a.conn.is_some()).count(),
+                    breakers: self.breakers.list(false),
                 });
             }
         }

@@ -83,6 +83,7 @@ pub(crate) fn executor_capability(spec: &TaskSpec) -> Option<&'static str> {
     match spec.kind.as_ref()? {
         Kind::Shell(_) => Some("shell"),
         Kind::Noop(_) => Some("noop"),
+        Kind::Container(_) | Kind::DaggerCall(_) => Some("dagger"),
     }
 }
 

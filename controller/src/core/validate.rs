@@ -5,6 +5,8 @@ use scabbard_common::{Error, Result};
 
 use crate::config::ControllerConfig;
 
+pub(crate) mod extras;
+
 /// Largest number of env vars / labels / argv entries.
 const MAX_ENTRIES: usize = 1024;
 /// Largest single string (bytes).
@@ -15,7 +17,7 @@ pub(crate) fn task_spec(spec: &mut TaskSpec, cfg: &ControllerConfig) -> Result<(
     match spec.kind.as_ref() {
         None => {
             return Err(Error::invalid(
-                "spec.kind is required: set spec.shell.command (or spec.noop)",
+                "spec.kind is required: set spec.shell, spec.container, spec.dagger_call or spec.noop",
             ));
         }
         Some(Kind::Shell(sh)) => {
@@ -37,7 +39,10 @@ pub(crate) fn task_spec(spec: &mut TaskSpec, cfg: &ControllerConfig) -> Result<(
             }
         }
         Some(Kind::Noop(_)) => {}
+        Some(Kind::Container(c)) => extras::container(c)?,
+        Some(Kind::DaggerCall(d)) => extras::dagger_call(d)?,
     }
+    extras::policies(spec)?;
     if spec.name.len() > 256 {
         return Err(Error::invalid("spec.name is longer than 256 bytes"));
     }

@@ -154,12 +154,16 @@ pub trait Executor: Send + Sync + 'static {
     ) -> ExecOutcome;
 }
 
+/// Capability of hosts whose Dagger engine answers (container and dagger_call tasks).
+pub const DAGGER_CAPABILITY: &str = "dagger";
+
 /// The capability a spec needs, i.e. which executor runs it; `None` if the spec has no kind.
 pub fn executor_for(spec: &proto::TaskSpec) -> Option<&'static str> {
     use proto::task_spec::Kind;
     match spec.kind.as_ref()? {
         Kind::Shell(_) => Some(shell::CAPABILITY),
         Kind::Noop(_) => Some(noop::CAPABILITY),
+        Kind::Container(_) | Kind::DaggerCall(_) => Some(DAGGER_CAPABILITY),
     }
 }
 

@@ -1,0 +1,267 @@
+//! Circuit breakers, keyed by what fails: `agent:<id>`, `step:<template>/<node>`, or a name a
+//! task lists in `spec.breakers` (a registry, an outside service).
+//!
+//! closed —(threshold consecutive failures)→ open —(open_for elapsed)→ half-open —(probe
+//! succeeds)→ closed; a failed probe opens it again for twice as long (bounded). While a
+//! breaker is open the scheduler sends nothing through it: an agent gets no work, tasks
+//! naming a step or dependency wait in the queue instead of burning retries. In half-open a
+//! bounded number of probes go through. State lives in the leader's memory: a new leader
+//! starts with every breaker closed.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use scabbard_common::proto::{self, BreakerState};
+
+/// Tunables, from the controller config.
+#[derive(Debug, Clone)]
+pub(crate) struct BreakerConfig {
+    /// Consecutive failures that open a closed breaker.
+    pub(crate) threshold: u32,
+    /// How long a breaker stays open before probing.
+    pub(crate) open_for: Duration,
+    /// Longest open period after repeated failed probes.
+    pub(crate) max_open_for: Duration,
+    /// Attempts let through at once while half-open.
+    pub(crate) probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 5,
+            open_for: Duration::from_secs(30),
+            max_open_for: Duration::from_secs(600),
+            probes: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Breaker {
+    state: Option<BreakerState>,
+    failures: u32,
+    opened_at_ms: i64,
+    retry_at_ms: i64,
+    trips: u32,
+    last_error: String,
+    /// Probes admitted and not yet reported, while half-open.
+    probing: u32,
+    /// Current open period (grows on failed probes).
+    open_ms: i64,
+}
+
+impl Breaker {
+    fn state(&self) -> BreakerState {
+        self.state.unwrap_or(BreakerState::Closed)
+    }
+}
+
+/// All breakers of one leader term.
+#[derive(Debug, Default)]
+pub(crate) struct Breakers {
+    cfg: BreakerConfig,
+    map: HashMap<String, Breaker>,
+}
+
+/// The breaker key of an agent.
+pub(crate) fn agent_key(agent_id: &str) -> String {
+    format!("agent:{agent_id}")
+}
+
+impl Breakers {
+    pub(crate) fn new(cfg: BreakerConfig) -> Self {
+        Self {
+            cfg,
+            map: HashMap::new(),
+        }
+    }
+
+    /// Whether work may go through `key` now (without admitting it).
+    pub(crate) fn allows(&self, key: &str, now_ms: i64) -> bool {
+        let Some(b) = self.map.get(key) else {
+            return true;
+        };
+        match b.state() {
+            BreakerState::Open => now_ms >= b.retry_at_ms && self.cfg.probes > 0,
+            BreakerState::HalfOpen => b.probing < self.cfg.probes,
+            _ => true,
+        }
+    }
+
+    /// Whether every breaker in `keys` allows work.
+    pub(crate) fn allow_all<'a>(
+        &self,
+        mut keys: impl Iterator<Item = &'a str>,
+        now_ms: i64,
+    ) -> bool {
+        keys.all(|k| self.allows(k, now_ms))
+    }
+
+    /// Records that an attempt was sent through `key` (turns a due open breaker half-open
+    /// and counts the probe). Call only after [`allows`](Self::allows).
+    pub(crate) fn admit(&mut self, key: &str, now_ms: i64) {
+        let Some(b) = self.map.get_mut(key) else {
+            return;
+        };
+        match b.state() {
+            BreakerState::Open if now_ms >= b.retry_at_ms => {
+                b.state = Some(BreakerState::HalfOpen);
+                b.probing = 1;
+            }
+            BreakerState::HalfOpen => b.probing += 1,
+            _ => {}
+        }
+    }
+
+    /// An attempt through `key` succeeded: closes it.
+    pub(crate) fn success(&mut self, key: &str) {
+        if let Some(b) = self.map.get_mut(key) {
+            if b.state() != BreakerState::Closed {
+                tracing::info!(breaker = key, "circuit breaker closed");
+            }
+            let trips = b.trips;
+            *b = Breaker {
+                trips,
+                ..Breaker::default()
+            };
+        }
+    }
+
+    /// An attempt through `key` failed. Returns true when this opened the breaker.
+    pub(crate) fn failure(&mut self, key: &str, error: &str, now_ms: i64) -> bool {
+        let cfg = &self.cfg;
+        let b = self.map.entry(key.to_string()).or_default();
+        b.last_error = error.chars().take(500).collect();
+        let base = cfg.open_for.as_millis() as i64;
+        let max = cfg.max_open_for.as_millis() as i64;
+        let open_ms = match b.state() {
+            BreakerState::HalfOpen => {
+                b.probing = b.probing.saturating_sub(1);
+                (b.open_ms.max(base) * 2).min(max)
+            }
+            BreakerState::Open => return false,
+            _ => {
+                b.failures += 1;
+                if b.failures < cfg.threshold.max(1) {
+                    return false;
+                }
+                base
+            }
+        };
+        b.state = Some(BreakerState::Open);
+        b.opened_at_ms = now_ms;
+        b.open_ms = open_ms;
+        b.retry_at_ms = now_ms + open_ms;
+        b.trips += 1;
+        tracing::warn!(
+            breaker = key,
+            failures = b.failures,
+            open_ms,
+            error,
+            "circuit breaker opened"
+        );
+        true
+    }
+
+    /// Closes `key` by hand. Returns its view (closed), or None if unknown.
+    pub(crate) fn reset(&mut self, key: &str) -> Option<proto::Breaker> {
+        self.success(key);
+        self.map.get(key).map(|b| view(key, b))
+    }
+
+    /// Breakers that are not closed (with `all`, also closed ones that counted failures).
+    pub(crate) fn list(&self, all: bool) -> Vec<proto::Breaker> {
+        let mut out: Vec<_> = self
+            .map
+            .iter()
+            .filter(|(_, b)| {
+                b.state() != BreakerState::Closed || (all && (b.failures > 0 || b.trips > 0))
+            })
+            .map(|(k, b)| view(k, b))
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+}
+
+fn view(key: &str, b: &Breaker) -> proto::Breaker {
+    proto::Breaker {
+        key: key.to_string(),
+        state: b.state() as i32,
+        failures: b.failures,
+        opened_at_ms: b.opened_at_ms,
+        retry_at_ms: b.retry_at_ms,
+        trips: b.trips,
+        last_error: b.last_error.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breakers() -> Breakers {
+        Breakers::new(BreakerConfig {
+            threshold: 3,
+            open_for: Duration::from_millis(1000),
+            max_open_for: Duration::from_millis(3000),
+            probes: 1,
+        })
+    }
+
+    #[test]
+    fn opens_after_threshold_probes_when_due_and_closes_on_success() {
+        let mut b = breakers();
+        assert!(!b.failure("agent:a", "exit 1", 0));
+        assert!(!b.failure("agent:a", "exit 1", 0));
+        assert!(b.allows("agent:a", 0));
+        assert!(b.failure("agent:a", "exit 1", 10));
+        assert!(!b.allows("agent:a", 500));
+        assert_eq!(b.list(false)[0].state(), BreakerState::Open);
+        // Due: one probe goes through, a second waits.
+        assert!(b.allows("agent:a", 1010));
+        b.admit("agent:a", 1010);
+        assert_eq!(b.list(false)[0].state(), BreakerState::HalfOpen);
+        assert!(!b.allows("agent:a", 1010));
+        b.success("agent:a");
+        assert!(b.list(false).is_empty());
+        assert!(b.allows("agent:a", 1010));
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_for_longer_up_to_the_bound() {
+        let mut b = breakers();
+        for _ in 0..3 {
+            b.failure("dep", "down", 0);
+        }
+        let mut now = 1000;
+        let mut expect = [2000, 3000, 3000].into_iter();
+        for _ in 0..3 {
+            assert!(b.allows("dep", now));
+            b.admit("dep", now);
+            assert!(b.failure("dep", "still down", now));
+            let v = &b.list(false)[0];
+            assert_eq!(v.retry_at_ms - now, expect.next().unwrap());
+            now = v.retry_at_ms;
+        }
+        assert_eq!(b.list(false)[0].trips, 4);
+    }
+
+    #[test]
+    fn success_resets_the_count_and_reset_closes_by_hand() {
+        let mut b = breakers();
+        b.failure("k", "x", 0);
+        b.failure("k", "x", 0);
+        b.success("k");
+        b.failure("k", "x", 0);
+        b.failure("k", "x", 0);
+        assert!(b.allows("k", 0));
+        b.failure("k", "x", 0);
+        assert!(!b.allows("k", 0));
+        let v = b.reset("k").unwrap();
+        assert_eq!(v.state(), BreakerState::Closed);
+        assert!(b.allows("k", 0));
+        assert!(b.reset("unknown").is_none());
+    }
+}

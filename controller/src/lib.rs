@@ -20,6 +20,7 @@ pub mod server;
 mod session;
 pub mod store;
 pub mod tls;
+pub mod workflow;
 
 pub use config::ControllerConfig;
 pub use server::{RunningController, run, serve, spawn};

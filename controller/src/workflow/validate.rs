@@ -1,0 +1,245 @@
+//! Checks of a submitted workflow: at least one task, valid and unique names, known
+//! dependencies, no cycles, output references only to ancestors, and each node's task spec
+//! (with the checks plain tasks get). Every structural problem is reported at once, naming
+//! the tasks involved.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use scabbard_common::proto::{FailurePolicy, WorkflowSpec};
+use scabbard_common::{Error, Result};
+
+use super::refs;
+use crate::config::ControllerConfig;
+use crate::core::validate as task_validate;
+
+/// Most nodes in one workflow.
+pub const MAX_NODES: usize = 1000;
+
+/// Validates `spec` in place (fills each node's defaults, e.g. its timeout).
+pub fn workflow_spec(spec: &mut WorkflowSpec, cfg: &ControllerConfig) -> Result<()> {
+    if spec.tasks.is_empty() {
+        return Err(Error::invalid(
+            "the workflow has no tasks: give at least one entry in tasks",
+        ));
+    }
+    if spec.tasks.len() > MAX_NODES {
+        return Err(Error::invalid(format!(
+            "the workflow has {} tasks; at most {MAX_NODES}",
+            spec.tasks.len()
+        )));
+    }
+    if spec.name.len() > 256 {
+        return Err(Error::invalid("name is longer than 256 bytes"));
+    }
+    if FailurePolicy::try_from(spec.failure_policy).is_err() {
+        return Err(Error::invalid(format!(
+            "failure_policy {} is unknown: use FAIL_FAST or CONTINUE",
+            spec.failure_policy
+        )));
+    }
+    if !(-1000..=1000).contains(&spec.priority) {
+        return Err(Error::invalid(format!(
+            "priority {} is out of range -1000..=1000",
+            spec.priority
+        )));
+    }
+    if let Some(r) = &spec.default_retry {
+        task_validate::extras::retry("default_retry", r)?;
+    }
+    if let Some(g) = &spec.concurrency {
+        task_validate::extras::group_key("concurrency.key", &g.key)?;
+    }
+    let mut errors = structure(spec);
+    if errors.is_empty() {
+        errors.extend(references(spec));
+    }
+    if !errors.is_empty() {
+        return Err(Error::invalid(errors.join("; ")));
+    }
+    for (i, t) in spec.tasks.iter_mut().enumerate() {
+        let Some(task) = t.spec.as_mut() else {
+            errors.push(format!("tasks[{i}] ({}): spec is required", t.name));
+            continue;
+        };
+        // References are filled in at release; check the spec with stand-in values.
+        let mut probe = task.clone();
+        refs::for_each_string(&mut probe, &mut |_, s| {
+            if let Ok(v) = refs::substitute(s, &|_| Some("x".into())) {
+                *s = v;
+            }
+        });
+        match task_validate::task_spec(&mut probe, cfg) {
+            Ok(()) => task.timeout_ms = probe.timeout_ms,
+            Err(e) => errors.push(format!("tasks[{i}] ({}): {}", t.name, e)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::invalid(errors.join("; ")))
+    }
+}
+
+/// Names, dependencies and cycles.
+fn structure(spec: &WorkflowSpec) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut dups: BTreeSet<&str> = BTreeSet::new();
+    for (i, t) in spec.tasks.iter().enumerate() {
+        if !name_ok(&t.name) {
+            errors.push(format!(
+                "tasks[{i}] name {:?} is invalid: 1..64 letters, digits, '_' or '-'",
+                t.name
+            ));
+        }
+        if seen.insert(t.name.as_str(), i).is_some() {
+            dups.insert(t.name.as_str());
+        }
+    }
+    if !dups.is_empty() {
+        errors.push(format!(
+            "duplicate task names: {}",
+            dups.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    for t in &spec.tasks {
+        let mut unknown: Vec<&str> = t
+            .depends_on
+            .iter()
+            .map(String::as_str)
+            .filter(|d| !seen.contains_key(d))
+            .collect();
+        unknown.dedup();
+        if !unknown.is_empty() {
+            errors.push(format!(
+                "task {} depends on unknown task(s): {}",
+                t.name,
+                unknown.join(", ")
+            ));
+        }
+        let mut uniq = HashSet::new();
+        if let Some(d) = t.depends_on.iter().find(|d| !uniq.insert(d.as_str())) {
+            errors.push(format!("task {} lists dependency {d} twice", t.name));
+        }
+    }
+    if errors.is_empty()
+        && let Some(cycle) = find_cycle(spec)
+    {
+        errors.push(format!(
+            "the dependencies form a cycle: {}",
+            cycle.join(" -> ")
+        ));
+    }
+    errors
+}
+
+/// One cycle as a closed path (first name repeated at the end), if any.
+fn find_cycle(spec: &WorkflowSpec) -> Option<Vec<String>> {
+    let index: HashMap<&str, usize> = spec
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    // 0 = unvisited, 1 = on the stack, 2 = done.
+    let mut mark = vec![0u8; spec.tasks.len()];
+    let mut stack: Vec<usize> = Vec::new();
+    for root in 0..spec.tasks.len() {
+        if mark[root] != 0 {
+            continue;
+        }
+        // Iterative DFS: (node, next dependency index).
+        let mut frames: Vec<(usize, usize)> = vec![(root, 0)];
+        mark[root] = 1;
+        stack.push(root);
+        while let Some(&mut (node, ref mut next)) = frames.last_mut() {
+            let deps = &spec.tasks[node].depends_on;
+            if *next < deps.len() {
+                let dep = index[deps[*next].as_str()];
+                *next += 1;
+                match mark[dep] {
+                    0 => {
+                        mark[dep] = 1;
+                        stack.push(dep);
+                        frames.push((dep, 0));
+                    }
+                    1 => {
+                        let from = stack.iter().position(|&n| n == dep).unwrap_or(0);
+                        // Dependencies point backwards in time: print in run order.
+                        let mut path: Vec<String> = stack[from..]
+                            .iter()
+                            .rev()
+                            .map(|&n| spec.tasks[n].name.clone())
+                            .collect();
+                        path.push(path[0].clone());
+                        return Some(path);
+                    }
+                    _ => {}
+                }
+            } else {
+                mark[node] = 2;
+                stack.pop();
+                frames.pop();
+            }
+        }
+    }
+    None
+}
+
+/// Output references: well-formed, to an ancestor.
+fn references(spec: &WorkflowSpec) -> Vec<String> {
+    let deps: HashMap<&str, &[String]> = spec
+        .tasks
+        .iter()
+        .map(|t| (t.name.as_str(), t.depends_on.as_slice()))
+        .collect();
+    let mut errors = Vec::new();
+    for (i, t) in spec.tasks.iter().enumerate() {
+        let Some(task) = t.spec.clone() else {
+            continue;
+        };
+        let ancestors = ancestors(&deps, &t.name);
+        let mut task = task;
+        refs::for_each_string(&mut task, &mut |field, s| match refs::scan(s) {
+            Err(e) => errors.push(format!("tasks[{i}] ({}) {field}: {e}", t.name)),
+            Ok(found) => {
+                for r in found {
+                    if !ancestors.contains(r.task.as_str()) {
+                        errors.push(format!(
+                            "tasks[{i}] ({}) {field} references tasks.{}.outputs.{} but {} is not among its dependencies (direct or indirect)",
+                            t.name, r.task, r.output, r.task
+                        ));
+                    }
+                }
+            }
+        });
+    }
+    errors
+}
+
+/// Every node `name` depends on, directly or not.
+pub fn ancestors<'a>(deps: &HashMap<&'a str, &'a [String]>, name: &str) -> HashSet<&'a str> {
+    let mut out = HashSet::new();
+    let mut todo: Vec<&str> = deps.get(name).map_or(Vec::new(), |d| {
+        d.iter().map(String::as_str).collect()
+    });
+    while let Some(n) = todo.pop() {
+        if let Some((k, d)) = deps.get_key_value(n)
+            && out.insert(*k)
+        {
+            todo.extend(d.iter().map(String::as_str));
+        }
+    }
+    out
+}
+
+fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+mod tests;

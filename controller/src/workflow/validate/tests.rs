@@ -1,0 +1,112 @@
+use super::*;
+use proptest::prelude::*;
+use scabbard_common::proto::{ShellTask, TaskSpec, WorkflowTask, task_spec::Kind};
+
+fn node(name: &str, deps: &[&str], cmd: &str) -> WorkflowTask {
+    WorkflowTask {
+        name: name.into(),
+        depends_on: deps.iter().map(|s| s.to_string()).collect(),
+        spec: Some(TaskSpec {
+            kind: Some(Kind::Shell(ShellTask {
+                command: vec!["sh".into(), "-c".into(), cmd.into()],
+            })),
+            ..Default::default()
+        }),
+    }
+}
+
+fn wf(tasks: Vec<WorkflowTask>) -> WorkflowSpec {
+    WorkflowSpec {
+        tasks,
+        ..Default::default()
+    }
+}
+
+fn err(spec: WorkflowSpec) -> String {
+    let mut spec = spec;
+    workflow_spec(&mut spec, &ControllerConfig::default())
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn a_diamond_is_accepted_and_gets_default_timeouts() {
+    let mut spec = wf(vec![
+        node("a", &[], "true"),
+        node("b", &["a"], "echo ${{ tasks.a.outputs.v }}"),
+        node("c", &["a"], "true"),
+        node("d", &["b", "c"], "echo ${{ tasks.a.outputs.v }}"),
+    ]);
+    workflow_spec(&mut spec, &ControllerConfig::default()).unwrap();
+    assert!(spec.tasks.iter().all(|t| t.spec.as_ref().unwrap().timeout_ms > 0));
+}
+
+#[test]
+fn empty_duplicate_unknown_and_cyclic_workflows_name_the_tasks() {
+    assert!(err(wf(vec![])).contains("no tasks"));
+    let e = err(wf(vec![node("a", &[], "x"), node("a", &[], "y")]));
+    assert!(e.contains("duplicate task names: a"), "{e}");
+    let e = err(wf(vec![node("a", &["ghost"], "x")]));
+    assert!(e.contains("task a depends on unknown task(s): ghost"), "{e}");
+    let e = err(wf(vec![
+        node("a", &["c"], "x"),
+        node("b", &["a"], "x"),
+        node("c", &["b"], "x"),
+        node("d", &[], "x"),
+    ]));
+    assert!(e.contains("cycle") && e.contains('a') && e.contains('b') && e.contains('c'), "{e}");
+    assert!(!e.contains("-> d") && !e.contains("d ->"), "{e}");
+    let e = err(wf(vec![node("self", &["self"], "x")]));
+    assert!(e.contains("cycle: self -> self"), "{e}");
+    let e = err(wf(vec![node("bad name", &[], "x")]));
+    assert!(e.contains("\"bad name\""), "{e}");
+}
+
+#[test]
+fn references_must_point_at_ancestors_and_be_well_formed() {
+    let e = err(wf(vec![
+        node("a", &[], "true"),
+        node("b", &[], "echo ${{ tasks.a.outputs.v }}"),
+    ]));
+    assert!(e.contains("tasks[1] (b)") && e.contains("tasks.a.outputs.v"), "{e}");
+    let e = err(wf(vec![node("a", &[], "echo ${{ params.x }}")]));
+    assert!(e.contains("params.x"), "{e}");
+}
+
+#[test]
+fn node_specs_are_checked_like_tasks() {
+    let mut bad = node("a", &[], "x");
+    bad.spec.as_mut().unwrap().kind = Some(Kind::Shell(ShellTask { command: vec![] }));
+    let e = err(wf(vec![bad]));
+    assert!(e.contains("tasks[0] (a)") && e.contains("spec.shell.command"), "{e}");
+    let mut none = node("b", &[], "x");
+    none.spec = None;
+    assert!(err(wf(vec![none])).contains("tasks[0] (b): spec is required"));
+}
+
+proptest! {
+    /// Random DAGs (edges only to earlier nodes) are accepted; adding one back edge along a
+    /// path makes a cycle that is reported.
+    #[test]
+    fn dags_pass_and_back_edges_are_cycles(n in 2usize..30, edges in proptest::collection::vec((0usize..30, 0usize..30), 0..60)) {
+        let mut tasks: Vec<WorkflowTask> = (0..n).map(|i| node(&format!("t{i}"), &[], "true")).collect();
+        for (a, b) in edges {
+            let (a, b) = (a % n, b % n);
+            if a > b {
+                let dep = format!("t{b}");
+                if !tasks[a].depends_on.contains(&dep) {
+                    tasks[a].depends_on.push(dep);
+                }
+            }
+        }
+        let mut spec = wf(tasks.clone());
+        prop_assert!(workflow_spec(&mut spec, &ControllerConfig::default()).is_ok());
+        // t0 depends on the last node, which (through a chain we add) depends on t0.
+        let last = n - 1;
+        tasks[last].depends_on.retain(|d| d != "t0");
+        tasks[last].depends_on.push("t0".into());
+        tasks[0].depends_on.push(format!("t{last}"));
+        let e = err(wf(tasks));
+        prop_assert!(e.contains("cycle"), "{}", e);
+    }
+}

@@ -28,6 +28,29 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// The backoff of a task retry policy, with its documented defaults for zero fields
+    /// (1 s initial, 60 s max, x2).
+    pub fn from_policy(p: &crate::proto::RetryPolicy) -> Self {
+        let initial = match p.initial_backoff_ms {
+            0 => 1_000,
+            n => n,
+        };
+        let max = match p.max_backoff_ms {
+            0 => 60_000.max(initial),
+            n => n,
+        };
+        Self {
+            initial: Duration::from_millis(initial),
+            max: Duration::from_millis(max),
+            multiplier: if p.multiplier == 0.0 {
+                2.0
+            } else {
+                p.multiplier
+            },
+            jitter: p.jitter,
+        }
+    }
+
     /// The un-jittered delay before retry number `attempt` (0-based), capped at `max`.
     pub fn base_delay(&self, attempt: u32) -> Duration {
         let mult = self.multiplier.max(1.0);
@@ -68,6 +91,27 @@ mod tests {
             prop_assert!(d <= base);
             prop_assert!(base <= Duration::from_millis(max_ms) + Duration::from_micros(1));
             prop_assert!(d.as_secs_f64() >= base.as_secs_f64() * (1.0 - jitter) - 1e-9);
+        }
+
+        #[test]
+        fn policy_delays_stay_within_the_policy_bounds(
+            initial_ms in 0u64..5_000, extra_ms in 0u64..60_000, mult in prop_oneof![Just(0.0f64), 1.0f64..10.0],
+            jitter in 0.0f64..=1.0, retry in 0u32..100, unit in 0.0f64..1.0,
+        ) {
+            let p = crate::proto::RetryPolicy {
+                initial_backoff_ms: initial_ms,
+                max_backoff_ms: if extra_ms == 0 { 0 } else { initial_ms + extra_ms },
+                multiplier: mult,
+                jitter,
+                ..Default::default()
+            };
+            let b = Backoff::from_policy(&p);
+            let d = b.delay_with(retry, unit);
+            // Never above the cap, never below the un-jittered delay minus the jitter share.
+            prop_assert!(d <= b.max + Duration::from_micros(1));
+            prop_assert!(d.as_secs_f64() >= b.base_delay(retry).as_secs_f64() * (1.0 - jitter) - 1e-9);
+            // The first retry waits at most the initial backoff.
+            prop_assert!(b.delay_with(0, unit) <= b.initial);
         }
 
         #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use scabbard_common::proto::{
     FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
     agent_service_server::AgentServiceServer, project_service_server::ProjectServiceServer,
-    task_service_server::TaskServiceServer,
+    task_service_server::TaskServiceServer, workflow_service_server::WorkflowServiceServer,
 };
 use scabbard_common::{Error, Result};
 use tokio::net::TcpListener;
@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{AdminApi, AgentApi, ProjectApi, TaskApi};
+use crate::api::{AdminApi, AgentApi, ProjectApi, TaskApi, WorkflowApi};
 use crate::auth::catalog::{Bootstrap, DefaultLimits};
 use crate::auth::{AuthLayer, Catalog};
 use crate::config::ControllerConfig;
@@ -277,6 +277,7 @@ fn router(
                 "scabbard.v1.AgentService",
                 "scabbard.v1.AdminService",
                 "scabbard.v1.ProjectService",
+                "scabbard.v1.WorkflowService",
             ] {
                 reporter.set_service_status(name, status).await;
             }
@@ -309,6 +310,12 @@ fn router(
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let projects = ProjectServiceServer::new(ProjectApi {
+        core: core.clone(),
+        catalog: catalog.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let workflows = WorkflowServiceServer::new(WorkflowApi {
         core,
         catalog: catalog.clone(),
     })
@@ -329,7 +336,8 @@ fn router(
         .add_service(tasks)
         .add_service(agents)
         .add_service(admin)
-        .add_service(projects))
+        .add_service(projects)
+        .add_service(workflows))
 }
 
 /// A controller running in this process (tests, `scabbard dev`).

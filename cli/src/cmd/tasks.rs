@@ -38,8 +38,8 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
         priority: a.priority,
         timeout_ms: a.timeout.map_or(0, |d| d.as_millis() as u64),
         labels: a.labels.into_iter().collect(),
-        max_infra_retries: 0,
         secret_env,
+        ..Default::default()
     };
     let mut tasks = TaskServiceClient::new(super::connect(&a.target).await?);
     let resp = tasks

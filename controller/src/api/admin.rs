@@ -80,6 +80,8 @@ impl AdminService for AdminApi {
             status.total_tasks = stats.total as u64;
             status.connected_agents = stats.connected_agents as u32;
             status.breakers = stats.breakers;
+            status.running_workflows = stats.running_workflows as u64;
+            status.pending_workflows = stats.pending_workflows as u64;
         }
         status.leader = leader;
         Ok(Response::new(status))

@@ -7,8 +7,10 @@ mod guard;
 mod logs;
 mod projects;
 mod tasks;
+mod workflows;
 
 pub use admin::AdminApi;
 pub use agents::AgentApi;
 pub use projects::ProjectApi;
 pub use tasks::TaskApi;
+pub use workflows::WorkflowApi;

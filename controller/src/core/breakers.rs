@@ -89,13 +89,11 @@ impl Breakers {
         }
     }
 
-    /// Whether every breaker in `keys` allows work.
-    pub(crate) fn allow_all<'a>(
-        &self,
-        mut keys: impl Iterator<Item = &'a str>,
-        now_ms: i64,
-    ) -> bool {
-        keys.all(|k| self.allows(k, now_ms))
+    /// The state of `key` (closed when unknown).
+    pub(crate) fn state(&self, key: &str) -> BreakerState {
+        self.map
+            .get(key)
+            .map_or(BreakerState::Closed, Breaker::state)
     }
 
     /// Records that an attempt was sent through `key` (turns a due open breaker half-open
@@ -125,6 +123,14 @@ impl Breakers {
                 trips,
                 ..Breaker::default()
             };
+        }
+    }
+
+    /// An admitted attempt ended without saying anything about `key` (cancelled, or lost
+    /// to another cause): frees its probe slot.
+    pub(crate) fn release(&mut self, key: &str) {
+        if let Some(b) = self.map.get_mut(key) {
+            b.probing = b.probing.saturating_sub(1);
         }
     }
 

@@ -8,20 +8,24 @@
 
 mod agents;
 pub(crate) mod breakers;
+mod dispatch;
+mod finish;
 pub(crate) mod persist;
 mod presence;
+mod retry;
 pub(crate) mod scheduler;
 mod tasks;
 pub(crate) mod validate;
+pub(crate) mod workflows;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
 use scabbard_common::proto::{
     Agent, ControllerMessage, Hello, ListTasksRequest, StoredAgent, Task, TaskSpec, TaskState,
-    Welcome, agent_message,
+    Welcome, Workflow, agent_message,
 };
 use scabbard_common::{Error, Result};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
@@ -108,6 +112,31 @@ pub(crate) enum CoreMsg {
     Stats {
         reply: oneshot::Sender<CoreStats>,
     },
+    SubmitWorkflow {
+        spec: scabbard_common::proto::WorkflowSpec,
+        idempotency_key: String,
+        project: String,
+        template: Option<scabbard_common::proto::TemplateRef>,
+        reply: Reply<(Workflow, bool)>,
+    },
+    GetWorkflow {
+        id: String,
+        reply: Reply<Workflow>,
+    },
+    ListWorkflows {
+        req: scabbard_common::proto::ListWorkflowsRequest,
+        reply: Reply<(Vec<Workflow>, String)>,
+    },
+    CancelWorkflow {
+        id: String,
+        reason: String,
+        reply: Reply<Workflow>,
+    },
+    /// The workflow now and a receiver of every later workflow change.
+    SubscribeWorkflows {
+        id: String,
+        reply: Reply<(Workflow, broadcast::Receiver<Arc<Workflow>>)>,
+    },
     ListBreakers {
         all: bool,
         reply: oneshot::Sender<Vec<scabbard_common::proto::Breaker>>,
@@ -131,6 +160,9 @@ pub struct CoreStats {
     pub connected_agents: usize,
     /// Circuit breakers that are not closed.
     pub breakers: Vec<scabbard_common::proto::Breaker>,
+    /// Workflows running, and waiting for their concurrency group.
+    pub running_workflows: usize,
+    pub pending_workflows: usize,
 }
 
 /// Cheap handle to one running core actor (one leadership term) and its log store.
@@ -262,6 +294,16 @@ pub(crate) struct State {
     pub(crate) secrets: crate::sealed::SecretBox,
     /// Circuit breakers of this term (agents, steps, named dependencies).
     pub(crate) breakers: breakers::Breakers,
+    /// Tasks in RETRY_WAIT by the time they go back to the queue (unix ms, task id).
+    pub(crate) retry_timers: std::collections::BTreeSet<(i64, String)>,
+    /// Every workflow, by id.
+    pub(crate) workflows: BTreeMap<String, Workflow>,
+    /// Workflows not yet final.
+    pub(crate) wf_active: BTreeSet<String>,
+    /// Workflows whose tasks changed since they were last advanced.
+    pub(crate) wf_dirty: BTreeSet<String>,
+    pub(crate) wf_idempotency: HashMap<String, String>,
+    pub(crate) wf_events: broadcast::Sender<Arc<Workflow>>,
 }
 
 /// Starts the core: rebuilds state from `store`, then serves requests until `shutdown`.
@@ -300,8 +342,15 @@ pub(crate) async fn start(
         presence: presence::Presence::start(store_for_presence, agent_ttl, shutdown.child_token()),
         secrets,
         breakers: breakers::Breakers::new(breakers_cfg),
+        retry_timers: Default::default(),
+        workflows: BTreeMap::new(),
+        wf_active: BTreeSet::new(),
+        wf_dirty: BTreeSet::new(),
+        wf_idempotency: HashMap::new(),
+        wf_events: broadcast::channel(4096).0,
     };
     state.recover().await?;
+    state.advance_workflows().await;
     let (tx, rx) = mpsc::channel(16 * 1024);
     let logs = state.logs.clone();
     let handle = tokio::spawn(run(state, rx, failed, shutdown));
@@ -331,10 +380,17 @@ async fn run(
                         Err(_) => break,
                     }
                 }
+                state.advance_workflows().await;
                 state.schedule().await;
             }
             _ = sweep.tick() => {
                 state.sweep_lost_agents().await;
+                state.advance_workflows().await;
+                state.schedule().await;
+            }
+            _ = tokio::time::sleep_until(state.next_timer()) => {
+                state.release_due_retries().await;
+                state.advance_workflows().await;
                 state.schedule().await;
             }
             _ = failed.notified() => {
@@ -342,6 +398,7 @@ async fn run(
                 if let Err(e) = state.recover().await {
                     warn!(error = %e, "rebuild failed; will retry on the next failure");
                 }
+                state.advance_workflows().await;
             }
         }
     }
@@ -398,6 +455,29 @@ impl State {
                     .collect()));
             }
             CoreMsg::DrainAgent { id, reason, reply } => self.drain(id, reason, reply).await,
+            CoreMsg::SubmitWorkflow {
+                spec,
+                idempotency_key,
+                project,
+                template,
+                reply,
+            } => {
+                self.submit_workflow(spec, idempotency_key, project, template, reply)
+                    .await
+            }
+            CoreMsg::GetWorkflow { id, reply } => {
+                let _ = reply.send(self.get_workflow(&id));
+            }
+            CoreMsg::ListWorkflows { req, reply } => {
+                let _ = reply.send(self.list_workflows(&req));
+            }
+            CoreMsg::CancelWorkflow { id, reason, reply } => {
+                self.cancel_workflow(id, reason, reply).await
+            }
+            CoreMsg::SubscribeWorkflows { id, reply } => {
+                let rx = self.wf_events.subscribe();
+                let _ = reply.send(self.get_workflow(&id).map(|w| (w, rx)));
+            }
             CoreMsg::ListBreakers { all, reply } => {
                 let _ = reply.send(self.breakers.list(all));
             }
@@ -416,6 +496,10 @@ impl State {
                     total: self.tasks.len(),
                     connected_agents: self.agents.values().filter(|a| a.conn.is_some()).count(),
                     breakers: self.breakers.list(false),
+                    running_workflows: self
+                        .count_workflows(scabbard_common::proto::WorkflowState::Running),
+                    pending_workflows: self
+                        .count_workflows(scabbard_common::proto::WorkflowState::Pending),
                 });
             }
         }
@@ -427,6 +511,7 @@ impl State {
         self.tasks.clear();
         self.idempotency.clear();
         self.queue = RunQueue::default();
+        self.retry_timers.clear();
         let old_agents = std::mem::take(&mut self.agents);
         drop(old_agents); // dropping the senders ends every session; workers reconnect.
         for kv in self.load_prefix(AGENT_PREFIX).await? {
@@ -470,6 +555,9 @@ impl State {
                 );
             }
             match t.state() {
+                TaskState::RetryWait if t.retry_at_ms > 0 => {
+                    self.retry_timers.insert((t.retry_at_ms, t.id.clone()));
+                }
                 TaskState::Queued | TaskState::RetryWait => {
                     entry.queue_key = Some(self.queue.push(
                         &t.id,
@@ -489,7 +577,9 @@ impl State {
             }
             self.tasks.insert(entry.task.id.clone(), entry);
         }
+        self.recover_workflows().await?;
         info!(
+            workflows = self.workflows.len(),
             tasks = self.tasks.len(),
             queued = self.queue.len(),
             agents = self.agents.len(),
@@ -498,6 +588,45 @@ impl State {
         for id in orphans {
             self.requeue_or_fail(&id, "its agent is unknown to this controller")
                 .await;
+        }
+        Ok(())
+    }
+
+    /// Loads workflows; links nodes to tasks written after the workflow's last record (a
+    /// crash between the writes), and marks every unfinished workflow for advancing.
+    async fn recover_workflows(&mut self) -> Result<()> {
+        self.workflows.clear();
+        self.wf_active.clear();
+        self.wf_dirty.clear();
+        self.wf_idempotency.clear();
+        let mut node_tasks: HashMap<(String, String), String> = HashMap::new();
+        for e in self.tasks.values() {
+            if !e.task.workflow_id.is_empty() {
+                node_tasks.insert(
+                    (e.task.workflow_id.clone(), e.task.workflow_node.clone()),
+                    e.task.id.clone(),
+                );
+            }
+        }
+        for kv in self.load_prefix(workflows::WORKFLOW_PREFIX).await? {
+            let mut wf = Workflow::decode(kv.value.as_slice())
+                .map_err(|e| Error::internal(format!("corrupt workflow record {}: {e}", kv.key)))?;
+            for n in wf.nodes.iter_mut().filter(|n| n.task_id.is_empty()) {
+                if let Some(t) = node_tasks.get(&(wf.id.clone(), n.name.clone())) {
+                    n.task_id = t.clone();
+                }
+            }
+            if !wf.idempotency_key.is_empty() {
+                self.wf_idempotency.insert(
+                    idempotency_key(&wf.project, &wf.idempotency_key),
+                    wf.id.clone(),
+                );
+            }
+            if !workflows::workflow_final(wf.state()) {
+                self.wf_active.insert(wf.id.clone());
+                self.wf_dirty.insert(wf.id.clone());
+            }
+            self.workflows.insert(wf.id.clone(), wf);
         }
         Ok(())
     }
@@ -515,9 +644,32 @@ impl State {
         }
     }
 
+    fn count_workflows(&self, state: scabbard_common::proto::WorkflowState) -> usize {
+        self.wf_active
+            .iter()
+            .filter(|id| self.workflows.get(*id).is_some_and(|w| w.state() == state))
+            .count()
+    }
+
+    /// When the loop must wake next for a timer (retry backoffs), at most a second away.
+    fn next_timer(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let max = now + Duration::from_secs(1);
+        match self.retry_timers.first() {
+            Some((at, _)) => {
+                let wait = (*at - scabbard_common::time::now_ms()).max(0) as u64;
+                (now + Duration::from_millis(wait)).min(max)
+            }
+            None => max,
+        }
+    }
+
     /// Queues the durable write of a task record with its effects; publishes the new state
     /// as an event once durable.
-    pub(crate) async fn persist_task(&self, task: &Task, mut effects: Vec<Effect>) {
+    pub(crate) async fn persist_task(&mut self, task: &Task, mut effects: Vec<Effect>) {
+        if !task.workflow_id.is_empty() {
+            self.wf_dirty.insert(task.workflow_id.clone());
+        }
         let snapshot = Arc::new(task.clone());
         let events = self.events.clone();
         effects.push(Box::new(move |r| {

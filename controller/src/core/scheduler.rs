@@ -1,5 +1,5 @@
-//! The run queue and agent matching. The queue orders tasks by priority (high first), then
-//! by arrival; matching picks, among connected agents that are not draining, have a free
+//! The run queue and agent matching. Each project's queue orders its tasks by priority
+//! (high first), then by arrival; the dispatcher serves projects fairly. Matching picks, among connected agents that are not draining, have a free
 //! slot, advertise every required capability and carry every required label, the one with
 //! the most free capacity.
 
@@ -8,17 +8,19 @@ use std::collections::{BTreeSet, HashMap};
 
 use scabbard_common::proto::TaskSpec;
 
-/// Position of a task in the queue.
+/// Position of a task in its project's queue.
 pub(crate) type QueueKey = (Reverse<i32>, u64, String);
 
-/// Queued tasks in dispatch order.
+/// Queued tasks, one queue per project, each in dispatch order (priority, then arrival).
+/// The dispatcher takes from the projects in fair order (fewest running tasks first), so a
+/// flood in one project does not starve another.
 #[derive(Default)]
 pub(crate) struct RunQueue {
-    order: BTreeSet<QueueKey>,
-    next_seq: u64,
-    /// Project of each queued task, and queued tasks per project (for quotas).
+    projects: HashMap<String, BTreeSet<QueueKey>>,
+    /// Project of each queued task.
     project_of: HashMap<String, String>,
-    per_project: HashMap<String, u32>,
+    next_seq: u64,
+    len: usize,
 }
 
 impl RunQueue {
@@ -26,45 +28,57 @@ impl RunQueue {
     pub(crate) fn push(&mut self, task_id: &str, priority: i32, project: &str) -> QueueKey {
         self.next_seq += 1;
         let key = (Reverse(priority), self.next_seq, task_id.to_string());
-        if self.order.insert(key.clone())
-            && self
-                .project_of
-                .insert(task_id.to_string(), project.to_string())
-                .is_none()
+        if let Some(old) = self.project_of.get(task_id)
+            && old != project
         {
-            *self.per_project.entry(project.to_string()).or_default() += 1;
+            // Defensive: a task is only ever in one project's queue.
+            return key;
+        }
+        if self
+            .projects
+            .entry(project.to_string())
+            .or_default()
+            .insert(key.clone())
+        {
+            self.project_of
+                .insert(task_id.to_string(), project.to_string());
+            self.len += 1;
         }
         key
     }
 
     /// Removes a task by its key.
     pub(crate) fn remove(&mut self, key: &QueueKey) -> bool {
-        let removed = self.order.remove(key);
-        if removed
-            && let Some(p) = self.project_of.remove(&key.2)
-            && let Some(n) = self.per_project.get_mut(&p)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_project.remove(&p);
+        let Some(project) = self.project_of.get(&key.2) else {
+            return false;
+        };
+        let Some(q) = self.projects.get_mut(project) else {
+            return false;
+        };
+        let removed = q.remove(key);
+        if removed {
+            self.len -= 1;
+            if q.is_empty() {
+                self.projects.remove(project);
             }
+            self.project_of.remove(&key.2);
         }
         removed
     }
 
     /// Tasks of `project` in the queue.
     pub(crate) fn queued_in(&self, project: &str) -> u32 {
-        self.per_project.get(project).copied().unwrap_or(0)
+        self.projects.get(project).map_or(0, |q| q.len() as u32)
     }
 
     /// Number of queued tasks.
     pub(crate) fn len(&self) -> usize {
-        self.order.len()
+        self.len
     }
 
-    /// Keys in dispatch order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &QueueKey> {
-        self.order.iter()
+    /// Each project with a non-empty queue, and its keys in dispatch order.
+    pub(crate) fn projects(&self) -> impl Iterator<Item = (&str, &BTreeSet<QueueKey>)> {
+        self.projects.iter().map(|(p, q)| (p.as_str(), q))
     }
 }
 
@@ -146,17 +160,21 @@ mod tests {
     }
 
     #[test]
-    fn queue_orders_by_priority_then_arrival() {
+    fn queue_orders_by_priority_then_arrival_per_project() {
         let mut q = RunQueue::default();
         q.push("a", 0, "p");
         q.push("b", 5, "p");
         let c = q.push("c", 0, "p");
+        q.push("x", 9, "other");
         assert_eq!(q.queued_in("p"), 3);
         q.push("d", 5, "p");
-        let order: Vec<_> = q.iter().map(|k| k.2.clone()).collect();
+        let (_, keys) = q.projects().find(|(p, _)| *p == "p").unwrap();
+        let order: Vec<_> = keys.iter().map(|k| k.2.clone()).collect();
         assert_eq!(order, ["b", "d", "a", "c"]);
         assert!(q.remove(&c));
-        assert_eq!(q.len(), 3);
+        assert!(!q.remove(&c));
+        assert_eq!(q.len(), 4);
+        assert_eq!(q.queued_in("other"), 1);
     }
 
     #[test]

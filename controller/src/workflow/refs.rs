@@ -150,7 +150,11 @@ mod tests {
 
     #[test]
     fn other_expressions_are_errors() {
-        assert!(scan("${{ params.repo }}").unwrap_err().contains("params.repo"));
+        assert!(
+            scan("${{ params.repo }}")
+                .unwrap_err()
+                .contains("params.repo")
+        );
         assert!(scan("${{ tasks.a.outputs }}").is_err());
         assert!(scan("${{ tasks.a.outputs.b").is_err());
         assert!(scan("plain $HOME and {{ x }}").unwrap().is_empty());

@@ -220,9 +220,9 @@ fn references(spec: &WorkflowSpec) -> Vec<String> {
 /// Every node `name` depends on, directly or not.
 pub fn ancestors<'a>(deps: &HashMap<&'a str, &'a [String]>, name: &str) -> HashSet<&'a str> {
     let mut out = HashSet::new();
-    let mut todo: Vec<&str> = deps.get(name).map_or(Vec::new(), |d| {
-        d.iter().map(String::as_str).collect()
-    });
+    let mut todo: Vec<&str> = deps
+        .get(name)
+        .map_or(Vec::new(), |d| d.iter().map(String::as_str).collect());
     while let Some(n) = todo.pop() {
         if let Some((k, d)) = deps.get_key_value(n)
             && out.insert(*k)

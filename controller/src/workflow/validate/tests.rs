@@ -38,7 +38,11 @@ fn a_diamond_is_accepted_and_gets_default_timeouts() {
         node("d", &["b", "c"], "echo ${{ tasks.a.outputs.v }}"),
     ]);
     workflow_spec(&mut spec, &ControllerConfig::default()).unwrap();
-    assert!(spec.tasks.iter().all(|t| t.spec.as_ref().unwrap().timeout_ms > 0));
+    assert!(
+        spec.tasks
+            .iter()
+            .all(|t| t.spec.as_ref().unwrap().timeout_ms > 0)
+    );
 }
 
 #[test]
@@ -47,14 +51,20 @@ fn empty_duplicate_unknown_and_cyclic_workflows_name_the_tasks() {
     let e = err(wf(vec![node("a", &[], "x"), node("a", &[], "y")]));
     assert!(e.contains("duplicate task names: a"), "{e}");
     let e = err(wf(vec![node("a", &["ghost"], "x")]));
-    assert!(e.contains("task a depends on unknown task(s): ghost"), "{e}");
+    assert!(
+        e.contains("task a depends on unknown task(s): ghost"),
+        "{e}"
+    );
     let e = err(wf(vec![
         node("a", &["c"], "x"),
         node("b", &["a"], "x"),
         node("c", &["b"], "x"),
         node("d", &[], "x"),
     ]));
-    assert!(e.contains("cycle") && e.contains('a') && e.contains('b') && e.contains('c'), "{e}");
+    assert!(
+        e.contains("cycle") && e.contains('a') && e.contains('b') && e.contains('c'),
+        "{e}"
+    );
     assert!(!e.contains("-> d") && !e.contains("d ->"), "{e}");
     let e = err(wf(vec![node("self", &["self"], "x")]));
     assert!(e.contains("cycle: self -> self"), "{e}");
@@ -68,7 +78,10 @@ fn references_must_point_at_ancestors_and_be_well_formed() {
         node("a", &[], "true"),
         node("b", &[], "echo ${{ tasks.a.outputs.v }}"),
     ]));
-    assert!(e.contains("tasks[1] (b)") && e.contains("tasks.a.outputs.v"), "{e}");
+    assert!(
+        e.contains("tasks[1] (b)") && e.contains("tasks.a.outputs.v"),
+        "{e}"
+    );
     let e = err(wf(vec![node("a", &[], "echo ${{ params.x }}")]));
     assert!(e.contains("params.x"), "{e}");
 }
@@ -78,7 +91,10 @@ fn node_specs_are_checked_like_tasks() {
     let mut bad = node("a", &[], "x");
     bad.spec.as_mut().unwrap().kind = Some(Kind::Shell(ShellTask { command: vec![] }));
     let e = err(wf(vec![bad]));
-    assert!(e.contains("tasks[0] (a)") && e.contains("spec.shell.command"), "{e}");
+    assert!(
+        e.contains("tasks[0] (a)") && e.contains("spec.shell.command"),
+        "{e}"
+    );
     let mut none = node("b", &[], "x");
     none.spec = None;
     assert!(err(wf(vec![none])).contains("tasks[0] (b): spec is required"));

@@ -1,0 +1,237 @@
+//! `WorkflowService`: submit, inspect, list, cancel and watch DAG workflows.
+
+use std::sync::Arc;
+
+use scabbard_common::Error;
+use scabbard_common::proto::{
+    CancelWorkflowRequest, GetWorkflowRequest, ListWorkflowsRequest, ListWorkflowsResponse,
+    SubmitWorkflowRequest, SubmitWorkflowResponse, TemplateRef, WatchWorkflowRequest, Workflow,
+    WorkflowEvent, WorkflowSpec, WorkflowState, workflow_service_server::WorkflowService,
+};
+use tokio::sync::{broadcast, mpsc};
+use tonic::{Request, Response, Status};
+
+use super::tasks::BoxStream;
+use crate::audit;
+use crate::auth::{self, Catalog, Principal};
+use crate::core::workflows::workflow_final;
+use crate::core::{CoreMsg, CoreRouter, validate};
+use crate::sealed::mask_spec;
+
+/// Implementation of `scabbard.v1.WorkflowService`.
+pub struct WorkflowApi {
+    pub(crate) core: CoreRouter,
+    pub(crate) catalog: Arc<Catalog>,
+}
+
+/// The workflow as clients see it: secret values read "***".
+pub(crate) fn masked_workflow(mut wf: Workflow) -> Workflow {
+    if let Some(spec) = wf.spec.as_mut() {
+        for t in spec.tasks.iter_mut() {
+            if let Some(s) = t.spec.as_mut() {
+                mask_spec(s);
+            }
+        }
+    }
+    wf
+}
+
+/// Submits a workflow for `who` into `project` (empty = the caller's); shared with
+/// `TemplateService.Run`.
+pub(crate) async fn submit(
+    core: &CoreRouter,
+    catalog: &Catalog,
+    who: &Principal,
+    spec: WorkflowSpec,
+    idempotency_key: String,
+    project: &str,
+    template: Option<TemplateRef>,
+) -> Result<SubmitWorkflowResponse, Status> {
+    let project = who.resolve_project(project)?;
+    if catalog.project(&project).is_none() {
+        return Err(Error::not_found("project", project).into());
+    }
+    let (wf, existing) = core
+        .ask(|reply| CoreMsg::SubmitWorkflow {
+            spec,
+            idempotency_key,
+            project,
+            template,
+            reply,
+        })
+        .await?;
+    Ok(SubmitWorkflowResponse {
+        workflow: Some(masked_workflow(wf)),
+        existing,
+    })
+}
+
+impl WorkflowApi {
+    async fn visible(&self, who: &Principal, id: String) -> Result<Workflow, Status> {
+        validate::id("workflow", &id)?;
+        let wf = self
+            .core
+            .ask(|reply| CoreMsg::GetWorkflow { id, reply })
+            .await?;
+        who.check_project(&format!("workflow {}", wf.id), &wf.project)?;
+        Ok(wf)
+    }
+}
+
+#[tonic::async_trait]
+impl WorkflowService for WorkflowApi {
+    async fn submit(
+        &self,
+        req: Request<SubmitWorkflowRequest>,
+    ) -> Result<Response<SubmitWorkflowResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let r = req.into_inner();
+        let spec = r
+            .spec
+            .ok_or_else(|| Error::invalid("spec is required: a workflow with its tasks"))?;
+        let resp = submit(
+            &self.core,
+            &self.catalog,
+            &who,
+            spec,
+            r.idempotency_key,
+            &r.project,
+            None,
+        )
+        .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn get(&self, req: Request<GetWorkflowRequest>) -> Result<Response<Workflow>, Status> {
+        let who = auth::principal(&req)?;
+        let wf = self.visible(&who, req.into_inner().id).await?;
+        Ok(Response::new(masked_workflow(wf)))
+    }
+
+    async fn list(
+        &self,
+        req: Request<ListWorkflowsRequest>,
+    ) -> Result<Response<ListWorkflowsResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let mut req = req.into_inner();
+        req.project = who.list_filter(&req.project)?.unwrap_or_default();
+        for s in &req.states {
+            if WorkflowState::try_from(*s).is_err() || *s == 0 {
+                return Err(Error::invalid(format!(
+                    "states: {s} is not a workflow state (use WORKFLOW_STATE_PENDING … WORKFLOW_STATE_CANCELLED)"
+                ))
+                .into());
+            }
+        }
+        if req.template.len() > 128 {
+            return Err(Error::invalid("template is longer than 128 bytes").into());
+        }
+        let (workflows, next_page_token) = self
+            .core
+            .ask(|reply| CoreMsg::ListWorkflows { req, reply })
+            .await?;
+        Ok(Response::new(ListWorkflowsResponse {
+            workflows: workflows.into_iter().map(masked_workflow).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<CancelWorkflowRequest>,
+    ) -> Result<Response<Workflow>, Status> {
+        let who = auth::principal(&req)?;
+        let r = req.into_inner();
+        if r.reason.len() > 1024 {
+            return Err(Error::invalid("reason is longer than 1024 bytes").into());
+        }
+        let wf = self.visible(&who, r.id.clone()).await?;
+        let entry = audit::entry(
+            &who,
+            "workflow.cancel",
+            &wf.id,
+            &wf.project,
+            r.reason.clone(),
+        );
+        let wf = self
+            .core
+            .ask(|reply| CoreMsg::CancelWorkflow {
+                id: r.id,
+                reason: r.reason,
+                reply,
+            })
+            .await?;
+        if let Err(e) = audit::record(self.catalog.store(), &entry).await {
+            tracing::warn!(error = %e, workflow = %wf.id, "could not record the cancel in the audit log");
+        }
+        Ok(Response::new(masked_workflow(wf)))
+    }
+
+    type WatchStream = BoxStream<WorkflowEvent>;
+
+    async fn watch(
+        &self,
+        req: Request<WatchWorkflowRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = auth::principal(&req)?;
+        let id = req.into_inner().id;
+        validate::id("workflow", &id)?;
+        let (now, mut rx) = self
+            .core
+            .ask(|reply| CoreMsg::SubscribeWorkflows {
+                id: id.clone(),
+                reply,
+            })
+            .await?;
+        who.check_project(&format!("workflow {id}"), &now.project)?;
+        let (tx, out) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut last_update = now.updated_at_ms;
+            let done = workflow_final(now.state());
+            let event = |wf: Workflow| {
+                Ok(WorkflowEvent {
+                    workflow: Some(masked_workflow(wf)),
+                })
+            };
+            if tx.send(event(now)).await.is_err() || done {
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(wf) if wf.id == id => {
+                        if wf.updated_at_ms < last_update {
+                            continue; // an older write published late
+                        }
+                        last_update = wf.updated_at_ms;
+                        let done = workflow_final(wf.state());
+                        if tx.send(event((*wf).clone())).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::aborted(format!(
+                                "watch fell {n} events behind; watch again (the first event is the current state)"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "the controller stopped leading; watch again to follow the new leader",
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(super::guard::close_on_revoke(
+            self.catalog.clone(),
+            who.token_id,
+            out,
+        )))
+    }
+}

@@ -1,0 +1,245 @@
+//! Dispatch: hands queued tasks to agents with free slots.
+//!
+//! Order: projects are served fairly — the one with the fewest tasks holding a slot goes
+//! next (ties: its head's priority, then age) — and within a project by priority, then
+//! arrival. A task is held in the queue (not failed) while its project is at its running
+//! quota, its concurrency group is full, or one of its circuit breakers is open; agents
+//! whose breaker is open get nothing.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+use scabbard_common::proto::{
+    self, AttemptRecord, BreakerState, ControllerMessage, ErrorClass, Outcome, TaskResult,
+    TaskState, controller_message,
+};
+use scabbard_common::time::now_ms;
+use tracing::debug;
+
+use super::breakers::agent_key;
+use super::scheduler::{self, Candidate, QueueKey};
+use super::{AgentEntry, State, agent_effect};
+
+/// Most queued tasks looked at (and found unplaceable) per dispatch round.
+const SCAN_BUDGET: usize = 10_000;
+
+impl State {
+    /// Hands queued tasks to agents with free slots.
+    pub(crate) async fn schedule(&mut self) {
+        if self.queue.len() == 0 {
+            return;
+        }
+        let now = now_ms();
+        // Breakers not closed allow one new attempt per round (a probe), so admits below
+        // cannot overshoot what `allows` saw.
+        let mut probing: HashSet<String> = HashSet::new();
+        let agents: Vec<(&str, &AgentEntry)> = self
+            .agents
+            .iter()
+            .filter(|(id, a)| {
+                a.conn.is_some()
+                    && !a.lost
+                    && !agent_draining(a)
+                    && self.breakers.allows(&agent_key(id), now)
+            })
+            .map(|(id, a)| (id.as_str(), a))
+            .collect();
+        let mut free: u32 = agents
+            .iter()
+            .map(|(_, a)| agent_slots(a).saturating_sub(a.running.len() as u32))
+            .sum();
+        if free == 0 {
+            return;
+        }
+        // Tasks holding a slot, per project and per concurrency group.
+        let mut active: HashMap<String, u32> = HashMap::new();
+        let mut groups: HashMap<String, u32> = HashMap::new();
+        for id in self.agents.values().flat_map(|a| a.running.iter()) {
+            if let Some(t) = self.tasks.get(id).map(|e| &e.task) {
+                *active.entry(t.project.clone()).or_default() += 1;
+                if let Some(g) = t.spec.as_ref().and_then(|s| s.concurrency.as_ref()) {
+                    *groups.entry(g.key.clone()).or_default() += 1;
+                }
+            }
+        }
+        let mut extra: HashMap<&str, u32> = HashMap::new();
+        let mut plan: Vec<(QueueKey, String)> = Vec::new();
+        let mut scanned = 0usize;
+        let mut cursors: Vec<(
+            &str,
+            std::iter::Peekable<std::collections::btree_set::Iter<'_, QueueKey>>,
+        )> = self
+            .queue
+            .projects()
+            .map(|(p, q)| (p, q.iter().peekable()))
+            .collect();
+        // Min-heap on (slots held, head priority, head age).
+        let mut heap: BinaryHeap<Reverse<(u32, Reverse<i32>, u64, usize)>> = BinaryHeap::new();
+        for (i, (p, it)) in cursors.iter_mut().enumerate() {
+            if let Some(k) = it.peek() {
+                let held = active.get(*p).copied().unwrap_or(0);
+                heap.push(Reverse((held, k.0, k.1, i)));
+            }
+        }
+        while free > 0 && scanned < SCAN_BUDGET {
+            let Some(Reverse((held, _, _, i))) = heap.pop() else {
+                break;
+            };
+            let project = cursors[i].0;
+            let max_running = self.catalog.quota(project).max_running_tasks;
+            if max_running > 0 && held >= max_running {
+                continue; // at its quota: the rest of this project waits
+            }
+            let mut placed = false;
+            while let Some(key) = cursors[i].1.next() {
+                scanned += 1;
+                if scanned > SCAN_BUDGET {
+                    break;
+                }
+                let Some(task) = self.tasks.get(&key.2).map(|e| &e.task) else {
+                    continue;
+                };
+                let Some(spec) = task.spec.as_ref() else {
+                    continue;
+                };
+                if let Some(g) = spec.concurrency.as_ref()
+                    && groups.get(&g.key).copied().unwrap_or(0) >= g.limit.max(1)
+                {
+                    continue;
+                }
+                if !spec.breakers.iter().all(|k| {
+                    self.breakers.allows(k, now)
+                        && (self.breakers.state(k) == BreakerState::Closed || !probing.contains(k))
+                }) {
+                    continue;
+                }
+                let candidates = agents
+                    .iter()
+                    .filter(|(id, _)| {
+                        self.breakers.state(&agent_key(id)) == BreakerState::Closed
+                            || !probing.contains(&agent_key(id))
+                    })
+                    .filter_map(|(id, a)| {
+                        let ag = a.stored.agent.as_ref()?;
+                        Some(Candidate {
+                            id,
+                            capabilities: &ag.capabilities,
+                            labels: &ag.labels,
+                            slots: ag.slots,
+                            running: a.running.len() as u32 + extra.get(id).copied().unwrap_or(0),
+                        })
+                    });
+                let Some(agent) = scheduler::pick(spec, candidates) else {
+                    continue;
+                };
+                if let Some(g) = spec.concurrency.as_ref() {
+                    *groups.entry(g.key.clone()).or_default() += 1;
+                }
+                for k in spec.breakers.iter().cloned().chain([agent_key(agent)]) {
+                    if self.breakers.state(&k) != BreakerState::Closed {
+                        probing.insert(k);
+                    }
+                }
+                *extra.entry(agent).or_default() += 1;
+                free -= 1;
+                plan.push((key.clone(), agent.to_string()));
+                placed = true;
+                break;
+            }
+            if placed && let Some(next) = cursors[i].1.peek() {
+                heap.push(Reverse((held + 1, next.0, next.1, i)));
+            }
+        }
+        drop(cursors);
+        for (key, agent) in plan {
+            self.queue.remove(&key);
+            self.assign(&key.2, &agent, now).await;
+        }
+    }
+
+    async fn assign(&mut self, task_id: &str, agent_id: &str, now: i64) {
+        let (Some(entry), Some(agent)) =
+            (self.tasks.get_mut(task_id), self.agents.get_mut(agent_id))
+        else {
+            return;
+        };
+        let Some(conn) = agent.conn.as_ref() else {
+            return;
+        };
+        // The worker gets the secret values in the clear; nothing else ever does.
+        let mut spec = entry.task.spec.clone();
+        if let Some(Err(e)) = spec.as_mut().map(|s| self.secrets.unseal_spec(s)) {
+            self.fail_unassignable(task_id, &e.to_string()).await;
+            return;
+        }
+        let t = &mut entry.task;
+        entry.queue_key = None;
+        let number = t.attempts.len() as u32 + 1;
+        t.attempts.push(AttemptRecord {
+            number,
+            fencing_token: number as u64,
+            agent_id: agent_id.to_string(),
+            assigned_at_ms: now,
+            ..Default::default()
+        });
+        t.fencing_token = number as u64;
+        t.agent_id = agent_id.to_string();
+        t.state = TaskState::Assigned as i32;
+        t.updated_at_ms = now;
+        agent.running.insert(task_id.to_string());
+        for k in t
+            .spec
+            .iter()
+            .flat_map(|s| s.breakers.iter().cloned())
+            .chain([agent_key(agent_id)])
+        {
+            self.breakers.admit(&k, now);
+        }
+        let msg = ControllerMessage {
+            msg: Some(controller_message::Msg::Assign(proto::Assign {
+                task_id: task_id.to_string(),
+                fencing_token: number as u64,
+                attempt: number,
+                spec,
+            })),
+        };
+        debug!(
+            task = task_id,
+            agent = agent_id,
+            attempt = number,
+            "assigned"
+        );
+        let effects = vec![agent_effect(conn.tx.clone(), msg)];
+        let task = t.clone();
+        self.persist_task(&task, effects).await;
+    }
+
+    /// Fails a task taken off the queue that no agent can ever be given (its secrets cannot
+    /// be opened with this controller's key).
+    async fn fail_unassignable(&mut self, task_id: &str, why: &str) {
+        let Some(entry) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        entry.queue_key = None;
+        let t = &mut entry.task;
+        t.state = TaskState::Failed as i32;
+        t.updated_at_ms = now_ms();
+        t.result = Some(TaskResult {
+            outcome: Outcome::Failed as i32,
+            message: format!("cannot be assigned: {why}"),
+            error_class: ErrorClass::Infrastructure as i32,
+            ..Default::default()
+        });
+        tracing::warn!(task = task_id, why, "task cannot be assigned; failed");
+        let task = t.clone();
+        self.persist_task(&task, Vec::new()).await;
+    }
+}
+
+fn agent_draining(a: &AgentEntry) -> bool {
+    a.stored.agent.as_ref().is_some_and(|g| g.draining)
+}
+
+fn agent_slots(a: &AgentEntry) -> u32 {
+    a.stored.agent.as_ref().map_or(0, |g| g.slots)
+}

@@ -1,0 +1,260 @@
+//! The end of an attempt: recording a result (or refusing a stale one), retrying by the
+//! task's policy after a backoff (state RETRY_WAIT, released by a timer), requeueing after
+//! infrastructure failures within their separate bound, and feeding circuit breakers.
+
+use scabbard_common::is_final;
+use scabbard_common::proto::{
+    self, ControllerMessage, ErrorClass, Outcome, TaskResult, TaskSpec, TaskState,
+    controller_message,
+};
+use scabbard_common::time::now_ms;
+use tracing::info;
+
+use super::breakers::agent_key;
+use super::{Effect, State, agent_effect, retry};
+
+impl State {
+    /// Records an attempt's result, or tells the agent its report is stale.
+    pub(super) async fn on_finished(&mut self, agent_id: &str, f: proto::Finished) {
+        let tx = self
+            .agents
+            .get(agent_id)
+            .and_then(|a| a.conn.as_ref())
+            .map(|c| c.tx.clone());
+        let ack = |stale: bool| ControllerMessage {
+            msg: Some(controller_message::Msg::Ack(proto::Ack {
+                task_id: f.task_id.clone(),
+                fencing_token: f.fencing_token,
+                next_seq: f.log_chunks,
+                result: !stale,
+                stale,
+            })),
+        };
+        if self
+            .current_attempt(&f.task_id, f.fencing_token, agent_id)
+            .is_none()
+        {
+            // Already recorded (a replay after reconnect: the attempt holds this very
+            // result) → ack; otherwise stale.
+            let recorded = self.tasks.get(&f.task_id).is_some_and(|e| {
+                e.task.attempts.last().is_some_and(|a| {
+                    a.fencing_token == f.fencing_token
+                        && a.agent_id == agent_id
+                        && a.result.is_some()
+                        && a.result == f.result
+                })
+            });
+            if !recorded {
+                info!(task = %f.task_id, token = f.fencing_token, agent = agent_id, "rejected a stale result");
+            }
+            if let Some(tx) = tx {
+                let _ = tx.try_send(ack(!recorded));
+            }
+            return;
+        }
+        let result = f.result.clone().unwrap_or(TaskResult {
+            outcome: Outcome::Failed as i32,
+            message: "the agent reported no result".into(),
+            error_class: ErrorClass::Infrastructure as i32,
+            ..Default::default()
+        });
+        if result.error_class() == ErrorClass::Infrastructure && result.outcome() == Outcome::Failed
+        {
+            let msg = format!(
+                "infrastructure failure on agent {agent_id}: {}",
+                result.message
+            );
+            self.requeue_or_fail(&f.task_id, &msg).await;
+            if let Some(tx) = tx {
+                let _ = tx.try_send(ack(false));
+            }
+            return;
+        }
+        let now = now_ms();
+        let Some(entry) = self.tasks.get_mut(&f.task_id) else {
+            return;
+        };
+        let t = &mut entry.task;
+        let keys = breaker_keys(t.spec.as_ref(), agent_id);
+        let mut state = match result.outcome() {
+            Outcome::Succeeded => TaskState::Succeeded,
+            Outcome::Cancelled => TaskState::Cancelled,
+            Outcome::TimedOut => TaskState::TimedOut,
+            Outcome::Failed | Outcome::Unspecified => TaskState::Failed,
+        };
+        let mut retry_at = None;
+        if matches!(state, TaskState::Failed | TaskState::TimedOut) {
+            t.user_failures += 1;
+            if !t.cancel_requested
+                && let Some(delay) = retry::user_retry(
+                    t.spec.as_ref().and_then(|s| s.retry.as_ref()),
+                    &result,
+                    t.user_failures,
+                )
+            {
+                state = TaskState::RetryWait;
+                retry_at = Some(now + delay.as_millis() as i64);
+            }
+        }
+        t.state = state as i32;
+        t.updated_at_ms = now;
+        let attempt = t.fencing_token as u32;
+        if let Some(a) = t.attempts.last_mut() {
+            a.finished_at_ms = now;
+            a.result = Some(result.clone());
+        }
+        t.agent_id.clear();
+        match retry_at {
+            Some(at) => {
+                t.retry_at_ms = at;
+                self.retry_timers.insert((at, f.task_id.clone()));
+                info!(task = %f.task_id, attempt, retry_in_ms = at - now, "attempt failed; retrying after backoff");
+            }
+            None => t.result = Some(result.clone()),
+        }
+        let task = t.clone();
+        if let Some(a) = self.agents.get_mut(agent_id) {
+            a.running.remove(&f.task_id);
+        }
+        match retry::class_of(&result) {
+            None if result.outcome() == Outcome::Succeeded => {
+                keys.iter().for_each(|k| self.breakers.success(k));
+            }
+            None => keys.iter().for_each(|k| self.breakers.release(k)),
+            Some(_) => {
+                let why = format!("task {} attempt {attempt}: {}", f.task_id, result.message);
+                for k in &keys {
+                    self.breakers.failure(k, &why, now);
+                }
+            }
+        }
+        let mut effects: Vec<Effect> = Vec::new();
+        if let Some(tx) = tx {
+            effects.push(agent_effect(tx, ack(false)));
+        }
+        if f.log_chunks > 0 {
+            // Flush the finished log to disk and release its file, off the hot path.
+            let logs = self.logs.clone();
+            let task_id = f.task_id.clone();
+            effects.push(Box::new(move |r| {
+                if r.is_ok() {
+                    tokio::spawn(async move {
+                        if let Err(e) = logs.seal(&task_id, attempt).await {
+                            tracing::warn!(task = %task_id, error = %e, "sealing the log failed");
+                        }
+                    });
+                }
+            }));
+        }
+        self.persist_task(&task, effects).await;
+    }
+
+    /// An attempt failed for a reason that is not the task's fault: requeue (after the
+    /// policy's backoff, if it has one), or give up past the bound, or finish as cancelled
+    /// when that was asked.
+    pub(crate) async fn requeue_or_fail(&mut self, task_id: &str, why: &str) {
+        let default_max = self.cfg.default_max_infra_retries;
+        let Some(entry) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        let t = &mut entry.task;
+        if is_final(t.state()) || t.state() == TaskState::RetryWait {
+            return;
+        }
+        let now = now_ms();
+        let failure = TaskResult {
+            outcome: Outcome::Failed as i32,
+            message: why.to_string(),
+            error_class: ErrorClass::Infrastructure as i32,
+            ..Default::default()
+        };
+        if let Some(a) = t.attempts.last_mut().filter(|a| a.result.is_none()) {
+            a.finished_at_ms = now;
+            a.result = Some(failure.clone());
+        }
+        let old_agent = std::mem::take(&mut t.agent_id);
+        t.infra_failures += 1;
+        t.updated_at_ms = now;
+        let policy = t.spec.as_ref().and_then(|s| s.retry.as_ref());
+        let max = retry::max_infra(
+            policy,
+            t.spec.as_ref().map_or(0, |s| s.max_infra_retries),
+            default_max,
+        );
+        if t.cancel_requested {
+            t.state = TaskState::Cancelled as i32;
+            t.result = Some(TaskResult {
+                outcome: Outcome::Cancelled as i32,
+                message: format!("cancelled (attempt ended by: {why})"),
+                ..Default::default()
+            });
+        } else if t.infra_failures > max {
+            t.state = TaskState::Failed as i32;
+            t.result = Some(TaskResult {
+                message: format!(
+                    "gave up after {} infrastructure failures; last: {why}",
+                    t.infra_failures
+                ),
+                ..failure
+            });
+        } else if let Some(delay) = retry::infra_delay(policy, t.infra_failures) {
+            let at = now + delay.as_millis() as i64;
+            t.state = TaskState::RetryWait as i32;
+            t.retry_at_ms = at;
+            self.retry_timers.insert((at, task_id.to_string()));
+        } else {
+            t.state = TaskState::Queued as i32;
+            let prio = t.spec.as_ref().map_or(0, |s| s.priority);
+            entry.queue_key = Some(self.queue.push(task_id, prio, &t.project));
+        }
+        info!(task = task_id, agent = %old_agent, state = ?entry.task.state(), why, "attempt lost");
+        let task = entry.task.clone();
+        if !old_agent.is_empty() {
+            // The agent failed, not the task's dependencies.
+            for k in breaker_keys(task.spec.as_ref(), &old_agent) {
+                if k == agent_key(&old_agent) {
+                    self.breakers.failure(&k, why, now);
+                } else {
+                    self.breakers.release(&k);
+                }
+            }
+        }
+        if let Some(a) = self.agents.get_mut(&old_agent) {
+            a.running.remove(task_id);
+        }
+        self.persist_task(&task, Vec::new()).await;
+    }
+
+    /// Puts tasks whose retry backoff has passed back in the queue.
+    pub(crate) async fn release_due_retries(&mut self) {
+        let now = now_ms();
+        while let Some((at, id)) = self.retry_timers.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.retry_timers.pop_first();
+            let Some(entry) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            let t = &mut entry.task;
+            if t.state() != TaskState::RetryWait || t.retry_at_ms != at {
+                continue; // cancelled meanwhile, or a newer timer
+            }
+            t.state = TaskState::Queued as i32;
+            t.retry_at_ms = 0;
+            t.updated_at_ms = now;
+            let prio = t.spec.as_ref().map_or(0, |s| s.priority);
+            entry.queue_key = Some(self.queue.push(&id, prio, &t.project));
+            let task = t.clone();
+            self.persist_task(&task, Vec::new()).await;
+        }
+    }
+}
+
+/// The breakers an attempt of `spec` on `agent_id` goes through.
+fn breaker_keys(spec: Option<&TaskSpec>, agent_id: &str) -> Vec<String> {
+    spec.iter()
+        .flat_map(|s| s.breakers.iter().cloned())
+        .chain([agent_key(agent_id)])
+        .collect()
+}

@@ -1,0 +1,570 @@
+//! The workflow engine: runs DAGs of tasks on top of the task machinery.
+//!
+//! A workflow's nodes mirror their tasks' states. Whenever a node's task changes, the
+//! workflow is marked dirty and [`State::advance_workflows`] — run by the core loop before
+//! each dispatch round — brings it forward: it copies task states into the nodes, applies
+//! the failure policy (fail fast: cancel what runs, skip the rest; continue: skip only the
+//! failed node's dependents), releases nodes whose dependencies all succeeded (filling in
+//! `${{ tasks.X.outputs.Y }}` from their outputs), and finishes the workflow once every
+//! node is done. Workflows naming a concurrency group wait in PENDING while the group is
+//! full. Only the leader's core runs this; everything is rebuilt from the store on start.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prost::Message;
+use scabbard_common::proto::{
+    FailurePolicy, ListWorkflowsRequest, NodeState, TaskState, TemplateRef, Workflow, WorkflowNode,
+    WorkflowSpec, WorkflowState,
+};
+use scabbard_common::time::now_ms;
+use scabbard_common::{Error, Result};
+use tracing::info;
+
+use super::{Effect, Reply, State, reply_effect, validate};
+use crate::workflow::{self, node_final, refs};
+
+/// Store key prefix of workflow records.
+pub(crate) const WORKFLOW_PREFIX: &str = "workflows/";
+
+impl State {
+    pub(super) async fn submit_workflow(
+        &mut self,
+        mut spec: WorkflowSpec,
+        key: String,
+        project: String,
+        template: Option<TemplateRef>,
+        reply: Reply<(Workflow, bool)>,
+    ) {
+        match self.new_workflow(&mut spec, &key, &project) {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok(Some(existing)) => {
+                let _ = reply.send(Ok((existing, true)));
+            }
+            Ok(None) => {
+                let wf = match self.workflow_record(spec, key, project, template) {
+                    Ok(wf) => wf,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                let id = wf.id.clone();
+                info!(workflow = %id, nodes = wf.total, state = ?wf.state(), "workflow submitted");
+                // The record first (a crash after it resumes the workflow), then its tasks.
+                self.persist_workflow(&wf, Vec::new()).await;
+                if !wf.idempotency_key.is_empty() {
+                    self.wf_idempotency.insert(
+                        super::idempotency_key(&wf.project, &wf.idempotency_key),
+                        id.clone(),
+                    );
+                }
+                self.wf_active.insert(id.clone());
+                self.workflows.insert(id.clone(), wf);
+                self.advance(&id).await;
+                let wf = self.workflows[&id].clone();
+                // Durable once this last write of the workflow is.
+                self.persist_workflow(&wf, vec![reply_effect(reply, (wf.clone(), false))])
+                    .await;
+            }
+        }
+    }
+
+    /// Checks a submission; returns the existing workflow for a repeated idempotency key.
+    fn new_workflow(
+        &mut self,
+        spec: &mut WorkflowSpec,
+        key: &str,
+        project: &str,
+    ) -> Result<Option<Workflow>> {
+        workflow::validate::workflow_spec(spec, &self.cfg)?;
+        if key.len() > 256 {
+            return Err(Error::invalid("idempotency_key is longer than 256 bytes"));
+        }
+        if !key.is_empty()
+            && let Some(wf) = self
+                .wf_idempotency
+                .get(&super::idempotency_key(project, key))
+                .and_then(|id| self.workflows.get(id))
+        {
+            return Ok(Some(wf.clone()));
+        }
+        self.check_queue_quota(project)?;
+        for t in spec.tasks.iter_mut() {
+            if let Some(s) = t.spec.as_mut() {
+                self.secrets.seal_spec(s)?;
+            }
+        }
+        Ok(None)
+    }
+
+    fn workflow_record(
+        &mut self,
+        spec: WorkflowSpec,
+        key: String,
+        project: String,
+        template: Option<TemplateRef>,
+    ) -> Result<Workflow> {
+        let id = self
+            .ids
+            .generate()
+            .map_err(Error::internal)?
+            .to_string()
+            .to_lowercase();
+        let now = now_ms();
+        let nodes: Vec<WorkflowNode> = spec
+            .tasks
+            .iter()
+            .map(|t| WorkflowNode {
+                name: t.name.clone(),
+                depends_on: t.depends_on.clone(),
+                state: NodeState::Waiting as i32,
+                ..Default::default()
+            })
+            .collect();
+        let state = match spec.concurrency.as_ref() {
+            Some(g) if self.group_running(&g.key) >= g.limit.max(1) => WorkflowState::Pending,
+            _ => WorkflowState::Running,
+        };
+        Ok(Workflow {
+            id,
+            total: nodes.len() as u32,
+            nodes,
+            spec: Some(spec),
+            state: state as i32,
+            project,
+            created_at_ms: now,
+            updated_at_ms: now,
+            template,
+            idempotency_key: key,
+            ..Default::default()
+        })
+    }
+
+    /// Running workflows of a concurrency group.
+    fn group_running(&self, key: &str) -> u32 {
+        self.wf_active
+            .iter()
+            .filter_map(|id| self.workflows.get(id))
+            .filter(|w| w.state() == WorkflowState::Running && group_of(w) == Some(key))
+            .count() as u32
+    }
+
+    pub(super) fn get_workflow(&self, id: &str) -> Result<Workflow> {
+        self.workflows
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("workflow", id))
+    }
+
+    pub(super) fn list_workflows(
+        &self,
+        req: &ListWorkflowsRequest,
+    ) -> Result<(Vec<Workflow>, String)> {
+        let size = match req.page_size {
+            0 => 100,
+            n if n <= 1000 => n as usize,
+            n => return Err(Error::invalid(format!("page_size {n} is larger than 1000"))),
+        };
+        let upper = if req.page_token.is_empty() {
+            std::ops::Bound::Unbounded
+        } else {
+            validate::id("page_token", &req.page_token)?;
+            std::ops::Bound::Excluded(req.page_token.clone())
+        };
+        let mut out: Vec<Workflow> = Vec::with_capacity(size);
+        let mut next = String::new();
+        for (_, w) in self
+            .workflows
+            .range((std::ops::Bound::Unbounded, upper))
+            .rev()
+        {
+            if (!req.project.is_empty() && w.project != req.project)
+                || (!req.states.is_empty() && !req.states.contains(&w.state))
+                || (!req.template.is_empty()
+                    && w.template.as_ref().map(|t| t.name.as_str()) != Some(&req.template))
+            {
+                continue;
+            }
+            if out.len() == size {
+                next = out.last().map(|w| w.id.clone()).unwrap_or_default();
+                break;
+            }
+            out.push(w.clone());
+        }
+        Ok((out, next))
+    }
+
+    pub(super) async fn cancel_workflow(
+        &mut self,
+        id: String,
+        reason: String,
+        reply: Reply<Workflow>,
+    ) {
+        let Some(wf) = self.workflows.get_mut(&id) else {
+            let _ = reply.send(Err(Error::not_found("workflow", id)));
+            return;
+        };
+        if workflow_final(wf.state()) {
+            let _ = reply.send(Err(Error::FailedPrecondition(format!(
+                "workflow {id} is already {}; only pending or running workflows can be cancelled",
+                wf.state()
+                    .as_str_name()
+                    .trim_start_matches("WORKFLOW_STATE_")
+            ))));
+            return;
+        }
+        wf.cancel_requested = true;
+        wf.message = if reason.is_empty() {
+            "cancelled by request".into()
+        } else {
+            format!("cancelled: {reason}")
+        };
+        self.advance(&id).await;
+        let wf = self.workflows[&id].clone();
+        self.persist_workflow(&wf, vec![reply_effect(reply, wf.clone())])
+            .await;
+    }
+
+    /// Advances every workflow whose tasks changed, until nothing more moves.
+    pub(crate) async fn advance_workflows(&mut self) {
+        for _ in 0..64 {
+            if self.wf_dirty.is_empty() {
+                return;
+            }
+            let ids = std::mem::take(&mut self.wf_dirty);
+            for id in ids {
+                self.advance(&id).await;
+            }
+        }
+    }
+
+    /// Brings one workflow forward (see the module docs); persists it if anything changed.
+    pub(super) async fn advance(&mut self, id: &str) {
+        let Some(mut wf) = self.workflows.remove(id) else {
+            return;
+        };
+        let before = wf.encode_to_vec();
+        let now = now_ms();
+        self.sync_nodes(&mut wf);
+        let mut effects_tasks = Vec::new();
+        let fail_fast = wf
+            .spec
+            .as_ref()
+            .map_or(true, |s| s.failure_policy() != FailurePolicy::Continue);
+        let failed: Vec<String> = wf
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.state(), NodeState::Failed | NodeState::Cancelled))
+            .map(|n| n.name.clone())
+            .collect();
+        let stopping = wf.cancel_requested || (fail_fast && !failed.is_empty());
+        if stopping {
+            let (why, cancel_why) = if wf.cancel_requested {
+                (
+                    "skipped: the workflow was cancelled".to_string(),
+                    "the workflow was cancelled".to_string(),
+                )
+            } else {
+                (
+                    format!("skipped: {} failed (fail fast)", failed.join(", ")),
+                    format!("{} failed (fail fast)", failed.join(", ")),
+                )
+            };
+            for n in wf.nodes.iter_mut() {
+                match n.state() {
+                    NodeState::Waiting => {
+                        n.state = NodeState::Skipped as i32;
+                        n.message = why.clone();
+                    }
+                    NodeState::Queued | NodeState::Running | NodeState::Retrying => {
+                        let live = self
+                            .tasks
+                            .get(&n.task_id)
+                            .is_some_and(|e| !e.task.cancel_requested);
+                        if live
+                            && let Ok((task, effects)) =
+                                self.cancel_task(&n.task_id, cancel_why.clone())
+                        {
+                            effects_tasks.push((task, effects));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            skip_dependents_of_failed(&mut wf);
+        }
+        for (task, effects) in effects_tasks {
+            self.persist_task(&task, effects).await;
+        }
+        self.sync_nodes(&mut wf);
+        if wf.state() == WorkflowState::Running && !stopping {
+            self.release_ready(&mut wf).await;
+        }
+        wf.done = wf.nodes.iter().filter(|n| node_final(n.state())).count() as u32;
+        let mut finished_group = None;
+        if !workflow_final(wf.state()) && wf.done == wf.total {
+            self.finish(&mut wf, now);
+            finished_group = group_of(&wf).map(str::to_string);
+        }
+        if workflow_final(wf.state()) {
+            self.wf_active.remove(&wf.id);
+        }
+        let changed = wf.encode_to_vec() != before;
+        if changed {
+            wf.updated_at_ms = now;
+        }
+        let snapshot = wf.clone();
+        self.workflows.insert(id.to_string(), wf);
+        if changed {
+            self.persist_workflow(&snapshot, Vec::new()).await;
+        }
+        if let Some(group) = finished_group {
+            self.start_pending(&group);
+        }
+    }
+
+    /// Copies each released node's task state, attempts, result and outputs.
+    fn sync_nodes(&self, wf: &mut Workflow) {
+        for n in wf.nodes.iter_mut().filter(|n| !n.task_id.is_empty()) {
+            let Some(t) = self.tasks.get(&n.task_id).map(|e| &e.task) else {
+                continue;
+            };
+            n.state = workflow::node_state(t.state()) as i32;
+            n.attempts = t.attempts.len() as u32;
+            let last = t
+                .result
+                .as_ref()
+                .or_else(|| t.attempts.last().and_then(|a| a.result.as_ref()));
+            if let Some(r) = last {
+                n.exit_code = r.exit_code;
+                n.message = r.message.clone();
+                if t.state() == TaskState::Succeeded {
+                    n.outputs = r.outputs.clone();
+                }
+            }
+        }
+    }
+
+    /// Releases every waiting node whose dependencies all succeeded.
+    async fn release_ready(&mut self, wf: &mut Workflow) {
+        let states: HashMap<String, NodeState> = wf
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.state()))
+            .collect();
+        let outputs: HashMap<String, HashMap<String, String>> = wf
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.outputs.clone()))
+            .collect();
+        let Some(spec) = wf.spec.clone() else {
+            return;
+        };
+        for (i, node) in spec.tasks.iter().enumerate() {
+            if wf.nodes[i].state() != NodeState::Waiting
+                || !node
+                    .depends_on
+                    .iter()
+                    .all(|d| states.get(d) == Some(&NodeState::Succeeded))
+            {
+                continue;
+            }
+            match self.node_task_spec(&spec, i, &outputs, wf.template.as_ref()) {
+                Ok(task_spec) => match self.new_task(
+                    task_spec,
+                    String::new(),
+                    wf.project.clone(),
+                    Some((&wf.id, &node.name)),
+                ) {
+                    Ok(task) => {
+                        wf.nodes[i].task_id = task.id.clone();
+                        wf.nodes[i].state = NodeState::Queued as i32;
+                        self.enqueue_new(task, Vec::new()).await;
+                    }
+                    Err(e) => fail_node(&mut wf.nodes[i], e.to_string()),
+                },
+                Err(why) => fail_node(&mut wf.nodes[i], why),
+            }
+        }
+        // A node failed at release: apply the policy on the next pass.
+        if wf
+            .nodes
+            .iter()
+            .any(|n| n.state() == NodeState::Failed && n.task_id.is_empty())
+        {
+            self.wf_dirty.insert(wf.id.clone());
+        }
+    }
+
+    /// The task spec of node `i`: workflow defaults applied, output references filled in.
+    fn node_task_spec(
+        &self,
+        spec: &WorkflowSpec,
+        i: usize,
+        outputs: &HashMap<String, HashMap<String, String>>,
+        template: Option<&TemplateRef>,
+    ) -> std::result::Result<scabbard_common::proto::TaskSpec, String> {
+        let node = &spec.tasks[i];
+        let mut ts = node.spec.clone().unwrap_or_default();
+        if ts.retry.is_none() {
+            ts.retry = spec.default_retry.clone();
+        }
+        ts.priority = (ts.priority + spec.priority).clamp(-1000, 1000);
+        let mut missing = Vec::new();
+        refs::for_each_string(&mut ts, &mut |_, s| match refs::substitute(s, &|r| {
+            outputs.get(&r.task)?.get(&r.output).cloned()
+        }) {
+            Ok(v) => *s = v,
+            Err(m) => missing.extend(m),
+        });
+        if !missing.is_empty() {
+            return Err(format!(
+                "not started: {} not produced by the node(s) it depends on",
+                missing.join(", ")
+            ));
+        }
+        if let Some(t) = template {
+            ts.breakers.push(format!("step:{}/{}", t.name, node.name));
+        }
+        validate::task_spec(&mut ts, &self.cfg)
+            .map_err(|e| format!("not started: with its inputs filled in, {e}"))?;
+        Ok(ts)
+    }
+
+    /// Sets the final state of a workflow whose nodes are all done.
+    fn finish(&mut self, wf: &mut Workflow, now: i64) {
+        let failed: Vec<&str> = wf
+            .nodes
+            .iter()
+            .filter(|n| n.state() == NodeState::Failed)
+            .map(|n| n.name.as_str())
+            .collect();
+        let (state, message) = if wf.cancel_requested {
+            (WorkflowState::Cancelled, wf.message.clone())
+        } else if wf.nodes.iter().all(|n| n.state() == NodeState::Succeeded) {
+            (WorkflowState::Succeeded, String::new())
+        } else if failed.is_empty() {
+            (
+                WorkflowState::Failed,
+                "a node was cancelled outside the workflow".to_string(),
+            )
+        } else {
+            (
+                WorkflowState::Failed,
+                format!("failed: {}", failed.join(", ")),
+            )
+        };
+        wf.state = state as i32;
+        wf.message = message;
+        wf.finished_at_ms = now;
+        info!(workflow = %wf.id, state = ?state, "workflow finished");
+    }
+
+    /// Starts the oldest pending workflows of `group` while it has room.
+    fn start_pending(&mut self, group: &str) {
+        let mut pending: Vec<String> = self
+            .wf_active
+            .iter()
+            .filter(|id| {
+                self.workflows.get(*id).is_some_and(|w| {
+                    w.state() == WorkflowState::Pending && group_of(w) == Some(group)
+                })
+            })
+            .cloned()
+            .collect();
+        pending.sort(); // ULIDs: oldest first
+        for id in pending {
+            let limit = self
+                .workflows
+                .get(&id)
+                .and_then(|w| {
+                    w.spec
+                        .as_ref()?
+                        .concurrency
+                        .as_ref()
+                        .map(|g| g.limit.max(1))
+                })
+                .unwrap_or(1);
+            if self.group_running(group) >= limit {
+                break;
+            }
+            if let Some(w) = self.workflows.get_mut(&id) {
+                w.state = WorkflowState::Running as i32;
+                self.wf_dirty.insert(id);
+            }
+        }
+    }
+
+    /// Queues the durable write of a workflow record; publishes it once durable.
+    pub(super) async fn persist_workflow(&mut self, wf: &Workflow, mut effects: Vec<Effect>) {
+        let snapshot = Arc::new(wf.clone());
+        let events = self.wf_events.clone();
+        effects.push(Box::new(move |r| {
+            if r.is_ok() {
+                let _ = events.send(snapshot);
+            }
+        }));
+        self.write(
+            format!("{WORKFLOW_PREFIX}{}", wf.id),
+            Some(wf.encode_to_vec()),
+            effects,
+        )
+        .await;
+    }
+}
+
+/// Under `continue`: nodes downstream of a failed node will never run.
+fn skip_dependents_of_failed(wf: &mut Workflow) {
+    loop {
+        let blocked: HashMap<String, String> = wf
+            .nodes
+            .iter()
+            .filter(|n| {
+                matches!(
+                    n.state(),
+                    NodeState::Failed | NodeState::Cancelled | NodeState::Skipped
+                )
+            })
+            .map(|n| (n.name.clone(), n.name.clone()))
+            .collect();
+        let mut changed = false;
+        for n in wf.nodes.iter_mut() {
+            if n.state() != NodeState::Waiting {
+                continue;
+            }
+            if let Some(d) = n.depends_on.iter().find(|d| blocked.contains_key(*d)) {
+                n.state = NodeState::Skipped as i32;
+                n.message = format!("skipped: dependency {d} did not succeed");
+                changed = true;
+            }
+        }
+        if !changed {
+            return;
+        }
+    }
+}
+
+fn fail_node(n: &mut WorkflowNode, why: String) {
+    n.state = NodeState::Failed as i32;
+    n.message = why;
+}
+
+fn group_of(w: &Workflow) -> Option<&str> {
+    w.spec
+        .as_ref()?
+        .concurrency
+        .as_ref()
+        .map(|g| g.key.as_str())
+}
+
+/// Whether a workflow is done.
+pub(crate) fn workflow_final(s: WorkflowState) -> bool {
+    matches!(
+        s,
+        WorkflowState::Succeeded | WorkflowState::Failed | WorkflowState::Cancelled
+    )
+}

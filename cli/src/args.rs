@@ -171,6 +171,15 @@ pub(crate) struct ControllerArgs {
     /// controller). Default: `<data-dir>/secrets.key`, generated (embedded store only).
     #[arg(long, env = "SCABBARD_SECRETS_KEY_FILE")]
     pub(crate) secrets_key_file: Option<PathBuf>,
+    /// Directory of user workflow templates (*.yaml), loaded next to the built-in ones.
+    #[arg(long, env = "SCABBARD_TEMPLATES_DIR")]
+    pub(crate) templates_dir: Option<PathBuf>,
+    /// Consecutive failures that open a circuit breaker (agent, template step, dependency).
+    #[arg(long)]
+    pub(crate) breaker_threshold: Option<u32>,
+    /// How long an open circuit breaker waits before a probe (e.g. 30s).
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub(crate) breaker_open: Option<std::time::Duration>,
     /// Leader lease TTL: a dead leader is replaced within about this long.
     #[arg(long, value_parser = crate::duration::parse)]
     pub(crate) leader_lease_ttl: Option<std::time::Duration>,

@@ -169,6 +169,15 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if a.secrets_key_file.is_some() {
         cfg.secrets_key_file = a.secrets_key_file;
     }
+    if a.templates_dir.is_some() {
+        cfg.templates_dir = a.templates_dir;
+    }
+    if let Some(n) = a.breaker_threshold {
+        cfg.breaker_threshold = n;
+    }
+    if let Some(d) = a.breaker_open {
+        cfg.breaker_open_ms = d.as_millis() as u64;
+    }
     if let Some(d) = a.leader_lease_ttl {
         cfg.leader_lease_ttl_ms = d.as_millis() as u64;
     }

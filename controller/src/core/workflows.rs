@@ -30,46 +30,74 @@ pub(crate) const WORKFLOW_PREFIX: &str = "workflows/";
 impl State {
     pub(super) async fn submit_workflow(
         &mut self,
-        mut spec: WorkflowSpec,
+        spec: WorkflowSpec,
         key: String,
         project: String,
         template: Option<TemplateRef>,
         reply: Reply<(Workflow, bool)>,
     ) {
-        match self.new_workflow(&mut spec, &key, &project) {
+        // The reply carries the outcome.
+        let _ = self
+            .create_workflow(spec, key, project, template, Some(reply))
+            .await;
+    }
+
+    /// Creates a workflow (or finds the one with the same idempotency key) and releases its
+    /// first nodes. `reply` gets the answer once it is durable; the result is also returned
+    /// (for the schedule loop; errors as their message).
+    pub(super) async fn create_workflow(
+        &mut self,
+        mut spec: WorkflowSpec,
+        key: String,
+        project: String,
+        template: Option<TemplateRef>,
+        reply: Option<Reply<(Workflow, bool)>>,
+    ) -> std::result::Result<(Workflow, bool), String> {
+        let answer = |reply: Option<Reply<(Workflow, bool)>>, r: Result<(Workflow, bool)>| {
+            if let Some(reply) = reply {
+                let _ = reply.send(r);
+            }
+        };
+        let wf = match self.new_workflow(&mut spec, &key, &project) {
             Err(e) => {
-                let _ = reply.send(Err(e));
+                let msg = e.to_string();
+                answer(reply, Err(e));
+                return Err(msg);
             }
             Ok(Some(existing)) => {
-                let _ = reply.send(Ok((existing, true)));
+                answer(reply, Ok((existing.clone(), true)));
+                return Ok((existing, true));
             }
-            Ok(None) => {
-                let wf = match self.workflow_record(spec, key, project, template) {
-                    Ok(wf) => wf,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                };
-                let id = wf.id.clone();
-                info!(workflow = %id, nodes = wf.total, state = ?wf.state(), "workflow submitted");
-                // The record first (a crash after it resumes the workflow), then its tasks.
-                self.persist_workflow(&wf, Vec::new()).await;
-                if !wf.idempotency_key.is_empty() {
-                    self.wf_idempotency.insert(
-                        super::idempotency_key(&wf.project, &wf.idempotency_key),
-                        id.clone(),
-                    );
+            Ok(None) => match self.workflow_record(spec, key, project, template) {
+                Ok(wf) => wf,
+                Err(e) => {
+                    let msg = e.to_string();
+                    answer(reply, Err(e));
+                    return Err(msg);
                 }
-                self.wf_active.insert(id.clone());
-                self.workflows.insert(id.clone(), wf);
-                self.advance(&id).await;
-                let wf = self.workflows[&id].clone();
-                // Durable once this last write of the workflow is.
-                self.persist_workflow(&wf, vec![reply_effect(reply, (wf.clone(), false))])
-                    .await;
-            }
+            },
+        };
+        let id = wf.id.clone();
+        info!(workflow = %id, nodes = wf.total, state = ?wf.state(), "workflow submitted");
+        // The record first (a crash after it resumes the workflow), then its tasks.
+        self.persist_workflow(&wf, Vec::new()).await;
+        if !wf.idempotency_key.is_empty() {
+            self.wf_idempotency.insert(
+                super::idempotency_key(&wf.project, &wf.idempotency_key),
+                id.clone(),
+            );
         }
+        self.wf_active.insert(id.clone());
+        self.workflows.insert(id.clone(), wf);
+        self.advance(&id).await;
+        let wf = self.workflows[&id].clone();
+        // Durable once this last write of the workflow is.
+        let effects = match reply {
+            Some(reply) => vec![reply_effect(reply, (wf.clone(), false))],
+            None => Vec::new(),
+        };
+        self.persist_workflow(&wf, effects).await;
+        Ok((wf, false))
     }
 
     /// Checks a submission; returns the existing workflow for a repeated idempotency key.

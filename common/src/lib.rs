@@ -8,6 +8,7 @@ pub mod error;
 pub mod logging;
 pub mod time;
 pub mod tls;
+pub mod wfdef;
 
 pub use error::{Error, Result};
 

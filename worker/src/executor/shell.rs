@@ -1,16 +1,25 @@
 //! The `shell` executor: runs a task's argv as a host process.
 //!
 //! It owns the attempt's working directory (created fresh, removed afterwards), the child's
-//! environment (cleared: only the spec's `env` and `secret_env`, `PATH`, `HOME` and
-//! `SCABBARD_*`), its process group (every process the command starts is killed on timeout,
-//! cancel, or when the command exits and leaves background processes behind) and the
-//! reading of its stdout and stderr. It must not outlive its processes: `run` returns only
-//! once the group is gone. It does not redact secrets from the output: the runner does.
+//! environment, its process group (every process the command starts is killed on timeout,
+//! cancel, or when the command exits and leaves background processes behind), the reading
+//! of its stdout and stderr, and the collection of its outputs ([`outputs`]) once it
+//! ended, whatever the outcome. It must not outlive its processes: `run` returns only once
+//! the group is gone. It does not redact secrets from the output or the outputs: the
+//! runner does.
+//!
+//! The environment is cleared: the task sees `PATH` (the worker's), `HOME` (the working
+//! directory), the spec's `env` and `secret_env` (which may override those two), then ours,
+//! which win over any spec variable of the same name: `SCABBARD_TASK_ID`,
+//! `SCABBARD_ATTEMPT`, `SCABBARD_AGENT_ID`, `SCABBARD_AGENT_NAME` and `SCABBARD_OUTPUT`
+//! (an empty file in the working directory for the task's `key=value` outputs).
 
+use std::ffi::OsString;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,8 +32,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
 use group::{GroupGuard, own_process_group, signal_group, wait_group_gone};
+use outputs::{LastLine, OUTPUT_FILE};
 
 mod group;
+mod outputs;
 
 /// Capability name of [`ShellExecutor`].
 pub(super) const CAPABILITY: &str = "shell";
@@ -42,6 +53,8 @@ const DRAIN_MAX_BYTES: usize = 4 << 20;
 const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// How long to wait for the kernel to remove a SIGKILLed group.
 const REAP_WAIT: Duration = Duration::from_secs(5);
+/// How long a note about the outputs may wait for a stuck output receiver.
+const NOTE_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs `shell` tasks as host processes in their own process group.
 #[derive(Debug, Clone)]
@@ -90,6 +103,10 @@ impl Executor for ShellExecutor {
         if argv.is_empty() {
             return ExecOutcome::failed(127, ErrorClass::User, "shell task has an empty command");
         }
+        let needs_last_line = match outputs::check_declared(&spec.outputs) {
+            Ok(needs) => needs,
+            Err(message) => return ExecOutcome::failed(127, ErrorClass::User, message),
+        };
         let workdir = match prepare_workdir(&ctx).await {
             Ok(dir) => dir,
             Err(e) => {
@@ -99,12 +116,38 @@ impl Executor for ShellExecutor {
                 ));
             }
         };
-        let outcome = self.run_in(&ctx, spec, argv, &workdir, out, cancel).await;
+        let last_line = needs_last_line.then(|| Arc::new(Mutex::new(LastLine::default())));
+        let ran = self
+            .run_in(
+                &ctx,
+                spec,
+                argv,
+                &workdir,
+                out.clone(),
+                cancel,
+                last_line.clone(),
+            )
+            .await;
+        let outcome = match ran {
+            Ran::NotStarted(outcome) => outcome,
+            Ran::Ended(mut outcome) => {
+                add_outputs(&mut outcome, &spec.outputs, &workdir, last_line, &out).await;
+                outcome
+            }
+        };
         if let Err(e) = tokio::fs::remove_dir_all(&workdir).await {
             tracing::warn!(dir = %workdir.display(), error = %e, "cannot remove working directory");
         }
         outcome
     }
+}
+
+/// Whether the command ran.
+enum Ran {
+    /// No process was started (nothing to collect outputs from).
+    NotStarted(ExecOutcome),
+    /// The process group ran and is gone.
+    Ended(ExecOutcome),
 }
 
 /// Why the wait for the child ended.
@@ -115,6 +158,8 @@ enum Ending {
 }
 
 impl ShellExecutor {
+    /// Runs the command in `workdir` until its whole process group is gone.
+    #[allow(clippy::too_many_arguments)]
     async fn run_in(
         &self,
         ctx: &ExecContext,
@@ -123,7 +168,8 @@ impl ShellExecutor {
         workdir: &Path,
         out: mpsc::Sender<OutputChunk>,
         cancel: CancellationToken,
-    ) -> ExecOutcome {
+        last_line: Option<Arc<Mutex<LastLine>>>,
+    ) -> Ran {
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(workdir)
@@ -135,8 +181,7 @@ impl ShellExecutor {
             .env("HOME", workdir)
             .envs(&spec.env)
             .envs(&spec.secret_env)
-            .env("SCABBARD_TASK_ID", &ctx.task_id)
-            .env("SCABBARD_ATTEMPT", ctx.attempt.to_string())
+            .envs(task_env(ctx, workdir))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -145,11 +190,11 @@ impl ShellExecutor {
 
         let mut child = match cmd.spawn() {
             Ok(child) => child,
-            Err(e) => return spawn_failure(&argv[0], &e),
+            Err(e) => return Ran::NotStarted(spawn_failure(&argv[0], &e)),
         };
         // The child called setsid(): its pid is its process group id.
         let Some(pgid) = child.id().and_then(|id| libc::pid_t::try_from(id).ok()) else {
-            return ExecOutcome::infrastructure("spawned child has no pid");
+            return Ran::NotStarted(ExecOutcome::infrastructure("spawned child has no pid"));
         };
         let mut group = GroupGuard(Some(pgid));
         let group_dead = CancellationToken::new();
@@ -160,6 +205,7 @@ impl ShellExecutor {
                 OutStream::Stdout,
                 out.clone(),
                 group_dead.clone(),
+                last_line,
             )));
         }
         if let Some(stderr) = child.stderr.take() {
@@ -168,6 +214,7 @@ impl ShellExecutor {
                 OutStream::Stderr,
                 out.clone(),
                 group_dead.clone(),
+                None,
             )));
         }
 
@@ -220,7 +267,7 @@ impl ShellExecutor {
                 pump.abort();
             }
         }
-        outcome
+        Ran::Ended(outcome)
     }
 
     /// SIGTERM to the group, then SIGKILL after the grace period; returns the child's status.
@@ -253,12 +300,28 @@ impl ShellExecutor {
     }
 }
 
-/// Copies one pipe to `out` in chunks of up to [`CHUNK_SIZE`], as soon as bytes arrive.
+/// The variables the worker sets for every task; they win over the spec's.
+fn task_env(ctx: &ExecContext, workdir: &Path) -> [(&'static str, OsString); 5] {
+    [
+        ("SCABBARD_TASK_ID", ctx.task_id.clone().into()),
+        ("SCABBARD_ATTEMPT", ctx.attempt.to_string().into()),
+        ("SCABBARD_AGENT_ID", ctx.agent_id.clone().into()),
+        ("SCABBARD_AGENT_NAME", ctx.agent_name.clone().into()),
+        (
+            "SCABBARD_OUTPUT",
+            workdir.join(OUTPUT_FILE).into_os_string(),
+        ),
+    ]
+}
+
+/// Copies one pipe to `out` in chunks of up to [`CHUNK_SIZE`], as soon as bytes arrive,
+/// feeding `last_line` (if any) with everything read.
 async fn pump(
     mut pipe: impl AsyncRead + Unpin,
     stream: OutStream,
     out: mpsc::Sender<OutputChunk>,
     group_dead: CancellationToken,
+    last_line: Option<Arc<Mutex<LastLine>>>,
 ) {
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut receiver_gone = false;
@@ -284,6 +347,11 @@ async fn pump(
             Ok(n) => {
                 if group_dead.is_cancelled() {
                     after_death += n;
+                }
+                if let Some(l) = &last_line {
+                    l.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(&buf[..n]);
                 }
                 // Keep reading after the receiver is gone so the child never blocks on a full pipe.
                 if !receiver_gone {
@@ -312,7 +380,51 @@ async fn system_note(out: &mpsc::Sender<OutputChunk>, text: String, until: Insta
     let _ = timeout_at(until, out.send(chunk)).await;
 }
 
-/// A fresh `work_root/<task_id>-<fencing_token>`, emptied if a previous run left it behind.
+/// Collects the outputs of an attempt that ran into `outcome`, writes what was dropped to
+/// the system log, and fails a successful attempt whose declared outputs are missing.
+async fn add_outputs(
+    outcome: &mut ExecOutcome,
+    declared: &[proto::OutputSpec],
+    workdir: &Path,
+    last_line: Option<Arc<Mutex<LastLine>>>,
+    out: &mpsc::Sender<OutputChunk>,
+) {
+    let last_line = last_line.map(|l| l.lock().unwrap_or_else(PoisonError::into_inner).finish());
+    let (declared, dir) = (declared.to_vec(), workdir.to_path_buf());
+    let collected =
+        tokio::task::spawn_blocking(move || outputs::collect(&declared, &dir, last_line)).await;
+    let collected = match collected {
+        Ok(collected) => collected,
+        Err(e) => {
+            let why = format!("cannot read the task's outputs: {e}");
+            if outcome.outcome == Outcome::Succeeded {
+                *outcome = ExecOutcome::infrastructure(why);
+            } else {
+                system_note(out, why, Instant::now() + NOTE_WAIT).await;
+            }
+            return;
+        }
+    };
+    for note in collected.notes {
+        system_note(out, note, Instant::now() + NOTE_WAIT).await;
+    }
+    if !collected.missing.is_empty() {
+        if outcome.outcome == Outcome::Succeeded {
+            // A dependent would otherwise run without the value.
+            outcome.outcome = Outcome::Failed;
+            outcome.error_class = ErrorClass::User;
+            outcome.message = collected.missing.join("; ");
+        } else {
+            for missing in collected.missing {
+                system_note(out, missing, Instant::now() + NOTE_WAIT).await;
+            }
+        }
+    }
+    outcome.outputs = collected.values;
+}
+
+/// A fresh `work_root/<task_id>-<fencing_token>`, emptied if a previous run left it behind,
+/// holding an empty `$SCABBARD_OUTPUT` file.
 async fn prepare_workdir(ctx: &ExecContext) -> io::Result<PathBuf> {
     let name: String = ctx
         .task_id
@@ -332,6 +444,10 @@ async fn prepare_workdir(ctx: &ExecContext) -> io::Result<PathBuf> {
         _ => {}
     }
     tokio::fs::create_dir(&dir).await?;
+    if let Err(e) = tokio::fs::write(dir.join(OUTPUT_FILE), b"").await {
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        return Err(e);
+    }
     Ok(dir)
 }
 

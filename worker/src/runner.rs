@@ -307,3 +307,6 @@ impl Runner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

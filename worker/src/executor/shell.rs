@@ -499,4 +499,6 @@ fn secs(d: Duration) -> String {
 }
 
 #[cfg(test)]
+mod outputs_tests;
+#[cfg(test)]
 mod tests;

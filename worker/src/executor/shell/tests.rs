@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::ShellExecutor;
 use crate::executor::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
 
-fn spec(argv: &[&str]) -> proto::TaskSpec {
+pub(super) fn spec(argv: &[&str]) -> proto::TaskSpec {
     proto::TaskSpec {
         kind: Some(proto::task_spec::Kind::Shell(proto::ShellTask {
             command: argv.iter().map(|s| s.to_string()).collect(),
@@ -21,7 +21,7 @@ fn spec(argv: &[&str]) -> proto::TaskSpec {
     }
 }
 
-fn ctx(work_root: &Path) -> ExecContext {
+pub(super) fn ctx(work_root: &Path) -> ExecContext {
     ExecContext {
         task_id: "task-1".into(),
         fencing_token: 7,
@@ -34,7 +34,7 @@ fn ctx(work_root: &Path) -> ExecContext {
 }
 
 /// Runs `spec` to the end and returns the outcome with every chunk the executor sent.
-async fn run(
+pub(super) async fn run(
     spec: &proto::TaskSpec,
     work_root: &Path,
     cancel: CancellationToken,
@@ -53,7 +53,7 @@ async fn run(
     (outcome, chunks)
 }
 
-fn text(chunks: &[OutputChunk], stream: OutStream) -> String {
+pub(super) fn text(chunks: &[OutputChunk], stream: OutStream) -> String {
     let bytes: Vec<u8> = chunks
         .iter()
         .filter(|c| c.stream == stream)

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use scabbard_common::proto::{self, ErrorClass, Outcome};
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
@@ -32,23 +31,19 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
 use group::{GroupGuard, own_process_group, signal_group, wait_group_gone};
-use outputs::{LastLine, OUTPUT_FILE};
+use last_line::LastLine;
+use outputs::OUTPUT_FILE;
+use pump::{pump, system_note};
 
 mod group;
+mod last_line;
 mod outputs;
+mod pump;
 
 /// Capability name of [`ShellExecutor`].
 pub(super) const CAPABILITY: &str = "shell";
 /// `PATH` given to tasks when the worker itself has none.
 const FALLBACK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-/// Largest output chunk.
-const CHUNK_SIZE: usize = 64 * 1024;
-/// Once the group is dead, a pipe that stays silent this long is held by an escaped
-/// process: stop reading it.
-const DRAIN_IDLE: Duration = Duration::from_millis(200);
-/// Once the group is dead, at most this much more output is read from a pipe: what was
-/// buffered in it, not what an escaped process keeps writing.
-const DRAIN_MAX_BYTES: usize = 4 << 20;
 /// Last resort against a receiver that neither reads nor goes away.
 const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// How long to wait for the kernel to remove a SIGKILLed group.
@@ -312,72 +307,6 @@ fn task_env(ctx: &ExecContext, workdir: &Path) -> [(&'static str, OsString); 5] 
             workdir.join(OUTPUT_FILE).into_os_string(),
         ),
     ]
-}
-
-/// Copies one pipe to `out` in chunks of up to [`CHUNK_SIZE`], as soon as bytes arrive,
-/// feeding `last_line` (if any) with everything read.
-async fn pump(
-    mut pipe: impl AsyncRead + Unpin,
-    stream: OutStream,
-    out: mpsc::Sender<OutputChunk>,
-    group_dead: CancellationToken,
-    last_line: Option<Arc<Mutex<LastLine>>>,
-) {
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    let mut receiver_gone = false;
-    let mut after_death = 0;
-    loop {
-        let read = if group_dead.is_cancelled() {
-            if after_death >= DRAIN_MAX_BYTES {
-                break;
-            }
-            match timeout(DRAIN_IDLE, pipe.read(&mut buf)).await {
-                Ok(read) => read,
-                Err(_) => break,
-            }
-        } else {
-            tokio::select! {
-                read = pipe.read(&mut buf) => read,
-                // `read` is cancel-safe: nothing is lost by dropping it.
-                () = group_dead.cancelled() => continue,
-            }
-        };
-        match read {
-            Ok(0) => break,
-            Ok(n) => {
-                if group_dead.is_cancelled() {
-                    after_death += n;
-                }
-                if let Some(l) = &last_line {
-                    l.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(&buf[..n]);
-                }
-                // Keep reading after the receiver is gone so the child never blocks on a full pipe.
-                if !receiver_gone {
-                    let chunk = OutputChunk {
-                        stream,
-                        data: buf[..n].to_vec(),
-                    };
-                    receiver_gone = out.send(chunk).await.is_err();
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                tracing::warn!(?stream, error = %e, "cannot read task output");
-                break;
-            }
-        }
-    }
-}
-
-/// Sends a line of our own to the output; a stuck receiver must not delay the kill.
-async fn system_note(out: &mpsc::Sender<OutputChunk>, text: String, until: Instant) {
-    let chunk = OutputChunk {
-        stream: OutStream::System,
-        data: format!("{text}\n").into_bytes(),
-    };
-    let _ = timeout_at(until, out.send(chunk)).await;
 }
 
 /// Collects the outputs of an attempt that ran into `outcome`, writes what was dropped to

@@ -48,7 +48,7 @@ const FALLBACK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// How long to wait for the kernel to remove a SIGKILLed group.
 const REAP_WAIT: Duration = Duration::from_secs(5);
-/// How long a note about the outputs may wait for a stuck output receiver.
+/// How long the notes about the outputs may wait for a stuck output receiver, together.
 const NOTE_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs `shell` tasks as host processes in their own process group.
@@ -322,6 +322,7 @@ async fn add_outputs(
     let (declared, dir) = (declared.to_vec(), workdir.to_path_buf());
     let collected =
         tokio::task::spawn_blocking(move || outputs::collect(&declared, &dir, last_line)).await;
+    let until = Instant::now() + NOTE_WAIT;
     let collected = match collected {
         Ok(collected) => collected,
         Err(e) => {
@@ -329,13 +330,13 @@ async fn add_outputs(
             if outcome.outcome == Outcome::Succeeded {
                 *outcome = ExecOutcome::infrastructure(why);
             } else {
-                system_note(out, why, Instant::now() + NOTE_WAIT).await;
+                system_note(out, why, until).await;
             }
             return;
         }
     };
     for note in collected.notes {
-        system_note(out, note, Instant::now() + NOTE_WAIT).await;
+        system_note(out, note, until).await;
     }
     if !collected.missing.is_empty() {
         if outcome.outcome == Outcome::Succeeded {
@@ -345,7 +346,7 @@ async fn add_outputs(
             outcome.message = collected.missing.join("; ");
         } else {
             for missing in collected.missing {
-                system_note(out, missing, Instant::now() + NOTE_WAIT).await;
+                system_note(out, missing, until).await;
             }
         }
     }

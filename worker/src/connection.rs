@@ -161,7 +161,7 @@ impl Connection {
             ));
         }
         let channel = client::connect_with(&self.target, &self.cfg.client_options()).await?;
-        let name = self.cfg.effective_name()?.unwrap_or_else(hostname);
+        let name = self.runner.agent_name().to_string();
         let resp = AgentServiceClient::new(channel)
             .register(RegisterRequest {
                 registration_token: self.cfg.registration_token.clone(),
@@ -193,6 +193,7 @@ impl Connection {
             }
             Err(e) => return (End::Lost(e), false),
         };
+        self.runner.set_agent_id(&id.agent_id);
         let (req_tx, req_rx) = mpsc::channel::<AgentMessage>(1024);
         let hello = Hello {
             agent_id: id.agent_id.clone(),
@@ -432,7 +433,8 @@ impl Pump {
     }
 }
 
-fn hostname() -> String {
+/// This host's name, the agent name when none is configured.
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_string())
         .ok()

@@ -32,6 +32,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     std::fs::create_dir_all(cfg.work_root())?;
     let spool = Arc::new(spool::Spool::open(&cfg.data_dir.join("spool"))?);
     let (outbox_tx, outbox_rx) = mpsc::channel(4096);
+    let agent_name = cfg.effective_name()?.unwrap_or_else(connection::hostname);
     let executors: Vec<Arc<dyn executor::Executor>> = vec![
         Arc::new(executor::ShellExecutor::default()),
         Arc::new(executor::NoopExecutor),
@@ -43,6 +44,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         Duration::from_millis(cfg.default_task_timeout_ms),
         cfg.slots,
         outbox_tx,
+        agent_name,
     ));
     let adopted = runner.adopt_spooled()?;
     if adopted > 0 {

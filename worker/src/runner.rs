@@ -39,6 +39,10 @@ pub(crate) struct Runner {
     default_timeout: Duration,
     pub(crate) slots: u32,
     outbox: mpsc::Sender<AgentMessage>,
+    /// This worker's agent id, known once it has an identity (exported to tasks).
+    agent_id: Mutex<String>,
+    /// The name this worker registers under (exported to tasks).
+    agent_name: String,
 }
 
 impl Runner {
@@ -49,6 +53,7 @@ impl Runner {
         default_timeout: Duration,
         slots: u32,
         outbox: mpsc::Sender<AgentMessage>,
+        agent_name: String,
     ) -> Self {
         Self {
             attempts: Mutex::new(HashMap::new()),
@@ -58,7 +63,19 @@ impl Runner {
             default_timeout,
             slots,
             outbox,
+            agent_id: Mutex::new(String::new()),
+            agent_name,
         }
+    }
+
+    /// The name this worker registers under.
+    pub(crate) fn agent_name(&self) -> &str {
+        &self.agent_name
+    }
+
+    /// Records this worker's agent id (once registered) for the attempts started from now.
+    pub(crate) fn set_agent_id(&self, id: &str) {
+        *self.agent_id.lock().unwrap_or_else(|p| p.into_inner()) = id.to_string();
     }
 
     /// Capabilities to advertise.
@@ -177,6 +194,12 @@ impl Runner {
             task_id: assign.task_id.clone(),
             fencing_token: assign.fencing_token,
             attempt: assign.attempt,
+            agent_id: self
+                .agent_id
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            agent_name: self.agent_name.clone(),
             work_root: self.work_root.clone(),
             default_timeout: self.default_timeout,
         };
@@ -284,3 +307,6 @@ impl Runner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

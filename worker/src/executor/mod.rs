@@ -30,6 +30,10 @@ pub struct ExecContext {
     pub fencing_token: u64,
     /// The attempt number (1-based), exported to the task as `SCABBARD_ATTEMPT`.
     pub attempt: u32,
+    /// This worker's agent id (`SCABBARD_AGENT_ID`).
+    pub agent_id: String,
+    /// The name this worker registers under (`SCABBARD_AGENT_NAME`).
+    pub agent_name: String,
     /// Parent directory of the per-attempt working directories.
     pub work_root: PathBuf,
     /// Wall-clock limit used when the spec has no `timeout_ms`; zero means no limit.
@@ -91,7 +95,7 @@ pub struct ExecOutcome {
     pub message: String,
     /// Whose fault a failure is; `Unspecified` on success.
     pub error_class: proto::ErrorClass,
-    /// Named outputs of the task (none for shell tasks yet).
+    /// Named outputs of the task (kept whatever the outcome: they help debug a failure).
     pub outputs: HashMap<String, String>,
 }
 
@@ -188,6 +192,8 @@ mod tests {
             task_id: "t".into(),
             fencing_token: 1,
             attempt: 1,
+            agent_id: "agent-1".into(),
+            agent_name: "host-1".into(),
             work_root: PathBuf::from("/nonexistent"),
             default_timeout: Duration::from_secs(60),
         };

@@ -46,6 +46,8 @@ mod tests {
             task_id: "t".into(),
             fencing_token: 1,
             attempt: 1,
+            agent_id: "agent-1".into(),
+            agent_name: "host-1".into(),
             work_root: PathBuf::from("/nonexistent"),
             default_timeout: Duration::from_secs(1),
         };

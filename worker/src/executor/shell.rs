@@ -1,44 +1,55 @@
 //! The `shell` executor: runs a task's argv as a host process.
 //!
 //! It owns the attempt's working directory (created fresh, removed afterwards), the child's
-//! environment (cleared: only the spec's `env` and `secret_env`, `PATH`, `HOME` and
-//! `SCABBARD_*`), its process group (every process the command starts is killed on timeout,
-//! cancel, or when the command exits and leaves background processes behind) and the
-//! reading of its stdout and stderr. It must not outlive its processes: `run` returns only
-//! once the group is gone. It does not redact secrets from the output: the runner does.
+//! environment, its process group (every process the command starts is killed on timeout,
+//! cancel, or when the command exits and leaves background processes behind), the reading
+//! of its stdout and stderr, and the collection of its outputs ([`outputs`]) once it
+//! ended, whatever the outcome. It must not outlive its processes: `run` returns only once
+//! the group is gone. It does not redact secrets from the output or the outputs: the
+//! runner does.
+//!
+//! The environment is cleared: the task sees `PATH` (the worker's), `HOME` (the working
+//! directory), the spec's `env` and `secret_env` (which may override those two), then ours,
+//! which win over any spec variable of the same name: `SCABBARD_TASK_ID`,
+//! `SCABBARD_ATTEMPT`, `SCABBARD_AGENT_ID`, `SCABBARD_AGENT_NAME` and `SCABBARD_OUTPUT`
+//! (an empty file in the working directory for the task's `key=value` outputs).
 
+use std::ffi::OsString;
 use std::io;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use scabbard_common::proto::{self, ErrorClass, Outcome};
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
+use group::{GroupGuard, own_process_group, signal_group, wait_group_gone};
+use last_line::LastLine;
+use outputs::OUTPUT_FILE;
+use pump::{pump, system_note};
+
+mod group;
+mod last_line;
+mod outputs;
+mod pump;
 
 /// Capability name of [`ShellExecutor`].
 pub(super) const CAPABILITY: &str = "shell";
 /// `PATH` given to tasks when the worker itself has none.
 const FALLBACK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-/// Largest output chunk.
-const CHUNK_SIZE: usize = 64 * 1024;
-/// Once the group is dead, a pipe that stays silent this long is held by an escaped
-/// process: stop reading it.
-const DRAIN_IDLE: Duration = Duration::from_millis(200);
-/// Once the group is dead, at most this much more output is read from a pipe: what was
-/// buffered in it, not what an escaped process keeps writing.
-const DRAIN_MAX_BYTES: usize = 4 << 20;
 /// Last resort against a receiver that neither reads nor goes away.
 const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// How long to wait for the kernel to remove a SIGKILLed group.
 const REAP_WAIT: Duration = Duration::from_secs(5);
+/// How long the notes about the outputs may wait for a stuck output receiver, together.
+const NOTE_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs `shell` tasks as host processes in their own process group.
 #[derive(Debug, Clone)]
@@ -87,6 +98,10 @@ impl Executor for ShellExecutor {
         if argv.is_empty() {
             return ExecOutcome::failed(127, ErrorClass::User, "shell task has an empty command");
         }
+        let needs_last_line = match outputs::check_declared(&spec.outputs) {
+            Ok(needs) => needs,
+            Err(message) => return ExecOutcome::failed(127, ErrorClass::User, message),
+        };
         let workdir = match prepare_workdir(&ctx).await {
             Ok(dir) => dir,
             Err(e) => {
@@ -96,12 +111,38 @@ impl Executor for ShellExecutor {
                 ));
             }
         };
-        let outcome = self.run_in(&ctx, spec, argv, &workdir, out, cancel).await;
+        let last_line = needs_last_line.then(|| Arc::new(Mutex::new(LastLine::default())));
+        let ran = self
+            .run_in(
+                &ctx,
+                spec,
+                argv,
+                &workdir,
+                out.clone(),
+                cancel,
+                last_line.clone(),
+            )
+            .await;
+        let outcome = match ran {
+            Ran::NotStarted(outcome) => outcome,
+            Ran::Ended(mut outcome) => {
+                add_outputs(&mut outcome, &spec.outputs, &workdir, last_line, &out).await;
+                outcome
+            }
+        };
         if let Err(e) = tokio::fs::remove_dir_all(&workdir).await {
             tracing::warn!(dir = %workdir.display(), error = %e, "cannot remove working directory");
         }
         outcome
     }
+}
+
+/// Whether the command ran.
+enum Ran {
+    /// No process was started (nothing to collect outputs from).
+    NotStarted(ExecOutcome),
+    /// The process group ran and is gone.
+    Ended(ExecOutcome),
 }
 
 /// Why the wait for the child ended.
@@ -112,6 +153,8 @@ enum Ending {
 }
 
 impl ShellExecutor {
+    /// Runs the command in `workdir` until its whole process group is gone.
+    #[allow(clippy::too_many_arguments)]
     async fn run_in(
         &self,
         ctx: &ExecContext,
@@ -120,7 +163,8 @@ impl ShellExecutor {
         workdir: &Path,
         out: mpsc::Sender<OutputChunk>,
         cancel: CancellationToken,
-    ) -> ExecOutcome {
+        last_line: Option<Arc<Mutex<LastLine>>>,
+    ) -> Ran {
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(workdir)
@@ -132,8 +176,7 @@ impl ShellExecutor {
             .env("HOME", workdir)
             .envs(&spec.env)
             .envs(&spec.secret_env)
-            .env("SCABBARD_TASK_ID", &ctx.task_id)
-            .env("SCABBARD_ATTEMPT", ctx.attempt.to_string())
+            .envs(task_env(ctx, workdir))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -142,11 +185,11 @@ impl ShellExecutor {
 
         let mut child = match cmd.spawn() {
             Ok(child) => child,
-            Err(e) => return spawn_failure(&argv[0], &e),
+            Err(e) => return Ran::NotStarted(spawn_failure(&argv[0], &e)),
         };
         // The child called setsid(): its pid is its process group id.
         let Some(pgid) = child.id().and_then(|id| libc::pid_t::try_from(id).ok()) else {
-            return ExecOutcome::infrastructure("spawned child has no pid");
+            return Ran::NotStarted(ExecOutcome::infrastructure("spawned child has no pid"));
         };
         let mut group = GroupGuard(Some(pgid));
         let group_dead = CancellationToken::new();
@@ -157,6 +200,7 @@ impl ShellExecutor {
                 OutStream::Stdout,
                 out.clone(),
                 group_dead.clone(),
+                last_line,
             )));
         }
         if let Some(stderr) = child.stderr.take() {
@@ -165,6 +209,7 @@ impl ShellExecutor {
                 OutStream::Stderr,
                 out.clone(),
                 group_dead.clone(),
+                None,
             )));
         }
 
@@ -217,7 +262,7 @@ impl ShellExecutor {
                 pump.abort();
             }
         }
-        outcome
+        Ran::Ended(outcome)
     }
 
     /// SIGTERM to the group, then SIGKILL after the grace period; returns the child's status.
@@ -250,155 +295,66 @@ impl ShellExecutor {
     }
 }
 
-/// Kills the whole process group if `run` is dropped before it finished.
-struct GroupGuard(Option<libc::pid_t>);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
-            signal_group(pgid, libc::SIGKILL);
-        }
-    }
+/// The variables the worker sets for every task; they win over the spec's.
+fn task_env(ctx: &ExecContext, workdir: &Path) -> [(&'static str, OsString); 5] {
+    [
+        ("SCABBARD_TASK_ID", ctx.task_id.clone().into()),
+        ("SCABBARD_ATTEMPT", ctx.attempt.to_string().into()),
+        ("SCABBARD_AGENT_ID", ctx.agent_id.clone().into()),
+        ("SCABBARD_AGENT_NAME", ctx.agent_name.clone().into()),
+        (
+            "SCABBARD_OUTPUT",
+            workdir.join(OUTPUT_FILE).into_os_string(),
+        ),
+    ]
 }
 
-/// Makes the child the leader of a new session and process group, and has the kernel
-/// SIGKILL it if the worker dies.
-fn own_process_group(cmd: &mut std::process::Command) {
-    let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
-    #[allow(unsafe_code)]
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (setsid, prctl, getppid); it allocates nothing.
-    // PR_SET_PDEATHSIG fires when the *thread* that forked dies: spawns happen on runtime
-    // threads, which live as long as the worker.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            // The worker may have died between fork and prctl: then nobody is left to kill us.
-            if libc::getppid() != parent {
-                return Err(io::Error::other("the worker exited"));
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Sends `signal` to every process of the group; a group that is already gone is fine.
-fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
-    // SAFETY: kill() has no memory-safety preconditions; a negative pid targets the group.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::kill(-pgid, signal) };
-    if rc == -1 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ESRCH) {
-            tracing::warn!(pgid, signal, error = %e, "cannot signal process group");
-        }
-    }
-}
-
-/// Whether a live process is left in the group. Zombies do not count: they hold nothing,
-/// and an init that reaps orphans slowly (as in some containers) must not delay us.
-fn group_alive(pgid: libc::pid_t) -> bool {
-    // SAFETY: signal 0 only checks for existence; no memory is involved.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::kill(-pgid, 0) };
-    if rc == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-        return false;
-    }
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return true;
-    };
-    procs.flatten().any(|entry| {
-        // `pid (comm) state ppid pgrp ...`; comm may contain anything, even ')'.
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            return false;
-        };
-        let mut fields = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace();
-        let (state, pgrp) = (fields.next(), fields.nth(1));
-        state != Some("Z") && pgrp.and_then(|p| p.parse().ok()) == Some(pgid)
-    })
-}
-
-/// Polls until the group is empty or `deadline` passes; true if it is gone.
-async fn wait_group_gone(pgid: libc::pid_t, deadline: Instant) -> bool {
-    loop {
-        if !group_alive(pgid) {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Copies one pipe to `out` in chunks of up to [`CHUNK_SIZE`], as soon as bytes arrive.
-async fn pump(
-    mut pipe: impl AsyncRead + Unpin,
-    stream: OutStream,
-    out: mpsc::Sender<OutputChunk>,
-    group_dead: CancellationToken,
+/// Collects the outputs of an attempt that ran into `outcome`, writes what was dropped to
+/// the system log, and fails a successful attempt whose declared outputs are missing.
+async fn add_outputs(
+    outcome: &mut ExecOutcome,
+    declared: &[proto::OutputSpec],
+    workdir: &Path,
+    last_line: Option<Arc<Mutex<LastLine>>>,
+    out: &mpsc::Sender<OutputChunk>,
 ) {
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    let mut receiver_gone = false;
-    let mut after_death = 0;
-    loop {
-        let read = if group_dead.is_cancelled() {
-            if after_death >= DRAIN_MAX_BYTES {
-                break;
+    let last_line = last_line.map(|l| l.lock().unwrap_or_else(PoisonError::into_inner).finish());
+    let (declared, dir) = (declared.to_vec(), workdir.to_path_buf());
+    let collected =
+        tokio::task::spawn_blocking(move || outputs::collect(&declared, &dir, last_line)).await;
+    let until = Instant::now() + NOTE_WAIT;
+    let collected = match collected {
+        Ok(collected) => collected,
+        Err(e) => {
+            let why = format!("cannot read the task's outputs: {e}");
+            if outcome.outcome == Outcome::Succeeded {
+                *outcome = ExecOutcome::infrastructure(why);
+            } else {
+                system_note(out, why, until).await;
             }
-            match timeout(DRAIN_IDLE, pipe.read(&mut buf)).await {
-                Ok(read) => read,
-                Err(_) => break,
-            }
+            return;
+        }
+    };
+    for note in collected.notes {
+        system_note(out, note, until).await;
+    }
+    if !collected.missing.is_empty() {
+        if outcome.outcome == Outcome::Succeeded {
+            // A dependent would otherwise run without the value.
+            outcome.outcome = Outcome::Failed;
+            outcome.error_class = ErrorClass::User;
+            outcome.message = collected.missing.join("; ");
         } else {
-            tokio::select! {
-                read = pipe.read(&mut buf) => read,
-                // `read` is cancel-safe: nothing is lost by dropping it.
-                () = group_dead.cancelled() => continue,
-            }
-        };
-        match read {
-            Ok(0) => break,
-            Ok(n) => {
-                if group_dead.is_cancelled() {
-                    after_death += n;
-                }
-                // Keep reading after the receiver is gone so the child never blocks on a full pipe.
-                if !receiver_gone {
-                    let chunk = OutputChunk {
-                        stream,
-                        data: buf[..n].to_vec(),
-                    };
-                    receiver_gone = out.send(chunk).await.is_err();
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                tracing::warn!(?stream, error = %e, "cannot read task output");
-                break;
+            for missing in collected.missing {
+                system_note(out, missing, until).await;
             }
         }
     }
+    outcome.outputs = collected.values;
 }
 
-/// Sends a line of our own to the output; a stuck receiver must not delay the kill.
-async fn system_note(out: &mpsc::Sender<OutputChunk>, text: String, until: Instant) {
-    let chunk = OutputChunk {
-        stream: OutStream::System,
-        data: format!("{text}\n").into_bytes(),
-    };
-    let _ = timeout_at(until, out.send(chunk)).await;
-}
-
-/// A fresh `work_root/<task_id>-<fencing_token>`, emptied if a previous run left it behind.
+/// A fresh `work_root/<task_id>-<fencing_token>`, emptied if a previous run left it behind,
+/// holding an empty `$SCABBARD_OUTPUT` file.
 async fn prepare_workdir(ctx: &ExecContext) -> io::Result<PathBuf> {
     let name: String = ctx
         .task_id
@@ -418,6 +374,10 @@ async fn prepare_workdir(ctx: &ExecContext) -> io::Result<PathBuf> {
         _ => {}
     }
     tokio::fs::create_dir(&dir).await?;
+    if let Err(e) = tokio::fs::write(dir.join(OUTPUT_FILE), b"").await {
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        return Err(e);
+    }
     Ok(dir)
 }
 
@@ -468,5 +428,7 @@ fn secs(d: Duration) -> String {
     format!("{}s", d.as_secs_f64())
 }
 
+#[cfg(test)]
+mod outputs_tests;
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::ShellExecutor;
 use crate::executor::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
 
-fn spec(argv: &[&str]) -> proto::TaskSpec {
+pub(super) fn spec(argv: &[&str]) -> proto::TaskSpec {
     proto::TaskSpec {
         kind: Some(proto::task_spec::Kind::Shell(proto::ShellTask {
             command: argv.iter().map(|s| s.to_string()).collect(),
@@ -21,18 +21,20 @@ fn spec(argv: &[&str]) -> proto::TaskSpec {
     }
 }
 
-fn ctx(work_root: &Path) -> ExecContext {
+pub(super) fn ctx(work_root: &Path) -> ExecContext {
     ExecContext {
         task_id: "task-1".into(),
         fencing_token: 7,
         attempt: 2,
+        agent_id: "agent-9".into(),
+        agent_name: "builder-1".into(),
         work_root: work_root.to_path_buf(),
         default_timeout: Duration::from_secs(30),
     }
 }
 
 /// Runs `spec` to the end and returns the outcome with every chunk the executor sent.
-async fn run(
+pub(super) async fn run(
     spec: &proto::TaskSpec,
     work_root: &Path,
     cancel: CancellationToken,
@@ -51,7 +53,7 @@ async fn run(
     (outcome, chunks)
 }
 
-fn text(chunks: &[OutputChunk], stream: OutStream) -> String {
+pub(super) fn text(chunks: &[OutputChunk], stream: OutStream) -> String {
     let bytes: Vec<u8> = chunks
         .iter()
         .filter(|c| c.stream == stream)
@@ -293,7 +295,11 @@ async fn environment_is_cleared_except_for_the_spec_and_ours() {
     let root = tempfile::tempdir().unwrap();
     assert!(std::env::vars_os().count() > 0);
     let mut spec = spec(&["env"]);
-    spec.env = HashMap::from([("GREETING".into(), "hello world".into())]);
+    // Ours win over the spec's.
+    spec.env = HashMap::from([
+        ("GREETING".into(), "hello world".into()),
+        ("SCABBARD_TASK_ID".into(), "spoofed".into()),
+    ]);
     // Secret variables reach the process like the others (the runner redacts the output).
     spec.secret_env = HashMap::from([("TOKEN".into(), "s3cret".into())]);
     let (outcome, chunks) = run(&spec, root.path(), CancellationToken::new()).await;
@@ -311,7 +317,10 @@ async fn environment_is_cleared_except_for_the_spec_and_ours() {
             "GREETING",
             "HOME",
             "PATH",
+            "SCABBARD_AGENT_ID",
+            "SCABBARD_AGENT_NAME",
             "SCABBARD_ATTEMPT",
+            "SCABBARD_OUTPUT",
             "SCABBARD_TASK_ID",
             "TOKEN"
         ]
@@ -320,9 +329,13 @@ async fn environment_is_cleared_except_for_the_spec_and_ours() {
     assert_eq!(vars["TOKEN"], "s3cret");
     assert_eq!(vars["SCABBARD_TASK_ID"], "task-1");
     assert_eq!(vars["SCABBARD_ATTEMPT"], "2");
+    assert_eq!(vars["SCABBARD_AGENT_ID"], "agent-9");
+    assert_eq!(vars["SCABBARD_AGENT_NAME"], "builder-1");
+    let workdir = root.path().join("task-1-7");
+    assert_eq!(vars["HOME"], workdir.display().to_string());
     assert_eq!(
-        vars["HOME"],
-        root.path().join("task-1-7").display().to_string()
+        vars["SCABBARD_OUTPUT"],
+        workdir.join(".scabbard-output").display().to_string()
     );
 }
 
@@ -333,15 +346,16 @@ async fn runs_in_a_fresh_working_directory() {
     std::fs::create_dir(&stale).unwrap();
     std::fs::write(stale.join("leftover"), b"x").unwrap();
     let (outcome, chunks) = run(
-        &spec(&["sh", "-c", "pwd; ls -A"]),
+        &spec(&["sh", "-c", "pwd; ls -A; test ! -s \"$SCABBARD_OUTPUT\""]),
         root.path(),
         CancellationToken::new(),
     )
     .await;
     assert_eq!(outcome.outcome, Outcome::Succeeded);
+    // Only the (empty) $SCABBARD_OUTPUT file is there.
     assert_eq!(
         text(&chunks, OutStream::Stdout),
-        format!("{}\n", stale.display())
+        format!("{}\n.scabbard-output\n", stale.display())
     );
     assert!(!stale.exists());
 }

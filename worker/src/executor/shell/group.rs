@@ -1,0 +1,98 @@
+//! The process group of a shell attempt: making the child the leader of its own session
+//! (and tying its life to the worker's), signalling every process in the group, and telling
+//! when the group is gone. Nothing here knows about output or outcomes.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep};
+
+/// Kills the whole process group if `run` is dropped before it finished.
+pub(super) struct GroupGuard(pub(super) Option<libc::pid_t>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            signal_group(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Makes the child the leader of a new session and process group, and has the kernel
+/// SIGKILL it if the worker dies.
+pub(super) fn own_process_group(cmd: &mut std::process::Command) {
+    let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (setsid, prctl, getppid); it allocates nothing.
+    // PR_SET_PDEATHSIG fires when the *thread* that forked dies: spawns happen on runtime
+    // threads, which live as long as the worker.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // The worker may have died between fork and prctl: then nobody is left to kill us.
+            if libc::getppid() != parent {
+                return Err(io::Error::other("the worker exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends `signal` to every process of the group; a group that is already gone is fine.
+pub(super) fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
+    // SAFETY: kill() has no memory-safety preconditions; a negative pid targets the group.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(-pgid, signal) };
+    if rc == -1 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(pgid, signal, error = %e, "cannot signal process group");
+        }
+    }
+}
+
+/// Whether a live process is left in the group. Zombies do not count: they hold nothing,
+/// and an init that reaps orphans slowly (as in some containers) must not delay us.
+fn group_alive(pgid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks for existence; no memory is involved.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(-pgid, 0) };
+    if rc == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return false;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    procs.flatten().any(|entry| {
+        // `pid (comm) state ppid pgrp ...`; comm may contain anything, even ')'.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        let mut fields = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace();
+        let (state, pgrp) = (fields.next(), fields.nth(1));
+        state != Some("Z") && pgrp.and_then(|p| p.parse().ok()) == Some(pgid)
+    })
+}
+
+/// Polls until the group is empty or `deadline` passes; true if it is gone.
+pub(super) async fn wait_group_gone(pgid: libc::pid_t, deadline: Instant) -> bool {
+    loop {
+        if !group_alive(pgid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,110 @@
+//! Tests of the runner with a real shell executor: what reaches the controller.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use scabbard_common::proto::{self, AgentMessage, agent_message, output_spec::Source};
+use tokio::sync::mpsc;
+
+use super::Runner;
+use crate::executor::{Executor, ShellExecutor};
+use crate::spool::Spool;
+
+/// Starts one attempt of `spec` and returns its log chunks and its result.
+async fn run_attempt(spec: proto::TaskSpec) -> (Vec<proto::AgentLogChunk>, proto::TaskResult) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(&dir.path().join("spool")).unwrap());
+    let (outbox, mut rx) = mpsc::channel(64);
+    let executors: Vec<Arc<dyn Executor>> = vec![Arc::new(ShellExecutor::new())];
+    let runner = Arc::new(Runner::new(
+        spool,
+        executors,
+        dir.path().join("work"),
+        Duration::from_secs(30),
+        1,
+        outbox,
+        "host-1".into(),
+    ));
+    runner.set_agent_id("agent-1");
+    let assign = proto::Assign {
+        task_id: "task-1".into(),
+        fencing_token: 1,
+        attempt: 1,
+        spec: Some(spec),
+    };
+    assert_eq!(runner.start(assign), Ok(true));
+    let mut chunks = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("attempt finished in time")
+            .expect("outbox open");
+        match msg {
+            AgentMessage {
+                msg: Some(agent_message::Msg::Log(chunk)),
+            } => chunks.push(chunk),
+            AgentMessage {
+                msg: Some(agent_message::Msg::Finished(f)),
+            } => return (chunks, f.result.expect("a result")),
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn secrets_written_to_outputs_come_back_masked() {
+    let script = r#"
+        echo "token=$TOKEN" >> "$SCABBARD_OUTPUT"
+        echo "$TOKEN=as a key" >> "$SCABBARD_OUTPUT"
+        printf 'multi<<EOF\nbefore\n%s after\nEOF\n' "$TOKEN" >> "$SCABBARD_OUTPUT"
+        echo "agent=$SCABBARD_AGENT_ID/$SCABBARD_AGENT_NAME" >> "$SCABBARD_OUTPUT"
+        printf '%s.big=%s\n' "$TOKEN" "$(head -c 20000 /dev/zero | tr '\0' x)" >> "$SCABBARD_OUTPUT"
+        echo "last $TOKEN"
+    "#;
+    let spec = proto::TaskSpec {
+        kind: Some(proto::task_spec::Kind::Shell(proto::ShellTask {
+            command: vec!["sh".into(), "-c".into(), script.into()],
+        })),
+        secret_env: [("TOKEN".to_string(), "s3cr3t-value".to_string())].into(),
+        outputs: vec![proto::OutputSpec {
+            name: "line".into(),
+            source: Some(Source::LastStdoutLine(true)),
+        }],
+        ..Default::default()
+    };
+    let (chunks, result) = run_attempt(spec).await;
+    assert_eq!(
+        result.outcome,
+        proto::Outcome::Succeeded as i32,
+        "{result:?}"
+    );
+    let outputs: Vec<(&str, &str)> = {
+        let mut o: Vec<_> = result
+            .outputs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        o.sort_unstable();
+        o
+    };
+    assert_eq!(
+        outputs,
+        [
+            // The secret was used as a key: masked too.
+            ("***", "as a key"),
+            ("agent", "agent-1/host-1"),
+            ("line", "last ***"),
+            ("multi", "before\n*** after"),
+            ("token", "***"),
+        ]
+    );
+    let log: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+    let log = String::from_utf8_lossy(&log);
+    assert!(!log.contains("s3cr3t"), "{log}");
+    // The system line about the dropped value names its key, masked.
+    assert!(
+        log.contains("output '***.big' (line 8) is 20000 bytes"),
+        "{log}"
+    );
+    assert!(!format!("{result:?}").contains("s3cr3t"));
+}

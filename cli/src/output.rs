@@ -1,9 +1,15 @@
-//! Human-readable output of tasks, agents, tokens, projects and the audit log.
+//! Human-readable output of tasks, agents, tokens, projects and the audit log; workflows
+//! in [`workflow`], templates, schedules and breakers in [`catalog`], machine-readable
+//! workflows in [`document`].
 
 use scabbard_common::proto::{
     Agent, AgentStatus, AuditEntry, Project, Scope, Task, TaskState, TokenInfo, TokenKind,
 };
 use tonic::Code;
+
+pub(crate) mod catalog;
+pub(crate) mod document;
+pub(crate) mod workflow;
 
 /// Turns an RPC failure into a one-line error a person can act on, naming the gRPC code
 /// as the protocol spells it (`UNAUTHENTICATED`, `PERMISSION_DENIED`, ...).

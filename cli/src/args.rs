@@ -35,7 +35,8 @@ pub(crate) enum Command {
     /// Inspect and drain agents.
     #[command(subcommand)]
     Agents(AgentsCommand),
-    /// Cluster status: leader, controllers, store health, queue depths.
+    /// Cluster status: leader, controllers, store health, queue depths, workflows and
+    /// circuit breakers.
     Status {
         #[command(flatten)]
         target: Target,
@@ -58,10 +59,24 @@ pub(crate) enum Command {
     Project(ProjectCommand),
     /// Show the audit log of admin and operator actions, newest first.
     Audit(AuditArgs),
+    /// Submit, inspect, cancel and watch workflows (DAGs of tasks).
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
+    /// List, show, render and run workflow templates.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Create, inspect, pause, resume and delete cron schedules of templates.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+    /// Inspect and reset circuit breakers.
+    #[command(subcommand)]
+    Breakers(BreakersCommand),
 }
 
 mod security;
+mod workflows;
 pub(crate) use security::*;
+pub(crate) use workflows::*;
 
 /// Where the controller is and how to authenticate to it; what is not given here comes
 /// from the credentials file (`scabbard login`).
@@ -417,5 +432,86 @@ pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn grammar_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn workflow_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "scabbard",
+            "template",
+            "run",
+            "deploy",
+            "-p",
+            "env=prod",
+            "-p",
+            "q=a=b",
+            "--version",
+            "3",
+            "--watch",
+        ])
+        .expect("parses");
+        let Command::Template(TemplateCommand::Run {
+            params,
+            version,
+            watch,
+            ..
+        }) = cli.command
+        else {
+            panic!("not template run: {:?}", cli.command);
+        };
+        assert_eq!(params[1], ("q".to_string(), "a=b".to_string()));
+        assert_eq!(version, Some(3));
+        assert!(watch);
+
+        let cli =
+            Cli::try_parse_from(["scabbard", "workflow", "list", "--state", "running,PENDING"])
+                .expect("parses");
+        let Command::Workflow(WorkflowCommand::List { states, .. }) = cli.command else {
+            panic!("not workflow list");
+        };
+        use scabbard_common::proto::WorkflowState;
+        assert_eq!(states, vec![WorkflowState::Running, WorkflowState::Pending]);
+
+        let cli = Cli::try_parse_from([
+            "scabbard",
+            "schedule",
+            "create",
+            "--name",
+            "nightly",
+            "--cron",
+            "0 2 * * *",
+            "--template",
+            "build",
+            "--overlap",
+            "cancel-previous",
+            "--catch-up",
+            "5m",
+        ])
+        .expect("parses");
+        let Command::Schedule(ScheduleCommand::Create {
+            overlap, catch_up, ..
+        }) = cli.command
+        else {
+            panic!("not schedule create");
+        };
+        assert_eq!(overlap, OverlapArg::CancelPrevious);
+        assert_eq!(catch_up, Some(std::time::Duration::from_secs(300)));
+
+        let e = Cli::try_parse_from(["scabbard", "template", "render", "t", "-p", "=x"])
+            .expect_err("empty name");
+        assert!(e.to_string().contains("no name"), "{e}");
+        assert!(Cli::try_parse_from(["scabbard", "workflow", "list", "--state", "done"]).is_err());
     }
 }

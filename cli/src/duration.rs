@@ -57,6 +57,9 @@ mod tests {
         assert_eq!(parse("30").unwrap(), Duration::from_secs(30));
         assert_eq!(parse("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse("5x").is_err());
         assert!(parse("").is_err());
         assert!(parse("m5").is_err());

@@ -1,11 +1,14 @@
-//! `scabbard agents list|drain`.
+//! `scabbard agents list|drain`, `scabbard breakers list|reset`, `scabbard status`.
 
 use anyhow::Result;
 use scabbard_common::client::AdminServiceClient;
-use scabbard_common::proto::{ClusterStatusRequest, DrainAgentRequest, ListAgentsRequest};
+use scabbard_common::proto::{
+    BreakerState, ClusterStatusRequest, DrainAgentRequest, ListAgentsRequest, ListBreakersRequest,
+    ResetBreakerRequest,
+};
 
-use crate::args::{AgentsCommand, Target};
-use crate::output;
+use crate::args::{AgentsCommand, BreakersCommand, Target};
+use crate::output::{self, catalog};
 
 pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
     match c {
@@ -27,6 +30,35 @@ pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
                 .map_err(output::status)?
                 .into_inner();
             println!("agent {} is draining ({} running)", a.id, a.running);
+        }
+    }
+    Ok(0)
+}
+
+pub(crate) async fn breakers(c: BreakersCommand) -> Result<u8> {
+    match c {
+        BreakersCommand::List { target, all } => {
+            let mut admin = AdminServiceClient::new(super::connect(&target).await?);
+            let bs = admin
+                .list_breakers(ListBreakersRequest { all })
+                .await
+                .map_err(output::status)?
+                .into_inner()
+                .breakers;
+            if bs.is_empty() {
+                println!("no {}breakers", if all { "" } else { "open or half-open " });
+            } else {
+                catalog::breakers(&bs);
+            }
+        }
+        BreakersCommand::Reset { target, key } => {
+            let mut admin = AdminServiceClient::new(super::connect(&target).await?);
+            let b = admin
+                .reset_breaker(ResetBreakerRequest { key })
+                .await
+                .map_err(output::status)?
+                .into_inner();
+            println!("breaker {} is {}", b.key, catalog::breaker_state(&b));
         }
     }
     Ok(0)
@@ -66,6 +98,22 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
             s.queued_tasks, s.active_tasks, s.total_tasks
         );
         println!("agents:      {} connected", s.connected_agents);
+        println!(
+            "workflows:   {} running, {} pending",
+            s.running_workflows, s.pending_workflows
+        );
+        let open: Vec<_> = s
+            .breakers
+            .iter()
+            .filter(|b| b.state() != BreakerState::Closed)
+            .cloned()
+            .collect();
+        if open.is_empty() {
+            println!("breakers:    all closed");
+        } else {
+            println!("breakers:    {} not closed", open.len());
+            catalog::breakers(&open);
+        }
     }
     Ok(if s.store_healthy && !s.leader.is_empty() {
         0

@@ -2,8 +2,11 @@
 
 mod agents;
 mod daemons;
+mod schedules;
 mod security;
 mod tasks;
+mod templates;
+mod workflows;
 
 use anyhow::Result;
 use scabbard_common::client::{self, AuthedChannel};
@@ -29,6 +32,10 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Token(c) => security::token(c).await,
         Command::Project(c) => security::project(c).await,
         Command::Audit(a) => security::audit(a).await,
+        Command::Workflow(c) => workflows::workflow(c).await,
+        Command::Template(c) => templates::template(c).await,
+        Command::Schedule(c) => schedules::schedule(c).await,
+        Command::Breakers(c) => agents::breakers(c).await,
     }
 }
 

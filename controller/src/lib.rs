@@ -20,6 +20,7 @@ pub mod sealed;
 pub mod server;
 mod session;
 pub mod store;
+pub mod templates;
 pub mod tls;
 pub mod workflow;
 

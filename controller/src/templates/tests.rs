@@ -668,3 +668,31 @@ proptest! {
         prop_assert!(e.contains(&format!("param mode: {mode:?} is not one of fast, safe, 1.5")), "{}", e);
     }
 }
+
+#[test]
+fn rendered_builtins_write_as_yaml_and_read_back() {
+    let reg = Registry::builtin();
+    let required = params(&[
+        ("repository", "https://github.com/acme/app.git"),
+        ("source_url", "https://example.com/sales.csv"),
+        ("destination", "s3://acme-data/sales"),
+        ("code_repository", "https://github.com/acme/model.git"),
+        ("dataset_url", "s3://acme/datasets/churn.parquet"),
+        ("model_name", "churn"),
+        ("bucket", "acme-ops"),
+    ]);
+    for t in reg.list() {
+        let given: HashMap<String, String> = required
+            .iter()
+            .filter(|(k, _)| t.params.iter().any(|p| &p.name == *k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let (spec, _) = reg.render(&t.name, 0, &given).unwrap();
+        let yaml = wfdef::to_yaml(&spec);
+        if std::env::var_os("SCABBARD_PRINT_TEMPLATES").is_some() {
+            println!("---\n{yaml}");
+        }
+        let back = wfdef::parse_workflow(&yaml, &t.name).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        assert_eq!(back, spec, "{}", t.name);
+    }
+}

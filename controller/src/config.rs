@@ -84,6 +84,26 @@ pub struct ControllerConfig {
     /// Directory of user workflow templates (`*.yaml`, `*.yml`), loaded at start next to
     /// the built-in ones. A broken file stops the controller with the file and field named.
     pub templates_dir: Option<PathBuf>,
+    /// Where schedules read the time (the system clock; a manual one in tests). Never read
+    /// from the config file.
+    #[serde(skip)]
+    pub clock: ClockHandle,
+}
+
+/// A shareable clock for [`ControllerConfig::clock`].
+#[derive(Clone)]
+pub struct ClockHandle(pub std::sync::Arc<dyn crate::schedules::Clock>);
+
+impl Default for ClockHandle {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(crate::schedules::SystemClock))
+    }
+}
+
+impl std::fmt::Debug for ClockHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClockHandle(now_ms = {})", self.0.now_ms())
+    }
 }
 
 impl Default for ControllerConfig {
@@ -115,6 +135,7 @@ impl Default for ControllerConfig {
             breaker_threshold: 5,
             breaker_open_ms: 30_000,
             templates_dir: None,
+            clock: ClockHandle::default(),
         }
     }
 }

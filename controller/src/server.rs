@@ -8,7 +8,8 @@ use std::time::Duration;
 use scabbard_common::proto::{
     FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
     agent_service_server::AgentServiceServer, project_service_server::ProjectServiceServer,
-    task_service_server::TaskServiceServer, workflow_service_server::WorkflowServiceServer,
+    schedule_service_server::ScheduleServiceServer, task_service_server::TaskServiceServer,
+    template_service_server::TemplateServiceServer, workflow_service_server::WorkflowServiceServer,
 };
 use scabbard_common::{Error, Result};
 use tokio::net::TcpListener;
@@ -16,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{AdminApi, AgentApi, ProjectApi, TaskApi, WorkflowApi};
+use crate::api::{AdminApi, AgentApi, ProjectApi, ScheduleApi, TaskApi, TemplateApi, WorkflowApi};
 use crate::auth::catalog::{Bootstrap, DefaultLimits};
 use crate::auth::{AuthLayer, Catalog};
 use crate::config::ControllerConfig;
@@ -25,6 +26,7 @@ use crate::core::{self, CoreRouter, Route};
 use crate::leader;
 use crate::logstore::LogStore;
 use crate::store::{EmbeddedStore, EtcdStore, Store};
+use crate::templates::Registry;
 
 /// How long in-flight calls may take to finish after shutdown is requested.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -115,11 +117,14 @@ pub async fn serve(
         }
         Bootstrap::AlreadyDone => {}
     }
+    // Built-in templates plus the configured directory; a broken file stops the start.
+    let templates = Arc::new(Registry::load(cfg.templates_dir.as_deref())?);
     let (route, router_handle) = CoreRouter::new(Route::Follower(None));
     let leading = tokio::spawn(lead_when_elected(
         cfg.clone(),
         store.clone(),
         catalog.clone(),
+        templates.clone(),
         advertise.clone(),
         route,
         shutdown.clone(),
@@ -143,6 +148,7 @@ pub async fn serve(
         router_handle,
         store.clone(),
         catalog,
+        templates,
         advertise.clone(),
     )?;
     info!(%addr, %advertise, "controller serving");
@@ -178,6 +184,7 @@ async fn lead_when_elected(
     cfg: Arc<ControllerConfig>,
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
+    templates: Arc<Registry>,
     advertise: String,
     route: watch::Sender<Route>,
     shutdown: CancellationToken,
@@ -198,6 +205,7 @@ async fn lead_when_elected(
                     cfg.clone(),
                     store.clone(),
                     catalog.clone(),
+                    templates.clone(),
                     logs,
                     core_stop.clone(),
                     Some(fence),
@@ -249,6 +257,7 @@ fn router(
     core: CoreRouter,
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
+    templates: Arc<Registry>,
     advertise: String,
 ) -> Result<
     tonic::transport::server::Router<
@@ -278,6 +287,8 @@ fn router(
                 "scabbard.v1.AdminService",
                 "scabbard.v1.ProjectService",
                 "scabbard.v1.WorkflowService",
+                "scabbard.v1.TemplateService",
+                "scabbard.v1.ScheduleService",
             ] {
                 reporter.set_service_status(name, status).await;
             }
@@ -316,6 +327,20 @@ fn router(
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let workflows = WorkflowServiceServer::new(WorkflowApi {
+        core: core.clone(),
+        catalog: catalog.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let template_api = TemplateServiceServer::new(TemplateApi {
+        core: core.clone(),
+        catalog: catalog.clone(),
+        templates,
+        cfg: cfg.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let schedules = ScheduleServiceServer::new(ScheduleApi {
         core,
         catalog: catalog.clone(),
     })
@@ -337,7 +362,9 @@ fn router(
         .add_service(agents)
         .add_service(admin)
         .add_service(projects)
-        .add_service(workflows))
+        .add_service(workflows)
+        .add_service(template_api)
+        .add_service(schedules))
 }
 
 /// A controller running in this process (tests, `scabbard dev`).

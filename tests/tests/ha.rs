@@ -408,3 +408,115 @@ async fn tokens_are_shared_and_revocations_reach_every_controller() -> anyhow::R
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn schedules_fire_each_tick_once_across_a_leader_failover() -> anyhow::Result<()> {
+    use scabbard_common::proto::schedule_service_client::ScheduleServiceClient;
+    use scabbard_common::proto::workflow_service_client::WorkflowServiceClient;
+    use scabbard_common::proto::{
+        CreateScheduleRequest, GetScheduleRequest, ListWorkflowsRequest, OverlapPolicy,
+        ScheduleSpec,
+    };
+    let etcd = EtcdCluster::start(1)?;
+    let dir = tempfile::tempdir()?;
+    let templates = dir.path().join("templates");
+    std::fs::create_dir_all(&templates)?;
+    std::fs::write(
+        templates.join("tick.yaml"),
+        "name: tick\nversion: 1\ndescription: one no-op task\nworkflow:\n  tasks:\n    - name: noop\n      noop: {}\n",
+    )?;
+    let opts = ControllerOpts {
+        extra: vec![
+            "--store".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            etcd.endpoints(),
+            "--logs-dir".into(),
+            dir.path().join("shared-logs").display().to_string(),
+            "--leader-lease-ttl".into(),
+            "2s".into(),
+            "--templates-dir".into(),
+            templates.display().to_string(),
+        ],
+        ..ControllerOpts::default()
+    };
+    let mut cs = Vec::new();
+    for i in 0..2 {
+        cs.push(Controller::start(
+            &dir.path().join(format!("c{i}")),
+            free_port(),
+            &opts,
+        )?);
+    }
+    let addrs = cs
+        .iter()
+        .map(|c| c.addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let first = eventually("a leader", T, || leader(&addrs)).await?;
+    let mut schedules = ScheduleServiceClient::new(admin_channel(&addrs).await?);
+    // Every 2 s; runs queue behind each other (no workers), so every tick makes a run.
+    let s = schedules
+        .create(CreateScheduleRequest {
+            spec: Some(ScheduleSpec {
+                name: "every-2s".into(),
+                cron: "*/2 * * * * *".into(),
+                template: "tick".into(),
+                overlap: OverlapPolicy::Queue as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let fired = |addrs: String, n: u64| {
+        let id = s.id.clone();
+        async move {
+            eventually(&format!("{n} ticks fired"), T, || {
+                let (addrs, id) = (addrs.clone(), id.clone());
+                async move {
+                    let ch = admin_channel(&addrs).await.ok()?;
+                    let s = ScheduleServiceClient::new(ch)
+                        .get(GetScheduleRequest { id })
+                        .await
+                        .ok()?
+                        .into_inner();
+                    (s.fired >= n).then_some(s)
+                }
+            })
+            .await
+        }
+    };
+    fired(addrs.clone(), 2).await?;
+    let idx = cs
+        .iter()
+        .position(|x| x.addr.to_string() == first)
+        .expect("ours");
+    cs[idx].proc.kill9();
+    let rest = cs[1 - idx].addr.to_string();
+    eventually("a new leader", T, || leader(&rest)).await?;
+    let after = fired(rest.clone(), 6).await?;
+    assert_eq!(after.skipped, 0, "{after:?}");
+    let runs = WorkflowServiceClient::new(admin_channel(&rest).await?)
+        .list(ListWorkflowsRequest {
+            template: "tick".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .workflows;
+    let mut ticks: Vec<i64> = runs
+        .iter()
+        .map(|w| w.template.as_ref().unwrap().scheduled_for_ms)
+        .collect();
+    ticks.sort();
+    assert!(ticks.len() >= 6, "{ticks:?}");
+    for w in ticks.windows(2) {
+        assert_eq!(
+            w[1] - w[0],
+            2_000,
+            "a tick was skipped or doubled across the failover: {ticks:?}"
+        );
+    }
+    Ok(())
+}

@@ -59,8 +59,17 @@ async fn a_flaky_task_succeeds_on_attempt_3_with_backoff_within_the_policy() -> 
     for (n, w) in t.attempts.windows(2).enumerate() {
         let gap = w[1].assigned_at_ms - w[0].finished_at_ms;
         let base = 300 * (1 << n);
-        assert!(gap >= base / 2, "retry {} came after {gap} ms, before the backoff floor {}", n + 1, base / 2);
-        assert!(gap <= base + 1_500, "retry {} came after {gap} ms, far beyond {base}", n + 1);
+        assert!(
+            gap >= base / 2,
+            "retry {} came after {gap} ms, before the backoff floor {}",
+            n + 1,
+            base / 2
+        );
+        assert!(
+            gap <= base + 1_500,
+            "retry {} came after {gap} ms, far beyond {base}",
+            n + 1
+        );
     }
     assert_eq!(logs(&mut tasks, &id, 1, false).await?, "attempt 1\n");
     assert_eq!(logs(&mut tasks, &id, 3, false).await?, "attempt 3\n");
@@ -102,8 +111,14 @@ async fn an_agent_failing_every_task_trips_its_breaker_and_work_moves() -> anyho
     let bad_id = eventually("both agents", T, || {
         let mut admin = admin.clone();
         async move {
-            let agents = admin.list_agents(ListAgentsRequest {}).await.ok()?.into_inner().agents;
-            (agents.len() == 2).then(|| agents.into_iter().find(|a| a.name == "bad").map(|a| a.id))?
+            let agents = admin
+                .list_agents(ListAgentsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .agents;
+            (agents.len() == 2)
+                .then(|| agents.into_iter().find(|a| a.name == "bad").map(|a| a.id))?
         }
     })
     .await?;
@@ -133,15 +148,28 @@ async fn an_agent_failing_every_task_trips_its_breaker_and_work_moves() -> anyho
         .await?
         .into_inner()
         .breakers;
-    let b = breakers.iter().find(|b| b.key == key).expect("bad agent's breaker listed");
+    let b = breakers
+        .iter()
+        .find(|b| b.key == key)
+        .expect("bad agent's breaker listed");
     assert_eq!(b.state(), BreakerState::Open);
     assert!(b.last_error.contains("exit"), "{b:?}");
-    let status = admin.cluster_status(scabbard_common::proto::ClusterStatusRequest {}).await?.into_inner();
+    let status = admin
+        .cluster_status(scabbard_common::proto::ClusterStatusRequest {})
+        .await?
+        .into_inner();
     assert!(status.breakers.iter().any(|b| b.key == key));
     // An operator closes it by hand.
-    let reset = admin.reset_breaker(ResetBreakerRequest { key: key.clone() }).await?.into_inner();
+    let reset = admin
+        .reset_breaker(ResetBreakerRequest { key: key.clone() })
+        .await?
+        .into_inner();
     assert_eq!(reset.state(), BreakerState::Closed);
-    let r = admin.reset_breaker(ResetBreakerRequest { key: "agent:nope".into() }).await;
+    let r = admin
+        .reset_breaker(ResetBreakerRequest {
+            key: "agent:nope".into(),
+        })
+        .await;
     assert_eq!(code_and_message(r).0, tonic::Code::NotFound);
     Ok(())
 }
@@ -219,7 +247,10 @@ async fn a_flood_from_one_project_does_not_starve_another() -> anyhow::Result<()
         }
     }
     // At most the slots freeing up while it was being submitted.
-    assert!(overtook <= 2, "{overtook} flood tasks started before the other project's task");
+    assert!(
+        overtook <= 2,
+        "{overtook} flood tasks started before the other project's task"
+    );
     for id in &flood {
         wait_state(&mut tasks, id, None, T).await?;
     }

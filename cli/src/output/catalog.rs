@@ -202,9 +202,6 @@ pub(crate) fn schedule(s: &Schedule) {
         println!("last run:     {}", s.last_workflow_id);
     }
     println!("fired:        {}  skipped: {}", s.fired, s.skipped);
-    for q in &s.queued_ticks_ms {
-        println!("queued tick:  {} UTC", utc(*q));
-    }
 }
 
 /// `90s`, `5m`, `1h30m`, `250ms` for milliseconds.

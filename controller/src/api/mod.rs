@@ -6,11 +6,15 @@ mod agents;
 mod guard;
 mod logs;
 mod projects;
+mod schedules;
 mod tasks;
+mod templates;
 mod workflows;
 
 pub use admin::AdminApi;
 pub use agents::AgentApi;
 pub use projects::ProjectApi;
+pub use schedules::ScheduleApi;
 pub use tasks::TaskApi;
+pub use templates::TemplateApi;
 pub use workflows::WorkflowApi;

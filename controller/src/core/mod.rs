@@ -14,6 +14,7 @@ pub(crate) mod persist;
 mod presence;
 mod retry;
 pub(crate) mod scheduler;
+mod schedules;
 mod tasks;
 pub(crate) mod validate;
 pub(crate) mod workflows;
@@ -136,6 +137,29 @@ pub(crate) enum CoreMsg {
     SubscribeWorkflows {
         id: String,
         reply: Reply<(Workflow, broadcast::Receiver<Arc<Workflow>>)>,
+    },
+    CreateSchedule {
+        spec: scabbard_common::proto::ScheduleSpec,
+        project: String,
+        paused: bool,
+        reply: Reply<scabbard_common::proto::Schedule>,
+    },
+    GetSchedule {
+        id: String,
+        reply: Reply<scabbard_common::proto::Schedule>,
+    },
+    ListSchedules {
+        project: String,
+        reply: oneshot::Sender<Vec<scabbard_common::proto::Schedule>>,
+    },
+    PauseSchedule {
+        id: String,
+        pause: bool,
+        reply: Reply<scabbard_common::proto::Schedule>,
+    },
+    DeleteSchedule {
+        id: String,
+        reply: Reply<()>,
     },
     ListBreakers {
         all: bool,
@@ -304,6 +328,13 @@ pub(crate) struct State {
     pub(crate) wf_dirty: BTreeSet<String>,
     pub(crate) wf_idempotency: HashMap<String, String>,
     pub(crate) wf_events: broadcast::Sender<Arc<Workflow>>,
+    /// Schedules by id, and their parsed cron expressions.
+    pub(crate) schedules: BTreeMap<String, scabbard_common::proto::Schedule>,
+    pub(crate) crons: HashMap<String, crate::schedules::plan::Cron>,
+    /// Templates, for schedules.
+    pub(crate) templates: Arc<crate::templates::Registry>,
+    /// The time schedules go by.
+    pub(crate) clock: Arc<dyn crate::schedules::Clock>,
 }
 
 /// Starts the core: rebuilds state from `store`, then serves requests until `shutdown`.
@@ -314,6 +345,7 @@ pub(crate) async fn start(
     cfg: Arc<ControllerConfig>,
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
+    templates: Arc<crate::templates::Registry>,
     logs: Arc<LogStore>,
     shutdown: CancellationToken,
     fence: Option<persist::Fence>,
@@ -327,6 +359,7 @@ pub(crate) async fn start(
     let store_for_presence = store.clone();
     let agent_ttl = cfg.agent_lease_ttl();
     let breakers_cfg = cfg.breakers();
+    let clock = cfg.clock.0.clone();
     let mut state = State {
         cfg,
         store,
@@ -348,6 +381,10 @@ pub(crate) async fn start(
         wf_dirty: BTreeSet::new(),
         wf_idempotency: HashMap::new(),
         wf_events: broadcast::channel(4096).0,
+        schedules: BTreeMap::new(),
+        crons: HashMap::new(),
+        templates,
+        clock,
     };
     state.recover().await?;
     state.advance_workflows().await;
@@ -366,6 +403,9 @@ async fn run(
     let sweep_every = (state.cfg.agent_lease_ttl() / 4).max(Duration::from_millis(25));
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Schedules are checked often enough for second-granularity cron expressions.
+    let mut cron_tick = tokio::time::interval(Duration::from_millis(200));
+    cron_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -385,6 +425,11 @@ async fn run(
             }
             _ = sweep.tick() => {
                 state.sweep_lost_agents().await;
+                state.advance_workflows().await;
+                state.schedule().await;
+            }
+            _ = cron_tick.tick() => {
+                state.fire_schedules().await;
                 state.advance_workflows().await;
                 state.schedule().await;
             }
@@ -478,6 +523,22 @@ impl State {
                 let rx = self.wf_events.subscribe();
                 let _ = reply.send(self.get_workflow(&id).map(|w| (w, rx)));
             }
+            CoreMsg::CreateSchedule {
+                spec,
+                project,
+                paused,
+                reply,
+            } => self.create_schedule(spec, project, paused, reply).await,
+            CoreMsg::GetSchedule { id, reply } => {
+                let _ = reply.send(self.get_schedule(&id));
+            }
+            CoreMsg::ListSchedules { project, reply } => {
+                let _ = reply.send(self.list_schedules(&project));
+            }
+            CoreMsg::PauseSchedule { id, pause, reply } => {
+                self.pause_schedule(id, pause, reply).await
+            }
+            CoreMsg::DeleteSchedule { id, reply } => self.delete_schedule(id, reply).await,
             CoreMsg::ListBreakers { all, reply } => {
                 let _ = reply.send(self.breakers.list(all));
             }
@@ -578,6 +639,7 @@ impl State {
             self.tasks.insert(entry.task.id.clone(), entry);
         }
         self.recover_workflows().await?;
+        self.recover_schedules().await?;
         info!(
             workflows = self.workflows.len(),
             tasks = self.tasks.len(),

@@ -1,5 +1,5 @@
 //! Output references: `${{ tasks.<node>.outputs.<key> }}` in a node's strings (command and
-//! arguments, image, workdir, env values, Dagger call arguments) is replaced by the value
+//! arguments, image, workdir, mounted host directories, env values, Dagger call arguments) is replaced by the value
 //! the named ancestor reported when the node is released. Any other `${{ … }}` expression is
 //! an error (template parameters are rendered before a workflow is submitted).
 
@@ -68,6 +68,13 @@ pub fn for_each_string(spec: &mut TaskSpec, f: &mut dyn FnMut(&str, &mut String)
                 for (j, a) in s.args.iter_mut().enumerate() {
                     f(&format!("container.steps[{i}].args[{j}]"), a);
                 }
+            }
+            // A directory an earlier node exported (e.g. a checkout) mounted here.
+            for (i, d) in c.directories.iter_mut().enumerate() {
+                f(
+                    &format!("container.directories[{i}].host_path"),
+                    &mut d.host_path,
+                );
             }
         }
         Some(Kind::DaggerCall(d)) => {

@@ -1,0 +1,146 @@
+//! `ScheduleService`: cron schedules that run a template (created, listed, paused, resumed,
+//! deleted); the leader fires them.
+
+use std::sync::Arc;
+
+use scabbard_common::Error;
+use scabbard_common::proto::{
+    CreateScheduleRequest, DeleteScheduleRequest, DeleteScheduleResponse, GetScheduleRequest,
+    ListSchedulesRequest, ListSchedulesResponse, PauseScheduleRequest, ResumeScheduleRequest,
+    Schedule, schedule_service_server::ScheduleService,
+};
+use tonic::{Request, Response, Status};
+
+use crate::audit;
+use crate::auth::{self, Catalog, Principal};
+use crate::core::{CoreMsg, CoreRouter, validate};
+
+/// Implementation of `scabbard.v1.ScheduleService`.
+pub struct ScheduleApi {
+    pub(crate) core: CoreRouter,
+    pub(crate) catalog: Arc<Catalog>,
+}
+
+impl ScheduleApi {
+    async fn visible(&self, who: &Principal, id: String) -> Result<Schedule, Status> {
+        validate::id("schedule", &id)?;
+        let s = self
+            .core
+            .ask(|reply| CoreMsg::GetSchedule { id, reply })
+            .await?;
+        who.check_project(&format!("schedule {}", s.id), &s.project)?;
+        Ok(s)
+    }
+
+    async fn audit(&self, who: &Principal, action: &str, s: &Schedule) {
+        let name = s.spec.as_ref().map(|x| x.name.clone()).unwrap_or_default();
+        let entry = audit::entry(who, action, &s.id, &s.project, name);
+        if let Err(e) = audit::record(self.catalog.store(), &entry).await {
+            tracing::warn!(error = %e, schedule = %s.id, action, "could not write the audit log");
+        }
+    }
+
+    async fn pause(&self, who: &Principal, id: String, pause: bool) -> Result<Schedule, Status> {
+        self.visible(who, id.clone()).await?;
+        let s = self
+            .core
+            .ask(|reply| CoreMsg::PauseSchedule { id, pause, reply })
+            .await?;
+        self.audit(
+            who,
+            if pause {
+                "schedule.pause"
+            } else {
+                "schedule.resume"
+            },
+            &s,
+        )
+        .await;
+        Ok(s)
+    }
+}
+
+#[tonic::async_trait]
+impl ScheduleService for ScheduleApi {
+    async fn create(
+        &self,
+        req: Request<CreateScheduleRequest>,
+    ) -> Result<Response<Schedule>, Status> {
+        let who = auth::principal(&req)?;
+        let r = req.into_inner();
+        let spec = r
+            .spec
+            .ok_or_else(|| Error::invalid("spec is required: name, cron, template (and params)"))?;
+        let project = who.resolve_project(&r.project)?;
+        if self.catalog.project(&project).is_none() {
+            return Err(Error::not_found("project", project).into());
+        }
+        let s = self
+            .core
+            .ask(|reply| CoreMsg::CreateSchedule {
+                spec,
+                project,
+                paused: r.paused,
+                reply,
+            })
+            .await?;
+        self.audit(&who, "schedule.create", &s).await;
+        Ok(Response::new(s))
+    }
+
+    async fn get(&self, req: Request<GetScheduleRequest>) -> Result<Response<Schedule>, Status> {
+        let who = auth::principal(&req)?;
+        Ok(Response::new(
+            self.visible(&who, req.into_inner().id).await?,
+        ))
+    }
+
+    async fn list(
+        &self,
+        req: Request<ListSchedulesRequest>,
+    ) -> Result<Response<ListSchedulesResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let project = who
+            .list_filter(&req.into_inner().project)?
+            .unwrap_or_default();
+        let schedules = self
+            .core
+            .call(|reply| CoreMsg::ListSchedules { project, reply })
+            .await?;
+        Ok(Response::new(ListSchedulesResponse { schedules }))
+    }
+
+    async fn pause(
+        &self,
+        req: Request<PauseScheduleRequest>,
+    ) -> Result<Response<Schedule>, Status> {
+        let who = auth::principal(&req)?;
+        Ok(Response::new(
+            self.pause(&who, req.into_inner().id, true).await?,
+        ))
+    }
+
+    async fn resume(
+        &self,
+        req: Request<ResumeScheduleRequest>,
+    ) -> Result<Response<Schedule>, Status> {
+        let who = auth::principal(&req)?;
+        Ok(Response::new(
+            self.pause(&who, req.into_inner().id, false).await?,
+        ))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteScheduleRequest>,
+    ) -> Result<Response<DeleteScheduleResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let id = req.into_inner().id;
+        let s = self.visible(&who, id.clone()).await?;
+        self.core
+            .ask(|reply| CoreMsg::DeleteSchedule { id, reply })
+            .await?;
+        self.audit(&who, "schedule.delete", &s).await;
+        Ok(Response::new(DeleteScheduleResponse {}))
+    }
+}

@@ -80,6 +80,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     cfg.validate()?;
+    // Built-in templates plus the configured directory; a broken file stops the start.
+    let templates = Arc::new(Registry::load(cfg.templates_dir.as_deref())?);
     let cfg = Arc::new(cfg);
     let addr = listener.local_addr()?;
     let advertise = cfg
@@ -117,8 +119,6 @@ pub async fn serve(
         }
         Bootstrap::AlreadyDone => {}
     }
-    // Built-in templates plus the configured directory; a broken file stops the start.
-    let templates = Arc::new(Registry::load(cfg.templates_dir.as_deref())?);
     let (route, router_handle) = CoreRouter::new(Route::Follower(None));
     let leading = tokio::spawn(lead_when_elected(
         cfg.clone(),

@@ -54,7 +54,7 @@ impl TaskService for TaskApi {
         let (task, existing) = self
             .core
             .ask(|reply| CoreMsg::Submit {
-                spec,
+                spec: Box::new(spec),
                 idempotency_key: r.idempotency_key,
                 project,
                 reply,

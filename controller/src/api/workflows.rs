@@ -53,7 +53,7 @@ pub(crate) async fn submit(
     }
     let (wf, existing) = core
         .ask(|reply| CoreMsg::SubmitWorkflow {
-            spec,
+            spec: Box::new(spec),
             idempotency_key,
             project,
             template,

@@ -20,6 +20,10 @@ use super::breakers::agent_key;
 use super::scheduler::{self, Candidate, QueueKey};
 use super::{AgentEntry, State, agent_effect};
 
+/// A project's turn: (slots it holds, its head's priority, its head's age, cursor index);
+/// the smallest goes first.
+type Turn = (u32, Reverse<i32>, u64, usize);
+
 /// Most queued tasks looked at (and found unplaceable) per dispatch round.
 const SCAN_BUDGET: usize = 10_000;
 
@@ -74,7 +78,7 @@ impl State {
             .map(|(p, q)| (p, q.iter().peekable()))
             .collect();
         // Min-heap on (slots held, head priority, head age).
-        let mut heap: BinaryHeap<Reverse<(u32, Reverse<i32>, u64, usize)>> = BinaryHeap::new();
+        let mut heap: BinaryHeap<Reverse<Turn>> = BinaryHeap::new();
         for (i, (p, it)) in cursors.iter_mut().enumerate() {
             if let Some(k) = it.peek() {
                 let held = active.get(*p).copied().unwrap_or(0);
@@ -91,7 +95,7 @@ impl State {
                 continue; // at its quota: the rest of this project waits
             }
             let mut placed = false;
-            while let Some(key) = cursors[i].1.next() {
+            for key in cursors[i].1.by_ref() {
                 scanned += 1;
                 if scanned > SCAN_BUDGET {
                     break;

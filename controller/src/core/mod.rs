@@ -59,7 +59,7 @@ pub(crate) struct Attached {
 /// Requests to the core actor.
 pub(crate) enum CoreMsg {
     Submit {
-        spec: TaskSpec,
+        spec: Box<TaskSpec>,
         idempotency_key: String,
         /// Resolved and checked by the API (exists, the caller may use it).
         project: String,
@@ -114,7 +114,7 @@ pub(crate) enum CoreMsg {
         reply: oneshot::Sender<CoreStats>,
     },
     SubmitWorkflow {
-        spec: scabbard_common::proto::WorkflowSpec,
+        spec: Box<scabbard_common::proto::WorkflowSpec>,
         idempotency_key: String,
         project: String,
         template: Option<scabbard_common::proto::TemplateRef>,
@@ -458,7 +458,7 @@ impl State {
                 idempotency_key,
                 project,
                 reply,
-            } => self.submit(spec, idempotency_key, project, reply).await,
+            } => self.submit(*spec, idempotency_key, project, reply).await,
             CoreMsg::Get { id, reply } => {
                 let _ = reply.send(
                     self.tasks
@@ -507,7 +507,7 @@ impl State {
                 template,
                 reply,
             } => {
-                self.submit_workflow(spec, idempotency_key, project, template, reply)
+                self.submit_workflow(*spec, idempotency_key, project, template, reply)
                     .await
             }
             CoreMsg::GetWorkflow { id, reply } => {

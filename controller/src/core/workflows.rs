@@ -281,7 +281,7 @@ impl State {
         let fail_fast = wf
             .spec
             .as_ref()
-            .map_or(true, |s| s.failure_policy() != FailurePolicy::Continue);
+            .is_none_or(|s| s.failure_policy() != FailurePolicy::Continue);
         let failed: Vec<String> = wf
             .nodes
             .iter()

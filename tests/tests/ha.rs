@@ -454,21 +454,30 @@ async fn schedules_fire_each_tick_once_across_a_leader_failover() -> anyhow::Res
         .collect::<Vec<_>>()
         .join(",");
     let first = eventually("a leader", T, || leader(&addrs)).await?;
-    let mut schedules = ScheduleServiceClient::new(admin_channel(&addrs).await?);
-    // Every 2 s; runs queue behind each other (no workers), so every tick makes a run.
-    let s = schedules
-        .create(CreateScheduleRequest {
-            spec: Some(ScheduleSpec {
-                name: "every-2s".into(),
-                cron: "*/2 * * * * *".into(),
-                template: "tick".into(),
-                overlap: OverlapPolicy::Queue as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    // Every 2 s; runs queue behind each other (no workers), so every tick makes a run. The
+    // bootstrap token reaches the leader's token cache through its etcd watch: retry until
+    // it has.
+    let s = eventually("the schedule to be created", T, || {
+        let addrs = addrs.clone();
+        async move {
+            let mut schedules = ScheduleServiceClient::new(admin_channel(&addrs).await.ok()?);
+            schedules
+                .create(CreateScheduleRequest {
+                    spec: Some(ScheduleSpec {
+                        name: "every-2s".into(),
+                        cron: "*/2 * * * * *".into(),
+                        template: "tick".into(),
+                        overlap: OverlapPolicy::Queue as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    })
+    .await?;
     let fired = |addrs: String, n: u64| {
         let id = s.id.clone();
         async move {

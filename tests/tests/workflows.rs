@@ -300,3 +300,62 @@ async fn workflow_concurrency_group_runs_one_at_a_time() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn the_cli_submits_a_workflow_file_waits_and_shows_the_tree() -> anyhow::Result<()> {
+    let c = Cluster::start(&["w0"], 2, &[])?;
+    let _ = c.workflows().await?; // the controller answers
+    let file = c.dir.path().join("wf.yaml");
+    std::fs::write(
+        &file,
+        r#"
+name: cli-dag
+tasks:
+  - {name: version, shell: {command: [sh, -c, 'echo "v=9" >> "$SCABBARD_OUTPUT"']}}
+  - {name: build, depends_on: [version], shell: {command: [sh, -c, 'echo build ${{ tasks.version.outputs.v }}']}}
+  - {name: test, depends_on: [version], noop: {}}
+"#,
+    )?;
+    let cfg = tempfile::tempdir()?;
+    let out = cli(cfg.path())
+        .args([
+            "workflow",
+            "submit",
+            "--controller",
+            &c.addr(),
+            "--wait",
+            "-f",
+        ])
+        .arg(&file)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    // With --wait the id goes to stderr ("submitted <id>", then the outcome).
+    let id = stderr
+        .split_whitespace()
+        .find(|w| w.len() == 26)
+        .expect("a workflow id")
+        .to_string();
+    let out = cli(cfg.path())
+        .args(["workflow", "get", &id, "--controller", &c.addr()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for name in ["version", "build", "test"] {
+        assert!(text.contains(name), "{text}");
+    }
+    assert!(text.to_lowercase().contains("succeeded"), "{text}");
+    // A broken file is refused before anything is sent, naming the field.
+    std::fs::write(
+        &file,
+        "tasks:\n  - {name: a, shell: {command: [x]}, retry: {jitter: 2}}\n",
+    )?;
+    let out = cli(cfg.path())
+        .args(["workflow", "submit", "--controller", &c.addr(), "-f"])
+        .arg(&file)
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("jitter"), "{err}");
+    Ok(())
+}

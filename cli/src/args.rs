@@ -189,6 +189,10 @@ pub(crate) struct ControllerArgs {
     /// Directory of user workflow templates (*.yaml), loaded next to the built-in ones.
     #[arg(long, env = "SCABBARD_TEMPLATES_DIR")]
     pub(crate) templates_dir: Option<PathBuf>,
+    /// How long a container task waits for a worker with its image warm when only colder
+    /// workers are free (e.g. 2s; 0 = never wait).
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub(crate) cache_affinity_wait: Option<std::time::Duration>,
     /// Consecutive failures that open a circuit breaker (agent, template step, dependency).
     #[arg(long)]
     pub(crate) breaker_threshold: Option<u32>,

@@ -84,6 +84,10 @@ pub struct ControllerConfig {
     /// Directory of user workflow templates (`*.yaml`, `*.yml`), loaded at start next to
     /// the built-in ones. A broken file stops the controller with the file and field named.
     pub templates_dir: Option<PathBuf>,
+    /// How long a container task may wait for a worker whose engine has its image (or cache
+    /// volumes) warm when only colder workers have a free slot (milliseconds; 0 = never
+    /// wait).
+    pub cache_affinity_wait_ms: u64,
     /// Where schedules read the time (the system clock; a manual one in tests). Never read
     /// from the config file.
     #[serde(skip)]
@@ -135,6 +139,7 @@ impl Default for ControllerConfig {
             breaker_threshold: 5,
             breaker_open_ms: 30_000,
             templates_dir: None,
+            cache_affinity_wait_ms: 2_000,
             clock: ClockHandle::default(),
         }
     }

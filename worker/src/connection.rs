@@ -202,6 +202,7 @@ impl Connection {
             slots: self.cfg.slots,
             running: self.runner.hello_list(),
             version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
         };
         let _ = req_tx
             .send(AgentMessage {
@@ -272,7 +273,7 @@ impl Connection {
                 _ = shutdown.cancelled(), if self.stop_at.is_none() => {
                     self.begin_stop();
                     let free = self.runner.slots.saturating_sub(self.runner.running());
-                    pump.send(agent_message::Msg::Heartbeat(Heartbeat { free_slots: free, draining: true })).await
+                    pump.send(agent_message::Msg::Heartbeat(Heartbeat { free_slots: free, draining: true, ..Default::default() })).await
                 }
                 _ = tokio::time::sleep_until(stop_at) => return (End::Shutdown, true),
                 m = self.outbox.recv() => match m {
@@ -286,7 +287,7 @@ impl Connection {
                 },
                 _ = ticker.tick() => {
                     let free = self.runner.slots.saturating_sub(self.runner.running());
-                    pump.send(agent_message::Msg::Heartbeat(Heartbeat { free_slots: free, draining: self.draining })).await
+                    pump.send(agent_message::Msg::Heartbeat(Heartbeat { free_slots: free, draining: self.draining, ..Default::default() })).await
                 }
             };
             if let Err(e) = step {

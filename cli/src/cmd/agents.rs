@@ -102,6 +102,13 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
             "workflows:   {} running, {} pending",
             s.running_workflows, s.pending_workflows
         );
+        let dispatched = s.cache_affinity_hits + s.cache_affinity_misses;
+        if dispatched > 0 {
+            println!(
+                "cache:       {:.0}% of {dispatched} container tasks went to a warm engine",
+                100.0 * s.cache_affinity_hits as f64 / dispatched as f64
+            );
+        }
         let open: Vec<_> = s
             .breakers
             .iter()

@@ -172,6 +172,9 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if a.templates_dir.is_some() {
         cfg.templates_dir = a.templates_dir;
     }
+    if let Some(d) = a.cache_affinity_wait {
+        cfg.cache_affinity_wait_ms = d.as_millis() as u64;
+    }
     if let Some(n) = a.breaker_threshold {
         cfg.breaker_threshold = n;
     }

@@ -82,6 +82,8 @@ impl AdminService for AdminApi {
             status.breakers = stats.breakers;
             status.running_workflows = stats.running_workflows as u64;
             status.pending_workflows = stats.pending_workflows as u64;
+            status.cache_affinity_hits = stats.cache_affinity_hits;
+            status.cache_affinity_misses = stats.cache_affinity_misses;
         }
         status.leader = leader;
         Ok(Response::new(status))

@@ -34,6 +34,7 @@ impl State {
                 disconnected_at: Some(Instant::now()),
                 lost: false,
                 last_seen_ms: now_ms(),
+                warm: Default::default(),
             });
         entry.stored = stored.clone();
         info!(agent = %agent.id, name = %agent.name, "agent registered");
@@ -78,6 +79,9 @@ impl State {
         }
         self.presence.up(&agent_id);
         let entry = self.agents.get_mut(&agent_id).expect("checked above");
+        if let Some(c) = hello.cache.as_ref() {
+            entry.warm.set(c);
+        }
         entry.conn = Some(Conn {
             session,
             tx: tx.clone(),
@@ -202,6 +206,16 @@ impl State {
             }
             Msg::Finished(f) => self.on_finished(agent_id, f).await,
             Msg::Heartbeat(h) => {
+                if let Some(c) = h.cache.as_ref() {
+                    agent.warm.set(c);
+                }
+                if let Some(u) = h.capabilities.as_ref()
+                    && let Some(a) = agent.stored.agent.as_mut()
+                    && a.capabilities != u.capabilities
+                {
+                    info!(agent = agent_id, capabilities = ?u.capabilities, "agent capabilities changed");
+                    a.capabilities = u.capabilities.clone();
+                }
                 if h.draining
                     && let Some(a) = agent.stored.agent.as_mut()
                     && !a.draining

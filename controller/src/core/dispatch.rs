@@ -17,7 +17,7 @@ use scabbard_common::time::now_ms;
 use tracing::debug;
 
 use super::breakers::agent_key;
-use super::scheduler::{self, Candidate, QueueKey};
+use super::scheduler::{self, Candidate, Pick, QueueKey};
 use super::{AgentEntry, State, agent_effect};
 
 /// A project's turn: (slots it holds, its head's priority, its head's age, cursor index);
@@ -34,6 +34,7 @@ impl State {
             return;
         }
         let now = now_ms();
+        let affinity_wait = self.cfg.cache_affinity_wait_ms as i64;
         // Breakers not closed allow one new attempt per round (a probe), so admits below
         // cannot overshoot what `allows` saw.
         let mut probing: HashSet<String> = HashSet::new();
@@ -131,10 +132,14 @@ impl State {
                             labels: &ag.labels,
                             slots: ag.slots,
                             running: a.running.len() as u32 + extra.get(id).copied().unwrap_or(0),
+                            warm: &a.warm,
                         })
                     });
-                let Some(agent) = scheduler::pick(spec, candidates) else {
-                    continue;
+                let agent = match scheduler::pick(spec, candidates) {
+                    Pick::Agent(a) => a,
+                    // A warmer engine is busy: wait for it a little, then take a cold one.
+                    Pick::WarmerBusy(a) if now - task.updated_at_ms >= affinity_wait => a,
+                    Pick::WarmerBusy(_) | Pick::None => continue,
                 };
                 if let Some(g) = spec.concurrency.as_ref() {
                     *groups.entry(g.key.clone()).or_default() += 1;
@@ -191,6 +196,15 @@ impl State {
         t.state = TaskState::Assigned as i32;
         t.updated_at_ms = now;
         agent.running.insert(task_id.to_string());
+        if let Some(spec) = t.spec.as_ref()
+            && matches!(spec.kind, Some(proto::task_spec::Kind::Container(_)))
+        {
+            if agent.warm.has_image(spec) {
+                self.affinity.0 += 1;
+            } else {
+                self.affinity.1 += 1;
+            }
+        }
         for k in t
             .spec
             .iter()

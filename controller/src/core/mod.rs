@@ -187,6 +187,9 @@ pub struct CoreStats {
     /// Workflows running, and waiting for their concurrency group.
     pub running_workflows: usize,
     pub pending_workflows: usize,
+    /// Container tasks dispatched to a warm engine, and to a cold one.
+    pub cache_affinity_hits: u64,
+    pub cache_affinity_misses: u64,
 }
 
 /// Cheap handle to one running core actor (one leadership term) and its log store.
@@ -298,6 +301,8 @@ pub(crate) struct AgentEntry {
     pub(crate) disconnected_at: Option<Instant>,
     pub(crate) lost: bool,
     pub(crate) last_seen_ms: i64,
+    /// What its engine has warm (last reported).
+    pub(crate) warm: scheduler::Warm,
 }
 
 pub(crate) struct State {
@@ -318,6 +323,8 @@ pub(crate) struct State {
     pub(crate) secrets: crate::sealed::SecretBox,
     /// Circuit breakers of this term (agents, steps, named dependencies).
     pub(crate) breakers: breakers::Breakers,
+    /// Container tasks sent to a warm engine / a cold one (cache affinity hit rate).
+    pub(crate) affinity: (u64, u64),
     /// Tasks in RETRY_WAIT by the time they go back to the queue (unix ms, task id).
     pub(crate) retry_timers: std::collections::BTreeSet<(i64, String)>,
     /// Every workflow, by id.
@@ -376,6 +383,7 @@ pub(crate) async fn start(
         secrets,
         breakers: breakers::Breakers::new(breakers_cfg),
         retry_timers: Default::default(),
+        affinity: (0, 0),
         workflows: BTreeMap::new(),
         wf_active: BTreeSet::new(),
         wf_dirty: BTreeSet::new(),
@@ -561,6 +569,8 @@ impl State {
                         .count_workflows(scabbard_common::proto::WorkflowState::Running),
                     pending_workflows: self
                         .count_workflows(scabbard_common::proto::WorkflowState::Pending),
+                    cache_affinity_hits: self.affinity.0,
+                    cache_affinity_misses: self.affinity.1,
                 });
             }
         }
@@ -593,6 +603,7 @@ impl State {
                     // Every agent gets the grace period to reconnect to this leader.
                     disconnected_at: Some(now),
                     lost: false,
+                    warm: Default::default(),
                 },
             );
         }

@@ -82,6 +82,42 @@ impl RunQueue {
     }
 }
 
+/// What an agent's Dagger engine has warm, as it last reported (bounded by the worker).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Warm {
+    pub(crate) images: std::collections::HashSet<String>,
+    pub(crate) volumes: std::collections::HashSet<String>,
+}
+
+impl Warm {
+    /// Replaces the summary with a reported one.
+    pub(crate) fn set(&mut self, s: &scabbard_common::proto::CacheSummary) {
+        self.images = s.images.iter().take(256).cloned().collect();
+        self.volumes = s.cache_volumes.iter().take(256).cloned().collect();
+    }
+
+    /// How warm this engine is for `spec`: 2 for its image, 1 per cache volume; 0 for
+    /// anything but container tasks.
+    pub(crate) fn score(&self, spec: &TaskSpec) -> u32 {
+        use scabbard_common::proto::task_spec::Kind;
+        let Some(Kind::Container(c)) = spec.kind.as_ref() else {
+            return 0;
+        };
+        let image = if self.images.contains(&c.image) { 2 } else { 0 };
+        image
+            + c.caches
+                .iter()
+                .filter(|m| self.volumes.contains(&m.volume))
+                .count() as u32
+    }
+
+    /// Whether the image of a container task is warm here.
+    pub(crate) fn has_image(&self, spec: &TaskSpec) -> bool {
+        use scabbard_common::proto::task_spec::Kind;
+        matches!(spec.kind.as_ref(), Some(Kind::Container(c)) if self.images.contains(&c.image))
+    }
+}
+
 /// What the matcher needs to know of an agent.
 pub(crate) struct Candidate<'a> {
     pub(crate) id: &'a str,
@@ -89,6 +125,7 @@ pub(crate) struct Candidate<'a> {
     pub(crate) labels: &'a HashMap<String, String>,
     pub(crate) slots: u32,
     pub(crate) running: u32,
+    pub(crate) warm: &'a Warm,
 }
 
 /// The capability an executor needs for this spec.
@@ -120,22 +157,46 @@ pub(crate) fn fits(spec: &TaskSpec, agent: &Candidate<'_>) -> bool {
             .all(|(k, v)| agent.labels.get(k) == Some(v))
 }
 
-/// The best agent for `spec` among `agents`: fits, has a free slot, most free slots
-/// (ties: lowest running count, then id for determinism).
-pub(crate) fn pick<'a>(
-    spec: &TaskSpec,
-    agents: impl Iterator<Item = Candidate<'a>>,
-) -> Option<&'a str> {
-    agents
-        .filter(|a| a.running < a.slots && fits(spec, a))
-        .max_by(|a, b| {
-            let fa = a.slots - a.running;
-            let fb = b.slots - b.running;
-            fa.cmp(&fb)
-                .then(b.running.cmp(&a.running))
-                .then(b.id.cmp(a.id))
-        })
-        .map(|a| a.id)
+/// Where `spec` should go among `agents`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Pick<'a> {
+    /// This agent: fits, has a free slot, warmest for the task's image and caches, then
+    /// most free slots (ties: lowest running count, then id for determinism).
+    Agent(&'a str),
+    /// Only colder agents have a free slot while a warmer one fits but is full: worth
+    /// waiting a little for it (the caller bounds the wait), else take `.0`.
+    WarmerBusy(&'a str),
+    /// No agent fits with a free slot.
+    None,
+}
+
+/// The best agent for `spec` among `agents` (see [`Pick`]).
+pub(crate) fn pick<'a>(spec: &TaskSpec, agents: impl Iterator<Item = Candidate<'a>>) -> Pick<'a> {
+    let mut best: Option<(u32, u32, u32, &'a str)> = None;
+    let mut warmest_fitting = 0;
+    for a in agents.filter(|a| fits(spec, a)) {
+        let score = a.warm.score(spec);
+        warmest_fitting = warmest_fitting.max(score);
+        if a.running >= a.slots {
+            continue;
+        }
+        let key = (score, a.slots - a.running, u32::MAX - a.running, a.id);
+        let better = match &best {
+            None => true,
+            Some(b) => {
+                (key.0, key.1, key.2, std::cmp::Reverse(key.3))
+                    > (b.0, b.1, b.2, std::cmp::Reverse(b.3))
+            }
+        };
+        if better {
+            best = Some(key);
+        }
+    }
+    match best {
+        None => Pick::None,
+        Some((score, _, _, id)) if score < warmest_fitting => Pick::WarmerBusy(id),
+        Some((_, _, _, id)) => Pick::Agent(id),
+    }
 }
 
 #[cfg(test)]
@@ -183,6 +244,7 @@ mod tests {
         let caps_gpu = vec!["shell".to_string(), "gpu".to_string()];
         let linux: HashMap<String, String> = [("os".to_string(), "linux".to_string())].into();
         let none = HashMap::new();
+        let cold = Warm::default();
         let agents = || {
             vec![
                 Candidate {
@@ -191,6 +253,7 @@ mod tests {
                     labels: &linux,
                     slots: 2,
                     running: 2,
+                    warm: &cold,
                 },
                 Candidate {
                     id: "a2",
@@ -198,6 +261,7 @@ mod tests {
                     labels: &none,
                     slots: 4,
                     running: 0,
+                    warm: &cold,
                 },
                 Candidate {
                     id: "a3",
@@ -205,23 +269,87 @@ mod tests {
                     labels: &linux,
                     slots: 4,
                     running: 1,
+                    warm: &cold,
                 },
             ]
             .into_iter()
         };
         assert_eq!(
             pick(&shell_spec(&[], &[("os", "linux")]), agents()),
-            Some("a3")
+            Pick::Agent("a3")
         );
-        assert_eq!(pick(&shell_spec(&["gpu"], &[]), agents()), Some("a2"));
+        assert_eq!(
+            pick(&shell_spec(&["gpu"], &[]), agents()),
+            Pick::Agent("a2")
+        );
         assert_eq!(
             pick(&shell_spec(&["gpu"], &[("os", "linux")]), agents()),
-            None
+            Pick::None
         );
         let noop = TaskSpec {
             kind: Some(Kind::Noop(NoopTask {})),
             ..Default::default()
         };
-        assert_eq!(pick(&noop, agents()), Some("a3"));
+        assert_eq!(pick(&noop, agents()), Pick::Agent("a3"));
+    }
+
+    #[test]
+    fn warm_engines_win_while_they_have_slots() {
+        use scabbard_common::proto::{CacheMount, CacheSummary, ContainerStep, ContainerTask};
+        let caps = vec!["dagger".to_string()];
+        let labels = HashMap::new();
+        let mut warm = Warm::default();
+        warm.set(&CacheSummary {
+            images: vec!["golang:1.23".into()],
+            cache_volumes: vec!["gomod".into()],
+        });
+        let cold = Warm::default();
+        let spec = |image: &str| TaskSpec {
+            kind: Some(Kind::Container(ContainerTask {
+                image: image.into(),
+                steps: vec![ContainerStep {
+                    args: vec!["go".into()],
+                    ..Default::default()
+                }],
+                caches: vec![CacheMount {
+                    volume: "gomod".into(),
+                    path: "/go".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let agents = |warm_running: u32| {
+            vec![
+                Candidate {
+                    id: "cold",
+                    capabilities: &caps,
+                    labels: &labels,
+                    slots: 8,
+                    running: 0,
+                    warm: &cold,
+                },
+                Candidate {
+                    id: "warm",
+                    capabilities: &caps,
+                    labels: &labels,
+                    slots: 2,
+                    running: warm_running,
+                    warm: &warm,
+                },
+            ]
+            .into_iter()
+        };
+        assert_eq!(warm.score(&spec("golang:1.23")), 3);
+        assert_eq!(pick(&spec("golang:1.23"), agents(1)), Pick::Agent("warm"));
+        // Full: the cold one is offered, flagged so the caller may wait a little.
+        assert_eq!(
+            pick(&spec("golang:1.23"), agents(2)),
+            Pick::WarmerBusy("cold")
+        );
+        // Another image, same cache volume: still warmer.
+        assert_eq!(pick(&spec("alpine:3"), agents(0)), Pick::Agent("warm"));
+        assert_eq!(Warm::default().score(&shell_spec(&[], &[])), 0);
     }
 }

@@ -89,6 +89,11 @@ impl Breakers {
         }
     }
 
+    /// Whether no breaker has counted anything yet (the dispatcher's fast path).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
     /// The state of `key` (closed when unknown).
     pub(crate) fn state(&self, key: &str) -> BreakerState {
         self.map

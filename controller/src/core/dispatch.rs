@@ -10,7 +10,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use scabbard_common::proto::{
-    self, AttemptRecord, BreakerState, ControllerMessage, ErrorClass, Outcome, TaskResult,
+    self, AttemptRecord, BreakerState, ControllerMessage, ErrorClass, Outcome, Task, TaskResult,
     TaskState, controller_message,
 };
 use scabbard_common::time::now_ms;
@@ -38,35 +38,46 @@ impl State {
         // Breakers not closed allow one new attempt per round (a probe), so admits below
         // cannot overshoot what `allows` saw.
         let mut probing: HashSet<String> = HashSet::new();
-        let agents: Vec<(&str, &AgentEntry)> = self
+        // Agents that may get work, and whether their breaker is closed (else: a probe).
+        let no_breakers = self.breakers.is_empty();
+        let agents: Vec<(&str, &AgentEntry, bool)> = self
             .agents
             .iter()
-            .filter(|(id, a)| {
-                a.conn.is_some()
-                    && !a.lost
-                    && !agent_draining(a)
-                    && self.breakers.allows(&agent_key(id), now)
+            .filter(|(_, a)| a.conn.is_some() && !a.lost && !agent_draining(a))
+            .filter_map(|(id, a)| {
+                if no_breakers {
+                    return Some((id.as_str(), a, true));
+                }
+                let key = agent_key(id);
+                self.breakers.allows(&key, now).then(|| {
+                    (
+                        id.as_str(),
+                        a,
+                        self.breakers.state(&key) == BreakerState::Closed,
+                    )
+                })
             })
-            .map(|(id, a)| (id.as_str(), a))
             .collect();
         let mut free: u32 = agents
             .iter()
-            .map(|(_, a)| agent_slots(a).saturating_sub(a.running.len() as u32))
+            .map(|(_, a, _)| agent_slots(a).saturating_sub(a.running.len() as u32))
             .sum();
         if free == 0 {
             return;
         }
-        // Tasks holding a slot, per project and per concurrency group.
-        let mut active: HashMap<String, u32> = HashMap::new();
-        let mut groups: HashMap<String, u32> = HashMap::new();
-        for id in self.agents.values().flat_map(|a| a.running.iter()) {
-            if let Some(t) = self.tasks.get(id).map(|e| &e.task) {
-                *active.entry(t.project.clone()).or_default() += 1;
-                if let Some(g) = t.spec.as_ref().and_then(|s| s.concurrency.as_ref()) {
-                    *groups.entry(g.key.clone()).or_default() += 1;
-                }
-            }
-        }
+        // Tasks holding a slot per project (for fairness and running quotas) and per
+        // concurrency group: counted only when needed, as that walks every running task.
+        let active: HashMap<String, u32> = if self.queue.project_count() > 1
+            || self
+                .queue
+                .projects()
+                .any(|(p, _)| self.catalog.quota(p).max_running_tasks > 0)
+        {
+            self.count_running(|t| Some(t.project.clone()))
+        } else {
+            HashMap::new()
+        };
+        let mut groups: Option<HashMap<String, u32>> = None;
         let mut extra: HashMap<&str, u32> = HashMap::new();
         let mut plan: Vec<(QueueKey, String)> = Vec::new();
         let mut scanned = 0usize;
@@ -107,24 +118,29 @@ impl State {
                 let Some(spec) = task.spec.as_ref() else {
                     continue;
                 };
-                if let Some(g) = spec.concurrency.as_ref()
-                    && groups.get(&g.key).copied().unwrap_or(0) >= g.limit.max(1)
-                {
-                    continue;
+                if let Some(g) = spec.concurrency.as_ref() {
+                    let groups = groups.get_or_insert_with(|| {
+                        self.count_running(|t| {
+                            Some(t.spec.as_ref()?.concurrency.as_ref()?.key.clone())
+                        })
+                    });
+                    if groups.get(&g.key).copied().unwrap_or(0) >= g.limit.max(1) {
+                        continue;
+                    }
                 }
-                if !spec.breakers.iter().all(|k| {
-                    self.breakers.allows(k, now)
-                        && (self.breakers.state(k) == BreakerState::Closed || !probing.contains(k))
-                }) {
+                if !no_breakers
+                    && !spec.breakers.iter().all(|k| {
+                        self.breakers.allows(k, now)
+                            && (self.breakers.state(k) == BreakerState::Closed
+                                || !probing.contains(k))
+                    })
+                {
                     continue;
                 }
                 let candidates = agents
                     .iter()
-                    .filter(|(id, _)| {
-                        self.breakers.state(&agent_key(id)) == BreakerState::Closed
-                            || !probing.contains(&agent_key(id))
-                    })
-                    .filter_map(|(id, a)| {
+                    .filter(|(id, _, closed)| *closed || !probing.contains(&agent_key(id)))
+                    .filter_map(|(id, a, _)| {
                         let ag = a.stored.agent.as_ref()?;
                         Some(Candidate {
                             id,
@@ -141,12 +157,16 @@ impl State {
                     Pick::WarmerBusy(a) if now - task.updated_at_ms >= affinity_wait => a,
                     Pick::WarmerBusy(_) | Pick::None => continue,
                 };
-                if let Some(g) = spec.concurrency.as_ref() {
+                if let Some(g) = spec.concurrency.as_ref()
+                    && let Some(groups) = groups.as_mut()
+                {
                     *groups.entry(g.key.clone()).or_default() += 1;
                 }
-                for k in spec.breakers.iter().cloned().chain([agent_key(agent)]) {
-                    if self.breakers.state(&k) != BreakerState::Closed {
-                        probing.insert(k);
+                if !no_breakers {
+                    for k in spec.breakers.iter().cloned().chain([agent_key(agent)]) {
+                        if self.breakers.state(&k) != BreakerState::Closed {
+                            probing.insert(k);
+                        }
                     }
                 }
                 *extra.entry(agent).or_default() += 1;
@@ -164,6 +184,17 @@ impl State {
             self.queue.remove(&key);
             self.assign(&key.2, &agent, now).await;
         }
+    }
+
+    /// Tasks holding an agent slot, counted by `key` (tasks it maps to None are skipped).
+    fn count_running(&self, key: impl Fn(&Task) -> Option<String>) -> HashMap<String, u32> {
+        let mut out = HashMap::new();
+        for id in self.agents.values().flat_map(|a| a.running.iter()) {
+            if let Some(k) = self.tasks.get(id).and_then(|e| key(&e.task)) {
+                *out.entry(k).or_default() += 1;
+            }
+        }
+        out
     }
 
     async fn assign(&mut self, task_id: &str, agent_id: &str, now: i64) {

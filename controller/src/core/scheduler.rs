@@ -71,6 +71,11 @@ impl RunQueue {
         self.projects.get(project).map_or(0, |q| q.len() as u32)
     }
 
+    /// Projects with queued tasks.
+    pub(crate) fn project_count(&self) -> usize {
+        self.projects.len()
+    }
+
     /// Number of queued tasks.
     pub(crate) fn len(&self) -> usize {
         self.len

@@ -1,0 +1,157 @@
+//! Rebuilding the core's state from the store: on start, and after a failed commit. Tasks,
+//! agents, workflows (with nodes linked to tasks written after the workflow's last record)
+//! and schedules.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use prost::Message;
+use scabbard_common::proto::{StoredAgent, Task, TaskState, Workflow};
+use scabbard_common::{Error, Result};
+use tracing::info;
+
+use super::scheduler::RunQueue;
+use super::{AGENT_PREFIX, AgentEntry, State, TASK_PREFIX, TaskEntry, idempotency_key, workflows};
+
+impl State {
+    /// Rebuilds tasks, queue and agents from the store.
+    pub(super) async fn recover(&mut self) -> Result<()> {
+        let now = Instant::now();
+        self.tasks.clear();
+        self.idempotency.clear();
+        self.queue = RunQueue::default();
+        self.retry_timers.clear();
+        let old_agents = std::mem::take(&mut self.agents);
+        drop(old_agents); // dropping the senders ends every session; workers reconnect.
+        for kv in self.load_prefix(AGENT_PREFIX).await? {
+            let stored = StoredAgent::decode(kv.value.as_slice())
+                .map_err(|e| Error::internal(format!("corrupt agent record {}: {e}", kv.key)))?;
+            let Some(agent) = stored.agent.as_ref() else {
+                continue;
+            };
+            let id = agent.id.clone();
+            let last_seen_ms = agent.last_seen_ms;
+            self.agents.insert(
+                id,
+                AgentEntry {
+                    last_seen_ms,
+                    stored,
+                    conn: None,
+                    running: HashSet::new(),
+                    // Every agent gets the grace period to reconnect to this leader.
+                    disconnected_at: Some(now),
+                    lost: false,
+                    warm: Default::default(),
+                },
+            );
+        }
+        let mut orphans = Vec::new();
+        for kv in self.load_prefix(TASK_PREFIX).await? {
+            let mut task = Task::decode(kv.value.as_slice())
+                .map_err(|e| Error::internal(format!("corrupt task record {}: {e}", kv.key)))?;
+            if task.project.is_empty() {
+                // Tasks from before projects existed.
+                task.project = crate::auth::DEFAULT_PROJECT.to_string();
+            }
+            let mut entry = TaskEntry {
+                task,
+                queue_key: None,
+            };
+            let t = &entry.task;
+            if !t.idempotency_key.is_empty() {
+                self.idempotency.insert(
+                    idempotency_key(&t.project, &t.idempotency_key),
+                    t.id.clone(),
+                );
+            }
+            match t.state() {
+                TaskState::RetryWait if t.retry_at_ms > 0 => {
+                    self.retry_timers.insert((t.retry_at_ms, t.id.clone()));
+                }
+                TaskState::Queued | TaskState::RetryWait => {
+                    entry.queue_key = Some(self.queue.push(
+                        &t.id,
+                        t.spec.as_ref().map_or(0, |s| s.priority),
+                        &t.project,
+                    ));
+                }
+                TaskState::Assigned | TaskState::Running => {
+                    match self.agents.get_mut(&t.agent_id) {
+                        Some(a) => {
+                            a.running.insert(t.id.clone());
+                        }
+                        None => orphans.push(t.id.clone()),
+                    }
+                }
+                _ => {}
+            }
+            self.tasks.insert(entry.task.id.clone(), entry);
+        }
+        self.recover_workflows().await?;
+        self.recover_schedules().await?;
+        info!(
+            workflows = self.workflows.len(),
+            tasks = self.tasks.len(),
+            queued = self.queue.len(),
+            agents = self.agents.len(),
+            "state rebuilt from the store"
+        );
+        for id in orphans {
+            self.requeue_or_fail(&id, "its agent is unknown to this controller")
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Loads workflows; links nodes to tasks written after the workflow's last record (a
+    /// crash between the writes), and marks every unfinished workflow for advancing.
+    async fn recover_workflows(&mut self) -> Result<()> {
+        self.workflows.clear();
+        self.wf_active.clear();
+        self.wf_dirty.clear();
+        self.wf_idempotency.clear();
+        let mut node_tasks: HashMap<(String, String), String> = HashMap::new();
+        for e in self.tasks.values() {
+            if !e.task.workflow_id.is_empty() {
+                node_tasks.insert(
+                    (e.task.workflow_id.clone(), e.task.workflow_node.clone()),
+                    e.task.id.clone(),
+                );
+            }
+        }
+        for kv in self.load_prefix(workflows::WORKFLOW_PREFIX).await? {
+            let mut wf = Workflow::decode(kv.value.as_slice())
+                .map_err(|e| Error::internal(format!("corrupt workflow record {}: {e}", kv.key)))?;
+            for n in wf.nodes.iter_mut().filter(|n| n.task_id.is_empty()) {
+                if let Some(t) = node_tasks.get(&(wf.id.clone(), n.name.clone())) {
+                    n.task_id = t.clone();
+                }
+            }
+            if !wf.idempotency_key.is_empty() {
+                self.wf_idempotency.insert(
+                    idempotency_key(&wf.project, &wf.idempotency_key),
+                    wf.id.clone(),
+                );
+            }
+            if !workflows::workflow_final(wf.state()) {
+                self.wf_active.insert(wf.id.clone());
+                self.wf_dirty.insert(wf.id.clone());
+            }
+            self.workflows.insert(wf.id.clone(), wf);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn load_prefix(&self, prefix: &str) -> Result<Vec<crate::store::KeyValue>> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.range(prefix, after.as_deref(), 10_000).await?;
+            after = page.kvs.last().map(|kv| kv.key.clone());
+            out.extend(page.kvs);
+            if !page.more || after.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod proxy;
+pub mod sec;
 pub mod wf;
 
 use std::io::{BufRead, BufReader};

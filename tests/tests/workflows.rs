@@ -359,3 +359,41 @@ tasks:
     assert!(err.contains("jitter"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn node_secrets_are_sealed_masked_and_reach_only_the_task() -> anyhow::Result<()> {
+    let c = Cluster::start(&["w0"], 2, &[])?;
+    let mut wfs = c.workflows().await?;
+    let mut n = node(
+        "deploy",
+        &[],
+        "[ \"$TOKEN\" = hunter2-secret ] && echo token ok: $TOKEN",
+    );
+    n.spec
+        .as_mut()
+        .unwrap()
+        .secret_env
+        .insert("TOKEN".into(), "hunter2-secret".into());
+    let wf = submit_workflow(&mut wfs, workflow("secret", vec![n])).await?;
+    let shown = wf.spec.as_ref().unwrap().tasks[0].spec.as_ref().unwrap();
+    assert_eq!(shown.secret_env["TOKEN"], "***");
+    let done = wait_workflow(&mut wfs, &wf.id, T).await?;
+    assert_eq!(done.state(), WorkflowState::Succeeded, "{done:#?}");
+    assert_eq!(
+        done.spec.as_ref().unwrap().tasks[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .secret_env["TOKEN"],
+        "***"
+    );
+    let mut tasks = tasks_client(&c.addr()).await?;
+    let log = logs(&mut tasks, &done.nodes[0].task_id, 0, false).await?;
+    assert!(
+        log.contains("token ok") && !log.contains("hunter2"),
+        "{log}"
+    );
+    let t = get(&mut tasks, &done.nodes[0].task_id).await?;
+    assert_eq!(t.spec.unwrap().secret_env["TOKEN"], "***");
+    Ok(())
+}

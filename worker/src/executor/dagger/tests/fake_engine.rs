@@ -180,7 +180,7 @@ session)
 call)
   shift
   echo "call $*"
-  echo "runner=${{_EXPERIMENTAL_DAGGER_RUNNER_HOST:-none}} home=${{HOME:+set}} worker_var=${{SCABBARD_FAKE_WORKER_VAR:-unset}}"
+  echo "runner=${{_EXPERIMENTAL_DAGGER_RUNNER_HOST:-none}} home=${{HOME:+set}} worker_var=${{CARGO_MANIFEST_DIR:-unset}}"
   echo "progress of the call" >&2
   case "$*" in *fail*) exit 3;; esac
   exit 0
@@ -540,6 +540,7 @@ async fn dagger_call_runs_the_cli_and_reports_its_exit_code() {
     let stdout = text(&chunks, OutStream::Stdout);
     assert!(stdout.contains("call -m ./ci build --tag v1\n"), "{stdout}");
     // The engine is the configured one; the worker's own variables stay out.
+    assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
     assert!(
         stdout.contains("runner=tcp://fake-engine:1234 home=set worker_var=unset"),
         "{stdout}"

@@ -7,8 +7,8 @@
 //! it was built for into its cache, once.
 //!
 //! The CLI's processes get a cleared environment: what it needs to find its engine, its
-//! configuration and the network ([`INHERITED`]), the configured runner host, and
-//! `DO_NOT_TRACK=1` when offline.
+//! configuration and the network ([`INHERITED`]), the configured runner host,
+//! `DO_NOT_TRACK=1` when offline, and `DAGGER_NO_NAG=1`.
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -129,6 +129,8 @@ pub(super) fn cli_env(cfg: &DaggerConfig) -> Vec<(String, OsString)> {
     if cfg.offline {
         env.push(("DO_NOT_TRACK".into(), "1".into()));
     }
+    // No Dagger Cloud sign-up hints in the task's log.
+    env.push(("DAGGER_NO_NAG".into(), "1".into()));
     env
 }
 
@@ -196,10 +198,9 @@ mod tests {
         assert_eq!(get(RUNNER_HOST_ENV), Some("tcp://engine:1234".into()));
         assert_eq!(get("DO_NOT_TRACK"), Some("1".into()));
         assert!(get("PATH").is_some());
-        assert!(
-            env.iter().all(|(k, _)| k == "PATH"
-                || k == "DO_NOT_TRACK"
-                || INHERITED.contains(&k.as_str()))
-        );
+        assert!(env.iter().all(|(k, _)| k == "PATH"
+            || k == "DO_NOT_TRACK"
+            || k == "DAGGER_NO_NAG"
+            || INHERITED.contains(&k.as_str())));
     }
 }

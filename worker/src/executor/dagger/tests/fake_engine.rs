@@ -354,6 +354,31 @@ async fn engine_error_is_an_infrastructure_failure() {
 }
 
 #[tokio::test]
+async fn a_panic_in_the_sdk_is_an_infrastructure_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Script {
+        null_data_on: Some("exitCode".into()),
+        ..Default::default()
+    };
+    let engine = FakeEngine::start(script).await;
+    let cli = fake_cli(dir.path(), engine.port, Session::Ready);
+    let spec = container_spec("alpine", &[&["true"]]);
+    let (outcome, _) = run(config(cli), &spec, dir.path(), CancellationToken::new()).await;
+    assert_eq!(outcome.outcome, Outcome::Failed);
+    assert_eq!(
+        outcome.error_class,
+        ErrorClass::Infrastructure,
+        "{outcome:?}"
+    );
+    assert!(
+        outcome.message.contains("the Dagger SDK panicked"),
+        "{}",
+        outcome.message
+    );
+    assert_session_gone(dir.path());
+}
+
+#[tokio::test]
 async fn a_wrong_session_token_is_an_infrastructure_failure() {
     let dir = tempfile::tempdir().unwrap();
     let engine = FakeEngine::start(Script::default()).await;

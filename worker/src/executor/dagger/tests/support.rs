@@ -125,6 +125,8 @@ pub(super) struct Script {
     pub(super) stderr: HashMap<usize, String>,
     /// A query containing this text fails with an engine error.
     pub(super) engine_error_on: Option<String>,
+    /// A query containing this text gets `data: null` and no error (the SDK panics).
+    pub(super) null_data_on: Option<String>,
     /// A query containing this text fails with an `ExecError` (exit code 5).
     pub(super) exec_error_on: Option<String>,
     /// Container paths that exist, and whether each is a directory.
@@ -186,6 +188,11 @@ impl Responder {
                 "message": format!("failed to resolve image: {bad}: not found"),
                 "path": ["container", "from"],
             }]));
+        }
+        if let Some(bad) = &self.script.null_data_on
+            && query.contains(bad.as_str())
+        {
+            return Ok(Value::Null);
         }
         if let Some(bad) = &self.script.exec_error_on
             && query.contains(bad.as_str())

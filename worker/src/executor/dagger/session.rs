@@ -73,8 +73,8 @@ pub(super) struct EngineSession {
 impl EngineSession {
     /// Starts a session and waits (up to `start_timeout`) for its port and token. Its
     /// stderr goes to `progress` as system chunks (if given). The error is for a human:
-    /// the CLI's last words are in it.
-    /// Firing `stop` abandons the start (the session is shut down first).
+    /// the CLI's last words are in it. Firing `stop` abandons the start (the session is
+    /// shut down first).
     pub(super) async fn start(
         spec: SessionSpec<'_>,
         progress: Option<mpsc::Sender<OutputChunk>>,

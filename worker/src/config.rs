@@ -7,6 +7,10 @@ use std::time::Duration;
 use scabbard_common::{Error, Result};
 use serde::Deserialize;
 
+mod dagger;
+
+pub use dagger::{DaggerConfig, RegistryAuth, SecretSource};
+
 /// Everything a worker needs to run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -44,6 +48,8 @@ pub struct WorkerConfig {
     pub client_key: Option<PathBuf>,
     /// Name the controller's certificate must carry (default: the address's host).
     pub tls_domain: Option<String>,
+    /// The `dagger` executor (`[dagger]` section).
+    pub dagger: DaggerConfig,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +69,7 @@ impl Default for WorkerConfig {
             client_cert: None,
             client_key: None,
             tls_domain: None,
+            dagger: DaggerConfig::default(),
         }
     }
 }
@@ -97,7 +104,7 @@ impl WorkerConfig {
         if self.default_task_timeout_ms == 0 {
             return Err(Error::invalid("default_task_timeout_ms must be > 0"));
         }
-        Ok(())
+        self.dagger.validate()
     }
 
     /// How to connect to the controller (TLS settings; the token is sent per call).

@@ -33,6 +33,8 @@ enum End {
     /// the revocation).
     Revoked(String),
     Lost(Error),
+    /// The capabilities changed (an engine came or went): say `Hello` again at once.
+    Reconnect(String),
 }
 
 pub(crate) struct Connection {
@@ -69,6 +71,10 @@ impl Connection {
                         "{why}: this worker stops. To bring the host back, register it again: remove {} and start it with a valid registration token",
                         self.cfg.data_dir.join("identity").display()
                     )));
+                }
+                End::Reconnect(why) => {
+                    info!(why, "reconnecting to advertise new capabilities");
+                    continue;
                 }
                 End::Reregister(why) => {
                     warn!(why, "agent token refused; registering again");
@@ -195,9 +201,12 @@ impl Connection {
         };
         self.runner.set_agent_id(&id.agent_id);
         let (req_tx, req_rx) = mpsc::channel::<AgentMessage>(1024);
+        // The controller learns capabilities from `Hello` only: when they change, the
+        // session is ended and opened again (attempts keep running meanwhile).
+        let advertised = self.runner.capabilities();
         let hello = Hello {
             agent_id: id.agent_id.clone(),
-            capabilities: self.runner.capabilities(),
+            capabilities: advertised.clone(),
             labels: self.cfg.labels.clone(),
             slots: self.cfg.slots,
             running: self.runner.hello_list(),
@@ -286,6 +295,11 @@ impl Connection {
                     Err(s) => Err(s.into()),
                 },
                 _ = ticker.tick() => {
+                    let now = self.runner.capabilities();
+                    if now != advertised {
+                        let why = format!("capabilities {advertised:?} -> {now:?}");
+                        return (End::Reconnect(why), true);
+                    }
                     let free = self.runner.slots.saturating_sub(self.runner.running());
                     pump.send(agent_message::Msg::Heartbeat(Heartbeat { free_slots: free, draining: self.draining, ..Default::default() })).await
                 }

@@ -3,7 +3,7 @@
 //! and results back — spooling both on disk so a dropped stream or a restart loses nothing.
 //!
 //! Layout: [`connection`] (register, stream, reconnect) → [`runner`] (slots, attempts,
-//! cancel) → [`executor`] (`shell`, `noop`); [`spool`] keeps unacknowledged output;
+//! cancel) → [`executor`] (`shell`, `noop`, `dagger`); [`spool`] keeps unacknowledged output;
 //! [`redact`] keeps task secrets out of both.
 
 pub mod config;
@@ -33,10 +33,19 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     let spool = Arc::new(spool::Spool::open(&cfg.data_dir.join("spool"))?);
     let (outbox_tx, outbox_rx) = mpsc::channel(4096);
     let agent_name = cfg.effective_name()?.unwrap_or_else(connection::hostname);
-    let executors: Vec<Arc<dyn executor::Executor>> = vec![
+    let mut executors: Vec<Arc<dyn executor::Executor>> = vec![
         Arc::new(executor::ShellExecutor::default()),
         Arc::new(executor::NoopExecutor),
     ];
+    // The `dagger` capability is advertised only while an engine answers: asked once now
+    // (bounded by `dagger.probe_timeout_ms`), then every `dagger.probe_interval_ms`.
+    let mut rechecks = None;
+    if cfg.dagger.enabled {
+        let dagger = executor::DaggerExecutor::new(cfg.dagger.clone());
+        dagger.probe().await;
+        rechecks = dagger.spawn_rechecks(shutdown.child_token());
+        executors.push(Arc::new(dagger));
+    }
     let runner = Arc::new(runner::Runner::new(
         spool,
         executors,
@@ -65,5 +74,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         draining: false,
         stop_at: None,
     };
-    conn.run(shutdown).await
+    let result = conn.run(shutdown).await;
+    if let Some(rechecks) = rechecks {
+        rechecks.abort();
+    }
+    result
 }

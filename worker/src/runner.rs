@@ -78,9 +78,14 @@ impl Runner {
         *self.agent_id.lock().unwrap_or_else(|p| p.into_inner()) = id.to_string();
     }
 
-    /// Capabilities to advertise.
+    /// Capabilities to advertise: those of the executors that are available now.
     pub(crate) fn capabilities(&self) -> Vec<String> {
-        let mut c: Vec<String> = self.executors.keys().map(|k| k.to_string()).collect();
+        let mut c: Vec<String> = self
+            .executors
+            .iter()
+            .filter(|(_, e)| e.available())
+            .map(|(k, _)| k.to_string())
+            .collect();
         c.sort();
         c
     }
@@ -169,6 +174,11 @@ impl Runner {
             .get(cap)
             .cloned()
             .ok_or_else(|| format!("this worker has no '{cap}' executor"))?;
+        if !exec.available() {
+            return Err(format!(
+                "the '{cap}' executor is not available on this worker now (its engine does not answer)"
+            ));
+        }
         let cancel = CancellationToken::new();
         {
             let mut table = self.lock();

@@ -6,6 +6,7 @@
 //! [`ExecOutcome`]. It must not talk to the controller, number log chunks or spool anything:
 //! the runner does that with what the executor hands back.
 
+mod dagger;
 mod noop;
 mod shell;
 
@@ -18,6 +19,7 @@ use scabbard_common::proto;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use dagger::DaggerExecutor;
 pub use noop::NoopExecutor;
 pub use shell::ShellExecutor;
 
@@ -145,6 +147,12 @@ impl From<ExecOutcome> for proto::TaskResult {
 pub trait Executor: Send + Sync + 'static {
     /// The capability name this executor is advertised under ("shell", "noop").
     fn capability(&self) -> &'static str;
+
+    /// Whether the executor can run tasks now (its capability is advertised only then).
+    /// The `dagger` executor is available while its engine answers; others always are.
+    fn available(&self) -> bool {
+        true
+    }
 
     /// Runs one attempt to the end. Output goes to `out` (a dropped receiver is tolerated:
     /// output is then discarded). When `cancel` fires the attempt is stopped and the outcome

@@ -35,10 +35,11 @@ use last_line::LastLine;
 use outputs::OUTPUT_FILE;
 use pump::{pump, system_note};
 
-mod group;
-mod last_line;
-mod outputs;
-mod pump;
+// Shared with the dagger executor (process groups, last stdout line, output notes).
+pub(super) mod group;
+pub(super) mod last_line;
+pub(super) mod outputs;
+pub(super) mod pump;
 
 /// Capability name of [`ShellExecutor`].
 pub(super) const CAPABILITY: &str = "shell";

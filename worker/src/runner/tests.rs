@@ -108,3 +108,62 @@ async fn secrets_written_to_outputs_come_back_masked() {
     );
     assert!(!format!("{result:?}").contains("s3cr3t"));
 }
+
+/// An executor whose availability the test switches.
+struct Switchable(std::sync::atomic::AtomicBool);
+
+#[async_trait::async_trait]
+impl Executor for Switchable {
+    fn capability(&self) -> &'static str {
+        "dagger"
+    }
+
+    fn available(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn run(
+        &self,
+        _ctx: crate::executor::ExecContext,
+        _spec: &proto::TaskSpec,
+        _out: mpsc::Sender<crate::executor::OutputChunk>,
+        _cancel: tokio_util::sync::CancellationToken,
+    ) -> crate::executor::ExecOutcome {
+        crate::executor::ExecOutcome::succeeded()
+    }
+}
+
+#[tokio::test]
+async fn unavailable_executors_are_not_advertised_and_refuse_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(&dir.path().join("spool")).unwrap());
+    let (outbox, _rx) = mpsc::channel(64);
+    let dagger = Arc::new(Switchable(false.into()));
+    let executors: Vec<Arc<dyn Executor>> = vec![Arc::new(ShellExecutor::new()), dagger.clone()];
+    let runner = Arc::new(Runner::new(
+        spool,
+        executors,
+        dir.path().join("work"),
+        Duration::from_secs(30),
+        1,
+        outbox,
+        "host-1".into(),
+    ));
+    assert_eq!(runner.capabilities(), ["shell"]);
+    let assign = proto::Assign {
+        task_id: "task-1".into(),
+        fencing_token: 1,
+        attempt: 1,
+        spec: Some(proto::TaskSpec {
+            kind: Some(proto::task_spec::Kind::Container(
+                proto::ContainerTask::default(),
+            )),
+            ..Default::default()
+        }),
+    };
+    let refused = runner.start(assign.clone()).unwrap_err();
+    assert!(refused.contains("not available"), "{refused}");
+    dagger.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(runner.capabilities(), ["dagger", "shell"]);
+    assert_eq!(runner.start(assign), Ok(true));
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::{Instant, sleep};
 
 /// Kills the whole process group if `run` is dropped before it finished.
-pub(super) struct GroupGuard(pub(super) Option<libc::pid_t>);
+pub(in crate::executor) struct GroupGuard(pub(in crate::executor) Option<libc::pid_t>);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
@@ -21,7 +21,7 @@ impl Drop for GroupGuard {
 
 /// Makes the child the leader of a new session and process group, and has the kernel
 /// SIGKILL it if the worker dies.
-pub(super) fn own_process_group(cmd: &mut std::process::Command) {
+pub(in crate::executor) fn own_process_group(cmd: &mut std::process::Command) {
     let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
     #[allow(unsafe_code)]
     // SAFETY: the closure runs in the forked child before exec and only calls
@@ -46,7 +46,7 @@ pub(super) fn own_process_group(cmd: &mut std::process::Command) {
 }
 
 /// Sends `signal` to every process of the group; a group that is already gone is fine.
-pub(super) fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
+pub(in crate::executor) fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
     // SAFETY: kill() has no memory-safety preconditions; a negative pid targets the group.
     #[allow(unsafe_code)]
     let rc = unsafe { libc::kill(-pgid, signal) };
@@ -85,7 +85,7 @@ fn group_alive(pgid: libc::pid_t) -> bool {
 }
 
 /// Polls until the group is empty or `deadline` passes; true if it is gone.
-pub(super) async fn wait_group_gone(pgid: libc::pid_t, deadline: Instant) -> bool {
+pub(in crate::executor) async fn wait_group_gone(pgid: libc::pid_t, deadline: Instant) -> bool {
     loop {
         if !group_alive(pgid) {
             return true;

@@ -8,7 +8,7 @@ use super::outputs::MAX_VALUE_BYTES;
 /// The last non-empty line of a stream, tracked as it is written, in bounded memory: the
 /// line being written and the last complete one, each kept up to [`MAX_VALUE_BYTES`].
 #[derive(Debug)]
-pub(super) struct LastLine {
+pub(in crate::executor) struct LastLine {
     /// The start of the line being written.
     current: Vec<u8>,
     /// Its full length so far.
@@ -42,7 +42,7 @@ impl Default for LastLine {
 
 impl LastLine {
     /// Takes the next piece of the stream.
-    pub(super) fn push(&mut self, data: &[u8]) {
+    pub(in crate::executor) fn push(&mut self, data: &[u8]) {
         for piece in data.split_inclusive(|&b| b == b'\n') {
             match piece.strip_suffix(b"\n") {
                 Some(body) => {
@@ -84,7 +84,7 @@ impl LastLine {
 
     /// The last non-empty line (a final line without a line break counts), or why there is
     /// none to give.
-    pub(super) fn finish(&mut self) -> Result<String, String> {
+    pub(in crate::executor) fn finish(&mut self) -> Result<String, String> {
         if self.current_len > 0 {
             self.end_line();
         }

@@ -25,12 +25,12 @@ pub(super) const MAX_FILE_BYTES: usize = 64 * 1024;
 /// At most this many distinct keys are taken from the `$SCABBARD_OUTPUT` file.
 pub(super) const MAX_KEYS: usize = 256;
 /// Largest value of any output, in bytes.
-pub(super) const MAX_VALUE_BYTES: usize = 16 * 1024;
+pub(in crate::executor) const MAX_VALUE_BYTES: usize = 16 * 1024;
 /// Notes about the `$SCABBARD_OUTPUT` file beyond this many are only counted.
 const MAX_NOTES: usize = 16;
 
 /// Whether `name` is a valid output name: letters, digits, `_`, `-` and `.`.
-fn valid_name(name: &[u8]) -> bool {
+pub(in crate::executor) fn valid_name(name: &[u8]) -> bool {
     !name.is_empty()
         && name
             .iter()

@@ -26,7 +26,7 @@ const DRAIN_MAX_BYTES: usize = 4 << 20;
 
 /// Copies one pipe to `out` in chunks of up to [`CHUNK_SIZE`], as soon as bytes arrive,
 /// feeding `last_line` (if any) with everything read.
-pub(super) async fn pump(
+pub(in crate::executor) async fn pump(
     mut pipe: impl AsyncRead + Unpin,
     stream: OutStream,
     out: mpsc::Sender<OutputChunk>,
@@ -82,7 +82,11 @@ pub(super) async fn pump(
 }
 
 /// Sends a line of our own to the output; a stuck receiver must not delay the kill.
-pub(super) async fn system_note(out: &mpsc::Sender<OutputChunk>, text: String, until: Instant) {
+pub(in crate::executor) async fn system_note(
+    out: &mpsc::Sender<OutputChunk>,
+    text: String,
+    until: Instant,
+) {
     let chunk = OutputChunk {
         stream: OutStream::System,
         data: format!("{text}\n").into_bytes(),

@@ -1,0 +1,154 @@
+//! The dagger executor end to end without an engine: an in-process controller, an
+//! in-process worker whose `[dagger].cli` is a fake `dagger` script, and a fake engine
+//! session endpoint (plain HTTP/1.1 on 127.0.0.1 answering the few queries of a one-step
+//! container task). The worker advertises `dagger` only once the engine answers its probe
+//! (it reconnects to say so), and then runs a container task to SUCCEEDED with the step's
+//! output in the task's log.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use scabbard_common::proto::{ContainerStep, ContainerTask, TaskSpec, TaskState, task_spec::Kind};
+use scabbard_tests::*;
+use scabbard_worker::WorkerConfig;
+use scabbard_worker::config::DaggerConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const SESSION_TOKEN: &str = "e2e-session-token";
+
+/// The `data` of the answer to `query`, for the queries a one-step task and a probe send.
+fn answer(query: &str) -> serde_json::Value {
+    let node =
+        |field: &str, value: serde_json::Value| serde_json::json!({ "node": { field: value } });
+    if query == "query{version}" {
+        serde_json::json!({ "version": "v0.e2e" })
+    } else if query.ends_with("{sync}}}}") && query.starts_with("query{container{from(") {
+        serde_json::json!({ "container": { "from": { "withExec": { "sync": "ctr-1" } } } })
+    } else if query.contains("{exitCode}") {
+        node("exitCode", 0.into())
+    } else if query.contains("{stdout}") {
+        node("stdout", "hello from the fake engine\n".into())
+    } else if query.contains("{stderr}") {
+        node("stderr", "".into())
+    } else {
+        panic!("unexpected query {query}")
+    }
+}
+
+/// Serves `POST /query` on a free port: one request per connection.
+async fn fake_engine() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head_end, length) = loop {
+                    let n = stream.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (i + 4, length);
+                    }
+                };
+                while buf.len() < head_end + length {
+                    let n = stream.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body: serde_json::Value =
+                    serde_json::from_slice(&buf[head_end..head_end + length]).unwrap();
+                let data = answer(body["query"].as_str().unwrap());
+                let reply = serde_json::json!({ "data": data }).to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn dagger_capability_follows_the_engine_and_container_tasks_run() -> anyhow::Result<()> {
+    let c = InProc::start().await?;
+    let dir = tempfile::tempdir()?;
+    let port = fake_engine().await;
+    let cli = dir.path().join("dagger");
+    let cfg = WorkerConfig {
+        controller: c.addr(),
+        registration_token: TOKEN.into(),
+        name: "dagger-host".into(),
+        slots: 2,
+        data_dir: dir.path().join("worker"),
+        dagger: DaggerConfig {
+            cli: Some(cli.clone()),
+            probe_interval_ms: 1_000,
+            kill_grace_ms: 200,
+            ..DaggerConfig::default()
+        },
+        ..WorkerConfig::default()
+    };
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(scabbard_worker::run(cfg, stop.clone()));
+
+    // No CLI yet: the worker attaches without the capability.
+    let agent = wait_agent(&c.addr(), "the worker", |a| a.name == "dagger-host").await?;
+    assert!(
+        !agent.capabilities.contains(&"dagger".to_string()),
+        "{agent:?}"
+    );
+
+    // The CLI appears and its sessions reach the engine: the next probe finds it.
+    let script = format!(
+        "#!/bin/sh\n[ \"$1\" = session ] || exit 64\necho 'engine progress' >&2\necho '{{\"port\":{port},\"session_token\":\"{SESSION_TOKEN}\"}}'\nexec sleep 1000\n"
+    );
+    std::fs::write(&cli, script)?;
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755))?;
+    wait_agent(&c.addr(), "the dagger capability", |a| {
+        a.name == "dagger-host" && a.capabilities.contains(&"dagger".to_string())
+    })
+    .await?;
+
+    let mut tasks = tasks_client(&c.addr()).await?;
+    let spec = TaskSpec {
+        kind: Some(Kind::Container(ContainerTask {
+            image: "alpine".into(),
+            steps: vec![ContainerStep {
+                args: vec!["echo".into(), "hello".into()],
+                name: "greet".into(),
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let id = submit(&mut tasks, spec).await?;
+    let task = wait_state(&mut tasks, &id, None, Duration::from_secs(30)).await?;
+    assert_eq!(task.state(), TaskState::Succeeded, "{task:?}");
+    let log = logs(&mut tasks, &id, 0, false).await?;
+    assert!(log.contains("hello from the fake engine"), "{log}");
+    assert!(log.contains("engine progress"), "{log}");
+
+    stop.cancel();
+    worker.await??;
+    Ok(())
+}

@@ -11,8 +11,8 @@ use std::time::Duration;
 use scabbard_common::backoff::Backoff;
 use scabbard_common::client::{self, AgentServiceClient};
 use scabbard_common::proto::{
-    self, AgentMessage, ControllerMessage, Heartbeat, Hello, RegisterRequest, agent_message,
-    controller_message,
+    self, AgentMessage, CapabilityUpdate, ControllerMessage, Heartbeat, Hello, RegisterRequest,
+    agent_message, controller_message,
 };
 use scabbard_common::{Error, Result};
 use tokio::sync::mpsc;
@@ -33,8 +33,6 @@ enum End {
     /// the revocation).
     Revoked(String),
     Lost(Error),
-    /// The capabilities changed (an engine came or went): say `Hello` again at once.
-    Reconnect(String),
 }
 
 pub(crate) struct Connection {
@@ -71,10 +69,6 @@ impl Connection {
                         "{why}: this worker stops. To bring the host back, register it again: remove {} and start it with a valid registration token",
                         self.cfg.data_dir.join("identity").display()
                     )));
-                }
-                End::Reconnect(why) => {
-                    info!(why, "reconnecting to advertise new capabilities");
-                    continue;
                 }
                 End::Reregister(why) => {
                     warn!(why, "agent token refused; registering again");
@@ -201,9 +195,10 @@ impl Connection {
         };
         self.runner.set_agent_id(&id.agent_id);
         let (req_tx, req_rx) = mpsc::channel::<AgentMessage>(1024);
-        // The controller learns capabilities from `Hello` only: when they change, the
-        // session is ended and opened again (attempts keep running meanwhile).
-        let advertised = self.runner.capabilities();
+        // Capabilities and the warm-cache summary go in `Hello`, and in a heartbeat when
+        // they change (an engine came or went, a new image was pulled).
+        let mut advertised = self.runner.capabilities();
+        let (mut cache_version, cache) = self.runner.cache_summary();
         let hello = Hello {
             agent_id: id.agent_id.clone(),
             capabilities: advertised.clone(),
@@ -211,7 +206,7 @@ impl Connection {
             slots: self.cfg.slots,
             running: self.runner.hello_list(),
             version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
+            cache: Some(cache),
         };
         let _ = req_tx
             .send(AgentMessage {
@@ -295,13 +290,23 @@ impl Connection {
                     Err(s) => Err(s.into()),
                 },
                 _ = ticker.tick() => {
+                    let mut hb = Heartbeat {
+                        free_slots: self.runner.slots.saturating_sub(self.runner.running()),
+                        draining: self.draining,
+                        ..Default::default()
+                    };
                     let now = self.runner.capabilities();
                     if now != advertised {
-                        let why = format!("capabilities {advertised:?} -> {now:?}");
-                        return (End::Reconnect(why), true);
+                        info!(before = ?advertised, now = ?now, "advertising new capabilities");
+                        hb.capabilities = Some(CapabilityUpdate { capabilities: now.clone() });
+                        advertised = now;
                     }
-                    let free = self.runner.slots.saturating_sub(self.runner.running());
-                    pump.send(agent_message::Msg::Heartbeat(Heartbeat { free_slots: free, draining: self.draining, ..Default::default() })).await
+                    let (version, cache) = self.runner.cache_summary();
+                    if version != cache_version {
+                        hb.cache = Some(cache);
+                        cache_version = version;
+                    }
+                    pump.send(agent_message::Msg::Heartbeat(hb)).await
                 }
             };
             if let Err(e) = step {

@@ -21,6 +21,8 @@ use crate::executor::{ExecContext, Executor, OutputChunk, executor_for};
 use crate::redact::{ChunkRedactor, Secrets};
 use crate::spool::Spool;
 
+mod warm;
+
 /// (task id, fencing token).
 pub(crate) type AttemptKey = (String, u64);
 
@@ -43,6 +45,8 @@ pub(crate) struct Runner {
     agent_id: Mutex<String>,
     /// The name this worker registers under (exported to tasks).
     agent_name: String,
+    /// Images and cache volumes its engine has warm.
+    warm: Mutex<warm::WarmCache>,
 }
 
 impl Runner {
@@ -56,6 +60,7 @@ impl Runner {
         agent_name: String,
     ) -> Self {
         Self {
+            warm: Mutex::new(warm::WarmCache::default()),
             attempts: Mutex::new(HashMap::new()),
             spool,
             executors: executors.into_iter().map(|e| (e.capability(), e)).collect(),
@@ -79,6 +84,12 @@ impl Runner {
     }
 
     /// Capabilities to advertise: those of the executors that are available now.
+    /// What the engine has warm, and the version of that summary (moves on change).
+    pub(crate) fn cache_summary(&self) -> (u64, proto::CacheSummary) {
+        let w = self.warm.lock().unwrap_or_else(|p| p.into_inner());
+        (w.version(), w.summary())
+    }
+
     pub(crate) fn capabilities(&self) -> Vec<String> {
         let mut c: Vec<String> = self
             .executors
@@ -258,6 +269,13 @@ impl Runner {
             }),
             log_chunks: seq,
         };
+        // The engine pulled the image unless the platform failed before it could.
+        if outcome.error_class != proto::ErrorClass::Infrastructure {
+            self.warm
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .note(&spec);
+        }
         if let Err(e) = self.spool.finish(&finished) {
             warn!(task = %key.0, error = %e, "cannot spool the result; it is kept in memory only");
         }

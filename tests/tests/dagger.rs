@@ -2,13 +2,17 @@
 //! in-process worker whose `[dagger].cli` is a fake `dagger` script, and a fake engine
 //! session endpoint (plain HTTP/1.1 on 127.0.0.1 answering the few queries of a one-step
 //! container task). The worker advertises `dagger` only once the engine answers its probe
-//! (it reconnects to say so), and then runs a container task to SUCCEEDED with the step's
+//! (a heartbeat says so), and then runs a container task to SUCCEEDED with the step's
 //! output in the task's log.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use scabbard_common::proto::{ContainerStep, ContainerTask, TaskSpec, TaskState, task_spec::Kind};
+use scabbard_common::proto::admin_service_client::AdminServiceClient;
+use scabbard_common::proto::{
+    ClusterStatusRequest, ContainerStep, ContainerTask, Requirements, TaskSpec, TaskState,
+    task_spec::Kind,
+};
 use scabbard_tests::*;
 use scabbard_worker::WorkerConfig;
 use scabbard_worker::config::DaggerConfig;
@@ -150,5 +154,113 @@ async fn dagger_capability_follows_the_engine_and_container_tasks_run() -> anyho
 
     stop.cancel();
     worker.await??;
+    Ok(())
+}
+
+/// Writes a fake `dagger` CLI whose sessions point at the fake engine on `port`.
+fn fake_cli(path: &std::path::Path, port: u16) -> anyhow::Result<()> {
+    let script = format!(
+        "#!/bin/sh\n[ \"$1\" = session ] || exit 64\necho 'engine progress' >&2\necho '{{\"port\":{port},\"session_token\":\"{SESSION_TOKEN}\"}}'\nexec sleep 1000\n"
+    );
+    std::fs::write(path, script)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+fn container(image: &str, host: Option<&str>) -> TaskSpec {
+    TaskSpec {
+        kind: Some(Kind::Container(ContainerTask {
+            image: image.into(),
+            steps: vec![ContainerStep {
+                args: vec!["echo".into(), "hello".into()],
+                name: "greet".into(),
+            }],
+            ..Default::default()
+        })),
+        requirements: host.map(|h| Requirements {
+            labels: [("host".to_string(), h.to_string())].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn container_tasks_go_to_the_worker_whose_engine_has_their_image_warm() -> anyhow::Result<()>
+{
+    let c = InProc::start().await?;
+    let dir = tempfile::tempdir()?;
+    let cli = dir.path().join("dagger");
+    fake_cli(&cli, fake_engine().await)?;
+    let stop = CancellationToken::new();
+    let mut workers = Vec::new();
+    for (name, slots) in [("warm-host", 2), ("cold-host", 4)] {
+        let cfg = WorkerConfig {
+            controller: c.addr(),
+            registration_token: TOKEN.into(),
+            name: name.into(),
+            labels: [(
+                "host".to_string(),
+                name.trim_end_matches("-host").to_string(),
+            )]
+            .into(),
+            slots,
+            data_dir: dir.path().join(name),
+            dagger: DaggerConfig {
+                cli: Some(cli.clone()),
+                kill_grace_ms: 200,
+                ..DaggerConfig::default()
+            },
+            ..WorkerConfig::default()
+        };
+        workers.push(tokio::spawn(scabbard_worker::run(cfg, stop.clone())));
+    }
+    let mut ids = std::collections::HashMap::new();
+    for name in ["warm-host", "cold-host"] {
+        let a = wait_agent(&c.addr(), name, |a| {
+            a.name == name && a.capabilities.contains(&"dagger".to_string())
+        })
+        .await?;
+        ids.insert(name, a.id);
+    }
+    let mut tasks = tasks_client(&c.addr()).await?;
+    // Warm one engine up with the image, then wait for its report.
+    let id = submit(&mut tasks, container("golang:1.23", Some("warm"))).await?;
+    let t = wait_state(&mut tasks, &id, None, Duration::from_secs(30)).await?;
+    assert_eq!(t.state(), TaskState::Succeeded, "{t:?}");
+    wait_agent(&c.addr(), "the warm report", |a| {
+        a.name == "warm-host"
+            && a.cache
+                .as_ref()
+                .is_some_and(|c| c.images.contains(&"golang:1.23".to_string()))
+    })
+    .await?;
+    // Tasks for that image go to the warm engine (the cold one has more free slots).
+    let mut warm_tasks = Vec::new();
+    for _ in 0..8 {
+        warm_tasks.push(submit(&mut tasks, container("golang:1.23", None)).await?);
+    }
+    for id in &warm_tasks {
+        let t = wait_state(&mut tasks, id, None, Duration::from_secs(30)).await?;
+        assert_eq!(t.state(), TaskState::Succeeded, "{t:?}");
+        assert_eq!(t.attempts[0].agent_id, ids["warm-host"], "{t:?}");
+    }
+    // Another image is warm nowhere: the freest worker takes it.
+    let id = submit(&mut tasks, container("python:3.12", None)).await?;
+    let t = wait_state(&mut tasks, &id, None, Duration::from_secs(30)).await?;
+    assert_eq!(t.attempts[0].agent_id, ids["cold-host"], "{t:?}");
+    let status = AdminServiceClient::new(c.channel(ADMIN_TOKEN).await?)
+        .cluster_status(ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(
+        (status.cache_affinity_hits, status.cache_affinity_misses),
+        (8, 2),
+        "{status:?}"
+    );
+    stop.cancel();
+    for w in workers {
+        w.await??;
+    }
     Ok(())
 }

@@ -283,6 +283,7 @@ impl State {
     pub(super) fn agent_view(&self, a: &AgentEntry) -> Agent {
         let mut view = a.stored.agent.clone().unwrap_or_default();
         view.running = a.running.len() as u32;
+        view.cache = a.warm.summary();
         view.last_seen_ms = a.last_seen_ms;
         view.status = if a.lost {
             AgentStatus::Lost

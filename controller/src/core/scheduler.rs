@@ -116,6 +116,22 @@ impl Warm {
                 .count() as u32
     }
 
+    /// The summary as the API shows it (sorted), or None when nothing is warm.
+    pub(crate) fn summary(&self) -> Option<scabbard_common::proto::CacheSummary> {
+        if self.images.is_empty() && self.volumes.is_empty() {
+            return None;
+        }
+        let sorted = |s: &std::collections::HashSet<String>| {
+            let mut v: Vec<String> = s.iter().cloned().collect();
+            v.sort();
+            v
+        };
+        Some(scabbard_common::proto::CacheSummary {
+            images: sorted(&self.images),
+            cache_volumes: sorted(&self.volumes),
+        })
+    }
+
     /// Whether the image of a container task is warm here.
     pub(crate) fn has_image(&self, spec: &TaskSpec) -> bool {
         use scabbard_common::proto::task_spec::Kind;

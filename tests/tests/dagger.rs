@@ -22,20 +22,43 @@ use tokio_util::sync::CancellationToken;
 
 const SESSION_TOKEN: &str = "e2e-session-token";
 
-/// The `data` of the answer to `query`, for the queries a one-step task and a probe send.
+/// The answer to `query`, for the queries a one-step task and a probe send. The image
+/// decides the outcome: `fail/…` exits 3 with output on stderr; `boom/…` gets an engine
+/// (GraphQL) error; anything else succeeds.
 fn answer(query: &str) -> serde_json::Value {
-    let node =
-        |field: &str, value: serde_json::Value| serde_json::json!({ "node": { field: value } });
+    let data = |d: serde_json::Value| serde_json::json!({ "data": d });
+    let node = |field: &str, value: serde_json::Value| {
+        data(serde_json::json!({ "node": { field: value } }))
+    };
     if query == "query{version}" {
-        serde_json::json!({ "version": "v0.e2e" })
+        data(serde_json::json!({ "version": "v0.e2e" }))
     } else if query.ends_with("{sync}}}}") && query.starts_with("query{container{from(") {
-        serde_json::json!({ "container": { "from": { "withExec": { "sync": "ctr-1" } } } })
+        if query.contains("boom/") {
+            return serde_json::json!({
+                "data": null,
+                "errors": [{ "message": "failed to resolve image: registry unreachable", "path": ["container", "from"] }]
+            });
+        }
+        let id = if query.contains("fail/") {
+            "ctr-fail"
+        } else {
+            "ctr-1"
+        };
+        data(serde_json::json!({ "container": { "from": { "withExec": { "sync": id } } } }))
     } else if query.contains("{exitCode}") {
-        node("exitCode", 0.into())
+        node(
+            "exitCode",
+            if query.contains("ctr-fail") { 3 } else { 0 }.into(),
+        )
     } else if query.contains("{stdout}") {
         node("stdout", "hello from the fake engine\n".into())
     } else if query.contains("{stderr}") {
-        node("stderr", "".into())
+        let err = if query.contains("ctr-fail") {
+            "tests failed: 2 of 7\n"
+        } else {
+            ""
+        };
+        node("stderr", err.into())
     } else {
         panic!("unexpected query {query}")
     }
@@ -78,8 +101,7 @@ async fn fake_engine() -> u16 {
                 }
                 let body: serde_json::Value =
                     serde_json::from_slice(&buf[head_end..head_end + length]).unwrap();
-                let data = answer(body["query"].as_str().unwrap());
-                let reply = serde_json::json!({ "data": data }).to_string();
+                let reply = answer(body["query"].as_str().unwrap()).to_string();
                 let response = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
                     reply.len()
@@ -262,5 +284,66 @@ async fn container_tasks_go_to_the_worker_whose_engine_has_their_image_warm() ->
     for w in workers {
         w.await??;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_step_is_a_user_failure_and_an_engine_error_is_retried() -> anyhow::Result<()> {
+    use scabbard_common::proto::{ErrorClass, RetryPolicy};
+    let c = InProc::start().await?;
+    let dir = tempfile::tempdir()?;
+    let cli = dir.path().join("dagger");
+    fake_cli(&cli, fake_engine().await)?;
+    let stop = CancellationToken::new();
+    let cfg = WorkerConfig {
+        controller: c.addr(),
+        registration_token: TOKEN.into(),
+        name: "engine-host".into(),
+        slots: 2,
+        data_dir: dir.path().join("worker"),
+        dagger: DaggerConfig {
+            cli: Some(cli.clone()),
+            kill_grace_ms: 200,
+            ..DaggerConfig::default()
+        },
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(scabbard_worker::run(cfg, stop.clone()));
+    wait_agent(&c.addr(), "the dagger capability", |a| {
+        a.capabilities.contains(&"dagger".to_string())
+    })
+    .await?;
+    let mut tasks = tasks_client(&c.addr()).await?;
+    // A step exiting 3: FAILED, user class, exit code and output kept.
+    let id = submit(&mut tasks, container("fail/golang:1.23", None)).await?;
+    let t = wait_state(&mut tasks, &id, None, Duration::from_secs(30)).await?;
+    assert_eq!(t.state(), TaskState::Failed, "{t:?}");
+    let r = t.result.clone().unwrap();
+    assert_eq!(
+        (r.exit_code, r.error_class()),
+        (3, ErrorClass::User),
+        "{r:?}"
+    );
+    assert_eq!(t.attempts.len(), 1);
+    let log = logs(&mut tasks, &id, 0, false).await?;
+    assert!(log.contains("tests failed: 2 of 7"), "{log}");
+    // An engine error: an infrastructure failure, retried up to the bound (1 here).
+    let mut spec = container("boom/golang:1.23", None);
+    spec.retry = Some(RetryPolicy {
+        max_infra_retries: 1,
+        initial_backoff_ms: 50,
+        ..Default::default()
+    });
+    let id = submit(&mut tasks, spec).await?;
+    let t = wait_state(&mut tasks, &id, None, Duration::from_secs(30)).await?;
+    assert_eq!(t.state(), TaskState::Failed, "{t:?}");
+    assert_eq!(t.attempts.len(), 2, "retried once: {t:?}");
+    assert_eq!(t.infra_failures, 2);
+    assert_eq!(t.user_failures, 0);
+    let r = t.result.unwrap();
+    assert_eq!(r.error_class(), ErrorClass::Infrastructure);
+    assert!(r.message.contains("registry unreachable"), "{}", r.message);
+    stop.cancel();
+    worker.await??;
     Ok(())
 }

@@ -186,6 +186,9 @@ pub(crate) struct ControllerArgs {
     /// controller). Default: `<data-dir>/secrets.key`, generated (embedded store only).
     #[arg(long, env = "SCABBARD_SECRETS_KEY_FILE")]
     pub(crate) secrets_key_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (GET /metrics, plain HTTP, no auth).
+    #[arg(long, env = "SCABBARD_METRICS_LISTEN")]
+    pub(crate) metrics_listen: Option<std::net::SocketAddr>,
     /// Directory of user workflow templates (*.yaml), loaded next to the built-in ones.
     #[arg(long, env = "SCABBARD_TEMPLATES_DIR")]
     pub(crate) templates_dir: Option<PathBuf>,

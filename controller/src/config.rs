@@ -15,6 +15,8 @@ use serde::Deserialize;
 pub struct ControllerConfig {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// Where Prometheus metrics are served (`GET /metrics`, plain HTTP, no auth); unset = off.
+    pub metrics_listen: Option<SocketAddr>,
     /// Where the embedded store and the task logs live.
     pub data_dir: PathBuf,
     /// A static registration token workers may present to `AgentService.Register`, next
@@ -114,6 +116,7 @@ impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:7400".parse().expect("static address"),
+            metrics_listen: None,
             data_dir: PathBuf::from("./scabbard-data"),
             registration_token: String::new(),
             bootstrap_token_file: None,

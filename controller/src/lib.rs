@@ -15,6 +15,7 @@ pub mod leader;
 pub mod limits;
 pub mod logstore;
 pub mod membership;
+pub mod metrics;
 pub mod schedules;
 pub mod sealed;
 pub mod server;

@@ -137,6 +137,21 @@ pub async fn serve(
         settled.wait_for(|r| !matches!(r, Route::Follower(None))),
     )
     .await;
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|e| {
+                Error::invalid(format!("cannot listen on metrics_listen {addr}: {e}"))
+            })?;
+            info!(addr = %l.local_addr()?, "metrics on GET /metrics");
+            Some(tokio::spawn(crate::metrics::serve(
+                l,
+                router_handle.clone(),
+                store.clone(),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let members = tokio::spawn(crate::membership::keep_membership(
         store.clone(),
         advertise.clone(),
@@ -174,6 +189,9 @@ pub async fn serve(
     shutdown.cancel();
     let _ = leading.await;
     let _ = members.await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     info!(%addr, "controller stopped");
     served.map_err(|e| Error::Unavailable(format!("gRPC server on {addr}: {e}")))
 }

@@ -210,7 +210,8 @@ fn container(image: &str, host: Option<&str>) -> TaskSpec {
 #[tokio::test]
 async fn container_tasks_go_to_the_worker_whose_engine_has_their_image_warm() -> anyhow::Result<()>
 {
-    let c = InProc::start().await?;
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let c = InProc::start_with(|cfg| cfg.metrics_listen = Some(metrics)).await?;
     let dir = tempfile::tempdir()?;
     let cli = dir.path().join("dagger");
     fake_cli(&cli, fake_engine().await)?;
@@ -280,6 +281,20 @@ async fn container_tasks_go_to_the_worker_whose_engine_has_their_image_warm() ->
         (8, 2),
         "{status:?}"
     );
+    // The same as Prometheus metrics.
+    let text = http_get(metrics, "/metrics").await?;
+    for line in [
+        "scabbard_leader 1",
+        "scabbard_cache_affinity_hits_total 8",
+        "scabbard_cache_affinity_misses_total 2",
+        "scabbard_cache_affinity_hit_ratio 0.8",
+        "scabbard_agents_connected 2",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from:\n{text}"
+        );
+    }
     stop.cancel();
     for w in workers {
         w.await??;
@@ -346,4 +361,19 @@ async fn a_failing_step_is_a_user_failure_and_an_engine_error_is_retried() -> an
     stop.cancel();
     worker.await??;
     Ok(())
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns the body of a 200 answer.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    anyhow::ensure!(text.starts_with("HTTP/1.1 200"), "{text}");
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
 }

@@ -169,6 +169,9 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if a.secrets_key_file.is_some() {
         cfg.secrets_key_file = a.secrets_key_file;
     }
+    if a.metrics_listen.is_some() {
+        cfg.metrics_listen = a.metrics_listen;
+    }
     if a.templates_dir.is_some() {
         cfg.templates_dir = a.templates_dir;
     }

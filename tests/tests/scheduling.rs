@@ -195,10 +195,14 @@ async fn a_concurrency_group_of_one_never_runs_two_at_once() -> anyhow::Result<(
     let mut spans = Vec::new();
     for id in grouped.iter().chain(&others) {
         let t = wait_state(&mut tasks, id, None, T).await?;
-        assert_eq!(t.state(), TaskState::Succeeded);
+        assert_eq!(t.state(), TaskState::Succeeded, "{t:?}");
         if grouped.contains(id) {
-            let a = &t.attempts[0];
-            spans.push((a.assigned_at_ms, a.finished_at_ms));
+            // Every attempt holds the group's slot from assignment to its end.
+            spans.extend(
+                t.attempts
+                    .iter()
+                    .map(|a| (a.assigned_at_ms, a.finished_at_ms)),
+            );
         }
     }
     spans.sort();
@@ -254,5 +258,61 @@ async fn a_flood_from_one_project_does_not_starve_another() -> anyhow::Result<()
     for id in &flood {
         wait_state(&mut tasks, id, None, T).await?;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_open_dependency_breaker_holds_its_tasks_in_the_queue_until_reset() -> anyhow::Result<()>
+{
+    let c = Cluster::start(
+        &["w0"],
+        2,
+        &["--breaker-threshold", "2", "--breaker-open", "60s"],
+    )?;
+    let mut admin = AdminServiceClient::new(c.channel().await?);
+    let mut tasks = tasks_client(&c.addr()).await?;
+    let with_dep = |script: &str| {
+        let mut s = shell(script);
+        s.breakers = vec!["registry:flaky".into()];
+        s
+    };
+    // Two failures through the dependency open its breaker.
+    for _ in 0..2 {
+        let id = submit(&mut tasks, with_dep("echo 'pull failed' >&2; exit 1")).await?;
+        assert_eq!(
+            wait_state(&mut tasks, &id, None, T).await?.state(),
+            TaskState::Failed
+        );
+    }
+    let open = admin
+        .list_breakers(ListBreakersRequest { all: false })
+        .await?
+        .into_inner()
+        .breakers;
+    assert!(
+        open.iter()
+            .any(|b| b.key == "registry:flaky" && b.state() == BreakerState::Open),
+        "{open:?}"
+    );
+    // A task needing it waits (no attempt burnt); one that does not runs.
+    let held = submit(&mut tasks, with_dep("true")).await?;
+    let free = submit(&mut tasks, shell("true")).await?;
+    assert_eq!(
+        wait_state(&mut tasks, &free, None, T).await?.state(),
+        TaskState::Succeeded
+    );
+    let t = get(&mut tasks, &held).await?;
+    assert_eq!(t.state(), TaskState::Queued, "{t:?}");
+    assert!(t.attempts.is_empty());
+    // An operator closes it: the held task runs.
+    admin
+        .reset_breaker(ResetBreakerRequest {
+            key: "registry:flaky".into(),
+        })
+        .await?;
+    assert_eq!(
+        wait_state(&mut tasks, &held, None, T).await?.state(),
+        TaskState::Succeeded
+    );
     Ok(())
 }

@@ -127,9 +127,18 @@ impl State {
             }
             None => keys.iter().for_each(|k| self.breakers.release(k)),
             Some(_) => {
+                // A task that names what it depends on (or a template step) blames those;
+                // only a task naming nothing blames the agent it ran on. The agent's probe
+                // slot, if it was one, is freed either way.
                 let why = format!("task {} attempt {attempt}: {}", f.task_id, result.message);
+                let agent = agent_key(agent_id);
+                let blames_deps = keys.len() > 1;
                 for k in &keys {
-                    self.breakers.failure(k, &why, now);
+                    if blames_deps && *k == agent {
+                        self.breakers.release(k);
+                    } else {
+                        self.breakers.failure(k, &why, now);
+                    }
                 }
             }
         }

@@ -149,7 +149,8 @@ impl Default for ControllerOpts {
 }
 
 impl Controller {
-    /// Starts a controller on `port` with `data_dir`.
+    /// Starts a controller on `port` with `data_dir` (port 0: the system picks a free one,
+    /// read back from the controller's first line).
     pub fn start(data_dir: &Path, port: u16, opts: &ControllerOpts) -> Result<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let mut child = Command::new(scabbard_bin())
@@ -178,10 +179,11 @@ impl Controller {
         let stdout = child.stdout.take().context("stdout")?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
-        if !line.starts_with("listening on ") {
+        let Some(bound) = line.trim().strip_prefix("listening on ") else {
             let _ = child.kill();
             bail!("controller did not start: {line:?}");
-        }
+        };
+        let addr: SocketAddr = bound.parse().unwrap_or(addr);
         Ok(Self {
             proc: Proc {
                 child: Some(child),

@@ -11,8 +11,7 @@ use scabbard_common::proto::{
 };
 
 use crate::{
-    ADMIN_TOKEN, Controller, ControllerOpts, Worker, client, eventually, free_port, shell,
-    with_token,
+    ADMIN_TOKEN, Controller, ControllerOpts, Worker, client, eventually, shell, with_token,
 };
 
 /// A workflow client with the admin token.
@@ -29,9 +28,10 @@ impl Cluster {
     /// Starts the controller with `extra` flags and the workers (named by `names`).
     pub fn start(names: &[&str], slots: u32, extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
+        // Port 0: no race with other tests for a "free" port.
         let controller = Controller::start(
             &dir.path().join("controller"),
-            free_port(),
+            0,
             &ControllerOpts {
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 ..ControllerOpts::default()

@@ -166,6 +166,31 @@ pub trait Executor: Send + Sync + 'static {
     ) -> ExecOutcome;
 }
 
+/// A fresh, empty `work_root/<task_id>-<fencing_token>` for one attempt (emptied if a
+/// previous run left it behind); the task id is sanitised for the file system.
+pub(crate) async fn fresh_workdir(ctx: &ExecContext) -> std::io::Result<PathBuf> {
+    use std::io;
+    let name: String = ctx
+        .task_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let dir = ctx.work_root.join(format!("{name}-{}", ctx.fencing_token));
+    tokio::fs::create_dir_all(&ctx.work_root).await?;
+    match tokio::fs::remove_dir_all(&dir).await {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    tokio::fs::create_dir(&dir).await?;
+    Ok(dir)
+}
+
 /// Capability of hosts whose Dagger engine answers (container and dagger_call tasks).
 pub const DAGGER_CAPABILITY: &str = "dagger";
 

@@ -357,24 +357,7 @@ async fn add_outputs(
 /// A fresh `work_root/<task_id>-<fencing_token>`, emptied if a previous run left it behind,
 /// holding an empty `$SCABBARD_OUTPUT` file.
 async fn prepare_workdir(ctx: &ExecContext) -> io::Result<PathBuf> {
-    let name: String = ctx
-        .task_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let dir = ctx.work_root.join(format!("{name}-{}", ctx.fencing_token));
-    tokio::fs::create_dir_all(&ctx.work_root).await?;
-    match tokio::fs::remove_dir_all(&dir).await {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    tokio::fs::create_dir(&dir).await?;
+    let dir = super::fresh_workdir(ctx).await?;
     if let Err(e) = tokio::fs::write(dir.join(OUTPUT_FILE), b"").await {
         let _ = tokio::fs::remove_dir_all(&dir).await;
         return Err(e);

@@ -366,25 +366,7 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 /// A fresh `work_root/<task_id>-<fencing_token>` (the session's working directory and
 /// where outputs are exported).
 async fn prepare_workdir(ctx: &ExecContext) -> io::Result<PathBuf> {
-    let name: String = ctx
-        .task_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let dir = ctx.work_root.join(format!("{name}-{}", ctx.fencing_token));
-    tokio::fs::create_dir_all(&ctx.work_root).await?;
-    match tokio::fs::remove_dir_all(&dir).await {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    tokio::fs::create_dir(&dir).await?;
-    Ok(dir)
+    super::fresh_workdir(ctx).await
 }
 
 async fn remove_dir(dir: &std::path::Path) {

@@ -264,7 +264,7 @@ async fn a_flood_from_one_project_does_not_starve_another() -> anyhow::Result<()
 #[tokio::test]
 async fn an_open_dependency_breaker_holds_its_tasks_in_the_queue_until_reset() -> anyhow::Result<()>
 {
-    let c = Cluster::start(
+    let mut c = Cluster::start(
         &["w0"],
         2,
         &["--breaker-threshold", "2", "--breaker-open", "60s"],
@@ -294,6 +294,35 @@ async fn an_open_dependency_breaker_holds_its_tasks_in_the_queue_until_reset() -
             .any(|b| b.key == "registry:flaky" && b.state() == BreakerState::Open),
         "{open:?}"
     );
+    // It is stored: a controller restarted (kill -9) on the same data comes back with it.
+    c.controller.proc.kill9();
+    let (dir, port) = (c.controller.data_dir.clone(), c.controller.addr.port());
+    c.controller = Controller::start(
+        &dir,
+        port,
+        &ControllerOpts {
+            extra: ["--breaker-threshold", "2", "--breaker-open", "60s"]
+                .map(String::from)
+                .to_vec(),
+            ..ControllerOpts::default()
+        },
+    )?;
+    let mut admin = AdminServiceClient::new(c.channel().await?);
+    let mut tasks = tasks_client(&c.addr()).await?;
+    let open = admin
+        .list_breakers(ListBreakersRequest { all: false })
+        .await?
+        .into_inner()
+        .breakers;
+    assert!(
+        open.iter()
+            .any(|b| b.key == "registry:flaky" && b.state() == BreakerState::Open),
+        "after the restart: {open:?}"
+    );
+    wait_agent(&c.addr(), "the worker back", |a| {
+        a.status() == scabbard_common::proto::AgentStatus::Connected
+    })
+    .await?;
     // A task needing it waits (no attempt burnt); one that does not runs.
     let held = submit(&mut tasks, with_dep("true")).await?;
     let free = submit(&mut tasks, shell("true")).await?;

@@ -5,8 +5,9 @@
 //! succeeds)→ closed; a failed probe opens it again for twice as long (bounded). While a
 //! breaker is open the scheduler sends nothing through it: an agent gets no work, tasks
 //! naming a step or dependency wait in the queue instead of burning retries. In half-open a
-//! bounded number of probes go through. State lives in the leader's memory: a new leader
-//! starts with every breaker closed.
+//! bounded number of probes go through. Every change is marked for the core to persist
+//! (`breakers/<key>`), so a new leader starts from the same states; probes in flight at a
+//! failover are not known to it, so a half-open breaker comes back open and due for a probe.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -62,6 +63,8 @@ impl Breaker {
 pub(crate) struct Breakers {
     cfg: BreakerConfig,
     map: HashMap<String, Breaker>,
+    /// Keys changed since the last [`take_changes`](Self::take_changes).
+    dirty: std::collections::BTreeSet<String>,
 }
 
 /// The breaker key of an agent.
@@ -74,6 +77,7 @@ impl Breakers {
         Self {
             cfg,
             map: HashMap::new(),
+            dirty: Default::default(),
         }
     }
 
@@ -111,6 +115,7 @@ impl Breakers {
             BreakerState::Open if now_ms >= b.retry_at_ms => {
                 b.state = Some(BreakerState::HalfOpen);
                 b.probing = 1;
+                self.dirty.insert(key.to_string());
             }
             BreakerState::HalfOpen => b.probing += 1,
             _ => {}
@@ -122,6 +127,9 @@ impl Breakers {
         if let Some(b) = self.map.get_mut(key) {
             if b.state() != BreakerState::Closed {
                 tracing::info!(breaker = key, "circuit breaker closed");
+            }
+            if b.state() != BreakerState::Closed || b.failures > 0 {
+                self.dirty.insert(key.to_string());
             }
             let trips = b.trips;
             *b = Breaker {
@@ -142,6 +150,7 @@ impl Breakers {
     /// An attempt through `key` failed. Returns true when this opened the breaker.
     pub(crate) fn failure(&mut self, key: &str, error: &str, now_ms: i64) -> bool {
         let cfg = &self.cfg;
+        self.dirty.insert(key.to_string());
         let b = self.map.entry(key.to_string()).or_default();
         b.last_error = error.chars().take(500).collect();
         let base = cfg.open_for.as_millis() as i64;
@@ -173,6 +182,53 @@ impl Breakers {
             "circuit breaker opened"
         );
         true
+    }
+
+    /// The breakers changed since the last call: each key with its record to store, or
+    /// None when it is back to closed with nothing counted (delete the record).
+    pub(crate) fn take_changes(&mut self) -> Vec<(String, Option<proto::Breaker>)> {
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|k| {
+                let rec = self
+                    .map
+                    .get(&k)
+                    .filter(|b| b.state() != BreakerState::Closed || b.failures > 0)
+                    .map(|b| view(&k, b));
+                (k, rec)
+            })
+            .collect()
+    }
+
+    /// Loads stored breakers (a new leader). A half-open one comes back open and due, as
+    /// the probes it had in flight are unknown here.
+    pub(crate) fn restore(&mut self, records: Vec<proto::Breaker>, now_ms: i64) {
+        self.map.clear();
+        self.dirty.clear();
+        for r in records {
+            let state = match r.state() {
+                BreakerState::HalfOpen => BreakerState::Open,
+                s => s,
+            };
+            let retry_at_ms = if r.state() == BreakerState::HalfOpen {
+                now_ms
+            } else {
+                r.retry_at_ms
+            };
+            self.map.insert(
+                r.key.clone(),
+                Breaker {
+                    state: Some(state),
+                    failures: r.failures,
+                    opened_at_ms: r.opened_at_ms,
+                    retry_at_ms,
+                    trips: r.trips,
+                    last_error: r.last_error,
+                    probing: 0,
+                    open_ms: (r.retry_at_ms - r.opened_at_ms).max(0),
+                },
+            );
+        }
     }
 
     /// Closes `key` by hand. Returns its view (closed), or None if unknown.
@@ -257,6 +313,35 @@ mod tests {
             now = v.retry_at_ms;
         }
         assert_eq!(b.list(false)[0].trips, 4);
+    }
+
+    #[test]
+    fn changes_are_reported_once_and_restore_brings_states_back() {
+        let mut b = breakers();
+        assert!(b.take_changes().is_empty());
+        for _ in 0..3 {
+            b.failure("dep", "down", 100);
+        }
+        b.failure("agent:x", "exit 1", 100);
+        let changes = b.take_changes();
+        assert_eq!(changes.len(), 2);
+        assert!(b.take_changes().is_empty());
+        let records: Vec<_> = changes.into_iter().filter_map(|(_, r)| r).collect();
+        let mut other = breakers();
+        other.restore(records, 200);
+        assert!(!other.allows("dep", 500), "still open after a failover");
+        assert!(other.allows("dep", 1100), "due at the same time");
+        assert_eq!(other.list(true).len(), 2);
+        // Closing reports a delete.
+        b.success("agent:x");
+        assert_eq!(b.take_changes(), vec![("agent:x".to_string(), None)]);
+        // A half-open breaker comes back open and due at once.
+        b.admit("dep", 1100);
+        let rec = b.take_changes().remove(0).1.unwrap();
+        assert_eq!(rec.state(), BreakerState::HalfOpen);
+        other.restore(vec![rec], 1200);
+        assert!(other.allows("dep", 1200));
+        assert_eq!(other.state("dep"), BreakerState::Open);
     }
 
     #[test]

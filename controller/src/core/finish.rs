@@ -160,6 +160,8 @@ impl State {
                 }
             }));
         }
+        // Breaker changes first: durable no later than the result that caused them.
+        self.flush_breakers().await;
         self.persist_task(&task, effects).await;
     }
 
@@ -236,6 +238,8 @@ impl State {
         if let Some(a) = self.agents.get_mut(&old_agent) {
             a.running.remove(task_id);
         }
+        // Breaker changes first: durable no later than the result that caused them.
+        self.flush_breakers().await;
         self.persist_task(&task, Vec::new()).await;
     }
 

@@ -43,6 +43,8 @@ use scheduler::{QueueKey, RunQueue};
 
 /// Store key prefix of task records.
 pub(crate) const TASK_PREFIX: &str = "tasks/";
+/// Store key prefix of circuit breaker records.
+pub(crate) const BREAKER_PREFIX: &str = "breakers/";
 /// Store key prefix of agent records.
 pub(crate) const AGENT_PREFIX: &str = "agents/";
 
@@ -431,21 +433,25 @@ async fn run(
                 }
                 state.advance_workflows().await;
                 state.schedule().await;
+                state.flush_breakers().await;
             }
             _ = sweep.tick() => {
                 state.sweep_lost_agents().await;
                 state.advance_workflows().await;
                 state.schedule().await;
+                state.flush_breakers().await;
             }
             _ = cron_tick.tick() => {
                 state.fire_schedules().await;
                 state.advance_workflows().await;
                 state.schedule().await;
+                state.flush_breakers().await;
             }
             _ = tokio::time::sleep_until(state.next_timer()) => {
                 state.release_due_retries().await;
                 state.advance_workflows().await;
                 state.schedule().await;
+                state.flush_breakers().await;
             }
             _ = failed.notified() => {
                 warn!("a store commit failed: rebuilding state from the store");
@@ -557,6 +563,7 @@ impl State {
                         .reset(&key)
                         .ok_or_else(|| Error::not_found("breaker", key)),
                 );
+                self.flush_breakers().await;
             }
             CoreMsg::Stats { reply } => {
                 let active = self.agents.values().map(|a| a.running.len()).sum();
@@ -582,6 +589,18 @@ impl State {
             .iter()
             .filter(|id| self.workflows.get(*id).is_some_and(|w| w.state() == state))
             .count()
+    }
+
+    /// Persists the breakers that changed (a new leader starts from them).
+    pub(crate) async fn flush_breakers(&mut self) {
+        for (key, record) in self.breakers.take_changes() {
+            self.write(
+                format!("{BREAKER_PREFIX}{key}"),
+                record.map(|r| r.encode_to_vec()),
+                Vec::new(),
+            )
+            .await;
+        }
     }
 
     /// When the loop must wake next for a timer (retry backoffs), at most a second away.

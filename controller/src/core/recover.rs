@@ -88,6 +88,16 @@ impl State {
             self.tasks.insert(entry.task.id.clone(), entry);
         }
         self.recover_workflows().await?;
+        let mut breakers = Vec::new();
+        for kv in self.load_prefix(super::BREAKER_PREFIX).await? {
+            breakers.push(
+                scabbard_common::proto::Breaker::decode(kv.value.as_slice()).map_err(|e| {
+                    Error::internal(format!("corrupt breaker record {}: {e}", kv.key))
+                })?,
+            );
+        }
+        self.breakers
+            .restore(breakers, scabbard_common::time::now_ms());
         self.recover_schedules().await?;
         info!(
             workflows = self.workflows.len(),

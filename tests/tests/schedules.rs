@@ -199,6 +199,21 @@ async fn missed_ticks_inside_the_catch_up_window_run_once_and_older_ones_are_ski
 }
 
 #[tokio::test]
+async fn a_long_downtime_skips_every_old_tick_once_and_runs_the_recent_ones() -> anyhow::Result<()>
+{
+    let mut e = env().await?;
+    let mut sp = spec("long-gap", OverlapPolicy::Queue);
+    sp.catch_up_window_ms = 25_000;
+    let s = e.create(sp).await?;
+    // Two hours down: 720 ticks, of which the last three are inside the window.
+    e.clock.set(T0 + 7_200_000);
+    let s = e.handled(&s.id, T0 + 7_200_000).await?;
+    assert_eq!((s.fired, s.skipped), (3, 717), "{s:?}");
+    assert_eq!(s.next_tick_ms, T0 + 7_210_000);
+    Ok(())
+}
+
+#[tokio::test]
 async fn paused_schedules_do_not_fire_and_resume_from_now() -> anyhow::Result<()> {
     let mut e = env().await?;
     let s = e.create(spec("paused", OverlapPolicy::Queue)).await?;

@@ -225,11 +225,15 @@ impl State {
                 .next_after(s.last_tick_ms)
                 .is_some_and(|t| now - t > window)
         {
-            // Far behind: jump to the window, counting what is jumped over as skipped.
-            let d = plan::due(&cron, s.last_tick_ms, s.created_at_ms, now - window, 0);
-            s.skipped += d.missed + u64::from(d.fire.is_some());
-            if let Some(t) = d.fire {
-                s.last_tick_ms = t;
+            // Far behind: jump to the last tick too old to run, counting every tick jumped
+            // over (up to and including it) as skipped.
+            if let Some(edge) = cron
+                .at_or_before(now - window - 1)
+                .filter(|t| *t > s.last_tick_ms)
+            {
+                let d = plan::due(&cron, s.last_tick_ms, s.created_at_ms, edge, u64::MAX);
+                s.skipped += d.missed + u64::from(d.fire.is_some());
+                s.last_tick_ms = edge;
             }
         }
         s.next_tick_ms = cron.next_after(s.last_tick_ms).unwrap_or(0);

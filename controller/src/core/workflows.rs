@@ -379,42 +379,51 @@ impl State {
 
     /// Releases every waiting node whose dependencies all succeeded.
     async fn release_ready(&mut self, wf: &mut Workflow) {
-        let states: HashMap<String, NodeState> = wf
+        // Which nodes are ready, from the node states alone (cheap on every advance).
+        let states: HashMap<&str, NodeState> = wf
             .nodes
             .iter()
-            .map(|n| (n.name.clone(), n.state()))
+            .map(|n| (n.name.as_str(), n.state()))
             .collect();
+        let ready: Vec<usize> = wf
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                n.state() == NodeState::Waiting
+                    && n.depends_on
+                        .iter()
+                        .all(|d| states.get(d.as_str()) == Some(&NodeState::Succeeded))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        drop(states);
+        let Some(spec) = wf.spec.as_ref().filter(|_| !ready.is_empty()) else {
+            return;
+        };
         let outputs: HashMap<String, HashMap<String, String>> = wf
             .nodes
             .iter()
             .map(|n| (n.name.clone(), n.outputs.clone()))
             .collect();
-        let Some(spec) = wf.spec.clone() else {
-            return;
-        };
-        for (i, node) in spec.tasks.iter().enumerate() {
-            if wf.nodes[i].state() != NodeState::Waiting
-                || !node
-                    .depends_on
-                    .iter()
-                    .all(|d| states.get(d) == Some(&NodeState::Succeeded))
-            {
-                continue;
-            }
-            match self.node_task_spec(&spec, i, &outputs, wf.template.as_ref()) {
-                Ok(task_spec) => match self.new_task(
-                    task_spec,
-                    String::new(),
-                    wf.project.clone(),
-                    Some((&wf.id, &node.name)),
-                ) {
-                    Ok(task) => {
-                        wf.nodes[i].task_id = task.id.clone();
-                        wf.nodes[i].state = NodeState::Queued as i32;
-                        self.enqueue_new(task, Vec::new()).await;
-                    }
-                    Err(e) => fail_node(&mut wf.nodes[i], e.to_string()),
-                },
+        let mut released = Vec::new();
+        for i in ready {
+            released.push((
+                i,
+                self.node_task_spec(spec, i, &outputs, wf.template.as_ref()),
+            ));
+        }
+        for (i, task_spec) in released {
+            let name = wf.nodes[i].name.clone();
+            match task_spec.and_then(|ts| {
+                self.new_task(ts, String::new(), wf.project.clone(), Some((&wf.id, &name)))
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok(task) => {
+                    wf.nodes[i].task_id = task.id.clone();
+                    wf.nodes[i].state = NodeState::Queued as i32;
+                    self.enqueue_new(task, Vec::new()).await;
+                }
                 Err(why) => fail_node(&mut wf.nodes[i], why),
             }
         }

@@ -128,7 +128,7 @@ impl Cron {
     }
 
     /// The latest tick at or before `at_ms`, if any within ~5 years before it.
-    fn at_or_before(&self, at_ms: i64) -> Option<i64> {
+    pub fn at_or_before(&self, at_ms: i64) -> Option<i64> {
         let origin = self.at(at_ms.div_euclid(1000))?;
         let prev = self.inner.find_previous_occurrence(&origin, true).ok()?;
         let ms = prev.timestamp().checked_mul(1000)?;

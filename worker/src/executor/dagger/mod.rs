@@ -40,7 +40,6 @@ mod session;
 mod tests;
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -208,7 +207,7 @@ impl DaggerExecutor {
             }
         };
 
-        let workdir = match prepare_workdir(ctx).await {
+        let workdir = match super::fresh_workdir(ctx).await {
             Ok(dir) => dir,
             Err(e) => {
                 return ExecOutcome::infrastructure(format!(
@@ -361,12 +360,6 @@ fn panic_message(e: tokio::task::JoinError) -> String {
             .unwrap_or_else(|| "(no message)".into()),
         Err(e) => e.to_string(),
     }
-}
-
-/// A fresh `work_root/<task_id>-<fencing_token>` (the session's working directory and
-/// where outputs are exported).
-async fn prepare_workdir(ctx: &ExecContext) -> io::Result<PathBuf> {
-    super::fresh_workdir(ctx).await
 }
 
 async fn remove_dir(dir: &std::path::Path) {

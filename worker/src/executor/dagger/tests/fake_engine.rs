@@ -430,8 +430,23 @@ async fn cancel_stops_the_attempt() {
     let spec = container_spec("alpine", &[&["sleep", "600"]]);
     let cancel = CancellationToken::new();
     let trigger = cancel.clone();
+    let state = engine.state.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Cancel once the step is running in the engine (its `sync` has arrived).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !state
+            .queries
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|q| q.contains("sync"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the step never reached the engine"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         trigger.cancel();
     });
     let (outcome, _) = run(config(cli), &spec, dir.path(), cancel).await;
@@ -505,8 +520,16 @@ async fn probe_says_yes_only_when_an_engine_answers() {
     assert_session_gone(dir.path());
 
     // The engine goes away: the next probe withdraws the capability.
+    let port = engine.port;
     drop(engine);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "the fake engine kept listening");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(!exec.probe().await);
     assert!(!exec.available());
 

@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "workflow.proto",
         "template.proto",
         "schedule.proto",
+        "artifact.proto",
     ]
     .map(|f| root.join("scabbard/v1").join(f));
     for f in &files {

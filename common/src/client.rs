@@ -11,6 +11,7 @@ use crate::{Error, Result};
 
 pub use crate::proto::admin_service_client::AdminServiceClient;
 pub use crate::proto::agent_service_client::AgentServiceClient;
+pub use crate::proto::artifact_service_client::ArtifactServiceClient;
 pub use crate::proto::project_service_client::ProjectServiceClient;
 pub use crate::proto::task_service_client::TaskServiceClient;
 

@@ -85,6 +85,7 @@ pub fn node(name: &str, deps: &[&str], script: &str) -> WorkflowTask {
         name: name.into(),
         depends_on: deps.iter().map(|s| s.to_string()).collect(),
         spec: Some(shell(script)),
+        when: String::new(),
     }
 }
 

@@ -160,6 +160,7 @@ async fn dagger_capability_follows_the_engine_and_container_tasks_run() -> anyho
         kind: Some(Kind::Container(ContainerTask {
             image: "alpine".into(),
             steps: vec![ContainerStep {
+                cache: false,
                 args: vec!["echo".into(), "hello".into()],
                 name: "greet".into(),
             }],
@@ -194,6 +195,7 @@ fn container(image: &str, host: Option<&str>) -> TaskSpec {
         kind: Some(Kind::Container(ContainerTask {
             image: image.into(),
             steps: vec![ContainerStep {
+                cache: false,
                 args: vec!["echo".into(), "hello".into()],
                 name: "greet".into(),
             }],

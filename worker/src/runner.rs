@@ -266,6 +266,7 @@ impl Runner {
                     .iter()
                     .map(|(k, v)| (secrets.redact_str(k), secrets.redact_str(v)))
                     .collect(),
+                artifacts: Vec::new(),
             }),
             log_chunks: seq,
         };

@@ -84,6 +84,8 @@ fn task(t: &TaskSpec) -> Value {
                 Some(output_spec::Source::Path(p)) => json!({ "path": p }),
                 Some(output_spec::Source::LastStdoutLine(b)) => json!({ "last_stdout_line": b }),
                 Some(output_spec::Source::ContainerPath(p)) => json!({ "container_path": p }),
+                Some(output_spec::Source::GitCommit(p)) => json!({ "git_commit": p }),
+                Some(output_spec::Source::Published(b)) => json!({ "published": b }),
                 None => Value::Null,
             };
             json!({ "name": o.name, "source": source })
@@ -288,6 +290,7 @@ mod tests {
                         ..TaskSpec::default()
                     }),
                     depends_on: vec![],
+                    when: String::new(),
                 }],
                 ..WorkflowSpec::default()
             }),

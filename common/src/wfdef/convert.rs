@@ -121,11 +121,30 @@ fn task(path: &str, t: TaskDef) -> Result<proto::WorkflowTask> {
         concurrency: t.concurrency.map(concurrency),
         breakers: t.breakers,
         outputs,
+        artifacts: t
+            .artifacts
+            .into_iter()
+            .map(|a| proto::ArtifactSpec {
+                name: a.name,
+                path: a.path,
+                optional: a.optional,
+            })
+            .collect(),
+        inputs: t
+            .inputs
+            .into_iter()
+            .map(|i| proto::ArtifactInput {
+                from: i.from,
+                path: i.path,
+                artifact: None,
+            })
+            .collect(),
     };
     Ok(proto::WorkflowTask {
         name: t.name,
         spec: Some(spec),
         depends_on: t.depends_on,
+        when: t.when,
     })
 }
 
@@ -138,6 +157,7 @@ fn container(c: ContainerDef) -> proto::ContainerTask {
             .map(|s| proto::ContainerStep {
                 args: s.args,
                 name: s.name,
+                cache: s.cache,
             })
             .collect(),
         workdir: c.workdir,
@@ -173,6 +193,27 @@ fn container(c: ContainerDef) -> proto::ContainerTask {
             })
             .collect(),
         registry_auth: c.registry_auth,
+        gpus: c.gpus,
+        git: c
+            .git
+            .into_iter()
+            .map(|g| proto::GitSource {
+                url: g.url,
+                r#ref: g.r#ref,
+                path: g.path,
+                keep_git_dir: g.keep_git_dir,
+            })
+            .collect(),
+        downloads: c
+            .downloads
+            .into_iter()
+            .map(|d| proto::HttpSource {
+                url: d.url,
+                path: d.path,
+            })
+            .collect(),
+        cache: c.cache,
+        publish: c.publish,
     }
 }
 
@@ -188,6 +229,12 @@ fn output(path: &str, o: OutputDef) -> Result<proto::OutputSpec> {
     if let Some(p) = o.container_path {
         sources.push(("container_path", Source::ContainerPath(p)));
     }
+    if let Some(p) = o.git_commit {
+        sources.push(("git_commit", Source::GitCommit(p)));
+    }
+    if o.published {
+        sources.push(("published", Source::Published(true)));
+    }
     if sources.len() != 1 {
         let found = if sources.is_empty() {
             "none".to_string()
@@ -201,7 +248,7 @@ fn output(path: &str, o: OutputDef) -> Result<proto::OutputSpec> {
         return Err(err(
             path,
             format!(
-                "output {:?} needs exactly one of path, last_stdout_line: true or container_path (found {found})",
+                "output {:?} needs exactly one of path, last_stdout_line: true, container_path, git_commit or published: true (found {found})",
                 o.name
             ),
         ));
@@ -281,6 +328,7 @@ fn from_task(t: &proto::WorkflowTask) -> TaskDef {
     let mut def = TaskDef {
         name: t.name.clone(),
         depends_on: t.depends_on.clone(),
+        when: t.when.clone(),
         ..Default::default()
     };
     let Some(spec) = &t.spec else {
@@ -317,6 +365,23 @@ fn from_task(t: &proto::WorkflowTask) -> TaskDef {
     def.concurrency = spec.concurrency.as_ref().map(from_concurrency);
     def.breakers = spec.breakers.clone();
     def.outputs = spec.outputs.iter().map(from_output).collect();
+    def.artifacts = spec
+        .artifacts
+        .iter()
+        .map(|a| ArtifactDef {
+            name: a.name.clone(),
+            path: a.path.clone(),
+            optional: a.optional,
+        })
+        .collect();
+    def.inputs = spec
+        .inputs
+        .iter()
+        .map(|i| InputDef {
+            from: i.from.clone(),
+            path: i.path.clone(),
+        })
+        .collect();
     def
 }
 
@@ -331,6 +396,7 @@ fn from_container(c: &proto::ContainerTask) -> ContainerDef {
             .map(|s| StepDef {
                 name: s.name.clone(),
                 args: s.args.clone(),
+                cache: s.cache,
             })
             .collect(),
         secrets: c
@@ -364,6 +430,27 @@ fn from_container(c: &proto::ContainerTask) -> ContainerDef {
                 exclude: d.exclude.clone(),
             })
             .collect(),
+        gpus: c.gpus.clone(),
+        git: c
+            .git
+            .iter()
+            .map(|g| GitDef {
+                url: g.url.clone(),
+                r#ref: g.r#ref.clone(),
+                path: g.path.clone(),
+                keep_git_dir: g.keep_git_dir,
+            })
+            .collect(),
+        downloads: c
+            .downloads
+            .iter()
+            .map(|d| HttpDef {
+                url: d.url.clone(),
+                path: d.path.clone(),
+            })
+            .collect(),
+        cache: c.cache,
+        publish: c.publish.clone(),
     }
 }
 
@@ -378,6 +465,8 @@ fn from_output(o: &proto::OutputSpec) -> OutputDef {
         Some(Source::Path(p)) => def.path = Some(p.clone()),
         Some(Source::LastStdoutLine(b)) => def.last_stdout_line = *b,
         Some(Source::ContainerPath(p)) => def.container_path = Some(p.clone()),
+        Some(Source::GitCommit(p)) => def.git_commit = Some(p.clone()),
+        Some(Source::Published(b)) => def.published = *b,
     }
     def
 }

@@ -216,6 +216,71 @@ pub(crate) struct TaskDef {
     pub(crate) breakers: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) outputs: Vec<OutputDef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) artifacts: Vec<ArtifactDef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) inputs: Vec<InputDef>,
+    /// `true`/`false` once rendered; false skips the node.
+    #[serde(
+        default,
+        deserialize_with = "scalar::string",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub(crate) when: String,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ArtifactDef {
+    #[serde(deserialize_with = "scalar::string")]
+    pub(crate) name: String,
+    #[serde(deserialize_with = "scalar::string")]
+    pub(crate) path: String,
+    #[serde(
+        default,
+        deserialize_with = "scalar::boolean",
+        skip_serializing_if = "is_false"
+    )]
+    pub(crate) optional: bool,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct InputDef {
+    #[serde(deserialize_with = "scalar::string")]
+    pub(crate) from: String,
+    #[serde(deserialize_with = "scalar::string")]
+    pub(crate) path: String,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GitDef {
+    #[serde(deserialize_with = "scalar::string")]
+    pub(crate) url: String,
+    #[serde(
+        default,
+        deserialize_with = "scalar::string",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub(crate) r#ref: String,
+    #[serde(deserialize_with = "scalar::string")]
+    pub(crate) path: String,
+    #[serde(
+        default,
+        deserialize_with = "scalar::boolean",
+        skip_serializing_if = "is_false"
+    )]
+    pub(crate) keep_git_dir: bool,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HttpDef {
+    #[serde(deserialize_with = "scalar::string")]
+    pub(crate) url: String,
+    #[serde(deserialize_with = "scalar::string")]
+    pub(crate) path: String,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -269,6 +334,28 @@ pub(crate) struct ContainerDef {
     pub(crate) caches: Vec<CacheDef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) directories: Vec<DirectoryDef>,
+    #[serde(
+        default,
+        deserialize_with = "scalar::strings",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub(crate) gpus: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) git: Vec<GitDef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) downloads: Vec<HttpDef>,
+    #[serde(
+        default,
+        deserialize_with = "scalar::boolean",
+        skip_serializing_if = "is_false"
+    )]
+    pub(crate) cache: bool,
+    #[serde(
+        default,
+        deserialize_with = "scalar::string",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub(crate) publish: String,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -282,6 +369,12 @@ pub(crate) struct StepDef {
     pub(crate) name: String,
     #[serde(deserialize_with = "scalar::strings")]
     pub(crate) args: Vec<String>,
+    #[serde(
+        default,
+        deserialize_with = "scalar::boolean",
+        skip_serializing_if = "is_false"
+    )]
+    pub(crate) cache: bool,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -359,4 +452,16 @@ pub(crate) struct OutputDef {
         skip_serializing_if = "Option::is_none"
     )]
     pub(crate) container_path: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "scalar::opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(crate) git_commit: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "scalar::boolean",
+        skip_serializing_if = "is_false"
+    )]
+    pub(crate) published: bool,
 }

@@ -134,6 +134,7 @@ impl State {
             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
             lease_ttl_ms: self.cfg.agent_lease_ttl_ms,
             resume,
+            ..Default::default()
         };
         info!(agent = %agent_id, session, resumed = attempts.len(), lost = lost.len(), "agent attached");
         let _ = reply.send(Ok(Attached {

@@ -250,6 +250,7 @@ impl State {
                 fencing_token: number as u64,
                 attempt: number,
                 spec,
+                project: String::new(),
             })),
         };
         debug!(

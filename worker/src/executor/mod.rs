@@ -138,6 +138,7 @@ impl From<ExecOutcome> for proto::TaskResult {
             message: o.message,
             error_class: o.error_class as i32,
             outputs: o.outputs,
+            artifacts: Vec::new(),
         }
     }
 }

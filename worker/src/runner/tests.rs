@@ -27,6 +27,7 @@ async fn run_attempt(spec: proto::TaskSpec) -> (Vec<proto::AgentLogChunk>, proto
     ));
     runner.set_agent_id("agent-1");
     let assign = proto::Assign {
+        project: String::new(),
         task_id: "task-1".into(),
         fencing_token: 1,
         attempt: 1,
@@ -151,6 +152,7 @@ async fn unavailable_executors_are_not_advertised_and_refuse_work() {
     ));
     assert_eq!(runner.capabilities(), ["shell"]);
     let assign = proto::Assign {
+        project: String::new(),
         task_id: "task-1".into(),
         fencing_token: 1,
         attempt: 1,

@@ -31,6 +31,7 @@ fn append_bytes(path: &Path, bytes: &[u8]) {
 
 fn assign(task_id: &str, token: u64) -> proto::Assign {
     proto::Assign {
+        project: String::new(),
         task_id: task_id.into(),
         fencing_token: token,
         attempt: 1,

@@ -31,6 +31,7 @@ fn diamond() -> Workflow {
                     name: n.name.clone(),
                     spec: None,
                     depends_on: n.depends_on.clone(),
+                    when: String::new(),
                 })
                 .collect(),
             ..WorkflowSpec::default()

@@ -12,6 +12,7 @@ fn node(name: &str, deps: &[&str], cmd: &str) -> WorkflowTask {
             })),
             ..Default::default()
         }),
+        when: String::new(),
     }
 }
 

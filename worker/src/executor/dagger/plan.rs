@@ -395,6 +395,9 @@ fn check_outputs(outputs: &[proto::OutputSpec], has_steps: bool) -> Result<Vec<O
                      task's files are read with `container_path` (exported to the worker)"
                 ));
             }
+            Some(Source::GitCommit(_) | Source::Published(_)) => {
+                return user(format!("output '{name}': this source is not supported yet"));
+            }
             Some(Source::LastStdoutLine(false)) | None => {
                 return user(format!(
                     "output '{name}' has no source: give `container_path` or `last_stdout_line`"
@@ -427,6 +430,7 @@ mod tests {
             steps: steps
                 .iter()
                 .map(|a| proto::ContainerStep {
+                    cache: false,
                     args: a.iter().map(|s| s.to_string()).collect(),
                     name: String::new(),
                 })

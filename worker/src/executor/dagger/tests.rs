@@ -35,6 +35,7 @@ pub(super) fn container_spec(image: &str, steps: &[&[&str]]) -> proto::TaskSpec 
             steps: steps
                 .iter()
                 .map(|args| proto::ContainerStep {
+                    cache: false,
                     args: args.iter().map(|s| s.to_string()).collect(),
                     name: String::new(),
                 })

@@ -223,6 +223,13 @@ impl Runner {
             agent_name: self.agent_name.clone(),
             work_root: self.work_root.clone(),
             default_timeout: self.default_timeout,
+            project: assign.project.clone(),
+            inputs: Vec::new(),
+            artifact_dir: self.work_root.join(format!(
+                "{}-{}.artifacts",
+                crate::executor::safe_name(&assign.task_id),
+                assign.fencing_token
+            )),
         };
         let runner = self.clone();
         tokio::spawn(async move { runner.run_attempt(key, ctx, spec, exec, cancel).await });

@@ -40,6 +40,38 @@ pub struct ExecContext {
     pub work_root: PathBuf,
     /// Wall-clock limit used when the spec has no `timeout_ms`; zero means no limit.
     pub default_timeout: Duration,
+    /// The task's project (worker-side secrets, registries and caches are allowed per
+    /// project; cache volumes are namespaced by it).
+    pub project: String,
+    /// The spec's `inputs`, already downloaded and checked by the runner, in spec order.
+    pub inputs: Vec<StagedInput>,
+    /// Where the executor leaves the artifacts it produced, one entry per artifact named
+    /// after it (`artifact_dir/<name>`: the file, or the directory). The runner creates it,
+    /// packs and uploads what the outcome lists, and removes it afterwards.
+    pub artifact_dir: PathBuf,
+}
+
+/// An input artifact ready on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedInput {
+    /// The input's `from`, for messages.
+    pub from: String,
+    /// Where the spec wants it: a container path, or a path relative to the work dir.
+    pub path: String,
+    /// Its unpacked content in the worker's artifact cache (a file or a directory). It is
+    /// shared by every attempt that uses the same artifact: read it, copy it, never change it.
+    pub local: PathBuf,
+    /// File or directory.
+    pub kind: proto::ArtifactKind,
+}
+
+/// An artifact an attempt produced, at `ExecContext::artifact_dir/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducedArtifact {
+    /// The spec's artifact name.
+    pub name: String,
+    /// File or directory.
+    pub kind: proto::ArtifactKind,
 }
 
 impl ExecContext {
@@ -99,6 +131,8 @@ pub struct ExecOutcome {
     pub error_class: proto::ErrorClass,
     /// Named outputs of the task (kept whatever the outcome: they help debug a failure).
     pub outputs: HashMap<String, String>,
+    /// Artifacts left in the attempt's `artifact_dir` (on success only).
+    pub artifacts: Vec<ProducedArtifact>,
 }
 
 impl ExecOutcome {
@@ -110,6 +144,7 @@ impl ExecOutcome {
             message: String::new(),
             error_class: proto::ErrorClass::Unspecified,
             outputs: HashMap::new(),
+            artifacts: Vec::new(),
         }
     }
 
@@ -121,6 +156,7 @@ impl ExecOutcome {
             message: message.into(),
             error_class: class,
             outputs: HashMap::new(),
+            artifacts: Vec::new(),
         }
     }
 
@@ -171,17 +207,7 @@ pub trait Executor: Send + Sync + 'static {
 /// previous run left it behind); the task id is sanitised for the file system.
 pub(crate) async fn fresh_workdir(ctx: &ExecContext) -> std::io::Result<PathBuf> {
     use std::io;
-    let name: String = ctx
-        .task_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let name = safe_name(&ctx.task_id);
     let dir = ctx.work_root.join(format!("{name}-{}", ctx.fencing_token));
     tokio::fs::create_dir_all(&ctx.work_root).await?;
     match tokio::fs::remove_dir_all(&dir).await {
@@ -190,6 +216,20 @@ pub(crate) async fn fresh_workdir(ctx: &ExecContext) -> std::io::Result<PathBuf>
     }
     tokio::fs::create_dir(&dir).await?;
     Ok(dir)
+}
+
+/// `id` with every character but ASCII letters, digits, '-' and '_' replaced by '_' (for
+/// file names).
+pub(crate) fn safe_name(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Capability of hosts whose Dagger engine answers (container and dagger_call tasks).
@@ -230,6 +270,9 @@ mod tests {
             agent_name: "host-1".into(),
             work_root: PathBuf::from("/nonexistent"),
             default_timeout: Duration::from_secs(60),
+            project: "default".into(),
+            inputs: Vec::new(),
+            artifact_dir: PathBuf::from("/nonexistent/artifacts"),
         };
         let mut spec = proto::TaskSpec::default();
         assert_eq!(ctx.timeout_for(&spec), Some(Duration::from_secs(60)));

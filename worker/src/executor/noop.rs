@@ -50,6 +50,9 @@ mod tests {
             agent_name: "host-1".into(),
             work_root: PathBuf::from("/nonexistent"),
             default_timeout: Duration::from_secs(1),
+            project: "default".into(),
+            inputs: Vec::new(),
+            artifact_dir: PathBuf::from("/nonexistent/artifacts"),
         };
         let outcome = NoopExecutor
             .run(

@@ -405,6 +405,7 @@ fn stopped_outcome(outcome: Outcome, why: String, status: io::Result<ExitStatus>
             ErrorClass::Unspecified
         },
         outputs: Default::default(),
+        artifacts: Vec::new(),
     }
 }
 

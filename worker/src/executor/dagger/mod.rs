@@ -192,6 +192,7 @@ impl DaggerExecutor {
                     message: "cancelled".into(),
                     error_class: ErrorClass::Unspecified,
                     outputs: Default::default(),
+                    artifacts: Vec::new(),
                 }
             } else {
                 ExecOutcome {
@@ -203,6 +204,7 @@ impl DaggerExecutor {
                     ),
                     error_class: ErrorClass::User,
                     outputs: Default::default(),
+                    artifacts: Vec::new(),
                 }
             }
         };

@@ -24,6 +24,9 @@ pub(super) fn ctx(work_root: &Path) -> ExecContext {
         agent_name: "host-1".into(),
         work_root: work_root.to_path_buf(),
         default_timeout: Duration::from_secs(30),
+        project: "default".into(),
+        inputs: Vec::new(),
+        artifact_dir: work_root.join("artifacts"),
     }
 }
 

@@ -2,6 +2,7 @@
 //! `scabbard.v1` protocol, the one error type (which carries its gRPC code), ids, time,
 //! jittered backoff, the client library and logging setup.
 
+pub mod artifact;
 pub mod backoff;
 pub mod client;
 pub mod error;

@@ -81,6 +81,12 @@ impl AgentService for AgentApi {
             .catalog
             .issue_agent_token(&agent_id, &name, &by)
             .await?;
+        // A project-bound registration token binds the agent to that project.
+        let project = if by.cluster_wide() {
+            String::new()
+        } else {
+            by.project.clone()
+        };
         let now = now_ms();
         let stored = StoredAgent {
             agent: Some(Agent {
@@ -92,6 +98,7 @@ impl AgentService for AgentApi {
                 version: r.version,
                 registered_at_ms: now,
                 last_seen_ms: now,
+                project,
                 ..Default::default()
             }),
             // The token lives in the catalog (tokens/<id>), bound to this agent id.

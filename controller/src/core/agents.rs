@@ -134,6 +134,11 @@ impl State {
             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
             lease_ttl_ms: self.cfg.agent_lease_ttl_ms,
             resume,
+            project: stored
+                .agent
+                .as_ref()
+                .map(|a| a.project.clone())
+                .unwrap_or_default(),
             ..Default::default()
         };
         info!(agent = %agent_id, session, resumed = attempts.len(), lost = lost.len(), "agent attached");

@@ -144,6 +144,7 @@ impl State {
                         let ag = a.stored.agent.as_ref()?;
                         Some(Candidate {
                             id,
+                            project: &ag.project,
                             capabilities: &ag.capabilities,
                             labels: &ag.labels,
                             slots: ag.slots,
@@ -151,7 +152,7 @@ impl State {
                             warm: &a.warm,
                         })
                     });
-                let agent = match scheduler::pick(spec, candidates) {
+                let agent = match scheduler::pick(spec, &task.project, candidates) {
                     Pick::Agent(a) => a,
                     // A warmer engine is busy: wait for it a little, then take a cold one.
                     Pick::WarmerBusy(a) if now - task.updated_at_ms >= affinity_wait => a,
@@ -244,13 +245,14 @@ impl State {
         {
             self.breakers.admit(&k, now);
         }
+        let project = t.project.clone();
         let msg = ControllerMessage {
             msg: Some(controller_message::Msg::Assign(proto::Assign {
                 task_id: task_id.to_string(),
                 fencing_token: number as u64,
                 attempt: number,
                 spec,
-                project: String::new(),
+                project,
             })),
         };
         debug!(

@@ -142,6 +142,8 @@ impl Warm {
 /// What the matcher needs to know of an agent.
 pub(crate) struct Candidate<'a> {
     pub(crate) id: &'a str,
+    /// The project the agent is bound to ("" = every project).
+    pub(crate) project: &'a str,
     pub(crate) capabilities: &'a [String],
     pub(crate) labels: &'a HashMap<String, String>,
     pub(crate) slots: u32,
@@ -159,11 +161,27 @@ pub(crate) fn executor_capability(spec: &TaskSpec) -> Option<&'static str> {
     }
 }
 
-/// Whether `agent` can run `spec` at all (ignoring free slots).
-pub(crate) fn fits(spec: &TaskSpec, agent: &Candidate<'_>) -> bool {
+/// Capability of workers that expose GPUs to containers.
+pub(crate) const GPU_CAPABILITY: &str = "gpu";
+
+/// Whether the spec asks for GPUs (then only agents with the `gpu` capability fit).
+pub(crate) fn needs_gpu(spec: &TaskSpec) -> bool {
+    use scabbard_common::proto::task_spec::Kind;
+    matches!(spec.kind.as_ref(), Some(Kind::Container(c)) if !c.gpus.is_empty())
+}
+
+/// Whether `agent` can run `spec` of `project` at all (ignoring free slots): a
+/// project-bound agent takes only its project's tasks.
+pub(crate) fn fits(spec: &TaskSpec, project: &str, agent: &Candidate<'_>) -> bool {
+    if !agent.project.is_empty() && agent.project != project {
+        return false;
+    }
     if let Some(cap) = executor_capability(spec)
         && !agent.capabilities.iter().any(|c| c == cap)
     {
+        return false;
+    }
+    if needs_gpu(spec) && !agent.capabilities.iter().any(|c| c == GPU_CAPABILITY) {
         return false;
     }
     let Some(req) = spec.requirements.as_ref() else {
@@ -191,11 +209,15 @@ pub(crate) enum Pick<'a> {
     None,
 }
 
-/// The best agent for `spec` among `agents` (see [`Pick`]).
-pub(crate) fn pick<'a>(spec: &TaskSpec, agents: impl Iterator<Item = Candidate<'a>>) -> Pick<'a> {
+/// The best agent for `spec` of `project` among `agents` (see [`Pick`]).
+pub(crate) fn pick<'a>(
+    spec: &TaskSpec,
+    project: &str,
+    agents: impl Iterator<Item = Candidate<'a>>,
+) -> Pick<'a> {
     let mut best: Option<(u32, u32, u32, &'a str)> = None;
     let mut warmest_fitting = 0;
-    for a in agents.filter(|a| fits(spec, a)) {
+    for a in agents.filter(|a| fits(spec, project, a)) {
         let score = a.warm.score(spec);
         warmest_fitting = warmest_fitting.max(score);
         if a.running >= a.slots {
@@ -269,6 +291,7 @@ mod tests {
         let agents = || {
             vec![
                 Candidate {
+                    project: "",
                     id: "a1",
                     capabilities: &caps_shell,
                     labels: &linux,
@@ -277,6 +300,7 @@ mod tests {
                     warm: &cold,
                 },
                 Candidate {
+                    project: "",
                     id: "a2",
                     capabilities: &caps_gpu,
                     labels: &none,
@@ -285,6 +309,7 @@ mod tests {
                     warm: &cold,
                 },
                 Candidate {
+                    project: "",
                     id: "a3",
                     capabilities: &caps_shell,
                     labels: &linux,
@@ -296,22 +321,69 @@ mod tests {
             .into_iter()
         };
         assert_eq!(
-            pick(&shell_spec(&[], &[("os", "linux")]), agents()),
+            pick(&shell_spec(&[], &[("os", "linux")]), "default", agents()),
             Pick::Agent("a3")
         );
         assert_eq!(
-            pick(&shell_spec(&["gpu"], &[]), agents()),
+            pick(&shell_spec(&["gpu"], &[]), "default", agents()),
             Pick::Agent("a2")
         );
         assert_eq!(
-            pick(&shell_spec(&["gpu"], &[("os", "linux")]), agents()),
+            pick(
+                &shell_spec(&["gpu"], &[("os", "linux")]),
+                "default",
+                agents()
+            ),
             Pick::None
         );
         let noop = TaskSpec {
             kind: Some(Kind::Noop(NoopTask {})),
             ..Default::default()
         };
-        assert_eq!(pick(&noop, agents()), Pick::Agent("a3"));
+        assert_eq!(pick(&noop, "default", agents()), Pick::Agent("a3"));
+    }
+
+    #[test]
+    fn bound_agents_take_only_their_project_and_gpu_tasks_need_gpu_workers() {
+        use scabbard_common::proto::{ContainerStep, ContainerTask};
+        let dagger = vec!["dagger".to_string()];
+        let dagger_gpu = vec!["dagger".to_string(), "gpu".to_string()];
+        let labels = HashMap::new();
+        let warm = Warm::default();
+        let agent = |id: &'static str, project: &'static str, caps: &'static [String]| Candidate {
+            id,
+            project,
+            capabilities: caps,
+            labels: &labels,
+            slots: 4,
+            running: 0,
+            warm: &warm,
+        };
+        let dagger: &'static [String] = Box::leak(dagger.into_boxed_slice());
+        let dagger_gpu: &'static [String] = Box::leak(dagger_gpu.into_boxed_slice());
+        let container = |gpus: &[&str]| TaskSpec {
+            kind: Some(Kind::Container(ContainerTask {
+                image: "alpine".into(),
+                steps: vec![ContainerStep {
+                    args: vec!["true".into()],
+                    ..Default::default()
+                }],
+                gpus: gpus.iter().map(|g| g.to_string()).collect(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        // A bound agent serves only its project, even when it is the only one free.
+        let only_b = || [agent("b-host", "b", dagger)].into_iter();
+        assert_eq!(pick(&container(&[]), "a", only_b()), Pick::None);
+        assert_eq!(pick(&container(&[]), "b", only_b()), Pick::Agent("b-host"));
+        // An unbound agent serves everyone.
+        let open = || [agent("any", "", dagger)].into_iter();
+        assert_eq!(pick(&container(&[]), "a", open()), Pick::Agent("any"));
+        // GPU tasks wait for an agent with the gpu capability.
+        assert_eq!(pick(&container(&["all"]), "a", open()), Pick::None);
+        let gpu = || [agent("any", "", dagger), agent("gpu", "", dagger_gpu)].into_iter();
+        assert_eq!(pick(&container(&["0"]), "a", gpu()), Pick::Agent("gpu"));
     }
 
     #[test]
@@ -344,6 +416,7 @@ mod tests {
         let agents = |warm_running: u32| {
             vec![
                 Candidate {
+                    project: "",
                     id: "cold",
                     capabilities: &caps,
                     labels: &labels,
@@ -352,6 +425,7 @@ mod tests {
                     warm: &cold,
                 },
                 Candidate {
+                    project: "",
                     id: "warm",
                     capabilities: &caps,
                     labels: &labels,
@@ -363,14 +437,20 @@ mod tests {
             .into_iter()
         };
         assert_eq!(warm.score(&spec("golang:1.23")), 3);
-        assert_eq!(pick(&spec("golang:1.23"), agents(1)), Pick::Agent("warm"));
+        assert_eq!(
+            pick(&spec("golang:1.23"), "default", agents(1)),
+            Pick::Agent("warm")
+        );
         // Full: the cold one is offered, flagged so the caller may wait a little.
         assert_eq!(
-            pick(&spec("golang:1.23"), agents(2)),
+            pick(&spec("golang:1.23"), "default", agents(2)),
             Pick::WarmerBusy("cold")
         );
         // Another image, same cache volume: still warmer.
-        assert_eq!(pick(&spec("alpine:3"), agents(0)), Pick::Agent("warm"));
+        assert_eq!(
+            pick(&spec("alpine:3"), "default", agents(0)),
+            Pick::Agent("warm")
+        );
         assert_eq!(Warm::default().score(&shell_spec(&[], &[])), 0);
     }
 }

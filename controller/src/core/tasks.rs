@@ -33,7 +33,9 @@ impl State {
         project: String,
         reply: Reply<(Task, bool)>,
     ) {
-        if let Err(e) = validate::task_spec(&mut spec, &self.cfg) {
+        if let Err(e) = validate::task_spec(&mut spec, &self.cfg)
+            .and_then(|()| self.resolve_task_inputs(&mut spec, &project, false))
+        {
             let _ = reply.send(Err(e));
             return;
         }
@@ -71,6 +73,72 @@ impl State {
                 let _ = reply.send(Err(e));
             }
         }
+    }
+
+    /// Fills in each input of the form `<task id>/<name>`: an artifact of a succeeded task
+    /// of `project` (a task of another project is reported as unknown). Workflow nodes
+    /// (`in_workflow`) may also name other nodes' artifacts, filled in at release.
+    pub(super) fn resolve_task_inputs(
+        &self,
+        spec: &mut TaskSpec,
+        project: &str,
+        in_workflow: bool,
+    ) -> Result<()> {
+        use validate::artifacts::{InputSource, parse_from};
+        for (i, input) in spec.inputs.iter_mut().enumerate() {
+            let field = format!("spec.inputs[{i}].from");
+            let (task_id, name) = match parse_from(&input.from) {
+                Ok(InputSource::Task { task_id, name }) => (task_id, name),
+                Ok(InputSource::Node { .. }) if in_workflow => continue,
+                Ok(InputSource::Node { .. }) => {
+                    return Err(Error::invalid(format!(
+                        "{field} {:?} refers to a workflow task: outside a workflow name an artifact as <task id>/<name>",
+                        input.from
+                    )));
+                }
+                Err(why) => return Err(Error::invalid(format!("{field}: {why}"))),
+            };
+            let Some(producer) = self
+                .tasks
+                .get(&task_id)
+                .map(|e| &e.task)
+                .filter(|t| t.project == project)
+            else {
+                return Err(Error::invalid(format!(
+                    "{field}: task {task_id} does not exist in project {project}"
+                )));
+            };
+            if producer.state() != TaskState::Succeeded {
+                return Err(Error::invalid(format!(
+                    "{field}: task {task_id} is {}; only a succeeded task's artifacts can be inputs",
+                    producer
+                        .state()
+                        .as_str_name()
+                        .trim_start_matches("TASK_STATE_")
+                )));
+            }
+            let found = producer
+                .result
+                .as_ref()
+                .and_then(|r| r.artifacts.iter().find(|a| a.name == name));
+            let Some(found) = found else {
+                let have: Vec<&str> = producer
+                    .result
+                    .iter()
+                    .flat_map(|r| r.artifacts.iter().map(|a| a.name.as_str()))
+                    .collect();
+                return Err(Error::invalid(format!(
+                    "{field}: task {task_id} has no artifact {name:?} (it has: {})",
+                    if have.is_empty() {
+                        "none".to_string()
+                    } else {
+                        have.join(", ")
+                    }
+                )));
+            };
+            input.artifact = Some(found.clone());
+        }
+        Ok(())
     }
 
     /// A new task record (QUEUED) for a validated, sealed spec; `node` = (workflow id, node

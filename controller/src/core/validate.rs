@@ -5,6 +5,7 @@ use scabbard_common::{Error, Result};
 
 use crate::config::ControllerConfig;
 
+pub(crate) mod artifacts;
 pub(crate) mod extras;
 
 /// Largest number of env vars / labels / argv entries.
@@ -43,6 +44,8 @@ pub(crate) fn task_spec(spec: &mut TaskSpec, cfg: &ControllerConfig) -> Result<(
         Some(Kind::DaggerCall(d)) => extras::dagger_call(d)?,
     }
     extras::policies(spec)?;
+    artifacts::check(spec)?;
+    extras::output_sources(spec)?;
     if spec.name.len() > 256 {
         return Err(Error::invalid("spec.name is longer than 256 bytes"));
     }

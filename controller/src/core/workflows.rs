@@ -120,8 +120,10 @@ impl State {
             return Ok(Some(wf.clone()));
         }
         self.check_queue_quota(project)?;
-        for t in spec.tasks.iter_mut() {
+        for (i, t) in spec.tasks.iter_mut().enumerate() {
             if let Some(s) = t.spec.as_mut() {
+                self.resolve_task_inputs(s, project, true)
+                    .map_err(|e| Error::invalid(format!("tasks[{i}] ({}): {e}", t.name)))?;
                 self.secrets.seal_spec(s)?;
             }
         }
@@ -407,11 +409,26 @@ impl State {
             .map(|n| (n.name.clone(), n.outputs.clone()))
             .collect();
         let mut released = Vec::new();
+        let mut skipped = Vec::new();
         for i in ready {
-            released.push((
-                i,
-                self.node_task_spec(spec, i, &outputs, wf.template.as_ref()),
-            ));
+            match condition(&spec.tasks[i].when, &outputs) {
+                Ok(true) => released.push((
+                    i,
+                    self.node_task_spec(spec, i, &outputs, wf, wf.template.as_ref()),
+                )),
+                Ok(false) => skipped.push((i, None)),
+                Err(why) => skipped.push((i, Some(why))),
+            }
+        }
+        for (i, why) in skipped {
+            match why {
+                None => {
+                    wf.nodes[i].state = NodeState::Skipped as i32;
+                    wf.nodes[i].message = "skipped: its condition (when) is false".into();
+                }
+                Some(why) => fail_node(&mut wf.nodes[i], why),
+            }
+            self.wf_dirty.insert(wf.id.clone());
         }
         for (i, task_spec) in released {
             let name = wf.nodes[i].name.clone();
@@ -437,12 +454,14 @@ impl State {
         }
     }
 
-    /// The task spec of node `i`: workflow defaults applied, output references filled in.
+    /// The task spec of node `i`: workflow defaults applied, output references filled in,
+    /// inputs naming other nodes' artifacts resolved to what those nodes uploaded.
     fn node_task_spec(
         &self,
         spec: &WorkflowSpec,
         i: usize,
         outputs: &HashMap<String, HashMap<String, String>>,
+        wf: &Workflow,
         template: Option<&TemplateRef>,
     ) -> std::result::Result<scabbard_common::proto::TaskSpec, String> {
         let node = &spec.tasks[i];
@@ -464,12 +483,45 @@ impl State {
                 missing.join(", ")
             ));
         }
+        self.resolve_node_inputs(&mut ts, wf)?;
         if let Some(t) = template {
             ts.breakers.push(format!("step:{}/{}", t.name, node.name));
         }
         validate::task_spec(&mut ts, &self.cfg)
             .map_err(|e| format!("not started: with its inputs filled in, {e}"))?;
         Ok(ts)
+    }
+
+    /// Fills in the inputs that name another node's artifact from that node's result.
+    fn resolve_node_inputs(
+        &self,
+        ts: &mut scabbard_common::proto::TaskSpec,
+        wf: &Workflow,
+    ) -> std::result::Result<(), String> {
+        use super::validate::artifacts::{InputSource, parse_from};
+        for input in ts.inputs.iter_mut() {
+            let Ok(InputSource::Node { node, name }) = parse_from(&input.from) else {
+                continue;
+            };
+            let producer = wf
+                .nodes
+                .iter()
+                .find(|n| n.name == node)
+                .and_then(|n| self.tasks.get(&n.task_id))
+                .map(|e| &e.task);
+            let found = producer
+                .and_then(|t| t.result.as_ref())
+                .and_then(|r| r.artifacts.iter().find(|a| a.name == name));
+            match found {
+                Some(a) => input.artifact = Some(a.clone()),
+                None => {
+                    return Err(format!(
+                        "not started: input tasks.{node}.artifacts.{name} was not produced by {node} (an optional artifact it did not find?)"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sets the final state of a workflow whose nodes are all done.
@@ -480,9 +532,14 @@ impl State {
             .filter(|n| n.state() == NodeState::Failed)
             .map(|n| n.name.as_str())
             .collect();
+        // Skipped nodes without a failed or cancelled one were skipped by their conditions.
         let (state, message) = if wf.cancel_requested {
             (WorkflowState::Cancelled, wf.message.clone())
-        } else if wf.nodes.iter().all(|n| n.state() == NodeState::Succeeded) {
+        } else if wf
+            .nodes
+            .iter()
+            .all(|n| matches!(n.state(), NodeState::Succeeded | NodeState::Skipped))
+        {
             (WorkflowState::Succeeded, String::new())
         } else if failed.is_empty() {
             (
@@ -575,13 +632,34 @@ fn skip_dependents_of_failed(wf: &mut Workflow) {
             }
             if let Some(d) = n.depends_on.iter().find(|d| blocked.contains_key(*d)) {
                 n.state = NodeState::Skipped as i32;
-                n.message = format!("skipped: dependency {d} did not succeed");
+                n.message = format!("skipped: dependency {d} did not run to success");
                 changed = true;
             }
         }
         if !changed {
             return;
         }
+    }
+}
+
+/// A node's condition once its dependencies succeeded: `when` with their outputs filled in.
+fn condition(
+    when: &str,
+    outputs: &HashMap<String, HashMap<String, String>>,
+) -> std::result::Result<bool, String> {
+    let value = refs::substitute(when, &|r| outputs.get(&r.task)?.get(&r.output).cloned())
+        .map_err(|missing| {
+            format!(
+                "not started: its condition needs {} (not produced by its dependencies)",
+                missing.join(", ")
+            )
+        })?;
+    match value.trim() {
+        "" | "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(format!(
+            "not started: its condition (when) is {other:?}, which is neither true nor false"
+        )),
     }
 }
 

@@ -186,7 +186,8 @@ fn find_cycle(spec: &WorkflowSpec) -> Option<Vec<String>> {
     None
 }
 
-/// Output references: well-formed, to an ancestor.
+/// Output and artifact references and conditions: well-formed, to an ancestor (and to an
+/// artifact it declares).
 fn references(spec: &WorkflowSpec) -> Vec<String> {
     let deps: HashMap<&str, &[String]> = spec
         .tasks
@@ -194,6 +195,11 @@ fn references(spec: &WorkflowSpec) -> Vec<String> {
         .map(|t| (t.name.as_str(), t.depends_on.as_slice()))
         .collect();
     let mut errors = Vec::new();
+    for (i, t) in spec.tasks.iter().enumerate() {
+        let ancestors = ancestors(&deps, &t.name);
+        errors.extend(artifact_references(spec, i, &deps, &ancestors));
+        errors.extend(condition(i, &t.name, &t.when, &ancestors));
+    }
     for (i, t) in spec.tasks.iter().enumerate() {
         let Some(task) = t.spec.clone() else {
             continue;
@@ -215,6 +221,99 @@ fn references(spec: &WorkflowSpec) -> Vec<String> {
         });
     }
     errors
+}
+
+/// The `inputs` of node `i` that name another node's artifact: that node exists, is an
+/// ancestor, and declares the artifact.
+fn artifact_references(
+    spec: &WorkflowSpec,
+    i: usize,
+    deps: &HashMap<&str, &[String]>,
+    above: &HashSet<&str>,
+) -> Vec<String> {
+    use crate::core::validate::artifacts::{InputSource, parse_from};
+    let t = &spec.tasks[i];
+    let mut errors = Vec::new();
+    let Some(task) = t.spec.as_ref() else {
+        return errors;
+    };
+    for (j, input) in task.inputs.iter().enumerate() {
+        let field = format!("tasks[{i}] ({}) inputs[{j}].from", t.name);
+        let (node, name) = match parse_from(&input.from) {
+            Ok(InputSource::Node { node, name }) => (node, name),
+            Ok(InputSource::Task { .. }) => continue,
+            Err(why) => {
+                errors.push(format!("{field}: {why}"));
+                continue;
+            }
+        };
+        let Some(producer) = spec.tasks.iter().find(|p| p.name == node) else {
+            errors.push(format!(
+                "{field} references tasks.{node}.artifacts.{name} but there is no task {node}"
+            ));
+            continue;
+        };
+        if !above.contains(node.as_str()) {
+            let cycle = if node == t.name {
+                " (a task cannot take its own artifacts)".to_string()
+            } else if ancestors(deps, &node).contains(t.name.as_str()) {
+                format!(
+                    " — and {node} depends on {}, so it would be a cycle: {} -> {node} -> {}",
+                    t.name, t.name, t.name
+                )
+            } else {
+                String::new()
+            };
+            errors.push(format!(
+                "{field} references tasks.{node}.artifacts.{name} but {node} is not among its dependencies (direct or indirect){cycle}"
+            ));
+            continue;
+        }
+        let declared: Vec<&str> = producer
+            .spec
+            .iter()
+            .flat_map(|s| s.artifacts.iter().map(|a| a.name.as_str()))
+            .collect();
+        if !declared.contains(&name.as_str()) {
+            errors.push(format!(
+                "{field} references tasks.{node}.artifacts.{name} but {node} declares no artifact {name} (it declares: {})",
+                if declared.is_empty() {
+                    "none".to_string()
+                } else {
+                    declared.join(", ")
+                }
+            ));
+        }
+    }
+    errors
+}
+
+/// A node's `when`: "", "true" or "false", or output references (to ancestors) that make
+/// one of them at release.
+fn condition(i: usize, name: &str, when: &str, ancestors: &HashSet<&str>) -> Vec<String> {
+    let field = format!("tasks[{i}] ({name}) when");
+    match refs::scan(when) {
+        Err(e) => vec![format!("{field}: {e}")],
+        Ok(found) if found.is_empty() => {
+            if matches!(when.trim(), "" | "true" | "false") {
+                Vec::new()
+            } else {
+                vec![format!(
+                    "{field} is {when:?}: it must be true or false once rendered"
+                )]
+            }
+        }
+        Ok(found) => found
+            .into_iter()
+            .filter(|r| !ancestors.contains(r.task.as_str()))
+            .map(|r| {
+                format!(
+                    "{field} references tasks.{}.outputs.{} but {} is not among its dependencies (direct or indirect)",
+                    r.task, r.output, r.task
+                )
+            })
+            .collect(),
+    }
 }
 
 /// Every node `name` depends on, directly or not.

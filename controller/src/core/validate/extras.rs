@@ -23,9 +23,9 @@ pub(crate) fn container(c: &ContainerTask) -> Result<()> {
             c.image
         )));
     }
-    if c.steps.is_empty() {
+    if c.steps.is_empty() && c.git.is_empty() && c.downloads.is_empty() && c.publish.is_empty() {
         return Err(Error::invalid(
-            "spec.container.steps is empty: give at least one step with its args",
+            "spec.container.steps is empty: give at least one step with its args (a task without steps needs a git source, a download or publish)",
         ));
     }
     for (n, list) in [
@@ -33,6 +33,9 @@ pub(crate) fn container(c: &ContainerTask) -> Result<()> {
         ("secrets", c.secrets.len()),
         ("caches", c.caches.len()),
         ("directories", c.directories.len()),
+        ("git", c.git.len()),
+        ("downloads", c.downloads.len()),
+        ("gpus", c.gpus.len()),
     ] {
         if list > MAX_ITEMS {
             return Err(Error::invalid(format!(
@@ -79,6 +82,86 @@ pub(crate) fn container(c: &ContainerTask) -> Result<()> {
         return Err(Error::invalid(format!(
             "spec.container.workdir {:?} must be an absolute path",
             c.workdir
+        )));
+    }
+    sources(c)?;
+    gpus(&c.gpus)?;
+    if !c.publish.is_empty() && !image_ref_ok(&c.publish) {
+        return Err(Error::invalid(format!(
+            "spec.container.publish {:?} is not an image reference (e.g. ghcr.io/acme/app:1.2.3)",
+            c.publish
+        )));
+    }
+    Ok(())
+}
+
+fn image_ref_ok(r: &str) -> bool {
+    !r.is_empty() && r.len() <= 512 && !r.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Git and HTTP sources: a URL, an absolute container path each.
+fn sources(c: &ContainerTask) -> Result<()> {
+    for (i, g) in c.git.iter().enumerate() {
+        let url_ok = ["https://", "http://", "ssh://", "git://", "git@"]
+            .iter()
+            .any(|p| g.url.starts_with(p))
+            && !g.url.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !url_ok {
+            return Err(Error::invalid(format!(
+                "spec.container.git[{i}].url {:?} must be an https, ssh or git URL",
+                g.url
+            )));
+        }
+        if g.r#ref.len() > 256
+            || g.r#ref.starts_with('-')
+            || g.r#ref.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::invalid(format!(
+                "spec.container.git[{i}].ref {:?} is not a branch, tag or commit",
+                g.r#ref
+            )));
+        }
+        abs_path(&format!("spec.container.git[{i}].path"), &g.path)?;
+    }
+    for (i, d) in c.downloads.iter().enumerate() {
+        if !(d.url.starts_with("https://") || d.url.starts_with("http://"))
+            || d.url.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::invalid(format!(
+                "spec.container.downloads[{i}].url {:?} must be an http(s) URL",
+                d.url
+            )));
+        }
+        abs_path(&format!("spec.container.downloads[{i}].path"), &d.path)?;
+    }
+    Ok(())
+}
+
+fn abs_path(field: &str, p: &str) -> Result<()> {
+    if !p.starts_with('/') || p.trim_end_matches('/').is_empty() || p.contains('\0') {
+        return Err(Error::invalid(format!(
+            "{field} {p:?} must be an absolute path in the container (not /)"
+        )));
+    }
+    Ok(())
+}
+
+/// `["all"]` or device ids.
+fn gpus(list: &[String]) -> Result<()> {
+    if list.iter().any(|g| g == "all") && list.len() > 1 {
+        return Err(Error::invalid(
+            "spec.container.gpus: \"all\" stands alone; or list device ids such as [\"0\", \"1\"]",
+        ));
+    }
+    if let Some(g) = list.iter().find(|g| {
+        g.is_empty()
+            || g.len() > 128
+            || !g
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.'))
+    }) {
+        return Err(Error::invalid(format!(
+            "spec.container.gpus entry {g:?} is not \"all\" or a device id"
         )));
     }
     Ok(())
@@ -217,8 +300,13 @@ fn outputs(list: &[OutputSpec]) -> Result<()> {
         match &o.source {
             None => {
                 return Err(Error::invalid(format!(
-                    "spec.outputs[{i}] ({}) needs a source: path, last_stdout_line or container_path",
+                    "spec.outputs[{i}] ({}) needs a source: path, last_stdout_line, container_path, git_commit or published",
                     o.name
+                )));
+            }
+            Some(output_spec::Source::GitCommit(p)) if !p.starts_with('/') => {
+                return Err(Error::invalid(format!(
+                    "spec.outputs[{i}].git_commit {p:?} must be the absolute container path of one of spec.container.git"
                 )));
             }
             Some(output_spec::Source::Path(p))
@@ -246,4 +334,48 @@ pub(crate) fn output_name_ok(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Output sources that only make sense with a matching container field: `git_commit` names
+/// a git source's path, `published` needs `publish`; container-only sources on other kinds
+/// are refused.
+pub(crate) fn output_sources(spec: &TaskSpec) -> Result<()> {
+    use scabbard_common::proto::task_spec::Kind;
+    let container = match spec.kind.as_ref() {
+        Some(Kind::Container(c)) => Some(c),
+        _ => None,
+    };
+    for (i, o) in spec.outputs.iter().enumerate() {
+        match (&o.source, container) {
+            (Some(output_spec::Source::GitCommit(p)), Some(c)) => {
+                let norm = |s: &str| s.trim_end_matches('/').to_string();
+                if !c.git.iter().any(|g| norm(&g.path) == norm(p)) {
+                    return Err(Error::invalid(format!(
+                        "spec.outputs[{i}].git_commit {p:?} is not the path of any spec.container.git source"
+                    )));
+                }
+            }
+            (Some(output_spec::Source::Published(true)), Some(c)) if c.publish.is_empty() => {
+                return Err(Error::invalid(format!(
+                    "spec.outputs[{i}] ({}) takes the published reference, but spec.container.publish is empty",
+                    o.name
+                )));
+            }
+            (
+                Some(
+                    output_spec::Source::GitCommit(_)
+                    | output_spec::Source::Published(_)
+                    | output_spec::Source::ContainerPath(_),
+                ),
+                None,
+            ) => {
+                return Err(Error::invalid(format!(
+                    "spec.outputs[{i}] ({}) uses a container-only source (container_path, git_commit or published) on a task that is not a container task",
+                    o.name
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }

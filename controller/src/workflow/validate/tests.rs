@@ -127,3 +127,90 @@ proptest! {
         prop_assert!(e.contains("cycle"), "{}", e);
     }
 }
+
+fn producing(name: &str, deps: &[&str], artifacts: &[&str]) -> WorkflowTask {
+    let mut n = node(name, deps, "true");
+    let spec = n.spec.as_mut().unwrap();
+    for a in artifacts {
+        spec.artifacts.push(scabbard_common::proto::ArtifactSpec {
+            name: a.to_string(),
+            path: format!("out/{a}"),
+            optional: false,
+        });
+    }
+    n
+}
+
+fn consuming(name: &str, deps: &[&str], from: &str) -> WorkflowTask {
+    let mut n = node(name, deps, "true");
+    n.spec
+        .as_mut()
+        .unwrap()
+        .inputs
+        .push(scabbard_common::proto::ArtifactInput {
+            from: from.into(),
+            path: "in".into(),
+            artifact: None,
+        });
+    n
+}
+
+#[test]
+fn artifact_inputs_name_an_ancestor_and_an_artifact_it_declares() {
+    let mut ok = wf(vec![
+        producing("build", &[], &["dist"]),
+        producing("lint", &["build"], &[]),
+        consuming("deploy", &["lint"], "${{ tasks.build.artifacts.dist }}"),
+    ]);
+    workflow_spec(&mut ok, &ControllerConfig::default()).unwrap();
+
+    let e = err(wf(vec![
+        producing("build", &[], &["dist"]),
+        consuming("deploy", &["build"], "${{ tasks.ghost.artifacts.dist }}"),
+    ]));
+    assert!(
+        e.contains("inputs[0].from") && e.contains("no task ghost"),
+        "{e}"
+    );
+    let e = err(wf(vec![
+        producing("build", &[], &["dist"]),
+        consuming("deploy", &["build"], "${{ tasks.build.artifacts.docs }}"),
+    ]));
+    assert!(
+        e.contains("build declares no artifact docs (it declares: dist)"),
+        "{e}"
+    );
+    let e = err(wf(vec![
+        producing("build", &[], &["dist"]),
+        consuming("deploy", &[], "${{ tasks.build.artifacts.dist }}"),
+    ]));
+    assert!(e.contains("not among its dependencies"), "{e}");
+    // The producer depends on the consumer: a cycle through the input.
+    let e = err(wf(vec![
+        consuming("a", &[], "${{ tasks.b.artifacts.x }}"),
+        producing("b", &["a"], &["x"]),
+    ]));
+    assert!(e.contains("cycle: a -> b -> a"), "{e}");
+    let e = err(wf(vec![consuming("a", &[], "${{ tasks.a.outputs.x }}")]));
+    assert!(e.contains("not an artifact reference"), "{e}");
+}
+
+#[test]
+fn conditions_are_booleans_or_references_to_ancestors() {
+    let mut a = node("a", &[], "true");
+    a.when = "false".into();
+    let mut b = node("b", &["a"], "true");
+    b.when = "${{ tasks.a.outputs.go }}".into();
+    workflow_spec(&mut wf(vec![a.clone(), b]), &ControllerConfig::default()).unwrap();
+    let mut bad = node("c", &[], "true");
+    bad.when = "yes".into();
+    let e = err(wf(vec![bad]));
+    assert!(e.contains("when") && e.contains("true or false"), "{e}");
+    let mut stray = node("d", &[], "true");
+    stray.when = "${{ tasks.a.outputs.go }}".into();
+    let e = err(wf(vec![a, stray]));
+    assert!(
+        e.contains("(d) when") && e.contains("not among its dependencies"),
+        "{e}"
+    );
+}

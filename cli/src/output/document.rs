@@ -54,7 +54,7 @@ fn kind(k: &Option<task_spec::Kind>) -> Value {
         Some(Kind::Container(c)) => json!({ "container": {
             "image": c.image,
             "workdir": c.workdir,
-            "steps": c.steps.iter().map(|s| json!({ "name": s.name, "args": s.args })).collect::<Vec<_>>(),
+            "steps": c.steps.iter().map(|s| json!({ "name": s.name, "args": s.args, "cache": s.cache })).collect::<Vec<_>>(),
             "secrets": c.secrets.iter().map(|s| json!({ "env": s.env, "source": s.source })).collect::<Vec<_>>(),
             "caches": c.caches.iter().map(|m| json!({
                 "volume": m.volume,
@@ -65,6 +65,14 @@ fn kind(k: &Option<task_spec::Kind>) -> Value {
                 "host_path": d.host_path, "path": d.path, "exclude": d.exclude,
             })).collect::<Vec<_>>(),
             "registry_auth": c.registry_auth,
+            "gpus": c.gpus,
+            "git": c.git.iter().map(|g| json!({
+                "url": g.url, "ref": g.r#ref, "path": g.path, "keep_git_dir": g.keep_git_dir,
+            })).collect::<Vec<_>>(),
+            "downloads": c.downloads.iter().map(|d| json!({ "url": d.url, "path": d.path })).collect::<Vec<_>>(),
+            "cache": c.cache,
+            "publish": c.publish,
+            "entrypoint": c.entrypoint,
         } }),
         Some(Kind::DaggerCall(d)) => json!({ "dagger_call": {
             "module": d.module, "function": d.function, "args": d.args,
@@ -106,6 +114,16 @@ fn task(t: &TaskSpec) -> Value {
         "concurrency": concurrency(&t.concurrency),
         "breakers": t.breakers,
         "outputs": outputs,
+        "artifacts": t.artifacts.iter().map(|a| json!({
+            "name": a.name, "path": a.path, "optional": a.optional,
+        })).collect::<Vec<_>>(),
+        "inputs": t.inputs.iter().map(|i| json!({
+            "from": i.from,
+            "path": i.path,
+            "artifact": i.artifact.as_ref().map_or(Value::Null, |a| json!({
+                "task_id": a.task_id, "name": a.name, "sha256": a.sha256, "size": a.size,
+            })),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -121,6 +139,7 @@ pub(crate) fn spec(s: &WorkflowSpec) -> Value {
         "tasks": s.tasks.iter().map(|t| json!({
             "name": t.name,
             "depends_on": t.depends_on,
+            "when": t.when,
             "spec": t.spec.as_ref().map_or(Value::Null, task),
         })).collect::<Vec<_>>(),
     })

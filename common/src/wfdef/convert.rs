@@ -214,6 +214,7 @@ fn container(c: ContainerDef) -> proto::ContainerTask {
             .collect(),
         cache: c.cache,
         publish: c.publish,
+        entrypoint: c.entrypoint,
     }
 }
 
@@ -451,6 +452,7 @@ fn from_container(c: &proto::ContainerTask) -> ContainerDef {
             .collect(),
         cache: c.cache,
         publish: c.publish.clone(),
+        entrypoint: c.entrypoint.clone(),
     }
 }
 

@@ -356,6 +356,12 @@ pub(crate) struct ContainerDef {
         skip_serializing_if = "String::is_empty"
     )]
     pub(crate) publish: String,
+    #[serde(
+        default,
+        deserialize_with = "scalar::strings",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub(crate) entrypoint: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]

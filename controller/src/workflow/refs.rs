@@ -1,5 +1,6 @@
 //! Output references: `${{ tasks.<node>.outputs.<key> }}` in a node's strings (command and
-//! arguments, image, workdir, mounted host directories, env values, Dagger call arguments) is replaced by the value
+//! arguments, image, workdir, mounted host directories, the publish address, git URLs and
+//! refs, download URLs, env values, Dagger call arguments) is replaced by the value
 //! the named ancestor reported when the node is released. Any other `${{ … }}` expression is
 //! an error (template parameters are rendered before a workflow is submitted).
 
@@ -75,6 +76,15 @@ pub fn for_each_string(spec: &mut TaskSpec, f: &mut dyn FnMut(&str, &mut String)
                     &format!("container.directories[{i}].host_path"),
                     &mut d.host_path,
                 );
+            }
+            // A commit or a version an earlier node found, e.g. to tag what is published.
+            f("container.publish", &mut c.publish);
+            for (i, g) in c.git.iter_mut().enumerate() {
+                f(&format!("container.git[{i}].url"), &mut g.url);
+                f(&format!("container.git[{i}].ref"), &mut g.r#ref);
+            }
+            for (i, d) in c.downloads.iter_mut().enumerate() {
+                f(&format!("container.downloads[{i}].url"), &mut d.url);
             }
         }
         Some(Kind::DaggerCall(d)) => {

@@ -151,8 +151,8 @@ pub(crate) fn tasks(ts: &[Task]) {
 /// A table of agents.
 pub(crate) fn agents(agents: &[Agent]) {
     println!(
-        "{:<34} {:<16} {:<13} {:>7} CAPABILITIES",
-        "ID", "NAME", "STATUS", "RUNNING"
+        "{:<34} {:<16} {:<13} {:>7} {:<12} CAPABILITIES",
+        "ID", "NAME", "STATUS", "RUNNING", "PROJECT"
     );
     for a in agents {
         let status = AgentStatus::try_from(a.status)
@@ -163,12 +163,17 @@ pub(crate) fn agents(agents: &[Agent]) {
             })
             .unwrap_or_default();
         println!(
-            "{:<34} {:<16} {:<13} {:>3}/{:<3} {}",
+            "{:<34} {:<16} {:<13} {:>3}/{:<3} {:<12} {}",
             a.id,
             a.name,
             status,
             a.running,
             a.slots,
+            if a.project.is_empty() {
+                "*"
+            } else {
+                &a.project
+            },
             a.capabilities.join(",")
         );
     }

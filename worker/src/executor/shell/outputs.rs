@@ -62,11 +62,17 @@ pub(super) fn check_declared(outputs: &[proto::OutputSpec]) -> Result<bool, Stri
                     "output '{name}' has no source: give `path` or `last_stdout_line`"
                 ));
             }
-            Some(Source::ContainerPath(_) | Source::GitCommit(_) | Source::Published(_)) => {
+            Some(
+                source @ (Source::ContainerPath(_) | Source::GitCommit(_) | Source::Published(_)),
+            ) => {
+                let field = match source {
+                    Source::ContainerPath(_) => "container_path",
+                    Source::GitCommit(_) => "git_commit",
+                    _ => "published",
+                };
                 return Err(format!(
-                    "output '{name}' uses a container-only source (`container_path`, \
-                     `git_commit` or `published`); a shell task's outputs come from `path`, \
-                     `last_stdout_line` or $SCABBARD_OUTPUT"
+                    "output '{name}' uses `{field}`, which only container tasks support; \
+                     a shell task's outputs come from `path`, `last_stdout_line` or $SCABBARD_OUTPUT"
                 ));
             }
         }

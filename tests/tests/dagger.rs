@@ -22,46 +22,83 @@ use tokio_util::sync::CancellationToken;
 
 const SESSION_TOKEN: &str = "e2e-session-token";
 
+/// The fields of a query's chain, `query` left out (`... on Container` fragments kept).
+fn fields(query: &str) -> Vec<String> {
+    let body = query
+        .strip_prefix("query{")
+        .unwrap_or(query)
+        .trim_end_matches('}');
+    let (mut parts, mut current) = (Vec::new(), String::new());
+    let (mut depth, mut in_str, mut escaped) = (0, false, false);
+    for c in body.chars() {
+        if in_str {
+            in_str = c != '"' || escaped;
+            escaped = c == '\\' && !escaped;
+        } else if c == '"' {
+            in_str = true;
+        } else if c == '(' || c == '[' {
+            depth += 1;
+        } else if c == ')' || c == ']' {
+            depth -= 1;
+        } else if c == '{' && depth == 0 {
+            parts.push(std::mem::take(&mut current));
+            continue;
+        }
+        current.push(c);
+    }
+    parts.push(current);
+    parts
+}
+
+/// The value of the string argument `name` of `field`.
+fn arg(field: &str, name: &str) -> Option<String> {
+    let rest = &field[field.find(&format!("{name}:\""))? + name.len() + 2..];
+    Some(rest[..rest.find('"')?].to_string())
+}
+
 /// The answer to `query`, for the queries a one-step task and a probe send. The image
 /// decides the outcome: `fail/…` exits 3 with output on stderr; `boom/…` gets an engine
-/// (GraphQL) error; anything else succeeds.
+/// (GraphQL) error; anything else succeeds. Step output files are written where the
+/// worker exports them.
 fn answer(query: &str) -> serde_json::Value {
-    let data = |d: serde_json::Value| serde_json::json!({ "data": d });
-    let node = |field: &str, value: serde_json::Value| {
-        data(serde_json::json!({ "node": { field: value } }))
-    };
-    if query == "query{version}" {
-        data(serde_json::json!({ "version": "v0.e2e" }))
-    } else if query.ends_with("{sync}}}}") && query.starts_with("query{container{from(") {
-        if query.contains("boom/") {
+    let fields = fields(query);
+    let leaf = fields.last().cloned().unwrap_or_default();
+    let failing = query.contains("ctr-fail");
+    let value: serde_json::Value = match leaf.split('(').next().unwrap_or_default() {
+        "version" => "v0.e2e".into(),
+        "id" => "scratch-1".into(),
+        "sync" if query.contains("boom/") => {
             return serde_json::json!({
                 "data": null,
                 "errors": [{ "message": "failed to resolve image: registry unreachable", "path": ["container", "from"] }]
             });
         }
-        let id = if query.contains("fail/") {
-            "ctr-fail"
-        } else {
-            "ctr-1"
-        };
-        data(serde_json::json!({ "container": { "from": { "withExec": { "sync": id } } } }))
-    } else if query.contains("{exitCode}") {
-        node(
-            "exitCode",
-            if query.contains("ctr-fail") { 3 } else { 0 }.into(),
-        )
-    } else if query.contains("{stdout}") {
-        node("stdout", "hello from the fake engine\n".into())
-    } else if query.contains("{stderr}") {
-        let err = if query.contains("ctr-fail") {
-            "tests failed: 2 of 7\n"
-        } else {
-            ""
-        };
-        node("stderr", err.into())
-    } else {
-        panic!("unexpected query {query}")
-    }
+        "sync" if query.contains("fail/") => "ctr-fail".into(),
+        "sync" => "ctr-1".into(),
+        "exitCode" => if failing { 3 } else { 0 }.into(),
+        "size" => 0.into(),
+        "export" => {
+            let dest = arg(&leaf, "path").expect("an export path");
+            let from = arg(&fields[fields.len() - 2], "path").unwrap_or_default();
+            let text = match from.rsplit('.').next() {
+                Some("out") => "hello from the fake engine\n",
+                Some("err") if failing => "tests failed: 2 of 7\n",
+                _ => "",
+            };
+            std::fs::write(&dest, text).expect("export");
+            dest.into()
+        }
+        _ => panic!("unexpected query {query}"),
+    };
+    let data = fields
+        .iter()
+        .rev()
+        .filter(|f| !f.starts_with("..."))
+        .fold(value, |inner, f| {
+            let name = f.split('(').next().unwrap_or_default().to_string();
+            serde_json::json!({ name: inner })
+        });
+    serde_json::json!({ "data": data })
 }
 
 /// Serves `POST /query` on a free port: one request per connection.

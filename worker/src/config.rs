@@ -9,7 +9,9 @@ use serde::Deserialize;
 
 mod dagger;
 
-pub use dagger::{DaggerConfig, RegistryAuth, SecretSource};
+pub use dagger::{
+    ALL_GPUS, CacheVolumeConfig, DaggerConfig, RegistryAuth, SecretSource, WorkerSecret, allows,
+};
 
 /// Everything a worker needs to run.
 #[derive(Debug, Clone, Deserialize)]

@@ -83,21 +83,24 @@ impl Runner {
         *self.agent_id.lock().unwrap_or_else(|p| p.into_inner()) = id.to_string();
     }
 
-    /// Capabilities to advertise: those of the executors that are available now.
     /// What the engine has warm, and the version of that summary (moves on change).
     pub(crate) fn cache_summary(&self) -> (u64, proto::CacheSummary) {
         let w = self.warm.lock().unwrap_or_else(|p| p.into_inner());
         (w.version(), w.summary())
     }
 
+    /// Capabilities to advertise: those of the executors that are available now, with the
+    /// extra ones they offer (`gpu`).
     pub(crate) fn capabilities(&self) -> Vec<String> {
         let mut c: Vec<String> = self
             .executors
             .iter()
             .filter(|(_, e)| e.available())
-            .map(|(k, _)| k.to_string())
+            .flat_map(|(k, e)| std::iter::once(*k).chain(e.extra_capabilities()))
+            .map(str::to_string)
             .collect();
         c.sort();
+        c.dedup();
         c
     }
 

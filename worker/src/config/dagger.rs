@@ -1,8 +1,10 @@
 //! The `[dagger]` section of the worker configuration: how the `dagger` executor finds the
-//! CLI and the engine, how often it checks that the engine answers, and the worker-side
-//! sources of the secrets, registry credentials and host directories that container tasks
-//! may name. Secret values are never part of the configuration itself: it only says where
-//! to read them (an environment variable or a file of the worker), when a task needs them.
+//! CLI and the engine, how often it checks that the engine answers, the GPUs it may hand
+//! to containers, and the worker-side sources of the secrets, registry credentials, cache
+//! volumes and host directories that container tasks may name ([`access`]: which projects
+//! may use each). Secret values are never part of the configuration itself: it only says
+//! where to read them (an environment variable or a file of the worker), when a task needs
+//! them.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,6 +12,10 @@ use std::time::Duration;
 
 use scabbard_common::{Error, Result};
 use serde::Deserialize;
+
+mod access;
+
+pub use access::{CacheVolumeConfig, RegistryAuth, SecretSource, WorkerSecret, allows};
 
 /// `[dagger]`: the Dagger executor (container and `dagger_call` tasks).
 #[derive(Debug, Clone, Deserialize)]
@@ -55,49 +61,30 @@ pub struct DaggerConfig {
     /// Unset: tasks cannot mount host directories.
     pub workspace_root: Option<PathBuf>,
     /// Secret sources that container tasks name in `secrets[].source`, e.g.
-    /// `npm_token = { env = "NPM_TOKEN" }` (a variable of the worker's environment) or
-    /// `deploy_key = { file = "/etc/scabbard/deploy_key" }` (a file's content, without
-    /// one trailing newline). Read when a task needs them and handed to the engine as Dagger
-    /// secrets: never stored, logged or put in a result.
-    pub secrets: HashMap<String, SecretSource>,
+    /// `npm_token = { env = "NPM_TOKEN", projects = ["web"] }` (a variable of the worker's
+    /// environment) or `deploy_key = { file = "/etc/scabbard/deploy_key" }` (a file's
+    /// content, without one trailing newline). `projects` lists the projects whose tasks may
+    /// use the source; left out, every project may (the worker warns at start). Read when
+    /// an allowed task needs them and handed to the engine as Dagger secrets: never stored,
+    /// logged or put in a result.
+    pub secrets: HashMap<String, WorkerSecret>,
     /// Registry credentials, keyed by the registry address that tasks name in
-    /// `registry_auth`: `[dagger.registries."ghcr.io"]` with `username = "bot"` and
-    /// `password_env = "GHCR_TOKEN"` or `password_file = "/path"`. The password is a
-    /// Dagger secret, read when a task needs it.
+    /// `registry_auth`: `[dagger.registries."ghcr.io"]` with `username = "bot"`,
+    /// `password_env = "GHCR_TOKEN"` or `password_file = "/path"`, and `projects`. The
+    /// password is a Dagger secret, read when an allowed task needs it (to pull, and to
+    /// push with `publish`).
     pub registries: HashMap<String, RegistryAuth>,
-}
-
-/// Where the value of a worker-side secret comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum SecretSource {
-    /// A variable of the worker's own environment.
-    Env(String),
-    /// A file of the worker's host (one trailing newline is dropped).
-    File(PathBuf),
-}
-
-/// Credentials for one registry.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RegistryAuth {
-    /// User name to log in with.
-    pub username: String,
-    /// Variable of the worker's environment holding the password or token.
-    pub password_env: Option<String>,
-    /// File holding the password or token (one trailing newline is dropped).
-    pub password_file: Option<PathBuf>,
-}
-
-impl RegistryAuth {
-    /// Where the password comes from (checked by [`DaggerConfig::validate`]).
-    pub fn password_source(&self) -> Option<SecretSource> {
-        match (&self.password_env, &self.password_file) {
-            (Some(var), None) => Some(SecretSource::Env(var.clone())),
-            (None, Some(path)) => Some(SecretSource::File(path.clone())),
-            _ => None,
-        }
-    }
+    /// Cache volumes with rules, keyed by the volume name tasks use in `caches[].volume`:
+    /// `[dagger.caches.gomod]` with `projects = ["web"]` (who may mount it; left out,
+    /// every project) and `shared = true` (one volume for every allowed project). A volume
+    /// that is not shared — every volume not listed here included — is namespaced by
+    /// project: the engine's volume is `<project>/<volume>`.
+    pub caches: HashMap<String, CacheVolumeConfig>,
+    /// GPUs this worker hands to containers (`ContainerTask.gpus`): `["all"]` for every
+    /// GPU of the host, or a list of device ids such as `["0", "1"]`. Empty (default): no
+    /// GPUs, and tasks asking for some fail. A worker with GPUs advertises the `gpu`
+    /// capability while its engine answers.
+    pub gpus: Vec<String>,
 }
 
 impl Default for DaggerConfig {
@@ -114,6 +101,8 @@ impl Default for DaggerConfig {
             workspace_root: None,
             secrets: HashMap::new(),
             registries: HashMap::new(),
+            caches: HashMap::new(),
+            gpus: Vec::new(),
         }
     }
 }
@@ -162,33 +151,8 @@ impl DaggerConfig {
                 &format!("must be an absolute path, got {}", root.display()),
             );
         }
-        for (name, source) in &self.secrets {
-            if !valid_secret_name(name) {
-                return bad(
-                    &format!("secrets.{name:?}"),
-                    "is not a valid name: use letters, digits, '_', '-' and '.'",
-                );
-            }
-            check_source(&format!("secrets.{name}"), source)?;
-        }
-        for (address, auth) in &self.registries {
-            let field = format!("registries.{address:?}");
-            if address.trim().is_empty() || address.contains(char::is_whitespace) {
-                return bad(&field, "needs a registry address such as \"ghcr.io\"");
-            }
-            if auth.username.trim().is_empty() {
-                return bad(&format!("{field}.username"), "is required");
-            }
-            match auth.password_source() {
-                Some(source) => check_source(&field, &source)?,
-                None => {
-                    return bad(
-                        &field,
-                        "needs exactly one of password_env and password_file",
-                    );
-                }
-            }
-        }
+        check_gpus(&self.gpus)?;
+        access::validate(self)?;
         Ok(())
     }
 
@@ -213,25 +177,41 @@ impl DaggerConfig {
     }
 }
 
-fn valid_secret_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+/// `["all"]`, or distinct device ids (no spaces or commas).
+fn check_gpus(gpus: &[String]) -> Result<()> {
+    let bad = |why: String| Err(Error::invalid(format!("dagger.gpus {why}")));
+    if gpus.iter().any(|g| g == ALL_GPUS) && gpus.len() > 1 {
+        return bad(format!(
+            "must be [\"{ALL_GPUS}\"] alone or a list of device ids, got {gpus:?}"
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for g in gpus {
+        if g.is_empty() || g.contains(|c: char| c.is_whitespace() || c == ',') {
+            return bad(format!("has an invalid device id {g:?}"));
+        }
+        if !seen.insert(g) {
+            return bad(format!("lists device {g:?} twice"));
+        }
+    }
+    Ok(())
 }
 
-fn check_source(field: &str, source: &SecretSource) -> Result<()> {
-    match source {
-        SecretSource::Env(var) if var.is_empty() || var.contains('=') || var.contains('\0') => Err(
-            Error::invalid(format!("dagger.{field}: {var:?} is not a variable name")),
-        ),
-        SecretSource::File(path) if !path.is_absolute() => Err(Error::invalid(format!(
-            "dagger.{field}: the file must be an absolute path, got {}",
-            path.display()
-        ))),
-        _ => Ok(()),
+impl DaggerConfig {
+    /// Whether this worker has GPUs to hand to containers (it then advertises `gpu`).
+    pub fn has_gpus(&self) -> bool {
+        !self.gpus.is_empty()
+    }
+
+    /// The sources open to every project (no `projects` list), to warn about at start:
+    /// `dagger.secrets.<name>`, `dagger.registries."<address>"`, and shared cache volumes.
+    pub fn open_to_every_project(&self) -> Vec<String> {
+        access::open_to_every_project(self)
     }
 }
+
+/// The `gpus` value that means every GPU of the host.
+pub const ALL_GPUS: &str = "all";
 
 #[cfg(test)]
 mod tests {
@@ -272,13 +252,28 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(cfg.secrets["npm"], SecretSource::Env("NPM_TOKEN".into()));
-        assert_eq!(cfg.secrets["key"], SecretSource::File("/etc/key".into()));
+        assert_eq!(
+            cfg.secrets["npm"].source,
+            SecretSource::Env("NPM_TOKEN".into())
+        );
+        assert_eq!(
+            cfg.secrets["key"].source,
+            SecretSource::File("/etc/key".into())
+        );
         assert_eq!(
             cfg.registries["ghcr.io"].password_source(),
             Some(SecretSource::Env("GHCR_TOKEN".into()))
         );
         assert_eq!(cfg.probe_interval(), None);
+        assert!(!cfg.has_gpus());
+    }
+
+    #[test]
+    fn gpus_are_all_or_device_ids() {
+        let cfg = parse("[dagger]\ngpus = [\"all\"]").unwrap();
+        assert!(cfg.has_gpus());
+        let cfg = parse("[dagger]\ngpus = [\"0\", \"GPU-8f2c\"]").unwrap();
+        assert_eq!(cfg.gpus, ["0", "GPU-8f2c"]);
     }
 
     #[test]
@@ -312,8 +307,11 @@ mod tests {
             ),
             (
                 "[dagger.secrets]\nx = { url = \"y\" }",
-                "expected `env` or `file`",
+                "unknown field `url`",
             ),
+            ("[dagger]\ngpus = [\"all\", \"0\"]", "dagger.gpus"),
+            ("[dagger]\ngpus = [\"0\", \"0\"]", "dagger.gpus"),
+            ("[dagger]\ngpus = [\"0,1\"]", "dagger.gpus"),
             ("[dagger]\nsurprise = 1", "surprise"),
         ];
         for (text, field) in cases {

@@ -191,6 +191,12 @@ pub trait Executor: Send + Sync + 'static {
         true
     }
 
+    /// More capabilities this executor offers while it is available (the `dagger` executor
+    /// of a worker with GPUs: `gpu`).
+    fn extra_capabilities(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+
     /// Runs one attempt to the end. Output goes to `out` (a dropped receiver is tolerated:
     /// output is then discarded). When `cancel` fires the attempt is stopped and the outcome
     /// is `Cancelled`. Returns only once everything the attempt started is gone.
@@ -234,6 +240,10 @@ pub(crate) fn safe_name(id: &str) -> String {
 
 /// Capability of hosts whose Dagger engine answers (container and dagger_call tasks).
 pub const DAGGER_CAPABILITY: &str = "dagger";
+
+/// Capability of hosts whose Dagger engine answers and that hand GPUs to containers
+/// (`[dagger].gpus`).
+pub const GPU_CAPABILITY: &str = "gpu";
 
 /// The capability a spec needs, i.e. which executor runs it; `None` if the spec has no kind.
 pub fn executor_for(spec: &proto::TaskSpec) -> Option<&'static str> {

@@ -110,7 +110,7 @@ async fn secrets_written_to_outputs_come_back_masked() {
     assert!(!format!("{result:?}").contains("s3cr3t"));
 }
 
-/// An executor whose availability the test switches.
+/// An executor whose availability the test switches (it also offers `gpu`).
 struct Switchable(std::sync::atomic::AtomicBool);
 
 #[async_trait::async_trait]
@@ -121,6 +121,10 @@ impl Executor for Switchable {
 
     fn available(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn extra_capabilities(&self) -> Vec<&'static str> {
+        vec!["gpu"]
     }
 
     async fn run(
@@ -166,6 +170,6 @@ async fn unavailable_executors_are_not_advertised_and_refuse_work() {
     let refused = runner.start(assign.clone()).unwrap_err();
     assert!(refused.contains("not available"), "{refused}");
     dagger.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(runner.capabilities(), ["dagger", "shell"]);
+    assert_eq!(runner.capabilities(), ["dagger", "gpu", "shell"]);
     assert_eq!(runner.start(assign), Ok(true));
 }

@@ -1,69 +1,123 @@
 //! A container task as Dagger calls, on a `Query` for one engine session.
 //!
-//! Order: every ID the pipeline refers to is resolved first, with `.id().await` — the
-//! secrets (`setSecret`, the spec's `secret_env` and worker-side sources), the registry
-//! password, the cache volumes and the host directories — so that no lazily resolved ID is
-//! left for the SDK to `unwrap()` inside a later query. Then the container:
-//! `withRegistryAuth` (before the pull), `from`, plain variables, secret variables, cache
-//! mounts (with their sharing mode), host directories (with their excludes) and the
-//! working directory. Each step is `withExec(args, expect: ANY)` followed by `sync`, which
-//! returns the container's ID: the next step, the step's `exitCode`, `stdout` and `stderr`
-//! and the outputs all start from that ID (`node(id:)`), so no query repeats the pipeline.
+//! Order ([`base`]): every ID the pipeline refers to is resolved first, with `.id().await`
+//! — secrets (`setSecret`: the spec's `secret_env`, worker-side sources, the registry
+//! password), cache volumes, host directories, git trees (each ref resolved to its commit
+//! first, then the tree of that commit), http downloads, the staged inputs (the worker's
+//! artifact cache, through `host()`) and the scratch directory — so that no lazily resolved
+//! ID is left for the SDK to `unwrap()` inside a later query. Then the container:
+//! `withRegistryAuth` (before the pull), `from`, GPUs, plain variables,
+//! `SCABBARD_OUTPUT`, the scratch directory at `/scabbard`, secret variables, cache mounts,
+//! host directories, git checkouts, downloads, inputs and the working directory. All of
+//! that is cacheable by content.
+//!
+//! Steps ([`steps`]): each is `withExec(args, expect: ANY, redirectStdout, redirectStderr)`
+//! followed by `sync`, which returns the container's ID: the next step, the step's
+//! `exitCode`, its output files and the results all start from that ID (`node(id:)`), so no
+//! query repeats the pipeline. Right before the first step that may not come from the
+//! cache, `withEnvVariable(SCABBARD_ATTEMPT_ID, "<task id>/<fencing token>")` makes the op
+//! chain unique to the attempt: that step and every later one really run. A step's stdout
+//! and stderr go to files in the container (`/scabbard/steps/<n>.out|.err`), exported to the
+//! attempt's work dir once it ends and streamed into the log in 64 KiB chunks (never held
+//! whole in memory); the last stdout line is tracked on the way. Live output while a step
+//! runs is the engine's progress on the session's stderr.
+//!
+//! Results ([`finish`]), once every step succeeded: the `$SCABBARD_OUTPUT` file read back,
+//! `publish` (the scratch directory and Scabbard's variables removed first), artifacts
+//! exported to the attempt's artifact dir, then the declared outputs.
 //!
 //! Classification: a step's non-zero exit code is the task's failure (USER, that exit
 //! code, the step's output in the log); so is an engine-reported `ExecError` (which
-//! `expect: ANY` should make impossible) and a declared output the container does not
-//! have. Any other SDK, GraphQL or transport error is an INFRASTRUCTURE failure. Output is
-//! sent as the step ends (the API has no live output; the engine's progress on the session's
-//! stderr is live). The first failing step ends the pipeline; outputs are read only when
-//! every step succeeded.
+//! `expect: ANY` should make impossible), a declared output or required artifact the
+//! container does not have, a git ref or repository that does not exist, and a registry
+//! that refuses the credentials on publish. Any other SDK, GraphQL or transport error is an
+//! INFRASTRUCTURE failure. The first failing step ends the pipeline.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod base;
+mod finish;
+mod steps;
 
+use std::path::PathBuf;
+
+use dagger_sdk::Query;
 use dagger_sdk::errors::DaggerError;
-use dagger_sdk::{
-    Container, ContainerExistsOpts, ContainerWithExecOpts, ContainerWithMountedCacheOpts,
-    ExistsType, HostDirectoryOpts, Id, Query, ReturnType,
-};
 use scabbard_common::proto::ErrorClass;
 use tokio::sync::mpsc;
 
-use super::digest::digest_path;
 use super::gql::Failure;
-use super::plan::{OutputKind, Plan};
-use crate::executor::shell::last_line::LastLine;
+use super::plan::Plan;
 use crate::executor::{ExecOutcome, OutStream, OutputChunk};
 
 /// Largest output chunk.
 const CHUNK_SIZE: usize = 64 * 1024;
+/// Scabbard's scratch directory in the container (removed before `publish`).
+const SCRATCH: &str = "/scabbard";
+/// The `$SCABBARD_OUTPUT` file in the container.
+const OUTPUT_FILE: &str = "/scabbard/output";
+/// The variable naming [`OUTPUT_FILE`].
+const OUTPUT_ENV: &str = "SCABBARD_OUTPUT";
+/// The variable that makes an attempt's op chain its own.
+pub(super) const ATTEMPT_ENV: &str = "SCABBARD_ATTEMPT_ID";
 
-/// An SDK failure and what the pipeline was doing.
-struct Stopped {
-    failure: Failure,
-    doing: String,
+/// Where step `n`'s stdout (`out`) or stderr (`err`) is redirected in the container.
+fn step_file(n: usize, stream: &str) -> String {
+    format!("{SCRATCH}/steps/{n}.{stream}")
+}
+
+/// The attempt's directories on this host.
+#[derive(Debug, Clone)]
+pub(super) struct AttemptDirs {
+    /// The attempt's work dir (step output files pass through `steps/`, `container_path`
+    /// outputs are exported to `outputs/`).
+    pub(super) work: PathBuf,
+    /// Where artifacts are exported to (`<name>`), for the runner to upload.
+    pub(super) artifacts: PathBuf,
+}
+
+impl AttemptDirs {
+    /// Where `container_path` outputs are exported.
+    pub(super) fn exports(&self) -> PathBuf {
+        self.work.join("outputs")
+    }
+
+    fn steps(&self) -> PathBuf {
+        self.work.join("steps")
+    }
+}
+
+/// Why the pipeline stopped early.
+enum Stopped {
+    /// An SDK call failed while doing something.
+    Sdk { failure: Failure, doing: String },
+    /// The attempt ends with this outcome (a step failed, a result is missing).
+    Done(ExecOutcome),
 }
 
 type Step<T> = Result<T, Stopped>;
 
 fn at(doing: impl Into<String>) -> impl FnOnce(DaggerError) -> Stopped {
     let doing = doing.into();
-    move |e| Stopped {
+    move |e| Stopped::Sdk {
         failure: Failure::from_sdk(&e),
         doing,
     }
 }
 
-/// Runs `plan` on `client`; exported outputs land in `export_dir` (created if needed).
+/// An infrastructure failure of this host (not of the engine).
+fn host_failure(why: String) -> Stopped {
+    Stopped::Done(ExecOutcome::infrastructure(why))
+}
+
+/// Runs `plan` on `client`.
 pub(super) async fn run_pipeline(
     client: Query,
     plan: Plan,
     out: mpsc::Sender<OutputChunk>,
-    export_dir: PathBuf,
+    dirs: AttemptDirs,
 ) -> ExecOutcome {
-    match pipeline(&client, &plan, &out, &export_dir).await {
-        Ok(outcome) => outcome,
-        Err(Stopped {
+    match pipeline(&client, &plan, &out, &dirs).await {
+        Ok(outcome) | Err(Stopped::Done(outcome)) => outcome,
+        Err(Stopped::Sdk {
             failure:
                 Failure::Exec {
                     exit_code,
@@ -81,7 +135,7 @@ pub(super) async fn run_pipeline(
                 format!("{doing}: exited with code {exit_code}"),
             )
         }
-        Err(Stopped {
+        Err(Stopped::Sdk {
             failure: Failure::Engine(why),
             doing,
         }) => ExecOutcome::infrastructure(format!("dagger: {doing}: {why}")),
@@ -92,225 +146,14 @@ async fn pipeline(
     client: &Query,
     plan: &Plan,
     out: &mpsc::Sender<OutputChunk>,
-    export_dir: &Path,
+    dirs: &AttemptDirs,
 ) -> Step<ExecOutcome> {
-    let base = base_container(client, plan).await?;
-    let mut container = base;
-    let mut last_stdout = String::new();
-    for step in &plan.steps {
-        note(out, format!("{}: {}", step.label, step.args.join(" "))).await;
-        let synced = container
-            .with_exec_opts(step.args.clone(), expect_any())
-            .sync()
-            .await
-            .map_err(at(step.label.clone()))?;
-        let code = synced.exit_code().await.map_err(at(step.label.clone()))?;
-        let stdout = synced.stdout().await.map_err(at(step.label.clone()))?;
-        let stderr = synced.stderr().await.map_err(at(step.label.clone()))?;
-        send_text(out, OutStream::Stdout, &stdout).await;
-        send_text(out, OutStream::Stderr, &stderr).await;
-        if code != 0 {
-            let code = i32::try_from(code).unwrap_or(i32::MAX);
-            return Ok(ExecOutcome::failed(
-                code,
-                ErrorClass::User,
-                format!("{} exited with code {code}", step.label),
-            ));
-        }
-        container = synced;
-        last_stdout = stdout;
+    for line in &plan.notes {
+        note(out, line.clone()).await;
     }
-    if plan.steps.is_empty() {
-        container = container.sync().await.map_err(at("pulling the image"))?;
-    }
-    collect_outputs(&container, plan, &last_stdout, export_dir).await
-}
-
-fn expect_any<'a>() -> ContainerWithExecOpts<'a> {
-    ContainerWithExecOpts {
-        expand: None,
-        expect: Some(ReturnType::Any),
-        experimental_privileged_nesting: None,
-        insecure_root_capabilities: None,
-        no_init: None,
-        redirect_stderr: None,
-        redirect_stdin: None,
-        redirect_stdout: None,
-        stdin: None,
-        use_entrypoint: None,
-    }
-}
-
-/// Resolves every ID up front, then builds (without running) the container before its
-/// first step.
-async fn base_container(client: &Query, plan: &Plan) -> Step<Container> {
-    let mut secret_ids: Vec<(String, Id)> = Vec::new();
-    for s in &plan.secrets {
-        let id = client
-            .set_secret(s.name.as_str(), s.value.as_str())
-            .id()
-            .await
-            .map_err(at(format!("setting secret {}", s.name)))?;
-        secret_ids.push((s.env.clone(), id));
-    }
-    let registry = match &plan.registry {
-        Some(r) => {
-            let id = client
-                .set_secret(r.secret_name.as_str(), r.password.as_str())
-                .id()
-                .await
-                .map_err(at(format!("setting secret {}", r.secret_name)))?;
-            Some((r, id))
-        }
-        None => None,
-    };
-    let mut cache_ids = Vec::new();
-    for c in &plan.caches {
-        let id = client
-            .cache_volume(c.volume.as_str())
-            .id()
-            .await
-            .map_err(at(format!("cache volume {}", c.volume)))?;
-        cache_ids.push(id);
-    }
-    let mut dir_ids = Vec::new();
-    for d in &plan.dirs {
-        let host_path = d.host_path.to_string_lossy();
-        let exclude: Vec<&str> = d.exclude.iter().map(String::as_str).collect();
-        let opts = HostDirectoryOpts {
-            exclude: (!exclude.is_empty()).then_some(exclude),
-            gitignore: None,
-            include: None,
-            no_cache: None,
-        };
-        let id = client
-            .host()
-            .directory_opts(host_path.as_ref(), opts)
-            .id()
-            .await
-            .map_err(at(format!("host directory {host_path}")))?;
-        dir_ids.push(id);
-    }
-
-    let mut c = client.container();
-    if let Some((r, id)) = registry {
-        c = c.with_registry_auth(r.address.as_str(), r.username.as_str(), id);
-    }
-    c = c.from(plan.image.as_str());
-    for (name, value) in &plan.env {
-        c = c.with_env_variable(name.as_str(), value.as_str());
-    }
-    for (env, id) in secret_ids {
-        c = c.with_secret_variable(env, id);
-    }
-    for (cache, id) in plan.caches.iter().zip(cache_ids) {
-        let opts = ContainerWithMountedCacheOpts {
-            expand: None,
-            owner: None,
-            sharing: cache.sharing.clone(),
-            source: None,
-        };
-        c = c.with_mounted_cache_opts(cache.path.as_str(), id, opts);
-    }
-    for (dir, id) in plan.dirs.iter().zip(dir_ids) {
-        c = c.with_directory(dir.path.as_str(), id);
-    }
-    if let Some(w) = &plan.workdir {
-        c = c.with_workdir(w.as_str());
-    }
-    Ok(c)
-}
-
-/// Reads the declared outputs of a pipeline whose steps all succeeded; a missing one makes
-/// the attempt a user failure.
-async fn collect_outputs(
-    container: &Container,
-    plan: &Plan,
-    last_stdout: &str,
-    export_dir: &Path,
-) -> Step<ExecOutcome> {
-    let mut outputs = HashMap::new();
-    let mut missing = Vec::new();
-    for o in &plan.outputs {
-        let doing = format!("output '{}'", o.name);
-        match &o.kind {
-            OutputKind::LastStdoutLine => {
-                let mut line = LastLine::default();
-                line.push(last_stdout.as_bytes());
-                match line.finish() {
-                    Ok(v) => {
-                        outputs.insert(o.name.clone(), v);
-                    }
-                    Err(why) => missing.push(format!("{doing}: {why}")),
-                }
-            }
-            OutputKind::ContainerPath(path) => {
-                if !container
-                    .exists(path.as_str())
-                    .await
-                    .map_err(at(doing.clone()))?
-                {
-                    missing.push(format!("{doing}: {path} does not exist in the container"));
-                    continue;
-                }
-                let dir_opts = ContainerExistsOpts {
-                    do_not_follow_symlinks: None,
-                    expand: None,
-                    expected_type: Some(ExistsType::DirectoryType),
-                };
-                let is_dir = container
-                    .exists_opts(path.as_str(), dir_opts)
-                    .await
-                    .map_err(at(doing.clone()))?;
-                if let Err(e) = tokio::fs::create_dir_all(export_dir).await {
-                    return Ok(ExecOutcome::infrastructure(format!(
-                        "cannot create {}: {e}",
-                        export_dir.display()
-                    )));
-                }
-                let dest = export_dir.join(&o.name);
-                let dest_text = dest.to_string_lossy().into_owned();
-                if is_dir {
-                    container
-                        .directory(path.as_str())
-                        .export(dest_text.as_str())
-                        .await
-                        .map_err(at(doing.clone()))?;
-                } else {
-                    container
-                        .file(path.as_str())
-                        .export(dest_text.as_str())
-                        .await
-                        .map_err(at(doing.clone()))?;
-                }
-                let digest = tokio::task::spawn_blocking({
-                    let dest = dest.clone();
-                    move || digest_path(&dest)
-                })
-                .await;
-                match digest {
-                    Ok(Ok(digest)) => {
-                        outputs.insert(format!("{}.digest", o.name), digest);
-                        outputs.insert(o.name.clone(), dest_text);
-                    }
-                    Ok(Err(e)) => {
-                        return Ok(ExecOutcome::infrastructure(format!(
-                            "{doing}: the engine exported {path} to {dest_text}, but it cannot be read: {e}"
-                        )));
-                    }
-                    Err(e) => {
-                        return Ok(ExecOutcome::infrastructure(format!("{doing}: {e}")));
-                    }
-                }
-            }
-        }
-    }
-    let mut outcome = ExecOutcome::succeeded();
-    if !missing.is_empty() {
-        outcome = ExecOutcome::failed(1, ErrorClass::User, missing.join("; "));
-    }
-    outcome.outputs = outputs;
-    Ok(outcome)
+    let base = base::base_container(client, plan, out).await?;
+    let ran = steps::run_steps(base.container, plan, out, dirs).await?;
+    finish::finish(ran, plan, &base.commits, out, dirs).await
 }
 
 /// Sends `text` in chunks of at most [`CHUNK_SIZE`] (split on character boundaries).

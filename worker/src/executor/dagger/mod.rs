@@ -1,31 +1,38 @@
 //! The `dagger` executor: container tasks and `dagger_call` tasks on the host's Dagger
 //! engine.
 //!
-//! A **container task** gets its own engine session: our code starts `dagger session`
-//! ([`session`]) with the configured CLI ([`cli`]: never downloaded while `offline`), in its
-//! own process group, and points a `dagger_sdk::Query` at that session's port and token
-//! ([`gql`]) — secrets and registry auth are per session in Dagger, so tasks never see each
-//! other's. The spec is checked first ([`plan`]: worker-side secret sources, registry
-//! credentials, host directories inside the workspace root, outputs), then run as Dagger
-//! calls ([`container`]); exported outputs get digests ([`digest`]). The session's stderr
-//! (the engine's progress) is streamed into the task's log as system chunks. On timeout
-//! or cancel the pipeline is dropped and the session's group gets SIGTERM, then SIGKILL
-//! after `kill_grace_ms`; `run` returns once the group is gone.
+//! A **container task** gets its own engine session: our code starts `dagger session
+//! --progress plain` ([`session`]) with the configured CLI ([`cli`]: never downloaded while
+//! `offline`), in its own process group, and points a `dagger_sdk::Query` at that session's
+//! port and token ([`gql`]) — secrets and registry auth are per session in Dagger, so tasks
+//! never see each other's. The spec is checked first ([`plan`]: which worker-side secret
+//! sources, registry credentials and cache volumes the task's project may use — decided
+//! before any value is read —, host directories inside the workspace root, sources, GPUs,
+//! outputs and artifacts), then run as Dagger calls ([`container`]): every attempt's steps
+//! really run unless marked cacheable, each step's output is streamed from files, and the
+//! results (`$SCABBARD_OUTPUT`, publish, artifacts, outputs) are collected; exported
+//! outputs get digests ([`digest`]). The session's stderr (the engine's progress, with the
+//! live output of running execs) is streamed into the task's log as system chunks. On
+//! timeout or cancel the pipeline is dropped and the session's group gets SIGTERM, then
+//! SIGKILL after `kill_grace_ms`; `run` returns once the group is gone, and the attempt's
+//! work dir is removed (but for exported `container_path` outputs).
 //!
 //! A **`dagger_call` task** is `dagger call -m <module> <function> <args…>` as a host
 //! process ([`call`]).
 //!
-//! Failures: the task's own (a step's non-zero exit code, an unknown secret source, a
-//! declared output the container lacks) are USER failures; everything else — no CLI, a
-//! session that does not start in time, any SDK/GraphQL/transport error, a panic inside the
-//! SDK (the pipeline runs in its own tokio task, so a panic is caught as a `JoinError`) —
-//! is an INFRASTRUCTURE failure, which the controller retries by its policy.
+//! Failures: the task's own (a step's non-zero exit code, an unknown or forbidden secret
+//! source, a declared output or required artifact the container lacks, GPUs the worker
+//! does not have, a push the registry refuses) are USER failures; everything else — no CLI,
+//! a session that does not start in time, any other SDK/GraphQL/transport error, a panic
+//! inside the SDK (the pipeline runs in its own tokio task, so a panic is caught as a
+//! `JoinError`) — is an INFRASTRUCTURE failure, which the controller retries by its policy.
 //!
 //! Secret values (the spec's `secret_env` and worker-side ones) are masked in every chunk
 //! this executor sends, in the result's message and outputs, and in the queries it logs.
 //!
 //! The worker advertises the `dagger` capability only while an engine answers ([`probe`]):
-//! [`DaggerExecutor::probe`] at start-up, [`DaggerExecutor::spawn_rechecks`] after that.
+//! [`DaggerExecutor::probe`] at start-up, [`DaggerExecutor::spawn_rechecks`] after that; a
+//! worker with `[dagger].gpus` also advertises `gpu` while it does.
 
 mod call;
 mod cli;
@@ -50,7 +57,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{DAGGER_CAPABILITY, ExecContext, ExecOutcome, Executor, OutputChunk};
+use super::{DAGGER_CAPABILITY, ExecContext, ExecOutcome, Executor, GPU_CAPABILITY, OutputChunk};
 use crate::config::DaggerConfig;
 use crate::redact::{ChunkRedactor, Secrets};
 use plan::Refusal;
@@ -75,8 +82,15 @@ impl std::fmt::Debug for DaggerExecutor {
 }
 
 impl DaggerExecutor {
-    /// An executor for `cfg`; not available until a [`Self::probe`] succeeds.
+    /// An executor for `cfg`; not available until a [`Self::probe`] succeeds. Warns about
+    /// each worker-side source every project may use.
     pub fn new(cfg: DaggerConfig) -> Self {
+        for source in cfg.open_to_every_project() {
+            warn!(
+                %source,
+                "every project's tasks may use this (no `projects` allowlist in the worker config)"
+            );
+        }
         Self {
             cfg: Arc::new(cfg),
             available: Arc::new(AtomicBool::new(false)),
@@ -138,10 +152,18 @@ impl DaggerExecutor {
         out: mpsc::Sender<OutputChunk>,
         cancel: CancellationToken,
     ) -> ExecOutcome {
-        let plan = match plan::plan(task, spec, &self.cfg) {
-            Ok(plan) => plan,
-            Err(Refusal::User(why)) => return ExecOutcome::failed(127, ErrorClass::User, why),
-            Err(Refusal::Infra(why)) => return ExecOutcome::infrastructure(why),
+        // Blocking: secret sources and host directories are read from the file system.
+        let planned = tokio::task::spawn_blocking({
+            let (task, spec, cfg, ctx) =
+                (task.clone(), spec.clone(), self.cfg.clone(), ctx.clone());
+            move || plan::plan(&task, &spec, &cfg, &ctx)
+        })
+        .await;
+        let plan = match planned {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(Refusal::User(why))) => return ExecOutcome::failed(127, ErrorClass::User, why),
+            Ok(Err(Refusal::Infra(why))) => return ExecOutcome::infrastructure(why),
+            Err(e) => return ExecOutcome::infrastructure(format!("checking the task: {e}")),
         };
         let values = plan.secret_values();
         let secrets = Arc::new(Secrets::new(
@@ -245,13 +267,12 @@ impl DaggerExecutor {
         };
         let client = gql::connect(session.port, &session.token, secrets);
         let exports = plan.exports();
-        let export_dir = workdir.join("outputs");
-        let mut pipeline = tokio::spawn(container::run_pipeline(
-            client,
-            plan,
-            tx.clone(),
-            export_dir.clone(),
-        ));
+        let dirs = container::AttemptDirs {
+            work: workdir.clone(),
+            artifacts: ctx.artifact_dir.clone(),
+        };
+        let export_dir = dirs.exports();
+        let mut pipeline = tokio::spawn(container::run_pipeline(client, plan, tx.clone(), dirs));
         let mut outcome = tokio::select! {
             ended = &mut pipeline => match ended {
                 Ok(outcome) => outcome,
@@ -281,12 +302,16 @@ impl DaggerExecutor {
             timer.abort();
         }
         session.shutdown().await;
+        // Everything the attempt left in its work dir goes, but exported `container_path`
+        // outputs (the legacy way to hand files on, which points at them).
         let kept = exports
             && outcome
                 .outputs
                 .values()
                 .any(|v| std::path::Path::new(v).starts_with(&export_dir));
-        if !kept {
+        if kept {
+            remove_all_but(&workdir, &export_dir).await;
+        } else {
             remove_dir(&workdir).await;
             if exports {
                 outcome
@@ -306,6 +331,14 @@ impl Executor for DaggerExecutor {
 
     fn available(&self) -> bool {
         self.is_available()
+    }
+
+    fn extra_capabilities(&self) -> Vec<&'static str> {
+        if self.cfg.has_gpus() {
+            vec![GPU_CAPABILITY]
+        } else {
+            Vec::new()
+        }
     }
 
     async fn run(
@@ -361,6 +394,32 @@ fn panic_message(e: tokio::task::JoinError) -> String {
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "(no message)".into()),
         Err(e) => e.to_string(),
+    }
+}
+
+/// Removes every entry of `dir` but `keep`.
+async fn remove_all_but(dir: &std::path::Path, keep: &std::path::Path) {
+    let mut entries = match tokio::fs::read_dir(dir).await {
+        Ok(entries) => entries,
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "cannot list working directory");
+            return;
+        }
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let path = entry.path();
+        if path == keep {
+            continue;
+        }
+        let removed = match entry.file_type().await {
+            Ok(t) if t.is_dir() => tokio::fs::remove_dir_all(&path).await,
+            _ => tokio::fs::remove_file(&path).await,
+        };
+        if let Err(e) = removed
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            warn!(path = %path.display(), error = %e, "cannot remove from working directory");
+        }
     }
 }
 

@@ -1,18 +1,32 @@
-//! A container task checked against the worker's `[dagger]` configuration before any
-//! engine is touched: what to run, with the secret values read from their worker-side
-//! sources, host directories resolved inside the workspace root, and outputs a container
-//! can produce. A refusal says whose fault it is: the spec's ([`Refusal::User`]: an
-//! unknown secret source, a path outside the workspace, a `path` output) or the host's
-//! ([`Refusal::Infra`]: a configured secret that cannot be read).
+//! A container task checked against the worker's `[dagger]` configuration and the
+//! attempt's context before any engine is touched: what to run, which steps may be answered
+//! from the engine's cache, the worker-side secrets, registry credentials and cache volumes
+//! the task's project may use ([`access`]), host directories inside the workspace root and
+//! container paths that are absolute ([`paths`]), the sources (git, http, staged inputs),
+//! GPUs, what to publish, and the outputs and artifacts a container can produce
+//! ([`results`]). Secret values are read last, once every check passed.
+//!
+//! A refusal says whose fault it is: the spec's ([`Refusal::User`]: an unknown or
+//! forbidden source, a path outside the workspace, a GPU this worker does not have) or the
+//! host's ([`Refusal::Infra`]: a configured secret that cannot be read). This module makes
+//! no Dagger call; [`super::container`] turns a [`Plan`] into them.
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::{Component, Path, PathBuf};
+mod access;
+mod paths;
+mod results;
+#[cfg(test)]
+mod tests;
 
-use dagger_sdk::CacheSharingMode;
-use scabbard_common::proto::{self, output_spec::Source};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
-use crate::config::{DaggerConfig, SecretSource};
-use crate::executor::shell::outputs::valid_name;
+use scabbard_common::proto;
+
+use crate::config::{ALL_GPUS, DaggerConfig};
+use crate::executor::ExecContext;
+pub(super) use access::{Cache, Registry, SecretVar};
+pub(super) use paths::{HostDir, inside_workspace};
+pub(super) use results::{Artifact, Output, OutputKind};
 
 /// Why a task is not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,52 +37,49 @@ pub(super) enum Refusal {
     Infra(String),
 }
 
-/// A secret handed to the engine (`setSecret`) and set as a variable in the container.
-#[derive(Clone, PartialEq, Eq)]
-pub(super) struct SecretVar {
-    /// Variable in the container.
-    pub(super) env: String,
-    /// Name of the Dagger secret (never the value).
-    pub(super) name: String,
-    /// The value.
-    pub(super) value: String,
-}
+/// Project assumed for an assignment that carries none (a controller that predates
+/// projects on assignments gives every task this one).
+pub(super) const DEFAULT_PROJECT: &str = "default";
 
-impl std::fmt::Debug for SecretVar {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SecretVar({} from {})", self.env, self.name)
-    }
-}
-
-/// Registry credentials for the pull.
-#[derive(Clone, PartialEq, Eq)]
-pub(super) struct Registry {
-    pub(super) address: String,
-    pub(super) username: String,
-    /// Name of the Dagger secret holding the password.
-    pub(super) secret_name: String,
-    pub(super) password: String,
-}
-
-impl std::fmt::Debug for Registry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Registry({} as {})", self.address, self.username)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct Cache {
-    pub(super) volume: String,
-    pub(super) path: String,
-    pub(super) sharing: Option<CacheSharingMode>,
-}
-
+/// GPUs handed to the container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct HostDir {
-    /// Absolute, canonical, inside the workspace root.
-    pub(super) host_path: PathBuf,
+pub(super) enum Gpus {
+    /// `experimentalWithAllGPUs`.
+    All,
+    /// `experimentalWithGPU(devices)`.
+    Devices(Vec<String>),
+}
+
+/// A git checkout (`Query.git`), resolved to a commit before the container is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct GitCheckout {
+    pub(super) url: String,
+    /// Branch, tag or commit; `None` = the remote's HEAD.
+    pub(super) reference: Option<String>,
+    /// Absolute container path.
     pub(super) path: String,
-    pub(super) exclude: Vec<String>,
+    pub(super) keep_git_dir: bool,
+    /// For messages: `container.git[i]`.
+    pub(super) field: String,
+}
+
+/// A file fetched with `Query.http`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Download {
+    pub(super) url: String,
+    /// Absolute container path of the file.
+    pub(super) path: String,
+}
+
+/// A staged input (a file or directory of the worker's artifact cache).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct InputMount {
+    /// Its content on this host.
+    pub(super) local: PathBuf,
+    /// Absolute container path.
+    pub(super) path: String,
+    /// A directory (`host().directory`) or a file (`host().file`).
+    pub(super) dir: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,20 +87,9 @@ pub(super) struct Step {
     pub(super) args: Vec<String>,
     /// For messages: the step's name, else its number.
     pub(super) label: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum OutputKind {
-    /// Exported from this path in the container.
-    ContainerPath(String),
-    /// The last non-empty line of the last step's stdout.
-    LastStdoutLine,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Output {
-    pub(super) name: String,
-    pub(super) kind: OutputKind,
+    /// Whether the engine may answer it from its cache: the task or the step says so and
+    /// every step before it may be answered from the cache too.
+    pub(super) cached: bool,
 }
 
 /// Everything the pipeline needs, checked.
@@ -97,15 +97,28 @@ pub(super) struct Output {
 pub(super) struct Plan {
     pub(super) image: String,
     pub(super) registry: Option<Registry>,
+    pub(super) gpus: Option<Gpus>,
     /// Plain variables, by name.
     pub(super) env: BTreeMap<String, String>,
     /// Secret variables, by variable name.
     pub(super) secrets: Vec<SecretVar>,
     pub(super) caches: Vec<Cache>,
     pub(super) dirs: Vec<HostDir>,
+    pub(super) git: Vec<GitCheckout>,
+    pub(super) downloads: Vec<Download>,
+    pub(super) inputs: Vec<InputMount>,
     pub(super) workdir: Option<String>,
     pub(super) steps: Vec<Step>,
+    /// `SCABBARD_ATTEMPT_ID`: `<task id>/<fencing token>`, set before the first step that
+    /// is not cached (so that step and every later one really run in this attempt).
+    pub(super) attempt_id: String,
+    /// Address to push the container to once every step succeeded.
+    pub(super) publish: Option<String>,
+    pub(super) artifacts: Vec<Artifact>,
     pub(super) outputs: Vec<Output>,
+    /// Lines for the attempt's log about how the spec was taken (a `cache: true` step
+    /// that runs anyway).
+    pub(super) notes: Vec<String>,
 }
 
 impl Plan {
@@ -116,128 +129,42 @@ impl Plan {
         values
     }
 
-    /// Whether an output is exported to the host (then the work dir is kept).
+    /// Whether an output is exported to the host (then that part of the work dir is kept).
     pub(super) fn exports(&self) -> bool {
         self.outputs
             .iter()
             .any(|o| matches!(o.kind, OutputKind::ContainerPath(_)))
     }
+
+    /// The step before which `SCABBARD_ATTEMPT_ID` is set: the first one not cached.
+    pub(super) fn nonce_before(&self) -> Option<usize> {
+        self.steps.iter().position(|s| !s.cached)
+    }
 }
 
-/// Checks `task` (and `spec`'s env, secrets and outputs) against `cfg`.
+/// Checks `task` (and `spec`'s env, secrets, outputs and artifacts, and `ctx`'s project and
+/// staged inputs) against `cfg`. Blocking: secret sources may be files.
 pub(super) fn plan(
     task: &proto::ContainerTask,
     spec: &proto::TaskSpec,
     cfg: &DaggerConfig,
+    ctx: &ExecContext,
 ) -> Result<Plan, Refusal> {
     let user = |m: String| Err(Refusal::User(m));
     if task.image.trim().is_empty() {
         return user("container task has no image".into());
     }
-    let mut steps = Vec::new();
-    for (i, s) in task.steps.iter().enumerate() {
-        let label = if s.name.is_empty() {
-            format!("step {}", i + 1)
-        } else {
-            format!("step {} ({})", i + 1, s.name)
-        };
-        if s.args.is_empty() {
-            return user(format!("{label} has no args"));
-        }
-        steps.push(Step {
-            args: s.args.clone(),
-            label,
-        });
-    }
-
-    // Secret variables: the spec's secret_env, then worker-side sources (which win).
-    let mut secrets: BTreeMap<String, SecretVar> = BTreeMap::new();
-    for (env, value) in &spec.secret_env {
-        check_var(env)?;
-        secrets.insert(
-            env.clone(),
-            SecretVar {
-                env: env.clone(),
-                name: format!("scabbard-env-{env}"),
-                value: value.clone(),
-            },
-        );
-    }
-    for r in &task.secrets {
-        check_var(&r.env)?;
-        let Some(source) = cfg.secrets.get(&r.source) else {
-            return user(format!(
-                "secret source '{}' (for {}) is not configured on this worker ([dagger.secrets])",
-                r.source, r.env
-            ));
-        };
-        let value = read_secret(source)
-            .map_err(|why| Refusal::Infra(format!("secret source '{}': {why}", r.source)))?;
-        secrets.insert(
-            r.env.clone(),
-            SecretVar {
-                env: r.env.clone(),
-                name: format!("scabbard-source-{}", r.source),
-                value,
-            },
-        );
-    }
-    let mut env = BTreeMap::new();
-    for (k, v) in &spec.env {
-        check_var(k)?;
-        if !secrets.contains_key(k) {
-            env.insert(k.clone(), v.clone());
-        }
-    }
-
-    let registry = if task.registry_auth.is_empty() {
-        None
+    let project = if ctx.project.is_empty() {
+        DEFAULT_PROJECT
     } else {
-        let Some(auth) = cfg.registries.get(&task.registry_auth) else {
-            return user(format!(
-                "registry '{}' has no credentials on this worker ([dagger.registries])",
-                task.registry_auth
-            ));
-        };
-        let source = auth.password_source().ok_or_else(|| {
-            Refusal::Infra(format!(
-                "registry '{}': no password source",
-                task.registry_auth
-            ))
-        })?;
-        let password = read_secret(&source)
-            .map_err(|why| Refusal::Infra(format!("registry '{}': {why}", task.registry_auth)))?;
-        Some(Registry {
-            address: task.registry_auth.clone(),
-            username: auth.username.clone(),
-            secret_name: format!("scabbard-registry-{}", task.registry_auth),
-            password,
-        })
+        ctx.project.as_str()
     };
+    let (steps, notes) = check_steps(task)?;
+    let gpus = check_gpus(&task.gpus, &cfg.gpus)?;
 
-    let mut caches = Vec::new();
-    for c in &task.caches {
-        if c.volume.is_empty() || c.path.is_empty() {
-            return user("a cache mount needs a volume and a path".into());
-        }
-        let sharing = match proto::CacheSharing::try_from(c.sharing) {
-            Ok(proto::CacheSharing::Unspecified) => None,
-            Ok(proto::CacheSharing::Shared) => Some(CacheSharingMode::Shared),
-            Ok(proto::CacheSharing::Private) => Some(CacheSharingMode::Private),
-            Ok(proto::CacheSharing::Locked) => Some(CacheSharingMode::Locked),
-            Err(_) => {
-                return user(format!(
-                    "cache '{}': unknown sharing {}",
-                    c.volume, c.sharing
-                ));
-            }
-        };
-        caches.push(Cache {
-            volume: c.volume.clone(),
-            path: c.path.clone(),
-            sharing,
-        });
-    }
+    // Who may use what, before any value is read.
+    let mut access = access::check(task, spec, cfg, project)?;
+    let caches = std::mem::take(&mut access.caches);
 
     let mut dirs = Vec::new();
     for d in &task.directories {
@@ -255,298 +182,167 @@ pub(super) fn plan(
         });
     }
 
-    let outputs = check_outputs(&spec.outputs, !steps.is_empty())?;
+    let mut git = Vec::new();
+    for (i, g) in task.git.iter().enumerate() {
+        let field = format!("container.git[{i}]");
+        if g.url.trim().is_empty() {
+            return user(format!("{field}.url is empty"));
+        }
+        let path = paths::container_path(&format!("{field}.path"), &g.path)?;
+        if let Some(j) = git.iter().position(|o: &GitCheckout| o.path == path) {
+            return user(format!(
+                "{field}.path {path} is also the path of container.git[{j}]"
+            ));
+        }
+        git.push(GitCheckout {
+            url: g.url.clone(),
+            reference: (!g.r#ref.trim().is_empty()).then(|| g.r#ref.trim().to_string()),
+            path,
+            keep_git_dir: g.keep_git_dir,
+            field,
+        });
+    }
+
+    let mut downloads = Vec::new();
+    for (i, d) in task.downloads.iter().enumerate() {
+        let field = format!("container.downloads[{i}]");
+        let url = d.url.trim();
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return user(format!(
+                "{field}.url must be an http:// or https:// URL, got {:?}",
+                d.url
+            ));
+        }
+        downloads.push(Download {
+            url: url.to_string(),
+            path: paths::container_path(&format!("{field}.path"), &d.path)?,
+        });
+    }
+
+    let mut inputs = Vec::new();
+    for (i, input) in ctx.inputs.iter().enumerate() {
+        let path = paths::container_path(&format!("inputs[{i}].path"), &input.path)?;
+        let dir = match input.kind {
+            proto::ArtifactKind::Directory => true,
+            proto::ArtifactKind::File => false,
+            proto::ArtifactKind::Unspecified => input.local.is_dir(),
+        };
+        // The worker's own artifact cache: not the workspace, so no workspace_root check.
+        inputs.push(InputMount {
+            local: input.local.clone(),
+            path,
+            dir,
+        });
+    }
+
+    let publish = match task.publish.trim() {
+        "" => None,
+        address if address.contains(char::is_whitespace) => {
+            return user(format!(
+                "container.publish {address:?} is not an image address"
+            ));
+        }
+        address => Some(address.to_string()),
+    };
+
+    let artifacts = results::check_artifacts(&spec.artifacts)?;
+    let outputs = results::check_outputs(&spec.outputs, !steps.is_empty(), &git, &publish)?;
+
+    for k in spec.env.keys() {
+        access::check_var(k)?;
+    }
+
+    // Every check passed: now read the values.
+    let (secrets, registry) = access.read()?;
+    let env = spec
+        .env
+        .iter()
+        .filter(|(k, _)| !secrets.iter().any(|s| &s.env == *k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     Ok(Plan {
         image: task.image.clone(),
         registry,
+        gpus,
         env,
-        secrets: secrets.into_values().collect(),
+        secrets,
         caches,
         dirs,
+        git,
+        downloads,
+        inputs,
         workdir: (!task.workdir.is_empty()).then(|| task.workdir.clone()),
         steps,
+        attempt_id: format!("{}/{}", ctx.task_id, ctx.fencing_token),
+        publish,
+        artifacts,
         outputs,
+        notes,
     })
 }
 
-fn check_var(name: &str) -> Result<(), Refusal> {
-    if name.is_empty() || name.contains('=') || name.contains('\0') {
-        return Err(Refusal::User(format!(
-            "{name:?} is not a valid environment variable name"
-        )));
-    }
-    Ok(())
-}
-
-/// Reads a worker-side secret now (so a rotated value is picked up by the next task).
-pub(super) fn read_secret(source: &SecretSource) -> Result<String, String> {
-    match source {
-        SecretSource::Env(var) => std::env::var(var).map_err(|e| match e {
-            std::env::VarError::NotPresent => {
-                format!("the worker's environment has no {var}")
-            }
-            std::env::VarError::NotUnicode(_) => format!("{var} is not UTF-8"),
-        }),
-        SecretSource::File(path) => {
-            let mut text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            if text.ends_with('\n') {
-                text.pop();
-                if text.ends_with('\r') {
-                    text.pop();
-                }
-            }
-            Ok(text)
+/// Steps with their labels and whether each may come from the cache.
+fn check_steps(task: &proto::ContainerTask) -> Result<(Vec<Step>, Vec<String>), Refusal> {
+    let mut steps = Vec::new();
+    let mut notes = Vec::new();
+    let mut all_cached = true;
+    for (i, s) in task.steps.iter().enumerate() {
+        let label = if s.name.is_empty() {
+            format!("step {}", i + 1)
+        } else {
+            format!("step {} ({})", i + 1, s.name)
+        };
+        if s.args.is_empty() {
+            return Err(Refusal::User(format!("{label} has no args")));
         }
-    }
-}
-
-/// `host_path` resolved inside `root`: relative ones under it, absolute ones must be in
-/// it; `..` and symlinks may not leave it, and it must be an existing directory.
-pub(super) fn inside_workspace(host_path: &str, root: Option<&Path>) -> Result<PathBuf, Refusal> {
-    let user = |m: String| Err(Refusal::User(m));
-    let Some(root) = root else {
-        return user(format!(
-            "host directory {host_path}: this worker has no dagger.workspace_root, so tasks cannot mount host directories"
-        ));
-    };
-    if host_path.is_empty() {
-        return user("a directory mount needs a host_path".into());
-    }
-    let path = Path::new(host_path);
-    let joined = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        root.join(path)
-    };
-    // Lexically first (so `..` cannot climb out even through missing directories)...
-    let mut lexical = PathBuf::new();
-    for c in joined.components() {
-        match c {
-            Component::ParentDir => {
-                if !lexical.pop() {
-                    return user(format!("host directory {host_path} leaves the workspace"));
-                }
-            }
-            Component::CurDir => {}
-            other => lexical.push(other),
-        }
-    }
-    if !lexical.starts_with(root) {
-        return user(format!(
-            "host directory {host_path} is outside the workspace root {}",
-            root.display()
-        ));
-    }
-    // ...then through symlinks.
-    let root_real = std::fs::canonicalize(root).map_err(|e| {
-        Refusal::Infra(format!(
-            "workspace root {} (dagger.workspace_root): {e}",
-            root.display()
-        ))
-    })?;
-    let real = match std::fs::canonicalize(&lexical) {
-        Ok(real) => real,
-        Err(e) => return user(format!("host directory {host_path}: {e}")),
-    };
-    if !real.starts_with(&root_real) {
-        return user(format!(
-            "host directory {host_path} leads outside the workspace root {} (through a symlink)",
-            root.display()
-        ));
-    }
-    if !real.is_dir() {
-        return user(format!("host directory {host_path} is not a directory"));
-    }
-    Ok(real)
-}
-
-/// Output names and sources a container task can produce.
-fn check_outputs(outputs: &[proto::OutputSpec], has_steps: bool) -> Result<Vec<Output>, Refusal> {
-    let mut names = HashSet::new();
-    let mut checked = Vec::new();
-    for o in outputs {
-        let name = &o.name;
-        let user = |m: String| Err(Refusal::User(m));
-        if !valid_name(name.as_bytes()) {
-            return user(format!(
-                "invalid output name '{name}': use letters, digits, '_', '-' and '.'"
+        let wanted = task.cache || s.cache;
+        if s.cache && !all_cached {
+            notes.push(format!(
+                "{label} is marked cache: true but runs anyway: a step before it is not cached, \
+                 so its input changes in every attempt"
             ));
         }
-        if !names.insert(name.as_str()) {
-            return user(format!("output '{name}' is declared twice"));
-        }
-        let kind = match &o.source {
-            Some(Source::ContainerPath(path)) if !path.is_empty() => {
-                OutputKind::ContainerPath(path.clone())
-            }
-            Some(Source::ContainerPath(_)) => {
-                return user(format!("output '{name}' has an empty container_path"));
-            }
-            Some(Source::LastStdoutLine(true)) if has_steps => OutputKind::LastStdoutLine,
-            Some(Source::LastStdoutLine(true)) => {
-                return user(format!(
-                    "output '{name}' takes the last stdout line, but the task has no steps"
-                ));
-            }
-            Some(Source::Path(_)) => {
-                return user(format!(
-                    "output '{name}' uses `path`, which only shell tasks support: a container \
-                     task's files are read with `container_path` (exported to the worker)"
-                ));
-            }
-            Some(Source::GitCommit(_) | Source::Published(_)) => {
-                return user(format!("output '{name}': this source is not supported yet"));
-            }
-            Some(Source::LastStdoutLine(false)) | None => {
-                return user(format!(
-                    "output '{name}' has no source: give `container_path` or `last_stdout_line`"
-                ));
-            }
-        };
-        checked.push(Output {
-            name: name.clone(),
-            kind,
+        all_cached &= wanted;
+        steps.push(Step {
+            args: s.args.clone(),
+            label,
+            cached: all_cached,
         });
     }
-    // Exported names become file names in the work dir.
-    if checked.iter().any(|o| o.name == "." || o.name == "..") {
-        return Err(Refusal::User(
-            "output names '.' and '..' are reserved".into(),
-        ));
-    }
-    Ok(checked)
+    Ok((steps, notes))
 }
 
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-
-    use super::*;
-
-    fn task(image: &str, steps: &[&[&str]]) -> proto::ContainerTask {
-        proto::ContainerTask {
-            image: image.into(),
-            steps: steps
-                .iter()
-                .map(|a| proto::ContainerStep {
-                    cache: false,
-                    args: a.iter().map(|s| s.to_string()).collect(),
-                    name: String::new(),
-                })
-                .collect(),
-            ..Default::default()
+/// `container.gpus` against the worker's `[dagger].gpus`.
+fn check_gpus(wanted: &[String], offered: &[String]) -> Result<Option<Gpus>, Refusal> {
+    let user = |m: String| Err(Refusal::User(m));
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    if offered.is_empty() {
+        return user(format!(
+            "container.gpus asks for GPUs {wanted:?}, but this worker has none ([dagger].gpus is \
+             not set): give the task a `gpu` requirement so it lands on a worker with GPUs"
+        ));
+    }
+    let worker_all = offered.iter().any(|g| g == ALL_GPUS);
+    if wanted.iter().any(|g| g == ALL_GPUS) {
+        if wanted.len() > 1 {
+            return user(format!(
+                "container.gpus: \"{ALL_GPUS}\" cannot be combined with device ids, got {wanted:?}"
+            ));
         }
+        // "All" means every GPU this worker offers.
+        return Ok(Some(if worker_all {
+            Gpus::All
+        } else {
+            Gpus::Devices(offered.to_vec())
+        }));
     }
-
-    fn refused(r: Result<Plan, Refusal>) -> String {
-        match r {
-            Err(Refusal::User(m)) => m,
-            other => panic!("expected a user refusal, got {other:?}"),
-        }
+    if !worker_all && let Some(missing) = wanted.iter().find(|g| !offered.contains(g)) {
+        return user(format!(
+            "container.gpus: device {missing:?} is not one of this worker's GPUs \
+             ([dagger].gpus = {offered:?})"
+        ));
     }
-
-    #[test]
-    fn user_mistakes_are_refused_with_reasons() {
-        let cfg = DaggerConfig::default();
-        let spec = proto::TaskSpec::default();
-        assert!(refused(plan(&task("", &[&["x"]]), &spec, &cfg)).contains("no image"));
-        assert!(refused(plan(&task("a", &[&[]]), &spec, &cfg)).contains("step 1 has no args"));
-        let mut t = task("a", &[&["x"]]);
-        t.secrets.push(proto::SecretRef {
-            env: "T".into(),
-            source: "nope".into(),
-        });
-        assert!(refused(plan(&t, &spec, &cfg)).contains("'nope'"));
-        let mut t = task("a", &[&["x"]]);
-        t.registry_auth = "ghcr.io".into();
-        assert!(refused(plan(&t, &spec, &cfg)).contains("ghcr.io"));
-        let mut spec = proto::TaskSpec::default();
-        spec.outputs.push(proto::OutputSpec {
-            name: "o".into(),
-            source: Some(Source::Path("x".into())),
-        });
-        let m = refused(plan(&task("a", &[&["x"]]), &spec, &cfg));
-        assert!(m.contains("only shell tasks"), "{m}");
-    }
-
-    #[test]
-    fn secrets_come_from_worker_sources_and_secret_env() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("key");
-        std::fs::write(&file, "file-secret\n").unwrap();
-        let cfg = DaggerConfig {
-            secrets: HashMap::from([("key".to_string(), SecretSource::File(file))]),
-            ..Default::default()
-        };
-        let mut t = task("a", &[&["x"]]);
-        t.secrets.push(proto::SecretRef {
-            env: "KEY".into(),
-            source: "key".into(),
-        });
-        let spec = proto::TaskSpec {
-            env: HashMap::from([("KEY".into(), "plain".into()), ("A".into(), "1".into())]),
-            secret_env: HashMap::from([("TOKEN".into(), "tok".into())]),
-            ..Default::default()
-        };
-        let p = plan(&t, &spec, &cfg).unwrap();
-        assert_eq!(p.env, BTreeMap::from([("A".to_string(), "1".to_string())]));
-        let got: Vec<(&str, &str)> = p
-            .secrets
-            .iter()
-            .map(|s| (s.env.as_str(), s.value.as_str()))
-            .collect();
-        assert_eq!(got, [("KEY", "file-secret"), ("TOKEN", "tok")]);
-        assert!(!format!("{p:?}").contains("file-secret"));
-    }
-
-    #[test]
-    fn unreadable_worker_secret_is_infrastructure() {
-        let cfg = DaggerConfig {
-            secrets: HashMap::from([(
-                "gone".to_string(),
-                SecretSource::Env("SCABBARD_TEST_SURELY_UNSET".into()),
-            )]),
-            ..Default::default()
-        };
-        let mut t = task("a", &[&["x"]]);
-        t.secrets.push(proto::SecretRef {
-            env: "X".into(),
-            source: "gone".into(),
-        });
-        match plan(&t, &proto::TaskSpec::default(), &cfg) {
-            Err(Refusal::Infra(m)) => assert!(m.contains("SCABBARD_TEST_SURELY_UNSET"), "{m}"),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn host_directories_stay_in_the_workspace() {
-        let ws = tempfile::tempdir().unwrap();
-        let root = ws.path().join("root");
-        std::fs::create_dir_all(root.join("src/sub")).unwrap();
-        std::fs::create_dir_all(ws.path().join("outside")).unwrap();
-        std::os::unix::fs::symlink(ws.path().join("outside"), root.join("link")).unwrap();
-        let real_root = std::fs::canonicalize(&root).unwrap();
-        let ok = |p: &str| inside_workspace(p, Some(&root));
-        assert_eq!(ok("src").unwrap(), real_root.join("src"));
-        assert_eq!(ok("src/sub/..").unwrap(), real_root.join("src"));
-        assert_eq!(
-            ok(root.join("src").to_str().unwrap()).unwrap(),
-            real_root.join("src")
-        );
-        for bad in [
-            "..",
-            "../outside",
-            "src/../../outside",
-            "link",
-            "/etc",
-            "missing",
-        ] {
-            assert!(matches!(ok(bad), Err(Refusal::User(_))), "{bad}");
-        }
-        assert!(
-            matches!(inside_workspace("src", None), Err(Refusal::User(m)) if m.contains("workspace_root"))
-        );
-    }
+    Ok(Some(Gpus::Devices(wanted.to_vec())))
 }

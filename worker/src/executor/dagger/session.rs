@@ -81,7 +81,10 @@ impl EngineSession {
         stop: CancellationToken,
     ) -> Result<Self, String> {
         let mut cmd = Command::new(spec.cli);
+        // Plain progress: the engine's own account of each call, with the output of every
+        // running exec as it is written (a pipe would select it too; explicit is sure).
         cmd.arg("session")
+            .args(["--progress", "plain"])
             .args(["--label", "dagger.io/sdk.name:rust"])
             .args(["--label", "scabbard.dev/worker:true"])
             .current_dir(spec.cwd)

@@ -4,8 +4,11 @@
 //! ([`live`]).
 
 mod fake_engine;
+mod fake_session;
 mod live;
 mod mock;
+mod mock_results;
+mod mock_secrets;
 mod support;
 
 use std::path::Path;

@@ -9,7 +9,9 @@
 //! (the value runs to the end of the line) and multi-line values written as `key<<DELIM`,
 //! the lines of the value, then a line that is exactly `DELIM`. Empty lines are skipped, a
 //! `\r` before a line's `\n` is ignored, and a key written twice keeps its last value.
-//! Declared outputs that were produced win over keys of the same name in the file.
+//! Declared outputs that were produced win over keys of the same name in the file. The
+//! parser is shared: the dagger executor reads a container's file back through the engine
+//! and hands its text to [`parse_output_text`].
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
@@ -20,8 +22,8 @@ use scabbard_common::proto::{self, output_spec::Source};
 
 /// Name of the `$SCABBARD_OUTPUT` file in the attempt's working directory.
 pub(super) const OUTPUT_FILE: &str = ".scabbard-output";
-/// At most this much of the `$SCABBARD_OUTPUT` file is read.
-pub(super) const MAX_FILE_BYTES: usize = 64 * 1024;
+/// At most this much of the `$SCABBARD_OUTPUT` file is read (a container's too).
+pub(in crate::executor) const MAX_FILE_BYTES: usize = 64 * 1024;
 /// At most this many distinct keys are taken from the `$SCABBARD_OUTPUT` file.
 pub(super) const MAX_KEYS: usize = 256;
 /// Largest value of any output, in bytes.
@@ -234,6 +236,17 @@ fn read_output_file(path: &Path, notes: &mut Notes) -> HashMap<String, String> {
         ));
     }
     parse(&data, notes)
+}
+
+/// The values of `$SCABBARD_OUTPUT` text read by another executor (the dagger executor
+/// reads a container's file back through the engine, at most [`MAX_FILE_BYTES`] of it),
+/// and the notes for the attempt's system log. Same format and bounds as the shell's.
+pub(in crate::executor) fn parse_output_text(
+    data: &[u8],
+) -> (HashMap<String, String>, Vec<String>) {
+    let mut notes = Notes::default();
+    let values = parse(data, &mut notes);
+    (values, notes.into_lines())
 }
 
 /// Parses `$SCABBARD_OUTPUT` lines (see the module docs).

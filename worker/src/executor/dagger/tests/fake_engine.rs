@@ -2,13 +2,13 @@
 //! protocol (`POST /query`, Basic auth `token:`, canned answers per query shape) and a fake
 //! `dagger` CLI, a shell script that on `session` prints the handshake for that server and
 //! progress on stderr, then sleeps (with a child) until killed, and on `call` prints its
-//! arguments and exits with a code.
+//! arguments and exits with a code. Container tasks here; the session's life (timeout,
+//! cancel, start-up problems), probes and `dagger_call` in [`super::fake_session`].
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -22,32 +22,31 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::super::DaggerExecutor;
 use super::super::session::process_gone;
 use super::support::{Responder, Script};
 use super::*;
-use crate::config::{DaggerConfig, SecretSource};
+use crate::config::{DaggerConfig, SecretSource, WorkerSecret};
 use crate::executor::{ExecOutcome, Executor};
 
-const TOKEN: &str = "fake-session-token";
+pub(super) const TOKEN: &str = "fake-session-token";
 
-struct State {
+pub(super) struct State {
     responder: Responder,
-    queries: Mutex<Vec<String>>,
+    pub(super) queries: Mutex<Vec<String>>,
 }
 
 /// A fake engine session endpoint.
-struct FakeEngine {
-    port: u16,
-    state: Arc<State>,
+pub(super) struct FakeEngine {
+    pub(super) port: u16,
+    pub(super) state: Arc<State>,
     server: JoinHandle<()>,
 }
 
 impl FakeEngine {
-    async fn start(script: Script) -> Self {
+    pub(super) async fn start(script: Script) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State {
@@ -78,7 +77,7 @@ impl FakeEngine {
         }
     }
 
-    fn queries(&self) -> Vec<String> {
+    pub(super) fn queries(&self) -> Vec<String> {
         self.state.queries.lock().unwrap().clone()
     }
 }
@@ -139,7 +138,7 @@ async fn handle(
 
 /// How the fake `dagger session` behaves.
 #[derive(Clone, Copy)]
-enum Session {
+pub(super) enum Session {
     /// Prints the handshake, then waits to be killed.
     Ready,
     /// Like `Ready`, but ignores SIGTERM (and so does its child).
@@ -153,7 +152,7 @@ enum Session {
 }
 
 /// Writes the fake CLI into `dir`; it records its pid and its child's in `dir`.
-fn fake_cli(dir: &Path, port: u16, mode: Session) -> PathBuf {
+pub(super) fn fake_cli(dir: &Path, port: u16, mode: Session) -> PathBuf {
     let d = dir.display();
     let handshake = |token: &str| format!(r#"echo '{{"port":{port},"session_token":"{token}"}}'"#);
     let behaviour = match mode {
@@ -170,6 +169,7 @@ fn fake_cli(dir: &Path, port: u16, mode: Session) -> PathBuf {
 case "$1" in
 session)
   echo $$ > "{d}/session.pid"
+  echo "$*" > "{d}/session.args"
   echo "connecting to ${{_EXPERIMENTAL_DAGGER_RUNNER_HOST:-the default engine}}" >&2
   sleep 1000 &
   echo $! > "{d}/child.pid"
@@ -195,7 +195,7 @@ exit 64
     path
 }
 
-fn pid_in(dir: &Path, file: &str) -> libc::pid_t {
+pub(super) fn pid_in(dir: &Path, file: &str) -> libc::pid_t {
     std::fs::read_to_string(dir.join(file))
         .unwrap_or_else(|e| panic!("{file}: {e}"))
         .trim()
@@ -203,7 +203,7 @@ fn pid_in(dir: &Path, file: &str) -> libc::pid_t {
         .unwrap()
 }
 
-fn config(cli: PathBuf) -> DaggerConfig {
+pub(super) fn config(cli: PathBuf) -> DaggerConfig {
     DaggerConfig {
         cli: Some(cli),
         runner_host: Some("tcp://fake-engine:1234".into()),
@@ -215,10 +215,20 @@ fn config(cli: PathBuf) -> DaggerConfig {
 }
 
 /// Runs `spec` through a [`DaggerExecutor`]; returns the outcome and every chunk.
-async fn run(
+pub(super) async fn run(
     cfg: DaggerConfig,
     spec: &proto::TaskSpec,
     work_root: &Path,
+    cancel: CancellationToken,
+) -> (ExecOutcome, Vec<OutputChunk>) {
+    run_in(cfg, spec, ctx(work_root), cancel).await
+}
+
+/// Runs `spec` as the attempt `ctx`.
+pub(super) async fn run_in(
+    cfg: DaggerConfig,
+    spec: &proto::TaskSpec,
+    ctx: crate::executor::ExecContext,
     cancel: CancellationToken,
 ) -> (ExecOutcome, Vec<OutputChunk>) {
     let (tx, mut rx) = mpsc::channel(16);
@@ -230,11 +240,11 @@ async fn run(
         chunks
     });
     let exec = DaggerExecutor::new(cfg);
-    let outcome = exec.run(ctx(work_root), spec, tx, cancel).await;
+    let outcome = exec.run(ctx, spec, tx, cancel).await;
     (outcome, collector.await.unwrap())
 }
 
-fn assert_session_gone(dir: &Path) {
+pub(super) fn assert_session_gone(dir: &Path) {
     for file in ["session.pid", "child.pid"] {
         let pid = pid_in(dir, file);
         assert!(process_gone(pid), "{file}: {pid} still runs");
@@ -297,7 +307,7 @@ async fn successful_task_exports_outputs_and_masks_worker_secrets() {
     let engine = FakeEngine::start(script).await;
     let mut cfg = config(fake_cli(dir.path(), engine.port, Session::Ready));
     cfg.secrets
-        .insert("api".into(), SecretSource::File(secret_file));
+        .insert("api".into(), SecretSource::File(secret_file).into());
     let mut spec = container_spec("alpine", &[&["sh", "-c", "echo token is $API"]]);
     container_mut(&mut spec).secrets.push(proto::SecretRef {
         env: "API".into(),
@@ -325,7 +335,88 @@ async fn successful_task_exports_outputs_and_masks_worker_secrets() {
     assert_eq!(std::fs::read_to_string(&app).unwrap(), "exported /out/app");
     assert!(outcome.outputs["app.digest"].starts_with("sha256:"));
     assert_eq!(outcome.outputs["version"], "v2");
+    // The exported output is kept (its path is in the result); nothing else is.
+    let left: Vec<_> = std::fs::read_dir(work.join("task-1-7"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["outputs"]);
     assert_session_gone(dir.path());
+    // The session was started with plain progress (exec output in the engine's log).
+    let args = std::fs::read_to_string(dir.path().join("session.args")).unwrap();
+    assert!(
+        args.starts_with("session --progress plain --label"),
+        "{args}"
+    );
+}
+
+#[tokio::test]
+async fn artifacts_land_in_the_artifact_dir_and_the_work_dir_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Script {
+        stdout: [(1, "built\n".to_string())].into(),
+        output_file: "size=42\n".into(),
+        paths: [("/out/dist".to_string(), true)].into(),
+        ..Default::default()
+    };
+    let engine = FakeEngine::start(script).await;
+    let cfg = config(fake_cli(dir.path(), engine.port, Session::Ready));
+    let mut spec = container_spec("alpine", &[&["make", "dist"]]);
+    spec.artifacts.push(proto::ArtifactSpec {
+        name: "dist".into(),
+        path: "/out/dist".into(),
+        optional: false,
+    });
+    let work = dir.path().join("work");
+    let c = ctx(&work);
+    let artifact_dir = c.artifact_dir.clone();
+    let (outcome, chunks) = run_in(cfg, &spec, c, CancellationToken::new()).await;
+    assert_eq!(outcome.outcome, Outcome::Succeeded, "{outcome:?}");
+    assert_eq!(text(&chunks, OutStream::Stdout), "built\n");
+    assert_eq!(outcome.outputs["size"], "42");
+    assert_eq!(outcome.artifacts.len(), 1);
+    assert_eq!(outcome.artifacts[0].kind, proto::ArtifactKind::Directory);
+    assert_eq!(
+        std::fs::read_to_string(artifact_dir.join("dist/a.txt")).unwrap(),
+        "exported /out/dist/a.txt"
+    );
+    assert!(!work.join("task-1-7").exists());
+    assert_session_gone(dir.path());
+}
+
+#[tokio::test]
+async fn another_projects_secret_is_refused_without_being_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = FakeEngine::start(Script::default()).await;
+    let mut cfg = config(fake_cli(dir.path(), engine.port, Session::Ready));
+    // Reading this source would fail (the file does not exist): the refusal must come first.
+    cfg.secrets.insert(
+        "npm".into(),
+        WorkerSecret::for_projects(
+            SecretSource::File(dir.path().join("no-such-secret")),
+            &["web"],
+        ),
+    );
+    let mut spec = container_spec("node", &[&["npm", "publish"]]);
+    container_mut(&mut spec).secrets.push(proto::SecretRef {
+        env: "NPM_TOKEN".into(),
+        source: "npm".into(),
+    });
+    let mut c = ctx(dir.path());
+    c.project = "api".into();
+    let (outcome, _) = run_in(cfg, &spec, c, CancellationToken::new()).await;
+    assert_eq!(outcome.error_class, ErrorClass::User, "{outcome:?}");
+    assert!(
+        outcome.message.contains("secret source 'npm'")
+            && outcome.message.contains("project 'api'"),
+        "{}",
+        outcome.message
+    );
+    assert!(engine.queries().is_empty());
+    assert!(
+        !dir.path().join("session.pid").exists(),
+        "no session started"
+    );
 }
 
 #[tokio::test]
@@ -376,246 +467,4 @@ async fn a_panic_in_the_sdk_is_an_infrastructure_failure() {
         outcome.message
     );
     assert_session_gone(dir.path());
-}
-
-#[tokio::test]
-async fn a_wrong_session_token_is_an_infrastructure_failure() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = FakeEngine::start(Script::default()).await;
-    let cli = fake_cli(dir.path(), engine.port, Session::WrongToken);
-    let spec = container_spec("alpine", &[&["true"]]);
-    let (outcome, _) = run(config(cli), &spec, dir.path(), CancellationToken::new()).await;
-    assert_eq!(
-        outcome.error_class,
-        ErrorClass::Infrastructure,
-        "{outcome:?}"
-    );
-    assert!(engine.queries().is_empty());
-    assert_session_gone(dir.path());
-}
-
-#[tokio::test]
-async fn timeout_kills_the_session_group_even_when_it_ignores_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = Script {
-        sync_delay: Some(Duration::from_secs(60)),
-        ..Default::default()
-    };
-    let engine = FakeEngine::start(script).await;
-    let cli = fake_cli(dir.path(), engine.port, Session::Stubborn);
-    let mut spec = container_spec("alpine", &[&["sleep", "600"]]);
-    spec.timeout_ms = 700;
-    let started = Instant::now();
-    let (outcome, chunks) = run(config(cli), &spec, dir.path(), CancellationToken::new()).await;
-    assert_eq!(outcome.outcome, Outcome::TimedOut, "{outcome:?}");
-    assert_eq!(outcome.error_class, ErrorClass::User);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
-    assert!(text(&chunks, OutStream::System).contains("timed out after 0.7s: stopping"));
-    assert_session_gone(dir.path());
-}
-
-#[tokio::test]
-async fn cancel_stops_the_attempt() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = Script {
-        sync_delay: Some(Duration::from_secs(60)),
-        ..Default::default()
-    };
-    let engine = FakeEngine::start(script).await;
-    let cli = fake_cli(dir.path(), engine.port, Session::Ready);
-    let spec = container_spec("alpine", &[&["sleep", "600"]]);
-    let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    let state = engine.state.clone();
-    tokio::spawn(async move {
-        // Cancel once the step is running in the engine (its `sync` has arrived).
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !state
-            .queries
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|q| q.contains("sync"))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the step never reached the engine"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        trigger.cancel();
-    });
-    let (outcome, _) = run(config(cli), &spec, dir.path(), cancel).await;
-    assert_eq!(outcome.outcome, Outcome::Cancelled, "{outcome:?}");
-    assert_session_gone(dir.path());
-}
-
-#[tokio::test]
-async fn session_start_problems_are_infrastructure_failures() {
-    // No CLI at all.
-    let dir = tempfile::tempdir().unwrap();
-    let spec = container_spec("alpine", &[&["true"]]);
-    let cfg = config(dir.path().join("no-such-dagger"));
-    let (outcome, _) = run(cfg, &spec, dir.path(), CancellationToken::new()).await;
-    assert_eq!(outcome.error_class, ErrorClass::Infrastructure);
-    assert!(
-        outcome.message.contains("does not exist") && outcome.message.contains("dagger.cli"),
-        "{}",
-        outcome.message
-    );
-
-    // A session that never reports its port.
-    let mut cfg = config(fake_cli(dir.path(), 1, Session::Hangs));
-    cfg.session_start_timeout_ms = 500;
-    let started = Instant::now();
-    let (outcome, _) = run(cfg, &spec, dir.path(), CancellationToken::new()).await;
-    assert_eq!(outcome.error_class, ErrorClass::Infrastructure);
-    assert!(
-        outcome
-            .message
-            .contains("did not report its port within 0.5s"),
-        "{}",
-        outcome.message
-    );
-    assert!(
-        outcome
-            .message
-            .contains("connecting to tcp://fake-engine:1234"),
-        "{}",
-        outcome.message
-    );
-    assert!(started.elapsed() < Duration::from_secs(5));
-    assert_session_gone(dir.path());
-
-    // A session that gives up.
-    let cfg = config(fake_cli(dir.path(), 1, Session::Dies));
-    let (outcome, _) = run(cfg, &spec, dir.path(), CancellationToken::new()).await;
-    assert_eq!(outcome.error_class, ErrorClass::Infrastructure);
-    assert!(
-        outcome.message.contains("exited before it was ready"),
-        "{}",
-        outcome.message
-    );
-    assert!(
-        outcome.message.contains("cannot reach the engine"),
-        "{}",
-        outcome.message
-    );
-}
-
-#[tokio::test]
-async fn probe_says_yes_only_when_an_engine_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = FakeEngine::start(Script::default()).await;
-    let cli = fake_cli(dir.path(), engine.port, Session::Ready);
-    let exec = DaggerExecutor::new(config(cli.clone()));
-    assert!(!exec.available(), "unavailable before the first probe");
-    assert!(exec.probe().await);
-    assert!(exec.available());
-    assert_eq!(engine.queries(), ["query{version}"]);
-    assert_session_gone(dir.path());
-
-    // The engine goes away: the next probe withdraws the capability.
-    let port = engine.port;
-    drop(engine);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_ok()
-    {
-        assert!(Instant::now() < deadline, "the fake engine kept listening");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(!exec.probe().await);
-    assert!(!exec.available());
-
-    // No CLI.
-    let exec = DaggerExecutor::new(config(dir.path().join("missing")));
-    assert!(!exec.probe().await);
-}
-
-#[tokio::test]
-async fn rechecks_bring_the_capability_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = FakeEngine::start(Script::default()).await;
-    let cli = dir.path().join("dagger");
-    let mut cfg = config(cli.clone());
-    cfg.probe_interval_ms = 1_000;
-    let exec = DaggerExecutor::new(cfg);
-    assert!(!exec.probe().await, "no CLI yet");
-    let stop = CancellationToken::new();
-    let rechecks = exec.spawn_rechecks(stop.clone()).expect("an interval");
-    fake_cli(dir.path(), engine.port, Session::Ready);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !exec.available() {
-        assert!(
-            Instant::now() < deadline,
-            "the recheck never saw the engine"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.cancel();
-    rechecks.await.unwrap();
-}
-
-fn call_spec(function: &str) -> proto::TaskSpec {
-    proto::TaskSpec {
-        kind: Some(proto::task_spec::Kind::DaggerCall(proto::DaggerCallTask {
-            module: "./ci".into(),
-            function: function.into(),
-            args: vec!["--tag".into(), "v1".into()],
-        })),
-        ..Default::default()
-    }
-}
-
-#[tokio::test]
-async fn dagger_call_runs_the_cli_and_reports_its_exit_code() {
-    let dir = tempfile::tempdir().unwrap();
-    let cli = fake_cli(dir.path(), 1, Session::Ready);
-    let (outcome, chunks) = run(
-        config(cli.clone()),
-        &call_spec("build"),
-        dir.path(),
-        CancellationToken::new(),
-    )
-    .await;
-    assert_eq!(outcome, ExecOutcome::succeeded());
-    let stdout = text(&chunks, OutStream::Stdout);
-    assert!(stdout.contains("call -m ./ci build --tag v1\n"), "{stdout}");
-    // The engine is the configured one; the worker's own variables stay out.
-    assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
-    assert!(
-        stdout.contains("runner=tcp://fake-engine:1234 home=set worker_var=unset"),
-        "{stdout}"
-    );
-    assert_eq!(text(&chunks, OutStream::Stderr), "progress of the call\n");
-
-    let (outcome, _) = run(
-        config(cli),
-        &call_spec("fail"),
-        dir.path(),
-        CancellationToken::new(),
-    )
-    .await;
-    assert_eq!(outcome.outcome, Outcome::Failed);
-    assert_eq!(outcome.error_class, ErrorClass::User);
-    assert_eq!(outcome.exit_code, 3);
-
-    let (outcome, _) = run(
-        config(dir.path().join("gone")),
-        &call_spec("build"),
-        dir.path(),
-        CancellationToken::new(),
-    )
-    .await;
-    assert_eq!(
-        outcome.error_class,
-        ErrorClass::Infrastructure,
-        "{outcome:?}"
-    );
 }

@@ -1,6 +1,9 @@
 //! The exact queries each task shape sends, through a recording mock of the SDK's
-//! GraphQL client (compared with arguments in name order).
+//! GraphQL client (compared with arguments in name order). The shapes of sources, GPUs,
+//! publish, `$SCABBARD_OUTPUT`, inputs and artifacts are in [`super::mock_results`];
+//! secrets in [`super::mock_secrets`].
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -10,12 +13,13 @@ use scabbard_common::proto;
 use sha2::Digest;
 use tokio::sync::mpsc;
 
+use super::super::container::AttemptDirs;
 use super::super::gql::{LoggedClient, query_over};
 use super::super::{container, plan};
-use super::support::{Responder, Script, normalize};
+use super::support::{Responder, Script, chain, normalize};
 use super::*;
 use crate::config::DaggerConfig;
-use crate::executor::ExecOutcome;
+use crate::executor::{ExecContext, ExecOutcome};
 use crate::redact::Secrets;
 
 /// Records every query and answers from a [`Responder`].
@@ -41,22 +45,36 @@ impl GraphQLClient for Recorder {
     }
 }
 
-struct Ran {
-    outcome: ExecOutcome,
-    queries: Vec<String>,
-    chunks: Vec<crate::executor::OutputChunk>,
+pub(super) struct Ran {
+    pub(super) outcome: ExecOutcome,
+    pub(super) queries: Vec<String>,
+    pub(super) chunks: Vec<crate::executor::OutputChunk>,
+    /// The attempt's work dir (step outputs pass through `steps/`, exports land in
+    /// `outputs/`).
+    pub(super) work: PathBuf,
 }
 
-async fn run_mock(
+/// Runs `spec` as the attempt of `tests::ctx(root)` (project `default`).
+pub(super) async fn run_mock(
     spec: &proto::TaskSpec,
     cfg: &DaggerConfig,
     script: Script,
-    export_dir: &std::path::Path,
+    root: &Path,
+) -> Ran {
+    run_mock_in(spec, cfg, script, ctx(root)).await
+}
+
+/// Runs `spec` as the attempt `ctx`; the work dir is `<work_root>/work`.
+pub(super) async fn run_mock_in(
+    spec: &proto::TaskSpec,
+    cfg: &DaggerConfig,
+    script: Script,
+    ctx: ExecContext,
 ) -> Ran {
     let Some(proto::task_spec::Kind::Container(task)) = &spec.kind else {
         panic!("container spec");
     };
-    let plan = plan::plan(task, spec, cfg).expect("plan");
+    let plan = plan::plan(task, spec, cfg, &ctx).expect("plan");
     let recorder = Arc::new(Recorder {
         queries: Mutex::default(),
         responder: Responder::new(script),
@@ -67,7 +85,12 @@ async fn run_mock(
         secrets,
     }));
     let (tx, mut rx) = mpsc::channel(1024);
-    let outcome = container::run_pipeline(client, plan, tx, export_dir.to_path_buf()).await;
+    let work = ctx.work_root.join("work");
+    let dirs = AttemptDirs {
+        work: work.clone(),
+        artifacts: ctx.artifact_dir.clone(),
+    };
+    let outcome = container::run_pipeline(client, plan, tx, dirs).await;
     let mut chunks = Vec::new();
     while let Some(c) = rx.recv().await {
         chunks.push(c);
@@ -77,55 +100,11 @@ async fn run_mock(
         outcome,
         queries,
         chunks,
+        work,
     }
 }
 
-/// Log output captured for the current thread (the production filter applied).
-struct Captured {
-    buf: Arc<Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
-}
-
-impl Captured {
-    fn start(silenced: bool) -> Self {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let mut filter = tracing_subscriber::EnvFilter::new("trace");
-        if silenced {
-            filter = scabbard_common::logging::silence_secrets(filter);
-        }
-        let writer = {
-            let buf = buf.clone();
-            move || SharedBuf(buf.clone())
-        };
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(false)
-            .with_writer(writer)
-            .finish();
-        Self {
-            buf,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
-    }
-}
-
-struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedBuf {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn assert_queries(got: &[String], want: &[String]) {
+pub(super) fn assert_queries(got: &[String], want: &[String]) {
     let got: Vec<String> = got.iter().map(|q| normalize(q)).collect();
     let want: Vec<String> = want.iter().map(|q| normalize(q)).collect();
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -134,18 +113,82 @@ fn assert_queries(got: &[String], want: &[String]) {
     assert_eq!(got.len(), want.len(), "query count; got {got:#?}");
 }
 
-/// The three reads after a step whose container is `ctr-N`.
-fn reads(step: usize) -> Vec<String> {
-    ["exitCode", "stdout", "stderr"]
-        .iter()
-        .map(|f| format!(r#"query{{node(id:"ctr-{step}"){{... on Container{{{f}}}}}}}"#))
-        .collect()
+/// `SCABBARD_OUTPUT`, the scratch directory (`scratch-1`): the base's fixed part.
+pub(super) const SCABBARD_BASE: [&str; 2] = [
+    r#"withEnvVariable(name:"SCABBARD_OUTPUT", value:"/scabbard/output")"#,
+    r#"withDirectory(path:"/scabbard", source:"scratch-1")"#,
+];
+
+/// The attempt id of `tests::ctx`, set before the first step not cached.
+pub(super) const NONCE: &str = r#"withEnvVariable(name:"SCABBARD_ATTEMPT_ID", value:"task-1/7")"#;
+
+/// The query creating the scratch directory for `steps` steps.
+pub(super) fn scratch(steps: usize) -> String {
+    let file =
+        |path: String| format!(r#"withNewFile(contents:"", path:"{path}", permissions:438)"#);
+    let mut fields = vec!["directory".to_string(), file("output".into())];
+    for n in 1..=steps {
+        fields.push(file(format!("steps/{n}.out")));
+        fields.push(file(format!("steps/{n}.err")));
+    }
+    fields.push("id".into());
+    let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+    chain(&fields)
 }
 
-fn then_exec(step: usize, args: &str) -> String {
+/// Step `n`'s `withExec` (`args` as JSON).
+pub(super) fn exec(args: &str, n: usize) -> String {
     format!(
-        r#"query{{node(id:"ctr-{step}"){{... on Container{{withExec(args:{args}, expect:ANY){{sync}}}}}}}}"#
+        r#"withExec(args:{args}, expect:ANY, redirectStderr:"/scabbard/steps/{n}.err", redirectStdout:"/scabbard/steps/{n}.out")"#
     )
+}
+
+/// A query on the container of step `n` (`ctr-n`).
+pub(super) fn on_ctr(n: usize, fields: &[&str]) -> String {
+    let node = format!(r#"node(id:"ctr-{n}")"#);
+    let mut all = vec![node.as_str(), "... on Container"];
+    all.extend_from_slice(fields);
+    chain(&all)
+}
+
+/// What follows step `n`'s `sync`: its exit code, then its output files exported to the
+/// work dir.
+pub(super) fn after_step(work: &Path, n: usize) -> Vec<String> {
+    let mut queries = vec![on_ctr(n, &["exitCode"])];
+    for stream in ["out", "err"] {
+        let file = format!(r#"file(path:"/scabbard/steps/{n}.{stream}")"#);
+        let export = format!(r#"export(path:"{}/steps/{n}.{stream}")"#, work.display());
+        queries.push(on_ctr(n, &[&file, &export]));
+    }
+    queries
+}
+
+/// The size of `$SCABBARD_OUTPUT` after the last step `n`.
+pub(super) fn output_size(n: usize) -> String {
+    on_ctr(n, &[r#"file(path:"/scabbard/output")"#, "size"])
+}
+
+/// Step `n` after step `n - 1`: `extra` fields (the attempt id), then the exec.
+pub(super) fn then_exec(n: usize, extra: &[&str], args: &str) -> String {
+    let exec = exec(args, n);
+    let mut fields: Vec<&str> = extra.to_vec();
+    fields.push(&exec);
+    fields.push("sync");
+    on_ctr(n - 1, &fields)
+}
+
+/// The first query that runs something: `container`, `before` (the pull and what comes
+/// before the scratch part), the scratch part, `after` (mounts, workdir, the attempt id),
+/// step 1 and `sync`.
+pub(super) fn first_step(before: &[&str], after: &[&str], args: &str) -> String {
+    let exec = exec(args, 1);
+    let mut fields = vec!["container"];
+    fields.extend_from_slice(before);
+    fields.extend_from_slice(&SCABBARD_BASE);
+    fields.extend_from_slice(after);
+    fields.push(&exec);
+    fields.push("sync");
+    chain(&fields)
 }
 
 #[tokio::test]
@@ -169,13 +212,23 @@ async fn env_and_several_steps() {
     };
     let ran = run_mock(&spec, &DaggerConfig::default(), script, dir.path()).await;
     let mut want = vec![
-        r#"query{container{from(address:"alpine:3.20"){withEnvVariable(name:"A", value:"1 \"quoted\""){withEnvVariable(name:"B", value:"2"){withWorkdir(path:"/src"){withExec(args:["echo","hi"], expect:ANY){sync}}}}}}}"#.to_string(),
+        scratch(3),
+        first_step(
+            &[
+                r#"from(address:"alpine:3.20")"#,
+                r#"withEnvVariable(name:"A", value:"1 \"quoted\"")"#,
+                r#"withEnvVariable(name:"B", value:"2")"#,
+            ],
+            &[r#"withWorkdir(path:"/src")"#, NONCE],
+            r#"["echo","hi"]"#,
+        ),
     ];
-    want.extend(reads(1));
-    want.push(then_exec(1, r#"["sh","-c","echo \"two\" > /x"]"#));
-    want.extend(reads(2));
-    want.push(then_exec(2, r#"["true"]"#));
-    want.extend(reads(3));
+    want.extend(after_step(&ran.work, 1));
+    want.push(then_exec(2, &[], r#"["sh","-c","echo \"two\" > /x"]"#));
+    want.extend(after_step(&ran.work, 2));
+    want.push(then_exec(3, &[], r#"["true"]"#));
+    want.extend(after_step(&ran.work, 3));
+    want.push(output_size(3));
     assert_queries(&ran.queries, &want);
     assert_eq!(ran.outcome, ExecOutcome::succeeded());
     assert_eq!(text(&ran.chunks, OutStream::Stdout), "hi\ndone\n");
@@ -185,64 +238,40 @@ async fn env_and_several_steps() {
         system.contains("step 1: echo hi\nstep 2: sh -c"),
         "{system}"
     );
+    // The step files passed through the work dir and are gone.
+    assert_eq!(
+        std::fs::read_dir(ran.work.join("steps")).unwrap().count(),
+        0
+    );
 }
 
 #[tokio::test]
-async fn secrets_are_resolved_first_and_never_logged() {
+async fn step_output_is_streamed_in_bounded_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("key");
-    std::fs::write(&key_file, "file-s3cret\n").unwrap();
-    let cfg = DaggerConfig {
-        secrets: [(
-            "deploy".to_string(),
-            crate::config::SecretSource::File(key_file),
-        )]
-        .into(),
-        ..Default::default()
-    };
-    let mut spec = container_spec("alpine", &[&["sh", "-c", "use $KEY $TOKEN"]]);
-    spec.secret_env.insert("TOKEN".into(), "env-s3cret".into());
-    container_mut(&mut spec).secrets.push(proto::SecretRef {
-        env: "KEY".into(),
-        source: "deploy".into(),
-    });
+    let spec = container_spec("alpine", &[&["gen"]]);
+    let big: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
     let script = Script {
-        stdout: [(1, "ok\n".to_string())].into(),
+        stdout: [(1, format!("{big}\nthe last line\n\n"))].into(),
         ..Default::default()
     };
-    let silenced = Captured::start(true);
-    let ran = run_mock(&spec, &cfg, script, dir.path()).await;
-    let logged = silenced.text();
-    drop(silenced);
-    let mut want = vec![
-        r#"query{setSecret(name:"scabbard-source-deploy", plaintext:"file-s3cret"){id}}"#.to_string(),
-        r#"query{setSecret(name:"scabbard-env-TOKEN", plaintext:"env-s3cret"){id}}"#.to_string(),
-        r#"query{container{from(address:"alpine"){withSecretVariable(name:"KEY", secret:"secret-1"){withSecretVariable(name:"TOKEN", secret:"secret-2"){withExec(args:["sh","-c","use $KEY $TOKEN"], expect:ANY){sync}}}}}}"#.to_string(),
-    ];
-    want.extend(reads(1));
-    assert_queries(&ran.queries, &want);
-    assert_eq!(ran.outcome, ExecOutcome::succeeded());
-    // The values travel in setSecret only, never as plain variables...
-    for value in ["file-s3cret", "env-s3cret"] {
-        let carrying: Vec<&String> = ran.queries.iter().filter(|q| q.contains(value)).collect();
-        assert_eq!(carrying.len(), 1, "{value}: {carrying:?}");
-        assert!(carrying[0].contains("setSecret"));
-        // ...and are not in the log, the chunks or the result.
-        assert!(!logged.contains(value), "{value} logged:\n{logged}");
-        assert!(!format!("{:?}", ran.chunks).contains(value));
-        assert!(!format!("{:?}", ran.outcome).contains(value));
-    }
-    assert!(
-        logged.contains("dagger query") && logged.contains("plaintext:\"***\""),
-        "{logged}"
+    let mut spec = spec;
+    spec.outputs.push(proto::OutputSpec {
+        name: "last".into(),
+        source: Some(proto::output_spec::Source::LastStdoutLine(true)),
+    });
+    let ran = run_mock(&spec, &DaggerConfig::default(), script, dir.path()).await;
+    let stdout: Vec<&crate::executor::OutputChunk> = ran
+        .chunks
+        .iter()
+        .filter(|c| c.stream == OutStream::Stdout)
+        .collect();
+    assert!(stdout.len() > 2, "{} chunks", stdout.len());
+    assert!(stdout.iter().all(|c| c.data.len() <= 64 * 1024));
+    assert_eq!(
+        text(&ran.chunks, OutStream::Stdout),
+        format!("{big}\nthe last line\n\n")
     );
-    // Without the production filter the SDK itself would log the plaintext.
-    let unfiltered = Captured::start(false);
-    let _ = run_mock(&spec, &cfg, Script::default(), dir.path()).await;
-    assert!(
-        unfiltered.text().contains("env-s3cret"),
-        "the SDK no longer logs queries?"
-    );
+    assert_eq!(ran.outcome.outputs["last"], "the last line");
 }
 
 #[tokio::test]
@@ -257,6 +286,7 @@ async fn registry_auth_comes_before_the_pull() {
                 username: "bot".into(),
                 password_env: None,
                 password_file: Some(pw),
+                projects: Some(vec!["default".into()]),
             },
         )]
         .into(),
@@ -266,23 +296,33 @@ async fn registry_auth_comes_before_the_pull() {
     container_mut(&mut spec).registry_auth = "ghcr.io".into();
     let ran = run_mock(&spec, &cfg, Script::default(), dir.path()).await;
     let mut want = vec![
-        r#"query{setSecret(name:"scabbard-registry-ghcr.io", plaintext:"registry-pw"){id}}"#.to_string(),
-        r#"query{container{withRegistryAuth(address:"ghcr.io", secret:"secret-1", username:"bot"){from(address:"ghcr.io/org/app:1"){withExec(args:["app","--version"], expect:ANY){sync}}}}}"#.to_string(),
+        r#"query{setSecret(name:"scabbard-registry-ghcr.io", plaintext:"registry-pw"){id}}"#
+            .to_string(),
+        scratch(1),
+        first_step(
+            &[
+                r#"withRegistryAuth(address:"ghcr.io", secret:"secret-1", username:"bot")"#,
+                r#"from(address:"ghcr.io/org/app:1")"#,
+            ],
+            &[NONCE],
+            r#"["app","--version"]"#,
+        ),
     ];
-    want.extend(reads(1));
+    want.extend(after_step(&ran.work, 1));
+    want.push(output_size(1));
     assert_queries(&ran.queries, &want);
     assert!(!format!("{:?}", ran.outcome).contains("registry-pw"));
 }
 
 #[tokio::test]
-async fn cache_volumes_carry_their_sharing_mode() {
+async fn cache_volumes_are_namespaced_by_project_and_carry_their_sharing_mode() {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = container_spec("golang", &[&["go", "build"]]);
     let caches = &mut container_mut(&mut spec).caches;
     for (volume, path, sharing) in [
         ("gomod", "/go/pkg/mod", proto::CacheSharing::Locked),
         ("gobuild", "/root/.cache", proto::CacheSharing::Private),
-        ("tmp", "/tmp/c", proto::CacheSharing::Unspecified),
+        ("apt", "/var/cache/apt", proto::CacheSharing::Unspecified),
     ] {
         caches.push(proto::CacheMount {
             volume: volume.into(),
@@ -290,20 +330,38 @@ async fn cache_volumes_carry_their_sharing_mode() {
             sharing: sharing as i32,
         });
     }
-    let ran = run_mock(
-        &spec,
-        &DaggerConfig::default(),
-        Script::default(),
-        dir.path(),
-    )
-    .await;
+    let cfg = DaggerConfig {
+        caches: [(
+            "apt".to_string(),
+            crate::config::CacheVolumeConfig {
+                projects: None,
+                shared: true,
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let mut c = ctx(dir.path());
+    c.project = "web".into();
+    let ran = run_mock_in(&spec, &cfg, Script::default(), c).await;
     let mut want = vec![
-        r#"query{cacheVolume(key:"gomod"){id}}"#.to_string(),
-        r#"query{cacheVolume(key:"gobuild"){id}}"#.to_string(),
-        r#"query{cacheVolume(key:"tmp"){id}}"#.to_string(),
-        r#"query{container{from(address:"golang"){withMountedCache(cache:"cache-1", path:"/go/pkg/mod", sharing:LOCKED){withMountedCache(cache:"cache-2", path:"/root/.cache", sharing:PRIVATE){withMountedCache(cache:"cache-3", path:"/tmp/c"){withExec(args:["go","build"], expect:ANY){sync}}}}}}}"#.to_string(),
+        r#"query{cacheVolume(key:"web/gomod"){id}}"#.to_string(),
+        r#"query{cacheVolume(key:"web/gobuild"){id}}"#.to_string(),
+        r#"query{cacheVolume(key:"apt"){id}}"#.to_string(),
+        scratch(1),
+        first_step(
+            &[r#"from(address:"golang")"#],
+            &[
+                r#"withMountedCache(cache:"cache-1", path:"/go/pkg/mod", sharing:LOCKED)"#,
+                r#"withMountedCache(cache:"cache-2", path:"/root/.cache", sharing:PRIVATE)"#,
+                r#"withMountedCache(cache:"cache-3", path:"/var/cache/apt")"#,
+                NONCE,
+            ],
+            r#"["go","build"]"#,
+        ),
     ];
-    want.extend(reads(1));
+    want.extend(after_step(&ran.work, 1));
+    want.push(output_size(1));
     assert_queries(&ran.queries, &want);
 }
 
@@ -331,9 +389,15 @@ async fn host_directories_are_resolved_with_their_excludes() {
             r#"query{{host{{directory(exclude:["node_modules/","*.log"], path:"{}"){{id}}}}}}"#,
             host.display()
         ),
-        r#"query{container{from(address:"node:22"){withDirectory(path:"/app", source:"dir-1"){withExec(args:["npm","ci"], expect:ANY){sync}}}}}"#.to_string(),
+        scratch(1),
+        first_step(
+            &[r#"from(address:"node:22")"#],
+            &[r#"withDirectory(path:"/app", source:"dir-1")"#, NONCE],
+            r#"["npm","ci"]"#,
+        ),
     ];
-    want.extend(reads(1));
+    want.extend(after_step(&ran.work, 1));
+    want.push(output_size(1));
     assert_queries(&ran.queries, &want);
 }
 
@@ -349,12 +413,12 @@ async fn first_failing_step_ends_the_pipeline_with_its_exit_code() {
     };
     let ran = run_mock(&spec, &DaggerConfig::default(), script, dir.path()).await;
     let mut want = vec![
-        r#"query{container{from(address:"alpine"){withExec(args:["a"], expect:ANY){sync}}}}"#
-            .to_string(),
+        scratch(3),
+        first_step(&[r#"from(address:"alpine")"#], &[NONCE], r#"["a"]"#),
     ];
-    want.extend(reads(1));
-    want.push(then_exec(1, r#"["b"]"#));
-    want.extend(reads(2));
+    want.extend(after_step(&ran.work, 1));
+    want.push(then_exec(2, &[], r#"["b"]"#));
+    want.extend(after_step(&ran.work, 2));
     assert_queries(&ran.queries, &want);
     assert_eq!(ran.outcome.outcome, proto::Outcome::Failed);
     assert_eq!(ran.outcome.error_class, proto::ErrorClass::User);
@@ -367,7 +431,6 @@ async fn first_failing_step_ends_the_pipeline_with_its_exit_code() {
 #[tokio::test]
 async fn container_path_outputs_are_exported_with_digests() {
     let dir = tempfile::tempdir().unwrap();
-    let export_dir = dir.path().join("outputs");
     let mut spec = container_spec("alpine", &[&["build"]]);
     for (name, source) in [
         (
@@ -394,29 +457,41 @@ async fn container_path_outputs_are_exported_with_digests() {
         .into(),
         ..Default::default()
     };
-    let ran = run_mock(&spec, &DaggerConfig::default(), script, &export_dir).await;
+    let ran = run_mock(&spec, &DaggerConfig::default(), script, dir.path()).await;
+    let export_dir = ran.work.join("outputs");
     let bin = export_dir.join("bin");
     let dist = export_dir.join("dist");
-    let on_ctr =
-        |field: String| format!(r#"query{{node(id:"ctr-1"){{... on Container{{{field}}}}}}}"#);
     let mut want = vec![
-        r#"query{container{from(address:"alpine"){withExec(args:["build"], expect:ANY){sync}}}}"#
-            .to_string(),
+        scratch(1),
+        first_step(&[r#"from(address:"alpine")"#], &[NONCE], r#"["build"]"#),
     ];
-    want.extend(reads(1));
+    want.extend(after_step(&ran.work, 1));
+    want.push(output_size(1));
     want.extend([
-        on_ctr(r#"exists(path:"/out/app")"#.into()),
-        on_ctr(r#"exists(expectedType:DIRECTORY_TYPE, path:"/out/app")"#.into()),
-        on_ctr(format!(
-            r#"file(path:"/out/app"){{export(path:"{}")}}"#,
-            bin.display()
-        )),
-        on_ctr(r#"exists(path:"/out/dist")"#.into()),
-        on_ctr(r#"exists(expectedType:DIRECTORY_TYPE, path:"/out/dist")"#.into()),
-        on_ctr(format!(
-            r#"directory(path:"/out/dist"){{export(path:"{}")}}"#,
-            dist.display()
-        )),
+        on_ctr(1, &[r#"exists(path:"/out/app")"#]),
+        on_ctr(
+            1,
+            &[r#"exists(expectedType:DIRECTORY_TYPE, path:"/out/app")"#],
+        ),
+        on_ctr(
+            1,
+            &[
+                r#"file(path:"/out/app")"#,
+                &format!(r#"export(path:"{}")"#, bin.display()),
+            ],
+        ),
+        on_ctr(1, &[r#"exists(path:"/out/dist")"#]),
+        on_ctr(
+            1,
+            &[r#"exists(expectedType:DIRECTORY_TYPE, path:"/out/dist")"#],
+        ),
+        on_ctr(
+            1,
+            &[
+                r#"directory(path:"/out/dist")"#,
+                &format!(r#"export(path:"{}")"#, dist.display()),
+            ],
+        ),
     ]);
     assert_queries(&ran.queries, &want);
     assert_eq!(

@@ -116,11 +116,15 @@ pub(super) fn normalize(query: &str) -> String {
     text
 }
 
+/// The commit every git ref resolves to unless a script says otherwise.
+pub(super) const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
 /// What the engine answers.
 #[derive(Default)]
 pub(super) struct Script {
     /// Exit code of step N (1-based); 0 when absent.
     pub(super) exit_codes: HashMap<usize, i64>,
+    /// What step N wrote to stdout (its redirect file, exported after the step).
     pub(super) stdout: HashMap<usize, String>,
     pub(super) stderr: HashMap<usize, String>,
     /// A query containing this text fails with an engine error.
@@ -133,6 +137,12 @@ pub(super) struct Script {
     pub(super) paths: HashMap<String, bool>,
     /// `sync` answers this late.
     pub(super) sync_delay: Option<Duration>,
+    /// What the steps left in `$SCABBARD_OUTPUT`.
+    pub(super) output_file: String,
+    /// Commit of each git URL (else [`COMMIT`]).
+    pub(super) commits: HashMap<String, String>,
+    /// A query containing the first text fails with an engine error carrying the second.
+    pub(super) fail_on: Vec<(String, String)>,
 }
 
 /// Canned answers by query shape, with stable IDs.
@@ -181,13 +191,20 @@ impl Responder {
     }
 
     pub(super) fn answer(&self, query: &str) -> Answer {
+        if let Some((_, message)) = self
+            .script
+            .fail_on
+            .iter()
+            .find(|(needle, _)| query.contains(needle.as_str()))
+        {
+            return Err(engine_error(message));
+        }
         if let Some(bad) = &self.script.engine_error_on
             && query.contains(bad.as_str())
         {
-            return Err(json!([{
-                "message": format!("failed to resolve image: {bad}: not found"),
-                "path": ["container", "from"],
-            }]));
+            return Err(engine_error(&format!(
+                "failed to resolve image: {bad}: not found"
+            )));
         }
         if let Some(bad) = &self.script.null_data_on
             && query.contains(bad.as_str())
@@ -210,21 +227,34 @@ impl Responder {
         }
         let segs = segments(query);
         let leaf = segs.last().expect("a field");
+        let parent = segs.len().checked_sub(2).map(|i| &segs[i]);
         let step = Self::step_of(&segs);
         let value = match leaf.name.as_str() {
             "id" => {
-                let kind = match segs.iter().rev().nth(1).map(|s| s.name.as_str()) {
+                let kind = match parent.map(|s| s.name.as_str()) {
                     Some("setSecret") => "secret",
                     Some("cacheVolume") => "cache",
                     Some("directory") => "dir",
+                    Some("file") => "file",
+                    Some("withNewFile") => "scratch",
+                    Some("tree") => "tree",
+                    Some("http") => "http",
                     _ => "other",
                 };
                 json!(self.next(kind))
             }
+            "commit" => {
+                let url = segs[0].str_arg("url").unwrap_or_default();
+                json!(self.script.commits.get(&url).map_or(COMMIT, String::as_str))
+            }
             "sync" => json!(format!("ctr-{step}")),
             "exitCode" => json!(self.script.exit_codes.get(&step).copied().unwrap_or(0)),
-            "stdout" => json!(self.script.stdout.get(&step).cloned().unwrap_or_default()),
-            "stderr" => json!(self.script.stderr.get(&step).cloned().unwrap_or_default()),
+            "size" => json!(self.script.output_file.len()),
+            "contents" => json!(self.script.output_file),
+            "publish" => {
+                let address = leaf.str_arg("address").expect("publish address");
+                json!(format!("{address}@sha256:{}", "ab".repeat(32)))
+            }
             "exists" => {
                 let path = leaf.str_arg("path").unwrap_or_default();
                 let is_dir = self.script.paths.get(&path).copied();
@@ -235,9 +265,12 @@ impl Responder {
             }
             "export" => {
                 let dest = leaf.str_arg("path").expect("export path");
-                let parent = &segs[segs.len() - 2];
+                let parent = parent.expect("what is exported");
                 let from = parent.str_arg("path").unwrap_or_default();
-                write_export(Path::new(&dest), parent.name == "directory", &from);
+                match self.step_output(&from) {
+                    Some(text) => std::fs::write(&dest, text).unwrap(),
+                    None => write_export(Path::new(&dest), parent.name == "directory", &from),
+                }
                 json!(dest)
             }
             "version" => json!("v0.test"),
@@ -245,6 +278,23 @@ impl Responder {
         };
         Ok(nest(&segs, value))
     }
+
+    /// What a step wrote to the redirect file at `path` (`/scabbard/steps/<n>.out|err`).
+    fn step_output(&self, path: &str) -> Option<String> {
+        let name = path.strip_prefix("/scabbard/steps/")?;
+        let (n, stream) = name.split_once('.')?;
+        let n: usize = n.parse().ok()?;
+        let texts = match stream {
+            "out" => &self.script.stdout,
+            "err" => &self.script.stderr,
+            _ => return None,
+        };
+        Some(texts.get(&n).cloned().unwrap_or_default())
+    }
+}
+
+fn engine_error(message: &str) -> Value {
+    json!([{ "message": message, "path": ["container", "from"] }])
 }
 
 /// `value` wrapped in one object per field of the chain (fragments add no level).
@@ -265,6 +315,17 @@ fn write_export(dest: &Path, dir: bool, from: &str) {
     } else {
         std::fs::write(dest, format!("exported {from}")).unwrap();
     }
+}
+
+/// `query{a{b{c}}}` from its fields.
+pub(super) fn chain(fields: &[&str]) -> String {
+    let mut text = String::from("query");
+    for f in fields {
+        text.push('{');
+        text.push_str(f);
+    }
+    text.push_str(&"}".repeat(fields.len()));
+    text
 }
 
 #[test]

@@ -112,6 +112,12 @@ pub(crate) fn field(engine: &Engine, c: &Ctr, field: &Field) -> Result<Out, Fail
             });
             built(next)
         }
+        "withoutMount" => {
+            let args = Args::new(field, ON, &["path", "expand"])?;
+            let path = path_arg(&args, c)?;
+            next.mounts.retain(|m| m.path != path);
+            built(next)
+        }
         "withDirectory" => {
             let args = Args::new(
                 field,

@@ -129,10 +129,19 @@ impl Engine {
         let root = snap.join("root");
         self.build_fs(parent, &root)?;
 
+        // Directories to mount are evaluated before any volume is locked: evaluating one
+        // may wait for another session's exec, which may wait for a volume we hold.
+        let mut dir_views = Vec::new();
+        for mount in &parent.mounts {
+            dir_views.push(match &mount.source {
+                MountSource::Directory(dir) => Some(self.dir_view(dir)?),
+                MountSource::Cache { .. } => None,
+            });
+        }
         // Mounts: what they cover is stashed and comes back afterwards.
         let mut stashed: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
         let mut held: BTreeMap<String, Lock> = BTreeMap::new();
-        for (i, mount) in parent.mounts.iter().enumerate() {
+        for (i, (mount, view)) in parent.mounts.iter().zip(&dir_views).enumerate() {
             let at = make_dirs_in_root(&root, &mount.path)?;
             let stash = if fs::symlink_metadata(&at).is_ok() {
                 let stash = scratch.path().join(format!("stash-{i}"));
@@ -142,13 +151,13 @@ impl Engine {
                 None
             };
             fs::create_dir_all(&at)?;
-            match &mount.source {
-                MountSource::Directory(dir) => {
-                    let view = self.dir_view(dir)?;
+            match (&mount.source, view) {
+                (MountSource::Directory(_), Some(view)) => {
                     fsutil::copy_tree(&view.host(".", true)?, &at, None)
                         .context(|| format!("mounting a directory at {}", mount.path))?;
                 }
-                MountSource::Cache { key, sharing } => {
+                (MountSource::Directory(_), None) => unreachable!("views were taken above"),
+                (MountSource::Cache { key, sharing }, _) => {
                     let (lock_name, volume) = self.store.volume(key);
                     let lock = match held.remove(key) {
                         Some(lock) => lock,
@@ -195,7 +204,7 @@ impl Engine {
         let stdout = sink(&spec.redirect_stdout, "stdout")?;
         let stderr = sink(&spec.redirect_stderr, "stderr")?;
         let label = self.exec_label(&node.key);
-        self.progress(&format!("[exec {label}] {}", shell_words(&spec.args)));
+        self.progress(&format!("RUN [exec {label}] {}", shell_words(&spec.args)));
         let code = exec::run(
             self,
             exec::Run {
@@ -210,7 +219,7 @@ impl Engine {
                 label: &label,
             },
         )?;
-        self.progress(&format!("[exec {label}] exit code {code}"));
+        self.progress(&format!("DONE [exec {label}] exit code {code}"));
 
         // Volumes keep what the exec left; mounts leave the result.
         for (mount, (at, stash)) in parent.mounts.iter().zip(stashed).rev() {

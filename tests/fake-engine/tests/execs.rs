@@ -221,6 +221,52 @@ async fn host_directories_are_read_when_resolved() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn mounted_directories_are_seen_by_execs_but_not_kept() {
+    let world = World::new();
+    let src = world.path().join("mounted");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("in.txt"), "input\n").unwrap();
+    let session = world.session().await;
+    let q = session.query();
+    let dir = q
+        .host()
+        .directory(src.to_str().unwrap())
+        .id()
+        .await
+        .unwrap();
+    let after = q
+        .container()
+        .from("alpine")
+        .with_new_file("/data/keep.txt", "under the mount\n")
+        .with_mounted_directory("/data", dir)
+        .with_exec(sh("cat /data/in.txt; ls /data; echo scribble > /data/in.txt; mkdir /out; cp /data/in.txt /out/"))
+        .sync()
+        .await
+        .unwrap();
+    assert_eq!(
+        after.stdout().await.unwrap(),
+        "input\nin.txt\n",
+        "the mount covers /data"
+    );
+    assert_eq!(
+        after.file("/out/in.txt").contents().await.unwrap(),
+        "scribble\n"
+    );
+    // The mount is not part of the result: without it, what it covered is back.
+    let underneath = after.without_mount("/data");
+    assert_eq!(
+        underneath.file("/data/keep.txt").contents().await.unwrap(),
+        "under the mount\n"
+    );
+    assert!(!underneath.exists("/data/in.txt").await.unwrap());
+    // The host directory is untouched.
+    assert_eq!(
+        std::fs::read_to_string(src.join("in.txt")).unwrap(),
+        "input\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn cache_volumes_persist_across_sessions_and_stay_out_of_results() {
     let world = World::new();
     {

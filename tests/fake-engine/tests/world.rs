@@ -98,6 +98,43 @@ async fn git_refs_resolve_to_commits_and_trees() {
         world.engine.execs().unwrap()
     );
 
+    // keepGitDir keeps the repository's .git (unless the tree discards it).
+    let kept = q.git_opts(
+        url,
+        dagger_sdk::QueryGitOpts {
+            experimental_service_host: None,
+            http_auth_header: None,
+            http_auth_token: None,
+            http_auth_username: None,
+            keep_git_dir: Some(true),
+            ssh_auth_socket: None,
+            ssh_known_hosts: None,
+        },
+    );
+    let entries = kept.r#ref(first.as_str()).tree().entries().await.unwrap();
+    assert_eq!(entries, [".git/", "README"]);
+    let discarded = kept
+        .r#ref(first.as_str())
+        .tree_opts(dagger_sdk::GitRefTreeOpts {
+            depth: None,
+            discard_git_dir: Some(true),
+            include_tags: None,
+        })
+        .entries()
+        .await
+        .unwrap();
+    assert_eq!(discarded, ["README"]);
+    let with_git = kept.r#ref(first.as_str()).tree().id().await.unwrap();
+    let head = q
+        .container()
+        .from("alpine")
+        .with_directory("/src", with_git)
+        .with_exec(sh("cat /src/.git/HEAD"))
+        .stdout()
+        .await
+        .unwrap();
+    assert!(head.contains(&first), "detached at the commit: {head}");
+
     let err = q.git(url).branch("nope").commit().await.unwrap_err();
     assert!(
         messages(&err).contains("branch nope not found"),

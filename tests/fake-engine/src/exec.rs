@@ -72,6 +72,11 @@ pub(crate) fn run(engine: &Engine, run: Run<'_>) -> Result<i32, Failure> {
         touch_sink(&run.stdout)?;
         return Ok(127);
     }
+    if !engine.isolation.root && run.user.is_some_and(|u| u != (0, 0)) {
+        return Err(Failure::engine(
+            "fake engine: withUser needs the engine to run as root (unprivileged, only root is mapped)",
+        ));
+    }
     let devices = Devices::create(run.root, engine.isolation.root);
     let code = engine.handle.block_on(spawn_and_wait(engine, &run));
     drop(devices);

@@ -192,6 +192,11 @@ pub(crate) fn field(engine: &Engine, c: &Ctr, field: &Field) -> Result<Out, Fail
             next.user = Some(args.req_string("name")?);
             built(next)
         }
+        "withEntrypoint" => {
+            let args = Args::new(field, ON, &["args", "keepDefaultArgs"])?;
+            next.entrypoint = Some(args.strings("args")?);
+            built(next)
+        }
         "withRegistryAuth" => {
             let args = Args::new(field, ON, &["address", "username", "secret"])?;
             let address = args.req_string("address")?;

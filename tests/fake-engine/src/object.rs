@@ -108,6 +108,9 @@ pub(crate) struct Ctr {
     pub(crate) user: Option<String>,
     pub(crate) gpus: Option<Gpus>,
     pub(crate) registry_auth: Vec<RegistryAuth>,
+    /// Image config only (`withEntrypoint`): execs never use it, so it is not in exec keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) entrypoint: Option<Vec<String>>,
 }
 
 impl Ctr {

@@ -48,6 +48,9 @@ pub struct Push {
     pub digest: String,
     /// When, in ms since the Unix epoch.
     pub at_ms: u64,
+    /// The image's entrypoint (`withEntrypoint`), if set.
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
 }
 
 /// Reads a JSON-lines file; a missing file is empty. A line that does not parse is an error

@@ -88,6 +88,7 @@ impl Engine {
             address: address.to_string(),
             digest: digest.clone(),
             at_ms: now_ms(),
+            entrypoint: ctr.entrypoint.clone(),
         };
         append_line(&fixtures, "pushes.jsonl", &push)?;
         self.progress(&format!("pushed {address}@sha256:{digest}"));

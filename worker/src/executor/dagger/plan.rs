@@ -114,6 +114,8 @@ pub(super) struct Plan {
     pub(super) attempt_id: String,
     /// Address to push the container to once every step succeeded.
     pub(super) publish: Option<String>,
+    /// Entrypoint of the published image (empty: the base image's).
+    pub(super) entrypoint: Vec<String>,
     pub(super) artifacts: Vec<Artifact>,
     pub(super) outputs: Vec<Output>,
     /// Lines for the attempt's log about how the spec was taken (a `cache: true` step
@@ -275,6 +277,7 @@ pub(super) fn plan(
         steps,
         attempt_id: format!("{}/{}", ctx.task_id, ctx.fencing_token),
         publish,
+        entrypoint: task.entrypoint.clone(),
         artifacts,
         outputs,
         notes,

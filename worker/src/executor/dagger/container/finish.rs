@@ -130,6 +130,9 @@ async fn publish(
     c = c
         .without_env_variable(OUTPUT_ENV)
         .without_directory(SCRATCH);
+    if !plan.entrypoint.is_empty() {
+        c = c.with_entrypoint(plan.entrypoint.clone());
+    }
     note(out, format!("publishing {address}")).await;
     let doing = format!("publishing {address}");
     match c.publish(address).await {

@@ -9,6 +9,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::{Error, Result};
 
+pub mod artifacts;
+
+pub use artifacts::{
+    ArtifactSink, DownloadOptions, Downloaded, download_artifact, is_transient_status,
+};
+
 pub use crate::proto::admin_service_client::AdminServiceClient;
 pub use crate::proto::agent_service_client::AgentServiceClient;
 pub use crate::proto::artifact_service_client::ArtifactServiceClient;

@@ -206,14 +206,44 @@ pub struct Worker {
 impl Worker {
     /// Starts a worker connecting to `controller` with `slots`, labelled `name=<name>`.
     pub fn start(controller: &str, data_dir: &Path, name: &str, slots: u32) -> Result<Self> {
-        let child = Command::new(scabbard_bin())
-            .args([
-                "worker",
-                "--controller",
-                controller,
-                "--registration-token",
-                TOKEN,
-            ])
+        Self::spawn(controller, data_dir, name, slots, None)
+    }
+
+    /// Like [`Worker::start`], with a configuration file holding `toml` (written with mode
+    /// 0600 as `<data_dir>.toml`; flags still win over it).
+    pub fn start_with_config(
+        controller: &str,
+        data_dir: &Path,
+        name: &str,
+        slots: u32,
+        toml: &str,
+    ) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = data_dir.with_extension("toml");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::io::Write::write_all(&mut f, toml.as_bytes())?;
+        Self::spawn(controller, data_dir, name, slots, Some(&path))
+    }
+
+    fn spawn(
+        controller: &str,
+        data_dir: &Path,
+        name: &str,
+        slots: u32,
+        config: Option<&Path>,
+    ) -> Result<Self> {
+        let mut cmd = Command::new(scabbard_bin());
+        cmd.arg("worker");
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        let child = cmd
+            .args(["--controller", controller, "--registration-token", TOKEN])
             .args([
                 "--name",
                 name,

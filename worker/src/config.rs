@@ -8,10 +8,18 @@ use scabbard_common::{Error, Result};
 use serde::Deserialize;
 
 mod dagger;
+mod shell;
 
 pub use dagger::{
     ALL_GPUS, CacheVolumeConfig, DaggerConfig, RegistryAuth, SecretSource, WorkerSecret, allows,
 };
+pub use shell::{RunAs, ShellConfig};
+
+/// Default bound of the artifact cache: 10 GiB.
+pub const DEFAULT_ARTIFACT_CACHE_BYTES: u64 = 10 << 30;
+
+/// Smallest `artifact_cache_bytes` accepted.
+const MIN_ARTIFACT_CACHE_BYTES: u64 = 1 << 20;
 
 /// Everything a worker needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -29,10 +37,15 @@ pub struct WorkerConfig {
     pub labels: HashMap<String, String>,
     /// How many attempts run at once.
     pub slots: u32,
-    /// Agent identity and the log spool.
+    /// Agent identity, the log spool and the artifact cache (mode 0700, files 0600; 0711
+    /// when `shell.run_as` is set and the work dir is inside it).
     pub data_dir: PathBuf,
     /// Parent of per-attempt working directories (default: `<data_dir>/work`).
     pub work_dir: Option<PathBuf>,
+    /// Bound of the cache of downloaded input artifacts (`<data_dir>/artifact-cache`), in
+    /// bytes of unpacked content. Least recently used entries that no running attempt
+    /// uses are evicted beyond it. Default: 10 GiB.
+    pub artifact_cache_bytes: u64,
     /// Timeout for tasks that carry none (milliseconds).
     pub default_task_timeout_ms: u64,
     /// Longest wait between reconnect attempts (milliseconds).
@@ -52,6 +65,12 @@ pub struct WorkerConfig {
     pub tls_domain: Option<String>,
     /// The `dagger` executor (`[dagger]` section).
     pub dagger: DaggerConfig,
+    /// The `shell` executor (`[shell]` section).
+    pub shell: ShellConfig,
+    /// The file this configuration was read from, if any (set by the CLI, not in the file):
+    /// with `shell.run_as` the worker checks that tasks cannot read it.
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -64,6 +83,7 @@ impl Default for WorkerConfig {
             slots: 4,
             data_dir: PathBuf::from("./scabbard-worker"),
             work_dir: None,
+            artifact_cache_bytes: DEFAULT_ARTIFACT_CACHE_BYTES,
             default_task_timeout_ms: 3_600_000,
             max_reconnect_backoff_ms: 3_000,
             shutdown_grace_ms: 600_000,
@@ -72,6 +92,8 @@ impl Default for WorkerConfig {
             client_key: None,
             tls_domain: None,
             dagger: DaggerConfig::default(),
+            shell: ShellConfig::default(),
+            config_file: None,
         }
     }
 }
@@ -106,7 +128,22 @@ impl WorkerConfig {
         if self.default_task_timeout_ms == 0 {
             return Err(Error::invalid("default_task_timeout_ms must be > 0"));
         }
-        self.dagger.validate()
+        if self.artifact_cache_bytes < MIN_ARTIFACT_CACHE_BYTES {
+            return Err(Error::invalid(format!(
+                "artifact_cache_bytes must be at least {MIN_ARTIFACT_CACHE_BYTES} (1 MiB), got {}",
+                self.artifact_cache_bytes
+            )));
+        }
+        if let Some(w) = &self.work_dir
+            && (w.as_os_str().is_empty() || self.data_dir.starts_with(w))
+        {
+            return Err(Error::invalid(format!(
+                "work_dir must be a directory of its own, not {} (the data dir or one of its parents)",
+                w.display()
+            )));
+        }
+        self.dagger.validate()?;
+        self.shell.validate()
     }
 
     /// How to connect to the controller (TLS settings; the token is sent per call).
@@ -141,8 +178,61 @@ impl WorkerConfig {
             .unwrap_or_else(|| self.data_dir.join("work"))
     }
 
+    /// Where downloaded input artifacts are cached.
+    pub fn artifact_cache_dir(&self) -> PathBuf {
+        self.data_dir.join("artifact-cache")
+    }
+
     /// Reconnect backoff cap.
     pub fn max_backoff(&self) -> Duration {
         Duration::from_millis(self.max_reconnect_backoff_ms.max(100))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_and_cache_keys_parse_and_default() {
+        let cfg = WorkerConfig::from_toml("").unwrap();
+        assert_eq!(cfg.artifact_cache_bytes, 10 << 30);
+        assert!(cfg.shell.run_as.is_none());
+        assert_eq!(
+            cfg.artifact_cache_dir(),
+            cfg.data_dir.join("artifact-cache")
+        );
+        let cfg = WorkerConfig::from_toml(
+            "artifact_cache_bytes = 1073741824\n[shell]\nrun_as = \"nobody\"\nunshare = \"/usr/bin/unshare\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.artifact_cache_bytes, 1 << 30);
+        assert_eq!(cfg.shell.run_as.as_deref(), Some("nobody"));
+        cfg.validate().expect("tests run as root with util-linux");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("artifact_cache_bytes = 10", "artifact_cache_bytes"),
+            ("[shell]\nrun_as = \"root\"", "shell.run_as"),
+            ("[shell]\nrun_as = \"no-such-user-x\"", "shell.run_as"),
+            (
+                "[shell]\nrun_as = \"nobody\"\nunshare = \"/nope/unshare\"",
+                "shell.unshare",
+            ),
+            ("[shell]\nsurprise = 1", "surprise"),
+            (
+                "data_dir = \"/var/lib/w\"\nwork_dir = \"/var/lib\"",
+                "work_dir",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = WorkerConfig::from_toml(text)
+                .and_then(|c| c.validate())
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
     }
 }

@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 use crate::config::WorkerConfig;
 use crate::identity::{self, Identity};
+use crate::link::ControllerLink;
 use crate::runner::{AttemptKey, Runner};
 
 /// Ways a session ends.
@@ -44,6 +45,9 @@ pub(crate) struct Connection {
     pub(crate) target: String,
     /// Set once shutdown was asked: finish what runs, then stop (or at this instant).
     pub(crate) stop_at: Option<tokio::time::Instant>,
+    /// The way to the controller for calls outside the session (artifacts): kept pointing
+    /// at `target` with the current agent token and limits.
+    pub(crate) link: Arc<ControllerLink>,
 }
 
 impl Connection {
@@ -186,6 +190,7 @@ impl Connection {
 
     /// One session; returns how it ended and whether the controller welcomed us.
     async fn session(&mut self, shutdown: &CancellationToken) -> (End, bool) {
+        self.link.set_target(&self.target);
         let id = match self.identity().await {
             Ok(id) => id,
             Err(e @ Error::Unauthenticated(_)) if self.cfg.registration_token.is_empty() => {
@@ -194,6 +199,7 @@ impl Connection {
             Err(e) => return (End::Lost(e), false),
         };
         self.runner.set_agent_id(&id.agent_id);
+        self.link.set_token(&id.agent_token);
         let (req_tx, req_rx) = mpsc::channel::<AgentMessage>(1024);
         // Capabilities and the warm-cache summary go in `Hello`, and in a heartbeat when
         // they change (an engine came or went, a new image was pulled).
@@ -256,6 +262,7 @@ impl Connection {
             Err(s) => return (End::Lost(s.into()), false),
         };
         info!(agent = %id.agent_id, resumed = welcome.resume.len(), "session open");
+        self.link.welcomed(&welcome);
         let mut pump = Pump {
             runner: self.runner.clone(),
             tx: req_tx,

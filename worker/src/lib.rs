@@ -4,12 +4,17 @@
 //!
 //! Layout: [`connection`] (register, stream, reconnect) → [`runner`] (slots, attempts,
 //! cancel) → [`executor`] (`shell`, `noop`, `dagger`); [`spool`] keeps unacknowledged output;
-//! [`redact`] keeps task secrets out of both.
+//! [`redact`] keeps task secrets out of both. `artifacts` gets inputs into a local cache and
+//! uploads what attempts produced, through `link` (the current controller and agent token);
+//! `layout` owns the data dir's modes.
 
+mod artifacts;
 pub mod config;
 mod connection;
 pub mod executor;
 pub mod identity;
+mod layout;
+mod link;
 pub mod redact;
 mod runner;
 pub mod spool;
@@ -28,13 +33,21 @@ pub use config::WorkerConfig;
 /// reported (or `shutdown_grace_ms` passed).
 pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     cfg.validate()?;
-    std::fs::create_dir_all(&cfg.data_dir)?;
-    std::fs::create_dir_all(cfg.work_root())?;
+    let run_as = cfg.shell.resolve()?;
+    {
+        let (cfg, run_as) = (cfg.clone(), run_as.clone());
+        tokio::task::spawn_blocking(move || layout::prepare(&cfg, run_as.as_ref()))
+            .await
+            .map_err(scabbard_common::Error::internal)??;
+    }
+    if let Some(r) = &run_as {
+        info!(user = %r.user, uid = r.uid, gid = r.gid, "shell tasks run as another user, each in its own PID namespace");
+    }
     let spool = Arc::new(spool::Spool::open(&cfg.data_dir.join("spool"))?);
     let (outbox_tx, outbox_rx) = mpsc::channel(4096);
     let agent_name = cfg.effective_name()?.unwrap_or_else(connection::hostname);
     let mut executors: Vec<Arc<dyn executor::Executor>> = vec![
-        Arc::new(executor::ShellExecutor::default()),
+        Arc::new(executor::ShellExecutor::default().run_as(run_as)),
         Arc::new(executor::NoopExecutor),
     ];
     // The `dagger` capability is advertised only while an engine answers: asked once now
@@ -46,15 +59,23 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         rechecks = dagger.spawn_rechecks(shutdown.child_token());
         executors.push(Arc::new(dagger));
     }
-    let runner = Arc::new(runner::Runner::new(
+    let target = scabbard_common::client::addresses(&cfg.controller)
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let link = Arc::new(link::ControllerLink::new(&target, cfg.client_options()));
+    let cache =
+        artifacts::ArtifactCache::open(&cfg.artifact_cache_dir(), cfg.artifact_cache_bytes).await?;
+    let runner = Arc::new(runner::Runner::new(runner::RunnerParts {
         spool,
         executors,
-        cfg.work_root(),
-        Duration::from_millis(cfg.default_task_timeout_ms),
-        cfg.slots,
-        outbox_tx,
+        work_root: cfg.work_root(),
+        default_timeout: Duration::from_millis(cfg.default_task_timeout_ms),
+        slots: cfg.slots,
+        outbox: outbox_tx,
         agent_name,
-    ));
+        artifacts: Arc::new(artifacts::Artifacts::new(cache, link.clone())),
+    }));
     let adopted = runner.adopt_spooled()?;
     if adopted > 0 {
         info!(
@@ -62,10 +83,6 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
             "found attempts spooled by a previous run; they will be reported"
         );
     }
-    let target = scabbard_common::client::addresses(&cfg.controller)
-        .into_iter()
-        .next()
-        .unwrap_or_default();
     let conn = connection::Connection {
         target,
         cfg,
@@ -73,6 +90,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         outbox: outbox_rx,
         draining: false,
         stop_at: None,
+        link,
     };
     let result = conn.run(shutdown).await;
     if let Some(rechecks) = rechecks {

@@ -4,6 +4,12 @@
 //! connection can always refill what a dropped stream lost, and redacted before that: the
 //! task's secret values never reach the spool or the controller (nor does the spooled
 //! `Assign` carry them: they live in memory only, for the attempt's process).
+//!
+//! Around the executor, the runner handles the attempt's artifacts ([`crate::artifacts`]):
+//! it gets the inputs into the local cache first (holding them there until the attempt
+//! ends), creates the `artifact_dir` when the spec declares artifacts, and after a success
+//! packs and uploads what the executor left there before reporting the result with their
+//! refs; then it removes the artifact dir.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +23,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::executor::{ExecContext, Executor, OutputChunk, executor_for};
+use crate::artifacts::Artifacts;
+use crate::executor::{ExecContext, ExecOutcome, Executor, OutputChunk, executor_for};
 use crate::redact::{ChunkRedactor, Secrets};
 use crate::spool::Spool;
 
@@ -30,6 +37,26 @@ pub(crate) struct AttemptState {
     pub(crate) cancel: CancellationToken,
     /// Set once the attempt ended (and its result is spooled).
     pub(crate) finished: Option<proto::Finished>,
+}
+
+/// What a [`Runner`] is made of.
+pub(crate) struct RunnerParts {
+    /// Where attempts' output and results are kept until acknowledged.
+    pub(crate) spool: Arc<Spool>,
+    /// One per capability.
+    pub(crate) executors: Vec<Arc<dyn Executor>>,
+    /// Parent of per-attempt working directories.
+    pub(crate) work_root: std::path::PathBuf,
+    /// Timeout of tasks that carry none.
+    pub(crate) default_timeout: Duration,
+    /// Attempts that may run at once.
+    pub(crate) slots: u32,
+    /// Messages for the controller.
+    pub(crate) outbox: mpsc::Sender<AgentMessage>,
+    /// The name this worker registers under.
+    pub(crate) agent_name: String,
+    /// Input downloads and artifact uploads.
+    pub(crate) artifacts: Arc<Artifacts>,
 }
 
 /// Owns the attempts of this worker.
@@ -47,29 +74,28 @@ pub(crate) struct Runner {
     agent_name: String,
     /// Images and cache volumes its engine has warm.
     warm: Mutex<warm::WarmCache>,
+    /// Input downloads and artifact uploads.
+    artifacts: Arc<Artifacts>,
 }
 
 impl Runner {
-    pub(crate) fn new(
-        spool: Arc<Spool>,
-        executors: Vec<Arc<dyn Executor>>,
-        work_root: std::path::PathBuf,
-        default_timeout: Duration,
-        slots: u32,
-        outbox: mpsc::Sender<AgentMessage>,
-        agent_name: String,
-    ) -> Self {
+    pub(crate) fn new(parts: RunnerParts) -> Self {
         Self {
             warm: Mutex::new(warm::WarmCache::default()),
             attempts: Mutex::new(HashMap::new()),
-            spool,
-            executors: executors.into_iter().map(|e| (e.capability(), e)).collect(),
-            work_root,
-            default_timeout,
-            slots,
-            outbox,
+            spool: parts.spool,
+            executors: parts
+                .executors
+                .into_iter()
+                .map(|e| (e.capability(), e))
+                .collect(),
+            work_root: parts.work_root,
+            default_timeout: parts.default_timeout,
+            slots: parts.slots,
+            outbox: parts.outbox,
             agent_id: Mutex::new(String::new()),
-            agent_name,
+            agent_name: parts.agent_name,
+            artifacts: parts.artifacts,
         }
     }
 
@@ -250,12 +276,12 @@ impl Runner {
         let secrets = Arc::new(Secrets::new(spec.secret_env.values()));
         let mut redactor = ChunkRedactor::new(secrets.clone());
         let (tx, mut rx) = mpsc::channel(64);
-        let run = exec.run(ctx, &spec, tx, cancel);
-        tokio::pin!(run);
+        let work = self.execute(&key, ctx, &spec, exec, tx, cancel);
+        tokio::pin!(work);
         let mut seq = 0u64;
-        let outcome = loop {
+        let (outcome, artifacts) = loop {
             tokio::select! {
-                outcome = &mut run => break outcome,
+                done = &mut work => break done,
                 Some(chunk) = rx.recv() => self.emit_chunks(&key, &mut seq, redactor.push(chunk)).await,
             }
         };
@@ -276,7 +302,7 @@ impl Runner {
                     .iter()
                     .map(|(k, v)| (secrets.redact_str(k), secrets.redact_str(v)))
                     .collect(),
-                artifacts: Vec::new(),
+                artifacts,
             }),
             log_chunks: seq,
         };
@@ -300,6 +326,65 @@ impl Runner {
                 msg: Some(agent_message::Msg::Finished(finished)),
             })
             .await;
+    }
+
+    /// The attempt from inputs to stored artifacts: stages the inputs, runs the executor,
+    /// uploads what a success produced; returns how it ended and the artifacts' refs. Every
+    /// line about it goes to `log`.
+    async fn execute(
+        &self,
+        key: &AttemptKey,
+        mut ctx: ExecContext,
+        spec: &proto::TaskSpec,
+        exec: Arc<dyn Executor>,
+        log: mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> (ExecOutcome, Vec<proto::ArtifactRef>) {
+        let attempt = (key.0.as_str(), key.1);
+        let artifact_dir = ctx.artifact_dir.clone();
+        let wants_artifacts = !spec.artifacts.is_empty();
+        if wants_artifacts && let Err(e) = fresh_private_dir(&artifact_dir).await {
+            let why = format!("cannot create {}: {e}", artifact_dir.display());
+            return (ExecOutcome::infrastructure(why), Vec::new());
+        }
+        let staged = match self
+            .artifacts
+            .stage_inputs(attempt, spec, &log, &cancel)
+            .await
+        {
+            Ok(staged) => staged,
+            Err(outcome) => {
+                remove_dir(&artifact_dir).await;
+                return (outcome, Vec::new());
+            }
+        };
+        ctx.inputs = staged.inputs.clone();
+        let mut outcome = exec.run(ctx, spec, log.clone(), cancel.clone()).await;
+        // The attempt's own processes are gone: its inputs may leave the cache.
+        drop(staged);
+        let mut refs = Vec::new();
+        if outcome.outcome == proto::Outcome::Succeeded && !outcome.artifacts.is_empty() {
+            let produced = std::mem::take(&mut outcome.artifacts);
+            match self
+                .artifacts
+                .publish(attempt, &produced, &artifact_dir, &log, &cancel)
+                .await
+            {
+                Ok(stored) => refs = stored,
+                Err(failed) => {
+                    // The process's exit code and outputs still help to debug the failure.
+                    let (outputs, exit_code) =
+                        (std::mem::take(&mut outcome.outputs), outcome.exit_code);
+                    outcome = failed;
+                    outcome.outputs = outputs;
+                    outcome.exit_code = exit_code;
+                }
+            }
+        }
+        if wants_artifacts {
+            remove_dir(&artifact_dir).await;
+        }
+        (outcome, refs)
     }
 
     async fn emit_chunks(&self, key: &AttemptKey, seq: &mut u64, chunks: Vec<OutputChunk>) {
@@ -344,6 +429,28 @@ impl Runner {
         if let Err(e) = self.spool.remove(&key.0, key.1) {
             warn!(task = %key.0, error = %e, "cannot remove spool");
         }
+    }
+}
+
+/// `dir` created empty with mode 0700 (a leftover of a previous run is deleted first).
+async fn fresh_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    tokio::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir)
+        .await
+}
+
+async fn remove_dir(dir: &std::path::Path) {
+    match tokio::fs::remove_dir_all(dir).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            warn!(dir = %dir.display(), error = %e, "cannot remove the artifact dir");
+        }
+        _ => {}
     }
 }
 

@@ -255,6 +255,8 @@ pub(crate) async fn worker(a: WorkerArgs) -> Result<u8> {
         )?,
         None => WorkerConfig::default(),
     };
+    // With `shell.run_as` the worker checks that its tasks cannot read this file.
+    cfg.config_file = a.config.clone();
     if let Some(c) = a.controller {
         cfg.controller = c;
     }

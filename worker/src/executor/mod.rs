@@ -46,8 +46,9 @@ pub struct ExecContext {
     /// The spec's `inputs`, already downloaded and checked by the runner, in spec order.
     pub inputs: Vec<StagedInput>,
     /// Where the executor leaves the artifacts it produced, one entry per artifact named
-    /// after it (`artifact_dir/<name>`: the file, or the directory). The runner creates it,
-    /// packs and uploads what the outcome lists, and removes it afterwards.
+    /// after it (`artifact_dir/<name>`: the file, or the directory). The runner creates it
+    /// (0700) when the spec declares artifacts, packs and uploads what the outcome lists,
+    /// and removes it afterwards.
     pub artifact_dir: PathBuf,
 }
 
@@ -210,7 +211,8 @@ pub trait Executor: Send + Sync + 'static {
 }
 
 /// A fresh, empty `work_root/<task_id>-<fencing_token>` for one attempt (emptied if a
-/// previous run left it behind); the task id is sanitised for the file system.
+/// previous run left it behind), private to the worker's user (0700); the task id is
+/// sanitised for the file system.
 pub(crate) async fn fresh_workdir(ctx: &ExecContext) -> std::io::Result<PathBuf> {
     use std::io;
     let name = safe_name(&ctx.task_id);
@@ -220,7 +222,10 @@ pub(crate) async fn fresh_workdir(ctx: &ExecContext) -> std::io::Result<PathBuf>
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    tokio::fs::create_dir(&dir).await?;
+    tokio::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .await?;
     Ok(dir)
 }
 

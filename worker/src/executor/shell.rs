@@ -13,6 +13,18 @@
 //! which win over any spec variable of the same name: `SCABBARD_TASK_ID`,
 //! `SCABBARD_ATTEMPT`, `SCABBARD_AGENT_ID`, `SCABBARD_AGENT_NAME` and `SCABBARD_OUTPUT`
 //! (an empty file in the working directory for the task's `key=value` outputs).
+//!
+//! Inputs are copied into the working directory before the command starts, and declared
+//! artifacts moved out of it to the runner's artifact dir after it succeeded ([`files`]).
+//!
+//! With `run_as` ([`RunAs`]) the command runs as that unprivileged user, in its own PID
+//! namespace with its own `/proc` and no supplementary groups, started as
+//! `unshare --pid --fork --kill-child --mount-proc --setuid U --setgid G -- argv…`: it sees
+//! only its own processes, so no other task's environment. Its working directory is owned by
+//! that user (0700) and named with 128 random bits: the work root is 0711, so a task can
+//! reach its own directory but can neither list the others nor guess their names. `unshare`
+//! leads the process group the worker signals; when the namespace's first process dies the
+//! kernel kills everything left in the namespace, even processes that left the group.
 
 use std::ffi::OsString;
 use std::io;
@@ -30,6 +42,8 @@ use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
+use crate::config::RunAs;
+use files::FileError;
 use group::{GroupGuard, own_process_group, signal_group, wait_group_gone};
 use last_line::LastLine;
 use outputs::OUTPUT_FILE;
@@ -40,6 +54,9 @@ pub(super) mod group;
 pub(super) mod last_line;
 pub(super) mod outputs;
 pub(super) mod pump;
+
+mod files;
+mod isolate;
 
 /// Capability name of [`ShellExecutor`].
 pub(super) const CAPABILITY: &str = "shell";
@@ -56,6 +73,8 @@ const NOTE_WAIT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct ShellExecutor {
     kill_grace: Duration,
+    /// Whom tasks run as, when not the worker's user.
+    run_as: Option<RunAs>,
 }
 
 impl ShellExecutor {
@@ -69,7 +88,16 @@ impl ShellExecutor {
 
     /// An executor that waits `grace` after SIGTERM before sending SIGKILL.
     pub fn with_kill_grace(grace: Duration) -> Self {
-        Self { kill_grace: grace }
+        Self {
+            kill_grace: grace,
+            run_as: None,
+        }
+    }
+
+    /// Runs every task as `run_as` (see the module docs); `None` keeps the worker's user.
+    pub fn run_as(mut self, run_as: Option<RunAs>) -> Self {
+        self.run_as = run_as;
+        self
     }
 }
 
@@ -103,7 +131,8 @@ impl Executor for ShellExecutor {
             Ok(needs) => needs,
             Err(message) => return ExecOutcome::failed(127, ErrorClass::User, message),
         };
-        let workdir = match prepare_workdir(&ctx).await {
+        let owner = self.run_as.as_ref().map(|r| (r.uid, r.gid));
+        let workdir = match prepare_workdir(&ctx, owner).await {
             Ok(dir) => dir,
             Err(e) => {
                 return ExecOutcome::infrastructure(format!(
@@ -112,29 +141,104 @@ impl Executor for ShellExecutor {
                 ));
             }
         };
-        let last_line = needs_last_line.then(|| Arc::new(Mutex::new(LastLine::default())));
-        let ran = self
-            .run_in(
+        let outcome = self
+            .run_prepared(
                 &ctx,
                 spec,
                 argv,
                 &workdir,
+                owner,
+                needs_last_line,
+                &out,
+                cancel,
+            )
+            .await;
+        let dir = workdir.clone();
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(dir = %workdir.display(), error = %e, "cannot remove working directory");
+        }
+        outcome
+    }
+}
+
+impl ShellExecutor {
+    /// Places the inputs, runs the command, collects outputs and artifacts.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_prepared(
+        &self,
+        ctx: &ExecContext,
+        spec: &proto::TaskSpec,
+        argv: &[String],
+        workdir: &Path,
+        owner: files::Owner,
+        needs_last_line: bool,
+        out: &mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> ExecOutcome {
+        if !ctx.inputs.is_empty() {
+            let (dir, inputs) = (workdir.to_path_buf(), ctx.inputs.clone());
+            let placed =
+                tokio::task::spawn_blocking(move || files::place_inputs(&dir, &inputs, owner))
+                    .await;
+            match placed {
+                Ok(Ok(())) => {}
+                Ok(Err(FileError::User(m))) => {
+                    return ExecOutcome::failed(127, ErrorClass::User, m);
+                }
+                Ok(Err(FileError::Infra(m))) => return ExecOutcome::infrastructure(m),
+                Err(e) => return ExecOutcome::infrastructure(format!("placing inputs: {e}")),
+            }
+        }
+        let mut argv = argv.to_vec();
+        if let Some(r) = &self.run_as {
+            // Found as the task's user would find it, so "not found" says so (instead of
+            // `unshare` reporting a directory of the worker's PATH it may not enter).
+            let (r, path) = (r.clone(), task_path(spec));
+            let program = argv[0].clone();
+            let found =
+                tokio::task::spawn_blocking(move || isolate::find_program(&program, &path, &r))
+                    .await;
+            match found {
+                Ok(Some(p)) => argv[0] = p.to_string_lossy().into_owned(),
+                Ok(None) => {
+                    return ExecOutcome::failed(
+                        127,
+                        ErrorClass::User,
+                        format!(
+                            "command not found: {} (looked up in PATH as the user tasks run as, {})",
+                            argv[0],
+                            self.run_as.as_ref().map_or("", |r| r.user.as_str())
+                        ),
+                    );
+                }
+                Err(e) => {
+                    return ExecOutcome::infrastructure(format!("looking up the command: {e}"));
+                }
+            }
+        }
+        let last_line = needs_last_line.then(|| Arc::new(Mutex::new(LastLine::default())));
+        let ran = self
+            .run_in(
+                ctx,
+                spec,
+                &argv,
+                workdir,
                 out.clone(),
                 cancel,
                 last_line.clone(),
             )
             .await;
-        let outcome = match ran {
+        match ran {
             Ran::NotStarted(outcome) => outcome,
             Ran::Ended(mut outcome) => {
-                add_outputs(&mut outcome, &spec.outputs, &workdir, last_line, &out).await;
+                add_outputs(&mut outcome, &spec.outputs, workdir, last_line, out).await;
+                if outcome.outcome == Outcome::Succeeded && !spec.artifacts.is_empty() {
+                    add_artifacts(&mut outcome, ctx, &spec.artifacts, workdir, out).await;
+                }
                 outcome
             }
-        };
-        if let Err(e) = tokio::fs::remove_dir_all(&workdir).await {
-            tracing::warn!(dir = %workdir.display(), error = %e, "cannot remove working directory");
         }
-        outcome
     }
 }
 
@@ -166,9 +270,15 @@ impl ShellExecutor {
         cancel: CancellationToken,
         last_line: Option<Arc<Mutex<LastLine>>>,
     ) -> Ran {
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .current_dir(workdir)
+        let mut cmd = match &self.run_as {
+            None => {
+                let mut cmd = Command::new(&argv[0]);
+                cmd.args(&argv[1..]);
+                cmd
+            }
+            Some(r) => isolate::command(r, argv),
+        };
+        cmd.current_dir(workdir)
             .env_clear()
             .env(
                 "PATH",
@@ -186,7 +296,16 @@ impl ShellExecutor {
 
         let mut child = match cmd.spawn() {
             Ok(child) => child,
-            Err(e) => return Ran::NotStarted(spawn_failure(&argv[0], &e)),
+            Err(e) => {
+                return Ran::NotStarted(match &self.run_as {
+                    // The worker's tool failed, not the task.
+                    Some(r) => ExecOutcome::infrastructure(format!(
+                        "cannot start {}: {e}",
+                        r.unshare.display()
+                    )),
+                    None => spawn_failure(&argv[0], &e),
+                });
+            }
         };
         // The child called setsid(): its pid is its process group id.
         let Some(pgid) = child.id().and_then(|id| libc::pid_t::try_from(id).ok()) else {
@@ -296,6 +415,16 @@ impl ShellExecutor {
     }
 }
 
+/// The `PATH` the task's process gets (the spec's, else the worker's).
+fn task_path(spec: &proto::TaskSpec) -> OsString {
+    spec.secret_env
+        .get("PATH")
+        .or_else(|| spec.env.get("PATH"))
+        .map(OsString::from)
+        .or_else(|| std::env::var_os("PATH"))
+        .unwrap_or_else(|| FALLBACK_PATH.into())
+}
+
 /// The variables the worker sets for every task; they win over the spec's.
 fn task_env(ctx: &ExecContext, workdir: &Path) -> [(&'static str, OsString); 5] {
     [
@@ -354,11 +483,85 @@ async fn add_outputs(
     outcome.outputs = collected.values;
 }
 
-/// A fresh `work_root/<task_id>-<fencing_token>`, emptied if a previous run left it behind,
-/// holding an empty `$SCABBARD_OUTPUT` file.
-async fn prepare_workdir(ctx: &ExecContext) -> io::Result<PathBuf> {
-    let dir = super::fresh_workdir(ctx).await?;
-    if let Err(e) = tokio::fs::write(dir.join(OUTPUT_FILE), b"").await {
+/// Moves the declared artifacts of a succeeded attempt to its artifact dir and lists them
+/// in `outcome`; a missing required one (or a path that escapes) fails the attempt.
+async fn add_artifacts(
+    outcome: &mut ExecOutcome,
+    ctx: &ExecContext,
+    declared: &[proto::ArtifactSpec],
+    workdir: &Path,
+    out: &mpsc::Sender<OutputChunk>,
+) {
+    let (dir, declared, artifact_dir) = (
+        workdir.to_path_buf(),
+        declared.to_vec(),
+        ctx.artifact_dir.clone(),
+    );
+    let collected = tokio::task::spawn_blocking(move || {
+        files::collect_artifacts(&dir, &declared, &artifact_dir)
+    })
+    .await;
+    let failed = |outcome: &mut ExecOutcome, class, message| {
+        outcome.outcome = Outcome::Failed;
+        outcome.error_class = class;
+        outcome.message = message;
+    };
+    match collected {
+        Ok(Ok(c)) => {
+            let until = Instant::now() + NOTE_WAIT;
+            for note in c.notes {
+                system_note(out, note, until).await;
+            }
+            outcome.artifacts = c.produced;
+        }
+        Ok(Err(FileError::User(m))) => failed(outcome, ErrorClass::User, m),
+        Ok(Err(FileError::Infra(m))) => failed(outcome, ErrorClass::Infrastructure, m),
+        Err(e) => failed(
+            outcome,
+            ErrorClass::Infrastructure,
+            format!("collecting artifacts: {e}"),
+        ),
+    }
+}
+
+/// A fresh working directory holding an empty `$SCABBARD_OUTPUT` file:
+/// `work_root/<task_id>-<fencing_token>` (emptied if a previous run left it behind), or,
+/// for a task running as `owner`, `work_root/<task_id>-<fencing_token>-<32 random hex>`
+/// owned by that user with mode 0700.
+async fn prepare_workdir(ctx: &ExecContext, owner: files::Owner) -> io::Result<PathBuf> {
+    let dir = match owner {
+        None => super::fresh_workdir(ctx).await?,
+        Some(_) => {
+            let name = format!(
+                "{}-{}-{:016x}{:016x}",
+                super::safe_name(&ctx.task_id),
+                ctx.fencing_token,
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            );
+            let dir = ctx.work_root.join(name);
+            tokio::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .await?;
+            dir
+        }
+    };
+    let output = dir.join(OUTPUT_FILE);
+    let made = async {
+        tokio::fs::write(&output, b"").await?;
+        if let Some((uid, gid)) = owner {
+            let (d, o) = (dir.clone(), output.clone());
+            tokio::task::spawn_blocking(move || {
+                std::os::unix::fs::chown(&d, Some(uid), Some(gid))?;
+                std::os::unix::fs::chown(&o, Some(uid), Some(gid))
+            })
+            .await
+            .map_err(io::Error::other)??;
+        }
+        io::Result::Ok(())
+    };
+    if let Err(e) = made.await {
         let _ = tokio::fs::remove_dir_all(&dir).await;
         return Err(e);
     }
@@ -415,5 +618,7 @@ fn secs(d: Duration) -> String {
 
 #[cfg(test)]
 mod outputs_tests;
+#[cfg(test)]
+mod run_as_tests;
 #[cfg(test)]
 mod tests;

@@ -6,25 +6,56 @@ use std::time::Duration;
 use scabbard_common::proto::{self, AgentMessage, agent_message, output_spec::Source};
 use tokio::sync::mpsc;
 
-use super::Runner;
+use super::{Runner, RunnerParts};
+use crate::artifacts::{ArtifactCache, Artifacts};
 use crate::executor::{Executor, ShellExecutor};
+use crate::link::ControllerLink;
 use crate::spool::Spool;
+
+/// A runner with `executors`, its files under `dir`, its artifact calls going to `store`
+/// (an address; nothing listens on port 1).
+async fn runner(
+    dir: &std::path::Path,
+    executors: Vec<Arc<dyn Executor>>,
+    outbox: mpsc::Sender<AgentMessage>,
+    store: &str,
+) -> Arc<Runner> {
+    let spool = Arc::new(Spool::open(&dir.join("spool")).unwrap());
+    let link = Arc::new(ControllerLink::new(
+        store,
+        scabbard_common::client::ClientOptions::default(),
+    ));
+    link.set_token("scbd_agent_test");
+    let cache = ArtifactCache::open(&dir.join("artifact-cache"), 1 << 30)
+        .await
+        .unwrap();
+    Arc::new(Runner::new(RunnerParts {
+        spool,
+        executors,
+        work_root: dir.join("work"),
+        default_timeout: Duration::from_secs(30),
+        slots: 1,
+        outbox,
+        agent_name: "host-1".into(),
+        artifacts: Arc::new(Artifacts::new(cache, link)),
+    }))
+}
 
 /// Starts one attempt of `spec` and returns its log chunks and its result.
 async fn run_attempt(spec: proto::TaskSpec) -> (Vec<proto::AgentLogChunk>, proto::TaskResult) {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Arc::new(Spool::open(&dir.path().join("spool")).unwrap());
+    run_attempt_in(dir.path(), "127.0.0.1:1", spec).await
+}
+
+/// [`run_attempt`] with the worker's files under `dir` and artifacts at `store`.
+async fn run_attempt_in(
+    dir: &std::path::Path,
+    store: &str,
+    spec: proto::TaskSpec,
+) -> (Vec<proto::AgentLogChunk>, proto::TaskResult) {
     let (outbox, mut rx) = mpsc::channel(64);
     let executors: Vec<Arc<dyn Executor>> = vec![Arc::new(ShellExecutor::new())];
-    let runner = Arc::new(Runner::new(
-        spool,
-        executors,
-        dir.path().join("work"),
-        Duration::from_secs(30),
-        1,
-        outbox,
-        "host-1".into(),
-    ));
+    let runner = runner(dir, executors, outbox, store).await;
     runner.set_agent_id("agent-1");
     let assign = proto::Assign {
         project: String::new(),
@@ -141,19 +172,10 @@ impl Executor for Switchable {
 #[tokio::test]
 async fn unavailable_executors_are_not_advertised_and_refuse_work() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Arc::new(Spool::open(&dir.path().join("spool")).unwrap());
     let (outbox, _rx) = mpsc::channel(64);
     let dagger = Arc::new(Switchable(false.into()));
     let executors: Vec<Arc<dyn Executor>> = vec![Arc::new(ShellExecutor::new()), dagger.clone()];
-    let runner = Arc::new(Runner::new(
-        spool,
-        executors,
-        dir.path().join("work"),
-        Duration::from_secs(30),
-        1,
-        outbox,
-        "host-1".into(),
-    ));
+    let runner = runner(dir.path(), executors, outbox, "127.0.0.1:1").await;
     assert_eq!(runner.capabilities(), ["shell"]);
     let assign = proto::Assign {
         project: String::new(),
@@ -172,4 +194,93 @@ async fn unavailable_executors_are_not_advertised_and_refuse_work() {
     dagger.0.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(runner.capabilities(), ["dagger", "gpu", "shell"]);
     assert_eq!(runner.start(assign), Ok(true));
+}
+
+#[tokio::test]
+async fn inputs_arrive_and_artifacts_are_uploaded_before_the_result() {
+    use crate::artifacts::fake::{FakeStore, serve};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FakeStore::default());
+    let addr = serve(store.clone()).await;
+    // The producer's directory artifact, as the controller would have stored it.
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("lib")).unwrap();
+    std::fs::write(src.join("lib/data.txt"), "from the producer\n").unwrap();
+    let archive = dir.path().join("dist.tar.zst");
+    scabbard_common::artifact::pack(&src, &archive).unwrap();
+    let input = store.put(
+        "producer",
+        "dist",
+        proto::ArtifactKind::Directory,
+        std::fs::read(&archive).unwrap(),
+    );
+    let script = r#"
+        set -e
+        test "$(cat in/dist/lib/data.txt)" = "from the producer"
+        echo changed > in/dist/lib/data.txt
+        mkdir -p out/site && echo page > out/site/index.html
+        printf summary > summary.txt
+    "#;
+    let spec = proto::TaskSpec {
+        kind: Some(proto::task_spec::Kind::Shell(proto::ShellTask {
+            command: vec!["sh".into(), "-c".into(), script.into()],
+        })),
+        inputs: vec![proto::ArtifactInput {
+            from: "${{ tasks.producer.artifacts.dist }}".into(),
+            path: "in/dist".into(),
+            artifact: Some(input.clone()),
+        }],
+        artifacts: vec![
+            proto::ArtifactSpec {
+                name: "site".into(),
+                path: "out/site".into(),
+                optional: false,
+            },
+            proto::ArtifactSpec {
+                name: "summary".into(),
+                path: "summary.txt".into(),
+                optional: false,
+            },
+            proto::ArtifactSpec {
+                name: "extra".into(),
+                path: "not/there".into(),
+                optional: true,
+            },
+        ],
+        ..Default::default()
+    };
+    let (chunks, result) = run_attempt_in(dir.path(), &addr, spec).await;
+    assert_eq!(
+        result.outcome,
+        proto::Outcome::Succeeded as i32,
+        "{result:?}"
+    );
+    let names: Vec<&str> = result.artifacts.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["site", "summary"]);
+    for r in &result.artifacts {
+        let (stored, _) = store.get("task-1", &r.name).expect("uploaded");
+        assert_eq!(&stored, r);
+        assert_eq!(r.fencing_token, 1);
+    }
+    let log: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.contains("input in/dist (producer/dist)"), "{log}");
+    assert!(log.contains("artifact site: "), "{log}");
+    assert!(log.contains("optional artifact extra"), "{log}");
+    // The cached input is intact although the task changed its copy.
+    let cached = dir
+        .path()
+        .join("artifact-cache")
+        .join(&input.sha256)
+        .join("content/lib/data.txt");
+    assert_eq!(
+        std::fs::read_to_string(cached).unwrap(),
+        "from the producer\n"
+    );
+    // Nothing is left in the work root: neither the work dir nor the artifact dir.
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("work"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -355,6 +356,7 @@ impl Journal {
             .read(true)
             .append(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| io_error(&path, e))?;
         self.segments.insert(id, Segment::new(path, file, 0));

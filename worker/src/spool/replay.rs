@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -23,7 +24,13 @@ use super::record::{AttemptRef, Next, Reader, Tag};
 impl Journal {
     /// Opens (creating if needed) the spool in `dir` and replays its journal.
     pub(super) fn open(dir: &Path, limits: SpoolLimits) -> Result<Journal> {
-        fs::create_dir_all(dir)?;
+        // Owner only: the journal holds task logs and results (tasks that run as another
+        // user must not read them).
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
         let mut ids = Vec::new();
         let mut legacy_files: Vec<PathBuf> = Vec::new();
         for entry in fs::read_dir(dir)? {
@@ -31,6 +38,8 @@ impl Journal {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if let Some(id) = segment_id(name) {
+                // Segments written by a version that left them 0644.
+                fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))?;
                 ids.push(id);
             } else if name.ends_with(legacy::EXTENSION) {
                 legacy_files.push(entry.path());
@@ -50,6 +59,7 @@ impl Journal {
                 .read(true)
                 .append(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&path)
                 .map_err(|e| io_error(&path, e))?;
             replay.segments.insert(1, Segment::new(path, file, 0));

@@ -298,3 +298,27 @@ fn concurrent_attempts_do_not_interfere() {
             .all(|a| a.last_seq == Some(199) && a.finished.is_some())
     );
 }
+
+#[test]
+fn spool_is_private_to_the_worker_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    // A spool left by an older version with world-readable modes.
+    std::fs::create_dir(&spool_dir).unwrap();
+    std::fs::set_permissions(&spool_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spool = Spool::open(&spool_dir).unwrap();
+    spool.begin(&assign("t1", 1)).unwrap();
+    drop(spool);
+    std::fs::set_permissions(
+        segment(&spool_dir, 1),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let _spool = Spool::open(&spool_dir).unwrap();
+    assert_eq!(mode(&spool_dir), 0o700);
+    for id in segment_ids(&spool_dir) {
+        assert_eq!(mode(&segment(&spool_dir, id)), 0o600, "segment {id}");
+    }
+}

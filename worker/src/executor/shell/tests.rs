@@ -450,3 +450,81 @@ async fn worker_death_kills_the_direct_child() {
     helper.wait().unwrap();
     assert_gone_soon(pid).await;
 }
+
+#[tokio::test]
+async fn artifacts_are_collected_only_from_a_success_and_missing_ones_fail_it() {
+    let root = tempfile::tempdir().unwrap();
+    let mut context = ctx(root.path());
+    context.artifact_dir = root.path().join("task-1-7.artifacts");
+    let declare = |task: &mut proto::TaskSpec| {
+        task.artifacts = vec![proto::ArtifactSpec {
+            name: "dist".into(),
+            path: "dist".into(),
+            optional: false,
+        }];
+    };
+    let exec = ShellExecutor::with_kill_grace(Duration::from_millis(300));
+
+    let mut task = spec(&["sh", "-c", "mkdir dist && echo x > dist/f"]);
+    declare(&mut task);
+    let (tx, _rx) = mpsc::channel(64);
+    let outcome = exec
+        .run(context.clone(), &task, tx, CancellationToken::new())
+        .await;
+    assert_eq!(outcome.outcome, Outcome::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.artifacts.len(), 1);
+    assert!(context.artifact_dir.join("dist/f").is_file());
+    std::fs::remove_dir_all(&context.artifact_dir).unwrap();
+
+    // A failed command: nothing is collected.
+    let mut task = spec(&["sh", "-c", "mkdir dist && echo x > dist/f && exit 3"]);
+    declare(&mut task);
+    let (tx, _rx) = mpsc::channel(64);
+    let outcome = exec
+        .run(context.clone(), &task, tx, CancellationToken::new())
+        .await;
+    assert_eq!(outcome.exit_code, 3);
+    assert!(outcome.artifacts.is_empty());
+    assert!(!context.artifact_dir.exists());
+
+    // A success that did not produce a required artifact fails as the task's fault.
+    let mut task = spec(&["true"]);
+    declare(&mut task);
+    let (tx, _rx) = mpsc::channel(64);
+    let outcome = exec.run(context, &task, tx, CancellationToken::new()).await;
+    assert_eq!(outcome.outcome, Outcome::Failed);
+    assert_eq!(outcome.error_class, ErrorClass::User);
+    assert!(
+        outcome.message.contains("required artifact dist") && outcome.message.contains("\"dist\""),
+        "{}",
+        outcome.message
+    );
+}
+
+#[tokio::test]
+async fn an_input_path_leaving_the_work_dir_fails_before_the_command_runs() {
+    let root = tempfile::tempdir().unwrap();
+    let src = root.path().join("file");
+    std::fs::write(&src, "x").unwrap();
+    let mut context = ctx(root.path());
+    context.inputs = vec![crate::executor::StagedInput {
+        from: "t/a".into(),
+        path: "../outside".into(),
+        local: src,
+        kind: proto::ArtifactKind::File,
+    }];
+    let marker = root.path().join("ran");
+    let task = spec(&["touch", marker.to_str().unwrap()]);
+    let (tx, _rx) = mpsc::channel(64);
+    let outcome = ShellExecutor::new()
+        .run(context, &task, tx, CancellationToken::new())
+        .await;
+    assert_eq!(outcome.error_class, ErrorClass::User);
+    assert!(
+        outcome.message.contains("../outside"),
+        "{}",
+        outcome.message
+    );
+    assert!(!marker.exists(), "the command must not run");
+    assert!(!root.path().join("outside").exists());
+}

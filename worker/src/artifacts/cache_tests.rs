@@ -92,7 +92,7 @@ async fn a_digest_mismatch_is_refused_and_nothing_is_kept() {
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("cache");
     let cache = ArtifactCache::open(&root, 1 << 30).await.unwrap();
-    let (r, _) = archive(d.path(), "dist", 100, b'a');
+    let (r, good) = archive(d.path(), "dist", 100, b'a');
     let (_, other) = archive(d.path(), "other", 100, b'b');
     let calls = Arc::new(AtomicU32::new(0));
     let err = cache.get(&r, copy_from(&other, &calls)).await.unwrap_err();
@@ -115,7 +115,6 @@ async fn a_digest_mismatch_is_refused_and_nothing_is_kept() {
     let failing = |_to: PathBuf| async { Err(Error::Unavailable("store down".into())) };
     let err = cache.get(&r, failing).await.unwrap_err();
     assert!(err.to_string().contains("store down"), "{err}");
-    let (_, good) = archive(d.path(), "dist", 100, b'a');
     let lease = cache.get(&r, copy_from(&good, &calls)).await.unwrap();
     assert!(lease.fetched);
 }

@@ -446,6 +446,6 @@ mod tests {
         assert!(check_declared(&[last.clone(), last]).is_err());
         assert!(check_declared(&[out("bad name", Source::LastStdoutLine(true))]).is_err());
         let container = check_declared(&[out("c", Source::ContainerPath("/x".into()))]);
-        assert!(container.unwrap_err().contains("container-only source"));
+        assert!(container.unwrap_err().contains("only container tasks"));
     }
 }

@@ -291,7 +291,7 @@ async fn container_path_outputs_are_refused_by_the_shell_executor() {
     assert!(
         outcome
             .message
-            .starts_with("output 'dist' uses a container-only source (`container_path`"),
+            .starts_with("output 'dist' uses `container_path`, which only container tasks support"),
         "{}",
         outcome.message
     );

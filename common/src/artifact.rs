@@ -84,6 +84,13 @@ impl Default for Sha256 {
 }
 
 impl Sha256 {
+    /// The digest of `data` at once.
+    pub fn digest(data: &[u8]) -> String {
+        let mut h = Self::default();
+        h.update(data);
+        h.finish()
+    }
+
     /// Adds `data`.
     pub fn update(&mut self, data: &[u8]) {
         self.0.update(data);

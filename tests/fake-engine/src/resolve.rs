@@ -10,7 +10,7 @@ use serde_json::{Map, Value as Json, json};
 use crate::engine::Engine;
 use crate::error::{Context, Failure};
 use crate::fsutil;
-use crate::object::{Dir, FileObj, Filter, Object};
+use crate::object::{Ctr, Dir, FileObj, FileOp, Filter, Object, absolute};
 use crate::query::{Field, Selection, Value};
 use crate::sources::RefKind;
 
@@ -268,6 +268,15 @@ fn query_field(engine: &Engine, field: &Field) -> Result<Out, Failure> {
             Args::new(field, ON, &[])?;
             Ok(Out::Scalar(json!(ENGINE_VERSION)))
         }
+        "directory" => {
+            // An empty directory, built up with withNewFile/withDirectory/withFile.
+            Args::new(field, ON, &[])?;
+            Ok(Object::Directory(Dir::Ctr {
+                ctr: Box::default(),
+                path: "/".into(),
+            })
+            .into())
+        }
         "container" => {
             // `platform` is accepted and ignored: the fake runs host binaries.
             Args::new(field, ON, &["platform"])?;
@@ -442,6 +451,48 @@ fn directory_field(engine: &Engine, dir: &Dir, field: &Field) -> Result<Out, Fai
             names.sort();
             Ok(Out::Scalar(json!(names)))
         }
+        "withNewFile" => {
+            let args = Args::new(field, ON, &["path", "contents", "permissions"])?;
+            let (ctr, at) = building(dir);
+            let op = FileOp::NewFile {
+                path: absolute(&at, &args.req_string("path")?),
+                contents: args.string("contents")?.unwrap_or_default(),
+                permissions: args.permissions("permissions")?,
+                owner: None,
+            };
+            Ok(Object::Directory(with_op(ctr, at, op)).into())
+        }
+        "withDirectory" => {
+            let args = Args::new(field, ON, &["path", "directory", "exclude", "include"])?;
+            let Object::Directory(source) = args.object("directory", "Directory")? else {
+                unreachable!("object() checked the type");
+            };
+            let (ctr, at) = building(dir);
+            let op = FileOp::Directory {
+                path: absolute(&at, &args.req_string("path")?),
+                dir: source,
+                filter: Filter {
+                    include: args.strings("include")?,
+                    exclude: args.strings("exclude")?,
+                },
+                owner: None,
+            };
+            Ok(Object::Directory(with_op(ctr, at, op)).into())
+        }
+        "withFile" => {
+            let args = Args::new(field, ON, &["path", "source", "permissions"])?;
+            let Object::File(file) = args.object("source", "File")? else {
+                unreachable!("object() checked the type");
+            };
+            let (ctr, at) = building(dir);
+            let op = FileOp::File {
+                path: absolute(&at, &args.req_string("path")?),
+                file,
+                permissions: args.permissions("permissions")?,
+                owner: None,
+            };
+            Ok(Object::Directory(with_op(ctr, at, op)).into())
+        }
         "export" => {
             let args = Args::new(field, ON, &["path", "wipe"])?;
             let dest = engine.host_path(&args.req_string("path")?);
@@ -450,6 +501,34 @@ fn directory_field(engine: &Engine, dir: &Dir, field: &Field) -> Result<Out, Fai
             Ok(Out::Scalar(json!(dest.to_string_lossy())))
         }
         _ => Err(unsupported(field, ON)),
+    }
+}
+
+/// A directory as a filesystem being built: a container whose `path` is the directory
+/// (a content tree is first copied into an empty one).
+fn building(dir: &Dir) -> (Ctr, String) {
+    match dir {
+        Dir::Ctr { ctr, path } => ((**ctr).clone(), path.clone()),
+        Dir::Content { .. } => (
+            Ctr {
+                pending: vec![FileOp::Directory {
+                    path: "/".into(),
+                    dir: dir.clone(),
+                    filter: Filter::default(),
+                    owner: None,
+                }],
+                ..Ctr::default()
+            },
+            "/".into(),
+        ),
+    }
+}
+
+fn with_op(mut ctr: Ctr, at: String, op: FileOp) -> Dir {
+    ctr.pending.push(op);
+    Dir::Ctr {
+        ctr: Box::new(ctr),
+        path: at,
     }
 }
 

@@ -108,13 +108,23 @@ impl Catalog {
         }
         let project = match kind {
             TokenKind::Registration => {
-                who.require_cluster_wide(
-                    "creating a registration token (agents serve every project)",
-                )?;
                 if !scopes.is_empty() {
                     return Err(Error::invalid("scopes: registration tokens take no scopes"));
                 }
-                ALL_PROJECTS.to_string()
+                // Agents registered with a project's token serve only that project (like
+                // project runners); without a project they serve every project.
+                if req.project == ALL_PROJECTS || (req.project.is_empty() && who.cluster_wide()) {
+                    who.require_cluster_wide(
+                        "a registration token for agents that serve every project",
+                    )?;
+                    ALL_PROJECTS.to_string()
+                } else {
+                    let p = who.resolve_project(&req.project)?;
+                    if self.project(&p).is_none() {
+                        return Err(Error::not_found("project", p));
+                    }
+                    p
+                }
             }
             _ => {
                 if scopes.is_empty() {

@@ -1,5 +1,8 @@
 //! Client library: connecting to a controller (plaintext or TLS, see [`ClientOptions`])
-//! and the generated clients with a bearer token attached to every call ([`authed`]).
+//! and the generated clients with a bearer token attached to every call ([`authed`]);
+//! artifact downloads and uploads in [`artifacts`].
+
+pub mod artifacts;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -134,6 +134,8 @@ impl State {
             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
             lease_ttl_ms: self.cfg.agent_lease_ttl_ms,
             resume,
+            max_artifact_bytes: self.cfg.artifacts.max_artifact_bytes,
+            max_task_artifact_bytes: self.cfg.artifacts.max_task_artifact_bytes,
             ..Default::default()
         };
         info!(agent = %agent_id, session, resumed = attempts.len(), lost = lost.len(), "agent attached");

@@ -71,6 +71,50 @@ pub(crate) enum Command {
     /// Inspect and reset circuit breakers.
     #[command(subcommand)]
     Breakers(BreakersCommand),
+    /// List and download the artifacts of tasks and workflows.
+    #[command(subcommand)]
+    Artifacts(ArtifactsCommand),
+}
+
+/// Output format of `artifacts list`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ArtifactFormat {
+    /// A table.
+    Text,
+    /// A JSON array.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ArtifactsCommand {
+    /// List the artifacts a task serves (once it succeeded), or those of every node of a
+    /// workflow.
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// Task id or workflow id.
+        id: String,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = ArtifactFormat::Text)]
+        output: ArtifactFormat,
+    },
+    /// Download artifacts, check their SHA-256 and unpack each into DIR/<name> (a file
+    /// artifact becomes the file DIR/<name>). With a workflow id and no --node, each goes
+    /// to DIR/<node>/<name>.
+    Get {
+        #[command(flatten)]
+        target: Target,
+        /// Task id, or workflow id.
+        id: String,
+        /// The artifact (default: all of them).
+        name: Option<String>,
+        /// Directory to unpack into (created if needed).
+        #[arg(long = "output-dir", short = 'o', value_name = "DIR")]
+        dir: PathBuf,
+        /// With a workflow id: only this node's artifacts.
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 mod security;

@@ -1,7 +1,7 @@
 //! A hand-driven agent for protocol tests: registers with the registration token, opens a
 //! session (heartbeating in the background so the controller keeps it), takes assignments
 //! and reports results when the test says so. Its agent token calls other services (the
-//! artifact service) as a real worker would.
+//! artifact service) as a real worker would. Plus helpers to upload bytes with it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use scabbard_common::client::{self, AgentServiceClient, ArtifactServiceClient};
 use scabbard_common::proto::{
-    Accepted, Ack, AgentMessage, Assign, ControllerMessage, Finished, Heartbeat, Hello,
-    RegisterRequest, TaskResult, Welcome, agent_message, controller_message,
+    Accepted, Ack, AgentMessage, ArtifactKind, ArtifactRef, ArtifactUploadHeader, Assign,
+    ControllerMessage, Finished, Heartbeat, Hello, RegisterRequest, TaskResult,
+    UploadArtifactRequest, Welcome, agent_message, controller_message, upload_artifact_request,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -175,4 +176,52 @@ impl FakeAgent {
         ArtifactServiceClient::new(crate::with_token(self.channel.clone(), &self.token))
             .max_decoding_message_size(64 << 20)
     }
+}
+
+/// SHA-256 (hex) of `data`.
+pub fn sha(data: &[u8]) -> String {
+    let mut h = scabbard_common::artifact::Sha256::default();
+    h.update(data);
+    h.finish()
+}
+
+/// Deterministic bytes that do not repeat with the chunk size.
+pub fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| ((i * 31 + i / 7919) as u8).wrapping_add(seed))
+        .collect()
+}
+
+/// The upload header of `data` as a directory artifact `name` of attempt (`task`, `token`).
+pub fn header(task: &str, token: u64, name: &str, data: &[u8]) -> ArtifactUploadHeader {
+    ArtifactUploadHeader {
+        task_id: task.into(),
+        fencing_token: token,
+        name: name.into(),
+        kind: ArtifactKind::Directory as i32,
+        size: data.len() as u64,
+        sha256: sha(data),
+    }
+}
+
+/// The messages of an upload: `h`, then `data` in 1 MiB chunks.
+pub fn messages(h: ArtifactUploadHeader, data: &[u8]) -> Vec<UploadArtifactRequest> {
+    let mut out = vec![UploadArtifactRequest {
+        part: Some(upload_artifact_request::Part::Header(h)),
+    }];
+    out.extend(data.chunks(1 << 20).map(|c| UploadArtifactRequest {
+        part: Some(upload_artifact_request::Part::Data(c.to_vec())),
+    }));
+    out
+}
+
+/// Uploads `data` with header `h`.
+pub async fn upload(
+    c: &mut ArtifactServiceClient<client::AuthedChannel>,
+    h: ArtifactUploadHeader,
+    data: &[u8],
+) -> std::result::Result<ArtifactRef, tonic::Status> {
+    c.upload(futures::stream::iter(messages(h, data)))
+        .await
+        .map(|r| r.into_inner())
 }

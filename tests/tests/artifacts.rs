@@ -8,16 +8,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use scabbard_common::artifact::Sha256;
 use scabbard_common::client::{self, ArtifactServiceClient, ProjectServiceClient};
 use scabbard_common::proto::{
-    ArtifactInput, ArtifactKind, ArtifactRef, ArtifactSpec, ArtifactUploadHeader,
-    CreateProjectRequest, CreateTokenRequest, DownloadArtifactRequest, ErrorClass,
-    ListArtifactsRequest, Outcome, Project, Requirements, Scope, StatArtifactRequest, TaskResult,
-    TaskSpec, TaskState, TokenKind, UploadArtifactRequest, download_artifact_response,
-    upload_artifact_request,
+    ArtifactInput, ArtifactKind, ArtifactRef, ArtifactSpec, CreateProjectRequest,
+    CreateTokenRequest, DownloadArtifactRequest, ErrorClass, ListArtifactsRequest, Outcome,
+    Project, Requirements, Scope, StatArtifactRequest, TaskResult, TaskSpec, TaskState, TokenKind,
+    download_artifact_response,
 };
-use scabbard_tests::agent::FakeAgent;
+use scabbard_tests::agent::{FakeAgent, header, messages, pattern, sha, upload};
 use scabbard_tests::moto::{MotoServer, SECRET_ACCESS_KEY};
 use scabbard_tests::*;
 use tonic::Code;
@@ -91,50 +89,6 @@ impl Blobs {
             Blobs::S3 { .. } => format!("ci/artifacts/{task}/{token}/{name}.tar.zst"),
         }
     }
-}
-
-fn sha(data: &[u8]) -> String {
-    let mut h = Sha256::default();
-    h.update(data);
-    h.finish()
-}
-
-/// Deterministic bytes that do not repeat with the chunk size.
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| ((i * 31 + i / 7919) as u8).wrapping_add(seed))
-        .collect()
-}
-
-fn header(task: &str, token: u64, name: &str, data: &[u8]) -> ArtifactUploadHeader {
-    ArtifactUploadHeader {
-        task_id: task.into(),
-        fencing_token: token,
-        name: name.into(),
-        kind: ArtifactKind::Directory as i32,
-        size: data.len() as u64,
-        sha256: sha(data),
-    }
-}
-
-fn messages(h: ArtifactUploadHeader, data: &[u8]) -> Vec<UploadArtifactRequest> {
-    let mut out = vec![UploadArtifactRequest {
-        part: Some(upload_artifact_request::Part::Header(h)),
-    }];
-    out.extend(data.chunks(1 << 20).map(|c| UploadArtifactRequest {
-        part: Some(upload_artifact_request::Part::Data(c.to_vec())),
-    }));
-    out
-}
-
-async fn upload(
-    c: &mut Artifacts,
-    h: ArtifactUploadHeader,
-    data: &[u8],
-) -> std::result::Result<ArtifactRef, tonic::Status> {
-    c.upload(futures::stream::iter(messages(h, data)))
-        .await
-        .map(|r| r.into_inner())
 }
 
 /// The ref and the bytes of a download.

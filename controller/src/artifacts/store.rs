@@ -29,8 +29,9 @@ use super::{CHUNK_BYTES, fmt_bytes};
 
 /// Bytes per part of a multipart upload (S3 wants at least 5 MiB for all but the last).
 const PART_BYTES: usize = 8 << 20;
-/// Parts of one upload written at once.
-const PARTS_IN_FLIGHT: usize = 4;
+/// Parts of one upload written at once: with the part being filled, an upload holds at
+/// most 3 × 8 MiB in memory.
+const PARTS_IN_FLIGHT: usize = 2;
 /// Keys waiting to be deleted in the background (more are dropped, with a warning).
 const DISCARD_QUEUE: usize = 4096;
 
@@ -388,14 +389,25 @@ fn read_file(
         }
         let mut left = end - start;
         while left > 0 {
-            let n = left.min(CHUNK_BYTES as u64) as usize;
-            let mut buf = BytesMut::zeroed(n);
-            if let Err(e) = file.read_exact(&mut buf) {
-                let _ = tx.blocking_send(fail(e));
-                return;
+            let n = left.min(CHUNK_BYTES as u64);
+            let mut buf = Vec::with_capacity(n as usize);
+            match (&mut file).take(n).read_to_end(&mut buf) {
+                Ok(got) if got as u64 == n => {}
+                Ok(got) => {
+                    let short = std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the file ended {} bytes early", left - got as u64),
+                    );
+                    let _ = tx.blocking_send(fail(short));
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(fail(e));
+                    return;
+                }
             }
-            left -= n as u64;
-            if tx.blocking_send(Ok(buf.freeze())).is_err() {
+            left -= n;
+            if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                 return; // the reader went away
             }
         }

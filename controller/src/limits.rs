@@ -519,4 +519,25 @@ mod tests {
         assert!(st.message().contains("rpc_timeout_ms"), "{}", st.message());
         assert_eq!(layer.in_flight(), 0);
     }
+
+    #[tokio::test]
+    async fn an_artifact_upload_is_not_cut_by_the_deadline() {
+        let layer = LimitsLayer::new(Limits {
+            max_concurrent_requests: 10,
+            rpc_timeout: Some(Duration::from_millis(100)),
+        });
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut s = layer.layer(svc(Some(gate.clone())));
+        let upload = http::Request::builder()
+            .uri("/scabbard.v1.ArtifactService/Upload")
+            .body(())
+            .expect("request");
+        let call = tokio::spawn(s.call(upload));
+        // Three times the deadline: a cut would have answered by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!call.is_finished(), "the upload was cut");
+        gate.add_permits(1);
+        let r = call.await.unwrap().unwrap();
+        assert!(status(&r).is_none_or(|s| s.code() == Code::Ok));
+    }
 }

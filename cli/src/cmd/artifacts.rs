@@ -293,7 +293,7 @@ mod tests {
         let e = pick(vec![r("dist"), r("report")], Some("nope"), "t1").unwrap_err();
         assert!(e.to_string().contains("it serves dist, report"), "{e}");
         let e = pick(vec![], None, "t1").unwrap_err();
-        assert!(e.to_string().contains("once a task succeeded"), "{e}");
+        assert!(e.to_string().contains("once it succeeded"), "{e}");
         assert_eq!(
             pick(vec![r("a"), r("b")], Some("b"), "t1").unwrap().len(),
             1

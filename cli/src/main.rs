@@ -6,6 +6,7 @@ mod cmd;
 mod credentials;
 mod duration;
 mod output;
+mod size;
 
 use clap::Parser;
 

@@ -1,5 +1,6 @@
 //! Client library: connecting to a controller (plaintext or TLS, see [`ClientOptions`])
-//! and the generated clients with a bearer token attached to every call ([`authed`]).
+//! and the generated clients with a bearer token attached to every call ([`authed`]);
+//! artifact downloads and uploads in [`artifacts`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,7 +13,8 @@ use crate::{Error, Result};
 pub mod artifacts;
 
 pub use artifacts::{
-    ArtifactSink, DownloadOptions, Downloaded, download_artifact, is_transient_status,
+    ArtifactSink, DownloadOptions, Downloaded, UploadFailure, download_artifact,
+    is_transient_status, upload_artifact,
 };
 
 pub use crate::proto::admin_service_client::AdminServiceClient;

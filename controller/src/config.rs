@@ -90,6 +90,9 @@ pub struct ControllerConfig {
     /// volumes) warm when only colder workers have a free slot (milliseconds; 0 = never
     /// wait).
     pub cache_affinity_wait_ms: u64,
+    /// The artifact store (`[artifacts]`): a directory on this controller's disk by default,
+    /// or an S3-compatible bucket; and the size limits of artifacts.
+    pub artifacts: crate::artifacts::ArtifactsConfig,
     /// Where schedules read the time (the system clock; a manual one in tests). Never read
     /// from the config file.
     #[serde(skip)]
@@ -143,6 +146,7 @@ impl Default for ControllerConfig {
             breaker_open_ms: 30_000,
             templates_dir: None,
             cache_affinity_wait_ms: 2_000,
+            artifacts: crate::artifacts::ArtifactsConfig::default(),
             clock: ClockHandle::default(),
         }
     }
@@ -227,6 +231,7 @@ impl ControllerConfig {
             return Err(Error::invalid("data_dir must not be empty"));
         }
         self.tls.validate()?;
+        self.artifacts.validate()?;
         if let Some(path) = &self.secrets_key_file {
             crate::sealed::read_key_file(path)?;
         }

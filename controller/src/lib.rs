@@ -4,9 +4,11 @@
 //!
 //! Layout: [`api`] (thin tonic services) → [`core`] (the actor owning live state) →
 //! [`store`] (etcd-like store interface and backends); [`session`] runs one actor per
-//! agent stream; [`logstore`] keeps task logs; [`server`] wires it all to a listener.
+//! agent stream; [`logstore`] keeps task logs; [`artifacts`] keeps artifacts (local disk
+//! or S3) and moves their bytes; [`server`] wires it all to a listener.
 
 pub mod api;
+pub mod artifacts;
 pub mod audit;
 pub mod auth;
 pub mod config;

@@ -8,7 +8,8 @@
 //! * a **global concurrency limit** (`max_concurrent_requests`, 0 = unlimited): calls over
 //!   it are rejected at once, never queued;
 //! * a **per-RPC deadline** (`rpc_timeout_ms`, 0 = none) on the handler: a call whose
-//!   handler has not answered in time gets `DEADLINE_EXCEEDED`.
+//!   handler has not answered in time gets `DEADLINE_EXCEEDED`. Not on artifact uploads,
+//!   whose handler reads the client's whole stream (they have an idle timeout instead).
 //!
 //! Rejections are `RESOURCE_EXHAUSTED` with the retry hint `retry-after-ms` in the
 //! metadata ([`scabbard_common::error::retry_after`] reads it back).
@@ -193,7 +194,13 @@ where
                 return Box::pin(async move { Ok(resp) });
             }
         };
-        let timeout = self.shared.limits.rpc_timeout;
+        // An upload's handler reads the whole client stream: it has its own idle timeout
+        // instead of the per-call deadline.
+        let timeout = self
+            .shared
+            .limits
+            .rpc_timeout
+            .filter(|_| !is_client_stream(req.uri().path()));
         let path = timeout.map(|_| req.uri().path().to_string());
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -212,6 +219,11 @@ where
             }
         })
     }
+}
+
+/// Client-streaming methods, whose handlers last as long as the client sends.
+fn is_client_stream(path: &str) -> bool {
+    path == "/scabbard.v1.ArtifactService/Upload"
 }
 
 /// Token buckets keyed by token id (GCRA: each entry is the bucket's theoretical arrival
@@ -506,5 +518,26 @@ mod tests {
         assert_eq!(st.code(), Code::DeadlineExceeded);
         assert!(st.message().contains("rpc_timeout_ms"), "{}", st.message());
         assert_eq!(layer.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_artifact_upload_is_not_cut_by_the_deadline() {
+        let layer = LimitsLayer::new(Limits {
+            max_concurrent_requests: 10,
+            rpc_timeout: Some(Duration::from_millis(100)),
+        });
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut s = layer.layer(svc(Some(gate.clone())));
+        let upload = http::Request::builder()
+            .uri("/scabbard.v1.ArtifactService/Upload")
+            .body(())
+            .expect("request");
+        let call = tokio::spawn(s.call(upload));
+        // Three times the deadline: a cut would have answered by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!call.is_finished(), "the upload was cut");
+        gate.add_permits(1);
+        let r = call.await.unwrap().unwrap();
+        assert!(status(&r).is_none_or(|s| s.code() == Code::Ok));
     }
 }

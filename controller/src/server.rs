@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use scabbard_common::proto::{
     FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
-    agent_service_server::AgentServiceServer, project_service_server::ProjectServiceServer,
-    schedule_service_server::ScheduleServiceServer, task_service_server::TaskServiceServer,
-    template_service_server::TemplateServiceServer, workflow_service_server::WorkflowServiceServer,
+    agent_service_server::AgentServiceServer, artifact_service_server::ArtifactServiceServer,
+    project_service_server::ProjectServiceServer, schedule_service_server::ScheduleServiceServer,
+    task_service_server::TaskServiceServer, template_service_server::TemplateServiceServer,
+    workflow_service_server::WorkflowServiceServer,
 };
 use scabbard_common::{Error, Result};
 use tokio::net::TcpListener;
@@ -17,7 +18,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{AdminApi, AgentApi, ProjectApi, ScheduleApi, TaskApi, TemplateApi, WorkflowApi};
+use crate::api::{
+    AdminApi, AgentApi, ArtifactApi, ProjectApi, ScheduleApi, TaskApi, TemplateApi, WorkflowApi,
+};
+use crate::artifacts::{ArtifactStore, Artifacts};
 use crate::auth::catalog::{Bootstrap, DefaultLimits};
 use crate::auth::{AuthLayer, Catalog};
 use crate::config::ControllerConfig;
@@ -82,6 +86,7 @@ pub async fn serve(
     cfg.validate()?;
     // Built-in templates plus the configured directory; a broken file stops the start.
     let templates = Arc::new(Registry::load(cfg.templates_dir.as_deref())?);
+    let artifacts = open_artifacts(&cfg)?;
     let cfg = Arc::new(cfg);
     let addr = listener.local_addr()?;
     let advertise = cfg
@@ -121,10 +126,13 @@ pub async fn serve(
     }
     let (route, router_handle) = CoreRouter::new(Route::Follower(None));
     let leading = tokio::spawn(lead_when_elected(
-        cfg.clone(),
-        store.clone(),
-        catalog.clone(),
-        templates.clone(),
+        Shared {
+            cfg: cfg.clone(),
+            store: store.clone(),
+            catalog: catalog.clone(),
+            templates: templates.clone(),
+            artifacts: artifacts.clone(),
+        },
         advertise.clone(),
         route,
         shutdown.clone(),
@@ -164,6 +172,7 @@ pub async fn serve(
         store.clone(),
         catalog,
         templates,
+        artifacts,
         advertise.clone(),
     )?;
     info!(%addr, %advertise, "controller serving");
@@ -198,15 +207,28 @@ pub async fn serve(
 
 /// Campaigns for leadership; while leading runs the core and routes requests to it, and
 /// stops it (requests get redirected) as soon as leadership is lost.
-async fn lead_when_elected(
+/// What every leadership term's core is built from.
+struct Shared {
     cfg: Arc<ControllerConfig>,
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
     templates: Arc<Registry>,
+    artifacts: Arc<ArtifactStore>,
+}
+
+async fn lead_when_elected(
+    shared: Shared,
     advertise: String,
     route: watch::Sender<Route>,
     shutdown: CancellationToken,
 ) {
+    let Shared {
+        cfg,
+        store,
+        catalog,
+        templates,
+        artifacts,
+    } = shared;
     let ttl = cfg.leader_lease_ttl();
     while let Some(lead) = leader::campaign(store.clone(), &advertise, ttl, &route, &shutdown).await
     {
@@ -222,9 +244,12 @@ async fn lead_when_elected(
                 core::start(
                     cfg.clone(),
                     store.clone(),
-                    catalog.clone(),
-                    templates.clone(),
-                    logs,
+                    core::Deps {
+                        catalog: catalog.clone(),
+                        templates: templates.clone(),
+                        logs,
+                        artifacts: Some(artifacts.clone()),
+                    },
                     core_stop.clone(),
                     Some(fence),
                 )
@@ -257,6 +282,27 @@ async fn lead_when_elected(
     }
 }
 
+/// Opens the artifact store (creating the local directory) and checks in the background
+/// that a remote one answers.
+fn open_artifacts(cfg: &ControllerConfig) -> Result<Arc<ArtifactStore>> {
+    let store = ArtifactStore::open(&cfg.artifacts, &cfg.data_dir)?;
+    info!(store = %store.describe(), "artifact store");
+    if cfg.artifacts.backend == "local" && cfg.store == "etcd" && cfg.artifacts.dir.is_none() {
+        warn!(
+            "artifacts.backend = \"local\" with store = \"etcd\": every controller must see the same artifacts directory (set artifacts.dir to a shared filesystem), or use artifacts.backend = \"s3\""
+        );
+    }
+    if cfg.artifacts.backend != "local" {
+        let probe = store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = probe.probe().await {
+                tracing::error!(error = %e, "the artifact store cannot be reached: uploads and downloads will fail until it can");
+            }
+        });
+    }
+    Ok(store)
+}
+
 /// A reflection builder serving every descriptor set.
 ///
 /// Kept out of line on purpose: `router` used to pass two identical fresh
@@ -276,6 +322,7 @@ fn router(
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
     templates: Arc<Registry>,
+    artifact_store: Arc<ArtifactStore>,
     advertise: String,
 ) -> Result<
     tonic::transport::server::Router<
@@ -307,6 +354,7 @@ fn router(
                 "scabbard.v1.WorkflowService",
                 "scabbard.v1.TemplateService",
                 "scabbard.v1.ScheduleService",
+                "scabbard.v1.ArtifactService",
             ] {
                 reporter.set_service_status(name, status).await;
             }
@@ -359,11 +407,18 @@ fn router(
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let schedules = ScheduleServiceServer::new(ScheduleApi {
-        core,
+        core: core.clone(),
         catalog: catalog.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    // Artifact data travels in 1 MiB messages whatever max_message_bytes says.
+    let artifact_max = max.max(crate::artifacts::CHUNK_BYTES + 64 * 1024);
+    let artifact_api = ArtifactServiceServer::new(ArtifactApi {
+        artifacts: Arc::new(Artifacts::new(core, artifact_store)),
+    })
+    .max_decoding_message_size(artifact_max)
+    .max_encoding_message_size(artifact_max);
     Ok(crate::tls::server_builder(&cfg.tls)?
         .layer(AuthLayer::new(catalog))
         // Inside auth: rate limits per principal, concurrency limit, per-RPC deadline.
@@ -382,7 +437,8 @@ fn router(
         .add_service(projects)
         .add_service(workflows)
         .add_service(template_api)
-        .add_service(schedules))
+        .add_service(schedules)
+        .add_service(artifact_api))
 }
 
 /// A controller running in this process (tests, `scabbard dev`).

@@ -2,8 +2,10 @@
 //! ports, temp data dirs), a TCP proxy that can cut connections, and client helpers that
 //! wait on conditions with deadlines. Every child is killed when its handle drops.
 
+pub mod agent;
 pub mod etcd;
 pub mod fleet;
+pub mod moto;
 pub mod proxy;
 pub mod sec;
 pub mod wf;
@@ -55,6 +57,14 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Owns `child` (killed on drop); `name` is for messages.
+    pub fn new(child: Child, name: &str) -> Self {
+        Self {
+            child: Some(child),
+            name: name.into(),
+        }
+    }
+
     /// PID of the process.
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)

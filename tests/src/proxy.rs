@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -14,6 +14,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     cut: watch::Sender<u64>,
     blocked: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -24,13 +25,15 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let (cut, _) = watch::channel(0u64);
         let blocked = Arc::new(AtomicBool::new(false));
-        let (cut_tx, b) = (cut.clone(), blocked.clone());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (cut_tx, b, n) = (cut.clone(), blocked.clone(), accepted.clone());
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 if b.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
+                n.fetch_add(1, Ordering::SeqCst);
                 let mut cut_rx = cut_tx.subscribe();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(upstream).await else {
@@ -48,6 +51,7 @@ impl Proxy {
             addr,
             cut,
             blocked,
+            accepted,
             task,
         })
     }
@@ -56,6 +60,11 @@ impl Proxy {
     pub fn cut(&self, block: bool) {
         self.blocked.store(block, Ordering::SeqCst);
         self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Connections proxied so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Accepts new connections again.

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use scabbard_controller::ControllerConfig;
 use scabbard_worker::WorkerConfig;
 
-use crate::args::{ControllerArgs, DevArgs, WorkerArgs};
+use crate::args::{ArtifactStoreArgs, ControllerArgs, DevArgs, WorkerArgs};
 
 pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     let (data_dir, _temp) = match a.data_dir {
@@ -237,6 +237,7 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if a.require_worker_client_cert {
         cfg.tls.require_worker_client_cert = true;
     }
+    apply_artifact_args(&mut cfg.artifacts, a.artifacts);
     cfg.validate()?;
     let shutdown = super::shutdown_on_signals();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -246,6 +247,57 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     println!("listening on {}", listener.local_addr()?);
     scabbard_controller::run(cfg, listener, shutdown).await?;
     Ok(0)
+}
+
+/// Flags and environment over the config file's `[artifacts]`.
+fn apply_artifact_args(
+    cfg: &mut scabbard_controller::artifacts::ArtifactsConfig,
+    a: ArtifactStoreArgs,
+) {
+    if let Some(b) = a.artifacts_backend {
+        cfg.backend = b;
+    }
+    if a.artifacts_dir.is_some() {
+        cfg.dir = a.artifacts_dir;
+    }
+    if let Some(n) = a.max_artifact_bytes {
+        cfg.max_artifact_bytes = n;
+    }
+    if let Some(n) = a.max_task_artifact_bytes {
+        cfg.max_task_artifact_bytes = n;
+    }
+    let s3 = &mut cfg.s3;
+    if let Some(v) = a.artifacts_s3_bucket {
+        s3.bucket = v;
+    }
+    if let Some(v) = a.artifacts_s3_prefix {
+        s3.prefix = v;
+    }
+    if let Some(v) = a.artifacts_s3_endpoint {
+        s3.endpoint = v;
+    }
+    if let Some(v) = a.artifacts_s3_region {
+        s3.region = v;
+    }
+    if let Some(v) = a.artifacts_s3_access_key_id {
+        s3.access_key_id = v;
+    }
+    if let Ok(v) = std::env::var("SCABBARD_S3_SECRET_ACCESS_KEY")
+        && !v.trim().is_empty()
+    {
+        s3.secret_access_key = v.trim().to_string();
+        s3.secret_access_key_file = None;
+    }
+    if let Some(f) = a.artifacts_s3_secret_access_key_file {
+        s3.secret_access_key_file = Some(f);
+        s3.secret_access_key.clear();
+    }
+    if a.artifacts_s3_allow_http {
+        s3.allow_http = true;
+    }
+    if a.artifacts_s3_virtual_hosted_style {
+        s3.virtual_hosted_style = true;
+    }
 }
 
 pub(crate) async fn worker(a: WorkerArgs) -> Result<u8> {

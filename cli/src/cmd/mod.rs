@@ -1,6 +1,7 @@
 //! Command implementations.
 
 mod agents;
+mod artifacts;
 mod daemons;
 mod schedules;
 mod security;
@@ -36,6 +37,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Template(c) => templates::template(c).await,
         Command::Schedule(c) => schedules::schedule(c).await,
         Command::Breakers(c) => agents::breakers(c).await,
+        Command::Artifacts(c) => artifacts::artifacts(c).await,
     }
 }
 

@@ -1,6 +1,7 @@
-//! Downloading one artifact from the controller's artifact store (`ArtifactService.Download`),
-//! written once for every client: the worker (a task's inputs) and the CLI
-//! (`scabbard artifacts get`).
+//! Moving one artifact to and from the controller's artifact store, written once for every
+//! client (the worker's inputs and outputs, the CLI's `scabbard artifacts get`, the
+//! benchmark): [`download_artifact`] (`ArtifactService.Download`) and [`upload_artifact`]
+//! (`ArtifactService.Upload`, one try; the worker retries it by its own policy).
 //!
 //! [`download_artifact`] owns the transfer: it resumes a dropped stream at the byte after the
 //! last one it received (with jittered backoff between tries), hashes the archive as it
@@ -47,6 +48,23 @@ impl ArtifactSink for Vec<u8> {
     async fn restart(&mut self) -> io::Result<()> {
         self.clear();
         Ok(())
+    }
+}
+
+/// A buffered file opened for writing at its start.
+impl ArtifactSink for tokio::io::BufWriter<tokio::fs::File> {
+    async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_all(data).await
+    }
+
+    async fn restart(&mut self) -> io::Result<()> {
+        self.flush().await?;
+        self.get_mut().restart().await
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.flush().await?;
+        self.get_mut().finish().await
     }
 }
 
@@ -376,3 +394,128 @@ where
 
 #[cfg(test)]
 mod tests;
+
+/// Bytes of archive per upload message: 1 MiB, less a little so that a message with its
+/// framing stays under a 1 MiB message limit.
+pub const CHUNK_BYTES: usize = (1 << 20) - 1024;
+
+/// Why one upload did not store the artifact.
+#[derive(Debug)]
+pub enum UploadFailure {
+    /// The call failed; whether to try again is the caller's call
+    /// ([`is_transient_status`]).
+    Status(tonic::Status),
+    /// The archive could not be read.
+    Local(Error),
+}
+
+impl std::fmt::Display for UploadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Status(s) => write!(f, "{}: {}", s.code(), s.message()),
+            Self::Local(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for UploadFailure {}
+
+impl From<UploadFailure> for Error {
+    fn from(f: UploadFailure) -> Self {
+        match f {
+            UploadFailure::Status(s) => s.into(),
+            UploadFailure::Local(e) => e,
+        }
+    }
+}
+
+/// Uploads the packed archive at `archive` as one artifact of an attempt, once: the header
+/// (its `size` and `sha256` must describe the file, or the controller refuses the upload),
+/// then the file in [`CHUNK_BYTES`] pieces. Returns the ref the controller recorded.
+pub async fn upload_artifact<T>(
+    client: &mut ArtifactServiceClient<T>,
+    header: crate::proto::ArtifactUploadHeader,
+    archive: &std::path::Path,
+) -> std::result::Result<ArtifactRef, UploadFailure>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    use crate::proto::{UploadArtifactRequest, upload_artifact_request};
+    use std::sync::{Arc, Mutex, PoisonError};
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(archive).await.map_err(|e| {
+        UploadFailure::Local(Error::internal(format!(
+            "cannot open the archive {}: {e}",
+            archive.display()
+        )))
+    })?;
+    let read_error: Arc<Mutex<Option<io::Error>>> = Arc::default();
+    let start = UploadArtifactRequest {
+        part: Some(upload_artifact_request::Part::Header(header)),
+    };
+    let failed = read_error.clone();
+    let data = futures::stream::unfold(Some(file), move |file| {
+        let failed = failed.clone();
+        async move {
+            let mut file = file?;
+            let mut buf = Vec::with_capacity(CHUNK_BYTES);
+            match (&mut file)
+                .take(CHUNK_BYTES as u64)
+                .read_to_end(&mut buf)
+                .await
+            {
+                Ok(0) => None,
+                Ok(_) => Some((
+                    UploadArtifactRequest {
+                        part: Some(upload_artifact_request::Part::Data(buf)),
+                    },
+                    Some(file),
+                )),
+                Err(e) => {
+                    *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                    None
+                }
+            }
+        }
+    });
+    let body = futures::StreamExt::chain(futures::stream::iter([start]), data);
+    let result = client.upload(body).await;
+    // A file that could not be read explains a refused upload better than the refusal.
+    if let Some(e) = read_error
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    {
+        return Err(UploadFailure::Local(Error::internal(format!(
+            "cannot read the archive {}: {e}",
+            archive.display()
+        ))));
+    }
+    result
+        .map(tonic::Response::into_inner)
+        .map_err(UploadFailure::Status)
+}
+
+/// [`download_artifact`] through one client (cloned for each try) with the default
+/// options; returns the artifact's ref.
+pub async fn download_from<S: ArtifactSink>(
+    client: ArtifactServiceClient<AuthedChannel>,
+    req: &DownloadArtifactRequest,
+    sink: &mut S,
+) -> Result<ArtifactRef> {
+    let got = download_artifact(
+        |_| {
+            let c = client.clone();
+            async move { Ok(c) }
+        },
+        req,
+        None,
+        sink,
+        &DownloadOptions::default(),
+    )
+    .await?;
+    Ok(got.artifact)
+}

@@ -3,6 +3,7 @@
 
 mod admin;
 mod agents;
+mod artifacts;
 mod guard;
 mod logs;
 mod projects;
@@ -13,6 +14,7 @@ mod workflows;
 
 pub use admin::AdminApi;
 pub use agents::AgentApi;
+pub use artifacts::ArtifactApi;
 pub use projects::ProjectApi;
 pub use schedules::ScheduleApi;
 pub use tasks::TaskApi;

@@ -28,6 +28,8 @@ pub enum Rule {
     Agent,
     /// An API token with at least this scope.
     Api(Scope),
+    /// An agent token, or an API token with at least this scope.
+    AgentOrApi(Scope),
 }
 
 /// The rule for a gRPC path (`/package.Service/Method`).
@@ -49,6 +51,11 @@ pub fn rule(path: &str) -> Rule {
         ("AdminService", "ListBreakers") => Rule::Api(Scope::Read),
         ("AdminService", "DrainAgent" | "ListAudit" | "ResetBreaker") => Rule::Api(Scope::Operator),
         ("AdminService", _) => Rule::Api(Scope::Admin),
+        // Uploads come from the agent running the attempt; downloads from agents (inputs
+        // of their attempts) and readers (results); the service checks which.
+        ("ArtifactService", "Upload") => Rule::Agent,
+        ("ArtifactService", "Download") => Rule::AgentOrApi(Scope::Read),
+        ("ArtifactService", _) => Rule::Api(Scope::Read),
         ("TaskService", "Submit" | "Cancel") => Rule::Api(Scope::Submit),
         ("TaskService", _) => Rule::Api(Scope::Read),
         ("ProjectService", "Get" | "List") => Rule::Api(Scope::Read),
@@ -144,7 +151,15 @@ fn check<B>(catalog: &Catalog, req: &mut http::Request<B>) -> Result<(), Error> 
         (_, Some(t)) => catalog.authenticate(t)?,
     };
     match (rule, principal.kind) {
-        (Rule::Agent, TokenKind::Agent) | (Rule::Optional, _) => {}
+        (Rule::Agent | Rule::AgentOrApi(_), TokenKind::Agent) | (Rule::Optional, _) => {}
+        (Rule::AgentOrApi(_), TokenKind::Api) => {}
+        (Rule::AgentOrApi(_), _) => {
+            return Err(Error::PermissionDenied(format!(
+                "{} needs an agent or API token; token {} is a registration token",
+                req.uri().path(),
+                principal.token_id
+            )));
+        }
         (Rule::Agent, _) => {
             return Err(Error::PermissionDenied(format!(
                 "{} is for agents: it needs an agent token, not token {}",
@@ -167,7 +182,12 @@ fn check<B>(catalog: &Catalog, req: &mut http::Request<B>) -> Result<(), Error> 
         }
         (Rule::Open, _) => {}
     }
-    if let Rule::Api(scope) = rule
+    let needed = match rule {
+        Rule::Api(scope) => Some(scope),
+        Rule::AgentOrApi(scope) if principal.kind == TokenKind::Api => Some(scope),
+        _ => None,
+    };
+    if let Some(scope) = needed
         && (principal.scope as i32) < scope as i32
     {
         return Err(Error::PermissionDenied(format!(
@@ -231,5 +251,18 @@ mod tests {
             Rule::Api(Scope::Admin)
         );
         assert_eq!(rule("/nope"), Rule::Api(Scope::Read));
+        assert_eq!(rule("/scabbard.v1.ArtifactService/Upload"), Rule::Agent);
+        assert_eq!(
+            rule("/scabbard.v1.ArtifactService/Download"),
+            Rule::AgentOrApi(Scope::Read)
+        );
+        assert_eq!(
+            rule("/scabbard.v1.ArtifactService/Stat"),
+            Rule::Api(Scope::Read)
+        );
+        assert_eq!(
+            rule("/scabbard.v1.ArtifactService/List"),
+            Rule::Api(Scope::Read)
+        );
     }
 }

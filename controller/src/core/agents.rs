@@ -139,7 +139,8 @@ impl State {
                 .as_ref()
                 .map(|a| a.project.clone())
                 .unwrap_or_default(),
-            ..Default::default()
+            max_artifact_bytes: self.cfg.artifacts.max_artifact_bytes,
+            max_task_artifact_bytes: self.cfg.artifacts.max_task_artifact_bytes,
         };
         info!(agent = %agent_id, session, resumed = attempts.len(), lost = lost.len(), "agent attached");
         let _ = reply.send(Ok(Attached {

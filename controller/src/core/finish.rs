@@ -1,6 +1,8 @@
 //! The end of an attempt: recording a result (or refusing a stale one), retrying by the
 //! task's policy after a backoff (state RETRY_WAIT, released by a timer), requeueing after
-//! infrastructure failures within their separate bound, and feeding circuit breakers.
+//! infrastructure failures within their separate bound, and feeding circuit breakers. A
+//! success serves the artifacts its attempt recorded (a required one missing is an
+//! infrastructure failure); the uploads of attempts that end any other way are deleted.
 
 use scabbard_common::is_final;
 use scabbard_common::proto::{
@@ -11,7 +13,7 @@ use scabbard_common::time::now_ms;
 use tracing::info;
 
 use super::breakers::agent_key;
-use super::{Effect, State, agent_effect, retry};
+use super::{Effect, State, agent_effect, artifacts, retry};
 
 impl State {
     /// Records an attempt's result, or tells the agent its report is stale.
@@ -40,12 +42,23 @@ impl State {
                 e.task.attempts.last().is_some_and(|a| {
                     a.fencing_token == f.fencing_token
                         && a.agent_id == agent_id
-                        && a.result.is_some()
-                        && a.result == f.result
+                        && match (&a.result, &f.result) {
+                            (Some(kept), Some(sent)) => artifacts::same_report(kept, sent),
+                            _ => false,
+                        }
                 })
             });
             if !recorded {
                 info!(task = %f.task_id, token = f.fencing_token, agent = agent_id, "rejected a stale result");
+                // What that attempt uploaded will never be served.
+                if let Some(t) = self.tasks.get(&f.task_id).map(|e| &e.task)
+                    && t.attempts
+                        .iter()
+                        .any(|a| a.fencing_token == f.fencing_token && a.agent_id == agent_id)
+                {
+                    let refs = self.unreferenced_uploads(t, f.fencing_token);
+                    self.discard_uploads(&refs);
+                }
             }
             if let Some(tx) = tx {
                 let _ = tx.try_send(ack(!recorded));
@@ -58,6 +71,9 @@ impl State {
             error_class: ErrorClass::Infrastructure as i32,
             ..Default::default()
         });
+        // A success serves what the attempt recorded; a required artifact it did not
+        // upload makes it an infrastructure failure.
+        let result = self.with_recorded_artifacts(&f.task_id, result);
         if result.error_class() == ErrorClass::Infrastructure && result.outcome() == Outcome::Failed
         {
             let msg = format!(
@@ -121,6 +137,11 @@ impl State {
         if let Some(a) = self.agents.get_mut(agent_id) {
             a.running.remove(&f.task_id);
         }
+        let discard = if result.outcome() == Outcome::Succeeded {
+            None
+        } else {
+            self.discard_effect(self.unreferenced_uploads(&task, f.fencing_token))
+        };
         match retry::class_of(&result) {
             None if result.outcome() == Outcome::Succeeded => {
                 keys.iter().for_each(|k| self.breakers.success(k));
@@ -160,6 +181,7 @@ impl State {
                 }
             }));
         }
+        effects.extend(discard);
         // Breaker changes first: durable no later than the result that caused them.
         self.flush_breakers().await;
         self.persist_task(&task, effects).await;
@@ -238,9 +260,15 @@ impl State {
         if let Some(a) = self.agents.get_mut(&old_agent) {
             a.running.remove(task_id);
         }
+        // The ended attempt's uploads will never be served.
+        let discard = task
+            .attempts
+            .last()
+            .and_then(|a| self.discard_effect(self.unreferenced_uploads(&task, a.fencing_token)));
         // Breaker changes first: durable no later than the result that caused them.
         self.flush_breakers().await;
-        self.persist_task(&task, Vec::new()).await;
+        self.persist_task(&task, discard.into_iter().collect())
+            .await;
     }
 
     /// Puts tasks whose retry backoff has passed back in the queue.

@@ -7,6 +7,7 @@
 //! On start (and after a failed commit) it rebuilds itself from the store.
 
 mod agents;
+pub(crate) mod artifacts;
 pub(crate) mod breakers;
 mod dispatch;
 mod finish;
@@ -171,6 +172,38 @@ pub(crate) enum CoreMsg {
     ResetBreaker {
         key: String,
         reply: Reply<scabbard_common::proto::Breaker>,
+    },
+    /// May this agent start uploading this artifact of its attempt?
+    ArtifactUploadStart {
+        agent_id: String,
+        task_id: String,
+        fencing_token: u64,
+        name: String,
+        size: u64,
+        reply: Reply<artifacts::UploadGrant>,
+    },
+    /// Records a completed upload on its attempt (durable before the reply).
+    ArtifactRecord {
+        agent_id: String,
+        artifact: Box<scabbard_common::proto::ArtifactRef>,
+        reply: oneshot::Sender<
+            std::result::Result<scabbard_common::proto::ArtifactRef, artifacts::RecordRefused>,
+        >,
+    },
+    /// The ref of an input artifact an agent wants for an attempt it runs.
+    ArtifactForInput {
+        agent_id: String,
+        for_task_id: String,
+        for_fencing_token: u64,
+        task_id: String,
+        name: String,
+        reply: Reply<scabbard_common::proto::ArtifactRef>,
+    },
+    /// What a task (or, with `workflow`, a workflow) serves.
+    ServedArtifacts {
+        id: String,
+        workflow: bool,
+        reply: Reply<artifacts::Served>,
     },
 }
 
@@ -345,6 +378,21 @@ pub(crate) struct State {
     pub(crate) templates: Arc<crate::templates::Registry>,
     /// The time schedules go by.
     pub(crate) clock: Arc<dyn crate::schedules::Clock>,
+    /// The artifact store, for deleting uploads no result will refer to (in the
+    /// background: the core never waits on it).
+    pub(crate) artifacts: Option<Arc<crate::artifacts::ArtifactStore>>,
+}
+
+/// What a core works with besides its config and store.
+pub(crate) struct Deps {
+    /// Projects (quotas) and tokens.
+    pub(crate) catalog: Arc<Catalog>,
+    /// Templates, for schedules.
+    pub(crate) templates: Arc<crate::templates::Registry>,
+    /// This term's log store.
+    pub(crate) logs: Arc<LogStore>,
+    /// The artifact store (deletes of uploads no result refers to).
+    pub(crate) artifacts: Option<Arc<crate::artifacts::ArtifactStore>>,
 }
 
 /// Starts the core: rebuilds state from `store`, then serves requests until `shutdown`.
@@ -354,12 +402,16 @@ pub(crate) struct State {
 pub(crate) async fn start(
     cfg: Arc<ControllerConfig>,
     store: Arc<dyn Store>,
-    catalog: Arc<Catalog>,
-    templates: Arc<crate::templates::Registry>,
-    logs: Arc<LogStore>,
+    deps: Deps,
     shutdown: CancellationToken,
     fence: Option<persist::Fence>,
 ) -> Result<(CoreHandle, tokio::task::JoinHandle<()>)> {
+    let Deps {
+        catalog,
+        templates,
+        logs,
+        artifacts,
+    } = deps;
     let secrets = crate::sealed::SecretBox::from_config(&cfg)?;
     let failed = Arc::new(Notify::new());
     let max_batch = 4096usize.min(store.max_txn_ops().saturating_sub(1)).max(1);
@@ -396,6 +448,7 @@ pub(crate) async fn start(
         crons: HashMap::new(),
         templates,
         clock,
+        artifacts,
     };
     state.recover().await?;
     state.advance_workflows().await;
@@ -564,6 +617,54 @@ impl State {
                         .ok_or_else(|| Error::not_found("breaker", key)),
                 );
                 self.flush_breakers().await;
+            }
+            CoreMsg::ArtifactUploadStart {
+                agent_id,
+                task_id,
+                fencing_token,
+                name,
+                size,
+                reply,
+            } => {
+                let _ = reply.send(self.artifact_upload_start(
+                    &agent_id,
+                    &task_id,
+                    fencing_token,
+                    &name,
+                    size,
+                ));
+            }
+            CoreMsg::ArtifactRecord {
+                agent_id,
+                artifact,
+                reply,
+            } => self.record_artifact(&agent_id, *artifact, reply).await,
+            CoreMsg::ArtifactForInput {
+                agent_id,
+                for_task_id,
+                for_fencing_token,
+                task_id,
+                name,
+                reply,
+            } => {
+                let _ = reply.send(self.artifact_for_input(
+                    &agent_id,
+                    &for_task_id,
+                    for_fencing_token,
+                    &task_id,
+                    &name,
+                ));
+            }
+            CoreMsg::ServedArtifacts {
+                id,
+                workflow,
+                reply,
+            } => {
+                let _ = reply.send(if workflow {
+                    self.workflow_artifacts(&id)
+                } else {
+                    self.task_artifacts(&id)
+                });
             }
             CoreMsg::Stats { reply } => {
                 let active = self.agents.values().map(|a| a.running.len()).sum();

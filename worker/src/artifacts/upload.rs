@@ -6,22 +6,14 @@
 //! and so is a cancel.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
 
 use scabbard_common::Error;
 use scabbard_common::backoff::Backoff;
-use scabbard_common::client::is_transient_status;
-use scabbard_common::proto::{
-    ArtifactRef, ArtifactUploadHeader, UploadArtifactRequest, upload_artifact_request::Part,
-};
-use tokio::io::AsyncReadExt;
+use scabbard_common::client::{UploadFailure, is_transient_status, upload_artifact};
+use scabbard_common::proto::{ArtifactRef, ArtifactUploadHeader};
 use tokio_util::sync::CancellationToken;
 
 use crate::link::ControllerLink;
-
-/// Bytes per data message: 1 MiB, less a little so a message with its framing stays under
-/// a 1 MiB message limit.
-const CHUNK: usize = (1 << 20) - 1024;
 
 /// Why an upload did not store the artifact.
 #[derive(Debug)]
@@ -96,58 +88,10 @@ async fn try_once(
     archive: &Path,
 ) -> Result<ArtifactRef, Try> {
     let mut client = link.artifacts().await.map_err(Try::Connect)?;
-    let file = tokio::fs::File::open(archive).await.map_err(|e| {
-        Try::Local(Error::internal(format!(
-            "cannot open the archive {}: {e}",
-            archive.display()
-        )))
-    })?;
-    let read_error: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
-    let requests = body(header.clone(), file, read_error.clone());
-    let result = client.upload(requests).await;
-    if let Some(e) = read_error
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take()
-    {
-        return Err(Try::Local(Error::internal(format!(
-            "cannot read the archive {}: {e}",
-            archive.display()
-        ))));
-    }
-    result.map(tonic::Response::into_inner).map_err(Try::Status)
-}
-
-/// The request stream: the header, then the file in chunks. A read error ends the stream
-/// early and is left in `read_error`.
-fn body(
-    header: ArtifactUploadHeader,
-    file: tokio::fs::File,
-    read_error: Arc<Mutex<Option<std::io::Error>>>,
-) -> impl futures::Stream<Item = UploadArtifactRequest> + Send + 'static {
-    let start = UploadArtifactRequest {
-        part: Some(Part::Header(header)),
-    };
-    let data = futures::stream::unfold(Some(file), move |file| {
-        let read_error = read_error.clone();
-        async move {
-            let mut file = file?;
-            let mut buf = Vec::with_capacity(CHUNK);
-            let read = (&mut file).take(CHUNK as u64).read_to_end(&mut buf).await;
-            match read {
-                Ok(0) => None,
-                Ok(_) => Some((
-                    UploadArtifactRequest {
-                        part: Some(Part::Data(buf)),
-                    },
-                    Some(file),
-                )),
-                Err(e) => {
-                    *read_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
-                    None
-                }
-            }
-        }
-    });
-    futures::StreamExt::chain(futures::stream::iter([start]), data)
+    upload_artifact(&mut client, header.clone(), archive)
+        .await
+        .map_err(|f| match f {
+            UploadFailure::Status(s) => Try::Status(s),
+            UploadFailure::Local(e) => Try::Local(e),
+        })
 }

@@ -53,7 +53,9 @@ async fn run_workflow(
 }
 
 async fn logs_of(tasks: &mut Tasks, id: &str) -> String {
-    logs(tasks, id, 0, false).await.unwrap_or_default()
+    logs(tasks, id, 0, false)
+        .await
+        .unwrap_or_else(|e| format!("(no log: {e:#})"))
 }
 
 /// The lines a step printed between two markers (its own sha256sum output).
@@ -83,7 +85,7 @@ tasks:
               head -c 1500000 /dev/urandom > /out/dist/sub/blob.bin
               seq 1 50000 > /out/dist/numbers.txt
               ln -s numbers.txt /out/dist/link
-              cd /out/dist && echo BEGIN && find . -type f | sort | xargs sha256sum && echo END
+              cd /out/dist && echo SUMS-$((1+1)) && find . -type f | sort | xargs sha256sum && echo END-$((1+1))
     artifacts:
       - {name: dist, path: /out/dist}
   - name: verify
@@ -99,7 +101,7 @@ tasks:
               set -e
               test -d /in/dist/empty
               test "$(readlink /in/dist/link)" = numbers.txt
-              cd /in/dist && echo BEGIN && find . -type f | sort | xargs sha256sum && echo END
+              cd /in/dist && echo SUMS-$((1+1)) && find . -type f | sort | xargs sha256sum && echo END-$((1+1))
     inputs:
       - {from: "${{ tasks.build.artifacts.dist }}", path: /in/dist}
 "#;
@@ -112,8 +114,8 @@ async fn artifacts_cross_workers(fleet: &Fleet) -> anyhow::Result<()> {
     assert_eq!(fleet.worker_name(ran_on(&build)), "a");
     assert_eq!(fleet.worker_name(ran_on(&verify)), "b");
     // The producer's files, what the consumer received, and what the store serves: equal.
-    let produced = between(&logs_of(&mut tasks, &build.id).await, "BEGIN", "END");
-    let received = between(&logs_of(&mut tasks, &verify.id).await, "BEGIN", "END");
+    let produced = between(&logs_of(&mut tasks, &build.id).await, "SUMS-2", "END-2");
+    let received = between(&logs_of(&mut tasks, &verify.id).await, "SUMS-2", "END-2");
     assert!(produced.contains("./sub/blob.bin"), "{produced}");
     assert_eq!(produced, received);
     let dest = fleet.dir.path().join("fetched-dist");
@@ -151,7 +153,12 @@ async fn a_directory_artifact_reaches_a_task_on_another_worker_byte_for_byte() -
 async fn the_same_through_an_s3_artifact_store() -> anyhow::Result<()> {
     let s3 = scabbard_tests::moto::MotoServer::start().await?;
     s3.create_bucket("scabbard-artifacts").await?;
-    let fleet = Fleet::start(s3.controller_flags("scabbard-artifacts"), two_workers()).await?;
+    let secret = tempfile::NamedTempFile::new()?;
+    std::fs::write(secret.path(), scabbard_tests::moto::SECRET_ACCESS_KEY)?;
+    let mut flags = s3.controller_flags("scabbard-artifacts");
+    flags.push("--artifacts-s3-secret-access-key-file".into());
+    flags.push(secret.path().display().to_string());
+    let fleet = Fleet::start(flags, two_workers()).await?;
     artifacts_cross_workers(&fleet).await?;
     // The objects are in the bucket, under the task's prefix, and nothing else is.
     let keys = s3.keys("scabbard-artifacts").await?;
@@ -167,7 +174,7 @@ tasks:
   - name: report
     requirements: {labels: {name: a}}
     shell:
-      command: [sh, -c, 'mkdir -p out/report && echo "rows=42" > out/report/summary.txt && printf "\x00\x01\x02binary" > out/report/raw.bin']
+      command: [sh, -c, 'mkdir -p out/report && echo "rows=42" > out/report/summary.txt && printf "\000\001\002binary" > out/report/raw.bin']
     artifacts:
       - {name: report, path: out/report}
   - name: render

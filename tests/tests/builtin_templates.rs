@@ -333,7 +333,16 @@ async fn fleet_with_registry(registry: &str) -> anyhow::Result<Fleet> {
     Ok(fleet)
 }
 
-const PIP: &str = "#!/bin/sh\necho \"pip $*\" >&2\n[ \"$1\" = install ]\nfor a in \"$@\"; do case \"$a\" in -r) r=1;; *) [ -n \"$r\" ] && { test -f \"$a\" || { echo \"no such file: $a\" >&2; exit 1; }; r=; };; esac; done\n";
+const PIP: &str = r#"#!/bin/sh
+echo "pip $*" >&2
+[ "$1" = install ] || exit 2
+prev=
+for a in "$@"; do
+  if [ "$prev" = -r ]; then test -f "$a" || { echo "no such file: $a" >&2; exit 1; }; fi
+  prev=$a
+done
+exit 0
+"#;
 
 const AWS: &str = r#"#!/bin/sh
 set -e
@@ -351,8 +360,23 @@ case "$cmd" in
 esac
 "#;
 
-/// busybox's date does not take "-N days"; the aws-cli image's does.
-const DATE: &str = "#!/bin/sh\ncase \"$*\" in *-d*days*) echo 2026-11-01;; *) exec /bin/busybox date \"$@\";; esac\n";
+/// The base of the fake engine's images is busybox, whose shell runs its own applets before
+/// anything in PATH, and whose `date` and `find` lack `-d "-30 days"` and `-delete`. The
+/// images these steps name have real ones (coreutils, findutils): give them the host's,
+/// with dash as their shell.
+fn real_tools(f: &Fixtures, image: &str, tools: &[&str]) -> anyhow::Result<()> {
+    use std::path::Path;
+    f.image_host_binary(image, Path::new("/bin/dash"), "/bin/sh")?;
+    for tool in tools {
+        let host = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("the host has no {tool}"));
+        f.image_host_binary(image, &host, &format!("/usr/local/bin/{tool}"))?;
+    }
+    Ok(())
+}
 
 const SHARDS: &str = r#"#!/bin/sh
 set -e
@@ -498,7 +522,8 @@ async fn scheduled_maintenance_backs_up_and_uploads_every_run() -> anyhow::Resul
     let f = &fleet.fixtures;
     f.image_tool("postgres:16-alpine", "pg_dump", PG_DUMP)?;
     f.image_tool("amazon/aws-cli:2.17.50", "aws", AWS)?;
-    f.image_tool("amazon/aws-cli:2.17.50", "date", DATE)?;
+    real_tools(f, "amazon/aws-cli:2.17.50", &["date"])?;
+    real_tools(f, "alpine:3.20", &["find"])?;
     warm(&fleet, "a", "postgres:16-alpine").await?;
     warm(&fleet, "b", "amazon/aws-cli:2.17.50").await?;
     let mut dumps = Vec::new();

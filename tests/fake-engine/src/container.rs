@@ -192,6 +192,13 @@ pub(crate) fn field(engine: &Engine, c: &Ctr, field: &Field) -> Result<Out, Fail
             next.user = Some(args.req_string("name")?);
             built(next)
         }
+        "withoutDirectory" | "withoutFile" => {
+            let args = Args::new(field, ON, &["path", "expand"])?;
+            next.pending.push(FileOp::Remove {
+                path: path_arg(&args, c)?,
+            });
+            built(next)
+        }
         "withEntrypoint" => {
             let args = Args::new(field, ON, &["args", "keepDefaultArgs"])?;
             next.entrypoint = Some(args.strings("args")?);

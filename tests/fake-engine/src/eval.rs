@@ -356,6 +356,12 @@ impl Engine {
                     owner.as_deref(),
                 )?;
             }
+            FileOp::Remove { path } => {
+                let at = fsutil::resolve_in_root(root, path, false)?;
+                if at != root {
+                    fsutil::remove_path(&at).context(|| format!("removing {path}"))?;
+                }
+            }
         }
         Ok(())
     }

@@ -123,6 +123,44 @@ impl Fixtures {
         self.image_file(reference, &format!("/usr/local/bin/{name}"), body, 0o755)
     }
 
+    /// Puts the host's program `host` at container path `path` in image `reference`, with
+    /// the shared libraries `ldd` says it needs at their host paths: a real tool where a
+    /// busybox applet will not do (busybox's shell runs its own applets before any program in
+    /// PATH, so `date` or `find` can only be replaced together with `/bin/sh`, e.g. by the
+    /// host's dash).
+    pub fn image_host_binary(&self, reference: &str, host: &Path, path: &str) -> io::Result<()> {
+        let dir = self.image_dir(reference)?;
+        let copy = |from: &Path, to: &str| -> io::Result<()> {
+            let dest = dir.join(to.trim_start_matches('/'));
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let _ = fs::remove_file(&dest);
+            fs::copy(from, &dest)?;
+            let mode = fs::metadata(from)?.permissions().mode() & 0o7777;
+            fs::set_permissions(&dest, fs::Permissions::from_mode(mode | 0o444))
+        };
+        copy(host, path)?;
+        let out = Command::new("ldd").arg(host).output()?;
+        if !out.status.success() {
+            // A static program needs nothing more.
+            return Ok(());
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux… (0x…)"
+            let lib = line
+                .split("=>")
+                .last()
+                .and_then(|r| r.split_whitespace().next())
+                .filter(|p| p.starts_with('/'));
+            if let Some(lib) = lib {
+                let real = fs::canonicalize(lib)?;
+                copy(&real, lib)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes `from(reference)` fail with `message` (a GraphQL error).
     pub fn fail_image(&self, reference: &str, message: &str) -> io::Result<()> {
         let path = self

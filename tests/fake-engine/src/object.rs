@@ -272,6 +272,8 @@ pub(crate) enum FileOp {
         permissions: Option<u32>,
         owner: Option<String>,
     },
+    /// `withoutDirectory` / `withoutFile`: removes what is at `path` (nothing there is fine).
+    Remove { path: String },
 }
 
 impl FileOp {
@@ -302,6 +304,7 @@ impl FileOp {
                 permissions,
                 owner
             ]),
+            FileOp::Remove { path } => serde_json::json!(["remove", path]),
         };
         json.to_string()
     }

@@ -209,9 +209,16 @@ async fn a_workflow_passes_artifacts_to_a_consumer_on_another_worker() -> Result
         fleet.workers[0].agent_id().expect("w0 registered"),
         fleet.workers[1].agent_id().expect("w1 registered"),
     );
-    assert_eq!(producer.agent_id, w0);
+    let ran_on = |t: &scabbard_common::proto::Task| {
+        t.attempts
+            .last()
+            .map(|a| a.agent_id.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(ran_on(&producer), w0);
     assert_eq!(
-        consumer.agent_id, w1,
+        ran_on(&consumer),
+        w1,
         "the consumer ran on the other worker"
     );
     // Every digest checked out, the consumer ran as nobody and the worker said where its

@@ -96,7 +96,16 @@ async fn every_builtin_renders_with_its_defaults_into_dagger_container_tasks() -
             let Some(Kind::Container(c)) = &spec.kind else {
                 panic!("{builtin}/{} is not a container task", task.name);
             };
-            assert!(!c.image.is_empty() && !c.steps.is_empty());
+            // Something to do: steps, or a source to fetch, or an image to publish.
+            assert!(
+                !c.image.is_empty()
+                    && (!c.steps.is_empty()
+                        || !c.git.is_empty()
+                        || !c.downloads.is_empty()
+                        || !c.publish.is_empty()),
+                "{builtin}/{}: {c:?}",
+                task.name
+            );
             assert!(
                 !serde_like(&spec.env).contains("${{ params."),
                 "{builtin}: unrendered"

@@ -13,7 +13,7 @@ mod shell;
 pub use dagger::{
     ALL_GPUS, CacheVolumeConfig, DaggerConfig, RegistryAuth, SecretSource, WorkerSecret, allows,
 };
-pub use shell::{RunAs, ShellConfig};
+pub use shell::{Hide, RunAs, ShellConfig};
 
 /// Default bound of the artifact cache: 10 GiB.
 pub const DEFAULT_ARTIFACT_CACHE_BYTES: u64 = 10 << 30;

@@ -34,6 +34,7 @@ pub use config::WorkerConfig;
 pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     cfg.validate()?;
     let run_as = cfg.shell.resolve()?;
+    let hide = cfg.shell.resolve_hide()?;
     {
         let (cfg, run_as) = (cfg.clone(), run_as.clone());
         tokio::task::spawn_blocking(move || layout::prepare(&cfg, run_as.as_ref()))
@@ -47,7 +48,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     let (outbox_tx, outbox_rx) = mpsc::channel(4096);
     let agent_name = cfg.effective_name()?.unwrap_or_else(connection::hostname);
     let mut executors: Vec<Arc<dyn executor::Executor>> = vec![
-        Arc::new(executor::ShellExecutor::default().run_as(run_as)),
+        Arc::new(executor::ShellExecutor::default().run_as(run_as).hide(hide)),
         Arc::new(executor::NoopExecutor),
     ];
     // The `dagger` capability is advertised only while an engine answers: asked once now

@@ -49,16 +49,30 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     } else {
         addr
     };
+    // Tasks never see the admin token: the dev data dir (controller, worker identity,
+    // admin.token) and the CLI's credentials are hidden from shell tasks, which work in a
+    // directory outside them.
+    let work = tempfile::Builder::new()
+        .prefix("scabbard-dev-work-")
+        .tempdir()?;
+    let creds_dir = crate::credentials::config_dir()?;
+    std::fs::create_dir_all(&creds_dir)
+        .with_context(|| format!("creating {}", creds_dir.display()))?;
     let worker_cfg = WorkerConfig {
         controller: local.to_string(),
         registration_token: token,
         name: worker_name.into(),
         slots: a.slots,
         data_dir: data_dir.join("worker"),
+        work_dir: Some(work.path().to_path_buf()),
         shutdown_grace_ms: 3_000,
         ca_cert: pki.as_ref().map(|p| p.ca_cert.clone()),
         client_cert: pki.as_ref().map(|p| p.worker_cert.clone()),
         client_key: pki.as_ref().map(|p| p.worker_key.clone()),
+        shell: scabbard_worker::config::ShellConfig {
+            hide: vec![absolute(&data_dir)?, absolute(&creds_dir)?],
+            ..Default::default()
+        },
         ..WorkerConfig::default()
     };
     let worker = tokio::spawn(scabbard_worker::run(worker_cfg, shutdown.clone()));
@@ -105,6 +119,11 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     controller.shutdown.cancel();
     controller.task.await.context("controller task")??;
     Ok(0)
+}
+
+/// `p` made absolute against the current directory (and existing).
+fn absolute(p: &std::path::Path) -> Result<std::path::PathBuf> {
+    std::fs::canonicalize(p).with_context(|| format!("resolving {}", p.display()))
 }
 
 /// Generates the dev PKI into `<data_dir>/tls/`: the controller's certificate names

@@ -1,10 +1,17 @@
-//! The `[shell]` section of the worker configuration: whom shell tasks run as.
+//! The `[shell]` section of the worker configuration: whom shell tasks run as, and what
+//! they may not see.
 //!
 //! With `run_as` set, every shell task runs as that unprivileged user, in its own PID
 //! namespace with its own `/proc`, started through util-linux `unshare` (see
 //! `executor::shell`). Resolving the section checks up front what that needs: the user
 //! exists and is not root, the worker itself runs as root, and `unshare` is there. It does
 //! not look at the file system: `layout` checks the directory modes once they exist.
+//!
+//! With `hide` set instead (for a worker that is not root, e.g. `scabbard dev`), tasks keep
+//! the worker's user but run in their own user, mount and PID namespaces where the listed
+//! paths are covered (an empty, unreadable directory or an empty file) and only their own
+//! processes exist. Resolving checks that the paths exist and that this host lets an
+//! unprivileged process create those namespaces.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -24,8 +31,29 @@ pub struct ShellConfig {
     /// artifact cache, configuration and other tasks' work dirs are out of the task's reach.
     /// Unset: tasks run as the worker's own user.
     pub run_as: Option<String>,
-    /// Path of util-linux `unshare` (used with `run_as`). Default: `unshare` found in PATH.
+    /// Path of util-linux `unshare` (used with `run_as` and `hide`). Default: `unshare`
+    /// found in PATH.
     pub unshare: Option<PathBuf>,
+    /// Absolute paths that shell tasks must not see (e.g. the worker's data dir, a
+    /// credentials directory): each task runs in its own user, mount and PID namespaces
+    /// where they are covered, as the worker's own user, seeing only its own processes. It
+    /// cannot uncover them (it holds no privilege over those mounts). For workers that do
+    /// not run as root; with `run_as`, file modes already keep such files from tasks. The
+    /// task's work dir must not be inside one of them.
+    pub hide: Vec<PathBuf>,
+}
+
+/// A resolved `hide`: what shell tasks must not see, and how they are started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hide {
+    /// Covered in each task's mount namespace.
+    pub paths: Vec<PathBuf>,
+    /// The worker's own user and group, which the task keeps.
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+    /// Absolute path of `unshare`.
+    pub unshare: PathBuf,
 }
 
 /// A resolved `run_as`: whom shell tasks run as, and the tool that starts them.
@@ -44,7 +72,80 @@ pub struct RunAs {
 impl ShellConfig {
     /// Refuses a section that cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
-        self.resolve().map(|_| ())
+        self.resolve()?;
+        self.resolve_hide().map(|_| ())
+    }
+
+    /// The resolved `hide`, `None` when it is empty.
+    pub fn resolve_hide(&self) -> Result<Option<Hide>> {
+        if self.hide.is_empty() {
+            return Ok(None);
+        }
+        if self.run_as.is_some() {
+            return Err(Error::invalid(
+                "shell.hide and shell.run_as do not go together: with run_as, the worker's \
+                 private files are already out of the task user's reach (leave hide out)",
+            ));
+        }
+        for p in &self.hide {
+            if !p.is_absolute() {
+                return Err(Error::invalid(format!(
+                    "shell.hide: {} is not an absolute path",
+                    p.display()
+                )));
+            }
+            if std::fs::symlink_metadata(p).is_err() {
+                return Err(Error::invalid(format!(
+                    "shell.hide: {} does not exist (create it, or leave it out)",
+                    p.display()
+                )));
+            }
+        }
+        let path = std::env::var_os("PATH");
+        let unshare = match &self.unshare {
+            Some(p) => p.clone(),
+            None => find_in_path("unshare", path.as_deref()).ok_or_else(|| {
+                Error::invalid(
+                    "shell.hide needs util-linux `unshare`, which is not in PATH: install util-linux, or set shell.unshare",
+                )
+            })?,
+        };
+        if find_in_path("mount", path.as_deref()).is_none() {
+            return Err(Error::invalid(
+                "shell.hide needs util-linux `mount` in PATH: install mount",
+            ));
+        }
+        // One try, now, rather than a failure in every task.
+        let probe = std::process::Command::new(&unshare)
+            .args([
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "--pid",
+                "--fork",
+                "true",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .map_err(|e| {
+                Error::invalid(format!("shell.hide: cannot run {}: {e}", unshare.display()))
+            })?;
+        if !probe.status.success() {
+            return Err(Error::invalid(format!(
+                "shell.hide needs unprivileged user namespaces, which this host refuses ({}): \
+                 enable them (sysctl kernel.unprivileged_userns_clone=1, or \
+                 user.max_user_namespaces > 0), or run the worker as root with shell.run_as",
+                String::from_utf8_lossy(&probe.stderr).trim()
+            )));
+        }
+        Ok(Some(Hide {
+            paths: self.hide.clone(),
+            uid: real_uid(),
+            gid: real_gid(),
+            unshare,
+        }))
     }
 
     /// The resolved `run_as`, `None` when shell tasks run as the worker's user.
@@ -143,6 +244,24 @@ pub(crate) fn effective_uid() -> u32 {
     }
 }
 
+/// The real user id of this process.
+fn real_uid() -> u32 {
+    // SAFETY: getuid() has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::getuid()
+    }
+}
+
+/// The real group id of this process.
+fn real_gid() -> u32 {
+    // SAFETY: getgid() has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::getgid()
+    }
+}
+
 /// (uid, primary gid) of a user name, through the system's user database (NSS).
 fn lookup_name(name: &str) -> io::Result<Option<(u32, u32)>> {
     let name = CString::new(name).map_err(|_| io::Error::other("the name contains a NUL"))?;
@@ -218,6 +337,7 @@ mod tests {
         ShellConfig {
             run_as: Some(run_as.into()),
             unshare: None,
+            hide: Vec::new(),
         }
     }
 
@@ -255,6 +375,7 @@ mod tests {
                 ShellConfig {
                     run_as: Some("nobody".into()),
                     unshare: Some("/nonexistent/unshare".into()),
+                    hide: Vec::new(),
                 },
                 0,
                 "shell.unshare: /nonexistent/unshare is not an executable",
@@ -263,6 +384,7 @@ mod tests {
                 ShellConfig {
                     run_as: Some("nobody".into()),
                     unshare: Some("unshare".into()),
+                    hide: Vec::new(),
                 },
                 0,
                 "shell.unshare must be an absolute path",

@@ -42,7 +42,7 @@ use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
-use crate::config::RunAs;
+use crate::config::{Hide, RunAs};
 use files::FileError;
 use group::{GroupGuard, own_process_group, signal_group, wait_group_gone};
 use last_line::LastLine;
@@ -75,6 +75,8 @@ pub struct ShellExecutor {
     kill_grace: Duration,
     /// Whom tasks run as, when not the worker's user.
     run_as: Option<RunAs>,
+    /// What tasks must not see (their own namespaces), when set.
+    hide: Option<Hide>,
 }
 
 impl ShellExecutor {
@@ -91,7 +93,15 @@ impl ShellExecutor {
         Self {
             kill_grace: grace,
             run_as: None,
+            hide: None,
         }
+    }
+
+    /// Runs every task in its own namespaces where `hide`'s paths are covered (see
+    /// `config::ShellConfig::hide`); `None` runs them in the worker's.
+    pub fn hide(mut self, hide: Option<Hide>) -> Self {
+        self.hide = hide;
+        self
     }
 
     /// Runs every task as `run_as` (see the module docs); `None` keeps the worker's user.
@@ -270,13 +280,14 @@ impl ShellExecutor {
         cancel: CancellationToken,
         last_line: Option<Arc<Mutex<LastLine>>>,
     ) -> Ran {
-        let mut cmd = match &self.run_as {
-            None => {
+        let mut cmd = match (&self.run_as, &self.hide) {
+            (Some(r), _) => isolate::command(r, argv),
+            (None, Some(h)) => isolate::hidden_command(h, argv),
+            (None, None) => {
                 let mut cmd = Command::new(&argv[0]);
                 cmd.args(&argv[1..]);
                 cmd
             }
-            Some(r) => isolate::command(r, argv),
         };
         cmd.current_dir(workdir)
             .env_clear()
@@ -297,13 +308,15 @@ impl ShellExecutor {
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
-                return Ran::NotStarted(match &self.run_as {
+                return Ran::NotStarted(match (&self.run_as, &self.hide) {
                     // The worker's tool failed, not the task.
-                    Some(r) => ExecOutcome::infrastructure(format!(
-                        "cannot start {}: {e}",
-                        r.unshare.display()
-                    )),
-                    None => spawn_failure(&argv[0], &e),
+                    (Some(RunAs { unshare, .. }), _) | (None, Some(Hide { unshare, .. })) => {
+                        ExecOutcome::infrastructure(format!(
+                            "cannot start {}: {e}",
+                            unshare.display()
+                        ))
+                    }
+                    (None, None) => spawn_failure(&argv[0], &e),
                 });
             }
         };
@@ -616,6 +629,8 @@ fn secs(d: Duration) -> String {
     format!("{}s", d.as_secs_f64())
 }
 
+#[cfg(test)]
+mod hide_tests;
 #[cfg(test)]
 mod outputs_tests;
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-use crate::config::RunAs;
+use crate::config::{Hide, RunAs};
 use crate::layout::{allows, first_untraversable};
 
 /// `argv` run as `r` in its own PID namespace with its own `/proc`, through `unshare`.
@@ -25,6 +25,56 @@ pub(super) fn command(r: &RunAs, argv: &[String]) -> Command {
         &r.uid.to_string(),
         "--setgid",
         &r.gid.to_string(),
+        "--",
+    ])
+    .args(argv);
+    cmd
+}
+
+/// Covers each path given before `--` (a directory with an empty, unreadable tmpfs, a file
+/// with /dev/null), then runs the rest. Run as root of a new user namespace, in a new mount
+/// namespace it owns.
+const COVER: &str = r#"set -e
+while [ "$1" != -- ]; do
+  if [ -d "$1" ]; then
+    mount -t tmpfs -o mode=000,size=4k,nosuid,nodev,noexec scabbard-hidden "$1"
+  else
+    mount --bind /dev/null "$1"
+  fi
+  shift
+done
+shift
+exec "$@"
+"#;
+
+/// `argv` run in its own user, mount and PID namespaces (its own `/proc`) where `h.paths`
+/// are covered. The covering is done as root of a first user namespace; the task then runs
+/// in a second one nested in it, as the worker's uid and gid: it has no privilege over the
+/// covering mounts (and mounts inherited into any namespace it makes are locked), so it
+/// cannot uncover them, and it sees no process but its own.
+pub(super) fn hidden_command(h: &Hide, argv: &[String]) -> Command {
+    let mut cmd = Command::new(&h.unshare);
+    cmd.args([
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        "--",
+        "/bin/sh",
+        "-c",
+        COVER,
+        "scabbard-hide",
+    ])
+    .args(&h.paths)
+    .arg("--")
+    .arg(&h.unshare)
+    .args([
+        "--user",
+        &format!("--map-user={}", h.uid),
+        &format!("--map-group={}", h.gid),
         "--",
     ])
     .args(argv);

@@ -21,6 +21,7 @@ fn nobody() -> ShellExecutor {
     let run_as = ShellConfig {
         run_as: Some("nobody".into()),
         unshare: None,
+        hide: Vec::new(),
     }
     .resolve()
     .expect("run_as = nobody needs root and util-linux unshare");

@@ -36,6 +36,9 @@ pub struct WorkerSpec {
     pub dagger: String,
     /// A registration token other than the cluster's static one (e.g. project-bound).
     pub registration_token: Option<String>,
+    /// Drive the host's real Dagger engine (the `dagger` CLI in PATH, or `DAGGER_CLI`)
+    /// instead of the fake one (live tests).
+    pub real_engine: bool,
 }
 
 impl WorkerSpec {
@@ -134,11 +137,23 @@ impl Fleet {
         let data_dir = self.dir.path().join(format!("worker-{name}"));
         let engine = EngineState::new(self.dir.path().join(format!("engine-{name}")))?;
         let config = self.dir.path().join(format!("worker-{name}.toml"));
+        let engine_keys = if spec.real_engine {
+            match std::env::var("DAGGER_CLI") {
+                Ok(cli) => {
+                    format!("cli = {cli:?}\noffline = false\nsession_start_timeout_ms = 300000\n")
+                }
+                Err(_) => "offline = false\nsession_start_timeout_ms = 300000\n".to_string(),
+            }
+        } else {
+            format!(
+                "cli = {:?}\nrunner_host = {:?}\nkill_grace_ms = 500\nsession_start_timeout_ms = 20000\n",
+                fake_dagger_bin().display().to_string(),
+                engine.runner_host(Some(&self.fixtures)),
+            )
+        };
         let toml = format!(
-            "{top}\n[dagger]\ncli = {cli:?}\nrunner_host = {host:?}\nprobe_interval_ms = 1000\nkill_grace_ms = 500\nsession_start_timeout_ms = 20000\n{dagger}\n",
+            "{top}\n[dagger]\nprobe_interval_ms = 1000\n{engine_keys}{dagger}\n",
             top = spec.top,
-            cli = fake_dagger_bin().display().to_string(),
-            host = engine.runner_host(Some(&self.fixtures)),
             dagger = spec.dagger,
         );
         write_private(&config, &toml)?;

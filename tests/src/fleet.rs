@@ -140,7 +140,7 @@ impl Fleet {
         let engine_keys = if spec.real_engine {
             match std::env::var("DAGGER_CLI") {
                 Ok(cli) => {
-                    format!("cli = {cli:?}\noffline = false\nsession_start_timeout_ms = 300000\n")
+                    format!("cli = {cli:?}\nsession_start_timeout_ms = 300000\n")
                 }
                 Err(_) => "offline = false\nsession_start_timeout_ms = 300000\n".to_string(),
             }

@@ -142,7 +142,7 @@ impl Fleet {
                 Ok(cli) => {
                     format!("cli = {cli:?}\nsession_start_timeout_ms = 300000\n")
                 }
-                Err(_) => "offline = false\nsession_start_timeout_ms = 300000\n".to_string(),
+                Err(_) => "session_start_timeout_ms = 300000\n".to_string(),
             }
         } else {
             format!(

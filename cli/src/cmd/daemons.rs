@@ -69,10 +69,7 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         ca_cert: pki.as_ref().map(|p| p.ca_cert.clone()),
         client_cert: pki.as_ref().map(|p| p.worker_cert.clone()),
         client_key: pki.as_ref().map(|p| p.worker_key.clone()),
-        shell: scabbard_worker::config::ShellConfig {
-            hide: vec![absolute(&data_dir)?, absolute(&creds_dir)?],
-            ..Default::default()
-        },
+        shell: dev_shell(&[absolute(&data_dir)?, absolute(&creds_dir)?]),
         ..WorkerConfig::default()
     };
     let worker = tokio::spawn(scabbard_worker::run(worker_cfg, shutdown.clone()));
@@ -119,6 +116,29 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     controller.shutdown.cancel();
     controller.task.await.context("controller task")??;
     Ok(0)
+}
+
+/// Shell tasks of the dev worker with `hidden` out of their sight; where this host cannot
+/// give them their own namespaces, they run without, and a warning says what they can read.
+fn dev_shell(hidden: &[std::path::PathBuf]) -> scabbard_worker::config::ShellConfig {
+    let shell = scabbard_worker::config::ShellConfig {
+        hide: hidden.to_vec(),
+        ..Default::default()
+    };
+    match shell.resolve_hide() {
+        Ok(_) => shell,
+        Err(e) => {
+            eprintln!(
+                "warning: shell tasks will be able to read the admin token in {} and the CLI's credentials: {e}",
+                hidden
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            );
+            scabbard_worker::config::ShellConfig::default()
+        }
+    }
 }
 
 /// `p` made absolute against the current directory (and existing).

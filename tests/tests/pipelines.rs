@@ -312,3 +312,33 @@ async fn a_retried_attempt_runs_its_steps_again() -> anyhow::Result<()> {
     assert_eq!(t.state(), TaskState::Succeeded);
     Ok(())
 }
+
+#[tokio::test]
+async fn container_tasks_emit_key_value_outputs_through_their_output_file() -> anyhow::Result<()> {
+    let fleet = Fleet::start(Vec::new(), vec![WorkerSpec::named("a")]).await?;
+    let w = run_workflow(
+        &fleet,
+        r#"
+name: container-outputs
+tasks:
+  - name: version
+    container:
+      image: alpine:3.20
+      steps:
+        - args: [sh, -c, 'echo "version=1.4.2" >> "$SCABBARD_OUTPUT"; printf "notes<<EOF\nline one\nline two\nEOF\n" >> "$SCABBARD_OUTPUT"']
+  - name: use
+    depends_on: [version]
+    container:
+      image: alpine:3.20
+      steps:
+        - args: [sh, -c, 'test "$V" = 1.4.2 && echo "got $V"']
+    env:
+      V: "${{ tasks.version.outputs.version }}"
+"#,
+    )
+    .await?;
+    let node = w.nodes.iter().find(|n| n.name == "version").unwrap();
+    assert_eq!(node.outputs["version"], "1.4.2");
+    assert_eq!(node.outputs["notes"], "line one\nline two");
+    Ok(())
+}

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
 use crate::config::{Hide, RunAs};
 use files::FileError;
-use group::{GroupGuard, own_process_group, signal_group, wait_group_gone};
+use group::{GroupGuard, own_process_group, signal_group, spawn_when_not_busy, wait_group_gone};
 use last_line::LastLine;
 use outputs::OUTPUT_FILE;
 use pump::{pump, system_note};
@@ -305,7 +305,7 @@ impl ShellExecutor {
             .kill_on_drop(true);
         own_process_group(cmd.as_std_mut());
 
-        let mut child = match cmd.spawn() {
+        let mut child = match spawn_when_not_busy(&mut cmd).await {
             Ok(child) => child,
             Err(e) => {
                 return Ran::NotStarted(match (&self.run_as, &self.hide) {

@@ -22,7 +22,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::shell::group::{GroupGuard, own_process_group, signal_group, wait_group_gone};
+use crate::executor::shell::group::{
+    GroupGuard, own_process_group, signal_group, spawn_when_not_busy, wait_group_gone,
+};
 use crate::executor::{OutStream, OutputChunk};
 
 /// Lines of the session's stderr kept to explain a failed start.
@@ -95,8 +97,8 @@ impl EngineSession {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         own_process_group(cmd.as_std_mut());
-        let mut child = cmd
-            .spawn()
+        let mut child = spawn_when_not_busy(&mut cmd)
+            .await
             .map_err(|e| format!("cannot start {} session: {e}", spec.cli.display()))?;
         let Some(pgid) = child.id().and_then(|id| libc::pid_t::try_from(id).ok()) else {
             return Err("the dagger session process has no pid".into());

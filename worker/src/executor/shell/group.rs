@@ -1,6 +1,7 @@
 //! The process group of a shell attempt: making the child the leader of its own session
-//! (and tying its life to the worker's), signalling every process in the group, and telling
-//! when the group is gone. Nothing here knows about output or outcomes.
+//! (and tying its life to the worker's), starting it (riding out a busy executable),
+//! signalling every process in the group, and telling when the group is gone. Nothing here
+//! knows about output or outcomes.
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -42,6 +43,29 @@ pub(in crate::executor) fn own_process_group(cmd: &mut std::process::Command) {
             }
             Ok(())
         });
+    }
+}
+
+/// How long a spawn keeps retrying an executable that is busy being written.
+const BUSY_RETRY: Duration = Duration::from_secs(2);
+
+/// Spawns `cmd`, retrying for a moment while the kernel says the executable is busy
+/// (`ETXTBSY`). That happens when the file was just written, by a package upgrade replacing
+/// the `dagger` CLI, or when another thread forked while holding it open for writing: the
+/// fork keeps the descriptor until it execs. Any other error is returned at once.
+pub(in crate::executor) async fn spawn_when_not_busy(
+    cmd: &mut tokio::process::Command,
+) -> io::Result<tokio::process::Child> {
+    let deadline = Instant::now() + BUSY_RETRY;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
     }
 }
 

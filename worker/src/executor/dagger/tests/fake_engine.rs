@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
@@ -36,6 +37,8 @@ pub(super) const TOKEN: &str = "fake-session-token";
 pub(super) struct State {
     responder: Responder,
     pub(super) queries: Mutex<Vec<String>>,
+    /// Set by [`FakeEngine::go_away`]: every connection is closed unanswered.
+    gone: AtomicBool,
 }
 
 /// A fake engine session endpoint.
@@ -52,6 +55,7 @@ impl FakeEngine {
         let state = Arc::new(State {
             responder: Responder::new(script),
             queries: Mutex::default(),
+            gone: AtomicBool::new(false),
         });
         let server = tokio::spawn({
             let state = state.clone();
@@ -60,6 +64,10 @@ impl FakeEngine {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
+                    if state.gone.load(Ordering::SeqCst) {
+                        drop(stream);
+                        continue;
+                    }
                     let state = state.clone();
                     tokio::spawn(async move {
                         let service = service_fn(move |req| handle(req, state.clone()));
@@ -75,6 +83,12 @@ impl FakeEngine {
             state,
             server,
         }
+    }
+
+    /// The engine dies behind its session: connections are accepted and closed at once.
+    /// The port stays bound, so no other test's engine can take it and answer instead.
+    pub(super) fn go_away(&self) {
+        self.state.gone.store(true, Ordering::SeqCst);
     }
 
     pub(super) fn queries(&self) -> Vec<String> {
@@ -100,6 +114,12 @@ async fn handle(
     req: Request<Incoming>,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if state.gone.load(Ordering::SeqCst) {
+        return Ok(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"errors": [{"message": "engine gone"}]}),
+        ));
+    }
     if req.method() != hyper::Method::POST || req.uri().path() != "/query" {
         return Ok(reply(
             StatusCode::NOT_FOUND,
@@ -207,8 +227,9 @@ pub(super) fn config(cli: PathBuf) -> DaggerConfig {
     DaggerConfig {
         cli: Some(cli),
         runner_host: Some("tcp://fake-engine:1234".into()),
-        session_start_timeout_ms: 5_000,
-        probe_timeout_ms: 5_000,
+        // Generous: a loaded CI host must not turn a slow start into a failed test.
+        session_start_timeout_ms: 30_000,
+        probe_timeout_ms: 30_000,
         kill_grace_ms: 300,
         ..Default::default()
     }

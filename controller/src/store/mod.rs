@@ -247,6 +247,16 @@ pub trait Store: Send + Sync + 'static {
         usize::MAX
     }
 
+    /// Largest value one put may carry. Writers check against it before committing.
+    fn max_value_bytes(&self) -> usize {
+        usize::MAX
+    }
+
+    /// Largest transaction (keys and values of all ops) the backend accepts.
+    fn max_txn_bytes(&self) -> usize {
+        usize::MAX
+    }
+
     /// Convenience: unconditional put; returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64> {
         let r = self

@@ -486,6 +486,14 @@ impl Store for EmbeddedStore {
             .map_err(|e| Error::internal(format!("range task: {e}")))?
     }
 
+    fn max_value_bytes(&self) -> usize {
+        MAX_VALUE_BYTES
+    }
+
+    fn max_txn_bytes(&self) -> usize {
+        MAX_TXN_BYTES
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
         validate(&txn)?;
         self.call(|reply| Request::Txn { txn, reply }).await

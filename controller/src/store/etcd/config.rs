@@ -32,6 +32,9 @@ pub struct EtcdConfig {
     /// Bound of [`EtcdStore::connect`](super::EtcdStore::connect) (default 5 s).
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
+    /// The etcd servers' `--max-request-bytes` (etcd's default: 1.5 MiB). Scabbard keeps
+    /// every record and every transaction under it, with room for framing.
+    pub max_request_bytes: usize,
 }
 
 impl Default for EtcdConfig {
@@ -46,6 +49,7 @@ impl Default for EtcdConfig {
             namespace: "/scabbard/".into(),
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            max_request_bytes: 1536 * 1024,
         }
     }
 }
@@ -56,6 +60,12 @@ impl EtcdConfig {
         let bad = |msg: String| Err(Error::invalid(format!("etcd.{msg}")));
         if self.endpoints.is_empty() {
             return bad("endpoints must list at least one URL (--etcd-endpoints)".into());
+        }
+        if self.max_request_bytes < 64 * 1024 {
+            return bad(format!(
+                "max_request_bytes = {} is below 64 KiB; set it to the etcd servers' --max-request-bytes",
+                self.max_request_bytes
+            ));
         }
         let mut https = 0;
         for e in &self.endpoints {

@@ -33,6 +33,8 @@ use super::{
 
 /// etcd's default `--max-txn-ops`: most compares, or ops per branch, in one transaction.
 pub const ETCD_MAX_TXN_OPS: usize = 128;
+/// Room left in a request for protobuf framing, compares and keys.
+const ETCD_FRAMING_BYTES: usize = 32 * 1024;
 
 /// Longest wait of [`Store::health`].
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,6 +49,8 @@ pub struct EtcdStore {
     request_timeout: Duration,
     /// The configured endpoints, comma-separated, for messages.
     endpoints: String,
+    /// The servers' request size limit ([`EtcdConfig::max_request_bytes`]).
+    max_request_bytes: usize,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -90,6 +94,7 @@ impl EtcdStore {
             namespace: cfg.namespace.as_bytes().into(),
             request_timeout: cfg.request_timeout,
             endpoints: endpoints.clone(),
+            max_request_bytes: cfg.max_request_bytes,
         };
         // The client connects lazily: a read proves etcd is there. Retried until the
         // deadline, so one dead member of several does not fail it.
@@ -98,6 +103,11 @@ impl EtcdStore {
             other => other,
         })?;
         Ok(Arc::new(store))
+    }
+
+    /// The servers' request size limit, as configured.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
     }
 
     /// Most compares, or ops per branch, one transaction may carry (etcd's default).
@@ -441,6 +451,14 @@ impl Store for EtcdStore {
 
     fn max_txn_ops(&self) -> usize {
         ETCD_MAX_TXN_OPS
+    }
+
+    fn max_value_bytes(&self) -> usize {
+        self.max_request_bytes().saturating_sub(ETCD_FRAMING_BYTES)
+    }
+
+    fn max_txn_bytes(&self) -> usize {
+        self.max_request_bytes().saturating_sub(ETCD_FRAMING_BYTES)
     }
 }
 

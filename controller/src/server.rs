@@ -230,6 +230,11 @@ async fn lead_when_elected(
         artifacts,
     } = shared;
     let ttl = cfg.leader_lease_ttl();
+    let backoff = scabbard_common::backoff::Backoff {
+        max: ttl,
+        ..Default::default()
+    };
+    let mut failures = 0u32;
     while let Some(lead) = leader::campaign(store.clone(), &advertise, ttl, &route, &shutdown).await
     {
         let core_stop = CancellationToken::new();
@@ -257,27 +262,69 @@ async fn lead_when_elected(
             }
             Err(e) => Err(e),
         };
+        let mut term_failed = false;
         match started {
-            Ok((core, task)) => {
+            Ok((core, mut task)) => {
                 route.send_replace(Route::Active(core.clone()));
-                tokio::select! {
-                    _ = lead.lost.cancelled() => warn!("leadership lost: stopping the core"),
-                    _ = shutdown.cancelled() => {}
-                }
+                let ended = tokio::select! {
+                    _ = lead.lost.cancelled() => { warn!("leadership lost: stopping the core"); false }
+                    _ = &mut task => {
+                        warn!("the store could not be written: this term is over; stepping down to rebuild from the store");
+                        term_failed = true;
+                        true
+                    }
+                    _ = shutdown.cancelled() => false,
+                };
                 route.send_replace(Route::Follower(None));
                 core_stop.cancel();
-                let _ = task.await;
+                if !ended {
+                    // The core task ends only after its persister committed or failed
+                    // everything it was given.
+                    let _ = task.await;
+                }
                 if let Err(e) = core.logs().sync_all().await {
                     warn!(error = %e, "flushing logs at the end of the term");
                 }
             }
             Err(e) => {
+                term_failed = true;
                 warn!(error = %e, "could not start the core; resigning");
             }
         }
         lead.resign(store.as_ref()).await;
         if shutdown.is_cancelled() {
             break;
+        }
+        if term_failed {
+            failures += 1;
+            // Health says NOT_SERVING meanwhile (no leader known): wait until the store
+            // answers again, and back off so a broken store is not hammered.
+            wait_for_store(store.as_ref(), backoff.delay(failures), &shutdown).await;
+        } else {
+            failures = 0;
+        }
+    }
+}
+
+/// Waits at least `pause`, then until the store says it is healthy (or shutdown).
+async fn wait_for_store(store: &dyn Store, pause: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        () = tokio::time::sleep(pause) => {}
+        () = shutdown.cancelled() => return,
+    }
+    let mut logged = false;
+    loop {
+        match store.health().await {
+            Ok(()) => return,
+            Err(e) if !logged => {
+                tracing::error!(error = %e, "the store cannot be written: not leading until it can (health: NOT_SERVING)");
+                logged = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause.max(Duration::from_millis(500))) => {}
+            () = shutdown.cancelled() => return,
         }
     }
 }

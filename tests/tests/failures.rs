@@ -48,6 +48,8 @@ async fn killed_worker_task_is_requeued_and_its_late_report_rejected() -> anyhow
     );
 
     // The first attempt's worker "comes back" and reports: its fencing token is stale.
+    let stale_token = t.attempts[0].fencing_token;
+    assert_eq!(stale_token as u32, 1, "the low half of a token is the attempt number");
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(AgentMessage {
         msg: Some(agent_message::Msg::Hello(Hello {
@@ -56,7 +58,7 @@ async fn killed_worker_task_is_requeued_and_its_late_report_rejected() -> anyhow
             slots: 1,
             running: vec![RunningAttempt {
                 task_id: id.clone(),
-                fencing_token: 1,
+                fencing_token: stale_token,
                 finished: true,
             }],
             ..Default::default()
@@ -81,7 +83,7 @@ async fn killed_worker_task_is_requeued_and_its_late_report_rejected() -> anyhow
     tx.send(AgentMessage {
         msg: Some(agent_message::Msg::Finished(Finished {
             task_id: id.clone(),
-            fencing_token: 1,
+            fencing_token: stale_token,
             result: Some(TaskResult {
                 outcome: Outcome::Failed as i32,
                 exit_code: 99,

@@ -143,29 +143,37 @@ impl State {
             max_task_artifact_bytes: self.cfg.artifacts.max_task_artifact_bytes,
         };
         info!(agent = %agent_id, session, resumed = attempts.len(), lost = lost.len(), "agent attached");
-        let _ = reply.send(Ok(Attached {
-            agent_id: agent_id.clone(),
-            session,
-            welcome,
-            attempts,
-        }));
-        for (task_id, fencing_token) in cancels {
-            let _ = tx.try_send(ControllerMessage {
-                msg: Some(controller_message::Msg::Cancel(CancelAttempt {
-                    task_id,
-                    fencing_token,
-                    reason: "cancelled while the agent was away".into(),
-                })),
-            });
-        }
         for t in lost {
             self.requeue_or_fail(&t, "the agent came back without this attempt")
                 .await;
         }
+        // The welcome says which attempts to keep: it goes out once every decision it
+        // states (requeues included, queued above) is durable.
+        let mut effects = vec![reply_effect(
+            reply,
+            Attached {
+                agent_id: agent_id.clone(),
+                session,
+                welcome,
+                attempts,
+            },
+        )];
+        for (task_id, fencing_token) in cancels {
+            effects.push(agent_effect(
+                tx.clone(),
+                ControllerMessage {
+                    msg: Some(controller_message::Msg::Cancel(CancelAttempt {
+                        task_id,
+                        fencing_token,
+                        reason: "cancelled while the agent was away".into(),
+                    })),
+                },
+            ));
+        }
         self.write(
             format!("{AGENT_PREFIX}{agent_id}"),
             Some(stored.encode_to_vec()),
-            Vec::new(),
+            effects,
         )
         .await;
     }

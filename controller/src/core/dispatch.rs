@@ -216,14 +216,15 @@ impl State {
         let t = &mut entry.task;
         entry.queue_key = None;
         let number = t.attempts.len() as u32 + 1;
+        let token = super::term::fencing_token(self.term, number);
         t.attempts.push(AttemptRecord {
             number,
-            fencing_token: number as u64,
+            fencing_token: token,
             agent_id: agent_id.to_string(),
             assigned_at_ms: now,
             ..Default::default()
         });
-        t.fencing_token = number as u64;
+        t.fencing_token = token;
         t.agent_id = agent_id.to_string();
         t.state = TaskState::Assigned as i32;
         t.updated_at_ms = now;
@@ -249,7 +250,7 @@ impl State {
         let msg = ControllerMessage {
             msg: Some(controller_message::Msg::Assign(proto::Assign {
                 task_id: task_id.to_string(),
-                fencing_token: number as u64,
+                fencing_token: token,
                 attempt: number,
                 spec,
                 project,

@@ -60,8 +60,11 @@ impl State {
                     self.discard_uploads(&refs);
                 }
             }
+            // Whether recorded or stale, the verdict rests on state that may still be on
+            // its way to the store.
             if let Some(tx) = tx {
-                let _ = tx.try_send(ack(!recorded));
+                self.after_durable(vec![agent_effect(tx, ack(!recorded))])
+                    .await;
             }
             return;
         }
@@ -82,7 +85,7 @@ impl State {
             );
             self.requeue_or_fail(&f.task_id, &msg).await;
             if let Some(tx) = tx {
-                let _ = tx.try_send(ack(false));
+                self.after_durable(vec![agent_effect(tx, ack(false))]).await;
             }
             return;
         }

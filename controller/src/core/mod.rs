@@ -4,7 +4,8 @@
 //! hand writes to the [`persist`] loop, which runs their effects (replies, messages to
 //! agents, events) once they are durable.
 //!
-//! On start (and after a failed commit) it rebuilds itself from the store.
+//! On start it rebuilds itself from the store. A failed commit ends its term: it stops, and
+//! the controller starts a new term that rebuilds from the store again.
 
 mod agents;
 pub(crate) mod artifacts;
@@ -18,6 +19,7 @@ mod retry;
 pub(crate) mod scheduler;
 mod schedules;
 mod tasks;
+pub(crate) mod term;
 pub(crate) mod validate;
 pub(crate) mod workflows;
 
@@ -31,7 +33,7 @@ use scabbard_common::proto::{
     Workflow, agent_message,
 };
 use scabbard_common::{Error, Result};
-use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -39,7 +41,7 @@ use crate::auth::Catalog;
 use crate::config::ControllerConfig;
 use crate::logstore::LogStore;
 use crate::store::Store;
-use persist::{Effect, Persister, Write};
+use persist::{BatchLimits, Effect, Persister, Write};
 use scheduler::{QueueKey, RunQueue};
 
 /// Store key prefix of task records.
@@ -381,6 +383,12 @@ pub(crate) struct State {
     /// The artifact store, for deleting uploads no result will refer to (in the
     /// background: the core never waits on it).
     pub(crate) artifacts: Option<Arc<crate::artifacts::ArtifactStore>>,
+    /// This term's number: the high half of every fencing token it issues.
+    pub(crate) term: u64,
+    /// Cancelled to end this term (the persister does it when a commit fails).
+    pub(crate) term_over: CancellationToken,
+    /// Tasks whose record the store refused once this term (a second refusal ends it).
+    pub(crate) unstorable: HashSet<String>,
 }
 
 /// What a core works with besides its config and store.
@@ -413,10 +421,10 @@ pub(crate) async fn start(
         artifacts,
     } = deps;
     let secrets = crate::sealed::SecretBox::from_config(&cfg)?;
-    let failed = Arc::new(Notify::new());
-    let max_batch = 4096usize.min(store.max_txn_ops().saturating_sub(1)).max(1);
-    let (persister, _persist_task) =
-        Persister::start(store.clone(), max_batch, failed.clone(), fence);
+    // Every term issues fencing tokens above all earlier terms' (`term << 32 | attempt`).
+    let term = term::next_term(store.as_ref(), fence.as_ref()).await?;
+    let (persister, persisted, persist_task) =
+        Persister::start(store.clone(), BatchLimits::for_store(store.as_ref()), fence);
     let (events, _) = broadcast::channel(16 * 1024);
     let store_for_presence = store.clone();
     let agent_ttl = cfg.agent_lease_ttl();
@@ -449,21 +457,30 @@ pub(crate) async fn start(
         templates,
         clock,
         artifacts,
+        term,
+        term_over: persisted.term_over.clone(),
+        unstorable: HashSet::new(),
     };
     state.recover().await?;
     state.advance_workflows().await;
     let (tx, rx) = mpsc::channel(16 * 1024);
     let logs = state.logs.clone();
-    let handle = tokio::spawn(run(state, rx, failed, shutdown));
+    let handle = tokio::spawn(async move {
+        run(state, rx, persisted, shutdown).await;
+        // The state (and with it every handle to the persister) is gone: what was queued is
+        // committed or failed before the next term reads the store.
+        let _ = persist_task.await;
+    });
     Ok((CoreHandle { tx, logs }, handle))
 }
 
 async fn run(
     mut state: State,
     mut rx: mpsc::Receiver<CoreMsg>,
-    failed: Arc<Notify>,
+    mut persisted: persist::PersisterEvents,
     shutdown: CancellationToken,
 ) {
+    let term_over = persisted.term_over.clone();
     let sweep_every = (state.cfg.agent_lease_ttl() / 4).max(Duration::from_millis(25));
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -506,12 +523,15 @@ async fn run(
                 state.schedule().await;
                 state.flush_breakers().await;
             }
-            _ = failed.notified() => {
-                warn!("a store commit failed: rebuilding state from the store");
-                if let Err(e) = state.recover().await {
-                    warn!(error = %e, "rebuild failed; will retry on the next failure");
-                }
+            Some(refused) = persisted.refused.recv() => {
+                state.on_write_refused(refused).await;
                 state.advance_workflows().await;
+                state.schedule().await;
+                state.flush_breakers().await;
+            }
+            _ = term_over.cancelled() => {
+                warn!("a store commit failed: this term is over");
+                break;
             }
         }
     }
@@ -738,6 +758,13 @@ impl State {
         .await;
     }
 
+    /// Runs `effects` once everything written so far is durable (they state it).
+    pub(crate) async fn after_durable(&self, effects: Vec<Effect>) {
+        if let Err(e) = self.persister.write(Write::barrier(effects)).await {
+            warn!(error = %e, "dropping an answer: persister gone");
+        }
+    }
+
     pub(crate) async fn write(&self, key: String, value: Option<Vec<u8>>, effects: Vec<Effect>) {
         if let Err(e) = self
             .persister
@@ -763,7 +790,7 @@ pub(crate) fn reply_effect<T: Send + 'static>(reply: Reply<T>, value: T) -> Effe
     Box::new(move |r| {
         let _ = reply.send(match r {
             Ok(()) => Ok(value),
-            Err(e) => Err(Error::Unavailable(format!("could not persist: {e}"))),
+            Err(e) => Err(e.to_error()),
         });
     })
 }

@@ -1,13 +1,26 @@
-//! The persister: the only writer of task and agent records. The core hands it writes in
-//! order; it groups everything pending into one store transaction (one durable commit),
-//! and only then runs each write's effects — replying to a client, sending a message to an
-//! agent, publishing a task event. So nothing is acknowledged before it is durable, and the
-//! core never waits on the disk.
+//! The persister: the only writer of the core's records. The core hands it writes in
+//! order; it groups what is pending into one store transaction (one durable commit),
+//! bounded by operation count and bytes, and only then runs each write's effects —
+//! replying to a client, sending a message to an agent, publishing a task event. So nothing
+//! is acknowledged before it is durable, and the core never waits on the disk.
+//!
+//! Failures, and what they cost:
+//! * **A write the store refuses** (too large, or otherwise invalid) is isolated: the
+//!   batch is committed again one write at a time, the others land, and the refused one
+//!   gets an error in its effects and is reported to the core ([`Refused`]), which ends that
+//!   one record's story cleanly (e.g. fails the task with the reason).
+//! * **Anything else** (the store is unreachable after retries, or the leader's fence was
+//!   refused) **ends the term**: this batch and every write queued after it fail without
+//!   being committed, and `term_over` is cancelled. The core stops; the controller stops
+//!   serving as leader and rebuilds from the store as a new term. State the store has not
+//!   confirmed is never served.
+//! * A **barrier** ([`Write::barrier`]) carries no data: its effects run once every write
+//!   queued before it is durable, for answers that state something already written.
 
 use std::sync::Arc;
 
 use scabbard_common::{Error, Result};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use tokio_util::sync::CancellationToken;
@@ -22,14 +35,103 @@ pub(crate) struct Fence {
 }
 
 /// Runs after the write's batch committed (`Ok`) or failed (`Err`).
-pub(crate) type Effect = Box<dyn FnOnce(&Result<(), String>) + Send>;
+pub(crate) type Effect = Box<dyn FnOnce(&Result<(), CommitError>) + Send>;
+
+/// Why a write is not durable.
+#[derive(Debug, Clone)]
+pub(crate) struct CommitError {
+    /// The store refused this write itself (too large, invalid): retrying will not help.
+    pub(crate) refused: bool,
+    pub(crate) message: String,
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl CommitError {
+    fn refused(message: &str) -> Self {
+        Self {
+            refused: true,
+            message: format!("the store refused this record: {message}"),
+        }
+    }
+
+    fn unavailable(message: &str) -> Self {
+        Self {
+            refused: false,
+            message: message.to_string(),
+        }
+    }
+
+    /// The error a client gets.
+    pub(crate) fn to_error(&self) -> Error {
+        if self.refused {
+            Error::invalid(self.message.clone())
+        } else {
+            Error::Unavailable(format!("could not persist: {}", self.message))
+        }
+    }
+}
 
 /// One record to write (or delete) and what to do once it is durable.
 pub(crate) struct Write {
     pub(crate) key: String,
-    /// `None` deletes the key.
+    /// `None` deletes the key (or, with an empty key, is a barrier).
     pub(crate) value: Option<Vec<u8>>,
     pub(crate) effects: Vec<Effect>,
+}
+
+impl Write {
+    /// No data: `effects` run once everything queued before it is durable.
+    pub(crate) fn barrier(effects: Vec<Effect>) -> Self {
+        Self {
+            key: String::new(),
+            value: None,
+            effects,
+        }
+    }
+
+    fn is_barrier(&self) -> bool {
+        self.key.is_empty()
+    }
+
+    fn bytes(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// A write the store refused on its own: the key, its size, and the store's reason.
+#[derive(Debug, Clone)]
+pub(crate) struct Refused {
+    pub(crate) key: String,
+    pub(crate) bytes: usize,
+    pub(crate) reason: String,
+}
+
+/// How big one commit may grow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchLimits {
+    /// Operations per transaction (the fence compare not included).
+    pub(crate) ops: usize,
+    /// Bytes of keys and values per transaction. A single larger write still goes alone
+    /// (and the store decides).
+    pub(crate) bytes: usize,
+}
+
+impl BatchLimits {
+    /// What `store` accepts in one transaction, with room for the fence compare.
+    pub(crate) fn for_store(store: &dyn Store) -> Self {
+        Self {
+            ops: 4096usize
+                .min(store.max_txn_ops().saturating_sub(1))
+                .max(1),
+            // Keys and values are not all a request carries: leave an eighth for framing.
+            bytes: (store.max_txn_bytes() / 8 * 7).max(1),
+        }
+    }
 }
 
 /// Handle used by the core to enqueue writes.
@@ -38,18 +140,37 @@ pub(crate) struct Persister {
     tx: mpsc::Sender<Write>,
 }
 
+/// What the persister reports back to the core.
+pub(crate) struct PersisterEvents {
+    /// Writes the store refused on their own (the rest of their batch committed).
+    pub(crate) refused: mpsc::UnboundedReceiver<Refused>,
+    /// Cancelled when a commit failed in a way that ends the term.
+    pub(crate) term_over: CancellationToken,
+}
+
 impl Persister {
-    /// Starts the persister loop. `failed` is notified when a commit fails, so the core can
-    /// rebuild its state from the store.
+    /// Starts the persister loop. It ends once every handle is dropped and what was
+    /// queued has been committed or failed.
     pub(crate) fn start(
         store: Arc<dyn Store>,
-        max_batch: usize,
-        failed: Arc<Notify>,
+        limits: BatchLimits,
         fence: Option<Fence>,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    ) -> (Self, PersisterEvents, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(64 * 1024);
-        let handle = tokio::spawn(run(store, rx, max_batch.max(1), failed, fence));
-        (Self { tx }, handle)
+        let (refused_tx, refused) = mpsc::unbounded_channel();
+        let term_over = CancellationToken::new();
+        let handle = tokio::spawn(
+            Loop {
+                store,
+                limits,
+                fence,
+                refused: refused_tx,
+                term_over: term_over.clone(),
+                failure: None,
+            }
+            .run(rx),
+        );
+        (Self { tx }, PersisterEvents { refused, term_over }, handle)
     }
 
     /// Enqueues a write; waits only when the queue is full (backpressure).
@@ -61,47 +182,183 @@ impl Persister {
     }
 }
 
-async fn run(
+struct Loop {
     store: Arc<dyn Store>,
-    mut rx: mpsc::Receiver<Write>,
-    max_batch: usize,
-    failed: Arc<Notify>,
+    limits: BatchLimits,
     fence: Option<Fence>,
-) {
-    let mut batch: Vec<Write> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
+    refused: mpsc::UnboundedSender<Refused>,
+    term_over: CancellationToken,
+    /// Set once the term is over: every later write fails with it, uncommitted.
+    failure: Option<String>,
+}
+
+impl Loop {
+    async fn run(mut self, mut rx: mpsc::Receiver<Write>) {
+        let mut batch: Vec<Write> = Vec::new();
+        let mut held: Option<Write> = None;
+        loop {
+            let first = match held.take() {
+                Some(w) => w,
+                None => match rx.recv().await {
+                    Some(w) => w,
+                    None => return,
+                },
+            };
+            let mut bytes = first.bytes();
+            let mut ops = usize::from(!first.is_barrier());
+            batch.push(first);
+            while ops < self.limits.ops {
+                let Ok(w) = rx.try_recv() else { break };
+                if !w.is_barrier() && bytes + w.bytes() > self.limits.bytes {
+                    held = Some(w);
+                    break;
+                }
+                bytes += w.bytes();
+                ops += usize::from(!w.is_barrier());
+                batch.push(w);
+            }
+            self.commit_batch(&mut batch).await;
+        }
+    }
+
+    /// Commits `batch` (draining it) and runs every write's effects with its outcome.
+    async fn commit_batch(&mut self, batch: &mut Vec<Write>) {
+        if let Some(why) = &self.failure {
+            let result = Err(CommitError::unavailable(why));
+            run_effects(batch.drain(..), &result);
+            return;
+        }
+        let result = self.commit(ops_for(batch)).await;
+        match result {
+            Ok(()) => run_effects(batch.drain(..), &Ok(())),
+            Err(Failure::Refused(why)) if batch.iter().filter(|w| !w.is_barrier()).count() > 1 => {
+                warn!(error = %why, writes = batch.len(), "the store refused a batch: committing its writes one at a time");
+                self.one_at_a_time(batch).await;
+            }
+            Err(Failure::Refused(why)) => {
+                let w = batch.iter().find(|w| !w.is_barrier());
+                if let Some(w) = w {
+                    self.report_refused(w, &why);
+                }
+                run_effects(batch.drain(..), &Err(CommitError::refused(&why)));
+            }
+            Err(Failure::TermOver(why)) => {
+                self.end_term(&why);
+                run_effects(batch.drain(..), &Err(CommitError::unavailable(&why)));
             }
         }
-        let ops = ops_for(&batch);
-        let result = commit(store.as_ref(), ops, fence.as_ref()).await;
-        if let Err(e) = &result {
-            error!(error = %e, writes = batch.len(), "store commit failed; the core will resync");
-            failed.notify_one();
-        }
+    }
+
+    /// After a refused batch: each write alone, in order, so only the culprit fails.
+    async fn one_at_a_time(&mut self, batch: &mut Vec<Write>) {
         for w in batch.drain(..) {
-            for effect in w.effects {
-                effect(&result);
+            if let Some(why) = &self.failure {
+                let result = Err(CommitError::unavailable(why));
+                run_effects([w], &result);
+                continue;
+            }
+            if w.is_barrier() {
+                run_effects([w], &Ok(()));
+                continue;
+            }
+            let result = match self.commit(ops_for(std::slice::from_ref(&w))).await {
+                Ok(()) => Ok(()),
+                Err(Failure::Refused(why)) => {
+                    self.report_refused(&w, &why);
+                    Err(CommitError::refused(&why))
+                }
+                Err(Failure::TermOver(why)) => {
+                    self.end_term(&why);
+                    Err(CommitError::unavailable(&why))
+                }
+            };
+            run_effects([w], &result);
+        }
+    }
+
+    fn report_refused(&self, w: &Write, why: &str) {
+        error!(key = %w.key, bytes = w.bytes(), error = %why, "the store refused a write");
+        let _ = self.refused.send(Refused {
+            key: w.key.clone(),
+            bytes: w.bytes(),
+            reason: why.to_string(),
+        });
+    }
+
+    fn end_term(&mut self, why: &str) {
+        error!(error = %why, "store commit failed: ending this term (the state is rebuilt from the store)");
+        self.failure = Some(format!("the store could not be written ({why}); retry"));
+        self.term_over.cancel();
+    }
+
+    async fn commit(&self, ops: Vec<Op>) -> std::result::Result<(), Failure> {
+        let mut attempt = 0u32;
+        loop {
+            let txn = Txn {
+                compares: self.fence.iter().map(|f| f.compare.clone()).collect(),
+                success: ops.clone(),
+                failure: Vec::new(),
+            };
+            match self.store.txn(txn).await {
+                Ok(r) if r.succeeded => return Ok(()),
+                Ok(_) => {
+                    if let Some(f) = &self.fence {
+                        f.lost.cancel();
+                    }
+                    return Err(Failure::TermOver(
+                        "this controller is no longer the leader (fenced write refused)".into(),
+                    ));
+                }
+                Err(e @ Error::Unavailable(_)) if attempt < 3 => {
+                    attempt += 1;
+                    warn!(error = %e, attempt, "store unavailable; retrying commit");
+                    tokio::time::sleep(scabbard_common::backoff::Backoff::default().delay(attempt))
+                        .await;
+                }
+                // A full database (etcd's NOSPACE alarm) refuses everything: not this write's
+                // fault, and not something isolating it would fix.
+                Err(Error::ResourceExhausted(why)) if why.contains("space exceeded") => {
+                    return Err(Failure::TermOver(why));
+                }
+                Err(e @ (Error::InvalidArgument(_) | Error::ResourceExhausted(_))) => {
+                    return Err(Failure::Refused(e.to_string()));
+                }
+                Err(e) => return Err(Failure::TermOver(e.to_string())),
             }
         }
     }
 }
 
-/// The store ops of a batch; later writes of a key supersede earlier ones.
+/// Why a commit did not happen.
+enum Failure {
+    /// The store refused the request itself (too large, invalid): nothing was written and
+    /// the store is fine.
+    Refused(String),
+    /// The store could not be written, or the fence was lost: the term is over.
+    TermOver(String),
+}
+
+fn run_effects(writes: impl IntoIterator<Item = Write>, result: &Result<(), CommitError>) {
+    for w in writes {
+        for effect in w.effects {
+            effect(result);
+        }
+    }
+}
+
+/// The store ops of a batch; later writes of a key supersede earlier ones; barriers carry
+/// none.
 fn ops_for(batch: &[Write]) -> Vec<Op> {
-    // Later writes of the same key in one batch supersede earlier ones.
     let mut last: std::collections::HashMap<&str, usize> =
         std::collections::HashMap::with_capacity(batch.len());
     for (i, w) in batch.iter().enumerate() {
-        last.insert(w.key.as_str(), i);
+        if !w.is_barrier() {
+            last.insert(w.key.as_str(), i);
+        }
     }
     let mut ops = Vec::with_capacity(last.len());
     for (i, w) in batch.iter().enumerate() {
-        if last.get(w.key.as_str()) != Some(&i) {
+        if w.is_barrier() || last.get(w.key.as_str()) != Some(&i) {
             continue;
         }
         ops.push(match &w.value {
@@ -112,31 +369,6 @@ fn ops_for(batch: &[Write]) -> Vec<Op> {
     ops
 }
 
-async fn commit(store: &dyn Store, ops: Vec<Op>, fence: Option<&Fence>) -> Result<(), String> {
-    let mut attempt = 0u32;
-    loop {
-        let txn = Txn {
-            compares: fence.iter().map(|f| f.compare.clone()).collect(),
-            success: ops.clone(),
-            failure: Vec::new(),
-        };
-        match store.txn(txn).await {
-            Ok(r) if r.succeeded => return Ok(()),
-            Ok(_) => {
-                if let Some(f) = fence {
-                    f.lost.cancel();
-                }
-                return Err(
-                    "this controller is no longer the leader (fenced write refused)".into(),
-                );
-            }
-            Err(e @ Error::Unavailable(_)) if attempt < 3 => {
-                attempt += 1;
-                warn!(error = %e, attempt, "store unavailable; retrying commit");
-                tokio::time::sleep(scabbard_common::backoff::Backoff::default().delay(attempt))
-                    .await;
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-}
+#[cfg(test)]
+#[path = "persist_tests.rs"]
+mod tests;

@@ -57,7 +57,9 @@ impl State {
                 .get(&super::idempotency_key(&project, &key))
                 .and_then(|id| self.tasks.get(id))
         {
-            let _ = reply.send(Ok((entry.task.clone(), true)));
+            // The first submit may still be on its way to the store.
+            let effects = vec![reply_effect(reply, (entry.task.clone(), true))];
+            self.after_durable(effects).await;
             return;
         }
         if let Err(e) = self.check_queue_quota(&project) {

@@ -65,7 +65,11 @@ impl State {
                 return Err(msg);
             }
             Ok(Some(existing)) => {
-                answer(reply, Ok((existing.clone(), true)));
+                // The first submit may still be on its way to the store.
+                if let Some(reply) = reply {
+                    let effect = super::reply_effect(reply, (existing.clone(), true));
+                    self.after_durable(vec![effect]).await;
+                }
                 return Ok((existing, true));
             }
             Ok(None) => match self.workflow_record(spec, key, project, template) {

@@ -487,6 +487,41 @@ impl InProc {
         Ok(Self { _dir: dir, ctl })
     }
 
+    /// Like [`InProc::start_with`], serving on `store` (e.g. a fault-injecting wrapper
+    /// around a real one) instead of opening the embedded store itself.
+    pub async fn start_on(
+        store: std::sync::Arc<dyn scabbard_controller::store::Store>,
+        tune: impl FnOnce(&mut scabbard_controller::ControllerConfig),
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg = scabbard_controller::ControllerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: dir.path().to_path_buf(),
+            registration_token: TOKEN.into(),
+            bootstrap_token: Some(ADMIN_TOKEN.into()),
+            max_message_bytes: 1024 * 1024,
+            heartbeat_interval_ms: 200,
+            agent_lease_ttl_ms: 2_000,
+            ..scabbard_controller::ControllerConfig::default()
+        };
+        tune(&mut cfg);
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(scabbard_controller::server::serve(
+            cfg,
+            store,
+            listener,
+            shutdown.clone(),
+        ));
+        let ctl = scabbard_controller::RunningController {
+            addr,
+            shutdown,
+            task,
+        };
+        Ok(Self { _dir: dir, ctl })
+    }
+
     /// Its address.
     pub fn addr(&self) -> String {
         self.ctl.addr.to_string()

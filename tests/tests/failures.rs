@@ -49,7 +49,10 @@ async fn killed_worker_task_is_requeued_and_its_late_report_rejected() -> anyhow
 
     // The first attempt's worker "comes back" and reports: its fencing token is stale.
     let stale_token = t.attempts[0].fencing_token;
-    assert_eq!(stale_token as u32, 1, "the low half of a token is the attempt number");
+    assert_eq!(
+        stale_token as u32, 1,
+        "the low half of a token is the attempt number"
+    );
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(AgentMessage {
         msg: Some(agent_message::Msg::Hello(Hello {

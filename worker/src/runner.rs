@@ -316,7 +316,7 @@ impl Runner {
         if let Err(e) = self.spool.finish(&finished) {
             warn!(task = %key.0, error = %e, "cannot spool the result; it is kept in memory only");
         }
-        info!(task = %key.0, attempt = key.1, outcome = ?outcome.outcome, "attempt finished");
+        info!(task = %key.0, attempt = key.1 as u32, token = key.1, outcome = ?outcome.outcome, "attempt finished");
         if let Some(a) = self.lock().get_mut(&key) {
             a.finished = Some(finished.clone());
         }

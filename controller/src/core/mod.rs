@@ -387,8 +387,9 @@ pub(crate) struct State {
     pub(crate) term: u64,
     /// Cancelled to end this term (the persister does it when a commit fails).
     pub(crate) term_over: CancellationToken,
-    /// Tasks whose record the store refused once this term (a second refusal ends it).
-    pub(crate) unstorable: HashSet<String>,
+    /// Tasks whose record the store refused this term, with the size of the shrunk record
+    /// written instead (if that is refused too, the term ends).
+    pub(crate) unstorable: HashMap<String, usize>,
 }
 
 /// What a core works with besides its config and store.
@@ -459,7 +460,7 @@ pub(crate) async fn start(
         artifacts,
         term,
         term_over: persisted.term_over.clone(),
-        unstorable: HashSet::new(),
+        unstorable: HashMap::new(),
     };
     state.recover().await?;
     state.advance_workflows().await;

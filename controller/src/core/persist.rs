@@ -125,9 +125,7 @@ impl BatchLimits {
     /// What `store` accepts in one transaction, with room for the fence compare.
     pub(crate) fn for_store(store: &dyn Store) -> Self {
         Self {
-            ops: 4096usize
-                .min(store.max_txn_ops().saturating_sub(1))
-                .max(1),
+            ops: 4096usize.min(store.max_txn_ops().saturating_sub(1)).max(1),
             // Keys and values are not all a request carries: leave an eighth for framing.
             bytes: (store.max_txn_bytes() / 8 * 7).max(1),
         }

@@ -32,9 +32,10 @@ pub(super) async fn next_term(store: &dyn Store, fence: Option<&Fence>) -> Resul
     let (last, revision) = match store.get(TERM_KEY).await? {
         Some(kv) => {
             let text = String::from_utf8_lossy(&kv.value);
-            let n = text.trim().parse::<u64>().map_err(|e| {
-                Error::internal(format!("corrupt {TERM_KEY} record {text:?}: {e}"))
-            })?;
+            let n = text
+                .trim()
+                .parse::<u64>()
+                .map_err(|e| Error::internal(format!("corrupt {TERM_KEY} record {text:?}: {e}")))?;
             (n, kv.mod_revision)
         }
         None => (0, 0),
@@ -70,10 +71,18 @@ impl State {
             self.term_over.cancel();
             return;
         };
-        if !self.unstorable.insert(id.clone()) {
-            error!(task = %id, reason = %refused.reason, "even the shrunk record was refused: ending the term");
-            self.term_over.cancel();
-            return;
+        if !self.tasks.contains_key(&id) {
+            return; // forgotten after an earlier refusal: this was a later write of it
+        }
+        match self.unstorable.get(&id) {
+            Some(&shrunk) if shrunk == refused.bytes => {
+                error!(task = %id, reason = %refused.reason, "even the shrunk record was refused: ending the term");
+                self.term_over.cancel();
+                return;
+            }
+            // A write queued before the shrunk record, which supersedes it.
+            Some(_) => return,
+            None => {}
         }
         let stored = match self.store.get(&refused.key).await {
             Ok(kv) => kv.is_some(),
@@ -131,12 +140,13 @@ impl State {
             }
         }
         let message = format!(
-            "the task's record ({} bytes) could not be stored: {}; its outputs were dropped",
+            "the task's record ({} bytes) could not be stored (the store refused it: {}); its outputs were dropped",
             refused.bytes, refused.reason
         );
-        if t.spec.as_ref().is_some_and(|s| {
-            prost::Message::encoded_len(s) > self.store.max_value_bytes() / 2
-        }) {
+        if t.spec
+            .as_ref()
+            .is_some_and(|s| prost::Message::encoded_len(s) > self.store.max_value_bytes() / 2)
+        {
             t.spec = None;
         }
         t.state = TaskState::Failed as i32;
@@ -187,6 +197,8 @@ impl State {
             a.running.remove(id);
         }
         let task = self.tasks.get(id).expect("present").task.clone();
+        let bytes = refused.key.len() + prost::Message::encoded_len(&task);
+        self.unstorable.insert(id.to_string(), bytes);
         self.persist_task(&task, effects).await;
     }
 }

@@ -97,7 +97,9 @@ impl Store for FaultyStore {
         let writes = Self::writes(&txn).count() > 0;
         if writes && self.outage.load(Ordering::SeqCst) {
             self.failed.fetch_add(1, Ordering::SeqCst);
-            return Err(Error::Unavailable("injected outage: the store is unreachable".into()));
+            return Err(Error::Unavailable(
+                "injected outage: the store is unreachable".into(),
+            ));
         }
         let refuse = self
             .refuse
@@ -130,7 +132,9 @@ impl Store for FaultyStore {
 
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId> {
         if self.outage.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable("injected outage: the store is unreachable".into()));
+            return Err(Error::Unavailable(
+                "injected outage: the store is unreachable".into(),
+            ));
         }
         self.inner.lease_grant(ttl).await
     }
@@ -149,7 +153,9 @@ impl Store for FaultyStore {
 
     async fn health(&self) -> Result<()> {
         if self.outage.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable("injected outage: the store is unreachable".into()));
+            return Err(Error::Unavailable(
+                "injected outage: the store is unreachable".into(),
+            ));
         }
         self.inner.health().await
     }

@@ -7,13 +7,16 @@ use super::*;
 use crate::store::EmbeddedStore;
 use crate::store::faults::FaultyStore;
 
+/// Each write's name and the outcome its effect saw, in the order effects ran.
+type Outcomes = Arc<Mutex<Vec<(String, std::result::Result<(), CommitError>)>>>;
+
 struct Rig {
     _dir: tempfile::TempDir,
     faulty: Arc<FaultyStore>,
     persister: Persister,
     events: PersisterEvents,
     task: tokio::task::JoinHandle<()>,
-    outcomes: Arc<Mutex<Vec<(String, std::result::Result<(), CommitError>)>>>,
+    outcomes: Outcomes,
 }
 
 fn rig(limits: BatchLimits) -> Rig {

@@ -196,12 +196,15 @@ pub async fn serve(
         }
     };
     shutdown.cancel();
-    let _ = leading.await;
+    let fatal = leading.await.ok().flatten();
     let _ = members.await;
     if let Some(m) = metrics {
         let _ = m.await;
     }
     info!(%addr, "controller stopped");
+    if let Some(e) = fatal {
+        return Err(e);
+    }
     served.map_err(|e| Error::Unavailable(format!("gRPC server on {addr}: {e}")))
 }
 
@@ -216,12 +219,13 @@ struct Shared {
     artifacts: Arc<ArtifactStore>,
 }
 
+/// Returns the store's failure when it can never be written again by this process.
 async fn lead_when_elected(
     shared: Shared,
     advertise: String,
     route: watch::Sender<Route>,
     shutdown: CancellationToken,
-) {
+) -> Option<Error> {
     let Shared {
         cfg,
         store,
@@ -268,6 +272,10 @@ async fn lead_when_elected(
                 route.send_replace(Route::Active(core.clone()));
                 let ended = tokio::select! {
                     _ = lead.lost.cancelled() => { warn!("leadership lost: stopping the core"); false }
+                    why = store_fatal(store.as_ref()) => {
+                        tracing::error!(error = %why, "the store failed for good: ending the term");
+                        false
+                    }
                     _ = &mut task => {
                         warn!("the store could not be written: this term is over; stepping down to rebuild from the store");
                         term_failed = true;
@@ -295,6 +303,11 @@ async fn lead_when_elected(
         if shutdown.is_cancelled() {
             break;
         }
+        if let Some(why) = store.fatal() {
+            tracing::error!(error = %why, "the store cannot be written again by this process: stopping the controller (restart it to repair the store)");
+            shutdown.cancel();
+            return Some(Error::Unavailable(why));
+        }
         if term_failed {
             failures += 1;
             // Health says NOT_SERVING meanwhile (no leader known): wait until the store
@@ -302,6 +315,18 @@ async fn lead_when_elected(
             wait_for_store(store.as_ref(), backoff.delay(failures), &shutdown).await;
         } else {
             failures = 0;
+        }
+    }
+    None
+}
+
+/// Resolves when the store reports a failure it cannot recover from.
+async fn store_fatal(store: &dyn Store) -> String {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if let Some(why) = store.fatal() {
+            return why;
         }
     }
 }

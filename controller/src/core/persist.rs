@@ -307,7 +307,7 @@ impl Loop {
                         "this controller is no longer the leader (fenced write refused)".into(),
                     ));
                 }
-                Err(e @ Error::Unavailable(_)) if attempt < 3 => {
+                Err(e @ Error::Unavailable(_)) if attempt < 3 && self.store.fatal().is_none() => {
                     attempt += 1;
                     warn!(error = %e, attempt, "store unavailable; retrying commit");
                     tokio::time::sleep(scabbard_common::backoff::Backoff::default().delay(attempt))

@@ -172,6 +172,10 @@ impl Store for FaultyStore {
         self.inner.max_value_bytes()
     }
 
+    fn fatal(&self) -> Option<String> {
+        self.inner.fatal()
+    }
+
     fn max_txn_bytes(&self) -> usize {
         self.inner.max_txn_bytes()
     }

@@ -248,6 +248,13 @@ pub trait Store: Send + Sync + 'static {
         usize::MAX
     }
 
+    /// A failure this store cannot recover from while the process lives (the embedded
+    /// writer stopped after a storage error): the controller exits so that a supervisor
+    /// restarts it, which reopens and repairs the store. Cheap: no I/O.
+    fn fatal(&self) -> Option<String> {
+        None
+    }
+
     /// Largest value one put may carry. Writers check against it before committing.
     fn max_value_bytes(&self) -> usize {
         usize::MAX

@@ -490,6 +490,10 @@ impl Store for EmbeddedStore {
         MAX_VALUE_BYTES
     }
 
+    fn fatal(&self) -> Option<String> {
+        lock(&self.shared.failure).clone()
+    }
+
     fn max_txn_bytes(&self) -> usize {
         MAX_TXN_BYTES
     }

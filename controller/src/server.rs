@@ -396,6 +396,7 @@ fn router(
     let workflows = WorkflowServiceServer::new(WorkflowApi {
         core: core.clone(),
         catalog: catalog.clone(),
+        cfg: cfg.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -436,10 +436,11 @@ impl State {
         let Some(spec) = wf.spec.as_ref().filter(|_| !ready.is_empty()) else {
             return;
         };
-        let outputs: HashMap<String, HashMap<String, String>> = wf
+        // Borrowed, not copied: every node's outputs may add up to megabytes.
+        let outputs: HashMap<&str, &HashMap<String, String>> = wf
             .nodes
             .iter()
-            .map(|n| (n.name.clone(), n.outputs.clone()))
+            .map(|n| (n.name.as_str(), &n.outputs))
             .collect();
         let mut released = Vec::new();
         let mut skipped = Vec::new();
@@ -453,6 +454,7 @@ impl State {
                 Err(why) => skipped.push((i, Some(why))),
             }
         }
+        drop(outputs);
         for (i, why) in skipped {
             match why {
                 None => {
@@ -493,7 +495,7 @@ impl State {
         &self,
         spec: &WorkflowSpec,
         i: usize,
-        outputs: &HashMap<String, HashMap<String, String>>,
+        outputs: &HashMap<&str, &HashMap<String, String>>,
         wf: &Workflow,
         template: Option<&TemplateRef>,
     ) -> std::result::Result<scabbard_common::proto::TaskSpec, String> {
@@ -505,7 +507,7 @@ impl State {
         ts.priority = (ts.priority + spec.priority).clamp(-1000, 1000);
         let mut missing = Vec::new();
         refs::for_each_string(&mut ts, &mut |_, s| match refs::substitute(s, &|r| {
-            outputs.get(&r.task)?.get(&r.output).cloned()
+            outputs.get(r.task.as_str())?.get(&r.output).cloned()
         }) {
             Ok(v) => *s = v,
             Err(m) => missing.extend(m),
@@ -521,6 +523,7 @@ impl State {
             ts.breakers.push(format!("step:{}/{}", t.name, node.name));
         }
         validate::task_spec(&mut ts, &self.cfg)
+            .and_then(|()| validate::size::check_spec("its spec", &ts, &self.cfg))
             .map_err(|e| format!("not started: with its inputs filled in, {e}"))?;
         Ok(ts)
     }
@@ -709,15 +712,17 @@ fn skip_dependents_of_failed(wf: &mut Workflow) {
 /// A node's condition once its dependencies succeeded: `when` with their outputs filled in.
 fn condition(
     when: &str,
-    outputs: &HashMap<String, HashMap<String, String>>,
+    outputs: &HashMap<&str, &HashMap<String, String>>,
 ) -> std::result::Result<bool, String> {
-    let value = refs::substitute(when, &|r| outputs.get(&r.task)?.get(&r.output).cloned())
-        .map_err(|missing| {
-            format!(
-                "not started: its condition needs {} (not produced by its dependencies)",
-                missing.join(", ")
-            )
-        })?;
+    let value = refs::substitute(when, &|r| {
+        outputs.get(r.task.as_str())?.get(&r.output).cloned()
+    })
+    .map_err(|missing| {
+        format!(
+            "not started: its condition needs {} (not produced by its dependencies)",
+            missing.join(", ")
+        )
+    })?;
     match value.trim() {
         "" | "true" => Ok(true),
         "false" => Ok(false),

@@ -270,6 +270,18 @@ pub(crate) struct ControllerArgs {
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long)]
     pub(crate) max_message_bytes: Option<usize>,
+    /// Largest task spec a submit may carry, in bytes (bigger: INVALID_ARGUMENT).
+    #[arg(long)]
+    pub(crate) max_spec_bytes: Option<usize>,
+    /// Largest result an attempt may report, in bytes (bigger: the attempt FAILS saying so).
+    #[arg(long)]
+    pub(crate) max_result_bytes: Option<usize>,
+    /// Largest total of an attempt's outputs, in bytes (more: the attempt FAILS saying so).
+    #[arg(long)]
+    pub(crate) max_outputs_bytes: Option<usize>,
+    /// Largest workflow (its whole spec) a submit or template run may carry, in bytes.
+    #[arg(long)]
+    pub(crate) max_workflow_bytes: Option<usize>,
     /// PEM certificate (chain) of the listener; turns TLS on (with --tls-key).
     #[arg(long, env = "SCABBARD_TLS_CERT")]
     pub(crate) tls_cert: Option<PathBuf>,

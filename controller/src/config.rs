@@ -57,6 +57,19 @@ pub struct ControllerConfig {
     pub max_message_bytes: usize,
     /// Most tasks waiting in the queue; submits beyond get `RESOURCE_EXHAUSTED`.
     pub max_queued_tasks: usize,
+    /// Largest task spec (encoded, secrets sealed) a submit may carry, alone or as a
+    /// workflow node; bigger ones get `INVALID_ARGUMENT` naming this key.
+    pub max_spec_bytes: usize,
+    /// Largest result (encoded: outcome, message, outputs, artifact refs) an attempt may
+    /// report; a bigger one ends the attempt FAILED with the sizes and this key named.
+    pub max_result_bytes: usize,
+    /// Largest total of an attempt's outputs (names and values); more ends the attempt
+    /// FAILED like an oversized result.
+    pub max_outputs_bytes: usize,
+    /// Largest workflow (its whole encoded spec, every node's task included) a submit,
+    /// template run or schedule tick may start. Workflows are stored one record per node,
+    /// so this bounds memory and the submit, not one store value.
+    pub max_workflow_bytes: usize,
     /// TTL of the leader's lease: a dead leader is replaced within about this long
     /// (milliseconds).
     pub leader_lease_ttl_ms: u64,
@@ -99,6 +112,20 @@ pub struct ControllerConfig {
     pub clock: ClockHandle,
 }
 
+/// Default of [`ControllerConfig::max_spec_bytes`].
+pub const DEFAULT_MAX_SPEC_BYTES: usize = 256 * 1024;
+/// Default of [`ControllerConfig::max_result_bytes`].
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 256 * 1024;
+/// Default of [`ControllerConfig::max_outputs_bytes`].
+pub const DEFAULT_MAX_OUTPUTS_BYTES: usize = 128 * 1024;
+/// Default of [`ControllerConfig::max_workflow_bytes`].
+pub const DEFAULT_MAX_WORKFLOW_BYTES: usize = 8 * 1024 * 1024;
+
+/// What a task record holds besides its spec and its final result (kept twice: as the
+/// task's and its last attempt's): ids, timestamps, and every earlier attempt compacted
+/// (no outputs, message cut to [`crate::core::validate::size::ATTEMPT_MESSAGE_BYTES`]).
+pub const TASK_RECORD_OVERHEAD_BYTES: usize = 256 * 1024;
+
 /// A shareable clock for [`ControllerConfig::clock`].
 #[derive(Clone)]
 pub struct ClockHandle(pub std::sync::Arc<dyn crate::schedules::Clock>);
@@ -135,6 +162,10 @@ impl Default for ControllerConfig {
             default_max_infra_retries: 3,
             max_message_bytes: scabbard_common::client::MAX_MESSAGE_BYTES,
             max_queued_tasks: 1_000_000,
+            max_spec_bytes: DEFAULT_MAX_SPEC_BYTES,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            max_outputs_bytes: DEFAULT_MAX_OUTPUTS_BYTES,
+            max_workflow_bytes: DEFAULT_MAX_WORKFLOW_BYTES,
             leader_lease_ttl_ms: 3_000,
             advertise_addr: None,
             logs_dir: None,
@@ -210,6 +241,7 @@ impl ControllerConfig {
         if self.max_message_bytes < 4096 {
             return Err(Error::invalid("max_message_bytes must be at least 4096"));
         }
+        self.check_size_limits()?;
         match self.store.as_str() {
             "embedded" => {}
             "etcd" => self.etcd.validate()?,
@@ -234,6 +266,56 @@ impl ControllerConfig {
         self.artifacts.validate()?;
         if let Some(path) = &self.secrets_key_file {
             crate::sealed::read_key_file(path)?;
+        }
+        Ok(())
+    }
+
+    /// The size limits among themselves: each at least 1 KiB, outputs within the result.
+    fn check_size_limits(&self) -> Result<()> {
+        for (key, v) in [
+            ("max_spec_bytes", self.max_spec_bytes),
+            ("max_result_bytes", self.max_result_bytes),
+            ("max_outputs_bytes", self.max_outputs_bytes),
+            ("max_workflow_bytes", self.max_workflow_bytes),
+        ] {
+            if v < 1024 {
+                return Err(Error::invalid(format!("{key} = {v} is below 1024 bytes")));
+            }
+        }
+        if self.max_outputs_bytes > self.max_result_bytes {
+            return Err(Error::invalid(format!(
+                "max_outputs_bytes ({}) is larger than max_result_bytes ({}): outputs are part of the result",
+                self.max_outputs_bytes, self.max_result_bytes
+            )));
+        }
+        if self.max_spec_bytes > self.max_workflow_bytes {
+            return Err(Error::invalid(format!(
+                "max_spec_bytes ({}) is larger than max_workflow_bytes ({}): a workflow holds its nodes' specs",
+                self.max_spec_bytes, self.max_workflow_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses size limits the store cannot hold: a task record (its spec, its result twice,
+    /// and the compacted earlier attempts) must fit in one store value of at most
+    /// `max_value_bytes`. The error names the key to lower (or, for etcd,
+    /// `etcd.max_request_bytes` to raise).
+    pub fn check_store_limits(&self, max_value_bytes: usize) -> Result<()> {
+        let record = self
+            .max_spec_bytes
+            .saturating_add(self.max_result_bytes.saturating_mul(2))
+            .saturating_add(TASK_RECORD_OVERHEAD_BYTES);
+        if record > max_value_bytes {
+            let raise = if self.store == "etcd" {
+                " or raise etcd.max_request_bytes (with the etcd servers' --max-request-bytes)"
+            } else {
+                ""
+            };
+            return Err(Error::invalid(format!(
+                "max_spec_bytes ({}) + 2 x max_result_bytes ({}) + {} bytes of attempt history = {record} bytes, more than the {} store holds in one value ({max_value_bytes} bytes): lower max_spec_bytes or max_result_bytes{raise}",
+                self.max_spec_bytes, self.max_result_bytes, TASK_RECORD_OVERHEAD_BYTES, self.store,
+            )));
         }
         Ok(())
     }
@@ -343,6 +425,39 @@ mod tests {
         assert_eq!(cfg.max_concurrent_requests, 3);
         assert_eq!(cfg.rpc_timeout_ms, 1000);
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn size_limits_fit_the_store_and_each_other() {
+        let d = ControllerConfig::default();
+        d.validate().unwrap();
+        // The defaults fit both backends' values (embedded 1.5 MiB, etcd 1.5 MiB - framing).
+        d.check_store_limits(1536 * 1024 - 32 * 1024).unwrap();
+        let big = ControllerConfig {
+            max_spec_bytes: 1024 * 1024,
+            ..Default::default()
+        };
+        let e = big.check_store_limits(1536 * 1024).unwrap_err().to_string();
+        assert!(e.contains("max_spec_bytes") && e.contains("1572864"), "{e}");
+        let etcd = ControllerConfig {
+            store: "etcd".into(),
+            max_result_bytes: 700 * 1024,
+            ..Default::default()
+        };
+        let e = etcd
+            .check_store_limits(1024 * 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("etcd.max_request_bytes"), "{e}");
+        let outputs = ControllerConfig {
+            max_outputs_bytes: 512 * 1024,
+            ..Default::default()
+        };
+        let e = outputs.validate().unwrap_err().to_string();
+        assert!(e.contains("max_outputs_bytes"), "{e}");
+        let tiny = ControllerConfig::from_toml("max_workflow_bytes = 10").unwrap();
+        let e = tiny.validate().unwrap_err().to_string();
+        assert!(e.contains("max_workflow_bytes"), "{e}");
     }
 
     #[test]

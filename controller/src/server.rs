@@ -84,6 +84,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     cfg.validate()?;
+    cfg.check_store_limits(store.max_value_bytes())?;
     // Built-in templates plus the configured directory; a broken file stops the start.
     let templates = Arc::new(Registry::load(cfg.templates_dir.as_deref())?);
     let artifacts = open_artifacts(&cfg)?;
@@ -467,6 +468,7 @@ fn router(
     let workflows = WorkflowServiceServer::new(WorkflowApi {
         core: core.clone(),
         catalog: catalog.clone(),
+        cfg: cfg.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

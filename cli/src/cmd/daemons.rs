@@ -264,6 +264,18 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if let Some(n) = a.max_message_bytes {
         cfg.max_message_bytes = n;
     }
+    if let Some(n) = a.max_spec_bytes {
+        cfg.max_spec_bytes = n;
+    }
+    if let Some(n) = a.max_result_bytes {
+        cfg.max_result_bytes = n;
+    }
+    if let Some(n) = a.max_outputs_bytes {
+        cfg.max_outputs_bytes = n;
+    }
+    if let Some(n) = a.max_workflow_bytes {
+        cfg.max_workflow_bytes = n;
+    }
     if a.tls_cert.is_some() {
         cfg.tls.cert_file = a.tls_cert;
     }

@@ -22,6 +22,21 @@ use crate::sealed::mask_spec;
 pub struct WorkflowApi {
     pub(crate) core: CoreRouter,
     pub(crate) catalog: Arc<Catalog>,
+    /// Limits the submitted workflow is validated against (here, not in the core).
+    pub(crate) cfg: Arc<crate::config::ControllerConfig>,
+}
+
+/// Validates a submitted workflow off the async threads (a 1,000-node DAG is real work), so
+/// neither the core actor nor the runtime stalls on it; fills node defaults in place.
+pub(crate) async fn validate_off_core(
+    mut spec: WorkflowSpec,
+    cfg: Arc<crate::config::ControllerConfig>,
+) -> Result<WorkflowSpec, Error> {
+    tokio::task::spawn_blocking(move || {
+        crate::workflow::validate::workflow_spec(&mut spec, &cfg).map(|()| spec)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("workflow validation: {e}")))?
 }
 
 /// The workflow as clients see it: secret values read "***".
@@ -37,7 +52,8 @@ pub(crate) fn masked_workflow(mut wf: Workflow) -> Workflow {
 }
 
 /// Submits a workflow for `who` into `project` (empty = the caller's); shared with
-/// `TemplateService.Run`.
+/// `TemplateService.Run`. `spec` has passed [`crate::workflow::validate::workflow_spec`]
+/// (the core only seals it and resolves its inputs).
 pub(crate) async fn submit(
     core: &CoreRouter,
     catalog: &Catalog,
@@ -57,6 +73,7 @@ pub(crate) async fn submit(
             idempotency_key,
             project,
             template,
+            validated: true,
             reply,
         })
         .await?;
@@ -89,6 +106,7 @@ impl WorkflowService for WorkflowApi {
         let spec = r
             .spec
             .ok_or_else(|| Error::invalid("spec is required: a workflow with its tasks"))?;
+        let spec = validate_off_core(spec, self.cfg.clone()).await?;
         let resp = submit(
             &self.core,
             &self.catalog,

@@ -13,6 +13,7 @@ use scabbard_common::time::now_ms;
 use tracing::info;
 
 use super::breakers::agent_key;
+use super::validate::size;
 use super::{Effect, State, agent_effect, artifacts, retry};
 
 impl State {
@@ -43,7 +44,14 @@ impl State {
                     a.fencing_token == f.fencing_token
                         && a.agent_id == agent_id
                         && match (&a.result, &f.result) {
-                            (Some(kept), Some(sent)) => artifacts::same_report(kept, sent),
+                            // Kept as sent, or as its oversized form was recorded.
+                            (Some(kept), Some(sent)) => {
+                                artifacts::same_report(kept, sent)
+                                    || artifacts::same_report(
+                                        kept,
+                                        &size::fit_result(sent.clone(), &self.cfg),
+                                    )
+                            }
                             _ => false,
                         }
                 })
@@ -74,6 +82,9 @@ impl State {
             error_class: ErrorClass::Infrastructure as i32,
             ..Default::default()
         });
+        // A result over the size limits is recorded as a small failure saying so: the
+        // record stays within the store's value limit and the agent gets its ack.
+        let result = size::fit_result(result, &self.cfg);
         // A success serves what the attempt recorded; a required artifact it did not
         // upload makes it an infrastructure failure.
         let result = self.with_recorded_artifacts(&f.task_id, result);
@@ -127,6 +138,7 @@ impl State {
             a.finished_at_ms = now;
             a.result = Some(result.clone());
         }
+        compact_earlier_attempts(t);
         t.agent_id.clear();
         match retry_at {
             Some(at) => {
@@ -203,6 +215,8 @@ impl State {
             return;
         }
         let now = now_ms();
+        // Agents' messages are bounded by max_result_bytes; the record keeps less.
+        let why = &size::cut(why, 4 * size::ATTEMPT_MESSAGE_BYTES);
         let failure = TaskResult {
             outcome: Outcome::Failed as i32,
             message: why.to_string(),
@@ -213,6 +227,7 @@ impl State {
             a.finished_at_ms = now;
             a.result = Some(failure.clone());
         }
+        compact_earlier_attempts(t);
         let old_agent = std::mem::take(&mut t.agent_id);
         t.infra_failures += 1;
         t.updated_at_ms = now;
@@ -296,6 +311,18 @@ impl State {
             entry.queue_key = Some(self.queue.push(&id, prio, &t.project));
             let task = t.clone();
             self.persist_task(&task, Vec::new()).await;
+        }
+    }
+}
+
+/// Every attempt but the last keeps only a short message and no outputs, so a task record
+/// stays bounded however many attempts it takes (the last one, and the task's result, are
+/// kept whole).
+fn compact_earlier_attempts(t: &mut proto::Task) {
+    let n = t.attempts.len();
+    for a in t.attempts.iter_mut().take(n.saturating_sub(1)) {
+        if let Some(r) = a.result.as_mut() {
+            size::compact_attempt_result(r);
         }
     }
 }

@@ -124,6 +124,8 @@ pub(crate) enum CoreMsg {
         idempotency_key: String,
         project: String,
         template: Option<scabbard_common::proto::TemplateRef>,
+        /// The spec passed `workflow::validate::workflow_spec` outside the core.
+        validated: bool,
         reply: Reply<(Workflow, bool)>,
     },
     GetWorkflow {
@@ -594,9 +596,10 @@ impl State {
                 idempotency_key,
                 project,
                 template,
+                validated,
                 reply,
             } => {
-                self.submit_workflow(*spec, idempotency_key, project, template, reply)
+                self.submit_workflow(*spec, idempotency_key, project, template, validated, reply)
                     .await
             }
             CoreMsg::GetWorkflow { id, reply } => {

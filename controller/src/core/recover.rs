@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use prost::Message;
-use scabbard_common::proto::{StoredAgent, Task, TaskState, Workflow};
+use scabbard_common::proto::{StoredAgent, Task, TaskState};
 use scabbard_common::{Error, Result};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::scheduler::RunQueue;
 use super::{AGENT_PREFIX, AgentEntry, State, TASK_PREFIX, TaskEntry, idempotency_key, workflows};
@@ -129,9 +129,17 @@ impl State {
                 );
             }
         }
+        // A header per workflow and a record per node (or, from earlier versions, one
+        // whole record: read as it is, then rewritten as parts).
+        let mut loader = workflows::records::Loader::default();
         for kv in self.load_prefix(workflows::WORKFLOW_PREFIX).await? {
-            let mut wf = Workflow::decode(kv.value.as_slice())
-                .map_err(|e| Error::internal(format!("corrupt workflow record {}: {e}", kv.key)))?;
+            loader.add(&kv.key, &kv.value)?;
+        }
+        let loaded = loader.finish();
+        for (id, why) in &loaded.broken {
+            warn!(workflow = %id, why, "skipping a workflow whose records are incomplete");
+        }
+        for mut wf in loaded.workflows {
             for n in wf.nodes.iter_mut().filter(|n| n.task_id.is_empty()) {
                 if let Some(t) = node_tasks.get(&(wf.id.clone(), n.name.clone())) {
                     n.task_id = t.clone();
@@ -148,6 +156,11 @@ impl State {
                 self.wf_dirty.insert(wf.id.clone());
             }
             self.workflows.insert(wf.id.clone(), wf);
+        }
+        for id in loaded.legacy {
+            if let Some(wf) = self.workflows.get(&id).cloned() {
+                self.persist_whole_workflow(&wf, Vec::new()).await;
+            }
         }
         Ok(())
     }

@@ -292,7 +292,7 @@ impl State {
         };
         let key = format!("schedule-{}-{tick}", s.id);
         match self
-            .create_workflow(wf, key, s.project.clone(), Some(template), None)
+            .create_workflow(wf, key, s.project.clone(), Some(template), false, None)
             .await
         {
             Ok((run, existing)) => {

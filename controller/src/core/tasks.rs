@@ -40,7 +40,11 @@ impl State {
             return;
         }
         // From here on (store, memory, events) secret values exist only sealed.
-        if let Err(e) = self.secrets.seal_spec(&mut spec) {
+        if let Err(e) = self
+            .secrets
+            .seal_spec(&mut spec)
+            .and_then(|()| validate::size::check_spec("spec", &spec, &self.cfg))
+        {
             let _ = reply.send(Err(e));
             return;
         }

@@ -7,6 +7,7 @@ use crate::config::ControllerConfig;
 
 pub(crate) mod artifacts;
 pub(crate) mod extras;
+pub(crate) mod size;
 
 /// Largest number of env vars / labels / argv entries.
 const MAX_ENTRIES: usize = 1024;

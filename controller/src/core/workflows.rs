@@ -24,7 +24,9 @@ use tracing::info;
 use super::{Effect, Reply, State, reply_effect, validate};
 use crate::workflow::{self, node_final, refs};
 
-/// Store key prefix of workflow records.
+pub(crate) mod records;
+
+/// Store key prefix of workflow records (see [`records`] for the layout).
 pub(crate) const WORKFLOW_PREFIX: &str = "workflows/";
 
 impl State {
@@ -34,23 +36,26 @@ impl State {
         key: String,
         project: String,
         template: Option<TemplateRef>,
+        validated: bool,
         reply: Reply<(Workflow, bool)>,
     ) {
         // The reply carries the outcome.
         let _ = self
-            .create_workflow(spec, key, project, template, Some(reply))
+            .create_workflow(spec, key, project, template, validated, Some(reply))
             .await;
     }
 
     /// Creates a workflow (or finds the one with the same idempotency key) and releases its
     /// first nodes. `reply` gets the answer once it is durable; the result is also returned
-    /// (for the schedule loop; errors as their message).
+    /// (for the schedule loop; errors as their message). `validated`: the spec already
+    /// passed [`workflow::validate::workflow_spec`] (in the API, off the core).
     pub(super) async fn create_workflow(
         &mut self,
         mut spec: WorkflowSpec,
         key: String,
         project: String,
         template: Option<TemplateRef>,
+        validated: bool,
         reply: Option<Reply<(Workflow, bool)>>,
     ) -> std::result::Result<(Workflow, bool), String> {
         let answer = |reply: Option<Reply<(Workflow, bool)>>, r: Result<(Workflow, bool)>| {
@@ -58,7 +63,7 @@ impl State {
                 let _ = reply.send(r);
             }
         };
-        let wf = match self.new_workflow(&mut spec, &key, &project) {
+        let wf = match self.new_workflow(&mut spec, &key, &project, validated) {
             Err(e) => {
                 let msg = e.to_string();
                 answer(reply, Err(e));
@@ -83,8 +88,9 @@ impl State {
         };
         let id = wf.id.clone();
         info!(workflow = %id, nodes = wf.total, state = ?wf.state(), "workflow submitted");
-        // The record first (a crash after it resumes the workflow), then its tasks.
-        self.persist_workflow(&wf, Vec::new()).await;
+        // Its records first (the header last: a crash after it resumes the workflow), then
+        // its tasks.
+        self.persist_whole_workflow(&wf, Vec::new()).await;
         if !wf.idempotency_key.is_empty() {
             self.wf_idempotency.insert(
                 super::idempotency_key(&wf.project, &wf.idempotency_key),
@@ -100,7 +106,8 @@ impl State {
             Some(reply) => vec![reply_effect(reply, (wf.clone(), false))],
             None => Vec::new(),
         };
-        self.persist_workflow(&wf, effects).await;
+        self.persist_workflow(&wf, std::iter::empty(), effects)
+            .await;
         Ok((wf, false))
     }
 
@@ -110,8 +117,11 @@ impl State {
         spec: &mut WorkflowSpec,
         key: &str,
         project: &str,
+        validated: bool,
     ) -> Result<Option<Workflow>> {
-        workflow::validate::workflow_spec(spec, &self.cfg)?;
+        if !validated {
+            workflow::validate::workflow_spec(spec, &self.cfg)?;
+        }
         if key.len() > 256 {
             return Err(Error::invalid("idempotency_key is longer than 256 bytes"));
         }
@@ -129,6 +139,8 @@ impl State {
                 self.resolve_task_inputs(s, project, true)
                     .map_err(|e| Error::invalid(format!("tasks[{i}] ({}): {e}", t.name)))?;
                 self.secrets.seal_spec(s)?;
+                // Sealed secrets are larger than the values the API checked.
+                validate::size::check_spec(&format!("tasks[{i}] ({}) spec", t.name), s, &self.cfg)?;
             }
         }
         Ok(None)
@@ -162,7 +174,7 @@ impl State {
             Some(g) if self.group_running(&g.key) >= g.limit.max(1) => WorkflowState::Pending,
             _ => WorkflowState::Running,
         };
-        Ok(Workflow {
+        let wf = Workflow {
             id,
             total: nodes.len() as u32,
             nodes,
@@ -174,7 +186,15 @@ impl State {
             template,
             idempotency_key: key,
             ..Default::default()
-        })
+        };
+        let header = records::header(&wf).encoded_len();
+        if header > self.cfg.max_spec_bytes {
+            return Err(Error::invalid(format!(
+                "the workflow's header (name, labels, template and its params) is {header} bytes, over the limit of {} bytes (max_spec_bytes)",
+                self.cfg.max_spec_bytes
+            )));
+        }
+        Ok(wf)
     }
 
     /// Running workflows of a concurrency group.
@@ -258,8 +278,12 @@ impl State {
         };
         self.advance(&id).await;
         let wf = self.workflows[&id].clone();
-        self.persist_workflow(&wf, vec![reply_effect(reply, wf.clone())])
-            .await;
+        self.persist_workflow(
+            &wf,
+            std::iter::empty(),
+            vec![reply_effect(reply, wf.clone())],
+        )
+        .await;
     }
 
     /// Advances every workflow whose tasks changed, until nothing more moves.
@@ -280,7 +304,10 @@ impl State {
         let Some(mut wf) = self.workflows.remove(id) else {
             return;
         };
-        let before = wf.encode_to_vec();
+        // What was last written: the header and each node (compared, not encoded: the
+        // nodes' tasks are not looked at again).
+        let before_header = records::header(&wf);
+        let before_nodes = wf.nodes.clone();
         let now = now_ms();
         self.sync_nodes(&mut wf);
         let mut effects_tasks = Vec::new();
@@ -347,15 +374,21 @@ impl State {
         if workflow_final(wf.state()) {
             self.wf_active.remove(&wf.id);
         }
-        let changed = wf.encode_to_vec() != before;
+        let changed_nodes: Vec<usize> = wf
+            .nodes
+            .iter()
+            .zip(&before_nodes)
+            .enumerate()
+            .filter(|(_, (now, was))| now != was)
+            .map(|(i, _)| i)
+            .collect();
+        let changed = !changed_nodes.is_empty() || records::header(&wf) != before_header;
         if changed {
             wf.updated_at_ms = now;
+            self.persist_workflow(&wf, changed_nodes.into_iter(), Vec::new())
+                .await;
         }
-        let snapshot = wf.clone();
         self.workflows.insert(id.to_string(), wf);
-        if changed {
-            self.persist_workflow(&snapshot, Vec::new()).await;
-        }
         if let Some(group) = finished_group {
             self.start_pending(&group);
         }
@@ -407,10 +440,11 @@ impl State {
         let Some(spec) = wf.spec.as_ref().filter(|_| !ready.is_empty()) else {
             return;
         };
-        let outputs: HashMap<String, HashMap<String, String>> = wf
+        // Borrowed, not copied: every node's outputs may add up to megabytes.
+        let outputs: HashMap<&str, &HashMap<String, String>> = wf
             .nodes
             .iter()
-            .map(|n| (n.name.clone(), n.outputs.clone()))
+            .map(|n| (n.name.as_str(), &n.outputs))
             .collect();
         let mut released = Vec::new();
         let mut skipped = Vec::new();
@@ -424,6 +458,7 @@ impl State {
                 Err(why) => skipped.push((i, Some(why))),
             }
         }
+        drop(outputs);
         for (i, why) in skipped {
             match why {
                 None => {
@@ -464,7 +499,7 @@ impl State {
         &self,
         spec: &WorkflowSpec,
         i: usize,
-        outputs: &HashMap<String, HashMap<String, String>>,
+        outputs: &HashMap<&str, &HashMap<String, String>>,
         wf: &Workflow,
         template: Option<&TemplateRef>,
     ) -> std::result::Result<scabbard_common::proto::TaskSpec, String> {
@@ -476,7 +511,7 @@ impl State {
         ts.priority = (ts.priority + spec.priority).clamp(-1000, 1000);
         let mut missing = Vec::new();
         refs::for_each_string(&mut ts, &mut |_, s| match refs::substitute(s, &|r| {
-            outputs.get(&r.task)?.get(&r.output).cloned()
+            outputs.get(r.task.as_str())?.get(&r.output).cloned()
         }) {
             Ok(v) => *s = v,
             Err(m) => missing.extend(m),
@@ -492,6 +527,7 @@ impl State {
             ts.breakers.push(format!("step:{}/{}", t.name, node.name));
         }
         validate::task_spec(&mut ts, &self.cfg)
+            .and_then(|()| validate::size::check_spec("its spec", &ts, &self.cfg))
             .map_err(|e| format!("not started: with its inputs filled in, {e}"))?;
         Ok(ts)
     }
@@ -597,8 +633,23 @@ impl State {
         }
     }
 
-    /// Queues the durable write of a workflow record; publishes it once durable.
-    pub(super) async fn persist_workflow(&mut self, wf: &Workflow, mut effects: Vec<Effect>) {
+    /// Queues the durable writes of a workflow's changed nodes (`nodes`, by index), then of
+    /// its header; publishes the workflow and runs `effects` once the header is durable.
+    /// A node change writes one small record, whatever the workflow's size.
+    pub(super) async fn persist_workflow(
+        &mut self,
+        wf: &Workflow,
+        nodes: impl Iterator<Item = usize>,
+        mut effects: Vec<Effect>,
+    ) {
+        for i in nodes {
+            self.write(
+                records::node_key(&wf.id, &wf.nodes[i].name),
+                Some(records::node_record(wf, i)),
+                Vec::new(),
+            )
+            .await;
+        }
         let snapshot = Arc::new(wf.clone());
         let events = self.wf_events.clone();
         effects.push(Box::new(move |r| {
@@ -607,11 +658,27 @@ impl State {
             }
         }));
         self.write(
-            format!("{WORKFLOW_PREFIX}{}", wf.id),
-            Some(wf.encode_to_vec()),
+            records::header_key(&wf.id),
+            Some(records::header(wf).encode_to_vec()),
             effects,
         )
         .await;
+    }
+
+    /// Queues every record of a workflow: each node's task and state, then the header (a
+    /// new workflow, or one read from an earlier version's whole record).
+    pub(crate) async fn persist_whole_workflow(&mut self, wf: &Workflow, effects: Vec<Effect>) {
+        for i in 0..wf.nodes.len() {
+            if let Some(task) = records::task_record(wf, i) {
+                self.write(
+                    records::task_key(&wf.id, &wf.nodes[i].name),
+                    Some(task),
+                    Vec::new(),
+                )
+                .await;
+            }
+        }
+        self.persist_workflow(wf, 0..wf.nodes.len(), effects).await;
     }
 }
 
@@ -649,15 +716,17 @@ fn skip_dependents_of_failed(wf: &mut Workflow) {
 /// A node's condition once its dependencies succeeded: `when` with their outputs filled in.
 fn condition(
     when: &str,
-    outputs: &HashMap<String, HashMap<String, String>>,
+    outputs: &HashMap<&str, &HashMap<String, String>>,
 ) -> std::result::Result<bool, String> {
-    let value = refs::substitute(when, &|r| outputs.get(&r.task)?.get(&r.output).cloned())
-        .map_err(|missing| {
-            format!(
-                "not started: its condition needs {} (not produced by its dependencies)",
-                missing.join(", ")
-            )
-        })?;
+    let value = refs::substitute(when, &|r| {
+        outputs.get(r.task.as_str())?.get(&r.output).cloned()
+    })
+    .map_err(|missing| {
+        format!(
+            "not started: its condition needs {} (not produced by its dependencies)",
+            missing.join(", ")
+        )
+    })?;
     match value.trim() {
         "" | "true" => Ok(true),
         "false" => Ok(false),

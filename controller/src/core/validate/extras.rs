@@ -64,6 +64,12 @@ pub(crate) fn container(c: &ContainerTask) -> Result<()> {
                 "spec.container.caches[{i}] needs volume (a name) and an absolute path"
             )));
         }
+        if scabbard_common::proto::CacheSharing::try_from(m.sharing).is_err() {
+            return Err(Error::invalid(format!(
+                "spec.container.caches[{i}].sharing: {} is not a cache sharing mode (SHARED, PRIVATE, LOCKED)",
+                m.sharing
+            )));
+        }
     }
     for (i, d) in c.directories.iter().enumerate() {
         if d.host_path.is_empty() || !d.path.starts_with('/') {

@@ -209,7 +209,7 @@ pub(crate) fn retry(field: &str, r: &RetryPolicy) -> Result<()> {
             r.max_attempts
         )));
     }
-    if r.max_infra_retries > 100 {
+    if r.max_infra_retries.is_some_and(|n| n > 100) {
         return Err(Error::invalid(format!(
             "{field}.max_infra_retries must be at most 100"
         )));

@@ -133,7 +133,10 @@ pub async fn serve(
             templates: templates.clone(),
             artifacts: artifacts.clone(),
         },
-        advertise.clone(),
+        leader::Candidate {
+            node_id: leader::node_id(&cfg.data_dir)?,
+            advertise: advertise.clone(),
+        },
         route,
         shutdown.clone(),
     ));
@@ -218,7 +221,7 @@ struct Shared {
 
 async fn lead_when_elected(
     shared: Shared,
-    advertise: String,
+    me: leader::Candidate,
     route: watch::Sender<Route>,
     shutdown: CancellationToken,
 ) {
@@ -230,7 +233,7 @@ async fn lead_when_elected(
         artifacts,
     } = shared;
     let ttl = cfg.leader_lease_ttl();
-    while let Some(lead) = leader::campaign(store.clone(), &advertise, ttl, &route, &shutdown).await
+    while let Some(lead) = leader::campaign(store.clone(), &me, ttl, &route, &shutdown).await
     {
         let core_stop = CancellationToken::new();
         let fence = Fence {

@@ -216,7 +216,11 @@ impl ControllerConfig {
                 self.etcd.validate()?;
                 // Followers redirect to the leader's advertised address, and the listen
                 // address (often 0.0.0.0) reaches nobody: it must be said.
-                if self.advertise_addr.as_deref().is_none_or(|a| a.trim().is_empty()) {
+                if self
+                    .advertise_addr
+                    .as_deref()
+                    .is_none_or(|a| a.trim().is_empty())
+                {
                     return Err(Error::invalid(
                         "store = \"etcd\" needs advertise_addr (--advertise-addr or SCABBARD_ADVERTISE_ADDR): the address other controllers, workers and clients are redirected to while this controller leads",
                     ));

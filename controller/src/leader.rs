@@ -403,7 +403,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = node_id(dir.path()).unwrap();
         assert!(first.starts_with("node-"));
-        assert_eq!(node_id(dir.path()).unwrap(), first, "same data dir, same node");
+        assert_eq!(
+            node_id(dir.path()).unwrap(),
+            first,
+            "same data dir, same node"
+        );
         let other = tempfile::tempdir().unwrap();
         assert_ne!(node_id(other.path()).unwrap(), first);
         use std::os::unix::fs::PermissionsExt;
@@ -414,6 +418,10 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(leader_address(b"node-x 10.0.0.1:7400"), "10.0.0.1:7400");
         assert_eq!(leader_address(b"10.0.0.1:7400"), "10.0.0.1:7400");
-        assert_eq!(parse_value(b"10.0.0.1:7400").0, "", "legacy: no node owns it");
+        assert_eq!(
+            parse_value(b"10.0.0.1:7400").0,
+            "",
+            "legacy: no node owns it"
+        );
     }
 }

@@ -233,8 +233,7 @@ async fn lead_when_elected(
         artifacts,
     } = shared;
     let ttl = cfg.leader_lease_ttl();
-    while let Some(lead) = leader::campaign(store.clone(), &me, ttl, &route, &shutdown).await
-    {
+    while let Some(lead) = leader::campaign(store.clone(), &me, ttl, &route, &shutdown).await {
         let core_stop = CancellationToken::new();
         let fence = Fence {
             compare: lead.fence.clone(),

@@ -422,10 +422,7 @@ mod tests {
             ..Default::default()
         };
         let a: Vec<_> = task_keys(Some(&spec), "a").collect();
-        assert_eq!(
-            a,
-            ["project/a/registry:ghcr.io", "project/a/step:ci/build"]
-        );
+        assert_eq!(a, ["project/a/registry:ghcr.io", "project/a/step:ci/build"]);
         assert_eq!(key_project(&a[1]), Some(Ok("a")));
         assert_eq!(key_project("agent:x"), None);
         assert_eq!(key_project("registry:ghcr.io"), Some(Err(())));

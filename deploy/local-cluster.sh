@@ -36,7 +36,7 @@ endpoints="http://127.0.0.1:23791,http://127.0.0.1:23792,http://127.0.0.1:23793"
 # Controllers on 7401 and 7402.
 for i in 1 2; do
   "$SCABBARD" controller --listen "127.0.0.1:740$i" --data-dir "$DIR/controller$i" \
-    --store etcd --etcd-endpoints "$endpoints" --logs-dir "$DIR/logs" \
+    --store etcd --etcd-endpoints "$endpoints" --logs-dir "$DIR/logs" --advertise-addr "127.0.0.1:740$i" \
     --registration-token "$TOKEN" >"$DIR/controller$i.log" 2>&1 &
   pids+=($!)
 done

@@ -207,6 +207,7 @@ impl HandAgent {
                 slots: 1,
                 version: "bench".into(),
                 agent_id: String::new(),
+                current_agent_token: String::new(),
             })
             .await?
             .into_inner();

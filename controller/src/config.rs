@@ -244,7 +244,20 @@ impl ControllerConfig {
         self.check_size_limits()?;
         match self.store.as_str() {
             "embedded" => {}
-            "etcd" => self.etcd.validate()?,
+            "etcd" => {
+                self.etcd.validate()?;
+                // Followers redirect to the leader's advertised address, and the listen
+                // address (often 0.0.0.0) reaches nobody: it must be said.
+                if self
+                    .advertise_addr
+                    .as_deref()
+                    .is_none_or(|a| a.trim().is_empty())
+                {
+                    return Err(Error::invalid(
+                        "store = \"etcd\" needs advertise_addr (--advertise-addr or SCABBARD_ADVERTISE_ADDR): the address other controllers, workers and clients are redirected to while this controller leads",
+                    ));
+                }
+            }
             other => {
                 return Err(Error::invalid(format!(
                     "store {other:?} is not a backend: use \"embedded\" or \"etcd\""
@@ -367,6 +380,21 @@ mod tests {
         let err =
             ControllerConfig::from_toml("listen = \"127.0.0.1:1\"\nlisten_adress = 1").unwrap_err();
         assert!(err.to_string().contains("listen_adress"), "{err}");
+    }
+
+    #[test]
+    fn etcd_mode_needs_an_advertise_address() {
+        let mut cfg = ControllerConfig {
+            store: "etcd".into(),
+            ..Default::default()
+        };
+        cfg.etcd.endpoints = vec!["http://127.0.0.1:2379".into()];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("--advertise-addr"), "{err}");
+        cfg.advertise_addr = Some("10.0.0.5:7400".into());
+        cfg.validate().unwrap();
+        // The embedded store has one controller: the listen address is enough.
+        ControllerConfig::default().validate().unwrap();
     }
 
     #[test]

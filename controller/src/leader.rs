@@ -5,6 +5,13 @@
 //! compare on the key's mod revision (the *fence*), so a deposed leader can never commit.
 //!
 //! It works the same on etcd (several controllers) and on the embedded store (one).
+//!
+//! The key's value is `<node id> <advertised address>`: the node id is random per
+//! controller (kept in `<data_dir>/node-id`), so two controllers that advertise the same
+//! address never take the key from each other; followers read the address after the space
+//! for their redirects ([`leader_address`]). A restarted controller takes its own key back
+//! at once only when the node id matches — the same data dir, so really the same node;
+//! anything else (another node, or a value from before node ids) waits for its lease.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +26,72 @@ use tracing::{info, warn};
 use crate::core::Route;
 use crate::store::{CmpOp, Compare, CompareTarget, LeaseId, Op, OpResult, Store, Txn, WatchEvent};
 
-/// Store key holding the leader's advertised address.
+/// Store key holding the leader's node id and advertised address (`<node id> <address>`).
 pub const LEADER_KEY: &str = "election/leader";
+
+/// Name of the file in the data dir holding this controller's node id.
+const NODE_ID_FILE: &str = "node-id";
+
+/// Who campaigns: a node id unique to this controller and the address it advertises.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Random, persisted in the data dir: the same node after a restart.
+    pub node_id: String,
+    /// Where followers redirect to while this node leads.
+    pub advertise: String,
+}
+
+impl Candidate {
+    fn value(&self) -> String {
+        format!("{} {}", self.node_id, self.advertise)
+    }
+}
+
+/// Splits a leader key value into (node id, address); a value from before node ids is
+/// the address alone.
+fn parse_value(value: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(value);
+    match text.split_once(' ') {
+        Some((node, addr)) => (node.to_string(), addr.to_string()),
+        None => (String::new(), text.into_owned()),
+    }
+}
+
+/// The leader's advertised address from the leader key's value (for redirects).
+pub fn leader_address(value: &[u8]) -> String {
+    parse_value(value).1
+}
+
+/// This controller's node id: read from `<data_dir>/node-id`, or made (random) and saved
+/// there on first start (created exclusively, owner-only).
+pub fn node_id(data_dir: &std::path::Path) -> Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() && !id.trim().contains(char::is_whitespace) => {
+            return Ok(id.trim().to_string());
+        }
+        Ok(_) => {
+            return Err(Error::invalid(format!(
+                "{} is malformed: delete it (a new node id is made)",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let id = format!("node-{}", ulid::Ulid::new().to_string().to_lowercase());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    writeln!(f, "{id}")?;
+    f.sync_all()?;
+    Ok(id)
+}
 
 /// Held while this controller leads.
 pub struct Leadership {
@@ -47,7 +118,7 @@ impl Leadership {
 /// While following, publishes the current leader's address on `route`.
 pub async fn campaign(
     store: Arc<dyn Store>,
-    advertise: &str,
+    me: &Candidate,
     ttl: Duration,
     route: &watch::Sender<Route>,
     shutdown: &CancellationToken,
@@ -61,7 +132,7 @@ pub async fn campaign(
         if shutdown.is_cancelled() {
             return None;
         }
-        match try_lead(&store, advertise, ttl).await {
+        match try_lead(&store, me, ttl).await {
             Ok(Ok(lead)) => return Some(lead),
             Ok(Err((leader, revision))) => {
                 failures = 0;
@@ -87,13 +158,13 @@ pub async fn campaign(
 /// One attempt: `Ok(Ok(_))` leads, `Ok(Err((leader, rev)))` someone else leads.
 async fn try_lead(
     store: &Arc<dyn Store>,
-    advertise: &str,
+    me: &Candidate,
     ttl: Duration,
 ) -> Result<std::result::Result<Leadership, (String, i64)>> {
     let lease = store.lease_grant(ttl).await?;
     let put = Op::Put {
         key: LEADER_KEY.into(),
-        value: advertise.as_bytes().to_vec(),
+        value: me.value().into_bytes(),
         lease,
     };
     let r = store
@@ -116,12 +187,13 @@ async fn try_lead(
                 ));
             }
         };
-        let holder = String::from_utf8_lossy(&current.value).into_owned();
-        if holder != advertise {
+        let (holder_node, holder) = parse_value(&current.value);
+        if holder_node != me.node_id {
             let _ = store.lease_revoke(lease).await;
             return Ok(Err((holder, current.mod_revision)));
         }
-        // Our own key from before a restart: take it over (a new write, so a new fence).
+        // Our own key from before a restart (same node id: same data dir): take it over
+        // (a new write, so a new fence).
         let r = store
             .txn(Txn {
                 compares: vec![Compare::mod_revision(LEADER_KEY, current.mod_revision)],
@@ -135,7 +207,7 @@ async fn try_lead(
         }
         r.revision
     };
-    info!(advertise, revision, "elected leader");
+    info!(advertise = %me.advertise, node = %me.node_id, revision, "elected leader");
     // Only elections write the leader key (renewals touch the lease, not the key), so its
     // mod revision identifies this term.
     let fence = Compare {
@@ -208,6 +280,13 @@ mod tests {
     use super::*;
     use crate::store::EmbeddedStore;
 
+    fn node(id: &str, addr: &str) -> Candidate {
+        Candidate {
+            node_id: id.into(),
+            advertise: addr.into(),
+        }
+    }
+
     #[tokio::test]
     async fn one_leader_at_a_time_and_takeover_after_resign() {
         let dir = tempfile::tempdir().unwrap();
@@ -216,13 +295,13 @@ mod tests {
         let (route_a, _) = watch::channel(Route::Follower(None));
         let (route_b, mut rx_b) = watch::channel(Route::Follower(None));
         let ttl = Duration::from_secs(2);
-        let a = campaign(store.clone(), "a:1", ttl, &route_a, &stop)
+        let a = campaign(store.clone(), &node("na", "a:1"), ttl, &route_a, &stop)
             .await
             .expect("a leads");
         let b = tokio::spawn({
             let store = store.clone();
             let stop = stop.clone();
-            async move { campaign(store, "b:1", ttl, &route_b, &stop).await }
+            async move { campaign(store, &node("nb", "b:1"), ttl, &route_b, &stop).await }
         });
         rx_b.wait_for(|r| matches!(r, Route::Follower(Some(l)) if l == "a:1"))
             .await
@@ -254,13 +333,13 @@ mod tests {
         let stop = CancellationToken::new();
         let (route, _) = watch::channel(Route::Follower(None));
         let ttl = Duration::from_secs(30);
-        let first = campaign(store.clone(), "me:1", ttl, &route, &stop)
+        let first = campaign(store.clone(), &node("n1", "me:1"), ttl, &route, &stop)
             .await
             .unwrap();
         first.keepalive.abort(); // "crash" without resigning
         let second = tokio::time::timeout(
             Duration::from_secs(2),
-            campaign(store.clone(), "me:1", ttl, &route, &stop),
+            campaign(store.clone(), &node("n1", "me:1"), ttl, &route, &stop),
         )
         .await
         .unwrap()
@@ -275,5 +354,74 @@ mod tests {
             .unwrap();
         assert!(!stale.succeeded, "the old incarnation's fence must fail");
         second.resign(store.as_ref()).await;
+    }
+
+    #[tokio::test]
+    async fn two_nodes_with_the_same_advertise_address_do_not_steal_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let stop = CancellationToken::new();
+        let (route_a, _) = watch::channel(Route::Follower(None));
+        let (route_b, mut rx_b) = watch::channel(Route::Follower(None));
+        let ttl = Duration::from_secs(30);
+        let a = campaign(store.clone(), &node("na", "same:1"), ttl, &route_a, &stop)
+            .await
+            .expect("a leads");
+        let b = tokio::spawn({
+            let store = store.clone();
+            let stop = stop.clone();
+            async move { campaign(store, &node("nb", "same:1"), ttl, &route_b, &stop).await }
+        });
+        // B follows, redirecting to the (shared) address, and does not lead.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            rx_b.wait_for(|r| matches!(r, Route::Follower(Some(l)) if l == "same:1")),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(!b.is_finished(), "b must not take a's key");
+        // A's fence still holds: nobody wrote the key again.
+        let r = store
+            .txn(Txn {
+                compares: vec![a.fence.clone()],
+                success: vec![],
+                failure: vec![],
+            })
+            .await
+            .unwrap();
+        assert!(r.succeeded, "a is still the leader of its term");
+        let kv = store.get(LEADER_KEY).await.unwrap().unwrap();
+        assert_eq!(leader_address(&kv.value), "same:1");
+        stop.cancel();
+        let _ = b.await;
+        a.resign(store.as_ref()).await;
+    }
+
+    #[test]
+    fn the_node_id_is_made_once_and_kept_and_old_values_still_give_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = node_id(dir.path()).unwrap();
+        assert!(first.starts_with("node-"));
+        assert_eq!(
+            node_id(dir.path()).unwrap(),
+            first,
+            "same data dir, same node"
+        );
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(node_id(other.path()).unwrap(), first);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(NODE_ID_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(leader_address(b"node-x 10.0.0.1:7400"), "10.0.0.1:7400");
+        assert_eq!(leader_address(b"10.0.0.1:7400"), "10.0.0.1:7400");
+        assert_eq!(
+            parse_value(b"10.0.0.1:7400").0,
+            "",
+            "legacy: no node owns it"
+        );
     }
 }

@@ -134,7 +134,10 @@ pub async fn serve(
             templates: templates.clone(),
             artifacts: artifacts.clone(),
         },
-        advertise.clone(),
+        leader::Candidate {
+            node_id: leader::node_id(&cfg.data_dir)?,
+            advertise: advertise.clone(),
+        },
         route,
         shutdown.clone(),
     ));
@@ -223,7 +226,7 @@ struct Shared {
 /// Returns the store's failure when it can never be written again by this process.
 async fn lead_when_elected(
     shared: Shared,
-    advertise: String,
+    me: leader::Candidate,
     route: watch::Sender<Route>,
     shutdown: CancellationToken,
 ) -> Option<Error> {
@@ -240,8 +243,7 @@ async fn lead_when_elected(
         ..Default::default()
     };
     let mut failures = 0u32;
-    while let Some(lead) = leader::campaign(store.clone(), &advertise, ttl, &route, &shutdown).await
-    {
+    while let Some(lead) = leader::campaign(store.clone(), &me, ttl, &route, &shutdown).await {
         let core_stop = CancellationToken::new();
         let fence = Fence {
             compare: lead.fence.clone(),

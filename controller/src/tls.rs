@@ -166,6 +166,19 @@ pub fn check_agent_identity(
     )))
 }
 
+/// Whether the caller's verified client certificate names `agent_id` itself (its CN or a
+/// DNS SAN): proof enough to re-register that id. A certificate naming only the agent's
+/// name does not prove the id.
+pub fn cert_names_agent_id(
+    peer_certs: Option<&Arc<Vec<CertificateDer<'static>>>>,
+    agent_id: &str,
+) -> bool {
+    peer_certs
+        .and_then(|c| c.first())
+        .and_then(|leaf| cert_names(leaf.as_ref()).ok())
+        .is_some_and(|names| names.contains(agent_id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

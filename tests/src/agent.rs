@@ -48,6 +48,7 @@ impl FakeAgent {
                 slots: 1,
                 version: "fake".into(),
                 agent_id: String::new(),
+                current_agent_token: String::new(),
             })
             .await?
             .into_inner();

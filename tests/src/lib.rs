@@ -181,6 +181,15 @@ impl Controller {
                 opts.heartbeat,
             ])
             .args(&opts.extra)
+            // etcd mode needs an advertise address; tests on a fixed port give theirs.
+            .args(
+                (opts.extra.iter().any(|a| a == "etcd")
+                    && port != 0
+                    && !opts.extra.iter().any(|a| a == "--advertise-addr"))
+                .then(|| ["--advertise-addr".to_string(), addr.to_string()])
+                .into_iter()
+                .flatten(),
+            )
             .env("SCABBARD_LOG", "info")
             .env("SCABBARD_BOOTSTRAP_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::piped())

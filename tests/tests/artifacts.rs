@@ -374,10 +374,11 @@ async fn uploads_and_downloads(c: &Controller, blobs: &Blobs) -> Result<()> {
     let outsider = other_project_reader(&addr, "outsiders").await?;
     let mut outside =
         ArtifactServiceClient::new(with_token(client::connect(&addr).await?, &outsider));
+    // (NOT_FOUND, exactly as for an unknown task: ids cannot be probed across projects.)
     denied(
         download(&mut outside, whole.clone()).await,
-        Code::PermissionDenied,
-        "project",
+        Code::NotFound,
+        "not found",
     );
     denied(
         outside
@@ -386,8 +387,8 @@ async fn uploads_and_downloads(c: &Controller, blobs: &Blobs) -> Result<()> {
                 workflow_id: String::new(),
             })
             .await,
-        Code::PermissionDenied,
-        "project",
+        Code::NotFound,
+        "not found",
     );
 
     // Agents: only for an input of an attempt they run.

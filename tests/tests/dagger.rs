@@ -384,7 +384,7 @@ async fn a_failing_step_is_a_user_failure_and_an_engine_error_is_retried() -> an
     // An engine error: an infrastructure failure, retried up to the bound (1 here).
     let mut spec = container("boom/golang:1.23", None);
     spec.retry = Some(RetryPolicy {
-        max_infra_retries: 1,
+        max_infra_retries: Some(1),
         initial_backoff_ms: 50,
         ..Default::default()
     });

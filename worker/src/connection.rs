@@ -48,6 +48,9 @@ pub(crate) struct Connection {
     /// The way to the controller for calls outside the session (artifacts): kept pointing
     /// at `target` with the current agent token and limits.
     pub(crate) link: Arc<ControllerLink>,
+    /// The identity whose token was just refused: registering again asks for the same
+    /// agent id and proves it with that token (a live id is never handed out without it).
+    pub(crate) previous: Option<Identity>,
 }
 
 impl Connection {
@@ -76,6 +79,7 @@ impl Connection {
                 }
                 End::Reregister(why) => {
                     warn!(why, "agent token refused; registering again");
+                    self.previous = identity::load(&self.cfg.data_dir).ok().flatten();
                     let _ = std::fs::remove_file(self.cfg.data_dir.join("identity"));
                 }
                 // Follow a redirect at once, unless it points at the controller that just
@@ -155,7 +159,7 @@ impl Connection {
             .is_some_and(|at| self.runner.is_idle() || tokio::time::Instant::now() >= at)
     }
 
-    async fn identity(&self) -> Result<Identity> {
+    async fn identity(&mut self) -> Result<Identity> {
         if let Some(id) = identity::load(&self.cfg.data_dir)? {
             return Ok(id);
         }
@@ -165,20 +169,38 @@ impl Connection {
             ));
         }
         let channel = client::connect_with(&self.target, &self.cfg.client_options()).await?;
-        let name = self.runner.agent_name().to_string();
-        let resp = AgentServiceClient::new(channel)
-            .register(RegisterRequest {
-                registration_token: self.cfg.registration_token.clone(),
-                name,
-                labels: self.cfg.labels.clone(),
-                capabilities: self.runner.capabilities(),
-                slots: self.cfg.slots,
-                version: env!("CARGO_PKG_VERSION").into(),
-                agent_id: String::new(),
-            })
-            .await
-            .map_err(Error::from)?
-            .into_inner();
+        let request = RegisterRequest {
+            registration_token: self.cfg.registration_token.clone(),
+            name: self.runner.agent_name().to_string(),
+            labels: self.cfg.labels.clone(),
+            capabilities: self.runner.capabilities(),
+            slots: self.cfg.slots,
+            version: env!("CARGO_PKG_VERSION").into(),
+            agent_id: String::new(),
+            current_agent_token: String::new(),
+        };
+        let mut client = AgentServiceClient::new(channel);
+        // Come back as the same agent when we can prove it; else as a new one.
+        let resp = match self.previous.clone() {
+            Some(prev) => {
+                let again = RegisterRequest {
+                    agent_id: prev.agent_id,
+                    current_agent_token: prev.agent_token,
+                    ..request.clone()
+                };
+                match client.register(again).await {
+                    Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                        warn!(error = %s.message(), "cannot keep the agent id; registering as a new agent");
+                        client.register(request).await
+                    }
+                    r => r,
+                }
+            }
+            None => client.register(request).await,
+        }
+        .map_err(Error::from)?
+        .into_inner();
+        self.previous = None;
         let id = Identity {
             agent_id: resp.agent_id,
             agent_token: resp.agent_token,

@@ -92,6 +92,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         draining: false,
         stop_at: None,
         link,
+        previous: None,
     };
     let result = conn.run(shutdown).await;
     if let Some(rechecks) = rechecks {

@@ -135,10 +135,10 @@ pub(crate) struct RetryDef {
     pub(crate) retry_exit_codes: Vec<i32>,
     #[serde(
         default,
-        deserialize_with = "scalar::int",
-        skip_serializing_if = "is_zero_u32"
+        deserialize_with = "scalar::opt_int",
+        skip_serializing_if = "Option::is_none"
     )]
-    pub(crate) max_infra_retries: u32,
+    pub(crate) max_infra_retries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -200,10 +200,10 @@ pub(crate) struct TaskDef {
     pub(crate) timeout: u64,
     #[serde(
         default,
-        deserialize_with = "scalar::int",
-        skip_serializing_if = "is_zero_u32"
+        deserialize_with = "scalar::opt_int",
+        skip_serializing_if = "Option::is_none"
     )]
-    pub(crate) max_infra_retries: u32,
+    pub(crate) max_infra_retries: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) retry: Option<RetryDef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -166,6 +166,15 @@ where
     })
 }
 
+/// An optional whole number: absent or null is None (so an explicit 0 stays 0).
+pub(crate) fn opt_int<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i128> + FromStr,
+{
+    read(d, "a whole number", |s| s.map(whole).transpose())
+}
+
 /// A list of whole numbers; null is the empty list.
 pub(crate) fn ints<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where

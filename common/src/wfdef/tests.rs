@@ -58,7 +58,7 @@ fn the_full_example_reads_into_the_protocol() {
     assert_eq!(r.jitter, 0.2);
     assert_eq!(r.retry_on.len(), 3);
     assert_eq!(r.retry_exit_codes, vec![1]);
-    assert_eq!(r.max_infra_retries, 3);
+    assert_eq!(r.max_infra_retries, Some(3));
     assert_eq!(spec.tasks.len(), 4);
 
     let build = spec.tasks[0].spec.as_ref().unwrap();

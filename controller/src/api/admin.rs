@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit;
 use crate::auth::{self, Catalog, Principal};
-use crate::core::{CoreMsg, CoreRouter, Route, validate};
+use crate::core::{CoreMsg, CoreRouter, Route, breakers, validate};
 use crate::membership::MEMBER_PREFIX;
 use crate::store::Store;
 
@@ -43,7 +43,8 @@ impl AdminService for AdminApi {
         req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         // Anyone may find the leader; queue depths are for token holders.
-        let may_read = req.extensions().get::<Principal>().is_some();
+        let who = req.extensions().get::<Principal>().cloned();
+        let may_read = who.is_some();
         let route = self.core.watch().borrow().clone();
         let (leader, active) = match route {
             Route::Active(core) => (self.advertise.clone(), Some(core)),
@@ -79,7 +80,10 @@ impl AdminService for AdminApi {
             status.active_tasks = stats.active as u64;
             status.total_tasks = stats.total as u64;
             status.connected_agents = stats.connected_agents as u32;
-            status.breakers = stats.breakers;
+            status.breakers = who
+                .as_ref()
+                .map(|w| visible_breakers(w, stats.breakers))
+                .unwrap_or_default();
             status.running_workflows = stats.running_workflows as u64;
             status.pending_workflows = stats.pending_workflows as u64;
             status.cache_affinity_hits = stats.cache_affinity_hits;
@@ -194,12 +198,15 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ListBreakersRequest>,
     ) -> Result<Response<ListBreakersResponse>, Status> {
+        let who = auth::principal(&req)?;
         let all = req.into_inner().all;
         let breakers = self
             .core
             .call(|reply| CoreMsg::ListBreakers { all, reply })
             .await?;
-        Ok(Response::new(ListBreakersResponse { breakers }))
+        Ok(Response::new(ListBreakersResponse {
+            breakers: visible_breakers(&who, breakers),
+        }))
     }
 
     async fn reset_breaker(
@@ -214,6 +221,7 @@ impl AdminService for AdminApi {
             )
             .into());
         }
+        let (key, project) = breaker_to_reset(&who, key)?;
         let breaker = self
             .core
             .ask(|reply| CoreMsg::ResetBreaker {
@@ -221,8 +229,51 @@ impl AdminService for AdminApi {
                 reply,
             })
             .await?;
-        let entry = audit::entry(&who, "breaker.reset", &key, auth::ALL_PROJECTS, "");
+        let entry = audit::entry(&who, "breaker.reset", &key, &project, "");
         audit::record(&self.store, &entry).await?;
         Ok(Response::new(breaker))
+    }
+}
+
+/// What of `breakers` the caller may see: its own project's, and the global (agent) ones —
+/// for a project-bound caller without their last error, which may name other projects'
+/// tasks.
+fn visible_breakers(who: &Principal, breakers: Vec<Breaker>) -> Vec<Breaker> {
+    breakers
+        .into_iter()
+        .filter_map(|mut b| match breakers::key_project(&b.key) {
+            Some(Ok(p)) => who.may_access(p).then_some(b),
+            Some(Err(())) => who.cluster_wide().then_some(b),
+            None => {
+                if !who.cluster_wide() {
+                    b.last_error.clear();
+                }
+                Some(b)
+            }
+        })
+        .collect()
+}
+
+/// The full key of the breaker the caller asks to reset, and its project for the audit
+/// log. Global (agent) breakers need a cluster-wide operator; a project's breaker an
+/// operator of that project (another project's answers NOT_FOUND, like an unknown one);
+/// a bare name is the caller's project's breaker of that name.
+fn breaker_to_reset(who: &Principal, key: String) -> Result<(String, String), Status> {
+    match breakers::key_project(&key) {
+        None => {
+            who.require_cluster_wide(&format!(
+                "resetting the global breaker {key:?} (it holds every project's tasks)"
+            ))?;
+            Ok((key, auth::ALL_PROJECTS.to_string()))
+        }
+        Some(Ok(p)) => {
+            who.check_visible("breaker", &key, p)?;
+            let project = p.to_string();
+            Ok((key, project))
+        }
+        Some(Err(())) => {
+            let project = who.resolve_project("")?;
+            Ok((breakers::scoped_key(&project, &key), project))
+        }
     }
 }

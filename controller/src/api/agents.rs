@@ -50,6 +50,7 @@ impl AgentService for AgentApi {
         if r.name.len() > 256 {
             return Err(Error::invalid("name is longer than 256 bytes").into());
         }
+        let reregistering = !r.agent_id.is_empty();
         let agent_id = if r.agent_id.is_empty() {
             format!("agent-{}", ulid::Ulid::new().to_string().to_lowercase())
         } else {
@@ -62,11 +63,28 @@ impl AgentService for AgentApi {
             &r.name
         };
         crate::tls::check_agent_identity(
-            peer_certs,
+            peer_certs.clone(),
             &agent_id,
             cert_name,
             self.require_client_cert,
         )?;
+        // Only callers holding a registration token learn anything about agent ids.
+        self.catalog
+            .check_registration_token(&r.registration_token)?;
+        // A live agent id is taken over only by that agent: it proves itself with its
+        // current token or a client certificate naming the id.
+        if reregistering
+            && self.catalog.agent_has_live_token(&agent_id)
+            && !self.catalog.proves_agent(&r.current_agent_token, &agent_id)
+            && !crate::tls::cert_names_agent_id(peer_certs.as_ref(), &agent_id)
+        {
+            return Err(Error::PermissionDenied(format!(
+                "agent {agent_id} is registered already: re-registering it needs its current agent token (current_agent_token) or a client certificate naming {agent_id}; a new worker registers without agent_id"
+            ))
+            .into());
+        }
+        // A follower answers NotLeader before it uses up a registration-token use.
+        self.core.current()?;
         // Counted only once the request is otherwise valid.
         let by = self
             .catalog

@@ -38,7 +38,7 @@ impl ProjectService for ProjectApi {
         let who = auth::principal(&req)?;
         let name = req.into_inner().name;
         validate_project_name(&name)?;
-        who.check_project(&format!("project {name}"), &name)?;
+        who.check_visible("project", &name, &name)?;
         let p = self
             .catalog
             .project(&name)

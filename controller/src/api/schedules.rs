@@ -28,7 +28,7 @@ impl ScheduleApi {
             .core
             .ask(|reply| CoreMsg::GetSchedule { id, reply })
             .await?;
-        who.check_project(&format!("schedule {}", s.id), &s.project)?;
+        who.check_visible("schedule", &s.id, &s.project)?;
         Ok(s)
     }
 

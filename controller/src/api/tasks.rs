@@ -33,7 +33,7 @@ impl TaskApi {
     async fn visible_task(&self, who: &Principal, id: String) -> Result<Task, Status> {
         validate::id("task", &id)?;
         let task = self.core.ask(|reply| CoreMsg::Get { id, reply }).await?;
-        who.check_project(&format!("task {}", task.id), &task.project)?;
+        who.check_visible("task", &task.id, &task.project)?;
         Ok(task)
     }
 }
@@ -148,7 +148,7 @@ impl TaskService for TaskApi {
             return Err(Error::not_found("task", missing.cloned().unwrap_or_default()).into());
         }
         for t in &snapshot {
-            who.check_project(&format!("task {}", t.id), &t.project)?;
+            who.check_visible("task", &t.id, &t.project)?;
         }
         let (tx, out) = mpsc::channel(1024);
         let filter: std::collections::HashSet<String> = r.ids.into_iter().collect();

@@ -90,7 +90,7 @@ impl WorkflowApi {
             .core
             .ask(|reply| CoreMsg::GetWorkflow { id, reply })
             .await?;
-        who.check_project(&format!("workflow {}", wf.id), &wf.project)?;
+        who.check_visible("workflow", &wf.id, &wf.project)?;
         Ok(wf)
     }
 }
@@ -201,7 +201,7 @@ impl WorkflowService for WorkflowApi {
                 reply,
             })
             .await?;
-        who.check_project(&format!("workflow {id}"), &now.project)?;
+        who.check_visible("workflow", &id, &now.project)?;
         let (tx, out) = mpsc::channel(256);
         tokio::spawn(async move {
             let mut last_update = now.updated_at_ms;

@@ -244,7 +244,7 @@ impl Artifacts {
                 reply,
             })
             .await?;
-        who.check_project(&format!("{what} {id}"), &served.project)?;
+        who.check_visible(what, &id, &served.project)?;
         Ok(served.artifacts)
     }
 
@@ -257,7 +257,7 @@ impl Artifacts {
                 reply,
             })
             .await?;
-        who.check_project(&format!("task {task_id}"), &served.project)?;
+        who.check_visible("task", task_id, &served.project)?;
         find(&served, task_id, name)
     }
 }

@@ -82,6 +82,16 @@ impl Principal {
         )))
     }
 
+    /// Fails with `NOT_FOUND` — the very answer an unknown id gets — when `id` (a `kind`)
+    /// belongs to a project the caller may not see, so ids cannot be probed across
+    /// projects. Every lookup by id in the API goes through here.
+    pub fn check_visible(&self, kind: &'static str, id: &str, project: &str) -> Result<()> {
+        if self.may_access(project) {
+            return Ok(());
+        }
+        Err(Error::not_found(kind, id))
+    }
+
     /// Fails with `PERMISSION_DENIED` unless the token is cluster-wide.
     pub fn require_cluster_wide(&self, what: &str) -> Result<()> {
         if self.cluster_wide() {

@@ -1,6 +1,13 @@
 //! Circuit breakers, keyed by what fails: `agent:<id>`, `step:<template>/<node>`, or a name a
 //! task lists in `spec.breakers` (a registry, an outside service).
 //!
+//! Agent breakers are global (an agent serves every project) and count only infrastructure
+//! failures: a task's own exit code or timeout says nothing about the agent. Named and step
+//! breakers belong to the project of the task that names them — stored and listed as
+//! `project/<project>/<name>` — so one project's failures never hold another's tasks.
+//! Records from before that scoping (`<name>` alone) cannot be given a project: a new
+//! leader drops them (and deletes them from the store); they close as if reset.
+//!
 //! closed —(threshold consecutive failures)→ open —(open_for elapsed)→ half-open —(probe
 //! succeeds)→ closed; a failed probe opens it again for twice as long (bounded). While a
 //! breaker is open the scheduler sends nothing through it: an agent gets no work, tasks
@@ -12,7 +19,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use scabbard_common::proto::{self, BreakerState};
+use scabbard_common::proto::{self, BreakerState, TaskSpec};
 
 /// Tunables, from the controller config.
 #[derive(Debug, Clone)]
@@ -69,7 +76,42 @@ pub(crate) struct Breakers {
 
 /// The breaker key of an agent.
 pub(crate) fn agent_key(agent_id: &str) -> String {
-    format!("agent:{agent_id}")
+    format!("{AGENT_PREFIX}{agent_id}")
+}
+
+/// Prefix of the global (agent) breaker keys.
+pub(crate) const AGENT_PREFIX: &str = "agent:";
+/// Prefix of project-scoped breaker keys: `project/<project>/<name>`.
+pub(crate) const PROJECT_PREFIX: &str = "project/";
+
+/// The key of breaker `name` (from `spec.breakers`, or a template step) in `project`.
+pub(crate) fn scoped_key(project: &str, name: &str) -> String {
+    format!("{PROJECT_PREFIX}{project}/{name}")
+}
+
+/// The project-scoped keys a task of `project` with `spec` goes through.
+pub(crate) fn task_keys<'a>(
+    spec: Option<&'a TaskSpec>,
+    project: &'a str,
+) -> impl Iterator<Item = String> + 'a {
+    spec.into_iter()
+        .flat_map(|s| s.breakers.iter())
+        .map(move |n| scoped_key(project, n))
+}
+
+/// Whose a breaker key is: `Some(project)` for a project-scoped one, `None` for a global
+/// (agent) one, or an error for a key of neither shape (a record from before scoping).
+pub(crate) fn key_project(key: &str) -> Option<std::result::Result<&str, ()>> {
+    if key.starts_with(AGENT_PREFIX) {
+        return None;
+    }
+    Some(
+        key.strip_prefix(PROJECT_PREFIX)
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(p, _)| p)
+            .filter(|p| !p.is_empty())
+            .ok_or(()),
+    )
 }
 
 impl Breakers {
@@ -206,6 +248,13 @@ impl Breakers {
         self.map.clear();
         self.dirty.clear();
         for r in records {
+            if matches!(key_project(&r.key), Some(Err(()))) {
+                // Unscoped (before per-project breakers): whose it was is unknown, and
+                // holding every project's tasks on it is what scoping ended. Delete it.
+                tracing::info!(breaker = %r.key, "dropping an unscoped breaker record from an earlier version");
+                self.dirty.insert(r.key);
+                continue;
+            }
             let state = match r.state() {
                 BreakerState::HalfOpen => BreakerState::Open,
                 s => s,
@@ -255,6 +304,10 @@ impl Breakers {
 fn view(key: &str, b: &Breaker) -> proto::Breaker {
     proto::Breaker {
         key: key.to_string(),
+        project: match key_project(key) {
+            Some(Ok(p)) => p.to_string(),
+            _ => String::new(),
+        },
         state: b.state() as i32,
         failures: b.failures,
         opened_at_ms: b.opened_at_ms,
@@ -317,10 +370,11 @@ mod tests {
 
     #[test]
     fn changes_are_reported_once_and_restore_brings_states_back() {
+        const DEP: &str = "project/p/dep";
         let mut b = breakers();
         assert!(b.take_changes().is_empty());
         for _ in 0..3 {
-            b.failure("dep", "down", 100);
+            b.failure(DEP, "down", 100);
         }
         b.failure("agent:x", "exit 1", 100);
         let changes = b.take_changes();
@@ -329,19 +383,19 @@ mod tests {
         let records: Vec<_> = changes.into_iter().filter_map(|(_, r)| r).collect();
         let mut other = breakers();
         other.restore(records, 200);
-        assert!(!other.allows("dep", 500), "still open after a failover");
-        assert!(other.allows("dep", 1100), "due at the same time");
+        assert!(!other.allows(DEP, 500), "still open after a failover");
+        assert!(other.allows(DEP, 1100), "due at the same time");
         assert_eq!(other.list(true).len(), 2);
         // Closing reports a delete.
         b.success("agent:x");
         assert_eq!(b.take_changes(), vec![("agent:x".to_string(), None)]);
         // A half-open breaker comes back open and due at once.
-        b.admit("dep", 1100);
+        b.admit(DEP, 1100);
         let rec = b.take_changes().remove(0).1.unwrap();
         assert_eq!(rec.state(), BreakerState::HalfOpen);
         other.restore(vec![rec], 1200);
-        assert!(other.allows("dep", 1200));
-        assert_eq!(other.state("dep"), BreakerState::Open);
+        assert!(other.allows(DEP, 1200));
+        assert_eq!(other.state(DEP), BreakerState::Open);
     }
 
     #[test]
@@ -359,5 +413,51 @@ mod tests {
         assert_eq!(v.state(), BreakerState::Closed);
         assert!(b.allows("k", 0));
         assert!(b.reset("unknown").is_none());
+    }
+
+    #[test]
+    fn keys_are_scoped_per_project_and_agents_are_global() {
+        let spec = TaskSpec {
+            breakers: vec!["registry:ghcr.io".into(), "step:ci/build".into()],
+            ..Default::default()
+        };
+        let a: Vec<_> = task_keys(Some(&spec), "a").collect();
+        assert_eq!(a, ["project/a/registry:ghcr.io", "project/a/step:ci/build"]);
+        assert_eq!(key_project(&a[1]), Some(Ok("a")));
+        assert_eq!(key_project("agent:x"), None);
+        assert_eq!(key_project("registry:ghcr.io"), Some(Err(())));
+        assert_eq!(key_project("project/"), Some(Err(())));
+        // A's breaker open does not hold B's task naming the same thing.
+        let mut b = breakers();
+        for _ in 0..3 {
+            b.failure(&a[0], "down", 0);
+        }
+        assert!(!b.allows(&a[0], 10));
+        assert!(b.allows(&scoped_key("b", "registry:ghcr.io"), 10));
+        assert_eq!(b.list(false)[0].project, "a");
+    }
+
+    #[test]
+    fn unscoped_records_of_an_earlier_version_are_dropped_and_deleted() {
+        let old = |key: &str| proto::Breaker {
+            key: key.into(),
+            state: BreakerState::Open as i32,
+            failures: 5,
+            retry_at_ms: i64::MAX,
+            ..Default::default()
+        };
+        let mut b = breakers();
+        b.restore(
+            vec![old("registry:ghcr.io"), old("agent:w1"), old("project/a/x")],
+            0,
+        );
+        assert!(b.allows("registry:ghcr.io", 1), "no longer holds anyone");
+        assert!(!b.allows("agent:w1", 1));
+        assert!(!b.allows("project/a/x", 1));
+        assert_eq!(
+            b.take_changes(),
+            vec![("registry:ghcr.io".to_string(), None)],
+            "the old record is deleted from the store"
+        );
     }
 }

@@ -16,7 +16,7 @@ use scabbard_common::proto::{
 use scabbard_common::time::now_ms;
 use tracing::debug;
 
-use super::breakers::agent_key;
+use super::breakers::{agent_key, task_keys};
 use super::scheduler::{self, Candidate, Pick, QueueKey};
 use super::{AgentEntry, State, agent_effect};
 
@@ -129,10 +129,10 @@ impl State {
                     }
                 }
                 if !no_breakers
-                    && !spec.breakers.iter().all(|k| {
-                        self.breakers.allows(k, now)
-                            && (self.breakers.state(k) == BreakerState::Closed
-                                || !probing.contains(k))
+                    && !task_keys(Some(spec), &task.project).all(|k| {
+                        self.breakers.allows(&k, now)
+                            && (self.breakers.state(&k) == BreakerState::Closed
+                                || !probing.contains(&k))
                     })
                 {
                     continue;
@@ -164,7 +164,7 @@ impl State {
                     *groups.entry(g.key.clone()).or_default() += 1;
                 }
                 if !no_breakers {
-                    for k in spec.breakers.iter().cloned().chain([agent_key(agent)]) {
+                    for k in task_keys(Some(spec), &task.project).chain([agent_key(agent)]) {
                         if self.breakers.state(&k) != BreakerState::Closed {
                             probing.insert(k);
                         }
@@ -238,12 +238,7 @@ impl State {
                 self.affinity.1 += 1;
             }
         }
-        for k in t
-            .spec
-            .iter()
-            .flat_map(|s| s.breakers.iter().cloned())
-            .chain([agent_key(agent_id)])
-        {
+        for k in task_keys(t.spec.as_ref(), &t.project).chain([agent_key(agent_id)]) {
             self.breakers.admit(&k, now);
         }
         let project = t.project.clone();

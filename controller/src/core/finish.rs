@@ -12,7 +12,7 @@ use scabbard_common::proto::{
 use scabbard_common::time::now_ms;
 use tracing::info;
 
-use super::breakers::agent_key;
+use super::breakers::{agent_key, task_keys};
 use super::validate::size;
 use super::{Effect, State, agent_effect, artifacts, retry};
 
@@ -109,7 +109,7 @@ impl State {
         let keys = if result.outcome() == Outcome::Succeeded && self.breakers.is_empty() {
             Vec::new()
         } else {
-            breaker_keys(t.spec.as_ref(), agent_id)
+            breaker_keys(t.spec.as_ref(), &t.project, agent_id)
         };
         let mut state = match result.outcome() {
             Outcome::Succeeded => TaskState::Succeeded,
@@ -163,14 +163,13 @@ impl State {
             }
             None => keys.iter().for_each(|k| self.breakers.release(k)),
             Some(_) => {
-                // A task that names what it depends on (or a template step) blames those;
-                // only a task naming nothing blames the agent it ran on. The agent's probe
-                // slot, if it was one, is freed either way.
+                // The task's own failure (exit code, timeout: infrastructure failures went
+                // to `requeue_or_fail`) blames what it names (its project's breakers),
+                // never the agent it ran on; the agent's probe slot, if it was one, is freed.
                 let why = format!("task {} attempt {attempt}: {}", f.task_id, result.message);
                 let agent = agent_key(agent_id);
-                let blames_deps = keys.len() > 1;
                 for k in &keys {
-                    if blames_deps && *k == agent {
+                    if *k == agent {
                         self.breakers.release(k);
                     } else {
                         self.breakers.failure(k, &why, now);
@@ -234,7 +233,7 @@ impl State {
         let policy = t.spec.as_ref().and_then(|s| s.retry.as_ref());
         let max = retry::max_infra(
             policy,
-            t.spec.as_ref().map_or(0, |s| s.max_infra_retries),
+            t.spec.as_ref().and_then(|s| s.max_infra_retries),
             default_max,
         );
         if t.cancel_requested {
@@ -267,7 +266,7 @@ impl State {
         let task = entry.task.clone();
         if !old_agent.is_empty() {
             // The agent failed, not the task's dependencies.
-            for k in breaker_keys(task.spec.as_ref(), &old_agent) {
+            for k in breaker_keys(task.spec.as_ref(), &task.project, &old_agent) {
                 if k == agent_key(&old_agent) {
                     self.breakers.failure(&k, why, now);
                 } else {
@@ -327,10 +326,9 @@ fn compact_earlier_attempts(t: &mut proto::Task) {
     }
 }
 
-/// The breakers an attempt of `spec` on `agent_id` goes through.
-fn breaker_keys(spec: Option<&TaskSpec>, agent_id: &str) -> Vec<String> {
-    spec.iter()
-        .flat_map(|s| s.breakers.iter().cloned())
+/// The breakers an attempt of `spec` (a task of `project`) on `agent_id` goes through.
+fn breaker_keys(spec: Option<&TaskSpec>, project: &str, agent_id: &str) -> Vec<String> {
+    task_keys(spec, project)
         .chain([agent_key(agent_id)])
         .collect()
 }

@@ -57,13 +57,20 @@ pub(crate) fn infra_delay(policy: Option<&RetryPolicy>, infra_failures: u32) -> 
     Some(Backoff::from_policy(p).delay(infra_failures.saturating_sub(1)))
 }
 
-/// The bound on infrastructure failures: the policy's, else the spec's, else the default.
-pub(crate) fn max_infra(policy: Option<&RetryPolicy>, spec_max: u32, default: u32) -> u32 {
-    match (policy.map_or(0, |p| p.max_infra_retries), spec_max) {
-        (0, 0) => default,
-        (0, n) => n,
-        (n, _) => n,
+/// How many infrastructure failures are retried: none when the policy lists classes in
+/// `retry_on` without INFRASTRUCTURE; else the policy's bound, else the spec's, else the
+/// controller's default. An explicit 0 means none.
+pub(crate) fn max_infra(policy: Option<&RetryPolicy>, spec_max: Option<u32>, default: u32) -> u32 {
+    if let Some(p) = policy
+        && !p.retry_on.is_empty()
+        && !p.retry_on.contains(&(FailureClass::Infrastructure as i32))
+    {
+        return 0;
     }
+    policy
+        .and_then(|p| p.max_infra_retries)
+        .or(spec_max)
+        .unwrap_or(default)
 }
 
 #[cfg(test)]
@@ -125,18 +132,55 @@ mod tests {
             let d = user_retry(Some(&p), &failed(1), n).unwrap();
             assert!(d <= Duration::from_millis(1000), "{d:?}");
         }
-        assert_eq!(max_infra(Some(&RetryPolicy::default()), 0, 3), 3);
-        assert_eq!(max_infra(None, 7, 3), 7);
+        assert_eq!(max_infra(Some(&RetryPolicy::default()), None, 3), 3);
+        assert_eq!(max_infra(None, Some(7), 3), 7);
         assert_eq!(
             max_infra(
                 Some(&RetryPolicy {
-                    max_infra_retries: 2,
+                    max_infra_retries: Some(2),
                     ..Default::default()
                 }),
-                7,
+                Some(7),
                 3
             ),
             2
         );
+    }
+
+    #[test]
+    fn zero_means_no_infrastructure_retry_and_retry_on_decides() {
+        // An explicit 0 is none, on the task or in the policy; unset is the default.
+        assert_eq!(max_infra(None, Some(0), 3), 0);
+        assert_eq!(max_infra(None, None, 3), 3);
+        let zero = RetryPolicy {
+            max_infra_retries: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(max_infra(Some(&zero), Some(5), 3), 0);
+        // retry_on listing classes without INFRASTRUCTURE: infrastructure failures end it.
+        let exit_only = RetryPolicy {
+            retry_on: vec![FailureClass::ExitCode as i32],
+            max_infra_retries: Some(4),
+            ..Default::default()
+        };
+        assert_eq!(max_infra(Some(&exit_only), None, 3), 0);
+        // Listing it retries them, up to the policy's bound (or the default).
+        let infra = RetryPolicy {
+            retry_on: vec![FailureClass::Infrastructure as i32],
+            ..Default::default()
+        };
+        assert_eq!(max_infra(Some(&infra), None, 3), 3);
+        let infra2 = RetryPolicy {
+            max_infra_retries: Some(2),
+            ..infra.clone()
+        };
+        assert_eq!(max_infra(Some(&infra2), None, 3), 2);
+        // ... and an infrastructure failure is never retried as a user failure.
+        let lost = TaskResult {
+            outcome: Outcome::Failed as i32,
+            error_class: ErrorClass::Infrastructure as i32,
+            ..Default::default()
+        };
+        assert!(user_retry(Some(&infra), &lost, 1).is_none());
     }
 }

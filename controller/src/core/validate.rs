@@ -90,7 +90,7 @@ pub(crate) fn task_spec(spec: &mut TaskSpec, cfg: &ControllerConfig) -> Result<(
             spec.timeout_ms, cfg.max_task_timeout_ms
         )));
     }
-    if spec.max_infra_retries > 100 {
+    if spec.max_infra_retries.is_some_and(|n| n > 100) {
         return Err(Error::invalid("spec.max_infra_retries must be at most 100"));
     }
     Ok(())

@@ -73,7 +73,14 @@ impl Catalog {
         who: &Principal,
         req: CreateTokenRequest,
     ) -> Result<(TokenInfo, String)> {
-        let kind = match req.kind() {
+        // `req.kind()` would read an unknown value as UNSPECIFIED (= API): refuse it instead.
+        let asked = TokenKind::try_from(req.kind).map_err(|_| {
+            Error::invalid(format!(
+                "kind: {} is not a token kind (TOKEN_KIND_API or TOKEN_KIND_REGISTRATION)",
+                req.kind
+            ))
+        })?;
+        let kind = match asked {
             TokenKind::Unspecified | TokenKind::Api => TokenKind::Api,
             TokenKind::Registration => TokenKind::Registration,
             TokenKind::Agent => {
@@ -199,7 +206,7 @@ impl Catalog {
                 .ok_or_else(|| Error::not_found("token", id))?
         };
         let mut info = stored.info.clone().unwrap_or_default();
-        who.check_project(&format!("token {id}"), &info.project)?;
+        who.check_visible("token", id, &info.project)?;
         if info.revoked {
             return Ok(info);
         }
@@ -214,13 +221,7 @@ impl Catalog {
 
     /// Checks a registration token and counts one use of it (exactly, across controllers).
     pub async fn use_registration_token(&self, secret: &str) -> Result<Principal> {
-        let p = self.authenticate(secret)?;
-        if p.kind != TokenKind::Registration {
-            return Err(Error::Unauthenticated(format!(
-                "token {} is not a registration token",
-                p.token_id
-            )));
-        }
+        let p = self.check_registration_token(secret)?;
         if p.token_id == "config" {
             return Ok(p);
         }
@@ -260,6 +261,37 @@ impl Catalog {
     }
 
     /// Issues the agent token of a (re-)registered agent, revoking the agent's earlier ones.
+    /// The registration token `secret`, checked without using it up.
+    pub fn check_registration_token(&self, secret: &str) -> Result<Principal> {
+        let p = self.authenticate(secret)?;
+        if p.kind != TokenKind::Registration {
+            return Err(Error::Unauthenticated(format!(
+                "token {} is not a registration token",
+                p.token_id
+            )));
+        }
+        Ok(p)
+    }
+
+    /// Whether `agent_id` holds an agent token that is not revoked (it is a live agent:
+    /// re-registering it needs proof).
+    pub fn agent_has_live_token(&self, agent_id: &str) -> bool {
+        let c = self.cache.read().expect("catalog lock");
+        c.tokens.values().any(|(t, _)| {
+            t.info.as_ref().is_some_and(|i| {
+                i.kind() == TokenKind::Agent && i.agent_id == agent_id && !i.revoked
+            })
+        })
+    }
+
+    /// Whether `secret` is a valid (unrevoked, unexpired) agent token of `agent_id`.
+    pub fn proves_agent(&self, secret: &str, agent_id: &str) -> bool {
+        !secret.is_empty()
+            && self
+                .authenticate(secret)
+                .is_ok_and(|p| p.kind == TokenKind::Agent && p.agent_id == agent_id)
+    }
+
     pub async fn issue_agent_token(
         &self,
         agent_id: &str,

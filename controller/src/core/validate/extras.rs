@@ -64,6 +64,12 @@ pub(crate) fn container(c: &ContainerTask) -> Result<()> {
                 "spec.container.caches[{i}] needs volume (a name) and an absolute path"
             )));
         }
+        if scabbard_common::proto::CacheSharing::try_from(m.sharing).is_err() {
+            return Err(Error::invalid(format!(
+                "spec.container.caches[{i}].sharing: {} is not a cache sharing mode (SHARED, PRIVATE, LOCKED)",
+                m.sharing
+            )));
+        }
     }
     for (i, d) in c.directories.iter().enumerate() {
         if d.host_path.is_empty() || !d.path.starts_with('/') {
@@ -203,7 +209,7 @@ pub(crate) fn retry(field: &str, r: &RetryPolicy) -> Result<()> {
             r.max_attempts
         )));
     }
-    if r.max_infra_retries > 100 {
+    if r.max_infra_retries.is_some_and(|n| n > 100) {
         return Err(Error::invalid(format!(
             "{field}.max_infra_retries must be at most 100"
         )));

@@ -153,6 +153,7 @@ pub async fn serve(
             info!(addr = %l.local_addr()?, "metrics on GET /metrics");
             Some(tokio::spawn(crate::metrics::serve(
                 l,
+                crate::listener::ConnLimits::from_config(&cfg),
                 router_handle.clone(),
                 store.clone(),
                 shutdown.clone(),
@@ -176,10 +177,10 @@ pub async fn serve(
         advertise.clone(),
     )?;
     info!(%addr, %advertise, "controller serving");
-    // Nagle off on accepted sockets: small stream messages must not wait for delayed ACKs.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(30)));
+    // Bounded accepting: a per-address cap and a handshake timeout (silent connections are
+    // closed); Nagle off on accepted sockets (small stream messages must not wait for
+    // delayed ACKs). Dead peers are found by HTTP/2 keepalive pings.
+    let incoming = crate::listener::ConnLimits::from_config(&cfg).incoming(listener);
     let stop = shutdown.clone();
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         stop.cancelled().await;
@@ -365,9 +366,11 @@ fn router(
     });
     let reflection_v1 = reflection().build_v1().map_err(Error::internal)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(Error::internal)?;
+    let streams = crate::api::StreamLimits::from_config(cfg);
     let tasks = TaskServiceServer::new(TaskApi {
         core: core.clone(),
         catalog: catalog.clone(),
+        streams: streams.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -375,6 +378,7 @@ fn router(
         core: core.clone(),
         catalog: catalog.clone(),
         require_client_cert: cfg.tls.require_worker_client_cert,
+        queue_capacity: cfg.agent_queue_capacity,
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -395,6 +399,7 @@ fn router(
     let workflows = WorkflowServiceServer::new(WorkflowApi {
         core: core.clone(),
         catalog: catalog.clone(),
+        streams,
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -8,6 +8,15 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+/// Why a message was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotSent {
+    /// The queue was full: the session is being closed.
+    Overflowed,
+    /// The session has ended.
+    Closed,
+}
+
 /// Cheap handle to an agent session's outbound queue (see the module docs).
 #[derive(Clone)]
 pub(crate) struct AgentTx {
@@ -37,12 +46,11 @@ impl AgentTx {
     /// Queues `msg` without waiting. A full queue closes the session (and the message is
     /// not sent: the agent resynchronises on reconnect); a closed one means the session
     /// has already ended.
-    pub(crate) fn try_send(
-        &self,
-        msg: ControllerMessage,
-    ) -> Result<(), TrySendError<ControllerMessage>> {
+    pub(crate) fn try_send(&self, msg: ControllerMessage) -> Result<(), NotSent> {
         match self.tx.try_send(msg) {
-            Err(TrySendError::Full(m)) => {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(_)) => Err(NotSent::Closed),
+            Err(TrySendError::Full(_)) => {
                 if !self.overflow.is_cancelled() {
                     warn!(
                         capacity = self.tx.max_capacity(),
@@ -50,9 +58,8 @@ impl AgentTx {
                     );
                 }
                 self.overflow.cancel();
-                Err(TrySendError::Full(m))
+                Err(NotSent::Overflowed)
             }
-            r => r,
         }
     }
 
@@ -80,11 +87,11 @@ mod tests {
         tx.try_send(drain()).unwrap();
         tx.try_send(drain()).unwrap();
         assert!(!closed.is_cancelled());
-        assert!(matches!(tx.try_send(drain()), Err(TrySendError::Full(_))));
+        assert_eq!(tx.try_send(drain()), Err(NotSent::Overflowed));
         assert!(closed.is_cancelled() && tx.overflowed());
         // What was queued before the overflow is still there for the session to see.
         assert!(rx.recv().await.is_some());
         drop(rx);
-        assert!(matches!(tx.try_send(drain()), Err(TrySendError::Closed(_))));
+        assert_eq!(tx.try_send(drain()), Err(NotSent::Closed));
     }
 }

@@ -554,3 +554,35 @@ async fn an_assign_never_accepted_is_requeued_and_a_late_accept_is_refused() -> 
     w.proc.terminate(Duration::from_secs(10));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_project_cannot_hold_more_schedules_than_the_cap() -> anyhow::Result<()> {
+    let templates = tempfile::tempdir()?;
+    std::fs::write(
+        templates.path().join("tick.yaml"),
+        "name: tick\nversion: 1\ndescription: one no-op task\nworkflow:\n  tasks:\n    - name: noop\n      noop: {}\n",
+    )?;
+    let dir = templates.path().to_path_buf();
+    let ctl = InProc::start_with(move |cfg| {
+        cfg.templates_dir = Some(dir);
+        cfg.max_schedules_per_project = 2;
+    })
+    .await?;
+    let mut schedules = ScheduleServiceClient::new(ctl.channel(ADMIN_TOKEN).await?);
+    let create = |name: &str| CreateScheduleRequest {
+        spec: Some(ScheduleSpec {
+            name: name.into(),
+            cron: "0 * * * *".into(),
+            template: "tick".into(),
+            ..Default::default()
+        }),
+        paused: true,
+        ..Default::default()
+    };
+    schedules.create(create("one")).await?;
+    schedules.create(create("two")).await?;
+    let (code, msg) = code_and_message(schedules.create(create("three")).await);
+    assert_eq!(code, tonic::Code::ResourceExhausted, "{msg}");
+    assert!(msg.contains("max_schedules_per_project"), "{msg}");
+    Ok(())
+}

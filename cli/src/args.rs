@@ -282,6 +282,30 @@ pub(crate) struct ControllerArgs {
     /// Largest workflow (its whole spec) a submit or template run may carry, in bytes.
     #[arg(long)]
     pub(crate) max_workflow_bytes: Option<usize>,
+    /// Shortest interval between two ticks of a cron schedule, e.g. 60s.
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub(crate) min_schedule_interval: Option<std::time::Duration>,
+    /// Most schedules one project may have (0 = unlimited).
+    #[arg(long)]
+    pub(crate) max_schedules_per_project: Option<u32>,
+    /// Bytes a Watch stream may hold for a client that does not read before it is ended.
+    #[arg(long)]
+    pub(crate) max_stream_buffer_bytes: Option<usize>,
+    /// Most Watch/Logs streams one token may have open (0 = unlimited).
+    #[arg(long)]
+    pub(crate) max_streams_per_token: Option<u32>,
+    /// A connection that has not started its handshake within this long is closed, e.g. 10s.
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub(crate) handshake_timeout: Option<std::time::Duration>,
+    /// Most open connections per client IP address on each listener (0 = unlimited).
+    #[arg(long)]
+    pub(crate) max_connections_per_ip: Option<usize>,
+    /// Messages queued for one agent session before it is closed (the agent resyncs).
+    #[arg(long)]
+    pub(crate) agent_queue_capacity: Option<usize>,
+    /// An Assign not accepted by its agent within this long is requeued, e.g. 30s (0 = never).
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub(crate) assign_accept_timeout: Option<std::time::Duration>,
     /// PEM certificate (chain) of the listener; turns TLS on (with --tls-key).
     #[arg(long, env = "SCABBARD_TLS_CERT")]
     pub(crate) tls_cert: Option<PathBuf>,

@@ -32,6 +32,8 @@ pub struct ControllerConfig {
     #[serde(skip)]
     pub bootstrap_token: Option<String>,
     /// Requests per second allowed per token whose project sets no rate (0 = unlimited).
+    /// Agent tokens are exempt from this default (their work rides one Session stream);
+    /// a project's own rate applies to them too.
     pub rate_limit_per_second: u32,
     /// Burst above `rate_limit_per_second`.
     pub rate_limit_burst: u32,
@@ -105,6 +107,28 @@ pub struct ControllerConfig {
     pub cache_affinity_wait_ms: u64,
     /// The artifact store (`[artifacts]`): a directory on this controller's disk by default,
     /// or an S3-compatible bucket; and the size limits of artifacts.
+    /// Fairness and resource bounds (see README "Limits under abuse"):
+    /// shortest interval between two ticks of a cron schedule (milliseconds).
+    pub min_schedule_interval_ms: u64,
+    /// Most schedules one project may have (0 = unlimited).
+    pub max_schedules_per_project: u32,
+    /// Bytes a Watch stream may hold for a client that does not read; beyond, the stream
+    /// ends with `RESOURCE_EXHAUSTED` ("consumer too slow; resubscribe").
+    pub max_stream_buffer_bytes: usize,
+    /// Most Watch/Logs streams one token may have open at once (0 = unlimited).
+    pub max_streams_per_token: u32,
+    /// A new connection that has not sent its first bytes of the HTTP/2 (or TLS) handshake
+    /// within this long is closed (milliseconds; gRPC and metrics listeners).
+    pub handshake_timeout_ms: u64,
+    /// Most open connections from one IP address per listener; more are refused (0 =
+    /// unlimited).
+    pub max_connections_per_ip: usize,
+    /// Messages queued for one agent session; when the agent does not read them in time the
+    /// session is closed (it reconnects and resynchronises) instead of dropping any.
+    pub agent_queue_capacity: usize,
+    /// An Assign the agent has not accepted within this long is requeued elsewhere (its
+    /// attempt fenced off: a late accept is refused) (milliseconds; 0 = never).
+    pub assign_accept_timeout_ms: u64,
     pub artifacts: crate::artifacts::ArtifactsConfig,
     /// Where schedules read the time (the system clock; a manual one in tests). Never read
     /// from the config file.
@@ -142,6 +166,12 @@ impl std::fmt::Debug for ClockHandle {
     }
 }
 
+/// Default per-token request rate: far above what CI clients send (a submit per job, a
+/// Get or a stream now and then), far below what one token flooding the controller would.
+pub const DEFAULT_RATE_LIMIT: u32 = 500;
+/// Default burst above [`DEFAULT_RATE_LIMIT`] (a 1,000-task matrix submitted at once).
+pub const DEFAULT_RATE_BURST: u32 = 1_000;
+
 impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
@@ -151,8 +181,8 @@ impl Default for ControllerConfig {
             registration_token: String::new(),
             bootstrap_token_file: None,
             bootstrap_token: None,
-            rate_limit_per_second: 0,
-            rate_limit_burst: 0,
+            rate_limit_per_second: DEFAULT_RATE_LIMIT,
+            rate_limit_burst: DEFAULT_RATE_BURST,
             max_concurrent_requests: 10_000,
             rpc_timeout_ms: 30_000,
             heartbeat_interval_ms: 2_000,
@@ -177,6 +207,14 @@ impl Default for ControllerConfig {
             breaker_open_ms: 30_000,
             templates_dir: None,
             cache_affinity_wait_ms: 2_000,
+            min_schedule_interval_ms: 60_000,
+            max_schedules_per_project: 100,
+            max_stream_buffer_bytes: 4 << 20,
+            max_streams_per_token: 128,
+            handshake_timeout_ms: 10_000,
+            max_connections_per_ip: 4_096,
+            agent_queue_capacity: 4_096,
+            assign_accept_timeout_ms: 30_000,
             artifacts: crate::artifacts::ArtifactsConfig::default(),
             clock: ClockHandle::default(),
         }
@@ -228,9 +266,34 @@ impl ControllerConfig {
                 "default_task_timeout_ms must be > 0 and <= max_task_timeout_ms",
             ));
         }
-        if self.rate_limit_burst > 0 && self.rate_limit_per_second == 0 {
+        if self.rate_limit_per_second > 0
+            && self.rate_limit_burst > 0
+            && self.rate_limit_burst < self.rate_limit_per_second
+        {
+            return Err(Error::invalid(format!(
+                "rate_limit_burst ({}) must be 0 (= the rate) or at least rate_limit_per_second ({}) (--rate-burst)",
+                self.rate_limit_burst, self.rate_limit_per_second
+            )));
+        }
+        if self.min_schedule_interval_ms < 1_000 {
             return Err(Error::invalid(
-                "rate_limit_burst needs rate_limit_per_second as well (--rate-limit)",
+                "min_schedule_interval_ms must be at least 1000 (cron ticks fall on whole seconds)",
+            ));
+        }
+        if self.max_stream_buffer_bytes < 64 * 1024 {
+            return Err(Error::invalid(
+                "max_stream_buffer_bytes must be at least 65536",
+            ));
+        }
+        if self.handshake_timeout_ms < 100 {
+            return Err(Error::invalid("handshake_timeout_ms must be at least 100"));
+        }
+        if self.agent_queue_capacity < 16 {
+            return Err(Error::invalid("agent_queue_capacity must be at least 16"));
+        }
+        if self.assign_accept_timeout_ms > 0 && self.assign_accept_timeout_ms < 100 {
+            return Err(Error::invalid(
+                "assign_accept_timeout_ms must be 0 (never) or at least 100",
             ));
         }
         if self.rpc_timeout_ms > 0 && self.rpc_timeout_ms < 100 {
@@ -418,12 +481,24 @@ mod tests {
             (d.max_concurrent_requests, d.rpc_timeout_ms),
             (10_000, 30_000)
         );
-        let burst_alone = ControllerConfig {
+        // A flood is stopped by default; 0 turns the limit off (the burst is then unused).
+        assert_eq!(
+            (d.rate_limit_per_second, d.rate_limit_burst),
+            (DEFAULT_RATE_LIMIT, DEFAULT_RATE_BURST)
+        );
+        ControllerConfig {
+            rate_limit_per_second: 0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let burst_below_rate = ControllerConfig {
+            rate_limit_per_second: 100,
             rate_limit_burst: 10,
             ..Default::default()
         };
         assert!(
-            burst_alone
+            burst_below_rate
                 .validate()
                 .unwrap_err()
                 .to_string()

@@ -15,6 +15,7 @@ pub mod config;
 pub mod core;
 pub mod leader;
 pub mod limits;
+pub mod listener;
 pub mod logstore;
 pub mod membership;
 pub mod metrics;

@@ -21,21 +21,26 @@ use crate::core::{CoreRouter, CoreStats};
 use crate::store::Store;
 
 /// Serves `/metrics` on `listener` until `shutdown`.
+/// Connections are bounded like the gRPC listener's (per-address cap, handshake timeout).
 pub async fn serve(
     listener: TcpListener,
+    limits: Arc<crate::listener::ConnLimits>,
     core: CoreRouter,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) {
+    let incoming = limits.incoming(listener);
+    tokio::pin!(incoming);
     loop {
-        let (stream, _) = tokio::select! {
+        let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
+            r = futures::StreamExt::next(&mut incoming) => match r {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
                     warn!(error = %e, "metrics listener: accept failed");
                     continue;
                 }
+                None => return,
             },
         };
         let (core, store) = (core.clone(), store.clone());

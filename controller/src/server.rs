@@ -157,6 +157,7 @@ pub async fn serve(
             info!(addr = %l.local_addr()?, "metrics on GET /metrics");
             Some(tokio::spawn(crate::metrics::serve(
                 l,
+                crate::listener::ConnLimits::from_config(&cfg),
                 router_handle.clone(),
                 store.clone(),
                 shutdown.clone(),
@@ -180,10 +181,10 @@ pub async fn serve(
         advertise.clone(),
     )?;
     info!(%addr, %advertise, "controller serving");
-    // Nagle off on accepted sockets: small stream messages must not wait for delayed ACKs.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(30)));
+    // Bounded accepting: a per-address cap and a handshake timeout (silent connections are
+    // closed); Nagle off on accepted sockets (small stream messages must not wait for
+    // delayed ACKs). Dead peers are found by HTTP/2 keepalive pings.
+    let incoming = crate::listener::ConnLimits::from_config(&cfg).incoming(listener);
     let stop = shutdown.clone();
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         stop.cancelled().await;
@@ -440,9 +441,11 @@ fn router(
     });
     let reflection_v1 = reflection().build_v1().map_err(Error::internal)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(Error::internal)?;
+    let streams = crate::api::StreamLimits::from_config(cfg);
     let tasks = TaskServiceServer::new(TaskApi {
         core: core.clone(),
         catalog: catalog.clone(),
+        streams: streams.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -450,6 +453,7 @@ fn router(
         core: core.clone(),
         catalog: catalog.clone(),
         require_client_cert: cfg.tls.require_worker_client_cert,
+        queue_capacity: cfg.agent_queue_capacity,
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -471,6 +475,7 @@ fn router(
         core: core.clone(),
         catalog: catalog.clone(),
         cfg: cfg.clone(),
+        streams,
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

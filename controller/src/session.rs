@@ -14,6 +14,7 @@ use scabbard_common::proto::{
 use scabbard_common::{Error, Result};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
@@ -37,6 +38,8 @@ pub(crate) struct SessionActor {
     /// The agent token this session authenticated with; its revocation ends the session.
     pub(crate) token_id: String,
     pub(crate) catalog: Arc<Catalog>,
+    /// Cancelled when the core's queue to this session overflowed: the session ends.
+    pub(crate) overflow: CancellationToken,
 }
 
 impl SessionActor {
@@ -48,6 +51,7 @@ impl SessionActor {
         out: mpsc::Sender<Result<ControllerMessage, Status>>,
         token_id: String,
         catalog: Arc<Catalog>,
+        overflow: CancellationToken,
     ) -> Self {
         Self {
             core,
@@ -59,6 +63,7 @@ impl SessionActor {
             out,
             token_id,
             catalog,
+            overflow,
         }
     }
 
@@ -143,6 +148,7 @@ impl SessionActor {
                     }
                     self.handle_batch(batch).await?;
                 }
+                _ = self.overflow.cancelled() => return Ok(OVERFLOWED.into()),
                 _ = tokio::time::sleep_until(deadline) => {
                     return Ok(format!("no message for {} ms", self.silence_limit.as_millis()));
                 }
@@ -167,10 +173,13 @@ impl SessionActor {
     }
 
     async fn emit(&self, m: ControllerMessage) -> Result<()> {
-        self.out
-            .send(Ok(m))
-            .await
-            .map_err(|_| Error::Unavailable("agent stream closed".into()))
+        tokio::select! {
+            r = self.out.send(Ok(m)) => {
+                r.map_err(|_| Error::Unavailable("agent stream closed".into()))
+            }
+            // An agent that does not read blocks this send: the overflow still ends it.
+            _ = self.overflow.cancelled() => Err(Error::ResourceExhausted(OVERFLOWED.into())),
+        }
     }
 
     async fn handle_batch(&mut self, batch: Vec<AgentMessage>) -> Result<()> {
@@ -241,6 +250,51 @@ impl SessionActor {
             .await?;
         }
         Ok(())
+    }
+}
+
+/// Why a session whose outbound queue overflowed ends (also its status to the agent).
+const OVERFLOWED: &str = "the agent did not read its messages in time and the controller's queue to it overflowed: reconnect and resynchronise";
+
+/// The response stream of a session: the messages the actor emits, ended at once with
+/// `RESOURCE_EXHAUSTED` when the core's queue to the session overflowed (whatever is still
+/// buffered for an agent that stopped reading is dropped with it).
+pub(crate) struct SessionStream {
+    rx: mpsc::Receiver<Result<ControllerMessage, Status>>,
+    overflow: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    done: bool,
+}
+
+impl SessionStream {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Result<ControllerMessage, Status>>,
+        overflow: CancellationToken,
+    ) -> Self {
+        Self {
+            rx,
+            overflow: Box::pin(overflow.cancelled_owned()),
+            done: false,
+        }
+    }
+}
+
+impl futures::Stream for SessionStream {
+    type Item = Result<ControllerMessage, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.overflow.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            self.rx.close();
+            return Poll::Ready(Some(Err(Status::resource_exhausted(OVERFLOWED))));
+        }
+        self.rx.poll_recv(cx)
     }
 }
 

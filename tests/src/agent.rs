@@ -165,6 +165,20 @@ impl FakeAgent {
         .await
     }
 
+    /// Waits for an assignment and does not answer it (an agent that never accepts).
+    pub async fn next_assign(&mut self, timeout: Duration) -> Result<Assign> {
+        self.next("an Assign", timeout, |m| match m {
+            controller_message::Msg::Assign(a) => Some(a),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Sends `msg` on the session as it is (tests of misbehaving agents).
+    pub async fn send_raw(&self, msg: agent_message::Msg) -> Result<()> {
+        self.send(msg).await
+    }
+
     async fn send(&self, msg: agent_message::Msg) -> Result<()> {
         self.tx
             .send(AgentMessage { msg: Some(msg) })

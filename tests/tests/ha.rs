@@ -437,6 +437,9 @@ async fn schedules_fire_each_tick_once_across_a_leader_failover() -> anyhow::Res
             "2s".into(),
             "--templates-dir".into(),
             templates.display().to_string(),
+            // Ticks every 2 s (the default minimum interval is 60 s).
+            "--min-schedule-interval".into(),
+            "1s".into(),
         ],
         ..ControllerOpts::default()
     };

@@ -51,6 +51,8 @@ async fn env() -> anyhow::Result<Env> {
     let ctl = InProc::start_with(move |cfg| {
         cfg.clock = ClockHandle(c);
         cfg.templates_dir = Some(dir);
+        // Ticks 10 s apart keep these tests short (the default minimum is 60 s).
+        cfg.min_schedule_interval_ms = 1_000;
     })
     .await?;
     let ch = ctl.channel(ADMIN_TOKEN).await?;

@@ -251,6 +251,8 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     }
     if let Some(r) = a.rate_limit {
         cfg.rate_limit_per_second = r;
+        // The burst defaults to the rate given (not to the default rate's burst).
+        cfg.rate_limit_burst = 0;
     }
     if let Some(b) = a.rate_burst {
         cfg.rate_limit_burst = b;
@@ -275,6 +277,30 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     }
     if let Some(n) = a.max_workflow_bytes {
         cfg.max_workflow_bytes = n;
+    }
+    if let Some(d) = a.min_schedule_interval {
+        cfg.min_schedule_interval_ms = d.as_millis() as u64;
+    }
+    if let Some(n) = a.max_schedules_per_project {
+        cfg.max_schedules_per_project = n;
+    }
+    if let Some(n) = a.max_stream_buffer_bytes {
+        cfg.max_stream_buffer_bytes = n;
+    }
+    if let Some(n) = a.max_streams_per_token {
+        cfg.max_streams_per_token = n;
+    }
+    if let Some(d) = a.handshake_timeout {
+        cfg.handshake_timeout_ms = d.as_millis() as u64;
+    }
+    if let Some(n) = a.max_connections_per_ip {
+        cfg.max_connections_per_ip = n;
+    }
+    if let Some(n) = a.agent_queue_capacity {
+        cfg.agent_queue_capacity = n;
+    }
+    if let Some(d) = a.assign_accept_timeout {
+        cfg.assign_accept_timeout_ms = d.as_millis() as u64;
     }
     if a.tls_cert.is_some() {
         cfg.tls.cert_file = a.tls_cert;

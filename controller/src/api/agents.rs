@@ -12,7 +12,6 @@ use scabbard_common::proto::{
 };
 use scabbard_common::time::now_ms;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{self, Catalog};
@@ -28,6 +27,8 @@ pub struct AgentApi {
     pub(crate) catalog: Arc<Catalog>,
     /// Workers must present a verified client certificate naming the agent (mTLS).
     pub(crate) require_client_cert: bool,
+    /// Messages the core may queue for one session (`agent_queue_capacity`).
+    pub(crate) queue_capacity: usize,
 }
 
 #[tonic::async_trait]
@@ -131,7 +132,7 @@ impl AgentService for AgentApi {
         }))
     }
 
-    type SessionStream = ReceiverStream<Result<ControllerMessage, Status>>;
+    type SessionStream = super::tasks::BoxStream<ControllerMessage>;
 
     async fn session(
         &self,
@@ -154,7 +155,8 @@ impl AgentService for AgentApi {
             Some(agent_message::Msg::Hello(h)) => h,
             _ => return Err(Error::invalid("the first session message must be Hello").into()),
         };
-        let (core_tx, core_rx) = mpsc::channel::<ControllerMessage>(4096);
+        let (core_tx, core_rx, overflow) =
+            crate::core::agent_tx::AgentTx::channel(self.queue_capacity);
         // The session stays with this core even if leadership moves on.
         let core = self.core.current()?;
         let attached = core
@@ -173,9 +175,12 @@ impl AgentService for AgentApi {
             out_tx,
             who.token_id,
             self.catalog.clone(),
+            overflow.clone(),
         );
         tokio::spawn(actor.run(attached, inbound, core_rx));
-        Ok(Response::new(ReceiverStream::new(out_rx)))
+        Ok(Response::new(Box::pin(crate::session::SessionStream::new(
+            out_rx, overflow,
+        ))))
     }
 
     async fn rotate_token(

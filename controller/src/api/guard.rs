@@ -52,3 +52,38 @@ pub(crate) fn close_on_revoke<T: Send + 'static>(
     });
     Box::pin(ReceiverStream::new(out))
 }
+
+/// Ends an [`Outbox`](super::streams::Outbox) stream with `UNAUTHENTICATED` the moment
+/// `token_id` is revoked (until the client drops it).
+pub(crate) fn end_on_revoke<T: Send + 'static>(
+    catalog: Arc<Catalog>,
+    token_id: String,
+    ender: super::streams::Ender<T>,
+) {
+    tokio::spawn(async move {
+        let mut revocations = catalog.revocations();
+        loop {
+            tokio::select! {
+                id = revocations.recv() => {
+                    let revoked = match id {
+                        Ok(id) => id == token_id,
+                        Err(RecvError::Lagged(_)) => {
+                            catalog.token(&token_id).is_none_or(|t| t.revoked)
+                        }
+                        Err(RecvError::Closed) => {
+                            revocations = catalog.revocations();
+                            false
+                        }
+                    };
+                    if revoked {
+                        ender.end(Status::unauthenticated(format!(
+                            "token {token_id} was revoked: the stream is closed"
+                        )));
+                        return;
+                    }
+                }
+                _ = ender.closed() => return,
+            }
+        }
+    });
+}

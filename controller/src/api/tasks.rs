@@ -26,6 +26,8 @@ pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Se
 pub struct TaskApi {
     pub(crate) core: CoreRouter,
     pub(crate) catalog: Arc<Catalog>,
+    /// Per-token stream caps and per-stream buffer limits.
+    pub(crate) streams: Arc<super::StreamLimits>,
 }
 
 impl TaskApi {
@@ -150,59 +152,52 @@ impl TaskService for TaskApi {
         for t in &snapshot {
             who.check_visible("task", &t.id, &t.project)?;
         }
-        let (tx, out) = mpsc::channel(1024);
+        let slot = self.streams.open(&who.token_id)?;
+        let (tx, out) = self.streams.outbox::<TaskEvent>(slot);
+        super::guard::end_on_revoke(self.catalog.clone(), who.token_id.clone(), tx.ender());
         let filter: std::collections::HashSet<String> = r.ids.into_iter().collect();
         let send_initial = r.send_initial;
-        let token_id = who.token_id.clone();
         tokio::spawn(async move {
             if send_initial {
                 for t in snapshot {
-                    if tx
-                        .send(Ok(TaskEvent {
-                            task: Some(masked(t)),
-                        }))
-                        .await
-                        .is_err()
-                    {
+                    if !tx.push(TaskEvent {
+                        task: Some(masked(t)),
+                    }) {
                         return;
                     }
                 }
             }
             loop {
-                match rx.recv().await {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    _ = tx.closed() => return,
+                };
+                match next {
                     Ok(t) => {
                         if (!filter.is_empty() && !filter.contains(&t.id))
                             || !who.may_access(&t.project)
                         {
                             continue;
                         }
-                        if tx
-                            .send(Ok(TaskEvent {
-                                task: Some(masked((*t).clone())),
-                            }))
-                            .await
-                            .is_err()
-                        {
+                        // False: the client went away or fell too far behind (then the
+                        // stream ends with RESOURCE_EXHAUSTED, its buffer freed).
+                        if !tx.push(TaskEvent {
+                            task: Some(masked((*t).clone())),
+                        }) {
                             return;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::aborted(format!(
-                                "watch fell {n} events behind; watch again with send_initial"
-                            ))))
-                            .await;
+                        tx.finish(Status::aborted(format!(
+                            "watch fell {n} events behind; watch again with send_initial"
+                        )));
                         return;
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
         });
-        Ok(Response::new(super::guard::close_on_revoke(
-            self.catalog.clone(),
-            token_id,
-            out,
-        )))
+        Ok(Response::new(Box::pin(out)))
     }
 
     type LogsStream = BoxStream<LogChunk>;
@@ -223,6 +218,7 @@ impl TaskService for TaskApi {
             ))
             .into());
         }
+        let slot = self.streams.open(&who.token_id)?;
         let (tx, out) = mpsc::channel(256);
         let follower = super::logs::Follower {
             core: self.core.clone(),
@@ -238,10 +234,14 @@ impl TaskService for TaskApi {
             follow: r.follow,
         };
         tokio::spawn(follower.run(tx));
-        Ok(Response::new(super::guard::close_on_revoke(
-            self.catalog.clone(),
-            who.token_id,
-            out,
-        )))
+        let stream = super::guard::close_on_revoke(self.catalog.clone(), who.token_id, out);
+        // The token's stream slot is held as long as the stream.
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            stream,
+            move |m| {
+                let _ = &slot;
+                m
+            },
+        ))))
     }
 }

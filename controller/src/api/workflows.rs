@@ -8,7 +8,7 @@ use scabbard_common::proto::{
     SubmitWorkflowRequest, SubmitWorkflowResponse, TemplateRef, WatchWorkflowRequest, Workflow,
     WorkflowEvent, WorkflowSpec, WorkflowState, workflow_service_server::WorkflowService,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use super::tasks::BoxStream;
@@ -24,6 +24,8 @@ pub struct WorkflowApi {
     pub(crate) catalog: Arc<Catalog>,
     /// Limits the submitted workflow is validated against (here, not in the core).
     pub(crate) cfg: Arc<crate::config::ControllerConfig>,
+    /// Per-token stream caps and per-stream buffer limits.
+    pub(crate) streams: Arc<super::StreamLimits>,
 }
 
 /// Validates a submitted workflow off the async threads (a 1,000-node DAG is real work), so
@@ -202,54 +204,50 @@ impl WorkflowService for WorkflowApi {
             })
             .await?;
         who.check_visible("workflow", &id, &now.project)?;
-        let (tx, out) = mpsc::channel(256);
+        let slot = self.streams.open(&who.token_id)?;
+        let (tx, out) = self.streams.outbox::<WorkflowEvent>(slot);
+        super::guard::end_on_revoke(self.catalog.clone(), who.token_id.clone(), tx.ender());
         tokio::spawn(async move {
             let mut last_update = now.updated_at_ms;
             let done = workflow_final(now.state());
-            let event = |wf: Workflow| {
-                Ok(WorkflowEvent {
-                    workflow: Some(masked_workflow(wf)),
-                })
+            let event = |wf: Workflow| WorkflowEvent {
+                workflow: Some(masked_workflow(wf)),
             };
-            if tx.send(event(now)).await.is_err() || done {
+            if !tx.push(event(now)) || done {
                 return;
             }
             loop {
-                match rx.recv().await {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    _ = tx.closed() => return,
+                };
+                match next {
                     Ok(wf) if wf.id == id => {
                         if wf.updated_at_ms < last_update {
                             continue; // an older write published late
                         }
                         last_update = wf.updated_at_ms;
                         let done = workflow_final(wf.state());
-                        if tx.send(event((*wf).clone())).await.is_err() || done {
+                        if !tx.push(event((*wf).clone())) || done {
                             return;
                         }
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::aborted(format!(
-                                "watch fell {n} events behind; watch again (the first event is the current state)"
-                            ))))
-                            .await;
+                        tx.finish(Status::aborted(format!(
+                            "watch fell {n} events behind; watch again (the first event is the current state)"
+                        )));
                         return;
                     }
                     Err(broadcast::error::RecvError::Closed) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(
-                                "the controller stopped leading; watch again to follow the new leader",
-                            )))
-                            .await;
+                        tx.finish(Status::unavailable(
+                            "the controller stopped leading; watch again to follow the new leader",
+                        ));
                         return;
                     }
                 }
             }
         });
-        Ok(Response::new(super::guard::close_on_revoke(
-            self.catalog.clone(),
-            who.token_id,
-            out,
-        )))
+        Ok(Response::new(Box::pin(out)))
     }
 }

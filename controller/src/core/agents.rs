@@ -11,7 +11,6 @@ use scabbard_common::proto::{
 };
 use scabbard_common::time::now_ms;
 use scabbard_common::{Error, is_final};
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{AGENT_PREFIX, AgentEntry, Attached, Conn, Reply, State, agent_effect, reply_effect};
@@ -50,7 +49,7 @@ impl State {
         &mut self,
         agent_id: String,
         hello: Hello,
-        tx: mpsc::Sender<ControllerMessage>,
+        tx: super::agent_tx::AgentTx,
         reply: Reply<Attached>,
     ) {
         if !hello.agent_id.is_empty() && hello.agent_id != agent_id {
@@ -264,6 +263,51 @@ impl State {
                 ttl.as_millis()
             );
             self.requeue_or_fail(&task, &why).await;
+        }
+        self.requeue_unaccepted().await;
+    }
+
+    /// Assigns their agent has not accepted within `assign_accept_timeout_ms` go back to
+    /// the queue as infrastructure failures. The attempt is fenced off: the next one has a
+    /// new token, so a late `Accepted` or result of this one is refused; the agent is told
+    /// to cancel it in case the Assign reaches it after all.
+    pub(crate) async fn requeue_unaccepted(&mut self) {
+        let timeout = self.cfg.assign_accept_timeout_ms as i64;
+        if timeout == 0 {
+            return;
+        }
+        let now = now_ms();
+        let mut late = Vec::new();
+        for (agent_id, a) in &self.agents {
+            for task_id in &a.running {
+                let Some(t) = self.tasks.get(task_id).map(|e| &e.task) else {
+                    continue;
+                };
+                if t.state() != TaskState::Assigned || t.agent_id != *agent_id {
+                    continue;
+                }
+                if let Some(at) = t.attempts.last()
+                    && now - at.assigned_at_ms >= timeout
+                {
+                    late.push((agent_id.clone(), task_id.clone(), t.fencing_token));
+                }
+            }
+        }
+        for (agent_id, task_id, fencing_token) in late {
+            warn!(agent = %agent_id, task = %task_id, timeout_ms = timeout, "assignment not accepted in time: requeued");
+            if let Some(conn) = self.agents.get(&agent_id).and_then(|a| a.conn.as_ref()) {
+                let _ = conn.tx.try_send(ControllerMessage {
+                    msg: Some(controller_message::Msg::Cancel(CancelAttempt {
+                        task_id: task_id.clone(),
+                        fencing_token,
+                        reason: "not accepted in time: given to another agent".into(),
+                    })),
+                });
+            }
+            let why = format!(
+                "agent {agent_id} did not accept the assignment within {timeout} ms (assign_accept_timeout_ms)"
+            );
+            self.requeue_or_fail(&task_id, &why).await;
         }
     }
 

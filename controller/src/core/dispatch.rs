@@ -24,8 +24,61 @@ use super::{AgentEntry, State, agent_effect};
 /// the smallest goes first.
 type Turn = (u32, Reverse<i32>, u64, usize);
 
-/// Most queued tasks looked at (and found unplaceable) per dispatch round.
-const SCAN_BUDGET: usize = 10_000;
+/// Most queued tasks of one project looked at per dispatch round. Unplaceable classes cost
+/// one look each, so this bounds a round only against a project whose tasks are each
+/// their own class; other projects have their own budget.
+const PROJECT_SCAN_BUDGET: usize = 1_024;
+
+/// Where the dispatcher stands in one project's queue during a round: each placement
+/// class still in the round, and a heap of their heads (priority, then age).
+struct ProjectCursor<'a> {
+    project: &'a str,
+    classes: Vec<std::iter::Peekable<std::collections::btree_set::Iter<'a, QueueKey>>>,
+    heads: BinaryHeap<Reverse<(Reverse<i32>, u64, usize)>>,
+    /// Tasks looked at this round.
+    scanned: usize,
+}
+
+impl<'a> ProjectCursor<'a> {
+    fn new(project: &'a str, q: &'a scheduler::ProjectQueue) -> Self {
+        let mut classes: Vec<_> = q.classes().map(|c| c.iter().peekable()).collect();
+        let heads = classes
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(ci, it)| it.peek().map(|k| Reverse((k.0, k.1, ci))))
+            .collect();
+        Self {
+            project,
+            classes,
+            heads,
+            scanned: 0,
+        }
+    }
+
+    /// The best head among the classes still in the round (priority, arrival).
+    fn head(&self) -> Option<(Reverse<i32>, u64)> {
+        self.heads.peek().map(|Reverse((p, s, _))| (*p, *s))
+    }
+
+    /// Takes the best class's head out of the heap: the caller then either
+    /// [`advance`](Self::advance)s that class (the task was placed or skipped alone) or
+    /// leaves it out for the rest of the round (its class is blocked).
+    fn next(&mut self) -> Option<(usize, &'a QueueKey)> {
+        let Reverse((_, _, ci)) = self.heads.pop()?;
+        self.scanned += 1;
+        let key = *self.classes[ci].peek()?;
+        Some((ci, key))
+    }
+
+    /// Moves class `ci` past its head and puts it back in the heap.
+    fn advance(&mut self, ci: usize) {
+        let it = &mut self.classes[ci];
+        it.next();
+        if let Some(k) = it.peek() {
+            self.heads.push(Reverse((k.0, k.1, ci)));
+        }
+    }
+}
 
 impl State {
     /// Hands queued tasks to agents with free slots.
@@ -80,42 +133,43 @@ impl State {
         let mut groups: Option<HashMap<String, u32>> = None;
         let mut extra: HashMap<&str, u32> = HashMap::new();
         let mut plan: Vec<(QueueKey, String)> = Vec::new();
-        let mut scanned = 0usize;
-        let mut cursors: Vec<(
-            &str,
-            std::iter::Peekable<std::collections::btree_set::Iter<'_, QueueKey>>,
-        )> = self
+        let mut cursors: Vec<ProjectCursor<'_>> = self
             .queue
             .projects()
-            .map(|(p, q)| (p, q.iter().peekable()))
+            .map(|(p, q)| ProjectCursor::new(p, q))
             .collect();
         // Min-heap on (slots held, head priority, head age).
         let mut heap: BinaryHeap<Reverse<Turn>> = BinaryHeap::new();
-        for (i, (p, it)) in cursors.iter_mut().enumerate() {
-            if let Some(k) = it.peek() {
-                let held = active.get(*p).copied().unwrap_or(0);
-                heap.push(Reverse((held, k.0, k.1, i)));
+        for (i, c) in cursors.iter().enumerate() {
+            if let Some((prio, seq)) = c.head() {
+                let held = active.get(c.project).copied().unwrap_or(0);
+                heap.push(Reverse((held, prio, seq, i)));
             }
         }
-        while free > 0 && scanned < SCAN_BUDGET {
+        while free > 0 {
             let Some(Reverse((held, _, _, i))) = heap.pop() else {
                 break;
             };
-            let project = cursors[i].0;
+            let project = cursors[i].project;
             let max_running = self.catalog.quota(project).max_running_tasks;
             if max_running > 0 && held >= max_running {
                 continue; // at its quota: the rest of this project waits
             }
             let mut placed = false;
-            for key in cursors[i].1.by_ref() {
-                scanned += 1;
-                if scanned > SCAN_BUDGET {
-                    break;
+            // The project's classes, best head first; a class none of whose tasks can be
+            // placed this round (no fitting agent with a free slot, its concurrency group
+            // full, a breaker open) leaves the round after one look at its head: slots
+            // only get scarcer within a round.
+            while let Some((ci, key)) = cursors[i].next() {
+                if cursors[i].scanned > PROJECT_SCAN_BUDGET {
+                    break; // this project had its share of looking this round
                 }
                 let Some(task) = self.tasks.get(&key.2).map(|e| &e.task) else {
+                    cursors[i].advance(ci);
                     continue;
                 };
                 let Some(spec) = task.spec.as_ref() else {
+                    cursors[i].advance(ci);
                     continue;
                 };
                 if let Some(g) = spec.concurrency.as_ref() {
@@ -125,7 +179,7 @@ impl State {
                         })
                     });
                     if groups.get(&g.key).copied().unwrap_or(0) >= g.limit.max(1) {
-                        continue;
+                        continue; // the class is blocked: dropped for this round
                     }
                 }
                 if !no_breakers
@@ -156,7 +210,12 @@ impl State {
                     Pick::Agent(a) => a,
                     // A warmer engine is busy: wait for it a little, then take a cold one.
                     Pick::WarmerBusy(a) if now - task.updated_at_ms >= affinity_wait => a,
-                    Pick::WarmerBusy(_) | Pick::None => continue,
+                    // Only this task waits (its image is warm elsewhere): next in its class.
+                    Pick::WarmerBusy(_) => {
+                        cursors[i].advance(ci);
+                        continue;
+                    }
+                    Pick::None => continue,
                 };
                 if let Some(g) = spec.concurrency.as_ref()
                     && let Some(groups) = groups.as_mut()
@@ -173,11 +232,12 @@ impl State {
                 *extra.entry(agent).or_default() += 1;
                 free -= 1;
                 plan.push((key.clone(), agent.to_string()));
+                cursors[i].advance(ci);
                 placed = true;
                 break;
             }
-            if placed && let Some(next) = cursors[i].1.peek() {
-                heap.push(Reverse((held + 1, next.0, next.1, i)));
+            if placed && let Some((prio, seq)) = cursors[i].head() {
+                heap.push(Reverse((held + 1, prio, seq, i)));
             }
         }
         drop(cursors);

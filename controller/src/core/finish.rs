@@ -260,7 +260,7 @@ impl State {
         } else {
             t.state = TaskState::Queued as i32;
             let prio = t.spec.as_ref().map_or(0, |s| s.priority);
-            entry.queue_key = Some(self.queue.push(task_id, prio, &t.project));
+            entry.queue_key = Some(self.queue.push(task_id, prio, &t.project, t.spec.as_ref()));
         }
         info!(task = task_id, agent = %old_agent, state = ?entry.task.state(), why, "attempt lost");
         let task = entry.task.clone();
@@ -307,7 +307,7 @@ impl State {
             t.retry_at_ms = 0;
             t.updated_at_ms = now;
             let prio = t.spec.as_ref().map_or(0, |s| s.priority);
-            entry.queue_key = Some(self.queue.push(&id, prio, &t.project));
+            entry.queue_key = Some(self.queue.push(&id, prio, &t.project, t.spec.as_ref()));
             let task = t.clone();
             self.persist_task(&task, Vec::new()).await;
         }

@@ -7,6 +7,7 @@
 //! On start it rebuilds itself from the store. A failed commit ends its term: it stops, and
 //! the controller starts a new term that rebuilds from the store again.
 
+pub(crate) mod agent_tx;
 mod agents;
 pub(crate) mod artifacts;
 pub(crate) mod breakers;
@@ -96,7 +97,7 @@ pub(crate) enum CoreMsg {
         /// From the agent token the session authenticated with.
         agent_id: String,
         hello: Hello,
-        tx: mpsc::Sender<ControllerMessage>,
+        tx: agent_tx::AgentTx,
         reply: Reply<Attached>,
     },
     Detach {
@@ -330,7 +331,7 @@ pub(crate) struct TaskEntry {
 
 pub(crate) struct Conn {
     pub(crate) session: u64,
-    pub(crate) tx: mpsc::Sender<ControllerMessage>,
+    pub(crate) tx: agent_tx::AgentTx,
 }
 
 pub(crate) struct AgentEntry {
@@ -799,11 +800,12 @@ pub(crate) fn reply_effect<T: Send + 'static>(reply: Reply<T>, value: T) -> Effe
     })
 }
 
-/// An effect that sends `msg` to an agent session once durable.
-pub(crate) fn agent_effect(tx: mpsc::Sender<ControllerMessage>, msg: ControllerMessage) -> Effect {
+/// An effect that sends `msg` to an agent session once durable. A full queue closes the
+/// session (see [`agent_tx`]): the agent reconnects and resynchronises.
+pub(crate) fn agent_effect(tx: agent_tx::AgentTx, msg: ControllerMessage) -> Effect {
     Box::new(move |r| {
         if r.is_ok() && tx.try_send(msg).is_err() {
-            warn!("agent session queue full or closed; the agent will resync on reconnect");
+            warn!("agent session queue full or closed; the agent resyncs on reconnect");
         }
     })
 }

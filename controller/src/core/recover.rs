@@ -73,6 +73,7 @@ impl State {
                         &t.id,
                         t.spec.as_ref().map_or(0, |s| s.priority),
                         &t.project,
+                        t.spec.as_ref(),
                     ));
                 }
                 TaskState::Assigned | TaskState::Running => {

@@ -100,6 +100,30 @@ impl State {
             )));
         }
         let cron = Cron::parse(&spec.cron, &spec.timezone).map_err(Error::invalid)?;
+        let min = self.cfg.min_schedule_interval_ms as i64;
+        if let Some(gap) = cron.min_interval_ms(self.clock.now_ms())
+            && gap < min
+        {
+            return Err(Error::invalid(format!(
+                "cron {:?} fires every {} s; the minimum interval between ticks is {} s (config key min_schedule_interval_ms)",
+                spec.cron,
+                gap as f64 / 1000.0,
+                min as f64 / 1000.0
+            )));
+        }
+        let cap = self.cfg.max_schedules_per_project;
+        if cap > 0
+            && self
+                .schedules
+                .values()
+                .filter(|s| s.project == project)
+                .count()
+                >= cap as usize
+        {
+            return Err(Error::ResourceExhausted(format!(
+                "project {project:?} already has {cap} schedules, the most allowed (config key max_schedules_per_project): delete one first"
+            )));
+        }
         if OverlapPolicy::try_from(spec.overlap).is_err() {
             return Err(Error::invalid(format!(
                 "overlap {} is unknown: use SKIP, QUEUE or CANCEL_PREVIOUS",

@@ -187,7 +187,11 @@ impl State {
             );
         }
         let priority = task.spec.as_ref().map_or(0, |s| s.priority);
-        let queue_key = Some(self.queue.push(&task.id, priority, &task.project));
+        let queue_key =
+            Some(
+                self.queue
+                    .push(&task.id, priority, &task.project, task.spec.as_ref()),
+            );
         self.persist_task(&task, effects).await;
         self.tasks
             .insert(task.id.clone(), TaskEntry { task, queue_key });

@@ -99,6 +99,27 @@ impl Cron {
         Ok(cron)
     }
 
+    /// The shortest gap between two consecutive ticks (milliseconds), looked for among the
+    /// first 256 ticks after `from_ms`: every cron field repeats within that many ticks at
+    /// the sub-minute level (a seconds list has at most 60 entries), so a schedule firing
+    /// more often than every N seconds shows it there. None if it never fires twice.
+    pub fn min_interval_ms(&self, from_ms: i64) -> Option<i64> {
+        let mut prev = self.next_after(from_ms)?;
+        let mut min: Option<i64> = None;
+        for _ in 0..256 {
+            let Some(next) = self.next_after(prev) else {
+                break;
+            };
+            let gap = next - prev;
+            min = Some(min.map_or(gap, |m: i64| m.min(gap)));
+            if gap <= 1_000 {
+                break; // cannot get shorter
+            }
+            prev = next;
+        }
+        min
+    }
+
     /// The expression as given (trimmed).
     pub fn expr(&self) -> &str {
         &self.expr

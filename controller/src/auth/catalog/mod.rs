@@ -141,6 +141,9 @@ impl Catalog {
         let quota = cache.projects.get(&info.project).and_then(|(p, _)| p.quota);
         let (rate, burst) = match quota {
             Some(q) if q.requests_per_second > 0 => (q.requests_per_second, q.burst),
+            // Agents are not held to the controller-wide default: their work rides one
+            // Session stream, and their artifact calls follow the tasks they run.
+            _ if info.kind() == TokenKind::Agent => (0, 0),
             _ => (self.limits.requests_per_second, self.limits.burst),
         };
         Ok(Principal {

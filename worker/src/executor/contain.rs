@@ -189,6 +189,9 @@ impl Drop for Containment {
             drop(child.stdin.take());
             let _ = child.wait();
         }
+        if let Some(base) = &self.base {
+            let _ = fs::remove_dir(base); // kept while a cage is alive
+        }
     }
 }
 

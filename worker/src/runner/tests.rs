@@ -284,3 +284,69 @@ async fn inputs_arrive_and_artifacts_are_uploaded_before_the_result() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A tmpfs of `bytes` mounted at `dir` (as root), unmounted when dropped; `None` where
+/// this process may not mount.
+struct TinyDisk(std::path::PathBuf);
+
+impl TinyDisk {
+    fn mount(dir: &std::path::Path, bytes: usize) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "scabbard-test"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_spool_that_cannot_be_written_fails_the_attempt_visibly() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_disk) = TinyDisk::mount(&dir.path().join("spool"), 64 << 10) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Far more output than the spool can hold, then a long sleep that only a stop ends.
+    let spec = proto::TaskSpec {
+        kind: Some(proto::task_spec::Kind::Shell(proto::ShellTask {
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "head -c 400000 /dev/zero | tr '\\0' a; sleep 30".into(),
+            ],
+        })),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let (chunks, result) = run_attempt_in(dir.path(), "127.0.0.1:1", spec).await;
+    assert!(started.elapsed() < Duration::from_secs(20), "the task was not stopped");
+    assert_eq!(result.outcome, proto::Outcome::Failed as i32, "{result:?}");
+    assert_eq!(
+        result.error_class,
+        proto::ErrorClass::Infrastructure as i32,
+        "{result:?}"
+    );
+    assert!(result.message.contains("cannot spool"), "{}", result.message);
+    // The controller hears the reason in the log too (those chunks went out unspooled).
+    let system: String = chunks
+        .iter()
+        .filter(|c| c.stream == proto::LogStream::System as i32)
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect();
+    assert!(system.contains("cannot spool"), "{system}");
+    // Sequence numbers stay gapless, so the controller keeps every chunk it received.
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(c.seq, i as u64);
+    }
+}

@@ -273,7 +273,7 @@ impl Runner {
         exec: Arc<dyn Executor>,
         cancel: CancellationToken,
     ) {
-        let secrets = Arc::new(Secrets::new(spec.secret_env.values()));
+        let secrets = Arc::new(Secrets::with_encodings(spec.secret_env.values()));
         let mut redactor = ChunkRedactor::new(secrets.clone());
         let (tx, mut rx) = mpsc::channel(64);
         let stop = cancel.clone();
@@ -314,6 +314,30 @@ impl Runner {
                 ..outcome
             };
         }
+        // Outputs flow into workflow answers and dependents' environments: a secret (or an
+        // encoding of it) in one is masked, and the log says which (GitHub Actions drops
+        // such outputs; we keep the rest of the value).
+        let mut outputs = std::collections::HashMap::with_capacity(outcome.outputs.len());
+        let mut masked: Vec<String> = Vec::new();
+        for (k, v) in std::mem::take(&mut outcome.outputs) {
+            let (name, value) = (secrets.redact_str(&k), secrets.redact_str(&v));
+            if name != k || value != v {
+                masked.push(name.clone());
+            }
+            outputs.insert(name, value);
+        }
+        masked.sort();
+        for name in masked {
+            let note = OutputChunk {
+                stream: crate::executor::OutStream::System,
+                data: format!(
+                    "output {name:?} contained a secret (or an encoding of one): it was masked\n"
+                )
+                .into_bytes(),
+            };
+            self.emit_chunks(&key, &mut log, redactor.push(note)).await;
+        }
+        self.emit_chunks(&key, &mut log, redactor.finish()).await;
         let seq = log.seq;
         let finished = proto::Finished {
             task_id: key.0.clone(),
@@ -323,11 +347,7 @@ impl Runner {
                 exit_code: outcome.exit_code,
                 message: secrets.redact_str(&outcome.message),
                 error_class: outcome.error_class as i32,
-                outputs: outcome
-                    .outputs
-                    .iter()
-                    .map(|(k, v)| (secrets.redact_str(k), secrets.redact_str(v)))
-                    .collect(),
+                outputs,
                 artifacts,
             }),
             log_chunks: seq,

@@ -91,6 +91,8 @@ async fn secrets_written_to_outputs_come_back_masked() {
         printf 'multi<<EOF\nbefore\n%s after\nEOF\n' "$TOKEN" >> "$SCABBARD_OUTPUT"
         echo "agent=$SCABBARD_AGENT_ID/$SCABBARD_AGENT_NAME" >> "$SCABBARD_OUTPUT"
         printf '%s.big=%s\n' "$TOKEN" "$(head -c 20000 /dev/zero | tr '\0' x)" >> "$SCABBARD_OUTPUT"
+        echo "encoded=$(printf %s "$TOKEN" | base64)" >> "$SCABBARD_OUTPUT"
+        echo "inside=$(printf 'x:%s' "$TOKEN" | base64)" >> "$SCABBARD_OUTPUT"
         echo "last $TOKEN"
     "#;
     let spec = proto::TaskSpec {
@@ -114,17 +116,23 @@ async fn secrets_written_to_outputs_come_back_masked() {
         let mut o: Vec<_> = result
             .outputs
             .iter()
+            .filter(|(k, _)| *k != "inside")
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         o.sort_unstable();
         o
     };
+    // Its base64 inside a longer encoded value: the part made of the secret is masked.
+    let inside = &result.outputs["inside"];
+    assert!(inside.contains("***"), "{inside}");
     assert_eq!(
         outputs,
         [
             // The secret was used as a key: masked too.
             ("***", "as a key"),
             ("agent", "agent-1/host-1"),
+            // Its base64 is masked like the secret itself.
+            ("encoded", "***"),
             ("line", "last ***"),
             ("multi", "before\n*** after"),
             ("token", "***"),
@@ -139,6 +147,14 @@ async fn secrets_written_to_outputs_come_back_masked() {
         "{log}"
     );
     assert!(!format!("{result:?}").contains("s3cr3t"));
+    // The log names each masked output.
+    for name in ["***", "encoded", "inside", "line", "multi", "token"] {
+        assert!(
+            log.contains(&format!("output {name:?} contained a secret")),
+            "{name}: {log}"
+        );
+    }
+    assert!(!log.contains("output \"agent\" contained"), "{log}");
 }
 
 /// An executor whose availability the test switches (it also offers `gpu`).

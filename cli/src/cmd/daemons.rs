@@ -56,7 +56,7 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         .prefix("scabbard-dev-work-")
         .tempdir()?;
     let creds_dir = crate::credentials::config_dir()?;
-    std::fs::create_dir_all(&creds_dir)
+    scabbard_common::private::private_dir(&creds_dir)
         .with_context(|| format!("creating {}", creds_dir.display()))?;
     let worker_cfg = WorkerConfig {
         controller: local.to_string(),

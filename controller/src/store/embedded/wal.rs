@@ -12,6 +12,7 @@
 //! This module only moves bytes; `recovery` decides what to apply.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -119,8 +120,11 @@ impl Wal {
             .read(true)
             .append(true)
             .create(true)
+            .mode(scabbard_common::private::FILE_MODE)
             .open(path)
             .map_err(|e| io_err(path, "open", e))?;
+        scabbard_common::private::tighten(path, scabbard_common::private::FILE_MODE)
+            .map_err(|e| io_err(path, "chmod", e))?;
         // Make the log's directory entry durable, or a power loss could take the file along
         // with frames synced into it.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -22,8 +22,12 @@ pub const ENCODED_MIN: usize = 4;
 /// The forms of `v` that [`Secrets::with_encodings`] masks (`v` itself excluded).
 fn encodings(v: &[u8]) -> Vec<Vec<u8>> {
     use base64::Engine;
-    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
     let mut out = Vec::new();
+    // The whole encoding, as `base64` prints it (with its last characters and padding).
+    for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+        out.push(engine.encode(v).into_bytes());
+    }
     for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
         for shift in 0..3usize {
             let mut shifted = vec![0u8; shift];
@@ -540,6 +544,9 @@ mod tests {
         let s = Secrets::with_encodings(["s3cr3t-value"]);
         let b64 = base64::engine::general_purpose::STANDARD.encode("s3cr3t-value");
         assert!(!contains(&s.redact(b64.as_bytes()), b"czNjcjN0LXZhbHVl"));
+        // The whole padded form as `base64` prints it.
+        let s2 = Secrets::with_encodings(["hunter2-abuse-value"]);
+        assert_eq!(s2.redact(b"aHVudGVyMi1hYnVzZS12YWx1ZQ==\n"), b"***\n");
         // Inside a longer encoded text, at every alignment.
         for prefix in ["", "a", "ab", "abc"] {
             let text = format!("{prefix}s3cr3t-value!");

@@ -37,10 +37,7 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(cmd::dispatch(cli)) {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            eprintln!(
-                "error: {}",
-                printable::printable_text(&format!("{e:#}"))
-            );
+            eprintln!("error: {}", printable::printable_text(&format!("{e:#}")));
             std::process::ExitCode::from(1)
         }
     }

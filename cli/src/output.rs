@@ -152,7 +152,11 @@ pub(crate) fn tasks(ts: &[Task]) {
 pub(crate) fn agents(agents: &[Agent]) {
     say!(
         "{:<34} {:<16} {:<13} {:>7} {:<12} CAPABILITIES",
-        "ID", "NAME", "STATUS", "RUNNING", "PROJECT"
+        "ID",
+        "NAME",
+        "STATUS",
+        "RUNNING",
+        "PROJECT"
     );
     for a in agents {
         let status = AgentStatus::try_from(a.status)

@@ -75,7 +75,10 @@ mod tests {
         assert_eq!(printable("a\nb\r"), "a\\nb\\r");
         assert_eq!(printable("\u{9b}31m"), "\\u{9b}31m");
         assert_eq!(printable("abc\u{202e}fed"), "abc\\u{202e}fed");
-        assert_eq!(printable_text("line 1\n\tline 2\x1b[2J"), "line 1\n\tline 2\\u{1b}[2J");
+        assert_eq!(
+            printable_text("line 1\n\tline 2\x1b[2J"),
+            "line 1\n\tline 2\\u{1b}[2J"
+        );
         assert_eq!(printable("é ✓"), "é ✓");
     }
 }

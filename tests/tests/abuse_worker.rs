@@ -208,7 +208,11 @@ async fn a_full_spool_fails_the_attempt_with_the_reason() -> anyhow::Result<()> 
     assert!(first.message.contains("cannot spool"), "{first:?}");
     // The reason is in the attempt's log as well.
     let log = logs(&mut tasks, &id, 1, false).await?;
-    assert!(log.contains("cannot spool"), "{}", &log[log.len().saturating_sub(500)..]);
+    assert!(
+        log.contains("cannot spool"),
+        "{}",
+        &log[log.len().saturating_sub(500)..]
+    );
     // Another task, on a healthy worker, runs promptly.
     quick_task_runs_on(&mut tasks, Some("healthy")).await?;
     drop(full);
@@ -217,8 +221,8 @@ async fn a_full_spool_fails_the_attempt_with_the_reason() -> anyhow::Result<()> 
 }
 
 #[tokio::test]
-async fn outputs_carrying_a_secret_are_masked_in_the_result_and_the_next_node()
--> anyhow::Result<()> {
+async fn outputs_carrying_a_secret_are_masked_in_the_result_and_the_next_node() -> anyhow::Result<()>
+{
     let secret = "hunter2-abuse-value";
     let b64 = std::process::Command::new("sh")
         .args(["-c", &format!("printf %s '{secret}' | base64")])

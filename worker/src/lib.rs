@@ -60,7 +60,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     let (outbox_tx, outbox_rx) = mpsc::channel(4096);
     let agent_name = cfg.effective_name()?.unwrap_or_else(connection::hostname);
     let mut executors: Vec<Arc<dyn executor::Executor>> = vec![
-        Arc::new(executor::ShellExecutor::default()
+        Arc::new(
+            executor::ShellExecutor::default()
                 .run_as(run_as)
                 .hide(hide)
                 .contain(Some(contain)),

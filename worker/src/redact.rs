@@ -552,7 +552,11 @@ mod tests {
             let text = format!("{prefix}s3cr3t-value!");
             let enc = base64::engine::general_purpose::STANDARD.encode(&text);
             let out = s.redact(enc.as_bytes());
-            assert!(contains(&out, MASK), "{prefix:?}: {}", String::from_utf8_lossy(&out));
+            assert!(
+                contains(&out, MASK),
+                "{prefix:?}: {}",
+                String::from_utf8_lossy(&out)
+            );
             let url = base64::engine::general_purpose::URL_SAFE.encode(&text);
             assert!(contains(&s.redact(url.as_bytes()), MASK));
         }

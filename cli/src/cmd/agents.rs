@@ -95,12 +95,15 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
     if s.answered_by_leader {
         say!(
             "tasks:       {} queued, {} assigned/running, {} total",
-            s.queued_tasks, s.active_tasks, s.total_tasks
+            s.queued_tasks,
+            s.active_tasks,
+            s.total_tasks
         );
         say!("agents:      {} connected", s.connected_agents);
         say!(
             "workflows:   {} running, {} pending",
-            s.running_workflows, s.pending_workflows
+            s.running_workflows,
+            s.pending_workflows
         );
         let dispatched = s.cache_affinity_hits + s.cache_affinity_misses;
         if dispatched > 0 {

@@ -240,7 +240,11 @@ fn table(refs: &[ArtifactRef]) {
         .max("TASK/NODE".len());
     say!(
         "{:<w$}  {:<20} {:<9} {:>10}  {:<12}  CREATED (UTC)",
-        "TASK/NODE", "NAME", "KIND", "SIZE", "SHA256"
+        "TASK/NODE",
+        "NAME",
+        "KIND",
+        "SIZE",
+        "SHA256"
     );
     for r in refs {
         say!(

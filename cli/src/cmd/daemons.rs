@@ -100,9 +100,7 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     }
     say!();
     say!("Try:");
-    say!(
-        "  scabbard submit --controller {local}{tls_flag} --follow -- echo hello from scabbard"
-    );
+    say!("  scabbard submit --controller {local}{tls_flag} --follow -- echo hello from scabbard");
     say!("  scabbard task list --controller {local}{tls_flag}");
     say!("  scabbard agents list --controller {local}{tls_flag}");
     match &pki {

@@ -306,7 +306,10 @@ pub(super) fn ack_after_log_sync(
     task_id: &str,
     attempt: u32,
     log_chunks: u64,
-    ack: Option<(tokio::sync::mpsc::Sender<ControllerMessage>, ControllerMessage)>,
+    ack: Option<(
+        tokio::sync::mpsc::Sender<ControllerMessage>,
+        ControllerMessage,
+    )>,
 ) -> Effect {
     let task_id = task_id.to_string();
     Box::new(move |r| {
@@ -328,7 +331,10 @@ async fn seal_then_ack(
     logs: &crate::logstore::LogStore,
     task_id: &str,
     attempt: u32,
-    ack: Option<(tokio::sync::mpsc::Sender<ControllerMessage>, ControllerMessage)>,
+    ack: Option<(
+        tokio::sync::mpsc::Sender<ControllerMessage>,
+        ControllerMessage,
+    )>,
 ) -> bool {
     match logs.seal(task_id, attempt).await {
         Ok(()) => {

@@ -203,9 +203,9 @@ impl Cage {
         }
     }
 
-        // SAFETY: the closure runs in the forked child before exec and only calls write(2),
-        // which is async-signal-safe, on a descriptor the parent keeps open until the spawn
-        // returned; it allocates nothing.
+    // SAFETY: the closure runs in the forked child before exec and only calls write(2),
+    // which is async-signal-safe, on a descriptor the parent keeps open until the spawn
+    // returned; it allocates nothing.
     /// Records the attempt's process group leader (for a worker that restarts).
     pub(crate) fn note_leader(&self, pgid: libc::pid_t) {
         let start = start_time(pgid);
@@ -595,7 +595,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -309,7 +309,13 @@ impl TinyDisk {
     fn mount(dir: &std::path::Path, bytes: usize) -> Option<Self> {
         std::fs::create_dir_all(dir).unwrap();
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "scabbard-test"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes}"),
+                "scabbard-test",
+            ])
             .arg(dir)
             .status()
             .is_ok_and(|s| s.success());
@@ -346,14 +352,21 @@ async fn a_spool_that_cannot_be_written_fails_the_attempt_visibly() {
     };
     let started = std::time::Instant::now();
     let (chunks, result) = run_attempt_in(dir.path(), "127.0.0.1:1", spec).await;
-    assert!(started.elapsed() < Duration::from_secs(20), "the task was not stopped");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the task was not stopped"
+    );
     assert_eq!(result.outcome, proto::Outcome::Failed as i32, "{result:?}");
     assert_eq!(
         result.error_class,
         proto::ErrorClass::Infrastructure as i32,
         "{result:?}"
     );
-    assert!(result.message.contains("cannot spool"), "{}", result.message);
+    assert!(
+        result.message.contains("cannot spool"),
+        "{}",
+        result.message
+    );
     // The controller hears the reason in the log too (those chunks went out unspooled).
     let system: String = chunks
         .iter()

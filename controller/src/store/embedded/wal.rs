@@ -12,8 +12,8 @@
 //! This module only moves bytes; `recovery` decides what to apply.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use scabbard_common::{Error, Result};

@@ -62,8 +62,8 @@ async fn escaped_grandchild_dies_with_the_attempt(cgroups: bool) {
     std::fs::create_dir(&work).unwrap();
     let contain = Arc::new(Containment::open_with(&d.path().join("data"), cgroups).unwrap());
     assert_eq!(contain.uses_cgroups(), cgroups && contain.base.is_some());
-    let exec = ShellExecutor::with_kill_grace(Duration::from_millis(300))
-        .contain(Some(contain.clone()));
+    let exec =
+        ShellExecutor::with_kill_grace(Duration::from_millis(300)).contain(Some(contain.clone()));
     let (tx, mut rx) = mpsc::channel(16);
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     let ctx = crate::executor::ExecContext {
@@ -94,7 +94,9 @@ async fn escaped_grandchild_dies_with_the_attempt(cgroups: bool) {
     }
     assert!(ok, "the escaped grandchild {pid} outlived its attempt");
     // The attempt's record is gone with it.
-    let records = std::fs::read_dir(d.path().join("data/attempts")).unwrap().count();
+    let records = std::fs::read_dir(d.path().join("data/attempts"))
+        .unwrap()
+        .count();
     assert_eq!(records, 0);
 }
 
@@ -142,7 +144,10 @@ async fn the_next_life_kills_the_leftovers(cgroups: bool) {
     let d = tempfile::tempdir().unwrap();
     let data = d.path().join("data");
     let pid = leave_an_escaped_process(&data, cgroups);
-    assert!(alive(pid), "the leftover should still run before the restart");
+    assert!(
+        alive(pid),
+        "the leftover should still run before the restart"
+    );
     let _next = Containment::open_with(&data, cgroups).unwrap();
     let ok = gone_soon(pid).await;
     if !ok {

@@ -4,7 +4,7 @@
 //!
 //! With a writable cgroup v2 hierarchy (found through `/proc/self/mountinfo` and
 //! `/proc/self/cgroup`) each attempt runs in its own cgroup,
-//! `<worker's cgroup>/scabbard-<hash of the data dir>/<task>-<token>`: the child enters it
+//! `<worker's cgroup>/scabbard-<hash of the data dir>-<pid>/<task>-<token>`: the child enters it
 //! between fork and exec, so nothing it starts can be outside. The end of the attempt
 //! writes `cgroup.kill` (or SIGKILLs its `cgroup.procs` until empty, before Linux 5.14).
 //! A sentinel process (`sh` reading a pipe only the worker holds) kills the whole
@@ -308,7 +308,10 @@ fn cgroup_base(data_dir: &Path) -> io::Result<PathBuf> {
     let own = own_cgroup_dir()?;
     let data = fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let digest = Sha256::digest(data.as_os_str().as_encoded_bytes());
-    let base = own.join(format!("scabbard-{}", hex(&digest[..8])));
+    // One per life of the worker: a dying life's sentinel only ever touches its own.
+    let prefix = format!("scabbard-{}-", hex(&digest[..8]));
+    let base = own.join(format!("{prefix}{}", std::process::id()));
+    clean_old_bases(&own, &prefix, &base);
     match fs::create_dir(&base) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -377,7 +380,13 @@ fn start_sentinel(base: &Path) -> io::Result<std::process::Child> {
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.args([
         "-c",
-        "read -r _ignored; echo 1 > \"$0/cgroup.kill\" 2>/dev/null",
+        // Once the worker is gone: kill every attempt, then remove the emptied cgroups
+        // (retrying while the kernel takes the processes down).
+        "read -r _ignored; echo 1 > \"$0/cgroup.kill\" 2>/dev/null; \
+         for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do \
+           for c in \"$0\"/*/; do [ -f \"$c/cgroup.procs\" ] && rmdir \"$c\" 2>/dev/null; done; \
+           rmdir \"$0\" 2>/dev/null && exit 0; sleep 0.1; \
+         done",
     ])
     .arg(base)
     .env_clear()
@@ -527,8 +536,8 @@ fn clean_leftovers(records: &Path, base: Option<&Path>) -> usize {
             match (f.next(), f.next(), f.next()) {
                 (Some("cgroup"), Some(cg), None) => {
                     let cg = Path::new(cg);
-                    // Only a cgroup of ours: below this worker's base.
-                    if base.is_some_and(|b| cg.starts_with(b)) && cg.exists() {
+                    // Only an attempt cgroup of this worker (any life of it).
+                    if base.is_some_and(|b| same_worker(cg, b)) && cg.exists() {
                         found += cgroup_pids(cg).len();
                         kill_cgroup_now(cg);
                     }
@@ -549,22 +558,56 @@ fn clean_leftovers(records: &Path, base: Option<&Path>) -> usize {
         }
         let _ = fs::remove_file(&path);
     }
-    if let Some(base) = base {
-        // Attempt cgroups nobody recorded (a crash between mkdir and record).
-        kill_cgroup_now(base);
+    found
+}
+
+/// Whether `cg` is an attempt cgroup of a life of the worker whose base is `base`
+/// (`<own>/scabbard-<hash>-<pid>`): `<own>/scabbard-<hash>-<any pid>/<attempt>`.
+fn same_worker(cg: &Path, base: &Path) -> bool {
+    let (Some(own), Some(name)) = (base.parent(), base.file_name().and_then(|n| n.to_str())) else {
+        return false;
+    };
+    let Some((prefix, _pid)) = name.rsplit_once('-') else {
+        return false;
+    };
+    cg.parent().is_some_and(|life| {
+        life.parent() == Some(own)
+            && life
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && n[prefix.len()..].starts_with('-'))
+    })
+}
+
+/// Kills and removes the attempt cgroups of earlier lives of this worker (`<own>/<prefix>*`
+/// other than `current`), recorded or not.
+fn clean_old_bases(own: &Path, prefix: &str, current: &Path) {
+    let Ok(entries) = fs::read_dir(own) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e.path();
+        let ours = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(prefix));
+        if !ours || old == current || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        kill_cgroup_now(&old);
         let deadline = std::time::Instant::now() + KILL_WAIT;
-        while cgroup_populated(base) && std::time::Instant::now() < deadline {
+        while cgroup_populated(&old) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        if let Ok(dirs) = fs::read_dir(base) {
+        if let Ok(dirs) = fs::read_dir(&old) {
             for d in dirs.flatten() {
                 if d.file_type().is_ok_and(|t| t.is_dir()) {
                     let _ = fs::remove_dir(d.path());
                 }
             }
         }
+        let _ = fs::remove_dir(&old);
     }
-    found
 }
 
 /// SIGKILLs the members of process group `pgid` that a previous life started: those that

@@ -113,7 +113,8 @@ async fn an_escaped_grandchild_dies_with_the_attempt_without_cgroups() {
 /// What a worker killed with SIGKILL leaves: an attempt whose cage was never dropped.
 fn leave_an_escaped_process(data: &Path, cgroups: bool) -> libc::pid_t {
     let contain = Containment::open_with(data, cgroups).unwrap();
-    let cage = contain.cage("left-behind", 3, 1).unwrap();
+    let task = format!("left-behind-{cgroups}");
+    let cage = contain.cage(&task, 3, 1).unwrap();
     let pidfile = data.join("left.pid");
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.args([
@@ -122,7 +123,7 @@ fn leave_an_escaped_process(data: &Path, cgroups: bool) -> libc::pid_t {
         "sh",
     ])
     .arg(&pidfile)
-    .env("SCABBARD_TASK_ID", "left-behind")
+    .env("SCABBARD_TASK_ID", &task)
     .env("SCABBARD_ATTEMPT", "1");
     cage.enter_on_exec(&mut cmd);
     let mut child = cmd.spawn().unwrap();
@@ -183,4 +184,29 @@ fn markers_match_whole_variables_only() {
     assert!(!m.matches(b"SCABBARD_TASK_ID=t10\0SCABBARD_ATTEMPT=2\0"));
     assert!(!m.matches(b"SCABBARD_TASK_ID=t1\0"));
     assert_eq!(super::unhex(&super::hex(b"a\x01")), Some(b"a\x01".to_vec()));
+}
+
+#[test]
+fn only_this_workers_cgroups_are_touched_at_start() {
+    let base = Path::new("/cg/own/scabbard-00ff-42");
+    assert!(super::same_worker(
+        Path::new("/cg/own/scabbard-00ff-42/t-1"),
+        base
+    ));
+    assert!(super::same_worker(
+        Path::new("/cg/own/scabbard-00ff-7/t-1"),
+        base
+    ));
+    assert!(!super::same_worker(
+        Path::new("/cg/own/scabbard-00fe-7/t-1"),
+        base
+    ));
+    assert!(!super::same_worker(
+        Path::new("/cg/other/scabbard-00ff-7/t-1"),
+        base
+    ));
+    assert!(!super::same_worker(
+        Path::new("/cg/own/scabbard-00ff-7"),
+        base
+    ));
 }

@@ -208,6 +208,10 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
+    if dir != Path::new(".") {
+        scabbard_common::private::tighten(dir, scabbard_common::private::DIR_MODE)
+            .with_context(|| format!("making {} private", dir.display()))?;
+    }
     let mut tmp = tempfile::Builder::new()
         .prefix(".scabbard-")
         .suffix(".tmp")

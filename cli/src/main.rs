@@ -1,6 +1,8 @@
 //! `scabbard`: the one binary for operators and daemons. `main` only parses arguments,
 //! sets up logging and dispatches; each command lives in `cmd/`.
 
+#[macro_use]
+mod printable;
 mod args;
 mod cmd;
 mod credentials;
@@ -35,7 +37,7 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(cmd::dispatch(cli)) {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", printable::printable_text(&format!("{e:#}")));
             std::process::ExitCode::from(1)
         }
     }

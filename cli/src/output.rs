@@ -93,24 +93,24 @@ fn what(t: &Task) -> String {
 
 /// One task, in detail.
 pub(crate) fn task(t: &Task) {
-    println!("id:        {}", t.id);
-    println!("state:     {}", state_name(t.state()));
-    println!("command:   {}", what(t));
+    say!("id:        {}", t.id);
+    say!("state:     {}", state_name(t.state()));
+    say!("command:   {}", what(t));
     if !t.project.is_empty() {
-        println!("project:   {}", t.project);
+        say!("project:   {}", t.project);
     }
-    println!("created:   {}", ago(t.created_at_ms));
+    say!("created:   {}", ago(t.created_at_ms));
     if !t.agent_id.is_empty() {
-        println!("agent:     {}", t.agent_id);
+        say!("agent:     {}", t.agent_id);
     }
     if let Some(r) = &t.result {
-        println!("exit code: {}", r.exit_code);
+        say!("exit code: {}", r.exit_code);
         if !r.message.is_empty() {
-            println!("message:   {}", r.message);
+            say!("message:   {}", r.message);
         }
     }
     if t.cancel_requested && !scabbard_common::is_final(t.state()) {
-        println!("cancel:    requested");
+        say!("cancel:    requested");
     }
     for a in &t.attempts {
         let outcome = a.result.as_ref().map_or("running".to_string(), |r| {
@@ -121,7 +121,7 @@ pub(crate) fn task(t: &Task) {
                 r.message
             )
         });
-        println!(
+        say!(
             "attempt {}: agent {} — {}",
             a.number,
             a.agent_id,
@@ -132,14 +132,14 @@ pub(crate) fn task(t: &Task) {
 
 /// A table of tasks.
 pub(crate) fn tasks(ts: &[Task]) {
-    println!("{:<28} {:<10} {:<10} COMMAND", "ID", "STATE", "CREATED");
+    say!("{:<28} {:<10} {:<10} COMMAND", "ID", "STATE", "CREATED");
     for t in ts {
         let mut cmd = what(t);
         if cmd.len() > 60 {
             cmd.truncate(57);
             cmd.push_str("...");
         }
-        println!(
+        say!(
             "{:<28} {:<10} {:<10} {cmd}",
             t.id,
             state_name(t.state()),
@@ -150,9 +150,13 @@ pub(crate) fn tasks(ts: &[Task]) {
 
 /// A table of agents.
 pub(crate) fn agents(agents: &[Agent]) {
-    println!(
+    say!(
         "{:<34} {:<16} {:<13} {:>7} {:<12} CAPABILITIES",
-        "ID", "NAME", "STATUS", "RUNNING", "PROJECT"
+        "ID",
+        "NAME",
+        "STATUS",
+        "RUNNING",
+        "PROJECT"
     );
     for a in agents {
         let status = AgentStatus::try_from(a.status)
@@ -162,7 +166,7 @@ pub(crate) fn agents(agents: &[Agent]) {
                     .to_string()
             })
             .unwrap_or_default();
-        println!(
+        say!(
             "{:<34} {:<16} {:<13} {:>3}/{:<3} {:<12} {}",
             a.id,
             a.name,
@@ -274,6 +278,11 @@ fn clip(s: &str, n: usize) -> String {
 /// Prints `rows` under `headers`, each column as wide as its widest cell (the last one
 /// not padded).
 fn table<const N: usize>(headers: [&str; N], rows: Vec<[String; N]>) {
+    // Cells come from the server: escaped before they are measured.
+    let rows: Vec<[String; N]> = rows
+        .into_iter()
+        .map(|r| r.map(|c| crate::printable::printable(&c).into_owned()))
+        .collect();
     let mut widths = headers.map(|h| h.chars().count());
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -290,7 +299,7 @@ fn table<const N: usize>(headers: [&str; N], rows: Vec<[String; N]>) {
                 out.extend(std::iter::repeat_n(' ', w - c.chars().count() + 2));
             }
         }
-        println!("{}", out.trim_end());
+        say!("{}", out.trim_end());
     };
     line(headers.to_vec());
     for r in &rows {
@@ -328,11 +337,11 @@ pub(crate) fn tokens(ts: &[TokenInfo]) {
 
 /// One token, in detail.
 pub(crate) fn token(t: &TokenInfo) {
-    println!("id:         {}", t.id);
-    println!("name:       {}", t.name);
-    println!("kind:       {}", kind(t));
-    println!("scopes:     {}", scopes(t));
-    println!(
+    say!("id:         {}", t.id);
+    say!("name:       {}", t.name);
+    say!("kind:       {}", kind(t));
+    say!("scopes:     {}", scopes(t));
+    say!(
         "project:    {}{}",
         t.project,
         if t.project == "*" {
@@ -341,31 +350,31 @@ pub(crate) fn token(t: &TokenInfo) {
             ""
         }
     );
-    println!("hint:       {}", t.hint);
-    println!("created:    {} by {}", ago(t.created_at_ms), t.created_by);
-    println!("expires:    {}", expires(t));
+    say!("hint:       {}", t.hint);
+    say!("created:    {} by {}", ago(t.created_at_ms), t.created_by);
+    say!("expires:    {}", expires(t));
     if t.kind() == TokenKind::Registration {
-        println!("uses:       {}", uses(t));
+        say!("uses:       {}", uses(t));
     }
     if !t.agent_id.is_empty() {
-        println!("agent:      {}", t.agent_id);
+        say!("agent:      {}", t.agent_id);
     }
-    println!("state:      {}", token_state(t));
+    say!("state:      {}", token_state(t));
 }
 
 /// One project, in detail.
 pub(crate) fn project(p: &Project) {
     let q = p.quota.unwrap_or_default();
-    println!("name:         {}", p.name);
-    println!("description:  {}", p.description);
-    println!("created:      {}", ago(p.created_at_ms));
-    println!("max queued:   {}", limit(q.max_queued_tasks));
-    println!("max running:  {}", limit(q.max_running_tasks));
-    println!(
+    say!("name:         {}", p.name);
+    say!("description:  {}", p.description);
+    say!("created:      {}", ago(p.created_at_ms));
+    say!("max queued:   {}", limit(q.max_queued_tasks));
+    say!("max running:  {}", limit(q.max_running_tasks));
+    say!(
         "rate:         {} requests/s per token",
         limit(q.requests_per_second)
     );
-    println!("burst:        {}", limit(q.burst));
+    say!("burst:        {}", limit(q.burst));
 }
 
 /// A table of projects.

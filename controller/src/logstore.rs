@@ -69,7 +69,7 @@ impl LogStore {
 
     /// Opens (creating if needed) a log store in `dir`.
     pub fn open_with(dir: &Path, limits: LogStoreLimits) -> Result<Arc<LogStore>> {
-        std::fs::create_dir_all(dir)?;
+        scabbard_common::private::private_dir(dir)?;
         let limits = LogStoreLimits {
             max_open_files: limits.max_open_files.max(1),
             max_cached_attempts: limits.max_cached_attempts.max(1),

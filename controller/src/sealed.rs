@@ -212,21 +212,14 @@ fn load_or_create_key(path: &Path) -> Result<[u8; KEY_LEN]> {
             path.display()
         ))
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        scabbard_common::private::private_dir(dir).map_err(io_err)?;
     }
     // Written under a temporary name then linked into place: a crash never leaves a
     // partial key, and of two controllers starting at once on one data dir, one key wins.
     let tmp = tmp_path(path);
     {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err)?;
+        let mut f = scabbard_common::private::create_temp(&tmp).map_err(io_err)?;
         f.write_all(format!("{}\n", hex::encode(key)).as_bytes())
             .and_then(|()| f.sync_all())
             .map_err(io_err)?;

@@ -43,7 +43,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     cfg.validate()?;
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+    scabbard_common::private::private_dir(&cfg.data_dir).map_err(|e| {
         Error::invalid(format!(
             "cannot create data_dir {}: {e}",
             cfg.data_dir.display()

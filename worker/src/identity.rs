@@ -41,15 +41,10 @@ pub fn load(dir: &Path) -> Result<Option<Identity>> {
 
 /// Saves the identity atomically with owner-only permissions.
 pub fn save(dir: &Path, id: &Identity) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(dir)?;
+    scabbard_common::private::private_dir(dir)?;
     let tmp = dir.join("identity.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    // Never a leftover `identity.tmp` reused with its mode (it could be 0644).
+    let mut f = scabbard_common::private::create_temp(&tmp)?;
     writeln!(f, "{}\n{}", id.agent_id, id.agent_token)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path(dir))?;
@@ -69,6 +64,13 @@ mod tests {
             agent_id: "agent-1".into(),
             agent_token: "secret".into(),
         };
+        // A temporary file left with a wide mode is not reused.
+        std::fs::write(dir.path().join("identity.tmp"), "old").unwrap();
+        std::fs::set_permissions(
+            dir.path().join("identity.tmp"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
         save(dir.path(), &id).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(id));
         let mode = std::fs::metadata(path(dir.path()))

@@ -44,11 +44,28 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     if let Some(r) = &run_as {
         info!(user = %r.user, uid = r.uid, gid = r.gid, "shell tasks run as another user, each in its own PID namespace");
     }
+    let contain = {
+        let data = cfg.data_dir.clone();
+        tokio::task::spawn_blocking(move || executor::Containment::open(&data))
+            .await
+            .map_err(scabbard_common::Error::internal)?
+            .map_err(|e| {
+                scabbard_common::Error::internal(format!(
+                    "cannot set up the containment of tasks' processes: {e}"
+                ))
+            })?
+    };
+    let contain = Arc::new(contain);
     let spool = Arc::new(spool::Spool::open(&cfg.data_dir.join("spool"))?);
     let (outbox_tx, outbox_rx) = mpsc::channel(4096);
     let agent_name = cfg.effective_name()?.unwrap_or_else(connection::hostname);
     let mut executors: Vec<Arc<dyn executor::Executor>> = vec![
-        Arc::new(executor::ShellExecutor::default().run_as(run_as).hide(hide)),
+        Arc::new(
+            executor::ShellExecutor::default()
+                .run_as(run_as)
+                .hide(hide)
+                .contain(Some(contain)),
+        ),
         Arc::new(executor::NoopExecutor),
     ];
     // The `dagger` capability is advertised only while an engine answers: asked once now

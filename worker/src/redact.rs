@@ -16,6 +16,52 @@ use crate::executor::{OutStream, OutputChunk};
 /// What a secret is replaced with.
 pub const MASK: &[u8] = b"***";
 
+/// Shortest secret whose encodings are masked too.
+pub const ENCODED_MIN: usize = 4;
+
+/// The forms of `v` that [`Secrets::with_encodings`] masks (`v` itself excluded).
+fn encodings(v: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let mut out = Vec::new();
+    // The whole encoding, as `base64` prints it (with its last characters and padding).
+    for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+        out.push(engine.encode(v).into_bytes());
+    }
+    for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+        for shift in 0..3usize {
+            let mut shifted = vec![0u8; shift];
+            shifted.extend_from_slice(v);
+            let text = engine.encode(&shifted).into_bytes();
+            // Characters made only of the secret's bits.
+            let first = (8 * shift).div_ceil(6);
+            let end = (8 * (shift + v.len())) / 6;
+            if end > first && end - first >= ENCODED_MIN {
+                out.push(text[first..end].to_vec());
+            }
+        }
+    }
+    let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
+    out.push(hex.to_uppercase().into_bytes());
+    out.push(hex.into_bytes());
+    let mut percent = String::new();
+    for &b in v {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            percent.push(char::from(b));
+        } else {
+            percent.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out.push(percent.into_bytes());
+    if let Ok(text) = std::str::from_utf8(v)
+        && let Ok(json) = serde_json::to_string(text)
+    {
+        out.push(json.as_bytes()[1..json.len() - 1].to_vec());
+    }
+    out.retain(|e| e.as_slice() != v);
+    out
+}
+
 /// The secret values of one attempt (empty values are ignored).
 #[derive(Clone)]
 pub struct Secrets {
@@ -61,6 +107,27 @@ impl Secrets {
         }
     }
 
+    /// The set of `values` and of the forms they commonly take when a task passes them on,
+    /// as GitHub Actions masks them: base64 (standard and URL-safe alphabets, at each of
+    /// the three alignments inside a longer encoded text: the characters that depend on the
+    /// secret alone), hex (lower and upper case), percent-encoding and a JSON string
+    /// escape. Encodings are added for values of at least [`ENCODED_MIN`] bytes (shorter
+    /// ones would mask too much by chance).
+    pub fn with_encodings<S: AsRef<[u8]>>(values: impl IntoIterator<Item = S>) -> Self {
+        let mut all = Vec::new();
+        for v in values {
+            let v = v.as_ref();
+            if v.is_empty() {
+                continue;
+            }
+            all.push(v.to_vec());
+            if v.len() >= ENCODED_MIN {
+                all.extend(encodings(v));
+            }
+        }
+        Self::new(all)
+    }
+
     /// Whether there is nothing to redact.
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
@@ -87,8 +154,19 @@ impl Secrets {
     /// might continue past the end of `data` (unless `at_end`); returns how many bytes of
     /// `data` were consumed.
     fn scan(&self, data: &[u8], at_end: bool, out: &mut Vec<u8>) -> usize {
+        self.scan_pieces(data, at_end, |piece| match piece {
+            Piece::Plain(from, to) => out.extend_from_slice(&data[from..to]),
+            Piece::Mask(_) => out.extend_from_slice(MASK),
+        })
+    }
+
+    /// [`Secrets::scan`], handing out what to copy (plain ranges of `data`) and where a
+    /// mask goes, in order.
+    fn scan_pieces(&self, data: &[u8], at_end: bool, mut emit: impl FnMut(Piece)) -> usize {
         if self.is_empty() {
-            out.extend_from_slice(data);
+            if !data.is_empty() {
+                emit(Piece::Plain(0, data.len()));
+            }
             return data.len();
         }
         let mut i = 0;
@@ -111,17 +189,30 @@ impl Secrets {
             }
             match self.values.iter().find(|s| rest.starts_with(s)) {
                 Some(s) => {
-                    out.extend_from_slice(&data[plain..i]);
-                    out.extend_from_slice(MASK);
+                    if plain < i {
+                        emit(Piece::Plain(plain, i));
+                    }
+                    emit(Piece::Mask(i));
                     i += s.len();
                     plain = i;
                 }
                 None => i += 1,
             }
         }
-        out.extend_from_slice(&data[plain..i]);
+        if plain < i {
+            emit(Piece::Plain(plain, i));
+        }
         i
     }
+}
+
+/// What [`Secrets::scan_pieces`] hands out.
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    /// Copy `data[from..to]`.
+    Plain(usize, usize),
+    /// A secret starting at this offset: write [`MASK`].
+    Mask(usize),
 }
 
 /// Redacts one stream that arrives in pieces.
@@ -172,11 +263,16 @@ impl StreamRedactor {
 /// Largest chunk handed on (masks can make a chunk longer than what was read).
 const MAX_CHUNK: usize = 64 * 1024;
 
-/// Redacts an attempt's output chunks, one [`StreamRedactor`] per stream.
+/// Redacts an attempt's output chunks: one redactor for stdout, stderr and the worker's
+/// own lines. It first scans them together, in the order they were read, so a secret
+/// written half to stdout and half to stderr is masked (its mask goes to the stream where
+/// it started); then each stream alone, so a secret split by the other stream's writes
+/// (`s3c` on stdout, a line on stderr, `ret` on stdout) is masked as well.
 #[derive(Debug)]
 pub struct ChunkRedactor {
     /// Nothing to redact: chunks pass through untouched.
     passthrough: bool,
+    merged: MergedRedactor,
     streams: [(OutStream, StreamRedactor); 3],
 }
 
@@ -186,6 +282,10 @@ impl ChunkRedactor {
         let s = |stream| (stream, StreamRedactor::new(secrets.clone()));
         Self {
             passthrough: secrets.is_empty(),
+            merged: MergedRedactor {
+                secrets: secrets.clone(),
+                held: Vec::new(),
+            },
             streams: [
                 s(OutStream::Stdout),
                 s(OutStream::Stderr),
@@ -208,15 +308,94 @@ impl ChunkRedactor {
         if self.passthrough {
             return vec![chunk];
         }
-        let data = self.stream(chunk.stream).push(&chunk.data);
-        split(chunk.stream, data)
+        let released = self.merged.push(chunk.stream, chunk.data, false);
+        self.per_stream(released)
     }
 
     /// What was held back, at the end of the attempt.
     pub fn finish(&mut self) -> Vec<OutputChunk> {
-        let mut out = Vec::new();
+        let released = self.merged.push(OutStream::System, Vec::new(), true);
+        let mut out = self.per_stream(released);
         for (stream, r) in &mut self.streams {
             out.extend(split(*stream, r.finish()));
+        }
+        out
+    }
+
+    fn per_stream(&mut self, released: Vec<(OutStream, Vec<u8>)>) -> Vec<OutputChunk> {
+        let mut out = Vec::new();
+        for (stream, data) in released {
+            let data = self.stream(stream).push(&data);
+            out.extend(split(stream, data));
+        }
+        out
+    }
+}
+
+/// Redacts the streams of an attempt together, in the order they were read.
+#[derive(Debug)]
+struct MergedRedactor {
+    secrets: Arc<Secrets>,
+    /// Bytes held back, in order, with the stream each came from (neighbours differ).
+    held: Vec<(OutStream, Vec<u8>)>,
+}
+
+impl MergedRedactor {
+    /// Adds `data` of `stream` and returns what is decided, in order, by stream.
+    fn push(
+        &mut self,
+        stream: OutStream,
+        data: Vec<u8>,
+        at_end: bool,
+    ) -> Vec<(OutStream, Vec<u8>)> {
+        if !data.is_empty() {
+            match self.held.last_mut() {
+                Some((s, d)) if *s == stream => d.extend_from_slice(&data),
+                _ => self.held.push((stream, data)),
+            }
+        }
+        let segments = std::mem::take(&mut self.held);
+        let mut buf = Vec::with_capacity(segments.iter().map(|(_, d)| d.len()).sum());
+        // (stream, end offset in `buf`) per segment.
+        let mut ends = Vec::with_capacity(segments.len());
+        for (stream, data) in &segments {
+            buf.extend_from_slice(data);
+            ends.push((*stream, buf.len()));
+        }
+        let stream_at = |at: usize| {
+            ends.iter()
+                .find(|(_, end)| at < *end)
+                .map_or(OutStream::System, |(s, _)| *s)
+        };
+        let mut out: Vec<(OutStream, Vec<u8>)> = Vec::new();
+        let mut put = |stream: OutStream, bytes: &[u8]| match out.last_mut() {
+            Some((s, d)) if *s == stream => d.extend_from_slice(bytes),
+            _ => out.push((stream, bytes.to_vec())),
+        };
+        let used = self.secrets.scan_pieces(&buf, at_end, |piece| match piece {
+            Piece::Plain(mut from, to) => {
+                // Split on segment boundaries.
+                for (stream, end) in &ends {
+                    if from >= to {
+                        break;
+                    }
+                    if from < *end {
+                        let upto = to.min(*end);
+                        put(*stream, &buf[from..upto]);
+                        from = upto;
+                    }
+                }
+            }
+            Piece::Mask(at) => put(stream_at(at), MASK),
+        });
+        // Keep what was not decided, with its streams.
+        let mut start = 0;
+        for (stream, end) in &ends {
+            let from = start.max(used);
+            if from < *end {
+                self.held.push((*stream, buf[from..*end].to_vec()));
+            }
+            start = *end;
         }
         out
     }
@@ -326,6 +505,70 @@ mod tests {
             vec![c(OutStream::Stdout, b"x")]
         );
         assert!(r.finish().is_empty());
+    }
+
+    #[test]
+    fn a_secret_split_between_stdout_and_stderr_is_masked() {
+        let c = |stream, d: &[u8]| OutputChunk {
+            stream,
+            data: d.to_vec(),
+        };
+        let mut r = ChunkRedactor::new(secrets(&["hunter2"]));
+        let mut out = r.push(c(OutStream::Stdout, b"pw=hun"));
+        out.extend(r.push(c(OutStream::Stderr, b"ter2 x")));
+        out.extend(r.finish());
+        let all: Vec<u8> = out.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(all, b"pw=*** x");
+        // The mask goes where the secret started.
+        assert!(
+            out.iter()
+                .any(|c| c.stream == OutStream::Stdout && c.data.ends_with(MASK))
+        );
+        // Split within stdout by a stderr write in between: masked too.
+        let mut r = ChunkRedactor::new(secrets(&["hunter2"]));
+        let mut out = r.push(c(OutStream::Stdout, b"hun"));
+        out.extend(r.push(c(OutStream::Stderr, b"warning\n")));
+        out.extend(r.push(c(OutStream::Stdout, b"ter2\n")));
+        out.extend(r.finish());
+        let stdout: Vec<u8> = out
+            .iter()
+            .filter(|c| c.stream == OutStream::Stdout)
+            .flat_map(|c| c.data.clone())
+            .collect();
+        assert_eq!(stdout, b"***\n");
+    }
+
+    #[test]
+    fn encodings_of_a_secret_are_masked() {
+        use base64::Engine;
+        let s = Secrets::with_encodings(["s3cr3t-value"]);
+        let b64 = base64::engine::general_purpose::STANDARD.encode("s3cr3t-value");
+        assert!(!contains(&s.redact(b64.as_bytes()), b"czNjcjN0LXZhbHVl"));
+        // The whole padded form as `base64` prints it.
+        let s2 = Secrets::with_encodings(["hunter2-abuse-value"]);
+        assert_eq!(s2.redact(b"aHVudGVyMi1hYnVzZS12YWx1ZQ==\n"), b"***\n");
+        // Inside a longer encoded text, at every alignment.
+        for prefix in ["", "a", "ab", "abc"] {
+            let text = format!("{prefix}s3cr3t-value!");
+            let enc = base64::engine::general_purpose::STANDARD.encode(&text);
+            let out = s.redact(enc.as_bytes());
+            assert!(
+                contains(&out, MASK),
+                "{prefix:?}: {}",
+                String::from_utf8_lossy(&out)
+            );
+            let url = base64::engine::general_purpose::URL_SAFE.encode(&text);
+            assert!(contains(&s.redact(url.as_bytes()), MASK));
+        }
+        assert_eq!(s.redact(b"733363723374"), b"733363723374"); // hex of a prefix only
+        assert_eq!(s.redact(b"x 7333637233742d76616c7565 y"), b"x *** y");
+        assert_eq!(s.redact(b"s3cr3t%2Dvalue"), b"s3cr3t%2Dvalue"); // '-' is not escaped
+        let s = Secrets::with_encodings(["p@ss word\\"]);
+        assert_eq!(s.redact(b"u=p%40ss%20word%5C"), b"u=***");
+        assert_eq!(s.redact(br#"{"pw":"p@ss word\\"}"#), br#"{"pw":"***"}"#);
+        // Short secrets are masked as they are, not their encodings.
+        let s = Secrets::with_encodings(["ab"]);
+        assert_eq!(s.redact(b"ab 6162 YWI"), b"*** 6162 YWI");
     }
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {

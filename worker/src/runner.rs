@@ -273,22 +273,72 @@ impl Runner {
         exec: Arc<dyn Executor>,
         cancel: CancellationToken,
     ) {
-        let secrets = Arc::new(Secrets::new(spec.secret_env.values()));
+        let secrets = Arc::new(Secrets::with_encodings(spec.secret_env.values()));
         let mut redactor = ChunkRedactor::new(secrets.clone());
         let (tx, mut rx) = mpsc::channel(64);
+        let stop = cancel.clone();
         let work = self.execute(&key, ctx, &spec, exec, tx, cancel);
         tokio::pin!(work);
-        let mut seq = 0u64;
-        let (outcome, artifacts) = loop {
+        let mut log = AttemptLog::default();
+        let (mut outcome, artifacts) = loop {
             tokio::select! {
                 done = &mut work => break done,
-                Some(chunk) = rx.recv() => self.emit_chunks(&key, &mut seq, redactor.push(chunk)).await,
+                Some(chunk) = rx.recv() => {
+                    self.emit_chunks(&key, &mut log, redactor.push(chunk)).await;
+                    if log.spool_failed_now() {
+                        // Lines could be lost: stop the task rather than run on unrecorded.
+                        stop.cancel();
+                    }
+                }
             }
         };
         while let Ok(chunk) = rx.try_recv() {
-            self.emit_chunks(&key, &mut seq, redactor.push(chunk)).await;
+            self.emit_chunks(&key, &mut log, redactor.push(chunk)).await;
         }
-        self.emit_chunks(&key, &mut seq, redactor.finish()).await;
+        self.emit_chunks(&key, &mut log, redactor.finish()).await;
+        if let Some(why) = log.spool_error.clone() {
+            let why = format!(
+                "cannot spool the attempt's output, so log lines could be lost (the attempt was stopped): {why}"
+            );
+            warn!(task = %key.0, attempt = key.1, reason = %why, "attempt failed: spool write failed");
+            let note = OutputChunk {
+                stream: crate::executor::OutStream::System,
+                data: format!("{why}\n").into_bytes(),
+            };
+            self.emit_chunks(&key, &mut log, redactor.push(note)).await;
+            self.emit_chunks(&key, &mut log, redactor.finish()).await;
+            outcome = ExecOutcome {
+                outcome: proto::Outcome::Failed,
+                error_class: proto::ErrorClass::Infrastructure,
+                message: why,
+                ..outcome
+            };
+        }
+        // Outputs flow into workflow answers and dependents' environments: a secret (or an
+        // encoding of it) in one is masked, and the log says which (GitHub Actions drops
+        // such outputs; we keep the rest of the value).
+        let mut outputs = std::collections::HashMap::with_capacity(outcome.outputs.len());
+        let mut masked: Vec<String> = Vec::new();
+        for (k, v) in std::mem::take(&mut outcome.outputs) {
+            let (name, value) = (secrets.redact_str(&k), secrets.redact_str(&v));
+            if name != k || value != v {
+                masked.push(name.clone());
+            }
+            outputs.insert(name, value);
+        }
+        masked.sort();
+        for name in masked {
+            let note = OutputChunk {
+                stream: crate::executor::OutStream::System,
+                data: format!(
+                    "output {name:?} contained a secret (or an encoding of one): it was masked\n"
+                )
+                .into_bytes(),
+            };
+            self.emit_chunks(&key, &mut log, redactor.push(note)).await;
+        }
+        self.emit_chunks(&key, &mut log, redactor.finish()).await;
+        let seq = log.seq;
         let finished = proto::Finished {
             task_id: key.0.clone(),
             fencing_token: key.1,
@@ -297,11 +347,7 @@ impl Runner {
                 exit_code: outcome.exit_code,
                 message: secrets.redact_str(&outcome.message),
                 error_class: outcome.error_class as i32,
-                outputs: outcome
-                    .outputs
-                    .iter()
-                    .map(|(k, v)| (secrets.redact_str(k), secrets.redact_str(v)))
-                    .collect(),
+                outputs,
                 artifacts,
             }),
             log_chunks: seq,
@@ -387,13 +433,14 @@ impl Runner {
         (outcome, refs)
     }
 
-    async fn emit_chunks(&self, key: &AttemptKey, seq: &mut u64, chunks: Vec<OutputChunk>) {
+    async fn emit_chunks(&self, key: &AttemptKey, log: &mut AttemptLog, chunks: Vec<OutputChunk>) {
         for chunk in chunks {
-            self.emit_chunk(key, seq, chunk).await;
+            self.emit_chunk(key, log, chunk).await;
         }
     }
 
-    async fn emit_chunk(&self, key: &AttemptKey, seq: &mut u64, chunk: OutputChunk) {
+    async fn emit_chunk(&self, key: &AttemptKey, log: &mut AttemptLog, chunk: OutputChunk) {
+        let seq = &mut log.seq;
         let c = AgentLogChunk {
             task_id: key.0.clone(),
             fencing_token: key.1,
@@ -405,6 +452,10 @@ impl Runner {
         *seq += 1;
         if let Err(e) = self.spool.append_chunk(&c) {
             warn!(task = %key.0, error = %e, "cannot spool a log chunk");
+            if log.spool_error.is_none() {
+                log.spool_error = Some(e.to_string());
+                log.newly_failed = true;
+            }
         }
         let _ = self
             .outbox
@@ -429,6 +480,23 @@ impl Runner {
         if let Err(e) = self.spool.remove(&key.0, key.1) {
             warn!(task = %key.0, error = %e, "cannot remove spool");
         }
+    }
+}
+
+/// Where an attempt's log stands: the next sequence number, and the first spool failure.
+#[derive(Debug, Default)]
+struct AttemptLog {
+    seq: u64,
+    /// Why a chunk could not be spooled (the attempt fails with it).
+    spool_error: Option<String>,
+    /// Set by the failure, cleared by [`AttemptLog::spool_failed_now`].
+    newly_failed: bool,
+}
+
+impl AttemptLog {
+    /// Whether the spool failed since the last call.
+    fn spool_failed_now(&mut self) -> bool {
+        std::mem::take(&mut self.newly_failed)
     }
 }
 

@@ -29,7 +29,7 @@ pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            println!("agent {} is draining ({} running)", a.id, a.running);
+            say!("agent {} is draining ({} running)", a.id, a.running);
         }
     }
     Ok(0)
@@ -46,7 +46,7 @@ pub(crate) async fn breakers(c: BreakersCommand) -> Result<u8> {
                 .into_inner()
                 .breakers;
             if bs.is_empty() {
-                println!("no {}breakers", if all { "" } else { "open or half-open " });
+                say!("no {}breakers", if all { "" } else { "open or half-open " });
             } else {
                 catalog::breakers(&bs);
             }
@@ -58,7 +58,7 @@ pub(crate) async fn breakers(c: BreakersCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            println!("breaker {} is {}", b.key, catalog::breaker_state(&b));
+            say!("breaker {} is {}", b.key, catalog::breaker_state(&b));
         }
     }
     Ok(0)
@@ -76,35 +76,38 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
     } else {
         s.leader.as_str()
     };
-    println!("leader:      {leader}");
-    println!("answered by: {}", s.answered_by);
+    say!("leader:      {leader}");
+    say!("answered by: {}", s.answered_by);
     let health = if s.store_healthy {
         "healthy".to_string()
     } else {
         format!("UNHEALTHY: {}", s.store_error)
     };
-    println!("store:       {} ({health})", s.store_backend);
-    println!("controllers:");
+    say!("store:       {} ({health})", s.store_backend);
+    say!("controllers:");
     for m in &s.members {
-        println!(
+        say!(
             "  {}{}",
             m.address,
             if m.leader { "  (leader)" } else { "" }
         );
     }
     if s.answered_by_leader {
-        println!(
+        say!(
             "tasks:       {} queued, {} assigned/running, {} total",
-            s.queued_tasks, s.active_tasks, s.total_tasks
+            s.queued_tasks,
+            s.active_tasks,
+            s.total_tasks
         );
-        println!("agents:      {} connected", s.connected_agents);
-        println!(
+        say!("agents:      {} connected", s.connected_agents);
+        say!(
             "workflows:   {} running, {} pending",
-            s.running_workflows, s.pending_workflows
+            s.running_workflows,
+            s.pending_workflows
         );
         let dispatched = s.cache_affinity_hits + s.cache_affinity_misses;
         if dispatched > 0 {
-            println!(
+            say!(
                 "cache:       {:.0}% of {dispatched} container tasks went to a warm engine",
                 100.0 * s.cache_affinity_hits as f64 / dispatched as f64
             );
@@ -116,9 +119,9 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
             .cloned()
             .collect();
         if open.is_empty() {
-            println!("breakers:    all closed");
+            say!("breakers:    all closed");
         } else {
-            println!("breakers:    {} not closed", open.len());
+            say!("breakers:    {} not closed", open.len());
             catalog::breakers(&open);
         }
     }

@@ -25,7 +25,7 @@ pub(crate) async fn artifacts(c: ArtifactsCommand) -> Result<u8> {
             let (refs, _) = served(&mut client, &id).await?;
             match output {
                 ArtifactFormat::Text => table(&refs),
-                ArtifactFormat::Json => println!("{}", json(&refs)),
+                ArtifactFormat::Json => say!("{}", json(&refs)),
             }
             Ok(0)
         }
@@ -69,7 +69,7 @@ pub(crate) async fn artifacts(c: ArtifactsCommand) -> Result<u8> {
                     dir.join(&r.name)
                 };
                 fetch(&mut client, r, &dest).await?;
-                println!(
+                say!(
                     "{} → {} ({}, {}, sha256 {})",
                     r.name,
                     dest.display(),
@@ -229,7 +229,7 @@ fn origin(r: &ArtifactRef) -> String {
 
 fn table(refs: &[ArtifactRef]) {
     if refs.is_empty() {
-        println!("no artifacts (a task serves its artifacts once it succeeded)");
+        say!("no artifacts (a task serves its artifacts once it succeeded)");
         return;
     }
     let w = refs
@@ -238,12 +238,16 @@ fn table(refs: &[ArtifactRef]) {
         .max()
         .unwrap_or(0)
         .max("TASK/NODE".len());
-    println!(
+    say!(
         "{:<w$}  {:<20} {:<9} {:>10}  {:<12}  CREATED (UTC)",
-        "TASK/NODE", "NAME", "KIND", "SIZE", "SHA256"
+        "TASK/NODE",
+        "NAME",
+        "KIND",
+        "SIZE",
+        "SHA256"
     );
     for r in refs {
-        println!(
+        say!(
             "{:<w$}  {:<20} {:<9} {:>10}  {:<12}  {}",
             origin(r),
             r.name,

@@ -56,7 +56,7 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         .prefix("scabbard-dev-work-")
         .tempdir()?;
     let creds_dir = crate::credentials::config_dir()?;
-    std::fs::create_dir_all(&creds_dir)
+    scabbard_common::private::private_dir(&creds_dir)
         .with_context(|| format!("creating {}", creds_dir.display()))?;
     let worker_cfg = WorkerConfig {
         controller: local.to_string(),
@@ -73,18 +73,18 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         ..WorkerConfig::default()
     };
     let worker = tokio::spawn(scabbard_worker::run(worker_cfg, shutdown.clone()));
-    println!(
+    say!(
         "Scabbard dev mode: controller + 1 local worker ({} slots), embedded store{}",
         a.slots,
         if pki.is_some() { ", TLS" } else { "" }
     );
-    println!("  gRPC address: {addr}");
-    println!("  data dir:     {}", data_dir.display());
+    say!("  gRPC address: {addr}");
+    say!("  data dir:     {}", data_dir.display());
     let tls_flag = match &pki {
         Some(p) => {
-            println!("  TLS:          throwaway CA in {}", p.dir.display());
-            println!("                CA certificate {}", p.ca_cert.display());
-            println!(
+            say!("  TLS:          throwaway CA in {}", p.dir.display());
+            say!("                CA certificate {}", p.ca_cert.display());
+            say!(
                 "                the worker {worker_name:?} uses mutual TLS ({})",
                 p.worker_cert.display()
             );
@@ -92,25 +92,23 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         }
         None => String::new(),
     };
-    println!("  admin token:  {admin_token}");
+    say!("  admin token:  {admin_token}");
     let ca = pki.as_ref().map(|p| p.ca_cert.as_path());
     match super::security::save_dev_login(&local.to_string(), &admin_token, ca) {
-        Ok(path) => println!("                saved for {local} in {}", path.display()),
-        Err(e) => eprintln!("warning: the admin token is not saved: {e:#}"),
+        Ok(path) => say!("                saved for {local} in {}", path.display()),
+        Err(e) => esay!("warning: the admin token is not saved: {e:#}"),
     }
-    println!();
-    println!("Try:");
-    println!(
-        "  scabbard submit --controller {local}{tls_flag} --follow -- echo hello from scabbard"
-    );
-    println!("  scabbard task list --controller {local}{tls_flag}");
-    println!("  scabbard agents list --controller {local}{tls_flag}");
+    say!();
+    say!("Try:");
+    say!("  scabbard submit --controller {local}{tls_flag} --follow -- echo hello from scabbard");
+    say!("  scabbard task list --controller {local}{tls_flag}");
+    say!("  scabbard agents list --controller {local}{tls_flag}");
     match &pki {
-        Some(p) => println!("  grpcurl -cacert {} {local} list", p.ca_cert.display()),
-        None => println!("  grpcurl -plaintext {local} list"),
+        Some(p) => say!("  grpcurl -cacert {} {local} list", p.ca_cert.display()),
+        None => say!("  grpcurl -plaintext {local} list"),
     }
-    println!();
-    println!("Ctrl-C stops everything.");
+    say!();
+    say!("Ctrl-C stops everything.");
     // The worker returns once shutdown was asked and its tasks reported (or on error).
     worker.await.context("worker task")?.context("worker")?;
     controller.shutdown.cancel();
@@ -128,7 +126,7 @@ fn dev_shell(hidden: &[std::path::PathBuf]) -> scabbard_worker::config::ShellCon
     match shell.resolve_hide() {
         Ok(_) => shell,
         Err(e) => {
-            eprintln!(
+            esay!(
                 "warning: shell tasks will be able to read the admin token in {} and the CLI's credentials: {e}",
                 hidden
                     .iter()
@@ -321,7 +319,7 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     // Tests and scripts read the bound address from this line.
-    println!("listening on {}", listener.local_addr()?);
+    say!("listening on {}", listener.local_addr()?);
     scabbard_controller::run(cfg, listener, shutdown).await?;
     Ok(0)
 }

@@ -80,7 +80,7 @@ pub(crate) fn shutdown_on_signals() -> CancellationToken {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        eprintln!("second signal: exiting now");
+        esay!("second signal: exiting now");
         std::process::exit(130);
     });
     token

@@ -86,7 +86,7 @@ pub(crate) async fn schedule(c: ScheduleCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            println!("schedule {} paused", sch.id);
+            say!("schedule {} paused", sch.id);
         }
         ScheduleCommand::Resume { target, id } => {
             let mut s = ScheduleServiceClient::new(super::connect(&target).await?);
@@ -100,14 +100,14 @@ pub(crate) async fn schedule(c: ScheduleCommand) -> Result<u8> {
             } else {
                 String::new()
             };
-            println!("schedule {} resumed{next}", sch.id);
+            say!("schedule {} resumed{next}", sch.id);
         }
         ScheduleCommand::Delete { target, id } => {
             let mut s = ScheduleServiceClient::new(super::connect(&target).await?);
             s.delete(DeleteScheduleRequest { id: id.clone() })
                 .await
                 .map_err(output::status)?;
-            println!("schedule {id} deleted");
+            say!("schedule {id} deleted");
         }
     }
     Ok(0)

@@ -108,14 +108,14 @@ pub(crate) async fn login(a: LoginArgs) -> Result<u8> {
     entry.token_name = Some(info.name.clone());
     creds.upsert(entry, true);
     creds.save(&path)?;
-    println!(
+    say!(
         "logged in to {controller} as {:?} (token {}, scopes {}, project {})",
         info.name,
         info.id,
         output::scopes(&info),
         info.project
     );
-    println!("token saved in {}", path.display());
+    say!("token saved in {}", path.display());
     Ok(0)
 }
 
@@ -142,10 +142,10 @@ pub(crate) fn logout(a: LogoutArgs) -> Result<u8> {
     creds.save(&path)?;
     for e in &gone {
         let id = e.token_id.as_deref().unwrap_or("?");
-        println!("forgot the token for {} (token {id})", e.address);
+        say!("forgot the token for {} (token {id})", e.address);
     }
     if !gone.is_empty() {
-        println!("the tokens stay valid until revoked: scabbard token revoke <id>");
+        say!("the tokens stay valid until revoked: scabbard token revoke <id>");
     }
     Ok(0)
 }
@@ -154,10 +154,10 @@ pub(crate) async fn whoami(target: Target) -> Result<u8> {
     let r = credentials::resolve(&target)?;
     r.token()?;
     let info = who_am_i(&r.controller, &r.opts).await?;
-    println!("controller: {}", r.controller);
+    say!("controller: {}", r.controller);
     match &r.source {
-        TokenSource::Given => println!("token from: --token / SCABBARD_TOKEN"),
-        TokenSource::File(p) => println!("token from: {}", p.display()),
+        TokenSource::Given => say!("token from: --token / SCABBARD_TOKEN"),
+        TokenSource::File(p) => say!("token from: {}", p.display()),
         TokenSource::None => {}
     }
     output::token(&info);
@@ -221,7 +221,7 @@ pub(crate) async fn token(c: TokenCommand) -> Result<u8> {
                 .map_err(output::status)?
                 .into_inner();
             let t = resp.token.unwrap_or_default();
-            eprintln!(
+            esay!(
                 "created {} token {} {:?} (scopes {}, project {}, expires {})",
                 output::kind(&t),
                 t.id,
@@ -230,9 +230,9 @@ pub(crate) async fn token(c: TokenCommand) -> Result<u8> {
                 t.project,
                 output::expires(&t)
             );
-            eprintln!("The secret below is shown only this once: store it now.");
+            esay!("The secret below is shown only this once: store it now.");
             // Alone on stdout, for scripts: TOKEN=$(scabbard token create ...).
-            println!("{}", resp.secret);
+            say!("{}", resp.secret);
         }
         TokenCommand::List {
             target,
@@ -260,7 +260,7 @@ pub(crate) async fn token(c: TokenCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            println!("revoked token {} {:?}", t.id, t.name);
+            say!("revoked token {} {:?}", t.id, t.name);
         }
     }
     Ok(0)
@@ -304,7 +304,7 @@ pub(crate) async fn project(c: ProjectCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            println!("created project {}", p.name);
+            say!("created project {}", p.name);
         }
         ProjectCommand::List { target } => {
             let mut projects = ProjectServiceClient::new(super::connect(&target).await?);
@@ -355,7 +355,7 @@ pub(crate) async fn project(c: ProjectCommand) -> Result<u8> {
                 .delete(DeleteProjectRequest { name: name.clone() })
                 .await
                 .map_err(output::status)?;
-            println!("deleted project {name} (its tokens are revoked)");
+            say!("deleted project {name} (its tokens are revoked)");
         }
     }
     Ok(0)

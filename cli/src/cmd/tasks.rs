@@ -53,13 +53,13 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
         .into_inner();
     let task = resp.task.unwrap_or_default();
     if resp.existing {
-        eprintln!("task {} already exists for this idempotency key", task.id);
+        esay!("task {} already exists for this idempotency key", task.id);
     }
     if !a.wait && !a.follow {
-        println!("{}", task.id);
+        say!("{}", task.id);
         return Ok(0);
     }
-    eprintln!("submitted {}", task.id);
+    esay!("submitted {}", task.id);
     if a.follow {
         print_logs(&mut tasks, &task.id, 0, true).await?;
     }
@@ -116,7 +116,7 @@ async fn wait(tasks: &mut TaskServiceClient<AuthedChannel>, id: &str) -> Result<
 /// Prints the outcome on stderr; the exit code is the task's (1 when it has none).
 fn report(t: &Task) -> u8 {
     let r = t.result.clone().unwrap_or_default();
-    eprintln!(
+    esay!(
         "task {} {} (exit code {}){}",
         t.id,
         output::state_name(t.state()),
@@ -153,12 +153,16 @@ async fn print_logs(
     let mut current_attempt = 0;
     while let Some(c) = stream.message().await.map_err(output::status)? {
         if current_attempt != 0 && c.attempt != current_attempt {
-            eprintln!("--- attempt {} ---", c.attempt);
+            esay!("--- attempt {} ---", c.attempt);
         }
         current_attempt = c.attempt;
         match c.stream() {
             LogStream::Stderr => std::io::stderr().write_all(&c.data)?,
-            LogStream::System => eprint!("[scabbard] {}", String::from_utf8_lossy(&c.data)),
+            // The worker's own lines (they may quote task-chosen names): escaped.
+            LogStream::System => eprint!(
+                "[scabbard] {}",
+                crate::printable::printable_text(&String::from_utf8_lossy(&c.data))
+            ),
             _ => {
                 let mut out = std::io::stdout().lock();
                 out.write_all(&c.data)?;
@@ -217,7 +221,7 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            println!(
+            say!(
                 "{} {}",
                 t.id,
                 if is_final(t.state()) {

@@ -59,8 +59,13 @@ pub(crate) async fn template(c: TemplateCommand) -> Result<u8> {
                 Err(s) if s.code() == Code::InvalidArgument => return Ok(invalid(&name, &s)),
                 Err(s) => return Err(output::status(s)),
             };
-            eprintln!("# template {name} version {}", resp.version);
-            print!("{}", wfdef::to_yaml(&resp.workflow.unwrap_or_default()));
+            esay!("# template {name} version {}", resp.version);
+            print!(
+                "{}",
+                crate::printable::printable_text(&wfdef::to_yaml(
+                    &resp.workflow.unwrap_or_default()
+                ))
+            );
         }
         TemplateCommand::Run {
             target,
@@ -97,9 +102,9 @@ pub(crate) async fn template(c: TemplateCommand) -> Result<u8> {
 
 /// Prints every error of a refused render on stderr; the exit code is 1.
 fn invalid(name: &str, s: &tonic::Status) -> u8 {
-    eprintln!("error: template {name} does not render (INVALID_ARGUMENT):");
+    esay!("error: template {name} does not render (INVALID_ARGUMENT):");
     for e in errors(s.message()) {
-        eprintln!("  - {e}");
+        esay!("  - {e}");
     }
     1
 }

@@ -51,8 +51,10 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
                 .into_inner();
             match output {
                 WorkflowFormat::Text => details(&w),
-                WorkflowFormat::Json => println!("{}", document::json(&w)),
-                WorkflowFormat::Yaml => print!("{}", document::yaml(&w)),
+                WorkflowFormat::Json => say!("{}", document::json(&w)),
+                WorkflowFormat::Yaml => {
+                    print!("{}", crate::printable::printable_text(&document::yaml(&w)))
+                }
             }
             Ok(0)
         }
@@ -85,7 +87,7 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            println!(
+            say!(
                 "{} {}",
                 w.id,
                 if view::is_final(w.state()) {
@@ -113,13 +115,13 @@ pub(crate) async fn started(
 ) -> Result<u8> {
     let w = resp.workflow.unwrap_or_default();
     if resp.existing {
-        eprintln!("workflow {} already exists for this idempotency key", w.id);
+        esay!("workflow {} already exists for this idempotency key", w.id);
     }
     if !wait && !watch {
-        println!("{}", w.id);
+        say!("{}", w.id);
         return Ok(0);
     }
-    eprintln!("submitted {}", w.id);
+    esay!("submitted {}", w.id);
     let last = follow(wf, &w.id, watch).await?;
     Ok(report(&last))
 }
@@ -158,7 +160,7 @@ pub(crate) async fn follow(wf: &mut Client, id: &str, show: bool) -> Result<Work
             } else {
                 let mut out = std::io::stdout().lock();
                 for line in view::changes(last.as_ref(), &w) {
-                    writeln!(out, "{line}")?;
+                    writeln!(out, "{}", crate::printable::printable(&line))?;
                 }
                 out.flush()?;
             }
@@ -184,7 +186,7 @@ fn redraw(drawn: usize, lines: &[String]) -> Result<usize> {
         buf.push_str(&format!("\x1b[{drawn}A\r\x1b[J"));
     }
     for l in lines {
-        buf.push_str(l);
+        buf.push_str(&crate::printable::printable(l));
         buf.push('\n');
     }
     buf.push_str("\x1b[?7h");
@@ -200,7 +202,7 @@ pub(crate) fn report(w: &Workflow) -> u8 {
     } else {
         w.updated_at_ms
     };
-    eprintln!(
+    esay!(
         "workflow {} {} in {} ({}/{} nodes done){}",
         w.id,
         view::workflow_state(w.state()),
@@ -219,13 +221,13 @@ pub(crate) fn report(w: &Workflow) -> u8 {
 /// `workflow get`: the tree, then where it came from and each node's task.
 fn details(w: &Workflow) {
     for line in view::tree(w) {
-        println!("{line}");
+        say!("{line}");
     }
-    println!();
-    println!("project:   {}", w.project);
-    println!("created:   {} UTC", output::utc(w.created_at_ms));
+    say!();
+    say!("project:   {}", w.project);
+    say!("created:   {} UTC", output::utc(w.created_at_ms));
     if w.finished_at_ms > 0 {
-        println!(
+        say!(
             "finished:  {} UTC (took {})",
             output::utc(w.finished_at_ms),
             view::took(w.created_at_ms, w.finished_at_ms)
@@ -234,14 +236,14 @@ fn details(w: &Workflow) {
     if let Some(t) = w.template.as_ref().filter(|t| !t.name.is_empty()) {
         let mut params: Vec<String> = t.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
         params.sort();
-        println!(
+        say!(
             "template:  {} version {} {}",
             t.name,
             t.version,
             params.join(" ")
         );
         if !t.schedule_id.is_empty() {
-            println!(
+            say!(
                 "schedule:  {} (tick {} UTC)",
                 t.schedule_id,
                 output::utc(t.scheduled_for_ms)
@@ -249,13 +251,13 @@ fn details(w: &Workflow) {
         }
     }
     if !w.idempotency_key.is_empty() {
-        println!("idem key:  {}", w.idempotency_key);
+        say!("idem key:  {}", w.idempotency_key);
     }
     let tasks: Vec<_> = w.nodes.iter().filter(|n| !n.task_id.is_empty()).collect();
     if !tasks.is_empty() {
-        println!("tasks (scabbard logs <task>):");
+        say!("tasks (scabbard logs <task>):");
         for n in tasks {
-            println!("  {:<20} {}", n.name, n.task_id);
+            say!("  {:<20} {}", n.name, n.task_id);
         }
     }
 }

@@ -73,19 +73,19 @@ fn first_line(s: &str) -> &str {
 
 /// One template: what it is, then its parameters.
 pub(crate) fn template(t: &Template, body: bool) {
-    println!("name:        {}", t.name);
-    println!("version:     {}", t.version);
+    say!("name:        {}", t.name);
+    say!("version:     {}", t.version);
     if !t.versions.is_empty() {
         let vs: Vec<String> = t.versions.iter().map(u32::to_string).collect();
-        println!("versions:    {}", vs.join(", "));
+        say!("versions:    {}", vs.join(", "));
     }
-    println!("source:      {}", t.source);
+    say!("source:      {}", t.source);
     if !t.description.is_empty() {
-        println!("description: {}", t.description.trim_end());
+        say!("description: {}", t.description.trim_end());
     }
-    println!();
+    say!();
     if t.params.is_empty() {
-        println!("no parameters");
+        say!("no parameters");
     } else {
         table(
             [
@@ -100,8 +100,8 @@ pub(crate) fn template(t: &Template, body: bool) {
         );
     }
     if body {
-        println!();
-        println!("{}", t.body.trim_end());
+        say!();
+        say!("{}", t.body.trim_end());
     }
 }
 
@@ -160,11 +160,11 @@ pub(crate) fn schedules(ss: &[Schedule]) {
 /// One schedule, in detail.
 pub(crate) fn schedule(s: &Schedule) {
     let spec = s.spec.clone().unwrap_or_default();
-    println!("id:           {}", s.id);
-    println!("name:         {}", spec.name);
-    println!("project:      {}", s.project);
-    println!("cron:         {}", spec.cron);
-    println!(
+    say!("id:           {}", s.id);
+    say!("name:         {}", spec.name);
+    say!("project:      {}", s.project);
+    say!("cron:         {}", spec.cron);
+    say!(
         "timezone:     {}",
         if spec.timezone.is_empty() {
             "UTC"
@@ -176,32 +176,32 @@ pub(crate) fn schedule(s: &Schedule) {
         0 => "latest".to_string(),
         v => format!("version {v}"),
     };
-    println!("template:     {} ({version})", spec.template);
+    say!("template:     {} ({version})", spec.template);
     let mut params: Vec<_> = spec.params.iter().collect();
     params.sort();
     for (k, v) in params {
-        println!("  param:      {k}={v}");
+        say!("  param:      {k}={v}");
     }
-    println!("overlap:      {}", overlap(spec.overlap()));
+    say!("overlap:      {}", overlap(spec.overlap()));
     let window = match spec.catch_up_window_ms {
         0 => 60_000,
         ms => ms,
     };
-    println!("catch-up:     {}", duration(window));
-    println!(
+    say!("catch-up:     {}", duration(window));
+    say!(
         "state:        {}",
         if s.paused { "paused" } else { "active" }
     );
-    println!("created:      {}", ago(s.created_at_ms));
-    println!("next tick:    {}", when(s.next_tick_ms));
-    println!("last tick:    {}", when(s.last_tick_ms));
+    say!("created:      {}", ago(s.created_at_ms));
+    say!("next tick:    {}", when(s.next_tick_ms));
+    say!("last tick:    {}", when(s.last_tick_ms));
     if !s.last_outcome.is_empty() {
-        println!("last outcome: {}", s.last_outcome);
+        say!("last outcome: {}", s.last_outcome);
     }
     if !s.last_workflow_id.is_empty() {
-        println!("last run:     {}", s.last_workflow_id);
+        say!("last run:     {}", s.last_workflow_id);
     }
-    println!("fired:        {}  skipped: {}", s.fired, s.skipped);
+    say!("fired:        {}  skipped: {}", s.fired, s.skipped);
 }
 
 /// `90s`, `5m`, `1h30m`, `250ms` for milliseconds.

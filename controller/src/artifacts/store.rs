@@ -100,7 +100,7 @@ impl ArtifactStore {
             }
             _ => {
                 let dir = cfg.local_dir(data_dir);
-                std::fs::create_dir_all(&dir).map_err(|e| {
+                scabbard_common::private::private_dir(&dir).map_err(|e| {
                     Error::invalid(format!(
                         "artifacts.dir: cannot create {}: {e}",
                         dir.display()

@@ -178,23 +178,14 @@ impl State {
             }
         }
         let mut effects: Vec<Effect> = Vec::new();
-        if let Some(tx) = tx {
-            effects.push(agent_effect(tx, ack(false)));
-        }
-        if f.log_chunks > 0 {
-            // Flush the finished log to disk and release its file, off the hot path.
-            let logs = self.logs.clone();
-            let task_id = f.task_id.clone();
-            effects.push(Box::new(move |r| {
-                if r.is_ok() {
-                    tokio::spawn(async move {
-                        if let Err(e) = logs.seal(&task_id, attempt).await {
-                            tracing::warn!(task = %task_id, error = %e, "sealing the log failed");
-                        }
-                    });
-                }
-            }));
-        }
+        // The ack lets the worker drop its spool: it goes out once the log is on disk.
+        effects.push(ack_after_log_sync(
+            self.logs.clone(),
+            &f.task_id,
+            attempt,
+            f.log_chunks,
+            tx.map(|tx| (tx, ack(false))),
+        ));
         effects.extend(discard);
         // Breaker changes first: durable no later than the result that caused them.
         self.flush_breakers().await;
@@ -331,4 +322,133 @@ fn breaker_keys(spec: Option<&TaskSpec>, project: &str, agent_id: &str) -> Vec<S
     task_keys(spec, project)
         .chain([agent_key(agent_id)])
         .collect()
+}
+
+/// The effect that acknowledges a recorded result to its agent (`ack`, if it is still
+/// connected): once the commit succeeded, the attempt's log is sealed (fsynced, its file
+/// closed) and only then is the ack sent. Until the ack the worker keeps its spool, so a
+/// log the disk did not take (sealing failed) is replayed after a reconnect, and the
+/// resent result is acknowledged again after another seal.
+pub(super) fn ack_after_log_sync(
+    logs: std::sync::Arc<crate::logstore::LogStore>,
+    task_id: &str,
+    attempt: u32,
+    log_chunks: u64,
+    ack: Option<(
+        tokio::sync::mpsc::Sender<ControllerMessage>,
+        ControllerMessage,
+    )>,
+) -> Effect {
+    let task_id = task_id.to_string();
+    Box::new(move |r| {
+        if r.is_err() {
+            return;
+        }
+        if log_chunks == 0 {
+            if let Some((tx, msg)) = ack {
+                agent_effect(tx, msg)(r);
+            }
+            return;
+        }
+        tokio::spawn(async move { seal_then_ack(&logs, &task_id, attempt, ack).await });
+    })
+}
+
+/// Seals the attempt's log, then sends `ack`; true if the seal succeeded.
+async fn seal_then_ack(
+    logs: &crate::logstore::LogStore,
+    task_id: &str,
+    attempt: u32,
+    ack: Option<(
+        tokio::sync::mpsc::Sender<ControllerMessage>,
+        ControllerMessage,
+    )>,
+) -> bool {
+    match logs.seal(task_id, attempt).await {
+        Ok(()) => {
+            if let Some((tx, msg)) = ack {
+                agent_effect(tx, msg)(&Ok(()));
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(task = %task_id, error = %e, "sealing the log failed: the result is not acknowledged, the worker keeps its spool");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod log_sync_tests {
+    use std::time::Duration;
+
+    use scabbard_common::proto::{self, ControllerMessage, controller_message};
+    use tokio::sync::mpsc;
+
+    use super::{ack_after_log_sync, seal_then_ack};
+    use crate::logstore::LogStore;
+
+    fn ack() -> ControllerMessage {
+        ControllerMessage {
+            msg: Some(controller_message::Msg::Ack(proto::Ack {
+                task_id: "t1".into(),
+                fencing_token: 1,
+                next_seq: 2,
+                result: true,
+                stale: false,
+            })),
+        }
+    }
+
+    async fn logged() -> (tempfile::TempDir, std::sync::Arc<LogStore>) {
+        let d = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(&d.path().join("logs")).unwrap();
+        let chunks: Vec<proto::LogChunk> = (0..2)
+            .map(|seq| proto::LogChunk {
+                seq,
+                data: b"line\n".to_vec(),
+                ..Default::default()
+            })
+            .collect();
+        logs.append("t1", 1, &chunks).await.unwrap();
+        (d, logs)
+    }
+
+    #[tokio::test]
+    async fn the_result_ack_goes_out_only_after_the_log_is_synced() {
+        let (_d, logs) = logged().await;
+        assert!(!logs.position("t1", 1).await.unwrap().sealed);
+        let (tx, mut rx) = mpsc::channel(4);
+        let effect = ack_after_log_sync(logs.clone(), "t1", 1, 2, Some((tx, ack())));
+        effect(&Ok(()));
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an ack")
+            .expect("open");
+        assert_eq!(got, ack());
+        // Sealing (fsync of the log, its directory and the seal mark) came first.
+        assert!(logs.position("t1", 1).await.unwrap().sealed);
+    }
+
+    #[tokio::test]
+    async fn no_ack_when_the_log_cannot_be_synced_or_the_commit_failed() {
+        let (d, logs) = logged().await;
+        // The task's log directory is gone: the seal cannot complete.
+        std::fs::remove_dir_all(d.path().join("logs/t1")).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        assert!(!seal_then_ack(&logs, "t1", 1, Some((tx.clone(), ack()))).await);
+        assert!(rx.try_recv().is_err(), "acked an unsynced log");
+        // A failed commit acknowledges nothing (and seals nothing).
+        ack_after_log_sync(logs.clone(), "t1", 1, 2, Some((tx, ack())))(&Err("x".into()));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_result_without_log_is_acked_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(d.path()).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        ack_after_log_sync(logs, "t2", 1, 0, Some((tx, ack())))(&Ok(()));
+        assert_eq!(rx.try_recv().unwrap(), ack());
+    }
 }

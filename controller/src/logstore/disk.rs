@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -263,14 +264,23 @@ impl Shared {
         if st.file.is_none() {
             st.new_dir |= self.create_task_dir(&entry.key)?;
             let path = self.log_path(&entry.key);
-            st.file = Some(OpenOptions::new().create(true).append(true).open(path)?);
+            st.file = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(scabbard_common::private::FILE_MODE)
+                    .open(path)?,
+            );
         }
         Ok(lock(&self.open_files).touch(&entry.key, self.limits.max_open_files))
     }
 
     /// Creates the task's directory; true if it did not exist.
     fn create_task_dir(&self, key: &Key) -> Result<bool> {
-        match std::fs::create_dir(self.task_dir(key)) {
+        let made = std::fs::DirBuilder::new()
+            .mode(scabbard_common::private::DIR_MODE)
+            .create(self.task_dir(key));
+        match made {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(e.into()),
@@ -334,7 +344,12 @@ impl Shared {
         }
         self.sync_one(entry, &mut st)?;
         let new_dir = self.create_task_dir(&entry.key)?;
-        File::create(self.sealed_path(&entry.key))?;
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(scabbard_common::private::FILE_MODE)
+            .open(self.sealed_path(&entry.key))?;
         File::open(self.task_dir(&entry.key))?.sync_all()?;
         if new_dir {
             File::open(&self.dir)?.sync_all()?;

@@ -338,3 +338,22 @@ async fn concurrent_appends_to_many_attempts() {
         assert_eq!(store.read(&id, 1, 0, 100).await.unwrap(), chunks(0..50));
     }
 }
+
+#[tokio::test]
+async fn logs_are_private_to_the_controller() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("logs");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = LogStore::open(&dir).unwrap();
+    assert_eq!(mode(&dir), 0o700, "an existing logs dir is tightened");
+    store.append("t1", 1, &chunks(0..2)).await.unwrap();
+    store.seal("t1", 1).await.unwrap();
+    assert_eq!(mode(&dir.join("t1")), 0o700);
+    for entry in std::fs::read_dir(dir.join("t1")).unwrap() {
+        let p = entry.unwrap().path();
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+    }
+}

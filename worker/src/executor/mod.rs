@@ -6,6 +6,7 @@
 //! [`ExecOutcome`]. It must not talk to the controller, number log chunks or spool anything:
 //! the runner does that with what the executor hands back.
 
+mod contain;
 mod dagger;
 mod noop;
 mod shell;
@@ -19,6 +20,7 @@ use scabbard_common::proto;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use contain::Containment;
 pub use dagger::DaggerExecutor;
 pub use noop::NoopExecutor;
 pub use shell::ShellExecutor;

@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use super::{ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
+use super::{Containment, ExecContext, ExecOutcome, Executor, OutStream, OutputChunk};
 use crate::config::{Hide, RunAs};
 use files::FileError;
 use group::{GroupGuard, own_process_group, signal_group, spawn_when_not_busy, wait_group_gone};
@@ -77,6 +77,9 @@ pub struct ShellExecutor {
     run_as: Option<RunAs>,
     /// What tasks must not see (their own namespaces), when set.
     hide: Option<Hide>,
+    /// Keeps every process of an attempt (even those leaving its group) to be killed
+    /// with it, when set.
+    contain: Option<Arc<Containment>>,
 }
 
 impl ShellExecutor {
@@ -94,7 +97,16 @@ impl ShellExecutor {
             kill_grace: grace,
             run_as: None,
             hide: None,
+            contain: None,
         }
+    }
+
+    /// Runs every attempt inside its own containment (see [`Containment`]): whatever it
+    /// started, even outside its process group, dies when it ends. `None` relies on the
+    /// process group alone.
+    pub fn contain(mut self, contain: Option<Arc<Containment>>) -> Self {
+        self.contain = contain;
+        self
     }
 
     /// Runs every task in its own namespaces where `hide`'s paths are covered (see
@@ -303,6 +315,20 @@ impl ShellExecutor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        let cage = match &self.contain {
+            Some(c) => match c.cage(&ctx.task_id, ctx.fencing_token, ctx.attempt) {
+                Ok(cage) => Some(cage),
+                Err(e) => {
+                    return Ran::NotStarted(ExecOutcome::infrastructure(format!(
+                        "cannot set up the attempt's containment: {e}"
+                    )));
+                }
+            },
+            None => None,
+        };
+        if let Some(cage) = &cage {
+            cage.enter_on_exec(cmd.as_std_mut());
+        }
         own_process_group(cmd.as_std_mut());
 
         let mut child = match spawn_when_not_busy(&mut cmd).await {
@@ -325,6 +351,9 @@ impl ShellExecutor {
             return Ran::NotStarted(ExecOutcome::infrastructure("spawned child has no pid"));
         };
         let mut group = GroupGuard(Some(pgid));
+        if let Some(cage) = &cage {
+            cage.note_leader(pgid);
+        }
         let group_dead = CancellationToken::new();
         let mut pumps = Vec::new();
         if let Some(stdout) = child.stdout.take() {
@@ -385,6 +414,12 @@ impl ShellExecutor {
             tracing::warn!(task_id = %ctx.task_id, pgid, "process group still alive after SIGKILL");
         }
         group.0 = None;
+        // Processes that left the group (setsid, double fork) die now too.
+        if let Some(cage) = &cage
+            && !cage.kill_all().await
+        {
+            tracing::warn!(task_id = %ctx.task_id, "processes of the attempt still alive after SIGKILL");
+        }
 
         // Everything in the group is dead: what is still in the pipes is read, then a pipe held
         // open by a process that escaped the group is abandoned.

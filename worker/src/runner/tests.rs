@@ -91,6 +91,8 @@ async fn secrets_written_to_outputs_come_back_masked() {
         printf 'multi<<EOF\nbefore\n%s after\nEOF\n' "$TOKEN" >> "$SCABBARD_OUTPUT"
         echo "agent=$SCABBARD_AGENT_ID/$SCABBARD_AGENT_NAME" >> "$SCABBARD_OUTPUT"
         printf '%s.big=%s\n' "$TOKEN" "$(head -c 20000 /dev/zero | tr '\0' x)" >> "$SCABBARD_OUTPUT"
+        echo "encoded=$(printf %s "$TOKEN" | base64)" >> "$SCABBARD_OUTPUT"
+        echo "inside=$(printf 'x:%s' "$TOKEN" | base64)" >> "$SCABBARD_OUTPUT"
         echo "last $TOKEN"
     "#;
     let spec = proto::TaskSpec {
@@ -114,17 +116,23 @@ async fn secrets_written_to_outputs_come_back_masked() {
         let mut o: Vec<_> = result
             .outputs
             .iter()
+            .filter(|(k, _)| *k != "inside")
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         o.sort_unstable();
         o
     };
+    // Its base64 inside a longer encoded value: the part made of the secret is masked.
+    let inside = &result.outputs["inside"];
+    assert!(inside.contains("***"), "{inside}");
     assert_eq!(
         outputs,
         [
             // The secret was used as a key: masked too.
             ("***", "as a key"),
             ("agent", "agent-1/host-1"),
+            // Its base64 is masked like the secret itself.
+            ("encoded", "***"),
             ("line", "last ***"),
             ("multi", "before\n*** after"),
             ("token", "***"),
@@ -139,6 +147,14 @@ async fn secrets_written_to_outputs_come_back_masked() {
         "{log}"
     );
     assert!(!format!("{result:?}").contains("s3cr3t"));
+    // The log names each masked output.
+    for name in ["***", "encoded", "inside", "line", "multi", "token"] {
+        assert!(
+            log.contains(&format!("output {name:?} contained a secret")),
+            "{name}: {log}"
+        );
+    }
+    assert!(!log.contains("output \"agent\" contained"), "{log}");
 }
 
 /// An executor whose availability the test switches (it also offers `gpu`).
@@ -283,4 +299,83 @@ async fn inputs_arrive_and_artifacts_are_uploaded_before_the_result() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A tmpfs of `bytes` mounted at `dir` (as root), unmounted when dropped; `None` where
+/// this process may not mount.
+struct TinyDisk(std::path::PathBuf);
+
+impl TinyDisk {
+    fn mount(dir: &std::path::Path, bytes: usize) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes}"),
+                "scabbard-test",
+            ])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_spool_that_cannot_be_written_fails_the_attempt_visibly() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_disk) = TinyDisk::mount(&dir.path().join("spool"), 64 << 10) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Far more output than the spool can hold, then a long sleep that only a stop ends.
+    let spec = proto::TaskSpec {
+        kind: Some(proto::task_spec::Kind::Shell(proto::ShellTask {
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "head -c 400000 /dev/zero | tr '\\0' a; sleep 30".into(),
+            ],
+        })),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let (chunks, result) = run_attempt_in(dir.path(), "127.0.0.1:1", spec).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the task was not stopped"
+    );
+    assert_eq!(result.outcome, proto::Outcome::Failed as i32, "{result:?}");
+    assert_eq!(
+        result.error_class,
+        proto::ErrorClass::Infrastructure as i32,
+        "{result:?}"
+    );
+    assert!(
+        result.message.contains("cannot spool"),
+        "{}",
+        result.message
+    );
+    // The controller hears the reason in the log too (those chunks went out unspooled).
+    let system: String = chunks
+        .iter()
+        .filter(|c| c.stream == proto::LogStream::System as i32)
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect();
+    assert!(system.contains("cannot spool"), "{system}");
+    // Sequence numbers stay gapless, so the controller keeps every chunk it received.
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(c.seq, i as u64);
+    }
 }

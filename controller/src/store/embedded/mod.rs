@@ -155,6 +155,10 @@ impl EmbeddedStore {
 
     /// [`EmbeddedStore::open`] with explicit options.
     pub fn open_with(path: &Path, options: EmbeddedOptions) -> Result<Arc<Self>> {
+        // Owner only, created exclusively (redb initialises an empty file).
+        scabbard_common::private::ensure_file(path).map_err(|e| {
+            Error::Unavailable(format!("cannot create store file {}: {e}", path.display()))
+        })?;
         let db = redb::Builder::new()
             .set_cache_size(options.cache_bytes)
             .create(path)

@@ -13,6 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use scabbard_common::{Error, Result};
@@ -119,8 +120,11 @@ impl Wal {
             .read(true)
             .append(true)
             .create(true)
+            .mode(scabbard_common::private::FILE_MODE)
             .open(path)
             .map_err(|e| io_err(path, "open", e))?;
+        scabbard_common::private::tighten(path, scabbard_common::private::FILE_MODE)
+            .map_err(|e| io_err(path, "chmod", e))?;
         // Make the log's directory entry durable, or a power loss could take the file along
         // with frames synced into it.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

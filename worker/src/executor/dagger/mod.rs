@@ -166,7 +166,7 @@ impl DaggerExecutor {
             Err(e) => return ExecOutcome::infrastructure(format!("checking the task: {e}")),
         };
         let values = plan.secret_values();
-        let secrets = Arc::new(Secrets::new(
+        let secrets = Arc::new(Secrets::with_encodings(
             values
                 .iter()
                 .map(String::as_str)

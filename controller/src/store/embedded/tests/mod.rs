@@ -389,3 +389,20 @@ async fn bad_input_is_rejected_not_panicked_on() {
     ));
     store.health().await.unwrap();
 }
+
+#[test]
+fn the_store_file_and_its_log_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let (dir, store) = temp_store();
+    let path = dir.path().join("state.redb");
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&Wal::path_for(&path)), 0o600);
+    drop(store);
+    // Found wider at start: tightened.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(Wal::path_for(&path), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _store = EmbeddedStore::open(&path).expect("reopen");
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&Wal::path_for(&path)), 0o600);
+}

@@ -71,8 +71,19 @@ impl State {
             // Whether recorded or stale, the verdict rests on state that may still be on
             // its way to the store.
             if let Some(tx) = tx {
-                self.after_durable(vec![agent_effect(tx, ack(!recorded))])
-                    .await;
+                let effect = if recorded {
+                    // A replay: its log may not be synced yet (a seal that failed before).
+                    ack_after_log_sync(
+                        self.logs.clone(),
+                        &f.task_id,
+                        f.fencing_token as u32,
+                        f.log_chunks,
+                        Some((tx, ack(false))),
+                    )
+                } else {
+                    agent_effect(tx, ack(true))
+                };
+                self.after_durable(vec![effect]).await;
             }
             return;
         }
@@ -334,10 +345,7 @@ pub(super) fn ack_after_log_sync(
     task_id: &str,
     attempt: u32,
     log_chunks: u64,
-    ack: Option<(
-        tokio::sync::mpsc::Sender<ControllerMessage>,
-        ControllerMessage,
-    )>,
+    ack: Option<(super::agent_tx::AgentTx, ControllerMessage)>,
 ) -> Effect {
     let task_id = task_id.to_string();
     Box::new(move |r| {
@@ -359,10 +367,7 @@ async fn seal_then_ack(
     logs: &crate::logstore::LogStore,
     task_id: &str,
     attempt: u32,
-    ack: Option<(
-        tokio::sync::mpsc::Sender<ControllerMessage>,
-        ControllerMessage,
-    )>,
+    ack: Option<(super::agent_tx::AgentTx, ControllerMessage)>,
 ) -> bool {
     match logs.seal(task_id, attempt).await {
         Ok(()) => {
@@ -383,7 +388,6 @@ mod log_sync_tests {
     use std::time::Duration;
 
     use scabbard_common::proto::{self, ControllerMessage, controller_message};
-    use tokio::sync::mpsc;
 
     use super::{ack_after_log_sync, seal_then_ack};
     use crate::logstore::LogStore;
@@ -418,7 +422,7 @@ mod log_sync_tests {
     async fn the_result_ack_goes_out_only_after_the_log_is_synced() {
         let (_d, logs) = logged().await;
         assert!(!logs.position("t1", 1).await.unwrap().sealed);
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, mut rx, _overflow) = crate::core::agent_tx::AgentTx::channel(4);
         let effect = ack_after_log_sync(logs.clone(), "t1", 1, 2, Some((tx, ack())));
         effect(&Ok(()));
         let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -435,11 +439,16 @@ mod log_sync_tests {
         let (d, logs) = logged().await;
         // The task's log directory is gone: the seal cannot complete.
         std::fs::remove_dir_all(d.path().join("logs/t1")).unwrap();
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, mut rx, _overflow) = crate::core::agent_tx::AgentTx::channel(4);
         assert!(!seal_then_ack(&logs, "t1", 1, Some((tx.clone(), ack()))).await);
         assert!(rx.try_recv().is_err(), "acked an unsynced log");
         // A failed commit acknowledges nothing (and seals nothing).
-        ack_after_log_sync(logs.clone(), "t1", 1, 2, Some((tx, ack())))(&Err("x".into()));
+        ack_after_log_sync(logs.clone(), "t1", 1, 2, Some((tx, ack())))(&Err(
+            crate::core::persist::CommitError {
+                refused: false,
+                message: "x".into(),
+            },
+        ));
         assert!(rx.try_recv().is_err());
     }
 
@@ -447,7 +456,7 @@ mod log_sync_tests {
     async fn a_result_without_log_is_acked_at_once() {
         let d = tempfile::tempdir().unwrap();
         let logs = LogStore::open(d.path()).unwrap();
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, mut rx, _overflow) = crate::core::agent_tx::AgentTx::channel(4);
         ack_after_log_sync(logs, "t2", 1, 0, Some((tx, ack())))(&Ok(()));
         assert_eq!(rx.try_recv().unwrap(), ack());
     }

@@ -291,12 +291,13 @@ async fn a_retried_attempt_runs_its_steps_again() -> anyhow::Result<()> {
     let fleet = Fleet::start(Vec::new(), vec![WorkerSpec::named("a")]).await?;
     let engine = &fleet.worker("a").engine;
     let mut tasks = fleet.tasks().await?;
-    // Fails in attempt 1 (the marker is absent), succeeds in attempt 2: the engine must not
-    // replay attempt 1's failure from its cache.
+    // Fails in attempt 1, succeeds in attempt 2 (the low half of the fencing token ending
+    // SCABBARD_ATTEMPT_ID is the attempt number): the engine must not replay attempt 1's
+    // failure from its cache.
     let flaky: &[&str] = &[
         "sh",
         "-c",
-        "test \"$SCABBARD_ATTEMPT_ID\" = \"${SCABBARD_ATTEMPT_ID%/1}\"",
+        "t=${SCABBARD_ATTEMPT_ID##*/}; test $((t % 4294967296)) -ne 1",
     ];
     let mut spec = container_task("a", &[(flaky, false)]);
     spec.retry = Some(RetryPolicy {

@@ -60,9 +60,9 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a TCP connect to a controller may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long the first answer on a new connection may take (the leader probe when following
-/// a redirect, an agent session's welcome): a redirect into a frozen controller fails after
-/// this instead of hanging.
+/// How long the first answer on a new connection may take when looking for the leader (the
+/// cluster status asked of each address and of the leader it names): a redirect into a
+/// frozen controller fails after this and the next address is tried, instead of hanging.
 pub const FIRST_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Adds `authorization: Bearer <token>` to every call made through a channel.

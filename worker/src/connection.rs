@@ -53,6 +53,9 @@ pub(crate) struct Connection {
     pub(crate) previous: Option<Identity>,
 }
 
+/// How long a new session may take to open and be welcomed.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+
 impl Connection {
     /// Connects, serves and reconnects until `shutdown`; then takes no new work, lets
     /// running attempts finish and report (up to the configured grace), and returns.
@@ -256,17 +259,18 @@ impl Connection {
             Ok(r) => r,
             Err(e) => return (End::Lost(e), false),
         };
-        // The session must open, and the welcome arrive, within a bounded time: a
-        // controller that accepts connections but does not answer (frozen) is left for the
-        // next one instead of holding the worker until keep-alive gives up.
+        // The session must open, and the welcome arrive, within a bounded time. A frozen
+        // controller is dropped sooner by the keep-alive (about 5 s); this bound is for one
+        // that answers pings but not the session, and it is generous, because a new
+        // leader's welcome waits for its recovery and a store commit.
         let silent = || {
             End::Lost(Error::Unavailable(format!(
                 "controller at {} did not answer the session within {} ms",
                 self.target,
-                client::FIRST_RESPONSE_TIMEOUT.as_millis()
+                WELCOME_TIMEOUT.as_millis()
             )))
         };
-        let open_by = tokio::time::Instant::now() + client::FIRST_RESPONSE_TIMEOUT;
+        let open_by = tokio::time::Instant::now() + WELCOME_TIMEOUT;
         let opened = tokio::time::timeout_at(
             open_by,
             AgentServiceClient::new(channel)

@@ -427,3 +427,75 @@ pub fn with_token<T>(mut req: tonic::Request<T>, token: Option<&str>) -> Result<
     }
     Ok(req)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A TCP listener that accepts connections and never answers (a frozen controller:
+    /// the kernel still completes the handshake).
+    async fn silent() -> (String, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        (addr, hold)
+    }
+
+    fn with_timeout(ms: u64) -> ClientOptions {
+        ClientOptions {
+            request_timeout: Some(Duration::from_millis(ms)),
+            ..ClientOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_past_the_request_timeout_fails_as_a_timeout() {
+        let (addr, _hold) = silent().await;
+        let ch = connect_with(&addr, &with_timeout(300)).await.unwrap();
+        let started = Instant::now();
+        let err = AdminServiceClient::new(ch)
+            .cluster_status(crate::proto::ClusterStatusRequest {})
+            .await
+            .unwrap_err();
+        assert!(is_timeout(&err), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn looking_for_the_leader_gives_up_on_a_silent_controller() {
+        let (addr, _hold) = silent().await;
+        let started = Instant::now();
+        let err = connect_leader_with(&addr, &with_timeout(300))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("did not answer within 300 ms")),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn keep_alive_drops_a_silent_controller_without_any_deadline() {
+        let (addr, _hold) = silent().await;
+        let ch = connect(&addr).await.unwrap();
+        let started = Instant::now();
+        let err = AdminServiceClient::new(ch)
+            .cluster_status(crate::proto::ClusterStatusRequest {})
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(
+            took < KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + Duration::from_secs(2),
+            "a silent controller was noticed only after {took:?}: {err:?}"
+        );
+    }
+}

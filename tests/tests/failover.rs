@@ -150,6 +150,28 @@ async fn frozen_leader_stalls_work_one_lease_and_requeues_nothing() -> anyhow::R
         }
     })
     .await?;
+    // The CLI through the surviving controllers never hangs following a redirect into the
+    // frozen leader: each try ends within the leader probe's bound, and one soon succeeds.
+    let cfg = c.dir.path().join("cli");
+    let cli_ok = eventually("a CLI submit through the survivors", T, || {
+        let started = Instant::now();
+        let out = cli(&cfg)
+            .args(["submit", "--sh", "echo cli-probe", "--controller", &rest])
+            .output()
+            .expect("run scabbard");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(15),
+            "`scabbard submit` took {took:?} with the leader frozen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::future::ready(out.status.success().then_some(took))
+    })
+    .await?;
+    eprintln!(
+        "frozen leader: CLI submit through the survivors succeeded {:?} after the freeze (last try {cli_ok:?})",
+        frozen_at.elapsed()
+    );
     let second = eventually("a new leader", T, || leader(&rest)).await?;
     assert_ne!(first, second);
     let mut tasks = TaskServiceClient::new(admin_channel(&rest).await?);

@@ -11,8 +11,29 @@ pub(crate) struct Cli {
     /// Log as JSON lines (daemons).
     #[arg(long, global = true, env = "SCABBARD_LOG_JSON")]
     pub(crate) log_json: bool,
+    /// Deadline on each call to the controller (e.g. `10s`, `500ms`): a call that gets no
+    /// answer in time fails with a deadline error instead of waiting. Streams (`logs
+    /// --follow`, watches) must start within it, then run on. Default: none (a silent
+    /// controller is still detected by keep-alive pings within about 5 s).
+    #[arg(long, global = true, env = "SCABBARD_TIMEOUT", value_parser = crate::duration::parse)]
+    pub(crate) timeout: Option<std::time::Duration>,
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+/// The global `--timeout`, set once by `main`.
+static REQUEST_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+
+/// Records the global `--timeout` (once, from `main`).
+pub(crate) fn set_request_timeout(t: Option<std::time::Duration>) {
+    if let Some(t) = t {
+        let _ = REQUEST_TIMEOUT.set(t);
+    }
+}
+
+/// The global `--timeout`, if given.
+pub(crate) fn request_timeout() -> Option<std::time::Duration> {
+    REQUEST_TIMEOUT.get().copied()
 }
 
 // Parsed once per process: boxing the large daemon variants would gain nothing.

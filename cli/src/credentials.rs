@@ -306,6 +306,7 @@ pub(crate) fn resolve(t: &Target) -> Result<Resolved> {
     let tls_given = t.ca_cert.is_some() || t.client_cert.is_some() || t.client_key.is_some();
     let mut opts = ClientOptions {
         token,
+        request_timeout: crate::args::request_timeout(),
         ..ClientOptions::default()
     };
     if tls_given {

@@ -19,6 +19,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
+    args::set_request_timeout(cli.timeout);
     let daemon = matches!(
         cli.command,
         args::Command::Dev(_) | args::Command::Controller(_) | args::Command::Worker(_)
@@ -37,8 +38,34 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(cmd::dispatch(cli)) {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {}", printable::printable_text(&format!("{e:#}")));
+            eprintln!("error: {}", printable::printable_text(&explain(&e)));
             std::process::ExitCode::from(1)
         }
+    }
+}
+
+/// The error's text; a call past `--timeout` says so plainly (tonic reports it as a
+/// cancelled call with the message "Timeout expired").
+fn explain(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    match args::request_timeout() {
+        Some(t)
+            if text.contains(scabbard_common::client::TIMEOUT_MESSAGE)
+                || text.contains("did not answer within") =>
+        {
+            format!(
+                "deadline exceeded: the controller did not answer within {} (--timeout); it may be frozen or overloaded ({text})",
+                humantime_ms(t)
+            )
+        }
+        _ => text,
+    }
+}
+
+fn humantime_ms(t: std::time::Duration) -> String {
+    if t.subsec_millis() == 0 {
+        format!("{}s", t.as_secs())
+    } else {
+        format!("{}ms", t.as_millis())
     }
 }

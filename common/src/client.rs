@@ -37,7 +37,33 @@ pub struct ClientOptions {
     pub client_key: Option<PathBuf>,
     /// Name to verify the controller's certificate against (default: the address's host).
     pub tls_domain: Option<String>,
+    /// Deadline on each call (until the response, or a stream's first message, arrives);
+    /// `None`: no deadline beyond the keep-alive that detects a silent controller. The
+    /// CLI's `--timeout`. A call past it fails with [`tonic::Code::Cancelled`] and the
+    /// message [`TIMEOUT_MESSAGE`].
+    pub request_timeout: Option<Duration>,
 }
+
+/// The message of a call that ran past [`ClientOptions::request_timeout`] (tonic's).
+pub const TIMEOUT_MESSAGE: &str = "Timeout expired";
+
+/// How often an HTTP/2 keep-alive ping goes to the controller, on every channel, busy or
+/// idle.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long a ping may go unanswered before the connection is given up: a controller that
+/// stopped answering (frozen, partitioned) is detected within
+/// `KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT` (5 s), well within the default agent lease
+/// (10 s), and every call on that connection fails with UNAVAILABLE.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a TCP connect to a controller may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the first answer on a new connection may take when looking for the leader (the
+/// cluster status asked of each address and of the leader it names): a redirect into a
+/// frozen controller fails after this and the next address is tried, instead of hanging.
+pub const FIRST_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Adds `authorization: Bearer <token>` to every call made through a channel.
 #[derive(Clone, Debug, Default)]
@@ -89,17 +115,23 @@ pub fn endpoint_url(addr: &str) -> String {
     }
 }
 
-/// Builds an endpoint with Scabbard's defaults (connect timeout, keep-alive, no Nagle).
+/// Builds an endpoint with Scabbard's defaults (connect timeout, keep-alive pings with a
+/// timeout, see [`KEEPALIVE_INTERVAL`], no Nagle).
 pub fn endpoint(addr: &str) -> Result<Endpoint> {
     let url = endpoint_url(addr);
     let ep = Endpoint::from_shared(url.clone())
         .map_err(|e| Error::invalid(format!("bad controller address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     Ok(ep)
+}
+
+/// Whether `s` is a call that ran past [`ClientOptions::request_timeout`].
+pub fn is_timeout(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Cancelled && s.message() == TIMEOUT_MESSAGE
 }
 
 /// Connects to a controller at `addr` (`host:port` or URL), plaintext.
@@ -160,6 +192,14 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`ClientOptions::uses_tls`]) a bare `host:port` becomes `https://host:port`, and an
 /// explicit `http://` address is refused rather than silently sent in plaintext.
 pub fn endpoint_with(addr: &str, opts: &ClientOptions) -> Result<Endpoint> {
+    let ep = endpoint_with_tls(addr, opts)?;
+    Ok(match opts.request_timeout {
+        Some(t) => ep.timeout(t),
+        None => ep,
+    })
+}
+
+fn endpoint_with_tls(addr: &str, opts: &ClientOptions) -> Result<Endpoint> {
     if !opts.uses_tls(addr) {
         return endpoint(addr);
     }
@@ -306,6 +346,11 @@ pub async fn connect_leader(list: &str) -> Result<Channel> {
 }
 
 /// [`connect_leader`] with TLS settings.
+///
+/// Every step is bounded: the status call to each address and the check of the leader it
+/// names each get [`FIRST_RESPONSE_TIMEOUT`] (or the shorter `request_timeout`), so a
+/// frozen controller, or a redirect to one, costs a few seconds and the next address is
+/// tried, instead of hanging.
 pub async fn connect_leader_with(list: &str, opts: &ClientOptions) -> Result<Channel> {
     let addrs = addresses(list);
     if addrs.is_empty() {
@@ -313,31 +358,63 @@ pub async fn connect_leader_with(list: &str, opts: &ClientOptions) -> Result<Cha
             "no controller address given (--controller host:port[,host:port…])",
         ));
     }
+    let deadline = opts
+        .request_timeout
+        .map_or(FIRST_RESPONSE_TIMEOUT, |t| t.min(FIRST_RESPONSE_TIMEOUT));
     let mut last = None;
     for addr in &addrs {
-        let channel = match connect_with(addr, opts).await {
-            Ok(c) => c,
+        let (channel, status) = match status_of(addr, opts, deadline).await {
+            Ok((channel, Some(s))) => (channel, s),
+            Ok((channel, None)) => return Ok(channel),
             Err(e) => {
                 last = Some(e);
                 continue;
             }
         };
-        let status = AdminServiceClient::new(channel.clone())
-            .cluster_status(crate::proto::ClusterStatusRequest {})
-            .await;
-        match status {
-            Ok(s) => {
-                let s = s.into_inner();
-                if s.answered_by_leader || s.leader.is_empty() || s.leader == s.answered_by {
-                    return Ok(channel);
-                }
-                return connect_with(&s.leader, opts).await;
+        if status.answered_by_leader
+            || status.leader.is_empty()
+            || status.leader == status.answered_by
+        {
+            return Ok(channel);
+        }
+        // Follow the redirect, but only to a leader that answers in time (the one named
+        // may be frozen, its successor not yet known to this controller).
+        match status_of(&status.leader, opts, deadline).await {
+            Ok((leader, _)) => return Ok(leader),
+            Err(e) => {
+                tracing::debug!(%addr, leader = %status.leader, error = %e, "the leader named by a follower does not answer; trying the next controller");
+                last = Some(e);
             }
-            Err(e) if e.code() == tonic::Code::Unimplemented => return Ok(channel),
-            Err(e) => last = Some(call_error(addr, opts, e)),
         }
     }
     Err(last.unwrap_or_else(|| Error::Unavailable("no controller reachable".into())))
+}
+
+/// Connects to `addr` and asks for the cluster status within `deadline`; `None` when the
+/// controller does not implement it (then the channel is used as it is).
+async fn status_of(
+    addr: &str,
+    opts: &ClientOptions,
+    deadline: Duration,
+) -> Result<(Channel, Option<crate::proto::ClusterStatusResponse>)> {
+    let silent = || {
+        Error::Unavailable(format!(
+            "controller at {addr} did not answer within {} ms (frozen or overloaded?)",
+            deadline.as_millis()
+        ))
+    };
+    let channel = tokio::time::timeout(deadline + CONNECT_TIMEOUT, connect_with(addr, opts))
+        .await
+        .map_err(|_| silent())??;
+    let mut admin = AdminServiceClient::new(channel.clone());
+    let call = admin.cluster_status(crate::proto::ClusterStatusRequest {});
+    match tokio::time::timeout(deadline, call).await {
+        Err(_) => Err(silent()),
+        Ok(Ok(s)) => Ok((channel, Some(s.into_inner()))),
+        Ok(Err(e)) if e.code() == tonic::Code::Unimplemented => Ok((channel, None)),
+        Ok(Err(e)) if is_timeout(&e) => Err(silent()),
+        Ok(Err(e)) => Err(call_error(addr, opts, e)),
+    }
 }
 
 /// Adds `authorization: Bearer <token>` to a request when a token is given.
@@ -349,4 +426,76 @@ pub fn with_token<T>(mut req: tonic::Request<T>, token: Option<&str>) -> Result<
         req.metadata_mut().insert("authorization", v);
     }
     Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A TCP listener that accepts connections and never answers (a frozen controller:
+    /// the kernel still completes the handshake).
+    async fn silent() -> (String, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        (addr, hold)
+    }
+
+    fn with_timeout(ms: u64) -> ClientOptions {
+        ClientOptions {
+            request_timeout: Some(Duration::from_millis(ms)),
+            ..ClientOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_past_the_request_timeout_fails_as_a_timeout() {
+        let (addr, _hold) = silent().await;
+        let ch = connect_with(&addr, &with_timeout(300)).await.unwrap();
+        let started = Instant::now();
+        let err = AdminServiceClient::new(ch)
+            .cluster_status(crate::proto::ClusterStatusRequest {})
+            .await
+            .unwrap_err();
+        assert!(is_timeout(&err), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn looking_for_the_leader_gives_up_on_a_silent_controller() {
+        let (addr, _hold) = silent().await;
+        let started = Instant::now();
+        let err = connect_leader_with(&addr, &with_timeout(300))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("did not answer within 300 ms")),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn keep_alive_drops_a_silent_controller_without_any_deadline() {
+        let (addr, _hold) = silent().await;
+        let ch = connect(&addr).await.unwrap();
+        let started = Instant::now();
+        let err = AdminServiceClient::new(ch)
+            .cluster_status(crate::proto::ClusterStatusRequest {})
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(
+            took < KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + Duration::from_secs(2),
+            "a silent controller was noticed only after {took:?}: {err:?}"
+        );
+    }
 }

@@ -40,6 +40,8 @@ pub(crate) struct SessionActor {
     pub(crate) catalog: Arc<Catalog>,
     /// Cancelled when the core's queue to this session overflowed: the session ends.
     pub(crate) overflow: CancellationToken,
+    /// When the last message from the agent arrived (or the session began).
+    pub(crate) last_heard: Instant,
 }
 
 impl SessionActor {
@@ -64,6 +66,7 @@ impl SessionActor {
             token_id,
             catalog,
             overflow,
+            last_heard: Instant::now(),
         }
     }
 
@@ -83,6 +86,7 @@ impl SessionActor {
             .send(CoreMsg::Detach {
                 agent_id: self.agent_id.clone(),
                 session: self.session,
+                last_heard: self.last_heard.into_std(),
             })
             .await;
     }
@@ -138,7 +142,8 @@ impl SessionActor {
                         Ok(None) => return Ok("agent closed the stream".into()),
                         Err(s) => return Ok(format!("stream error: {}", s.message())),
                     };
-                    deadline = Instant::now() + self.silence_limit;
+                    self.last_heard = Instant::now();
+                    deadline = self.last_heard + self.silence_limit;
                     let mut batch = vec![first];
                     while batch.len() < BATCH {
                         match inbound.message().now_or_never() {

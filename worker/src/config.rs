@@ -154,6 +154,7 @@ impl WorkerConfig {
             client_cert: self.client_cert.clone(),
             client_key: self.client_key.clone(),
             tls_domain: self.tls_domain.clone(),
+            request_timeout: None,
         }
     }
 

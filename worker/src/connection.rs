@@ -53,6 +53,9 @@ pub(crate) struct Connection {
     pub(crate) previous: Option<Identity>,
 }
 
+/// How long a new session may take to open and be welcomed.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+
 impl Connection {
     /// Connects, serves and reconnects until `shutdown`; then takes no new work, lets
     /// running attempts finish and report (up to the configured grace), and returns.
@@ -66,6 +69,10 @@ impl Connection {
         let mut last_failed: Option<String> = None;
         loop {
             let (end, welcomed) = self.session(&shutdown).await;
+            if welcomed {
+                // Older failures are history; the one that ended this session (below) is not.
+                last_failed = None;
+            }
             if self.stopping_done() {
                 return Ok(());
             }
@@ -96,10 +103,13 @@ impl Connection {
                     if !matches!(e, Error::NotLeader { .. }) {
                         last_failed = Some(self.target.clone());
                     }
-                    // Next time, try the next configured controller (it redirects if needed);
-                    // back off harder only once every address was tried.
+                    // Next time, try the next configured controller (it redirects if needed),
+                    // also after a session that was up: the controller that went silent may
+                    // be frozen, and reconnecting to it first would hang until the
+                    // keep-alive gives up again. Back off harder only once every address
+                    // was tried.
                     let all = scabbard_common::client::addresses(&self.cfg.controller);
-                    if !welcomed && !all.is_empty() {
+                    if !all.is_empty() && (!welcomed || all.len() > 1) {
                         let next = all
                             .iter()
                             .position(|a| *a == self.target)
@@ -113,9 +123,6 @@ impl Connection {
                         }
                     }
                 }
-            }
-            if welcomed {
-                last_failed = None;
             }
             failures = if welcomed {
                 0
@@ -252,11 +259,29 @@ impl Connection {
             Ok(r) => r,
             Err(e) => return (End::Lost(e), false),
         };
-        let mut inbound = match AgentServiceClient::new(channel)
-            .max_decoding_message_size(client::MAX_MESSAGE_BYTES)
-            .session(req)
-            .await
-        {
+        // The session must open, and the welcome arrive, within a bounded time. A frozen
+        // controller is dropped sooner by the keep-alive (about 5 s); this bound is for one
+        // that answers pings but not the session, and it is generous, because a new
+        // leader's welcome waits for its recovery and a store commit.
+        let silent = || {
+            End::Lost(Error::Unavailable(format!(
+                "controller at {} did not answer the session within {} ms",
+                self.target,
+                WELCOME_TIMEOUT.as_millis()
+            )))
+        };
+        let open_by = tokio::time::Instant::now() + WELCOME_TIMEOUT;
+        let opened = tokio::time::timeout_at(
+            open_by,
+            AgentServiceClient::new(channel)
+                .max_decoding_message_size(client::MAX_MESSAGE_BYTES)
+                .session(req),
+        )
+        .await;
+        let Ok(opened) = opened else {
+            return (silent(), false);
+        };
+        let mut inbound = match opened {
             Ok(r) => r.into_inner(),
             Err(s)
                 if s.code() == tonic::Code::Unauthenticated && s.message().contains("revoked") =>
@@ -276,7 +301,10 @@ impl Connection {
             }
             Err(s) => return (End::Lost(s.into()), false),
         };
-        let welcome = match inbound.message().await {
+        let Ok(first) = tokio::time::timeout_at(open_by, inbound.message()).await else {
+            return (silent(), false);
+        };
+        let welcome = match first {
             Ok(Some(ControllerMessage {
                 msg: Some(controller_message::Msg::Welcome(w)),
             })) => w,

@@ -94,6 +94,7 @@ pub(crate) async fn login(a: LoginArgs) -> Result<u8> {
         client_cert: entry.client_cert.clone(),
         client_key: entry.client_key.clone(),
         tls_domain: entry.tls_domain.clone(),
+        request_timeout: crate::args::request_timeout(),
     };
     let info = who_am_i(&controller, &opts)
         .await

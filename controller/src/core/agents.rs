@@ -177,16 +177,22 @@ impl State {
         .await;
     }
 
-    pub(super) fn detach(&mut self, agent_id: &str, session: u64) {
+    /// Ends `session` of `agent_id`. The grace period runs from `last_heard`, the last
+    /// time the session heard from the agent: a session that ended because the agent fell
+    /// silent for a lease has used up the grace period already, so its attempts are
+    /// requeued at the next sweep (one agent lease after the silence began, not two).
+    pub(super) fn detach(&mut self, agent_id: &str, session: u64, last_heard: Instant) {
         if let Some(a) = self.agents.get_mut(agent_id)
             && a.conn.as_ref().is_some_and(|c| c.session == session)
         {
             a.conn = None;
-            a.disconnected_at = Some(Instant::now());
+            a.disconnected_at = Some(last_heard.min(Instant::now()));
             self.presence.down(agent_id);
             info!(
                 agent = agent_id,
-                session, "agent session ended; grace period started"
+                session,
+                silent_ms = last_heard.elapsed().as_millis() as u64,
+                "agent session ended; grace period runs from its last message"
             );
         }
     }

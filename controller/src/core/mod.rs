@@ -103,6 +103,9 @@ pub(crate) enum CoreMsg {
     Detach {
         agent_id: String,
         session: u64,
+        /// When the session last heard from the agent: the grace period runs from here,
+        /// so a silent agent is lost one lease after it fell silent, not two.
+        last_heard: std::time::Instant,
     },
     FromAgent {
         agent_id: String,
@@ -578,7 +581,11 @@ impl State {
                 tx,
                 reply,
             } => self.attach(agent_id, hello, tx, reply).await,
-            CoreMsg::Detach { agent_id, session } => self.detach(&agent_id, session),
+            CoreMsg::Detach {
+                agent_id,
+                session,
+                last_heard,
+            } => self.detach(&agent_id, session, last_heard),
             CoreMsg::FromAgent {
                 agent_id,
                 session,

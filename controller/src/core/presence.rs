@@ -2,7 +2,12 @@
 //! `presence/<agent id>` key alive under a lease of its own (TTL = the agent lease). When
 //! the session ends the lease is left to expire, so the key outlives the agent by exactly
 //! the grace period: operators (and other controllers) can see in the store which agents
-//! are alive. A new leader still gives every agent the full grace period to reconnect.
+//! are alive. A new leader gives every agent one grace period (the agent lease) from its
+//! takeover to reconnect, and keeps the attempts of those back within it; it does not go by
+//! the keys alone, because they expire on their own while the old leader is frozen (or slow
+//! to be replaced), which would make a new leader requeue the work of every agent that is
+//! only reconnecting. On the leader that holds the session, the grace runs from the
+//! agent's last message (see `State::detach`), so it is one lease in all.
 
 use std::collections::HashMap;
 use std::sync::Arc;

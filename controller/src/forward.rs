@@ -11,7 +11,9 @@
 //!   session's liveness must be the worker's own connection to the leader (a session held
 //!   through a follower would outlive a worker cut off from the leader, or die with a
 //!   follower the worker does not need). Workers follow redirects themselves.
-//! * Health and reflection: they describe this controller.
+//! * Health, reflection and `AdminService/ClusterStatus`: they describe this controller
+//!   (`ClusterStatus` says which controller answered and whom it takes for the leader:
+//!   clients find the leader with it).
 //! * Calls already forwarded once ([`FORWARDED_KEY`]): two controllers that each believe
 //!   the other leads must not bounce a call between them.
 //! * Everything while the listener speaks TLS: a controller has no client TLS
@@ -42,7 +44,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether calls to `path` are forwarded to the leader.
 pub fn forwardable(path: &str) -> bool {
-    path.starts_with("/scabbard.v1.") && !path.starts_with("/scabbard.v1.AgentService/")
+    path.starts_with("/scabbard.v1.")
+        && !path.starts_with("/scabbard.v1.AgentService/")
+        && path != "/scabbard.v1.AdminService/ClusterStatus"
 }
 
 /// One cached channel to the current leader, rebuilt when the leader changes.
@@ -187,4 +191,32 @@ pub async fn leader_serving(channels: &LeaderChannels, addr: &str, deadline: Dur
         tokio::time::timeout(deadline, check).await,
         Ok(Ok(r)) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forwardable;
+
+    #[test]
+    fn client_calls_are_forwarded_agent_health_and_reflection_are_not() {
+        for p in [
+            "/scabbard.v1.TaskService/Submit",
+            "/scabbard.v1.TaskService/Watch",
+            "/scabbard.v1.TaskService/Logs",
+            "/scabbard.v1.WorkflowService/Watch",
+            "/scabbard.v1.AdminService/ListAgents",
+            "/scabbard.v1.ArtifactService/Upload",
+        ] {
+            assert!(forwardable(p), "{p}");
+        }
+        for p in [
+            "/scabbard.v1.AgentService/Register",
+            "/scabbard.v1.AgentService/Session",
+            "/scabbard.v1.AdminService/ClusterStatus",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(!forwardable(p), "{p}");
+        }
+    }
 }

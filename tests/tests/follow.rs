@@ -433,3 +433,60 @@ async fn watch_resumes_across_a_leader_failover_without_gaps_or_duplicates() -> 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn workflow_watch_through_a_follower_resumes_from_a_revision() -> anyhow::Result<()> {
+    use scabbard_common::proto::WatchWorkflowRequest;
+    use scabbard_common::proto::workflow_service_client::WorkflowServiceClient;
+    use scabbard_tests::wf::{node, submit_workflow, workflow};
+
+    let c = start(2, 1)?;
+    let all = c.addrs_except("");
+    let leader = eventually("a leader", T, || leader(&all)).await?;
+    let follower = c.addrs_except(&leader);
+    let ch = eventually("the follower", T, || async {
+        client::connect(&follower).await.ok()
+    })
+    .await?;
+    let mut wfs = WorkflowServiceClient::new(with_token(ch, ADMIN_TOKEN));
+    let wf = submit_workflow(
+        &mut wfs,
+        workflow(
+            "through-a-follower",
+            vec![node("a", &[], "echo a"), node("b", &["a"], "echo b")],
+        ),
+    )
+    .await?;
+    let watch = |after_revision: i64| {
+        let mut wfs = wfs.clone();
+        let id = wf.id.clone();
+        async move {
+            let mut s = wfs
+                .watch(WatchWorkflowRequest { id, after_revision })
+                .await?
+                .into_inner();
+            let mut out = Vec::new();
+            // The stream ends once the workflow is final.
+            while let Some(e) = tokio::time::timeout(T, s.message()).await?? {
+                out.push(e);
+            }
+            anyhow::Ok(out)
+        }
+    };
+    let events = watch(0).await?;
+    let revs: Vec<i64> = events.iter().map(|e| e.revision).collect();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+    let last = events.last().expect("events");
+    assert_eq!(
+        last.workflow.as_ref().expect("workflow").state(),
+        scabbard_common::proto::WorkflowState::Succeeded,
+        "{last:?}"
+    );
+    // Resumed after the first event: the current (final) state once, nothing twice.
+    let resumed = watch(revs[0]).await?;
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert_eq!(resumed[0].revision, *revs.last().unwrap());
+    // Resumed after the last event: nothing new, and the stream ends (the workflow is final).
+    assert!(watch(*revs.last().unwrap()).await?.is_empty());
+    Ok(())
+}

@@ -490,3 +490,91 @@ async fn workflow_watch_through_a_follower_resumes_from_a_revision() -> anyhow::
     assert!(watch(*revs.last().unwrap()).await?.is_empty());
     Ok(())
 }
+
+/// gRPC health status of `addr` as grpcurl prints it ("SERVING", "NOT_SERVING", …).
+async fn health(addr: &str) -> Option<String> {
+    let (ok, out, _) = grpcurl_raw(vec![
+        "-plaintext".into(),
+        addr.into(),
+        "grpc.health.v1.Health/Check".into(),
+    ])
+    .await
+    .ok()?;
+    if !ok {
+        return None;
+    }
+    out.split('"').nth(3).map(str::to_string)
+}
+
+#[tokio::test]
+async fn a_follower_whose_leader_cannot_be_reached_says_not_serving_and_redirects()
+-> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1)?;
+    let dir = tempfile::tempdir()?;
+    let opts = |advertise: Option<String>| {
+        let mut extra: Vec<String> = vec![
+            "--store".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            etcd.endpoints(),
+            "--logs-dir".into(),
+            dir.path().join("shared-logs").display().to_string(),
+            "--leader-lease-ttl".into(),
+            "2s".into(),
+        ];
+        if let Some(a) = advertise {
+            extra.extend(["--advertise-addr".into(), a]);
+        }
+        ControllerOpts {
+            lease: "8s",
+            extra,
+            ..ControllerOpts::default()
+        }
+    };
+    // The leader advertises an address nothing listens on.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut first = Controller::start(
+        &dir.path().join("c0"),
+        free_port(),
+        &opts(Some(dead.clone())),
+    )?;
+    let first_addr = first.addr.to_string();
+    eventually("the first controller to lead", T, || async {
+        (health(&first_addr).await.as_deref() == Some("SERVING")).then_some(())
+    })
+    .await?;
+    let second = Controller::start(&dir.path().join("c1"), free_port(), &opts(None))?;
+    let addr = second.addr.to_string();
+    eventually("the follower to say NOT_SERVING", T, || async {
+        (health(&addr).await.as_deref() == Some("NOT_SERVING")).then_some(())
+    })
+    .await?;
+    // Calls get the redirect they got before forwarding existed, within the connect bound.
+    let asked = Instant::now();
+    let err = direct(&addr)
+        .await?
+        .get(scabbard_common::proto::GetTaskRequest {
+            id: "01nothing".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(
+        scabbard_common::error::leader_hint(&err).as_deref(),
+        Some(dead.as_str())
+    );
+    // Once the unreachable leader is gone, the follower leads and serves.
+    first.proc.kill9();
+    eventually(
+        "the second controller to lead and say SERVING",
+        T,
+        || async { (health(&addr).await.as_deref() == Some("SERVING")).then_some(()) },
+    )
+    .await?;
+    Ok(())
+}

@@ -39,6 +39,11 @@ use crate::core::Route;
 /// Metadata set on a forwarded call (value: the forwarding controller's address).
 pub const FORWARDED_KEY: &str = "x-scabbard-forwarded-by";
 
+/// Metadata set on a forwarded call: the address of the client the follower serves. The
+/// leader records it beside the follower's address (`<follower> for <client>` in audit
+/// entries); never trusted alone, since any client could send it.
+pub const FORWARDED_FOR_KEY: &str = "x-scabbard-forwarded-for";
+
 /// How long a follower tries to connect to the leader before answering with a redirect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -163,6 +168,15 @@ where
         if let Ok(v) = http::HeaderValue::from_str(&self.layer.me) {
             req.headers_mut().insert(FORWARDED_KEY, v);
         }
+        let client = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr())
+            .and_then(|a| http::HeaderValue::from_str(&a.to_string()).ok());
+        match client {
+            Some(v) => req.headers_mut().insert(FORWARDED_FOR_KEY, v),
+            None => req.headers_mut().remove(FORWARDED_FOR_KEY),
+        };
         Box::pin(async move {
             match channel.oneshot(req).await {
                 Ok(resp) => Ok(resp),

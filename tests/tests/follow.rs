@@ -262,6 +262,24 @@ async fn grpcurl_and_the_cli_work_through_a_follower() -> anyhow::Result<()> {
     let logged = run(&["logs", "--controller", f, &id]);
     assert!(logged.contains("line-3"), "{logged}");
 
+    // The leader's audit log names the follower and, as the follower's word, the client.
+    grpcurl_call(
+        &follower,
+        "scabbard.v1.AdminService/CreateToken",
+        r#"{"kind":"TOKEN_KIND_API","name":"via-follower","scopes":["SCOPE_READ"],"project":"default"}"#,
+    )
+    .await?;
+    let audit = grpcurl_call(
+        &follower,
+        "scabbard.v1.AdminService/ListAudit",
+        r#"{"action":"token.create","limit":1}"#,
+    )
+    .await?;
+    assert!(
+        audit.contains("token.create") && audit.contains(" for 127.0.0.1:"),
+        "{audit}"
+    );
+
     // Agent sessions are not forwarded: Register on a follower still redirects.
     let err = scabbard_common::client::AgentServiceClient::new(client::connect(f).await?)
         .register(scabbard_common::proto::RegisterRequest {

@@ -20,7 +20,10 @@
 //!   configuration (no CA to verify its peers with), so TLS clusters keep redirecting.
 //!
 //! A leader that cannot be reached within [`CONNECT_TIMEOUT`] gets the caller the redirect
-//! it got before (`UNAVAILABLE` with the leader's address).
+//! it got before (`UNAVAILABLE` with the leader's address). A connected leader that goes
+//! silent (frozen) is found by HTTP/2 keepalive pings within about 4 s: the forwarded calls
+//! fail and the caller retries (new calls go to the next leader once one is elected) (no deadline on the first response, so
+//! slow uploads and long unary calls are not cut).
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -73,8 +76,9 @@ impl LeaderChannels {
             .map_err(|e| Error::invalid(format!("leader address {addr}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(10))
+            // A frozen leader (connected, silent) fails the forwarded calls within ~4 s.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true)
             .connect_lazy();
         *current = Some((addr.to_string(), ch.clone()));

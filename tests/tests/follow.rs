@@ -596,3 +596,77 @@ async fn a_follower_whose_leader_cannot_be_reached_says_not_serving_and_redirect
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_forwarded_watch_fails_soon_when_the_leader_freezes_and_resumes_elsewhere()
+-> anyhow::Result<()> {
+    let c = start(2, 0)?;
+    let all = c.addrs_except("");
+    let first = eventually("a leader", T, || leader(&all)).await?;
+    let follower = c.addrs_except(&first);
+    let mut tasks = TaskServiceClient::new(admin_channel(&all).await?);
+    let id = submit(&mut tasks, shell("true")).await?;
+    let mut watch = direct(&follower)
+        .await?
+        .watch(WatchTasksRequest {
+            ids: vec![id.clone()],
+            send_initial: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let initial = tokio::time::timeout(T, watch.message())
+        .await??
+        .expect("the initial state");
+    let leader_proc = c
+        .controllers
+        .iter()
+        .find(|x| x.addr.to_string() == first)
+        .expect("leader is one of ours");
+    leader_proc.proc.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    // The forwarded stream breaks (keepalive) instead of hanging on the silent leader.
+    let ended = tokio::time::timeout(Duration::from_secs(20), watch.message()).await;
+    let took = frozen.elapsed();
+    leader_proc.proc.signal(libc::SIGCONT);
+    assert!(
+        matches!(ended, Ok(Err(_)) | Ok(Ok(None))),
+        "the watch did not break within 20 s: {ended:?}"
+    );
+    eprintln!("forwarded watch broke {took:?} after the leader froze");
+    // Resumed at the follower (now leading, or forwarding to whoever leads).
+    let mut resumed = direct(&follower)
+        .await?
+        .watch(WatchTasksRequest {
+            ids: vec![id.clone()],
+            after_revision: initial.revision,
+            after_task_id: id.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    eventually("a cancel through the follower", T, || {
+        let follower = follower.clone();
+        let id = id.clone();
+        async move {
+            let mut t = direct(&follower).await.ok()?;
+            t.cancel(scabbard_common::proto::CancelTaskRequest {
+                id,
+                reason: "test".into(),
+            })
+            .await
+            .ok()
+        }
+    })
+    .await?;
+    let next = tokio::time::timeout(T, resumed.message())
+        .await??
+        .expect("an event after the resume point");
+    assert!(next.revision > initial.revision, "{next:?}");
+    assert_eq!(
+        next.task.as_ref().expect("task").state(),
+        TaskState::Cancelled,
+        "{next:?}"
+    );
+    Ok(())
+}

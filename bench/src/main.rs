@@ -312,6 +312,7 @@ async fn watch_all(
         .watch(WatchTasksRequest {
             ids: vec![],
             send_initial: false,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod core;
+pub mod forward;
 pub mod leader;
 pub mod limits;
 pub mod listener;

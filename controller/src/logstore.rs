@@ -139,6 +139,20 @@ impl LogStore {
         .await
     }
 
+    /// Bytes of chunk data stored for the attempt, when known without touching the disk
+    /// (the attempt is cached and loaded, and no write holds it right now). For the core,
+    /// which must not wait on the disk: an attempt that just received its log is cached.
+    pub fn cached_bytes(&self, task_id: &str, attempt: u32) -> Option<u64> {
+        let entry = lock(&self.shared.cache)
+            .attempts
+            .get(&(task_id.to_string(), attempt))
+            .cloned()?;
+        if !entry.loaded.load(Ordering::Acquire) {
+            return None;
+        }
+        entry.state.try_lock().ok().map(|st| st.bytes)
+    }
+
     /// Up to `max_chunks` chunks with `seq >= from_seq`, in order.
     pub async fn read(
         &self,

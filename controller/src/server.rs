@@ -27,6 +27,7 @@ use crate::auth::{AuthLayer, Catalog};
 use crate::config::ControllerConfig;
 use crate::core::persist::Fence;
 use crate::core::{self, CoreRouter, Route};
+use crate::forward::{ForwardLayer, LeaderChannels};
 use crate::leader;
 use crate::logstore::LogStore;
 use crate::store::{EmbeddedStore, EtcdStore, Store};
@@ -392,6 +393,17 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
+/// The gRPC server with its layers: forwarding (outermost), auth, limits.
+type ApiRouter = tonic::transport::server::Router<
+    tower::layer::util::Stack<
+        crate::limits::LimitsLayer,
+        tower::layer::util::Stack<
+            AuthLayer,
+            tower::layer::util::Stack<ForwardLayer, tower::layer::util::Identity>,
+        >,
+    >,
+>;
+
 fn router(
     cfg: &Arc<ControllerConfig>,
     core: CoreRouter,
@@ -400,27 +412,48 @@ fn router(
     templates: Arc<Registry>,
     artifact_store: Arc<ArtifactStore>,
     advertise: String,
-) -> Result<
-    tonic::transport::server::Router<
-        tower::layer::util::Stack<
-            crate::limits::LimitsLayer,
-            tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
-        >,
-    >,
-> {
+) -> Result<ApiRouter> {
     let max = cfg.max_message_bytes;
     let (reporter, health_svc) = tonic_health::server::health_reporter();
-    // SERVING while this controller leads or knows the leader to redirect to; NOT_SERVING
-    // while no leader is known (e.g. the store is unreachable).
+    // SERVING where a call would succeed: while this controller leads, or follows a leader
+    // that answers (calls are forwarded to it; checked every second). NOT_SERVING while no
+    // leader is known (e.g. the store is unreachable) or the leader cannot be reached.
+    // Without forwarding (TLS listeners), SERVING while the leader to redirect to is known.
+    let forwarding = !cfg.tls.enabled();
+    let channels = Arc::new(LeaderChannels::default());
+    let forward = ForwardLayer::new(
+        core.watch(),
+        channels.clone(),
+        advertise.clone(),
+        forwarding,
+    );
     let mut routes = core.watch();
     tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = None;
         loop {
-            let serving = !matches!(&*routes.borrow_and_update(), Route::Follower(None));
+            let route = routes.borrow_and_update().clone();
+            let serving = match route {
+                Route::Active(_) => true,
+                Route::Follower(None) => false,
+                Route::Follower(Some(_)) if !forwarding => true,
+                Route::Follower(Some(leader)) => {
+                    crate::forward::leader_serving(&channels, &leader, Duration::from_secs(1)).await
+                }
+            };
             let status = if serving {
                 tonic_health::ServingStatus::Serving
             } else {
                 tonic_health::ServingStatus::NotServing
             };
+            if last == Some(status) {
+                tokio::select! {
+                    _ = tick.tick() => continue,
+                    changed = routes.changed() => if changed.is_err() { return } else { continue },
+                }
+            }
+            last = Some(status);
             for name in [
                 "",
                 "scabbard.v1.TaskService",
@@ -433,9 +466,6 @@ fn router(
                 "scabbard.v1.ArtifactService",
             ] {
                 reporter.set_service_status(name, status).await;
-            }
-            if routes.changed().await.is_err() {
-                return;
             }
         }
     });
@@ -501,6 +531,9 @@ fn router(
     .max_decoding_message_size(artifact_max)
     .max_encoding_message_size(artifact_max);
     Ok(crate::tls::server_builder(&cfg.tls)?
+        // Outermost: a follower forwards client calls to the leader untouched (the leader
+        // authenticates them).
+        .layer(forward)
         .layer(AuthLayer::new(catalog))
         // Inside auth: rate limits per principal, concurrency limit, per-RPC deadline.
         .layer(crate::limits::LimitsLayer::new(

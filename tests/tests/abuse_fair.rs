@@ -236,6 +236,7 @@ async fn unread_watch_streams_are_ended_and_memory_stays_bounded() -> anyhow::Re
             w.watch(WatchTasksRequest {
                 ids: Vec::new(),
                 send_initial: false,
+                ..Default::default()
             })
             .await?
             .into_inner(),
@@ -321,6 +322,7 @@ async fn unread_watch_streams_are_ended_and_memory_stays_bounded() -> anyhow::Re
         .watch(WatchTasksRequest {
             ids: vec![t.id.clone()],
             send_initial: true,
+            ..Default::default()
         })
         .await?
         .into_inner();

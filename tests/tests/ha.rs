@@ -112,12 +112,25 @@ async fn followers_redirect_to_the_single_leader() -> anyhow::Result<()> {
         .await?;
         assert_eq!(s.members.iter().filter(|m| m.leader).count(), 1, "{s:?}");
         if ctl.addr.to_string() != leader {
-            let err = TaskServiceClient::new(with_token(
+            // Client calls are forwarded to the leader (tests/tests/follow.rs has more) …
+            let r = TaskServiceClient::new(with_token(
                 client::connect(&ctl.addr.to_string()).await?,
                 ADMIN_TOKEN,
             ))
             .submit(scabbard_common::proto::SubmitTaskRequest {
                 spec: Some(shell("true")),
+                ..Default::default()
+            })
+            .await?;
+            assert!(r.into_inner().task.is_some());
+            // … agent sessions are redirected to the single leader.
+            let err = scabbard_common::client::AgentServiceClient::new(
+                client::connect(&ctl.addr.to_string()).await?,
+            )
+            .register(scabbard_common::proto::RegisterRequest {
+                registration_token: TOKEN.into(),
+                name: "via-follower".into(),
+                slots: 1,
                 ..Default::default()
             })
             .await

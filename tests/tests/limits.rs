@@ -218,6 +218,7 @@ async fn streams_hold_no_slot_and_outlive_the_rpc_deadline() -> anyhow::Result<(
             .watch(WatchTasksRequest {
                 ids: vec![],
                 send_initial: false,
+                ..Default::default()
             })
             .await?
             .into_inner();

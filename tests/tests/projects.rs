@@ -58,6 +58,7 @@ async fn cross_project_access_is_refused_on_every_rpc_that_takes_an_id() -> anyh
                 t.watch(WatchTasksRequest {
                     ids: vec![id],
                     send_initial: true,
+                    ..Default::default()
                 })
                 .await
                 .map(drop)

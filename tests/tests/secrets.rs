@@ -99,6 +99,7 @@ async fn an_echoed_secret_shows_as_stars_in_logs_and_nowhere_in_plain_text() -> 
         .watch(WatchTasksRequest {
             ids: vec![],
             send_initial: false,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -209,6 +210,7 @@ sleep 2"#,
         .watch(WatchTasksRequest {
             ids: vec![id.clone()],
             send_initial: true,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -168,7 +168,10 @@ async fn cancel_stops_running_tasks_and_watch_streams_progress() -> anyhow::Resu
     )
     .await?;
     let mut stream = wfs
-        .watch(WatchWorkflowRequest { id: wf.id.clone() })
+        .watch(WatchWorkflowRequest {
+            id: wf.id.clone(),
+            ..Default::default()
+        })
         .await?
         .into_inner();
     // Wait (through the stream) until `long` runs, then cancel.

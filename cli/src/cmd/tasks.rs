@@ -99,6 +99,7 @@ async fn wait(tasks: &mut TaskServiceClient<AuthedChannel>, id: &str) -> Result<
         .watch(WatchTasksRequest {
             ids: vec![id.to_string()],
             send_initial: true,
+            ..Default::default()
         })
         .await
         .map_err(output::status)?

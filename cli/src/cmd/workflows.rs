@@ -146,7 +146,10 @@ fn read_file(path: &std::path::Path) -> Result<(String, String)> {
 pub(crate) async fn follow(wf: &mut Client, id: &str, show: bool) -> Result<Workflow> {
     let tty = std::io::stdout().is_terminal();
     let mut stream = wf
-        .watch(WatchWorkflowRequest { id: id.to_string() })
+        .watch(WatchWorkflowRequest {
+            id: id.to_string(),
+            ..Default::default()
+        })
         .await
         .map_err(output::status)?
         .into_inner();

@@ -4,18 +4,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use prost::Message;
 use scabbard_common::Error;
 use scabbard_common::proto::{
     CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, LogChunk,
     SubmitTaskRequest, SubmitTaskResponse, Task, TaskEvent, TaskLogsRequest, TaskState,
     WatchTasksRequest, task_service_server::TaskService,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::audit;
 use crate::auth::{self, Catalog, Principal};
-use crate::core::{CoreMsg, CoreRouter, validate};
+use crate::core::{CoreMsg, CoreRouter, TASK_PREFIX, validate};
+use crate::store::{Store, WatchEvent};
 // Every task leaving this service goes through `masked`: secret values read "***".
 use crate::sealed::masked;
 
@@ -137,31 +139,39 @@ impl TaskService for TaskApi {
         for id in &r.ids {
             validate::id("task", id)?;
         }
-        let ids = r.ids.clone();
-        let (snapshot, mut rx) = self
-            .core
-            .call(|reply| CoreMsg::Subscribe { ids, reply })
-            .await?;
-        if r.ids.len() != snapshot.len() {
-            let missing = r
-                .ids
-                .iter()
-                .find(|id| !snapshot.iter().any(|t| &t.id == *id));
-            return Err(Error::not_found("task", missing.cloned().unwrap_or_default()).into());
+        if r.after_revision < 0 {
+            return Err(Error::invalid("after_revision must not be negative").into());
         }
-        for t in &snapshot {
+        // Served from the store's history, not from the core: every event is a committed
+        // task record named by its store revision, so a resume point means the same on
+        // every controller and across leader changes.
+        let store = self.catalog.store().clone();
+        let (snapshot, from) = if r.after_revision > 0 {
+            (
+                read_tasks(store.as_ref(), &r.ids).await?.0,
+                r.after_revision,
+            )
+        } else {
+            let (snapshot, at) = read_tasks(store.as_ref(), &r.ids).await?;
+            (snapshot, at + 1)
+        };
+        for (t, _) in &snapshot {
             who.check_visible("task", &t.id, &t.project)?;
         }
+        let mut changes = store.watch(TASK_PREFIX, from).await?;
         let slot = self.streams.open(&who.token_id)?;
         let (tx, out) = self.streams.outbox::<TaskEvent>(slot);
         super::guard::end_on_revoke(self.catalog.clone(), who.token_id.clone(), tx.ender());
         let filter: std::collections::HashSet<String> = r.ids.into_iter().collect();
-        let send_initial = r.send_initial;
+        let send_initial = r.send_initial && r.after_revision == 0;
+        // Resuming inside a revision: skip its events up to and including that task's.
+        let mut skip = (r.after_revision > 0).then_some((r.after_revision, r.after_task_id));
         tokio::spawn(async move {
             if send_initial {
-                for t in snapshot {
+                for (t, revision) in snapshot {
                     if !tx.push(TaskEvent {
                         task: Some(masked(t)),
+                        revision,
                     }) {
                         return;
                     }
@@ -169,31 +179,59 @@ impl TaskService for TaskApi {
             }
             loop {
                 let next = tokio::select! {
-                    next = rx.recv() => next,
+                    next = changes.recv() => next,
                     _ = tx.closed() => return,
                 };
-                match next {
-                    Ok(t) => {
-                        if (!filter.is_empty() && !filter.contains(&t.id))
-                            || !who.may_access(&t.project)
-                        {
-                            continue;
-                        }
-                        // False: the client went away or fell too far behind (then the
-                        // stream ends with RESOURCE_EXHAUSTED, its buffer freed).
-                        if !tx.push(TaskEvent {
-                            task: Some(masked((*t).clone())),
-                        }) {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                let kv = match next {
+                    Some(Ok(WatchEvent::Put(kv))) => kv,
+                    Some(Ok(WatchEvent::Delete { .. })) => continue,
+                    Some(Err(e)) => {
                         tx.finish(Status::aborted(format!(
-                            "watch fell {n} events behind; watch again with send_initial"
+                            "the watch broke ({e}); watch again from the last event's revision and task id"
                         )));
                         return;
                     }
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    None => {
+                        tx.finish(Status::unavailable(
+                            "the store watch ended; watch again from the last event's revision and task id",
+                        ));
+                        return;
+                    }
+                };
+                let Some(id) = kv.key.strip_prefix(TASK_PREFIX) else {
+                    continue;
+                };
+                if let Some((rev, after_id)) = &skip {
+                    if kv.mod_revision == *rev {
+                        // The client's last event: what follows in this revision is new.
+                        let last_seen = !after_id.is_empty() && id == after_id;
+                        if last_seen {
+                            skip = None;
+                        }
+                        continue;
+                    }
+                    skip = None;
+                }
+                if !filter.is_empty() && !filter.contains(id) {
+                    continue;
+                }
+                let t = match Task::decode(kv.value.as_slice()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(key = %kv.key, error = %e, "undecodable task record in a watch");
+                        continue;
+                    }
+                };
+                if !who.may_access(&t.project) {
+                    continue;
+                }
+                // False: the client went away or fell too far behind (then the stream
+                // ends with RESOURCE_EXHAUSTED, its buffer freed).
+                if !tx.push(TaskEvent {
+                    task: Some(masked(t)),
+                    revision: kv.mod_revision,
+                }) {
+                    return;
                 }
             }
         });
@@ -243,5 +281,45 @@ impl TaskService for TaskApi {
                 m
             },
         ))))
+    }
+}
+
+/// The records of the tasks `ids`, each with its revision, read consistently at one store
+/// revision (also returned): nothing changed them between the read and that revision, so a
+/// watch from the next revision misses nothing. `NOT_FOUND` names a missing task.
+async fn read_tasks(store: &dyn Store, ids: &[String]) -> Result<(Vec<(Task, i64)>, i64), Status> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let kv = store
+                .get(&format!("{TASK_PREFIX}{id}"))
+                .await?
+                .ok_or_else(|| Error::not_found("task", id.clone()))?;
+            let t = Task::decode(kv.value.as_slice())
+                .map_err(|e| Error::internal(format!("corrupt task record {id}: {e}")))?;
+            out.push((t, kv.mod_revision));
+        }
+        let at = store.revision().await?;
+        // Read again: unchanged means every state above is the state at `at`.
+        let mut stable = true;
+        for (t, rev) in &out {
+            let now = store.get(&format!("{TASK_PREFIX}{}", t.id)).await?;
+            if now.is_none_or(|kv| kv.mod_revision != *rev) {
+                stable = false;
+                break;
+            }
+        }
+        if stable || tries >= 20 {
+            if !stable {
+                return Err(Error::Unavailable(
+                    "the watched tasks change too fast to read them consistently; try again".into(),
+                )
+                .into());
+            }
+            out.sort_by_key(|(_, rev)| *rev);
+            return Ok((out, at));
+        }
     }
 }

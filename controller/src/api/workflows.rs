@@ -8,15 +8,15 @@ use scabbard_common::proto::{
     SubmitWorkflowRequest, SubmitWorkflowResponse, TemplateRef, WatchWorkflowRequest, Workflow,
     WorkflowEvent, WorkflowSpec, WorkflowState, workflow_service_server::WorkflowService,
 };
-use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use super::tasks::BoxStream;
 use crate::audit;
 use crate::auth::{self, Catalog, Principal};
-use crate::core::workflows::workflow_final;
+use crate::core::workflows::{records, workflow_final};
 use crate::core::{CoreMsg, CoreRouter, validate};
 use crate::sealed::mask_spec;
+use crate::store::WatchEvent;
 
 /// Implementation of `scabbard.v1.WorkflowService`.
 pub struct WorkflowApi {
@@ -194,60 +194,148 @@ impl WorkflowService for WorkflowApi {
         req: Request<WatchWorkflowRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = auth::principal(&req)?;
-        let id = req.into_inner().id;
+        let r = req.into_inner();
+        let id = r.id;
         validate::id("workflow", &id)?;
-        let (now, mut rx) = self
-            .core
-            .ask(|reply| CoreMsg::SubscribeWorkflows {
-                id: id.clone(),
-                reply,
-            })
-            .await?;
+        if r.after_revision < 0 {
+            return Err(Error::invalid("after_revision must not be negative").into());
+        }
+        // Served from the store (header and node records, read at one revision, then its
+        // changes), not from the core: revisions mean the same on every controller and
+        // across leader changes.
+        let store = self.catalog.store().clone();
+        let header = records::header_key(&id);
+        let page = store.range(&header, None, 0).await?;
+        let mut parts = Parts::new(&header);
+        for kv in page.kvs {
+            parts.put(kv.key, kv.value, kv.mod_revision);
+        }
+        let (now, now_rev) = parts
+            .assemble()?
+            .ok_or_else(|| Error::not_found("workflow", id.clone()))?;
         who.check_visible("workflow", &id, &now.project)?;
+        let mut changes = store.watch(&header, page.revision + 1).await?;
         let slot = self.streams.open(&who.token_id)?;
         let (tx, out) = self.streams.outbox::<WorkflowEvent>(slot);
         super::guard::end_on_revoke(self.catalog.clone(), who.token_id.clone(), tx.ender());
+        let after = r.after_revision;
         tokio::spawn(async move {
-            let mut last_update = now.updated_at_ms;
-            let done = workflow_final(now.state());
-            let event = |wf: Workflow| WorkflowEvent {
+            let event = |wf: Workflow, revision: i64| WorkflowEvent {
                 workflow: Some(masked_workflow(wf)),
+                revision,
             };
-            if !tx.push(event(now)) || done {
+            let done = workflow_final(now.state());
+            if now_rev > after && !tx.push(event(now, now_rev)) {
+                return;
+            }
+            if done {
                 return;
             }
             loop {
                 let next = tokio::select! {
-                    next = rx.recv() => next,
+                    next = changes.recv() => next,
                     _ = tx.closed() => return,
                 };
-                match next {
-                    Ok(wf) if wf.id == id => {
-                        if wf.updated_at_ms < last_update {
-                            continue; // an older write published late
+                let header_rev = match next {
+                    Some(Ok(WatchEvent::Put(kv))) => {
+                        let is_header = kv.key == parts.header;
+                        let rev = kv.mod_revision;
+                        parts.put(kv.key, kv.value, rev);
+                        // The header is written last for every change of the workflow.
+                        if !is_header {
+                            continue;
                         }
-                        last_update = wf.updated_at_ms;
-                        let done = workflow_final(wf.state());
-                        if !tx.push(event((*wf).clone())) || done {
+                        rev
+                    }
+                    Some(Ok(WatchEvent::Delete { key, .. })) => {
+                        if key == parts.header {
+                            tx.finish(Status::not_found(format!("workflow {id} was deleted")));
                             return;
                         }
+                        parts.remove(&key);
+                        continue;
                     }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                    Some(Err(e)) => {
                         tx.finish(Status::aborted(format!(
-                            "watch fell {n} events behind; watch again (the first event is the current state)"
+                            "the watch broke ({e}); watch again from the last event's revision"
                         )));
                         return;
                     }
-                    Err(broadcast::error::RecvError::Closed) => {
+                    None => {
                         tx.finish(Status::unavailable(
-                            "the controller stopped leading; watch again to follow the new leader",
+                            "the store watch ended; watch again from the last event's revision",
                         ));
                         return;
                     }
+                };
+                let wf = match parts.assemble() {
+                    Ok(Some((wf, _))) => wf,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tx.finish(e);
+                        return;
+                    }
+                };
+                let done = workflow_final(wf.state());
+                if !tx.push(event(wf, header_rev)) || done {
+                    return;
                 }
             }
         });
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// The records of one workflow (header and parts) as a watch sees them.
+struct Parts {
+    header: String,
+    records: std::collections::BTreeMap<String, Vec<u8>>,
+    header_rev: i64,
+}
+
+impl Parts {
+    fn new(header: &str) -> Self {
+        Self {
+            header: header.to_string(),
+            records: Default::default(),
+            header_rev: 0,
+        }
+    }
+
+    /// Keeps `key` if it is this workflow's (the prefix also matches longer ids).
+    fn put(&mut self, key: String, value: Vec<u8>, rev: i64) {
+        if key == self.header {
+            self.header_rev = rev;
+        } else if !key
+            .strip_prefix(self.header.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+        {
+            return;
+        }
+        self.records.insert(key, value);
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.records.remove(key);
+    }
+
+    /// The workflow and its header's revision; `None` without a header.
+    fn assemble(&self) -> Result<Option<(Workflow, i64)>, Status> {
+        if !self.records.contains_key(&self.header) {
+            return Ok(None);
+        }
+        let mut loader = records::Loader::default();
+        for (k, v) in &self.records {
+            loader.add(k, v)?;
+        }
+        let loaded = loader.finish();
+        if let Some((id, why)) = loaded.broken.into_iter().next() {
+            return Err(Error::internal(format!("workflow {id}: {why}")).into());
+        }
+        Ok(loaded
+            .workflows
+            .into_iter()
+            .next()
+            .map(|wf| (wf, self.header_rev)))
     }
 }

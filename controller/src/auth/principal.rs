@@ -174,6 +174,17 @@ pub fn principal<T>(req: &tonic::Request<T>) -> Result<Principal> {
         })?;
     if let Some(a) = req.remote_addr() {
         p.peer = a.to_string();
+        // A call a follower forwarded: its client's address too, labelled as the
+        // follower's word for it.
+        if req.metadata().contains_key(crate::forward::FORWARDED_KEY)
+            && let Some(client) = req
+                .metadata()
+                .get(crate::forward::FORWARDED_FOR_KEY)
+                .and_then(|v| v.to_str().ok())
+        {
+            let client: String = client.chars().take(64).collect();
+            p.peer = format!("{a} for {client}");
+        }
     }
     Ok(p)
 }

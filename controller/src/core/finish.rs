@@ -148,6 +148,8 @@ impl State {
         if let Some(a) = t.attempts.last_mut() {
             a.finished_at_ms = now;
             a.result = Some(result.clone());
+            // Logs before a report are stored before the core sees the report.
+            a.log_bytes = self.logs.cached_bytes(&f.task_id, attempt).unwrap_or(0);
         }
         compact_earlier_attempts(t);
         t.agent_id.clear();
@@ -227,6 +229,9 @@ impl State {
         if let Some(a) = t.attempts.last_mut().filter(|a| a.result.is_none()) {
             a.finished_at_ms = now;
             a.result = Some(failure.clone());
+            if let Some(bytes) = self.logs.cached_bytes(task_id, a.fencing_token as u32) {
+                a.log_bytes = bytes;
+            }
         }
         compact_earlier_attempts(t);
         let old_agent = std::mem::take(&mut t.agent_id);

@@ -145,11 +145,6 @@ pub(crate) enum CoreMsg {
         reason: String,
         reply: Reply<Workflow>,
     },
-    /// The workflow now and a receiver of every later workflow change.
-    SubscribeWorkflows {
-        id: String,
-        reply: Reply<(Workflow, broadcast::Receiver<Arc<Workflow>>)>,
-    },
     CreateSchedule {
         spec: scabbard_common::proto::ScheduleSpec,
         project: String,
@@ -378,7 +373,6 @@ pub(crate) struct State {
     /// Workflows whose tasks changed since they were last advanced.
     pub(crate) wf_dirty: BTreeSet<String>,
     pub(crate) wf_idempotency: HashMap<String, String>,
-    pub(crate) wf_events: broadcast::Sender<Arc<Workflow>>,
     /// Schedules by id, and their parsed cron expressions.
     pub(crate) schedules: BTreeMap<String, scabbard_common::proto::Schedule>,
     pub(crate) crons: HashMap<String, crate::schedules::plan::Cron>,
@@ -458,7 +452,6 @@ pub(crate) async fn start(
         wf_active: BTreeSet::new(),
         wf_dirty: BTreeSet::new(),
         wf_idempotency: HashMap::new(),
-        wf_events: broadcast::channel(4096).0,
         schedules: BTreeMap::new(),
         crons: HashMap::new(),
         templates,
@@ -618,10 +611,6 @@ impl State {
             }
             CoreMsg::CancelWorkflow { id, reason, reply } => {
                 self.cancel_workflow(id, reason, reply).await
-            }
-            CoreMsg::SubscribeWorkflows { id, reply } => {
-                let rx = self.wf_events.subscribe();
-                let _ = reply.send(self.get_workflow(&id).map(|w| (w, rx)));
             }
             CoreMsg::CreateSchedule {
                 spec,

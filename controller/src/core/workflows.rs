@@ -10,7 +10,6 @@
 //! full. Only the leader's core runs this; everything is rebuilt from the store on start.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use prost::Message;
 use scabbard_common::proto::{
@@ -634,13 +633,13 @@ impl State {
     }
 
     /// Queues the durable writes of a workflow's changed nodes (`nodes`, by index), then of
-    /// its header; publishes the workflow and runs `effects` once the header is durable.
+    /// its header; runs `effects` once the header is durable.
     /// A node change writes one small record, whatever the workflow's size.
     pub(super) async fn persist_workflow(
         &mut self,
         wf: &Workflow,
         nodes: impl Iterator<Item = usize>,
-        mut effects: Vec<Effect>,
+        effects: Vec<Effect>,
     ) {
         for i in nodes {
             self.write(
@@ -650,13 +649,7 @@ impl State {
             )
             .await;
         }
-        let snapshot = Arc::new(wf.clone());
-        let events = self.wf_events.clone();
-        effects.push(Box::new(move |r| {
-            if r.is_ok() {
-                let _ = events.send(snapshot);
-            }
-        }));
+        // Written last: a watch (api::workflows) reads a change as complete at the header.
         self.write(
             records::header_key(&wf.id),
             Some(records::header(wf).encode_to_vec()),

@@ -30,6 +30,7 @@ fn snapshot(id: &str, state: WorkflowState, node: NodeState, done: u32) -> Workf
             total: 1,
             ..Workflow::default()
         }),
+        revision: 0,
     }
 }
 

@@ -18,6 +18,14 @@ use scabbard_tests::chaos::cluster::ChaosCluster;
 use scabbard_tests::chaos::{self, ChaosPlan};
 use scabbard_tests::*;
 
+async fn term(store: &Arc<dyn Store>) -> anyhow::Result<String> {
+    Ok(store
+        .get("meta/term")
+        .await?
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+        .unwrap_or_default())
+}
+
 /// The tests here each start many processes and measure times: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -122,6 +130,7 @@ async fn killing_the_etcd_leader_member_stalls_commits_for_seconds_not_a_request
     let mut watch = store.watch("tasks/", rev + 1).await?;
     // Drain what was committed before the kill.
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), watch.recv()).await {}
+    let term_before = term(&store).await?;
     let before = store.revision().await?;
     let killed = Instant::now();
     c.etcd.kill9(m);
@@ -142,13 +151,7 @@ async fn killing_the_etcd_leader_member_stalls_commits_for_seconds_not_a_request
             Err(_) => anyhow::bail!("no task commit within 20 s of killing etcd member m{m}"),
         }
     };
-    let terms = store
-        .get("meta/term")
-        .await?
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-    eprintln!(
-        "etcd leader member m{m} killed: task commits resumed after {resumed:?} (meta/term {terms:?})"
-    );
+    eprintln!("etcd leader member m{m} killed: task commits resumed after {resumed:?}");
     let ids = flow.await?;
     for (i, id) in &ids {
         let t = wait_state(&mut tasks, id, None, Duration::from_secs(60)).await?;
@@ -156,6 +159,12 @@ async fn killing_the_etcd_leader_member_stalls_commits_for_seconds_not_a_request
         assert_eq!(logs(&mut tasks, id, 0, false).await?, format!("flow {i}\n"));
     }
     assert!(ids.len() > 20, "too few tasks flowed: {}", ids.len());
+    // Not asserted (etcd's own election takes 1-2 s of a 3 s leader lease): whether the
+    // Scabbard leader kept its term through it.
+    eprintln!(
+        "Scabbard term before the kill {term_before}, after {}",
+        term(&store).await?
+    );
     assert!(
         resumed < Duration::from_secs(4),
         "commits resumed only {resumed:?} after the etcd leader member died"

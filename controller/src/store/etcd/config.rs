@@ -36,8 +36,8 @@ pub struct EtcdConfig {
     /// not `request_timeout`.
     #[serde(deserialize_with = "duration")]
     pub attempt_timeout: Duration,
-    /// HTTP/2 keep-alive ping interval on each etcd connection, and how long a ping may go
-    /// unanswered before the connection is dropped as dead (default 1 s).
+    /// How long an HTTP/2 keep-alive ping on an etcd connection may go unanswered before the
+    /// connection is dropped as dead (default 2 s); pings go every half of it.
     #[serde(deserialize_with = "duration")]
     pub keep_alive_timeout: Duration,
     /// Bound of [`EtcdStore::connect`](super::EtcdStore::connect) (default 5 s).
@@ -60,7 +60,7 @@ impl Default for EtcdConfig {
             namespace: "/scabbard/".into(),
             request_timeout: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(1),
-            keep_alive_timeout: Duration::from_secs(1),
+            keep_alive_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
             max_request_bytes: 1536 * 1024,
         }
@@ -271,7 +271,7 @@ mod tests {
         assert_eq!(c.request_timeout, Duration::from_millis(1500));
         assert_eq!(c.connect_timeout, Duration::from_secs(60));
         assert_eq!(c.attempt_timeout, Duration::from_millis(750));
-        assert_eq!(c.keep_alive_timeout, Duration::from_secs(1));
+        assert_eq!(c.keep_alive_timeout, Duration::from_secs(2));
         assert_eq!(c.username, None);
         c.validate().unwrap();
         let unknown = toml::from_str::<EtcdConfig>("endpoint = []").unwrap_err();

@@ -10,9 +10,11 @@
 //! surely never reached etcd (connection refused, no leader), so a retried transaction can
 //! never apply twice here (a write whose try timed out is `Unavailable`, outcome unknown;
 //! the committer decides). Dead connections are found by HTTP/2 pings
-//! (`keep_alive_timeout`). This module owns no domain logic.
+//! (`keep_alive_timeout`), and members that stop answering (killed, frozen) are taken out of
+//! the balancer until they answer again ([`endpoints`]). This module owns no domain logic.
 
 mod config;
+mod endpoints;
 mod errors;
 mod watch;
 
@@ -58,6 +60,8 @@ pub struct EtcdStore {
     endpoints: String,
     /// The servers' request size limit ([`EtcdConfig::max_request_bytes`]).
     max_request_bytes: usize,
+    /// Takes dead endpoints out of the balancer; stops with the store.
+    _prober: Option<endpoints::Prober>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -94,7 +98,16 @@ impl EtcdStore {
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
             Ok(Ok(c)) => c,
         };
+        // Probes need no etcd leader: a member that answers is in service.
+        let probe_opts = connect_options(cfg)?.with_require_leader(false);
+        let prober = endpoints::spawn(
+            client.clone(),
+            cfg.endpoints.clone(),
+            probe_opts,
+            cfg.attempt_timeout,
+        );
         let store = Self {
+            _prober: prober,
             kv: client.kv_client(),
             watch: client.watch_client(),
             lease: client.lease_client(),
@@ -282,8 +295,8 @@ fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(cfg.connect_timeout)
         // Dead connections (a killed member, a silent partition) are noticed within about
-        // two keep-alive timeouts, idle or not.
-        .with_keep_alive(cfg.keep_alive_timeout, cfg.keep_alive_timeout)
+        // 1.5 keep-alive timeouts, idle or not.
+        .with_keep_alive(cfg.keep_alive_timeout / 2, cfg.keep_alive_timeout)
         .with_keep_alive_while_idle(true)
         // A member cut off from its quorum refuses requests (and ends watches) instead of
         // serving stale data.

@@ -241,6 +241,12 @@ pub(crate) struct ControllerArgs {
     /// Key prefix in etcd (default `/scabbard/`).
     #[arg(long)]
     pub(crate) etcd_namespace: Option<String>,
+    /// Bound of one try of an etcd request (default 1s): reads are sent again after it.
+    #[arg(long, env = "SCABBARD_ETCD_ATTEMPT_TIMEOUT", value_parser = crate::duration::parse)]
+    pub(crate) etcd_attempt_timeout: Option<std::time::Duration>,
+    /// Bound of a whole etcd request, retries included (default 5s).
+    #[arg(long, env = "SCABBARD_ETCD_REQUEST_TIMEOUT", value_parser = crate::duration::parse)]
+    pub(crate) etcd_request_timeout: Option<std::time::Duration>,
     /// Address others are redirected to while this controller leads (default: --listen).
     #[arg(long, env = "SCABBARD_ADVERTISE_ADDR")]
     pub(crate) advertise_addr: Option<String>,

@@ -105,6 +105,13 @@ impl EtcdMember {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Sends `sig` (e.g. `SIGSTOP` to freeze it, `SIGCONT`), if it runs.
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            crate::send_signal(pid as i32, sig);
+        }
+    }
+
     /// SIGKILL and reap. Nothing happens if it is not running.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -3,6 +3,7 @@
 //! wait on conditions with deadlines. Every child is killed when its handle drops.
 
 pub mod agent;
+pub mod chaos;
 pub mod etcd;
 pub mod fleet;
 pub mod moto;

@@ -197,6 +197,12 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if let Some(ns) = a.etcd_namespace {
         cfg.etcd.namespace = ns;
     }
+    if let Some(d) = a.etcd_attempt_timeout {
+        cfg.etcd.attempt_timeout = d;
+    }
+    if let Some(d) = a.etcd_request_timeout {
+        cfg.etcd.request_timeout = d;
+    }
     if a.advertise_addr.is_some() {
         cfg.advertise_addr = a.advertise_addr;
     }

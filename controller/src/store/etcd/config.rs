@@ -29,6 +29,17 @@ pub struct EtcdConfig {
     /// Bound of every request, retries included (default 5 s).
     #[serde(deserialize_with = "duration")]
     pub request_timeout: Duration,
+    /// Bound of one try of a request (default 1 s). A read or keep-alive that got no answer
+    /// within it is sent again (to any live member) until `request_timeout`; a transaction
+    /// is reported `Unavailable`, its outcome unknown, and the committer sends it again. A
+    /// request caught on a member whose etcd leader just died thus costs about this much,
+    /// not `request_timeout`.
+    #[serde(deserialize_with = "duration")]
+    pub attempt_timeout: Duration,
+    /// How long an HTTP/2 keep-alive ping on an etcd connection may go unanswered before the
+    /// connection is dropped as dead (default 2 s); pings go every half of it.
+    #[serde(deserialize_with = "duration")]
+    pub keep_alive_timeout: Duration,
     /// Bound of [`EtcdStore::connect`](super::EtcdStore::connect) (default 5 s).
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
@@ -48,6 +59,8 @@ impl Default for EtcdConfig {
             key_file: None,
             namespace: "/scabbard/".into(),
             request_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(1),
+            keep_alive_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
             max_request_bytes: 1536 * 1024,
         }
@@ -120,6 +133,12 @@ impl EtcdConfig {
         }
         if self.request_timeout < Duration::from_millis(10) {
             return bad("request_timeout must be at least 10ms".into());
+        }
+        if self.attempt_timeout < Duration::from_millis(10) {
+            return bad("attempt_timeout must be at least 10ms".into());
+        }
+        if self.keep_alive_timeout < Duration::from_millis(100) {
+            return bad("keep_alive_timeout must be at least 100ms".into());
         }
         if self.connect_timeout < Duration::from_millis(10) {
             return bad("connect_timeout must be at least 10ms".into());
@@ -243,6 +262,7 @@ mod tests {
             namespace = "/prod/"
             request_timeout = "1500ms"
             connect_timeout = "1m"
+            attempt_timeout = "750ms"
             "#,
         )
         .unwrap();
@@ -250,6 +270,8 @@ mod tests {
         assert_eq!(c.namespace, "/prod/");
         assert_eq!(c.request_timeout, Duration::from_millis(1500));
         assert_eq!(c.connect_timeout, Duration::from_secs(60));
+        assert_eq!(c.attempt_timeout, Duration::from_millis(750));
+        assert_eq!(c.keep_alive_timeout, Duration::from_secs(2));
         assert_eq!(c.username, None);
         c.validate().unwrap();
         let unknown = toml::from_str::<EtcdConfig>("endpoint = []").unwrap_err();

@@ -3,11 +3,18 @@
 //! A thin mapping onto etcd's own model: every key lives under [`EtcdConfig::namespace`],
 //! which callers never see (not in keys, ranges or watch events). Every call is bounded by
 //! `request_timeout`, retries included, and reports connection trouble as `Unavailable` naming
-//! the endpoints. Reads are retried on transient failures within that bound; writes only when
-//! they surely never reached etcd (connection refused, no leader), so a retried transaction
-//! can never apply twice. This module owns no domain logic.
+//! the endpoints. Each try is bounded by the shorter `attempt_timeout`: a request that reached
+//! a member whose etcd leader died hangs until a deadline (etcd drops the forwarded proposal
+//! silently), so reads are sent again after one short try instead of waiting out the whole
+//! bound. Reads are retried on transient failures within that bound; writes only when they
+//! surely never reached etcd (connection refused, no leader), so a retried transaction can
+//! never apply twice here (a write whose try timed out is `Unavailable`, outcome unknown;
+//! the committer decides). Dead connections are found by HTTP/2 pings
+//! (`keep_alive_timeout`), and members that stop answering (killed, frozen) are taken out of
+//! the balancer until they answer again ([`endpoints`]). This module owns no domain logic.
 
 mod config;
+mod endpoints;
 mod errors;
 mod watch;
 
@@ -47,10 +54,14 @@ pub struct EtcdStore {
     /// Key prefix, bytes of [`EtcdConfig::namespace`].
     namespace: Arc<[u8]>,
     request_timeout: Duration,
+    /// Bound of one try ([`EtcdConfig::attempt_timeout`]).
+    attempt_timeout: Duration,
     /// The configured endpoints, comma-separated, for messages.
     endpoints: String,
     /// The servers' request size limit ([`EtcdConfig::max_request_bytes`]).
     max_request_bytes: usize,
+    /// Takes dead endpoints out of the balancer; stops with the store.
+    _prober: Option<endpoints::Prober>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -87,12 +98,22 @@ impl EtcdStore {
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
             Ok(Ok(c)) => c,
         };
+        // Probes need no etcd leader: a member that answers is in service.
+        let probe_opts = connect_options(cfg)?.with_require_leader(false);
+        let prober = endpoints::spawn(
+            client.clone(),
+            cfg.endpoints.clone(),
+            probe_opts,
+            cfg.attempt_timeout,
+        );
         let store = Self {
+            _prober: prober,
             kv: client.kv_client(),
             watch: client.watch_client(),
             lease: client.lease_client(),
             namespace: cfg.namespace.as_bytes().into(),
             request_timeout: cfg.request_timeout,
+            attempt_timeout: cfg.attempt_timeout,
             endpoints: endpoints.clone(),
             max_request_bytes: cfg.max_request_bytes,
         };
@@ -177,14 +198,21 @@ impl EtcdStore {
         let started = Instant::now();
         let mut delay = Duration::from_millis(10);
         loop {
-            let err = match tokio::time::timeout_at(deadline, f(client.clone())).await {
+            let try_deadline = deadline.min(Instant::now() + self.attempt_timeout);
+            let err = match tokio::time::timeout_at(try_deadline, f(client.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => e,
+                // A read sent to a member that lost its leader waits for a deadline: send it
+                // again (the balancer may pick another member, or this one has a leader now).
+                Err(_) if retry == Retry::Idempotent && try_deadline < deadline => {
+                    tracing::debug!(what, "etcd try timed out; sending it again");
+                    continue;
+                }
                 Err(_) => {
                     return Err(Error::Unavailable(format!(
                         "etcd at {} did not complete {what} within {:?}",
                         self.endpoints,
-                        deadline - started
+                        Instant::now() - started
                     )));
                 }
             };
@@ -266,8 +294,9 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(cfg.connect_timeout)
-        // Dead connections (a silent partition) are noticed within ~10 s, idle or not.
-        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        // Dead connections (a killed member, a silent partition) are noticed within about
+        // 1.5 keep-alive timeouts, idle or not.
+        .with_keep_alive(cfg.keep_alive_timeout / 2, cfg.keep_alive_timeout)
         .with_keep_alive_while_idle(true)
         // A member cut off from its quorum refuses requests (and ends watches) instead of
         // serving stale data.

@@ -364,3 +364,77 @@ fn http_get(client_url: &str, path: &str) -> Option<String> {
     let status = head.lines().next()?;
     (status.starts_with("HTTP/1.") && status.contains(" 200")).then(|| body.to_string())
 }
+
+/// Several controller processes on one etcd member, sharing a logs directory (leader lease
+/// 2 s, agent lease 8 s), and worker processes connected to all of them.
+pub struct EtcdControllers {
+    /// The etcd cluster (one member).
+    pub etcd: EtcdCluster,
+    /// Holds the controllers' and workers' data dirs and the shared logs dir.
+    pub dir: TempDir,
+    /// The controller processes.
+    pub controllers: Vec<crate::Controller>,
+    /// The worker processes.
+    pub workers: Vec<crate::Worker>,
+}
+
+impl EtcdControllers {
+    /// Starts `controllers` controllers and `workers` workers with `slots` slots each.
+    pub fn start(controllers: usize, workers: usize, slots: u32) -> Result<Self> {
+        let etcd = EtcdCluster::start(1)?;
+        let dir = tempfile::tempdir()?;
+        let opts = crate::ControllerOpts {
+            lease: "8s",
+            extra: vec![
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                etcd.endpoints(),
+                "--logs-dir".into(),
+                dir.path().join("shared-logs").display().to_string(),
+                "--leader-lease-ttl".into(),
+                "2s".into(),
+            ],
+            ..crate::ControllerOpts::default()
+        };
+        let mut cs = Vec::new();
+        for i in 0..controllers {
+            cs.push(crate::Controller::start(
+                &dir.path().join(format!("c{i}")),
+                free_port(),
+                &opts,
+            )?);
+        }
+        let mut c = Self {
+            etcd,
+            dir,
+            controllers: cs,
+            workers: Vec::new(),
+        };
+        let addrs = c.addrs();
+        for i in 0..workers {
+            c.workers.push(crate::Worker::start(
+                &addrs,
+                &c.dir.path().join(format!("w{i}")),
+                &format!("w{i}"),
+                slots,
+            )?);
+        }
+        Ok(c)
+    }
+
+    /// Every controller's address, comma-separated (as `--controller` takes them).
+    pub fn addrs(&self) -> String {
+        self.addrs_except("")
+    }
+
+    /// Like [`addrs`](Self::addrs), without `skip`.
+    pub fn addrs_except(&self, skip: &str) -> String {
+        self.controllers
+            .iter()
+            .map(|c| c.addr.to_string())
+            .filter(|a| a != skip)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}

@@ -10,68 +10,10 @@ use scabbard_tests::*;
 
 const T: Duration = Duration::from_secs(60);
 
-struct Cluster {
-    etcd: EtcdCluster,
-    dir: tempfile::TempDir,
-    controllers: Vec<Controller>,
-    workers: Vec<Worker>,
-}
-
-impl Cluster {
-    fn addrs(&self) -> String {
-        self.controllers
-            .iter()
-            .map(|c| c.addr.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
+type Cluster = scabbard_tests::etcd::EtcdControllers;
 
 fn start(controllers: usize, workers: usize) -> anyhow::Result<Cluster> {
-    let etcd = EtcdCluster::start(1)?;
-    let dir = tempfile::tempdir()?;
-    let opts = ControllerOpts {
-        lease: "8s",
-        extra: vec![
-            "--store".into(),
-            "etcd".into(),
-            "--etcd-endpoints".into(),
-            etcd.endpoints(),
-            "--logs-dir".into(),
-            dir.path().join("shared-logs").display().to_string(),
-            "--leader-lease-ttl".into(),
-            "2s".into(),
-        ],
-        ..ControllerOpts::default()
-    };
-    let mut cs = Vec::new();
-    for i in 0..controllers {
-        cs.push(Controller::start(
-            &dir.path().join(format!("c{i}")),
-            free_port(),
-            &opts,
-        )?);
-    }
-    let addrs = cs
-        .iter()
-        .map(|c| c.addr.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut ws = Vec::new();
-    for i in 0..workers {
-        ws.push(Worker::start(
-            &addrs,
-            &dir.path().join(format!("w{i}")),
-            &format!("w{i}"),
-            3,
-        )?);
-    }
-    Ok(Cluster {
-        etcd,
-        dir,
-        controllers: cs,
-        workers: ws,
-    })
+    Cluster::start(controllers, workers, 3)
 }
 
 async fn leader(addrs: &str) -> Option<String> {

@@ -472,15 +472,11 @@ pub struct InProc {
 }
 
 impl InProc {
-    /// Starts one with the test defaults (1 MiB message limit).
-    pub async fn start() -> Result<Self> {
-        Self::start_with(|_| {}).await
-    }
-
-    /// Starts one after `tune` adjusted the config.
-    pub async fn start_with(
+    /// The test defaults (1 MiB message limit, fast heartbeats) in a fresh data dir, after
+    /// `tune` adjusted them.
+    fn config(
         tune: impl FnOnce(&mut scabbard_controller::ControllerConfig),
-    ) -> Result<Self> {
+    ) -> Result<(tempfile::TempDir, scabbard_controller::ControllerConfig)> {
         let dir = tempfile::tempdir()?;
         let mut cfg = scabbard_controller::ControllerConfig {
             listen: "127.0.0.1:0".parse()?,
@@ -493,6 +489,19 @@ impl InProc {
             ..scabbard_controller::ControllerConfig::default()
         };
         tune(&mut cfg);
+        Ok((dir, cfg))
+    }
+
+    /// Starts one with the test defaults (1 MiB message limit).
+    pub async fn start() -> Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts one after `tune` adjusted the config.
+    pub async fn start_with(
+        tune: impl FnOnce(&mut scabbard_controller::ControllerConfig),
+    ) -> Result<Self> {
+        let (dir, cfg) = Self::config(tune)?;
         let ctl = scabbard_controller::spawn(cfg).await?;
         Ok(Self { _dir: dir, ctl })
     }
@@ -503,18 +512,7 @@ impl InProc {
         store: std::sync::Arc<dyn scabbard_controller::store::Store>,
         tune: impl FnOnce(&mut scabbard_controller::ControllerConfig),
     ) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let mut cfg = scabbard_controller::ControllerConfig {
-            listen: "127.0.0.1:0".parse()?,
-            data_dir: dir.path().to_path_buf(),
-            registration_token: TOKEN.into(),
-            bootstrap_token: Some(ADMIN_TOKEN.into()),
-            max_message_bytes: 1024 * 1024,
-            heartbeat_interval_ms: 200,
-            agent_lease_ttl_ms: 2_000,
-            ..scabbard_controller::ControllerConfig::default()
-        };
-        tune(&mut cfg);
+        let (dir, cfg) = Self::config(tune)?;
         let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
         let shutdown = tokio_util::sync::CancellationToken::new();

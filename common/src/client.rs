@@ -321,6 +321,9 @@ fn looks_like_tls_needed(msg: &str) -> bool {
         "connection reset",
         "broken pipe",
         "connection closed",
+        // The server hung up before the HTTP/2 handshake finished (what a TLS listener
+        // does with a plaintext client when the reset races the client's preface).
+        "connection was not ready",
         "frame",
         "protocol",
     ]

@@ -305,6 +305,11 @@ async fn reregistering_a_live_agent_id_needs_proof() -> anyhow::Result<()> {
     let first = scabbard_tests::wait_agent(&c.addr(), "the worker", |a| a.name == "real")
         .await?
         .id;
+    // Registered is not yet saved: wait for the identity on disk before the kill.
+    eventually("the worker's identity on disk", T, || async {
+        (w.agent_id().as_deref() == Some(first.as_str())).then_some(())
+    })
+    .await?;
     w.proc.kill9();
     let _w = Worker::start(&c.addr(), dir.path(), "real", 1)?;
     drop(victim); // so the task goes to the real worker

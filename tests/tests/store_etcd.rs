@@ -187,6 +187,20 @@ async fn leader_index(cluster: &EtcdCluster) -> anyhow::Result<usize> {
 
 /// `n` writes and reads in a row, each of which must succeed first time.
 async fn serves_every_call(store: &EtcdStore, tag: &str, n: usize) {
+    // A member that just died is taken out of the balancer after its missed probes (about
+    // 1 s); from then on every call must succeed first time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store
+        .put(&format!("{tag}/probe"), b"v".to_vec())
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{tag}: the store never recovered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     for i in 0..n {
         let key = format!("{tag}/{i}");
         store

@@ -10,10 +10,14 @@
 //! * artifacts (`--kind artifacts`): upload + download of one artifact of
 //!   `--artifact-mib` MiB through the controller (local disk), in MB/s ([`artifacts`]).
 //!
+//! * failover and chaos (`--kind failover`, `--kind chaos`): fault figures on real
+//!   processes ([`chaos`]).
+//!
 //! Run: `cargo run --release -p scabbard-bench -- --kind noop` (or `--kind shell`,
-//! `--kind artifacts`).
+//! `--kind artifacts`, `--kind failover`, `--kind chaos`).
 
 mod artifacts;
+mod chaos;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,8 +39,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(about = "Scabbard control-plane benchmark")]
 struct Args {
-    /// `noop` (control plane alone), `shell` (`true` as a host process) or `artifacts`
-    /// (artifact upload + download throughput).
+    /// `noop` (control plane alone), `shell` (`true` as a host process), `artifacts`
+    /// (artifact upload + download throughput), `failover` (time until work resumes after
+    /// the leader or the etcd leader member is lost) or `chaos` (the chaos suite's figures).
     #[arg(long, default_value = "noop")]
     kind: String,
     /// `--kind artifacts`: size of the artifact, in MiB.
@@ -45,9 +50,15 @@ struct Args {
     /// `--kind artifacts`: rounds (the median is reported).
     #[arg(long, default_value_t = 3)]
     artifact_rounds: usize,
-    /// Tasks in the throughput run.
-    #[arg(long, default_value_t = 20_000)]
-    tasks: usize,
+    /// `--kind failover`: runs of each fault.
+    #[arg(long, default_value_t = 3)]
+    failover_runs: usize,
+    /// `--kind chaos`: the long form.
+    #[arg(long)]
+    chaos_long: bool,
+    /// Tasks in the throughput run (`--kind chaos`: overrides the plan's number of tasks).
+    #[arg(long)]
+    tasks: Option<usize>,
     /// Concurrent submitting clients.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -119,9 +130,13 @@ async fn main() {
 
 async fn bench(args: Args) -> Result<()> {
     scabbard_common::logging::init("warn", false);
-    if !matches!(args.kind.as_str(), "noop" | "shell" | "artifacts") {
-        bail!("--kind must be noop, shell or artifacts");
+    match args.kind.as_str() {
+        "noop" | "shell" | "artifacts" => {}
+        "failover" => return chaos::failover(args.failover_runs.max(1)).await,
+        "chaos" => return chaos::chaos(args.chaos_long, args.tasks).await,
+        _ => bail!("--kind must be noop, shell, artifacts, failover or chaos"),
     }
+    let n_tasks = args.tasks.unwrap_or(20_000);
     let temp = tempfile::tempdir()?;
     let dir = args
         .data_dir
@@ -248,7 +263,7 @@ async fn bench(args: Args) -> Result<()> {
         Some(s) => Some(scabbard_controller::store::Store::revision(s.as_ref()).await?),
         None => None,
     };
-    let per_client = args.tasks / args.concurrency.max(1);
+    let per_client = n_tasks / args.concurrency.max(1);
     let total = per_client * args.concurrency.max(1);
     let t0 = Instant::now();
     let mut clients = Vec::new();

@@ -346,6 +346,14 @@ pub(crate) struct ControllerArgs {
     /// Workers must present a client certificate from --tls-client-ca naming the agent.
     #[arg(long)]
     pub(crate) require_worker_client_cert: bool,
+    /// PEM CA of the other controllers' certificates: a TLS follower forwards calls to the
+    /// leader (without it, it redirects clients with UNAVAILABLE and the leader's address).
+    #[arg(long, env = "SCABBARD_TLS_PEER_CA")]
+    pub(crate) tls_peer_ca: Option<PathBuf>,
+    /// Name the leader's certificate must carry when forwarding (default: the host of its
+    /// advertised address).
+    #[arg(long)]
+    pub(crate) tls_peer_domain: Option<String>,
     #[command(flatten)]
     pub(crate) artifacts: ArtifactStoreArgs,
 }

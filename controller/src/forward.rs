@@ -16,8 +16,11 @@
 //!   clients find the leader with it).
 //! * Calls already forwarded once ([`FORWARDED_KEY`]): two controllers that each believe
 //!   the other leads must not bounce a call between them.
-//! * Everything while the listener speaks TLS: a controller has no client TLS
-//!   configuration (no CA to verify its peers with), so TLS clusters keep redirecting.
+//! * Everything while the listener speaks TLS and no peer CA is configured
+//!   (`tls.peer_ca_file`, `--tls-peer-ca`): the follower could not verify the leader's
+//!   certificate, so it redirects. With the peer CA it forwards over TLS, checking the
+//!   leader's certificate against the host of its advertised address (or
+//!   `tls.peer_domain`).
 //!
 //! A leader that cannot be reached within [`CONNECT_TIMEOUT`] gets the caller the redirect
 //! it got before (`UNAVAILABLE` with the leader's address). A connected leader that goes
@@ -34,7 +37,7 @@ use scabbard_common::Error;
 use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::codegen::http;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::core::Route;
@@ -61,9 +64,19 @@ pub fn forwardable(path: &str) -> bool {
 #[derive(Default)]
 pub struct LeaderChannels {
     current: Mutex<Option<(String, Channel)>>,
+    /// TLS towards the leader (peer CA), or plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl LeaderChannels {
+    /// Channels over TLS verified with `tls` (None: plaintext).
+    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
+        Self {
+            current: Mutex::default(),
+            tls,
+        }
+    }
+
     /// The channel to `addr` (connected lazily, on first use).
     pub fn get(&self, addr: &str) -> Result<Channel, Error> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
@@ -72,8 +85,15 @@ impl LeaderChannels {
         {
             return Ok(ch.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::invalid(format!("leader address {addr}: {e}")))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| Error::invalid(format!("leader address {addr}: {e}")))?;
+        if let Some(tls) = &self.tls {
+            ep = ep
+                .tls_config(tls.clone())
+                .map_err(|e| Error::invalid(format!("TLS towards the leader {addr}: {e}")))?;
+        }
+        let ch = ep
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             // A frozen leader (connected, silent) fails the forwarded calls within ~4 s.
@@ -106,7 +126,7 @@ pub struct ForwardLayer {
 impl ForwardLayer {
     /// Forwards while `route` says another controller leads; `me` is this controller's
     /// advertised address (sent along as [`FORWARDED_KEY`]). `enabled = false` keeps
-    /// redirecting (TLS listeners).
+    /// redirecting (TLS listeners without a peer CA).
     pub fn new(
         route: watch::Receiver<Route>,
         channels: Arc<LeaderChannels>,

@@ -161,6 +161,8 @@ async fn try_lead(
     me: &Candidate,
     ttl: Duration,
 ) -> Result<std::result::Result<Leadership, (String, i64)>> {
+    // The lease lives at least `ttl` from when the grant was sent.
+    let granted = Instant::now();
     let lease = store.lease_grant(ttl).await?;
     let put = Op::Put {
         key: LEADER_KEY.into(),
@@ -216,7 +218,7 @@ async fn try_lead(
         target: CompareTarget::ModRevision(revision),
     };
     let lost = CancellationToken::new();
-    let keepalive = tokio::spawn(keep_alive(store.clone(), lease, ttl, lost.clone()));
+    let keepalive = tokio::spawn(keep_alive(store.clone(), lease, ttl, granted, lost.clone()));
     Ok(Ok(Leadership {
         lease,
         fence,
@@ -225,19 +227,39 @@ async fn try_lead(
     }))
 }
 
-/// Renews the lease every ttl/3; declares leadership lost when renewal fails for 2/3 of
-/// the TTL (before the store would expire it) or the lease is gone.
-async fn keep_alive(store: Arc<dyn Store>, lease: LeaseId, ttl: Duration, lost: CancellationToken) {
-    let mut last_ok = Instant::now();
-    let mut tick = tokio::time::interval(ttl / 3);
+/// Renews the lease every ttl/6 and declares leadership lost when no renewal succeeded for
+/// a whole TTL (or the lease is gone).
+///
+/// Times count from when a renewal was *sent*: the store extends the lease to at least that
+/// instant plus the TTL, so by the time this leader steps down no other controller can have
+/// been elected before it (etcd only expires a lease through its own leader, and a new etcd
+/// leader first extends every lease by a TTL). Renewing six times per TTL and waiting out a
+/// whole TTL is what lets a leader ride through an etcd leader election (1–2 s without an
+/// etcd leader, plus dropping the dead endpoint): the earlier bound of 2/3 of the TTL, with
+/// renewals every third of it, cost the Scabbard leader its term on most etcd member kills.
+/// Nothing a leader does between losing the lease and noticing can do harm: its commits
+/// are fenced on the leader key, and every answer and assignment follows a commit.
+async fn keep_alive(
+    store: Arc<dyn Store>,
+    lease: LeaseId,
+    ttl: Duration,
+    granted: Instant,
+    lost: CancellationToken,
+) {
+    let mut last_ok = granted;
+    let every = ttl / 6;
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = lost.cancelled() => return,
         }
-        match tokio::time::timeout(ttl / 3, store.lease_keep_alive(lease)).await {
-            Ok(Ok(())) => last_ok = Instant::now(),
+        let sent = Instant::now();
+        // A try may take until the step-down bound: a slow answer still renews.
+        let left = (last_ok + ttl).saturating_duration_since(sent);
+        match tokio::time::timeout(left.max(every), store.lease_keep_alive(lease)).await {
+            Ok(Ok(())) => last_ok = sent,
             Ok(Err(Error::NotFound { .. })) => {
                 warn!("leader lease expired: stepping down");
                 lost.cancel();
@@ -246,7 +268,7 @@ async fn keep_alive(store: Arc<dyn Store>, lease: LeaseId, ttl: Duration, lost: 
             Ok(Err(e)) => warn!(error = %e, "leader lease renewal failed"),
             Err(_) => warn!("leader lease renewal timed out"),
         }
-        if last_ok.elapsed() >= ttl * 2 / 3 {
+        if last_ok.elapsed() >= ttl {
             warn!("leader lease not renewed in time: stepping down");
             lost.cancel();
             return;

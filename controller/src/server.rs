@@ -418,9 +418,16 @@ fn router(
     // SERVING where a call would succeed: while this controller leads, or follows a leader
     // that answers (calls are forwarded to it; checked every second). NOT_SERVING while no
     // leader is known (e.g. the store is unreachable) or the leader cannot be reached.
-    // Without forwarding (TLS listeners), SERVING while the leader to redirect to is known.
-    let forwarding = !cfg.tls.enabled();
-    let channels = Arc::new(LeaderChannels::default());
+    // Without forwarding (TLS listeners without a peer CA), SERVING while the leader to
+    // redirect to is known.
+    let (forwarding, channels) = match crate::tls::peer_client_config(&cfg.tls) {
+        Ok(tls) => (true, LeaderChannels::new(tls)),
+        Err(why) => {
+            info!("followers redirect instead of forwarding: {why} (--tls-peer-ca)");
+            (false, LeaderChannels::default())
+        }
+    };
+    let channels = Arc::new(channels);
     let forward = ForwardLayer::new(
         core.watch(),
         channels.clone(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use scabbard_common::tls::{CLIENT_CERT_PHRASE, cert_names, read_cert_pem, read_key_pem};
 use scabbard_common::{Error, Result};
 use serde::Deserialize;
+use tonic::transport::ClientTlsConfig;
 use tonic::transport::server::ServerTlsConfig;
 use tonic::transport::{Certificate, CertificateDer, Identity, Server};
 
@@ -32,6 +33,13 @@ pub struct TlsConfig {
     /// `AgentService.Register` and `Session` refuse workers without a verified client
     /// certificate naming the agent (needs `client_ca_file`).
     pub require_worker_client_cert: bool,
+    /// PEM CA bundle the other controllers' certificates are verified against: with it a
+    /// follower forwards client calls to the leader over TLS (see `forward`); without it
+    /// a TLS follower answers with a redirect (`UNAVAILABLE` and the leader's address).
+    pub peer_ca_file: Option<PathBuf>,
+    /// Name the leader's certificate is checked against when forwarding (default: the
+    /// host of the leader's advertised address).
+    pub peer_domain: Option<String>,
 }
 
 impl TlsConfig {
@@ -67,6 +75,19 @@ impl TlsConfig {
             }
             read_cert_pem(ca, "tls.client_ca_file")?;
         }
+        if let Some(ca) = &self.peer_ca_file {
+            if !self.enabled() {
+                return Err(Error::invalid(
+                    "tls.peer_ca_file needs TLS: set tls.cert_file and tls.key_file (--tls-cert, --tls-key)",
+                ));
+            }
+            read_cert_pem(ca, "tls.peer_ca_file")?;
+        }
+        if self.peer_domain.is_some() && self.peer_ca_file.is_none() {
+            return Err(Error::invalid(
+                "tls.peer_domain needs tls.peer_ca_file (--tls-peer-ca), the CA of the other controllers' certificates",
+            ));
+        }
         if self.require_worker_client_cert && self.client_ca_file.is_none() {
             return Err(Error::invalid(
                 "tls.require_worker_client_cert needs tls.client_ca_file (--tls-client-ca), the CA that issues worker certificates",
@@ -99,6 +120,31 @@ impl TlsConfig {
         }
         Ok(Some(tls))
     }
+}
+
+/// How followers reach the leader to forward calls: `Ok(None)` plaintext (no TLS on the
+/// listener), `Ok(Some(_))` TLS verified against `peer_ca_file`; `Err` when the listener
+/// speaks TLS but no peer CA is set (followers redirect instead of forwarding).
+pub fn peer_client_config(
+    tls: &TlsConfig,
+) -> std::result::Result<Option<ClientTlsConfig>, &'static str> {
+    if !tls.enabled() {
+        return Ok(None);
+    }
+    let Some(ca) = &tls.peer_ca_file else {
+        return Err("tls.peer_ca_file is not set");
+    };
+    // Read (and checked) at validation; a file gone since then stops forwarding only.
+    let Ok(pem) = read_cert_pem(ca, "tls.peer_ca_file") else {
+        return Err("tls.peer_ca_file cannot be read");
+    };
+    let mut c = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pem))
+        .timeout(HANDSHAKE_TIMEOUT);
+    if let Some(d) = &tls.peer_domain {
+        c = c.domain_name(d.clone());
+    }
+    Ok(Some(c))
 }
 
 /// `Server::builder()`, with TLS applied when `tls` enables it.
@@ -249,9 +295,30 @@ mod tests {
             key_file: Some(pki.server_key.clone()),
             client_ca_file: Some(pki.ca_cert.clone()),
             require_worker_client_cert: true,
+            peer_ca_file: Some(pki.ca_cert.clone()),
+            peer_domain: None,
         };
         good.validate().unwrap();
         assert!(server_builder(&good).is_ok());
+        assert!(matches!(peer_client_config(&good), Ok(Some(_))));
+        let no_peer = TlsConfig {
+            peer_ca_file: None,
+            ..good.clone()
+        };
+        assert!(
+            peer_client_config(&no_peer).is_err(),
+            "TLS without a peer CA redirects"
+        );
+        assert!(matches!(
+            peer_client_config(&TlsConfig::default()),
+            Ok(None)
+        ));
+        let domain_alone = TlsConfig {
+            peer_domain: Some("controller".into()),
+            ..no_peer
+        };
+        let e = domain_alone.validate().unwrap_err().to_string();
+        assert!(e.contains("tls.peer_ca_file"), "{e}");
     }
 
     #[test]

@@ -28,11 +28,18 @@ use tonic::transport::Channel;
 /// Registration token used by every test cluster.
 pub const TOKEN: &str = "test-registration-token-0123456789";
 
-/// Path of the `scabbard` binary built alongside the tests.
+/// Path of the `scabbard` binary built alongside the tests (or the benchmark), or
+/// `SCABBARD_BIN`.
 pub fn scabbard_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SCABBARD_BIN") {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/scabbard
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/<test> (a test) or target/<profile>/<bin> → target/<profile>/scabbard
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let bin = dir.join("scabbard");
     assert!(
         bin.exists(),
@@ -40,6 +47,12 @@ pub fn scabbard_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The log level of the controllers and workers the harness starts: `info`, or
+/// `SCABBARD_TEST_LOG` (the benchmark's chaos and failover modes set `warn`).
+pub fn process_log_level() -> String {
+    std::env::var("SCABBARD_TEST_LOG").unwrap_or_else(|_| "info".into())
 }
 
 /// A free loopback port (bound then released).
@@ -191,7 +204,7 @@ impl Controller {
                 .into_iter()
                 .flatten(),
             )
-            .env("SCABBARD_LOG", "info")
+            .env("SCABBARD_LOG", process_log_level())
             .env("SCABBARD_BOOTSTRAP_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -275,7 +288,7 @@ impl Worker {
             ])
             .arg("--data-dir")
             .arg(data_dir)
-            .env("SCABBARD_LOG", "info")
+            .env("SCABBARD_LOG", process_log_level())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

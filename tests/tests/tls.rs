@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use scabbard_common::client::{self, AdminServiceClient, AgentServiceClient, ClientOptions};
+use scabbard_common::client::{
+    self, AdminServiceClient, AgentServiceClient, ClientOptions, TaskServiceClient,
+};
 use scabbard_common::proto::{ListAgentsRequest, RegisterRequest, TaskState};
 use scabbard_common::tls::{DevPki, generate_dev_pki};
 use scabbard_tests::*;
@@ -430,4 +432,135 @@ fn register_request(name: &str) -> RegisterRequest {
         version: "test".into(),
         ..Default::default()
     }
+}
+
+/// A TLS controller on etcd (`etcd` endpoints), forwarding to the leader when `peer_ca`.
+fn tls_etcd_controller(dir: &Path, pki: &DevPki, etcd: &str, peer_ca: bool) -> Result<Controller> {
+    let mut extra = vec![
+        "--tls-cert".to_string(),
+        pki.server_cert.display().to_string(),
+        "--tls-key".into(),
+        pki.server_key.display().to_string(),
+        "--store".into(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        etcd.into(),
+        "--logs-dir".into(),
+        dir.parent()
+            .context("parent")?
+            .join("shared-logs")
+            .display()
+            .to_string(),
+    ];
+    if peer_ca {
+        extra.extend(["--tls-peer-ca".into(), pki.ca_cert.display().to_string()]);
+    }
+    Controller::start(
+        dir,
+        free_port(),
+        &ControllerOpts {
+            extra,
+            ..ControllerOpts::default()
+        },
+    )
+}
+
+/// Whether the controller at `addr` (reached directly over TLS) leads.
+async fn leads(addr: &str, pki: &DevPki) -> bool {
+    let Ok(ch) = client::connect_with(addr, &opts(pki, None)).await else {
+        return false;
+    };
+    AdminServiceClient::new(with_token(ch, ADMIN_TOKEN))
+        .cluster_status(scabbard_common::proto::ClusterStatusRequest {})
+        .await
+        .is_ok_and(|s| s.get_ref().answered_by_leader && s.get_ref().store_healthy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_follower_with_the_peer_ca_forwards_and_one_without_redirects() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = generate_dev_pki(&dir.path().join("tls"), "tls-worker", &[])?;
+    let etcd = scabbard_tests::etcd::EtcdServer::start()?;
+    let a = tls_etcd_controller(&dir.path().join("a"), &pki, &etcd.endpoints(), true)?;
+    let b = tls_etcd_controller(&dir.path().join("b"), &pki, &etcd.endpoints(), true)?;
+    let (a_addr, b_addr) = (a.addr.to_string(), b.addr.to_string());
+    let leader = eventually("a TLS leader", Duration::from_secs(30), || {
+        let (a_addr, b_addr, pki) = (a_addr.clone(), b_addr.clone(), &pki);
+        async move {
+            if leads(&a_addr, pki).await {
+                Some(a_addr)
+            } else if leads(&b_addr, pki).await {
+                Some(b_addr)
+            } else {
+                None
+            }
+        }
+    })
+    .await?;
+    let follower = if leader == a_addr { b_addr } else { a_addr };
+    // Started once a leader is known, so it follows.
+    let c = tls_etcd_controller(&dir.path().join("c"), &pki, &etcd.endpoints(), false)?;
+    let no_peer = c.addr.to_string();
+
+    // Straight to the follower (no redirect following): submit, get, list and watch work.
+    let ch = client::connect_with(&follower, &opts(&pki, None)).await?;
+    let mut tasks = TaskServiceClient::new(with_token(ch, ADMIN_TOKEN));
+    let id = eventually(
+        "a submit through the TLS follower",
+        Duration::from_secs(20),
+        || {
+            let mut t = tasks.clone();
+            async move { submit(&mut t, shell("true")).await.ok() }
+        },
+    )
+    .await?;
+    assert_eq!(get(&mut tasks, &id).await?.id, id);
+    let listed = tasks
+        .list(scabbard_common::proto::ListTasksRequest::default())
+        .await?
+        .into_inner();
+    assert!(listed.tasks.iter().any(|t| t.id == id), "{listed:?}");
+    let mut watch = tasks
+        .watch(scabbard_common::proto::WatchTasksRequest {
+            ids: vec![id.clone()],
+            send_initial: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let ev = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .context("a watch event through the follower")??
+        .context("the forwarded watch ended")?;
+    assert_eq!(ev.task.map(|t| t.id), Some(id.clone()));
+
+    // Without the peer CA the follower redirects, naming the leader.
+    let ch = client::connect_with(&no_peer, &opts(&pki, None)).await?;
+    let tasks = TaskServiceClient::new(with_token(ch, ADMIN_TOKEN));
+    let st = eventually(
+        "the follower without a peer CA to redirect",
+        Duration::from_secs(20),
+        || {
+            let mut t = tasks.clone();
+            async move {
+                match get(&mut t, "nonexistent").await {
+                    Err(e) => e
+                        .downcast::<tonic::Status>()
+                        .ok()
+                        .filter(|s| s.code() == Code::Unavailable),
+                    Ok(_) => None,
+                }
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        st.metadata()
+            .get(scabbard_common::LEADER_METADATA_KEY)
+            .and_then(|v| v.to_str().ok()),
+        Some(leader.as_str()),
+        "{st:?}"
+    );
+    drop((a, b, c));
+    Ok(())
 }

@@ -38,6 +38,9 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
             key_file: Some(p.server_key.clone()),
             client_ca_file: Some(p.ca_cert.clone()),
             require_worker_client_cert: true,
+            // One controller: nobody to forward to, but the same CA would verify peers.
+            peer_ca_file: Some(p.ca_cert.clone()),
+            peer_domain: None,
         };
     }
     let shutdown = super::shutdown_on_signals();
@@ -317,6 +320,12 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     }
     if a.require_worker_client_cert {
         cfg.tls.require_worker_client_cert = true;
+    }
+    if a.tls_peer_ca.is_some() {
+        cfg.tls.peer_ca_file = a.tls_peer_ca;
+    }
+    if a.tls_peer_domain.is_some() {
+        cfg.tls.peer_domain = a.tls_peer_domain;
     }
     apply_artifact_args(&mut cfg.artifacts, a.artifacts);
     cfg.validate()?;

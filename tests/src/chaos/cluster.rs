@@ -68,12 +68,32 @@ impl ChaosCluster {
         slots: u32,
         leader_lease: &str,
     ) -> Result<Self> {
+        Self::start_leases(
+            etcd_members,
+            controllers,
+            workers,
+            slots,
+            leader_lease,
+            "3s",
+        )
+        .await
+    }
+
+    /// [`Self::start_with`] with another agent lease too (the production default is `10s`).
+    pub async fn start_leases(
+        etcd_members: usize,
+        controllers: usize,
+        workers: usize,
+        slots: u32,
+        leader_lease: &str,
+        agent_lease: &'static str,
+    ) -> Result<Self> {
         let etcd = EtcdCluster::start(etcd_members)?;
         let dir = tempfile::Builder::new()
             .prefix("scabbard-chaos-")
             .tempdir()?;
         let opts = ControllerOpts {
-            lease: "3s",
+            lease: agent_lease,
             extra: vec![
                 "--store".into(),
                 "etcd".into(),

@@ -9,6 +9,7 @@
 
 pub mod check;
 pub mod cluster;
+pub mod failover;
 pub mod faulty;
 
 use std::fmt;

@@ -38,8 +38,14 @@ pub(crate) async fn failover(runs: usize) -> Result<()> {
     let mut b = FailoverBench::start().await?;
     let mut samples = Vec::new();
     // Interleaved, so a slow stretch of the machine does not land on one kind.
+    // SCABBARD_FAILOVER_ONLY=kill-leader|stop-leader|kill-etcd-leader measures one kind.
+    let only = std::env::var("SCABBARD_FAILOVER_ONLY").ok();
+    let kinds: Vec<Takeover> = Takeover::ALL
+        .into_iter()
+        .filter(|t| only.as_deref().is_none_or(|o| o == t.flag()))
+        .collect();
     for _ in 0..runs {
-        for t in Takeover::ALL {
+        for &t in &kinds {
             let s = b.measure(t).await?;
             println!(
                 "  {:<28} work resumed after {:.2} s  requeued {}/{}  term changed: {}",

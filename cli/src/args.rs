@@ -14,7 +14,7 @@ pub(crate) struct Cli {
     /// Deadline on each call to the controller (e.g. `10s`, `500ms`): a call that gets no
     /// answer in time fails with a deadline error instead of waiting. Streams (`logs
     /// --follow`, watches) must start within it, then run on. Default: none (a silent
-    /// controller is still detected by keep-alive pings within about 5 s).
+    /// controller is still detected by keep-alive pings within about 4 s).
     #[arg(long, global = true, env = "SCABBARD_TIMEOUT", value_parser = crate::duration::parse)]
     pub(crate) timeout: Option<std::time::Duration>,
     #[command(subcommand)]

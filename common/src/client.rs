@@ -49,11 +49,11 @@ pub const TIMEOUT_MESSAGE: &str = "Timeout expired";
 
 /// How often an HTTP/2 keep-alive ping goes to the controller, on every channel, busy or
 /// idle.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a ping may go unanswered before the connection is given up: a controller that
 /// stopped answering (frozen, partitioned) is detected within
-/// `KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT` (5 s), well within the default agent lease
+/// `KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT` (4 s), well within the default agent lease
 /// (10 s), and every call on that connection fails with UNAVAILABLE.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -351,10 +351,14 @@ pub async fn connect_leader(list: &str) -> Result<Channel> {
 /// [`connect_leader`] with TLS settings.
 ///
 /// Every step is bounded: the status call to each address and the check of the leader it
-/// names each get [`FIRST_RESPONSE_TIMEOUT`] (or the shorter `request_timeout`), so a
-/// frozen controller, or a redirect to one, costs a few seconds and the next address is
-/// tried, instead of hanging.
+/// names each get [`FIRST_RESPONSE_TIMEOUT`] (or the shorter `request_timeout`). The
+/// addresses are tried in order but staggered, not one after another: when one has not
+/// answered within [`STAGGER`] the next is tried alongside it, and the first to lead the
+/// caller to a leader wins. So a frozen controller first in the list (or a redirect into a
+/// frozen leader) costs a quarter of a second, not a connect deadline, while a healthy
+/// first address is still the one used.
 pub async fn connect_leader_with(list: &str, opts: &ClientOptions) -> Result<Channel> {
+    use futures::stream::{FuturesUnordered, StreamExt};
     let addrs = addresses(list);
     if addrs.is_empty() {
         return Err(Error::invalid(
@@ -364,33 +368,60 @@ pub async fn connect_leader_with(list: &str, opts: &ClientOptions) -> Result<Cha
     let deadline = opts
         .request_timeout
         .map_or(FIRST_RESPONSE_TIMEOUT, |t| t.min(FIRST_RESPONSE_TIMEOUT));
+    let mut rest = addrs.iter();
+    let mut pending = FuturesUnordered::new();
     let mut last = None;
-    for addr in &addrs {
-        let (channel, status) = match status_of(addr, opts, deadline).await {
-            Ok((channel, Some(s))) => (channel, s),
-            Ok((channel, None)) => return Ok(channel),
-            Err(e) => {
-                last = Some(e);
-                continue;
+    if let Some(a) = rest.next() {
+        pending.push(leader_via(a, opts, deadline));
+    }
+    loop {
+        let more = rest.len() > 0;
+        tokio::select! {
+            r = pending.next(), if !pending.is_empty() => match r {
+                Some(Ok(channel)) => return Ok(channel),
+                Some(Err(e)) => {
+                    last = Some(e);
+                    if let Some(a) = rest.next() {
+                        pending.push(leader_via(a, opts, deadline));
+                    }
+                }
+                None => {}
+            },
+            _ = tokio::time::sleep(STAGGER), if more => {
+                if let Some(a) = rest.next() {
+                    pending.push(leader_via(a, opts, deadline));
+                }
             }
-        };
-        if status.answered_by_leader
-            || status.leader.is_empty()
-            || status.leader == status.answered_by
-        {
-            return Ok(channel);
         }
-        // Follow the redirect, but only to a leader that answers in time (the one named
-        // may be frozen, its successor not yet known to this controller).
-        match status_of(&status.leader, opts, deadline).await {
-            Ok((leader, _)) => return Ok(leader),
-            Err(e) => {
-                tracing::debug!(%addr, leader = %status.leader, error = %e, "the leader named by a follower does not answer; trying the next controller");
-                last = Some(e);
-            }
+        if pending.is_empty() && rest.len() == 0 {
+            break;
         }
     }
     Err(last.unwrap_or_else(|| Error::Unavailable("no controller reachable".into())))
+}
+
+/// How long [`connect_leader_with`] waits for one address before trying the next too.
+pub const STAGGER: Duration = Duration::from_millis(250);
+
+/// The leader's channel as `addr` leads to it: `addr` itself when it leads (or no leader
+/// is elected, or it does not implement the status call), else the leader it names, if
+/// that answers in time (the one named may be frozen, its successor not yet known).
+async fn leader_via(addr: &str, opts: &ClientOptions, deadline: Duration) -> Result<Channel> {
+    let (channel, status) = match status_of(addr, opts, deadline).await? {
+        (channel, Some(s)) => (channel, s),
+        (channel, None) => return Ok(channel),
+    };
+    if status.answered_by_leader || status.leader.is_empty() || status.leader == status.answered_by
+    {
+        return Ok(channel);
+    }
+    match status_of(&status.leader, opts, deadline).await {
+        Ok((leader, _)) => Ok(leader),
+        Err(e) => {
+            tracing::debug!(%addr, leader = %status.leader, error = %e, "the leader named by a follower does not answer; trying the next controller");
+            Err(e)
+        }
+    }
 }
 
 /// Connects to `addr` and asks for the cluster status within `deadline`; `None` when the

@@ -174,6 +174,18 @@ async fn frozen_leader_stalls_work_one_lease_and_requeues_nothing() -> anyhow::R
     );
     let second = eventually("a new leader", T, || leader(&rest)).await?;
     assert_ne!(first, second);
+    // A client given every controller, the frozen one first, does not wait for it: the
+    // next address is tried alongside after a quarter of a second.
+    let frozen_first = format!("{first},{rest}");
+    let started = Instant::now();
+    let mut t = TaskServiceClient::new(admin_channel(&frozen_first).await?);
+    submit(&mut t, shell("echo frozen-first")).await?;
+    let took = started.elapsed();
+    eprintln!("frozen leader first in the list: connected and submitted in {took:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "a frozen first address held the client up for {took:?} (its connect deadline is 5 s)"
+    );
     let mut tasks = TaskServiceClient::new(admin_channel(&rest).await?);
     let p = wait_state(&mut tasks, &probe, None, T).await?;
     let resumed = frozen_at.elapsed();

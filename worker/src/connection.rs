@@ -260,7 +260,7 @@ impl Connection {
             Err(e) => return (End::Lost(e), false),
         };
         // The session must open, and the welcome arrive, within a bounded time. A frozen
-        // controller is dropped sooner by the keep-alive (about 5 s); this bound is for one
+        // controller is dropped sooner by the keep-alive (about 4 s); this bound is for one
         // that answers pings but not the session, and it is generous, because a new
         // leader's welcome waits for its recovery and a store commit.
         let silent = || {

@@ -42,6 +42,15 @@ impl Takeover {
         Takeover::KillEtcdLeader,
     ];
 
+    /// Its name on the command line.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Takeover::KillLeader => "kill-leader",
+            Takeover::StopLeader => "stop-leader",
+            Takeover::KillEtcdLeader => "kill-etcd-leader",
+        }
+    }
+
     /// A short name for tables.
     pub fn name(self) -> &'static str {
         match self {
@@ -205,7 +214,7 @@ impl FailoverBench {
                         .context("the leader has no process")?
                         .proc
                         .pid();
-                    signal(pid, libc::SIGSTOP);
+                    signal(pid, libc::SIGSTOP)?;
                     Restore::Thaw(pid)
                 }
             }
@@ -224,10 +233,7 @@ impl FailoverBench {
     fn restore(&mut self, r: Restore) -> Result<()> {
         match r {
             Restore::Controller(i) => self.cluster.restart_controller(i),
-            Restore::Thaw(pid) => {
-                signal(pid, libc::SIGCONT);
-                Ok(())
-            }
+            Restore::Thaw(pid) => signal(pid, libc::SIGCONT),
             Restore::EtcdMember(m) => self.cluster.etcd.restart(m),
         }
     }
@@ -240,12 +246,18 @@ enum Restore {
     EtcdMember(usize),
 }
 
+/// Sends `sig` to one process; never to a process group (a pid of 0 or less would stop
+/// the benchmark itself with every process it started).
 #[allow(unsafe_code)]
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
+fn signal(pid: i32, sig: i32) -> Result<()> {
+    if pid <= 0 {
+        bail!("no process to signal (pid {pid})");
     }
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Runs `f` with a fresh leader client until it succeeds (each try bounded by

@@ -2,6 +2,10 @@
 //! the core's messages to the worker, writes log chunks straight into the log store (and
 //! acks them) for attempts the agent currently holds, passes every other report to the
 //! core, and ends the session when the agent goes silent for longer than its lease.
+//! Liveness stays here: a heartbeat that reports nothing new (no cache or capability
+//! change, no drain) never becomes a core message, so 10,000 idle agents cost the core
+//! nothing per interval; the core reads when the agent was last heard from a shared
+//! counter.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +46,10 @@ pub(crate) struct SessionActor {
     pub(crate) overflow: CancellationToken,
     /// When the last message from the agent arrived (or the session began).
     pub(crate) last_heard: Instant,
+    /// The same as unix ms, shared with the core (which no plain heartbeat reaches).
+    pub(crate) last_seen: Arc<std::sync::atomic::AtomicI64>,
+    /// Whether the core was told the agent is draining.
+    pub(crate) draining_told: bool,
 }
 
 impl SessionActor {
@@ -67,6 +75,8 @@ impl SessionActor {
             catalog,
             overflow,
             last_heard: Instant::now(),
+            last_seen: attached.last_seen.clone(),
+            draining_told: false,
         }
     }
 
@@ -143,6 +153,10 @@ impl SessionActor {
                         Err(s) => return Ok(format!("stream error: {}", s.message())),
                     };
                     self.last_heard = Instant::now();
+                    self.last_seen.store(
+                        scabbard_common::time::now_ms(),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     deadline = self.last_heard + self.silence_limit;
                     let mut batch = vec![first];
                     while batch.len() < BATCH {
@@ -217,6 +231,18 @@ impl SessionActor {
                     if let agent_message::Msg::Hello(_) = other {
                         warn!(agent = %self.agent_id, "ignoring a second Hello");
                         continue;
+                    }
+                    if let agent_message::Msg::Heartbeat(h) = &other {
+                        // Liveness is this actor's business (the silence deadline, and
+                        // `last_seen`); the core hears of a heartbeat only when it says
+                        // something new: a cache or capability change, or draining.
+                        let news = h.cache.is_some()
+                            || h.capabilities.is_some()
+                            || (h.draining && !self.draining_told);
+                        if !news {
+                            continue;
+                        }
+                        self.draining_told |= h.draining;
                     }
                     self.core
                         .send(CoreMsg::FromAgent {

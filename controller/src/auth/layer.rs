@@ -56,7 +56,7 @@ pub fn rule(path: &str) -> Rule {
         ("ArtifactService", "Upload") => Rule::Agent,
         ("ArtifactService", "Download") => Rule::AgentOrApi(Scope::Read),
         ("ArtifactService", _) => Rule::Api(Scope::Read),
-        ("TaskService", "Submit" | "Cancel") => Rule::Api(Scope::Submit),
+        ("TaskService", "Submit" | "SubmitBatch" | "Cancel") => Rule::Api(Scope::Submit),
         ("TaskService", _) => Rule::Api(Scope::Read),
         ("ProjectService", "Get" | "List") => Rule::Api(Scope::Read),
         ("ProjectService", _) => Rule::Api(Scope::Admin),

@@ -235,7 +235,9 @@ impl State {
             self.queue.remove(&key);
             self.assign(&key.2, &agent, now).await;
             // The true count, also when the assignment could not be made.
-            self.sync_agent(&agent);
+            if let Some(a) = self.agents.get(&agent) {
+                self.placement.sync_running(&agent, a);
+            }
         }
     }
 
@@ -281,7 +283,7 @@ impl State {
         t.state = TaskState::Assigned as i32;
         t.updated_at_ms = now;
         agent.running.insert(task_id.to_string());
-        self.placement.sync(agent_id, Some(agent));
+        self.placement.sync_running(agent_id, agent);
         if let Some(spec) = t.spec.as_ref()
             && matches!(spec.kind, Some(proto::task_spec::Kind::Container(_)))
         {

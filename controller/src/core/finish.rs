@@ -164,7 +164,7 @@ impl State {
         let task = t.clone();
         if let Some(a) = self.agents.get_mut(agent_id) {
             a.running.remove(&f.task_id);
-            self.placement.sync(agent_id, Some(a));
+            self.placement.sync_running(agent_id, a);
         }
         let discard = if result.outcome() == Outcome::Succeeded {
             None
@@ -284,7 +284,7 @@ impl State {
         }
         if let Some(a) = self.agents.get_mut(&old_agent) {
             a.running.remove(task_id);
-            self.placement.sync(&old_agent, Some(a));
+            self.placement.sync_running(&old_agent, a);
         }
         // The ended attempt's uploads will never be served.
         let discard = task

@@ -25,8 +25,13 @@ use scabbard_common::proto::TaskSpec;
 use super::AgentEntry;
 use super::scheduler::{Candidate, PlacementClass, Warm, fits};
 
-/// Position of an agent with a free slot in its group: best first.
-type Rank = (Reverse<u32>, u32, String);
+/// Position of an agent with a free slot in its group: best first. The id is shared with
+/// the member, so moving an agent in the order allocates nothing.
+type Rank = (Reverse<u32>, u32, Arc<str>);
+
+/// Placement classes remembered with their fitting signatures before the memo is cleared
+/// (it is also cleared whenever a signature appears or goes).
+const MAX_MEMO: usize = 4096;
 
 /// Agents with one signature.
 struct Group {
@@ -40,6 +45,7 @@ struct Group {
 
 /// What the index holds of one agent that may get work.
 struct Member {
+    id: Arc<str>,
     sig: Arc<str>,
     slots: u32,
     running: u32,
@@ -52,8 +58,8 @@ impl Member {
         self.slots.saturating_sub(self.running)
     }
 
-    fn rank(&self, id: String) -> Rank {
-        (Reverse(self.free()), self.running, id)
+    fn rank(&self) -> Rank {
+        (Reverse(self.free()), self.running, self.id.clone())
     }
 }
 
@@ -163,13 +169,14 @@ impl AgentIndex {
         }
         group.members += 1;
         let m = Member {
+            id: Arc::from(id),
             sig,
             slots: a.slots,
             running,
             warm_keys: warm_keys(&entry.warm),
         };
         if m.free() > 0 {
-            group.free.insert(m.rank(id.to_string()));
+            group.free.insert(m.rank());
         }
         self.free_total += m.free() as u64;
         for k in &m.warm_keys {
@@ -187,7 +194,7 @@ impl AgentIndex {
         };
         self.free_total -= m.free() as u64;
         if let Some(g) = self.groups.get_mut(&m.sig) {
-            g.free.remove(&m.rank(id.to_string()));
+            g.free.remove(&m.rank());
             g.members -= 1;
             if g.members == 0 {
                 self.groups.remove(&m.sig);
@@ -217,19 +224,23 @@ impl AgentIndex {
             .get_mut(&m.sig)
             .expect("a member's group exists");
         let old_free = m.free();
-        let old = (Reverse(old_free), m.running, String::new());
-        // Take the ranked entry out (its id string moves, it is not copied).
-        let id_owned = if old_free > 0 {
-            let probe = (old.0, old.1, id.to_string());
-            g.free.take(&probe).map(|r| r.2)
-        } else {
-            None
-        };
+        if old_free > 0 {
+            g.free.remove(&m.rank());
+        }
         m.running = running;
         self.free_total = self.free_total - old_free as u64 + m.free() as u64;
         if m.free() > 0 {
-            let id = id_owned.unwrap_or_else(|| id.to_string());
-            g.free.insert(m.rank(id));
+            g.free.insert(m.rank());
+        }
+    }
+
+    /// Like [`sync`](Self::sync) after a change of the agent's running attempts alone (an
+    /// assignment, a result, a requeue): only its place in the order moves.
+    pub(crate) fn sync_running(&mut self, id: &str, entry: &AgentEntry) {
+        if self.members.contains_key(id) {
+            self.set_running(id, entry.running.len() as u32);
+        } else {
+            self.sync(id, Some(entry));
         }
     }
 
@@ -250,6 +261,9 @@ impl AgentIndex {
             .is_some_and(|p| p.contains_key(project))
         {
             return;
+        }
+        if self.fitting.len() >= MAX_MEMO {
+            self.fitting.clear();
         }
         let warm = Warm::default();
         let sigs = self
@@ -288,13 +302,14 @@ impl AgentIndex {
                 continue;
             };
             for (Reverse(free), running, id) in &g.free {
+                let id: &str = id;
                 examined += 1;
                 if !usable(id) {
                     continue;
                 }
                 let s = score(id);
                 warmest = warmest.max(s);
-                let key = (s, *free, Reverse(*running), Reverse(id.as_str()));
+                let key = (s, *free, Reverse(*running), Reverse(id));
                 if best.as_ref().is_none_or(|b| key > *b) {
                     best = Some(key);
                 }

@@ -117,7 +117,7 @@ impl State {
         self.retry_timers.retain(|(_, t)| t != id);
         for (agent_id, a) in self.agents.iter_mut() {
             if a.running.remove(id) {
-                self.placement.sync(agent_id, Some(a));
+                self.placement.sync_running(agent_id, a);
             }
         }
     }
@@ -197,7 +197,7 @@ impl State {
         }
         for (agent_id, a) in self.agents.iter_mut() {
             if a.running.remove(id) {
-                self.placement.sync(agent_id, Some(a));
+                self.placement.sync_running(agent_id, a);
             }
         }
         let task = self.tasks.get(id).expect("present").task.clone();

@@ -38,7 +38,8 @@ pub(crate) struct SessionActor {
     /// Attempts this agent holds: task id → fencing token.
     pub(crate) attempts: HashMap<String, u64>,
     pub(crate) silence_limit: Duration,
-    pub(crate) out: mpsc::Sender<Result<ControllerMessage, Status>>,
+    /// Messages are boxed (see `AgentTx`): idle queues stay small.
+    pub(crate) out: mpsc::Sender<Result<Box<ControllerMessage>, Status>>,
     /// The agent token this session authenticated with; its revocation ends the session.
     pub(crate) token_id: String,
     pub(crate) catalog: Arc<Catalog>,
@@ -58,7 +59,7 @@ impl SessionActor {
         core: CoreHandle,
         logs: Arc<LogStore>,
         attached: &Attached,
-        out: mpsc::Sender<Result<ControllerMessage, Status>>,
+        out: mpsc::Sender<Result<Box<ControllerMessage>, Status>>,
         token_id: String,
         catalog: Arc<Catalog>,
         overflow: CancellationToken,
@@ -85,7 +86,7 @@ impl SessionActor {
         mut self,
         attached: Attached,
         mut inbound: Streaming<AgentMessage>,
-        mut from_core: mpsc::Receiver<ControllerMessage>,
+        mut from_core: mpsc::Receiver<Box<ControllerMessage>>,
     ) {
         let why = match self.serve(attached, &mut inbound, &mut from_core).await {
             Ok(why) => why,
@@ -105,7 +106,7 @@ impl SessionActor {
         &mut self,
         attached: Attached,
         inbound: &mut Streaming<AgentMessage>,
-        from_core: &mut mpsc::Receiver<ControllerMessage>,
+        from_core: &mut mpsc::Receiver<Box<ControllerMessage>>,
     ) -> Result<String> {
         let mut welcome = attached.welcome;
         for r in welcome.resume.iter_mut().filter(|r| r.keep) {
@@ -143,7 +144,7 @@ impl SessionActor {
                     }
                 }
                 msg = from_core.recv() => match msg {
-                    Some(m) => { self.observe(&m); self.emit(m).await?; }
+                    Some(m) => { self.observe(&m); self.emit_boxed(m).await?; }
                     None => return Ok("replaced by a newer session".into()),
                 },
                 msg = inbound.message() => {
@@ -192,6 +193,10 @@ impl SessionActor {
     }
 
     async fn emit(&self, m: ControllerMessage) -> Result<()> {
+        self.emit_boxed(Box::new(m)).await
+    }
+
+    async fn emit_boxed(&self, m: Box<ControllerMessage>) -> Result<()> {
         tokio::select! {
             r = self.out.send(Ok(m)) => {
                 r.map_err(|_| Error::Unavailable("agent stream closed".into()))
@@ -291,14 +296,14 @@ const OVERFLOWED: &str = "the agent did not read its messages in time and the co
 /// `RESOURCE_EXHAUSTED` when the core's queue to the session overflowed (whatever is still
 /// buffered for an agent that stopped reading is dropped with it).
 pub(crate) struct SessionStream {
-    rx: mpsc::Receiver<Result<ControllerMessage, Status>>,
+    rx: mpsc::Receiver<Result<Box<ControllerMessage>, Status>>,
     overflow: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     done: bool,
 }
 
 impl SessionStream {
     pub(crate) fn new(
-        rx: mpsc::Receiver<Result<ControllerMessage, Status>>,
+        rx: mpsc::Receiver<Result<Box<ControllerMessage>, Status>>,
         overflow: CancellationToken,
     ) -> Self {
         Self {
@@ -325,7 +330,7 @@ impl futures::Stream for SessionStream {
             self.rx.close();
             return Poll::Ready(Some(Err(Status::resource_exhausted(OVERFLOWED))));
         }
-        self.rx.poll_recv(cx)
+        self.rx.poll_recv(cx).map(|m| m.map(|r| r.map(|b| *b)))
     }
 }
 

@@ -223,6 +223,10 @@ mod tests {
             Rule::Api(Scope::Submit)
         );
         assert_eq!(
+            rule("/scabbard.v1.TaskService/SubmitBatch"),
+            Rule::Api(Scope::Submit)
+        );
+        assert_eq!(
             rule("/scabbard.v1.TaskService/Cancel"),
             Rule::Api(Scope::Submit)
         );

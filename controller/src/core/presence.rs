@@ -207,3 +207,65 @@ impl Keeper {
         self.put_pending().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::faults::FaultyStore;
+
+    async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// 1,000 agents: their keys share one lease and are written in a few group commits;
+    /// renewing them writes nothing; a session's end deletes its key one lease later.
+    #[tokio::test]
+    async fn presence_is_one_lease_and_group_commits_whatever_the_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FaultyStore::new(EmbeddedStore::open(&dir.path().join("db")).unwrap());
+        let ttl = Duration::from_millis(600);
+        let stop = CancellationToken::new();
+        let p = Presence::start(store.clone(), ttl, stop.clone());
+        let agents: Vec<String> = (0..1000).map(|i| format!("agent-{i:04}")).collect();
+        for a in &agents {
+            p.up(a);
+        }
+        let key = |a: &str| format!("{PRESENCE_PREFIX}{a}");
+        let last = key(&agents[999]);
+        wait_for("every presence key", async || {
+            store.get(&last).await.unwrap().is_some() && store.committed() > 0
+        })
+        .await;
+        let mut leases = HashSet::new();
+        for a in &agents {
+            let kv = store.get(&key(a)).await.unwrap().expect("present");
+            leases.insert(kv.lease);
+        }
+        assert_eq!(leases.len(), 1, "one lease for every agent");
+        assert!(!leases.contains(&0));
+        let commits = store.committed();
+        assert!(commits <= 20, "{commits} commits for 1000 agents");
+        // Three TTLs of renewals: the keys live on, and nothing was written for them.
+        tokio::time::sleep(ttl * 3).await;
+        assert!(store.get(&key(&agents[0])).await.unwrap().is_some());
+        assert_eq!(store.committed(), commits, "renewals must not write");
+        // Half of them leave: their keys go one lease later, in group commits.
+        for a in &agents[..500] {
+            p.down(a);
+        }
+        let first = key(&agents[0]);
+        wait_for("the keys of the agents that left to go", async || {
+            store.get(&first).await.unwrap().is_none()
+        })
+        .await;
+        assert!(store.get(&key(&agents[499])).await.unwrap().is_none());
+        assert!(store.get(&key(&agents[500])).await.unwrap().is_some());
+        assert!(store.committed() - commits <= 20);
+        stop.cancel();
+    }
+}

@@ -275,13 +275,19 @@ async fn run_once(bin: &PathBuf, n: usize, o: &Opts) -> Result<Figures> {
             )
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(120 + n as u64 / 50);
+    let t_attach = Instant::now();
+    let deadline = t_attach + Duration::from_secs(120 + n as u64 / 50);
     while connected(&mut admin).await? < n {
         if Instant::now() > deadline {
             bail!("{n} agents did not all attach");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    println!(
+        "  {n} agents attached in {:.1}s ({} sessions ended and reconnected meanwhile)",
+        t_attach.elapsed().as_secs_f64(),
+        ended.swap(0, Ordering::Relaxed)
+    );
     // Heartbeats must hold: two agent leases with every agent only heartbeating.
     tokio::time::sleep(o.lease * 2).await;
     let connected_after = connected(&mut admin).await?;
@@ -374,7 +380,8 @@ pub(crate) async fn batch_throughput(
 }
 
 /// One simulated agent: a session like a real worker's (Hello, heartbeats at the asked
-/// interval, Accepted + Finished for every Assign).
+/// interval, Accepted + Finished for every Assign), opened again a second after it ends,
+/// as a worker reconnects. Every end is counted in `ended`.
 async fn agent(
     ch: Channel,
     id: String,
@@ -383,10 +390,21 @@ async fn agent(
     ended: Arc<AtomicUsize>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let r = session(ch, &id, &token, slots, &stop).await;
-    if !stop.is_cancelled() {
-        ended.fetch_add(1, Ordering::Relaxed);
-        eprintln!("agent {id}: session ended: {r:?}");
+    loop {
+        let r = session(ch.clone(), &id, &token, slots, &stop).await;
+        if stop.is_cancelled() {
+            return;
+        }
+        if ended.fetch_add(1, Ordering::Relaxed) < 3 {
+            eprintln!(
+                "agent {id}: session ended: {r:#}",
+                r = r.err().unwrap_or_else(|| anyhow::anyhow!("ok"))
+            );
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

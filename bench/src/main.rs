@@ -102,11 +102,13 @@ struct Args {
     /// `--kind agents`: simulated agents (each with its own session).
     #[arg(long, default_value_t = 10_000)]
     agents: usize,
-    /// `--kind agents`: heartbeat interval the controller asks of agents, in ms.
-    #[arg(long, default_value_t = 1_000)]
+    /// `--kind agents`: heartbeat interval the controller asks of agents, in ms (default:
+    /// the controller's default).
+    #[arg(long, default_value_t = 2_000)]
     agent_heartbeat_ms: u64,
-    /// `--kind agents`: agent lease (silence before an agent is lost), in ms.
-    #[arg(long, default_value_t = 5_000)]
+    /// `--kind agents`: agent lease (silence before a session ends and an agent is lost),
+    /// in ms (default: the controller's default).
+    #[arg(long, default_value_t = 10_000)]
     agent_lease_ms: u64,
     /// Drive real `scabbard controller` / `scabbard worker` processes (the bench is a
     /// client only); `--kind noop` or `shell`.

@@ -4,7 +4,9 @@
 //! next (ties: its head's priority, then age) — and within a project by priority, then
 //! arrival. A task is held in the queue (not failed) while its project is at its running
 //! quota, its concurrency group is full, or one of its circuit breakers is open; agents
-//! whose breaker is open get nothing.
+//! whose breaker is open get nothing. Agents are found through the placement index
+//! ([`super::placement`]): a round never walks the agent table, and placing a task looks
+//! only at agents whose signature fits it and that have a free slot.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};

@@ -44,6 +44,8 @@ pub(crate) struct Opts {
     pub(crate) latency_samples: usize,
     pub(crate) heartbeat: Duration,
     pub(crate) lease: Duration,
+    /// Extra arguments for the controller process.
+    pub(crate) controller_args: Vec<String>,
 }
 
 /// The figures of one run.
@@ -61,8 +63,9 @@ struct Figures {
 pub(crate) async fn run(o: Opts) -> Result<()> {
     let bin = scabbard_bin()?;
     println!(
-        "scabbard-bench: kind=agents controller={} heartbeat={:?} lease={:?} tasks={} latency samples={}",
+        "scabbard-bench: kind=agents controller={} {} heartbeat={:?} lease={:?} tasks={} latency samples={}",
         bin.display(),
+        o.controller_args.join(" "),
         o.heartbeat,
         o.lease,
         o.tasks,
@@ -192,16 +195,14 @@ pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
 
 async fn run_once(bin: &PathBuf, n: usize, o: &Opts) -> Result<Figures> {
     let dir = tempfile::tempdir()?;
-    let ctl = ControllerProc::start(
-        bin,
-        dir.path(),
-        &[
-            "--heartbeat-interval".into(),
-            format!("{}ms", o.heartbeat.as_millis()),
-            "--agent-lease-ttl".into(),
-            format!("{}ms", o.lease.as_millis()),
-        ],
-    )?;
+    let mut extra = vec![
+        "--heartbeat-interval".into(),
+        format!("{}ms", o.heartbeat.as_millis()),
+        "--agent-lease-ttl".into(),
+        format!("{}ms", o.lease.as_millis()),
+    ];
+    extra.extend(o.controller_args.iter().cloned());
+    let ctl = ControllerProc::start(bin, dir.path(), &extra)?;
     let admin_ch = client::authed(client::connect(&ctl.addr).await?, Some(ADMIN_TOKEN))?;
     // Settled: one call answered.
     AdminServiceClient::new(admin_ch.clone())

@@ -43,6 +43,7 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
             namespace,
         ]);
     }
+    extra.extend(args.controller_args.split_whitespace().map(str::to_string));
     let ctl = ControllerProc::start(&bin, &dir.path().join("controller"), &extra)?;
     let mut workers = Workers(Vec::new());
     for i in 0..args.workers {

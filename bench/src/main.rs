@@ -114,6 +114,10 @@ struct Args {
     /// client only); `--kind noop` or `shell`.
     #[arg(long)]
     external: bool,
+    /// `--kind agents` and `--external`: extra arguments for the `scabbard controller`
+    /// process, whitespace-separated (e.g. "--leader-lease-ttl 30s").
+    #[arg(long, default_value = "")]
+    controller_args: String,
     /// Throughput run: submit with `SubmitBatch` (1000 per call) instead of one `Submit`
     /// per task.
     #[arg(long)]
@@ -169,6 +173,11 @@ async fn bench(args: Args) -> Result<()> {
                 latency_samples: args.latency_samples,
                 heartbeat: Duration::from_millis(args.agent_heartbeat_ms.max(100)),
                 lease: Duration::from_millis(args.agent_lease_ms.max(500)),
+                controller_args: args
+                    .controller_args
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect(),
             })
             .await;
         }

@@ -34,29 +34,31 @@ pub(crate) enum PresenceEvent {
 /// Sends presence changes to the keeper task (never blocks the core).
 #[derive(Clone)]
 pub(crate) struct Presence {
-    tx: mpsc::Sender<PresenceEvent>,
+    /// Unbounded: an attach storm of 10,000 agents must not drop an `Up` (its key would
+    /// be missing) or a `Down` (its key would stay); the keeper drains it in group commits.
+    tx: mpsc::UnboundedSender<PresenceEvent>,
 }
 
 impl Presence {
     pub(crate) fn start(store: Arc<dyn Store>, ttl: Duration, stop: CancellationToken) -> Self {
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(keeper(store, ttl, rx, stop));
         Self { tx }
     }
 
     pub(crate) fn up(&self, agent: &str) {
-        let _ = self.tx.try_send(PresenceEvent::Up(agent.to_string()));
+        let _ = self.tx.send(PresenceEvent::Up(agent.to_string()));
     }
 
     pub(crate) fn down(&self, agent: &str) {
-        let _ = self.tx.try_send(PresenceEvent::Down(agent.to_string()));
+        let _ = self.tx.send(PresenceEvent::Down(agent.to_string()));
     }
 }
 
 async fn keeper(
     store: Arc<dyn Store>,
     ttl: Duration,
-    mut rx: mpsc::Receiver<PresenceEvent>,
+    mut rx: mpsc::UnboundedReceiver<PresenceEvent>,
     stop: CancellationToken,
 ) {
     let max_ops = store.max_txn_ops().clamp(1, 1024);

@@ -115,8 +115,8 @@ struct Args {
     #[arg(long)]
     external: bool,
     /// `--kind agents` and `--external`: extra arguments for the `scabbard controller`
-    /// process, whitespace-separated (e.g. "--leader-lease-ttl 30s").
-    #[arg(long, default_value = "")]
+    /// process, whitespace-separated (e.g. `--controller-args "--leader-lease-ttl 30s"`).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     controller_args: String,
     /// Throughput run: submit with `SubmitBatch` (1000 per call) instead of one `Submit`
     /// per task.

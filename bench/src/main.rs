@@ -13,11 +13,20 @@
 //! * failover and chaos (`--kind failover`, `--kind chaos`): fault figures on real
 //!   processes ([`chaos`]).
 //!
+//! * agents (`--kind agents`): a controller process and `--agents` simulated agents, each
+//!   with its own session: RSS per agent, heartbeats, throughput vs 2 agents ([`agents`]).
+//!
+//! * `--external` (with `--kind noop` or `shell`): the same latency and throughput runs
+//!   against real `scabbard controller` and `scabbard worker` processes started by the
+//!   bench, which acts as a client only ([`external`]).
+//!
 //! Run: `cargo run --release -p scabbard-bench -- --kind noop` (or `--kind shell`,
-//! `--kind artifacts`, `--kind failover`, `--kind chaos`).
+//! `--kind artifacts`, `--kind failover`, `--kind chaos`, `--kind agents`).
 
+mod agents;
 mod artifacts;
 mod chaos;
+mod external;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,6 +99,29 @@ struct Args {
     /// Controller's per-RPC deadline in milliseconds (0 = off).
     #[arg(long, default_value_t = 30_000)]
     rpc_timeout_ms: u64,
+    /// `--kind agents`: simulated agents (each with its own session).
+    #[arg(long, default_value_t = 10_000)]
+    agents: usize,
+    /// `--kind agents`: heartbeat interval the controller asks of agents, in ms (default:
+    /// the controller's default).
+    #[arg(long, default_value_t = 2_000)]
+    agent_heartbeat_ms: u64,
+    /// `--kind agents`: agent lease (silence before a session ends and an agent is lost),
+    /// in ms (default: the controller's default).
+    #[arg(long, default_value_t = 10_000)]
+    agent_lease_ms: u64,
+    /// Drive real `scabbard controller` / `scabbard worker` processes (the bench is a
+    /// client only); `--kind noop` or `shell`.
+    #[arg(long)]
+    external: bool,
+    /// `--kind agents` and `--external`: extra arguments for the `scabbard controller`
+    /// process, whitespace-separated (e.g. `--controller-args "--leader-lease-ttl 30s"`).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    controller_args: String,
+    /// Throughput run: submit with `SubmitBatch` (1000 per call) instead of one `Submit`
+    /// per task.
+    #[arg(long)]
+    batch: bool,
 }
 
 /// Admin token the bench's controller is bootstrapped with (its clients send it).
@@ -134,9 +166,29 @@ async fn bench(args: Args) -> Result<()> {
         "noop" | "shell" | "artifacts" => {}
         "failover" => return chaos::failover(args.failover_runs.max(1)).await,
         "chaos" => return chaos::chaos(args.chaos_long, args.tasks).await,
-        _ => bail!("--kind must be noop, shell, artifacts, failover or chaos"),
+        "agents" => {
+            return agents::run(agents::Opts {
+                agents: args.agents.max(1),
+                tasks: args.tasks.unwrap_or(20_000),
+                latency_samples: args.latency_samples,
+                heartbeat: Duration::from_millis(args.agent_heartbeat_ms.max(100)),
+                lease: Duration::from_millis(args.agent_lease_ms.max(500)),
+                controller_args: args
+                    .controller_args
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect(),
+            })
+            .await;
+        }
+        _ => bail!("--kind must be noop, shell, artifacts, failover, chaos or agents"),
     }
-    let n_tasks = args.tasks.unwrap_or(20_000);
+    if args.external {
+        if args.kind == "artifacts" {
+            bail!("--external runs --kind noop or shell");
+        }
+        return external::run(&args).await;
+    }
     let temp = tempfile::tempdir()?;
     let dir = args
         .data_dir
@@ -236,6 +288,20 @@ async fn bench(args: Args) -> Result<()> {
         args.max_concurrent_requests,
         args.rpc_timeout_ms
     );
+    measure(&args, channel, etcd_probe.as_ref()).await?;
+    stop.cancel();
+    ctl.shutdown.cancel();
+    let _ = ctl.task.await;
+    Ok(())
+}
+
+/// The latency run, then the throughput run, against the cluster behind `channel`.
+async fn measure(
+    args: &Args,
+    channel: AuthedChannel,
+    etcd_probe: Option<&Arc<scabbard_controller::store::EtcdStore>>,
+) -> Result<()> {
+    let n_tasks = args.tasks.unwrap_or(20_000);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
     watch_all(channel.clone(), seen.clone(), done_tx).await?;
@@ -259,10 +325,14 @@ async fn bench(args: Args) -> Result<()> {
     report("submit→finish", &mut to_finish);
 
     // Throughput.
-    let rev0 = match &etcd_probe {
+    let rev0 = match etcd_probe {
         Some(s) => Some(scabbard_controller::store::Store::revision(s.as_ref()).await?),
         None => None,
     };
+    if args.batch {
+        agents::batch_throughput(&channel, n_tasks, &mut done_rx).await?;
+        return Ok(());
+    }
     let per_client = n_tasks / args.concurrency.max(1);
     let total = per_client * args.concurrency.max(1);
     let t0 = Instant::now();
@@ -291,7 +361,7 @@ async fn bench(args: Args) -> Result<()> {
         total as f64 / elapsed.as_secs_f64(),
         total as f64 / submitted.as_secs_f64()
     );
-    if let (Some(s), Some(r0)) = (&etcd_probe, rev0) {
+    if let (Some(s), Some(r0)) = (etcd_probe, rev0) {
         let r1 = scabbard_controller::store::Store::revision(s.as_ref()).await?;
         println!(
             "etcd: {} write transactions for {total} tasks = {:.3} per task",
@@ -299,9 +369,6 @@ async fn bench(args: Args) -> Result<()> {
             (r1 - r0) as f64 / total as f64
         );
     }
-    stop.cancel();
-    ctl.shutdown.cancel();
-    let _ = ctl.task.await;
     Ok(())
 }
 

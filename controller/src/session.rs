@@ -2,6 +2,10 @@
 //! the core's messages to the worker, writes log chunks straight into the log store (and
 //! acks them) for attempts the agent currently holds, passes every other report to the
 //! core, and ends the session when the agent goes silent for longer than its lease.
+//! Liveness stays here: a heartbeat that reports nothing new (no cache or capability
+//! change, no drain) never becomes a core message, so 10,000 idle agents cost the core
+//! nothing per interval; the core reads when the agent was last heard from a shared
+//! counter.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,7 +38,8 @@ pub(crate) struct SessionActor {
     /// Attempts this agent holds: task id → fencing token.
     pub(crate) attempts: HashMap<String, u64>,
     pub(crate) silence_limit: Duration,
-    pub(crate) out: mpsc::Sender<Result<ControllerMessage, Status>>,
+    /// Messages are boxed (see `AgentTx`): idle queues stay small.
+    pub(crate) out: mpsc::Sender<Result<Box<ControllerMessage>, Status>>,
     /// The agent token this session authenticated with; its revocation ends the session.
     pub(crate) token_id: String,
     pub(crate) catalog: Arc<Catalog>,
@@ -42,6 +47,10 @@ pub(crate) struct SessionActor {
     pub(crate) overflow: CancellationToken,
     /// When the last message from the agent arrived (or the session began).
     pub(crate) last_heard: Instant,
+    /// The same as unix ms, shared with the core (which no plain heartbeat reaches).
+    pub(crate) last_seen: Arc<std::sync::atomic::AtomicI64>,
+    /// Whether the core was told the agent is draining.
+    pub(crate) draining_told: bool,
 }
 
 impl SessionActor {
@@ -50,7 +59,7 @@ impl SessionActor {
         core: CoreHandle,
         logs: Arc<LogStore>,
         attached: &Attached,
-        out: mpsc::Sender<Result<ControllerMessage, Status>>,
+        out: mpsc::Sender<Result<Box<ControllerMessage>, Status>>,
         token_id: String,
         catalog: Arc<Catalog>,
         overflow: CancellationToken,
@@ -67,6 +76,8 @@ impl SessionActor {
             catalog,
             overflow,
             last_heard: Instant::now(),
+            last_seen: attached.last_seen.clone(),
+            draining_told: false,
         }
     }
 
@@ -75,7 +86,7 @@ impl SessionActor {
         mut self,
         attached: Attached,
         mut inbound: Streaming<AgentMessage>,
-        mut from_core: mpsc::Receiver<ControllerMessage>,
+        mut from_core: mpsc::Receiver<Box<ControllerMessage>>,
     ) {
         let why = match self.serve(attached, &mut inbound, &mut from_core).await {
             Ok(why) => why,
@@ -95,7 +106,7 @@ impl SessionActor {
         &mut self,
         attached: Attached,
         inbound: &mut Streaming<AgentMessage>,
-        from_core: &mut mpsc::Receiver<ControllerMessage>,
+        from_core: &mut mpsc::Receiver<Box<ControllerMessage>>,
     ) -> Result<String> {
         let mut welcome = attached.welcome;
         for r in welcome.resume.iter_mut().filter(|r| r.keep) {
@@ -133,7 +144,7 @@ impl SessionActor {
                     }
                 }
                 msg = from_core.recv() => match msg {
-                    Some(m) => { self.observe(&m); self.emit(m).await?; }
+                    Some(m) => { self.observe(&m); self.emit_boxed(m).await?; }
                     None => return Ok("replaced by a newer session".into()),
                 },
                 msg = inbound.message() => {
@@ -143,6 +154,10 @@ impl SessionActor {
                         Err(s) => return Ok(format!("stream error: {}", s.message())),
                     };
                     self.last_heard = Instant::now();
+                    self.last_seen.store(
+                        scabbard_common::time::now_ms(),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     deadline = self.last_heard + self.silence_limit;
                     let mut batch = vec![first];
                     while batch.len() < BATCH {
@@ -178,6 +193,10 @@ impl SessionActor {
     }
 
     async fn emit(&self, m: ControllerMessage) -> Result<()> {
+        self.emit_boxed(Box::new(m)).await
+    }
+
+    async fn emit_boxed(&self, m: Box<ControllerMessage>) -> Result<()> {
         tokio::select! {
             r = self.out.send(Ok(m)) => {
                 r.map_err(|_| Error::Unavailable("agent stream closed".into()))
@@ -217,6 +236,18 @@ impl SessionActor {
                     if let agent_message::Msg::Hello(_) = other {
                         warn!(agent = %self.agent_id, "ignoring a second Hello");
                         continue;
+                    }
+                    if let agent_message::Msg::Heartbeat(h) = &other {
+                        // Liveness is this actor's business (the silence deadline, and
+                        // `last_seen`); the core hears of a heartbeat only when it says
+                        // something new: a cache or capability change, or draining.
+                        let news = h.cache.is_some()
+                            || h.capabilities.is_some()
+                            || (h.draining && !self.draining_told);
+                        if !news {
+                            continue;
+                        }
+                        self.draining_told |= h.draining;
                     }
                     self.core
                         .send(CoreMsg::FromAgent {
@@ -265,14 +296,14 @@ const OVERFLOWED: &str = "the agent did not read its messages in time and the co
 /// `RESOURCE_EXHAUSTED` when the core's queue to the session overflowed (whatever is still
 /// buffered for an agent that stopped reading is dropped with it).
 pub(crate) struct SessionStream {
-    rx: mpsc::Receiver<Result<ControllerMessage, Status>>,
+    rx: mpsc::Receiver<Result<Box<ControllerMessage>, Status>>,
     overflow: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     done: bool,
 }
 
 impl SessionStream {
     pub(crate) fn new(
-        rx: mpsc::Receiver<Result<ControllerMessage, Status>>,
+        rx: mpsc::Receiver<Result<Box<ControllerMessage>, Status>>,
         overflow: CancellationToken,
     ) -> Self {
         Self {
@@ -299,7 +330,7 @@ impl futures::Stream for SessionStream {
             self.rx.close();
             return Poll::Ready(Some(Err(Status::resource_exhausted(OVERFLOWED))));
         }
-        self.rx.poll_recv(cx)
+        self.rx.poll_recv(cx).map(|m| m.map(|r| r.map(|b| *b)))
     }
 }
 

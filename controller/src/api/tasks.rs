@@ -7,16 +7,17 @@ use futures::Stream;
 use prost::Message;
 use scabbard_common::Error;
 use scabbard_common::proto::{
-    CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, LogChunk,
-    SubmitTaskRequest, SubmitTaskResponse, Task, TaskEvent, TaskLogsRequest, TaskState,
-    WatchTasksRequest, task_service_server::TaskService,
+    BatchEntryError, CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
+    LogChunk, SubmitBatchRequest, SubmitBatchResponse, SubmitBatchResult, SubmitTaskRequest,
+    SubmitTaskResponse, Task, TaskEvent, TaskLogsRequest, TaskState, WatchTasksRequest,
+    task_service_server::TaskService,
 };
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::audit;
 use crate::auth::{self, Catalog, Principal};
-use crate::core::{CoreMsg, CoreRouter, TASK_PREFIX, validate};
+use crate::core::{BatchEntry, CoreMsg, CoreRouter, TASK_PREFIX, validate};
 use crate::store::{Store, WatchEvent};
 // Every task leaving this service goes through `masked`: secret values read "***".
 use crate::sealed::masked;
@@ -32,7 +33,25 @@ pub struct TaskApi {
     pub(crate) streams: Arc<super::StreamLimits>,
 }
 
+/// Most entries of one `SubmitBatch`.
+pub(crate) const MAX_BATCH: usize = 1000;
+
 impl TaskApi {
+    /// What the API checks of a submit before the core sees it (a spec is given, the
+    /// caller may use the project, which exists): the spec, idempotency key and project.
+    fn check_submit(
+        &self,
+        who: &Principal,
+        r: SubmitTaskRequest,
+    ) -> Result<(scabbard_common::proto::TaskSpec, String, String), Error> {
+        let spec = r.spec.ok_or_else(|| Error::invalid("spec is required"))?;
+        let project = who.resolve_project(&r.project)?;
+        if self.catalog.project(&project).is_none() {
+            return Err(Error::not_found("project", project));
+        }
+        Ok((spec, r.idempotency_key, project))
+    }
+
     /// The task, if the caller's project may see it (`PERMISSION_DENIED` otherwise).
     async fn visible_task(&self, who: &Principal, id: String) -> Result<Task, Status> {
         validate::id("task", &id)?;
@@ -49,17 +68,12 @@ impl TaskService for TaskApi {
         req: Request<SubmitTaskRequest>,
     ) -> Result<Response<SubmitTaskResponse>, Status> {
         let who = auth::principal(&req)?;
-        let r = req.into_inner();
-        let spec = r.spec.ok_or_else(|| Error::invalid("spec is required"))?;
-        let project = who.resolve_project(&r.project)?;
-        if self.catalog.project(&project).is_none() {
-            return Err(Error::not_found("project", project).into());
-        }
+        let (spec, idempotency_key, project) = self.check_submit(&who, req.into_inner())?;
         let (task, existing) = self
             .core
             .ask(|reply| CoreMsg::Submit {
                 spec: Box::new(spec),
-                idempotency_key: r.idempotency_key,
+                idempotency_key,
                 project,
                 reply,
             })
@@ -68,6 +82,67 @@ impl TaskService for TaskApi {
             task: Some(masked(task)),
             existing,
         }))
+    }
+
+    async fn submit_batch(
+        &self,
+        req: Request<SubmitBatchRequest>,
+    ) -> Result<Response<SubmitBatchResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let r = req.into_inner();
+        if r.tasks.len() > MAX_BATCH {
+            return Err(Error::invalid(format!(
+                "tasks: {} entries, at most {MAX_BATCH} per SubmitBatch: split the batch",
+                r.tasks.len()
+            ))
+            .into());
+        }
+        // Each entry goes through the same checks as a Submit of its own; those the API
+        // refuses get their error, the rest go to the core in one message.
+        let mut answers = Vec::with_capacity(r.tasks.len());
+        let mut entries = Vec::new();
+        for t in r.tasks {
+            match self.check_submit(&who, t) {
+                Ok((spec, idempotency_key, project)) => {
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    entries.push(BatchEntry {
+                        spec: Box::new(spec),
+                        idempotency_key,
+                        project,
+                        reply,
+                    });
+                    answers.push(Ok(rx));
+                }
+                Err(e) => answers.push(Err(e)),
+            }
+        }
+        if !entries.is_empty() {
+            self.core.tell(CoreMsg::SubmitBatch { entries }).await?;
+        }
+        let mut results = Vec::with_capacity(answers.len());
+        for a in answers {
+            let outcome = match a {
+                Ok(rx) => rx.await.unwrap_or_else(|_| {
+                    Err(Error::Unavailable("controller is shutting down".into()))
+                }),
+                Err(e) => Err(e),
+            };
+            results.push(match outcome {
+                Ok((task, existing)) => SubmitBatchResult {
+                    task: Some(masked(task)),
+                    existing,
+                    error: None,
+                },
+                Err(e) => SubmitBatchResult {
+                    error: Some(BatchEntryError {
+                        code: e.code() as i32,
+                        message: e.to_string(),
+                    }),
+                    ..Default::default()
+                },
+            });
+        }
+        Ok(Response::new(SubmitBatchResponse { results }))
     }
 
     async fn get(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {

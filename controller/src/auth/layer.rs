@@ -56,7 +56,7 @@ pub fn rule(path: &str) -> Rule {
         ("ArtifactService", "Upload") => Rule::Agent,
         ("ArtifactService", "Download") => Rule::AgentOrApi(Scope::Read),
         ("ArtifactService", _) => Rule::Api(Scope::Read),
-        ("TaskService", "Submit" | "Cancel") => Rule::Api(Scope::Submit),
+        ("TaskService", "Submit" | "SubmitBatch" | "Cancel") => Rule::Api(Scope::Submit),
         ("TaskService", _) => Rule::Api(Scope::Read),
         ("ProjectService", "Get" | "List") => Rule::Api(Scope::Read),
         ("ProjectService", _) => Rule::Api(Scope::Admin),
@@ -220,6 +220,10 @@ mod tests {
         assert_eq!(rule("/scabbard.v1.TaskService/Get"), Rule::Api(Scope::Read));
         assert_eq!(
             rule("/scabbard.v1.TaskService/Submit"),
+            Rule::Api(Scope::Submit)
+        );
+        assert_eq!(
+            rule("/scabbard.v1.TaskService/SubmitBatch"),
             Rule::Api(Scope::Submit)
         );
         assert_eq!(

@@ -20,7 +20,10 @@ pub(crate) enum NotSent {
 /// Cheap handle to an agent session's outbound queue (see the module docs).
 #[derive(Clone)]
 pub(crate) struct AgentTx {
-    tx: mpsc::Sender<ControllerMessage>,
+    /// Boxed: a queue allocates room for its first 32 messages up front, and a message
+    /// is ~850 bytes inline (an `Assign` carries the spec), which with 10,000 sessions is
+    /// most of their memory.
+    tx: mpsc::Sender<Box<ControllerMessage>>,
     /// Cancelled when the queue overflowed: the session ends.
     overflow: CancellationToken,
 }
@@ -30,7 +33,11 @@ impl AgentTx {
     /// end when the returned token is cancelled.
     pub(crate) fn channel(
         capacity: usize,
-    ) -> (Self, mpsc::Receiver<ControllerMessage>, CancellationToken) {
+    ) -> (
+        Self,
+        mpsc::Receiver<Box<ControllerMessage>>,
+        CancellationToken,
+    ) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let overflow = CancellationToken::new();
         (
@@ -47,7 +54,7 @@ impl AgentTx {
     /// not sent: the agent resynchronises on reconnect); a closed one means the session
     /// has already ended.
     pub(crate) fn try_send(&self, msg: ControllerMessage) -> Result<(), NotSent> {
-        match self.tx.try_send(msg) {
+        match self.tx.try_send(Box::new(msg)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Closed(_)) => Err(NotSent::Closed),
             Err(TrySendError::Full(_)) => {

@@ -36,6 +36,7 @@ impl State {
                 warm: Default::default(),
             });
         entry.stored = stored.clone();
+        self.sync_agent(&agent.id);
         info!(agent = %agent.id, name = %agent.name, "agent registered");
         self.write(
             format!("{AGENT_PREFIX}{}", agent.id),
@@ -81,9 +82,11 @@ impl State {
         if let Some(c) = hello.cache.as_ref() {
             entry.warm.set(c);
         }
+        let last_seen = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(now_ms()));
         entry.conn = Some(Conn {
             session,
             tx: tx.clone(),
+            last_seen: last_seen.clone(),
         });
         entry.disconnected_at = None;
         entry.lost = false;
@@ -124,6 +127,7 @@ impl State {
             entry.running.insert(task.clone());
         }
         let stored = entry.stored.clone();
+        self.sync_agent(&agent_id);
         // Attempts this controller gave the agent that it no longer knows: lost.
         let lost: Vec<String> = previously
             .into_iter()
@@ -155,6 +159,7 @@ impl State {
                 session,
                 welcome,
                 attempts,
+                last_seen,
             },
         )];
         for (task_id, fencing_token) in cancels {
@@ -185,9 +190,12 @@ impl State {
         if let Some(a) = self.agents.get_mut(agent_id)
             && a.conn.as_ref().is_some_and(|c| c.session == session)
         {
-            a.conn = None;
+            if let Some(c) = a.conn.take() {
+                a.last_seen_ms = a.last_seen_ms.max(c.last_seen_ms());
+            }
             a.disconnected_at = Some(last_heard.min(Instant::now()));
             self.presence.down(agent_id);
+            self.sync_agent(agent_id);
             info!(
                 agent = agent_id,
                 session,
@@ -243,6 +251,7 @@ impl State {
                     info!(agent = agent_id, "agent is shutting down: no new work");
                     a.draining = true;
                 }
+                self.sync_agent(agent_id);
             }
             Msg::Progress(_) | Msg::Hello(_) | Msg::Log(_) => {}
         }
@@ -335,6 +344,7 @@ impl State {
             ));
         }
         let stored = entry.stored.clone();
+        self.sync_agent(&id);
         let view = self.agent_view(self.agents.get(&id).expect("present"));
         effects.insert(0, reply_effect(reply, view));
         self.write(
@@ -349,7 +359,10 @@ impl State {
         let mut view = a.stored.agent.clone().unwrap_or_default();
         view.running = a.running.len() as u32;
         view.cache = a.warm.summary();
-        view.last_seen_ms = a.last_seen_ms;
+        view.last_seen_ms = a
+            .conn
+            .as_ref()
+            .map_or(a.last_seen_ms, |c| a.last_seen_ms.max(c.last_seen_ms()));
         view.status = if a.lost {
             AgentStatus::Lost
         } else if a.conn.is_none() {

@@ -4,7 +4,9 @@
 //! next (ties: its head's priority, then age) — and within a project by priority, then
 //! arrival. A task is held in the queue (not failed) while its project is at its running
 //! quota, its concurrency group is full, or one of its circuit breakers is open; agents
-//! whose breaker is open get nothing.
+//! whose breaker is open get nothing. Agents are found through the placement index
+//! ([`super::placement`]): a round never walks the agent table, and placing a task looks
+//! only at agents whose signature fits it and that have a free slot.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -17,8 +19,9 @@ use scabbard_common::time::now_ms;
 use tracing::debug;
 
 use super::breakers::{agent_key, task_keys};
-use super::scheduler::{self, Candidate, Pick, QueueKey};
-use super::{AgentEntry, State, agent_effect};
+use super::placement::Choice;
+use super::scheduler::{self, PlacementClass, QueueKey};
+use super::{State, agent_effect};
 
 /// A project's turn: (slots it holds, its head's priority, its head's age, cursor index);
 /// the smallest goes first.
@@ -34,6 +37,8 @@ const PROJECT_SCAN_BUDGET: usize = 1_024;
 struct ProjectCursor<'a> {
     project: &'a str,
     classes: Vec<std::iter::Peekable<std::collections::btree_set::Iter<'a, QueueKey>>>,
+    /// The placement class of each entry of `classes`.
+    class_of: Vec<&'a PlacementClass>,
     heads: BinaryHeap<Reverse<(Reverse<i32>, u64, usize)>>,
     /// Tasks looked at this round.
     scanned: usize,
@@ -41,7 +46,8 @@ struct ProjectCursor<'a> {
 
 impl<'a> ProjectCursor<'a> {
     fn new(project: &'a str, q: &'a scheduler::ProjectQueue) -> Self {
-        let mut classes: Vec<_> = q.classes().map(|c| c.iter().peekable()).collect();
+        let (class_of, mut classes): (Vec<_>, Vec<_>) =
+            q.by_class().map(|(k, c)| (k, c.iter().peekable())).unzip();
         let heads = classes
             .iter_mut()
             .enumerate()
@@ -50,6 +56,7 @@ impl<'a> ProjectCursor<'a> {
         Self {
             project,
             classes,
+            class_of,
             heads,
             scanned: 0,
         }
@@ -91,30 +98,10 @@ impl State {
         // Breakers not closed allow one new attempt per round (a probe), so admits below
         // cannot overshoot what `allows` saw.
         let mut probing: HashSet<String> = HashSet::new();
-        // Agents that may get work, and whether their breaker is closed (else: a probe).
         let no_breakers = self.breakers.is_empty();
-        let agents: Vec<(&str, &AgentEntry, bool)> = self
-            .agents
-            .iter()
-            .filter(|(_, a)| a.conn.is_some() && !a.lost && !agent_draining(a))
-            .filter_map(|(id, a)| {
-                if no_breakers {
-                    return Some((id.as_str(), a, true));
-                }
-                let key = agent_key(id);
-                self.breakers.allows(&key, now).then(|| {
-                    (
-                        id.as_str(),
-                        a,
-                        self.breakers.state(&key) == BreakerState::Closed,
-                    )
-                })
-            })
-            .collect();
-        let mut free: u32 = agents
-            .iter()
-            .map(|(_, a, _)| agent_slots(a).saturating_sub(a.running.len() as u32))
-            .sum();
+        // Agents with a free slot, over every agent that may get work (the index keeps the
+        // sum: no walk over the agents).
+        let mut free = self.placement.free_slots();
         if free == 0 {
             return;
         }
@@ -131,7 +118,6 @@ impl State {
             HashMap::new()
         };
         let mut groups: Option<HashMap<String, u32>> = None;
-        let mut extra: HashMap<&str, u32> = HashMap::new();
         let mut plan: Vec<(QueueKey, String)> = Vec::new();
         let mut cursors: Vec<ProjectCursor<'_>> = self
             .queue
@@ -191,31 +177,37 @@ impl State {
                 {
                     continue;
                 }
-                let candidates = agents
-                    .iter()
-                    .filter(|(id, _, closed)| *closed || !probing.contains(&agent_key(id)))
-                    .filter_map(|(id, a, _)| {
-                        let ag = a.stored.agent.as_ref()?;
-                        Some(Candidate {
-                            id,
-                            project: &ag.project,
-                            capabilities: &ag.capabilities,
-                            labels: &ag.labels,
-                            slots: ag.slots,
-                            running: a.running.len() as u32 + extra.get(id).copied().unwrap_or(0),
-                            warm: &a.warm,
-                        })
-                    });
-                let agent = match scheduler::pick(spec, &task.project, candidates) {
-                    Pick::Agent(a) => a,
+                // Agents whose breaker is open get nothing; a half-open one gets one probe
+                // per round.
+                let usable = |id: &str| {
+                    no_breakers || {
+                        let k = agent_key(id);
+                        self.breakers.allows(&k, now)
+                            && (self.breakers.state(&k) == BreakerState::Closed
+                                || !probing.contains(&k))
+                    }
+                };
+                let container = matches!(spec.kind, Some(proto::task_spec::Kind::Container(_)));
+                let score = |id: &str| {
+                    if !container {
+                        return 0;
+                    }
+                    self.agents.get(id).map_or(0, |a| a.warm.score(spec))
+                };
+                let class = cursors[i].class_of[ci];
+                let agent = match self
+                    .placement
+                    .pick(spec, &task.project, class, usable, score)
+                {
+                    Choice::Agent(a) => a,
                     // A warmer engine is busy: wait for it a little, then take a cold one.
-                    Pick::WarmerBusy(a) if now - task.updated_at_ms >= affinity_wait => a,
+                    Choice::WarmerBusy(a) if now - task.updated_at_ms >= affinity_wait => a,
                     // Only this task waits (its image is warm elsewhere): next in its class.
-                    Pick::WarmerBusy(_) => {
+                    Choice::WarmerBusy(_) => {
                         cursors[i].advance(ci);
                         continue;
                     }
-                    Pick::None => continue,
+                    Choice::None => continue,
                 };
                 if let Some(g) = spec.concurrency.as_ref()
                     && let Some(groups) = groups.as_mut()
@@ -223,15 +215,15 @@ impl State {
                     *groups.entry(g.key.clone()).or_default() += 1;
                 }
                 if !no_breakers {
-                    for k in task_keys(Some(spec), &task.project).chain([agent_key(agent)]) {
+                    for k in task_keys(Some(spec), &task.project).chain([agent_key(&agent)]) {
                         if self.breakers.state(&k) != BreakerState::Closed {
                             probing.insert(k);
                         }
                     }
                 }
-                *extra.entry(agent).or_default() += 1;
+                self.placement.reserve(&agent);
                 free -= 1;
-                plan.push((key.clone(), agent.to_string()));
+                plan.push((key.clone(), agent));
                 cursors[i].advance(ci);
                 placed = true;
                 break;
@@ -244,6 +236,10 @@ impl State {
         for (key, agent) in plan {
             self.queue.remove(&key);
             self.assign(&key.2, &agent, now).await;
+            // The true count, also when the assignment could not be made.
+            if let Some(a) = self.agents.get(&agent) {
+                self.placement.sync_running(&agent, a);
+            }
         }
     }
 
@@ -289,6 +285,7 @@ impl State {
         t.state = TaskState::Assigned as i32;
         t.updated_at_ms = now;
         agent.running.insert(task_id.to_string());
+        self.placement.sync_running(agent_id, agent);
         if let Some(spec) = t.spec.as_ref()
             && matches!(spec.kind, Some(proto::task_spec::Kind::Container(_)))
         {
@@ -342,12 +339,4 @@ impl State {
         let task = t.clone();
         self.persist_task(&task, Vec::new()).await;
     }
-}
-
-fn agent_draining(a: &AgentEntry) -> bool {
-    a.stored.agent.as_ref().is_some_and(|g| g.draining)
-}
-
-fn agent_slots(a: &AgentEntry) -> u32 {
-    a.stored.agent.as_ref().map_or(0, |g| g.slots)
 }

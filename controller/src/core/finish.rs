@@ -164,6 +164,7 @@ impl State {
         let task = t.clone();
         if let Some(a) = self.agents.get_mut(agent_id) {
             a.running.remove(&f.task_id);
+            self.placement.sync_running(agent_id, a);
         }
         let discard = if result.outcome() == Outcome::Succeeded {
             None
@@ -283,6 +284,7 @@ impl State {
         }
         if let Some(a) = self.agents.get_mut(&old_agent) {
             a.running.remove(task_id);
+            self.placement.sync_running(&old_agent, a);
         }
         // The ended attempt's uploads will never be served.
         let discard = task
@@ -434,7 +436,7 @@ mod log_sync_tests {
             .await
             .expect("an ack")
             .expect("open");
-        assert_eq!(got, ack());
+        assert_eq!(*got, ack());
         // Sealing (fsync of the log, its directory and the seal mark) came first.
         assert!(logs.position("t1", 1).await.unwrap().sealed);
     }
@@ -463,6 +465,6 @@ mod log_sync_tests {
         let logs = LogStore::open(d.path()).unwrap();
         let (tx, mut rx, _overflow) = crate::core::agent_tx::AgentTx::channel(4);
         ack_after_log_sync(logs, "t2", 1, 0, Some((tx, ack())))(&Ok(()));
-        assert_eq!(rx.try_recv().unwrap(), ack());
+        assert_eq!(*rx.try_recv().unwrap(), ack());
     }
 }

@@ -15,6 +15,7 @@ mod dispatch;
 mod finish;
 pub(crate) mod history;
 pub(crate) mod persist;
+pub(crate) mod placement;
 mod presence;
 mod recover;
 mod retry;
@@ -63,6 +64,9 @@ pub(crate) struct Attached {
     pub(crate) welcome: Welcome,
     /// Attempt ids (task, token) the session may report on.
     pub(crate) attempts: Vec<(String, u64)>,
+    /// When the session last heard from the agent (unix ms), kept by the session: plain
+    /// heartbeats never reach the core, which reads this for `last_seen_ms`.
+    pub(crate) last_seen: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Requests to the core actor.
@@ -73,6 +77,10 @@ pub(crate) enum CoreMsg {
         /// Resolved and checked by the API (exists, the caller may use it).
         project: String,
         reply: Reply<(Task, bool)>,
+    },
+    /// Submits each entry as [`CoreMsg::Submit`] would, in order, in one message.
+    SubmitBatch {
+        entries: Vec<BatchEntry>,
     },
     Get {
         id: String,
@@ -212,6 +220,15 @@ pub(crate) enum CoreMsg {
     },
 }
 
+/// One entry of [`CoreMsg::SubmitBatch`]: what a [`CoreMsg::Submit`] carries.
+pub(crate) struct BatchEntry {
+    pub(crate) spec: Box<TaskSpec>,
+    pub(crate) idempotency_key: String,
+    /// Resolved and checked by the API (exists, the caller may use it).
+    pub(crate) project: String,
+    pub(crate) reply: Reply<(Task, bool)>,
+}
+
 /// Counters for status pages and the benchmark.
 #[derive(Debug, Clone, Default)]
 pub struct CoreStats {
@@ -288,6 +305,15 @@ impl CoreRouter {
     pub(crate) async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> CoreMsg) -> Result<T> {
         self.current()?.ask(make).await
     }
+
+    /// Hands `msg` to the running core (its replies travel inside it).
+    pub(crate) async fn tell(&self, msg: CoreMsg) -> Result<()> {
+        self.current()?
+            .tx
+            .send(msg)
+            .await
+            .map_err(|_| Error::Unavailable("controller is shutting down".into()))
+    }
 }
 
 impl CoreHandle {
@@ -332,6 +358,15 @@ pub(crate) struct TaskEntry {
 pub(crate) struct Conn {
     pub(crate) session: u64,
     pub(crate) tx: agent_tx::AgentTx,
+    /// Kept by the session (see [`Attached::last_seen`]).
+    pub(crate) last_seen: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Conn {
+    /// When the session last heard from the agent (unix ms).
+    pub(crate) fn last_seen_ms(&self) -> i64 {
+        self.last_seen.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 pub(crate) struct AgentEntry {
@@ -355,6 +390,9 @@ pub(crate) struct State {
     pub(crate) idempotency: HashMap<String, String>,
     pub(crate) queue: RunQueue,
     pub(crate) agents: BTreeMap<String, AgentEntry>,
+    /// The agents that may get work, by signature and free slots (kept in step with
+    /// `agents` through [`State::sync_agent`]).
+    pub(crate) placement: placement::AgentIndex,
     pub(crate) persister: Persister,
     pub(crate) events: broadcast::Sender<Arc<Task>>,
     pub(crate) logs: Arc<LogStore>,
@@ -441,6 +479,7 @@ pub(crate) async fn start(
         idempotency: HashMap::new(),
         queue: RunQueue::default(),
         agents: BTreeMap::new(),
+        placement: Default::default(),
         persister,
         events,
         logs,
@@ -549,6 +588,12 @@ impl State {
                 project,
                 reply,
             } => self.submit(*spec, idempotency_key, project, reply).await,
+            CoreMsg::SubmitBatch { entries } => {
+                for e in entries {
+                    self.submit(*e.spec, e.idempotency_key, e.project, e.reply)
+                        .await;
+                }
+            }
             CoreMsg::Get { id, reply } => {
                 let _ = reply.send(
                     self.tasks
@@ -713,6 +758,12 @@ impl State {
             .iter()
             .filter(|id| self.workflows.get(*id).is_some_and(|w| w.state() == state))
             .count()
+    }
+
+    /// Brings the dispatcher's agent index in step with agent `id` (after any change of
+    /// its session, slots, attempts, capabilities, labels, drain flag or warm cache).
+    pub(crate) fn sync_agent(&mut self, id: &str) {
+        self.placement.sync(id, self.agents.get(id));
     }
 
     /// Persists the breakers that changed (a new leader starts from them).

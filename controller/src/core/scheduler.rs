@@ -71,8 +71,14 @@ impl ProjectQueue {
     }
 
     /// Each placement class and its keys in dispatch order.
+    #[cfg(test)]
     pub(crate) fn classes(&self) -> impl Iterator<Item = &BTreeSet<QueueKey>> {
         self.classes.values()
+    }
+
+    /// Each placement class with its keys in dispatch order.
+    pub(crate) fn by_class(&self) -> impl Iterator<Item = (&PlacementClass, &BTreeSet<QueueKey>)> {
+        self.classes.iter()
     }
 }
 
@@ -223,7 +229,10 @@ impl Warm {
     }
 }
 
-/// What the matcher needs to know of an agent.
+/// What the matcher needs to know of an agent ([`fits`] reads its project, capabilities
+/// and labels; the rest is for [`pick`], the reference ranking the dispatcher's index is
+/// tested against).
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct Candidate<'a> {
     pub(crate) id: &'a str,
     /// The project the agent is bound to ("" = every project).
@@ -281,6 +290,7 @@ pub(crate) fn fits(spec: &TaskSpec, project: &str, agent: &Candidate<'_>) -> boo
 }
 
 /// Where `spec` should go among `agents`.
+#[cfg(test)]
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Pick<'a> {
     /// This agent: fits, has a free slot, warmest for the task's image and caches, then
@@ -293,7 +303,10 @@ pub(crate) enum Pick<'a> {
     None,
 }
 
-/// The best agent for `spec` of `project` among `agents` (see [`Pick`]).
+/// The best agent for `spec` of `project` among `agents` (see [`Pick`]): the reference
+/// ranking, by a walk over every agent; the dispatcher gets the same answer from
+/// [`super::placement::AgentIndex`] without the walk.
+#[cfg(test)]
 pub(crate) fn pick<'a>(
     spec: &TaskSpec,
     project: &str,

@@ -115,8 +115,10 @@ impl State {
         }
         self.idempotency.retain(|_, v| v != id);
         self.retry_timers.retain(|(_, t)| t != id);
-        for a in self.agents.values_mut() {
-            a.running.remove(id);
+        for (agent_id, a) in self.agents.iter_mut() {
+            if a.running.remove(id) {
+                self.placement.sync_running(agent_id, a);
+            }
         }
     }
 
@@ -193,8 +195,10 @@ impl State {
                 },
             ));
         }
-        for a in self.agents.values_mut() {
-            a.running.remove(id);
+        for (agent_id, a) in self.agents.iter_mut() {
+            if a.running.remove(id) {
+                self.placement.sync_running(agent_id, a);
+            }
         }
         let task = self.tasks.get(id).expect("present").task.clone();
         let bytes = refused.key.len() + prost::Message::encoded_len(&task);

@@ -3,7 +3,7 @@
 //! acks them) for attempts the agent currently holds, passes every other report to the
 //! core, and ends the session when the agent goes silent for longer than its lease.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +31,11 @@ pub(crate) struct SessionActor {
     pub(crate) logs: Arc<LogStore>,
     pub(crate) agent_id: String,
     pub(crate) session: u64,
-    /// Attempts this agent holds: task id → fencing token.
-    pub(crate) attempts: HashMap<String, u64>,
+    /// Attempts this agent holds (task id, fencing token): running ones, and finished ones
+    /// whose log is not archived yet (their chunks may be replayed).
+    pub(crate) attempts: HashSet<(String, u64)>,
+    /// The controller archives logs: a result ack alone does not end an attempt here.
+    pub(crate) archives_logs: bool,
     pub(crate) silence_limit: Duration,
     pub(crate) out: mpsc::Sender<Result<ControllerMessage, Status>>,
     /// The agent token this session authenticated with; its revocation ends the session.
@@ -61,6 +64,7 @@ impl SessionActor {
             agent_id: attached.agent_id.clone(),
             session: attached.session,
             attempts: attached.attempts.iter().cloned().collect(),
+            archives_logs: attached.welcome.archives_logs,
             silence_limit: Duration::from_millis(attached.welcome.lease_ttl_ms),
             out,
             token_id,
@@ -165,13 +169,12 @@ impl SessionActor {
     fn observe(&mut self, m: &ControllerMessage) {
         match &m.msg {
             Some(controller_message::Msg::Assign(a)) => {
-                self.attempts.insert(a.task_id.clone(), a.fencing_token);
+                self.attempts.insert((a.task_id.clone(), a.fencing_token));
             }
             Some(controller_message::Msg::Ack(a))
-                if (a.result || a.stale)
-                    && self.attempts.get(&a.task_id) == Some(&a.fencing_token) =>
+                if a.stale || a.archived || (a.result && !self.archives_logs) =>
             {
-                self.attempts.remove(&a.task_id);
+                self.attempts.remove(&(a.task_id.clone(), a.fencing_token));
             }
             _ => {}
         }
@@ -192,7 +195,10 @@ impl SessionActor {
         for m in batch {
             match m.msg {
                 Some(agent_message::Msg::Log(c)) => {
-                    if self.attempts.get(&c.task_id) != Some(&c.fencing_token) {
+                    if !self
+                        .attempts
+                        .contains(&(c.task_id.clone(), c.fencing_token))
+                    {
                         debug!(task = %c.task_id, token = c.fencing_token, "log chunk for a stale attempt");
                         self.emit(stale_ack(&c.task_id, c.fencing_token)).await?;
                         continue;
@@ -250,6 +256,7 @@ impl SessionActor {
                     next_seq,
                     result: false,
                     stale: false,
+                    archived: false,
                 })),
             })
             .await?;

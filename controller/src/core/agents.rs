@@ -5,12 +5,12 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use prost::Message;
+use scabbard_common::Error;
 use scabbard_common::proto::{
     Agent, AgentStatus, CancelAttempt, ControllerMessage, Drain, Hello, Resume, StoredAgent,
     TaskState, Welcome, agent_message, controller_message,
 };
 use scabbard_common::time::now_ms;
-use scabbard_common::{Error, is_final};
 use tracing::{info, warn};
 
 use super::{AGENT_PREFIX, AgentEntry, Attached, Conn, Reply, State, agent_effect, reply_effect};
@@ -93,6 +93,8 @@ impl State {
         let mut resume = Vec::new();
         let mut attempts = Vec::new();
         let mut cancels = Vec::new();
+        // Finished attempts whose logs come back for archiving (they hold no slot).
+        let mut replays = Vec::new();
         for r in &hello.running {
             let mut res = Resume {
                 task_id: r.task_id.clone(),
@@ -107,14 +109,19 @@ impl State {
                     if t.cancel_requested {
                         cancels.push((r.task_id.clone(), r.fencing_token));
                     }
-                } else if is_final(t.state())
-                    && t.attempts.last().is_some_and(|a| {
-                        a.fencing_token == r.fencing_token
-                            && a.agent_id == agent_id
-                            && a.result.is_some()
-                    })
-                {
+                } else if let Some(a) = t.attempts.iter().rev().find(|a| {
+                    a.fencing_token == r.fencing_token
+                        && a.agent_id == agent_id
+                        && a.result.is_some()
+                }) {
                     res.result_recorded = true;
+                    if self.archive.is_some() && a.log_archive.is_empty() && a.log_chunks > 0 {
+                        // Its log is not archived (a new leader, or an archive that never
+                        // committed): the worker replays the chunks and the result, and this
+                        // leader archives them.
+                        res.keep = true;
+                        replays.push((r.task_id.clone(), r.fencing_token));
+                    }
                 }
             }
             resume.push(res);
@@ -140,6 +147,7 @@ impl State {
                 .unwrap_or_default(),
             max_artifact_bytes: self.cfg.artifacts.max_artifact_bytes,
             max_task_artifact_bytes: self.cfg.artifacts.max_task_artifact_bytes,
+            archives_logs: self.archive.is_some(),
         };
         info!(agent = %agent_id, session, resumed = attempts.len(), lost = lost.len(), "agent attached");
         for t in lost {
@@ -154,7 +162,7 @@ impl State {
                 agent_id: agent_id.clone(),
                 session,
                 welcome,
-                attempts,
+                attempts: attempts.into_iter().chain(replays).collect(),
             },
         )];
         for (task_id, fencing_token) in cancels {

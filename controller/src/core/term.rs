@@ -189,6 +189,7 @@ impl State {
                         next_seq: 0,
                         result: true,
                         stale: false,
+                        archived: true,
                     })),
                 },
             ));

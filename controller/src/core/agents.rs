@@ -149,7 +149,7 @@ impl State {
             max_task_artifact_bytes: self.cfg.artifacts.max_task_artifact_bytes,
             archives_logs: self.archive.is_some(),
         };
-        info!(agent = %agent_id, session, resumed = attempts.len(), lost = lost.len(), "agent attached");
+        info!(agent = %agent_id, session, resumed = attempts.len(), log_replays = replays.len(), lost = lost.len(), "agent attached");
         for t in lost {
             self.requeue_or_fail(&t, "the agent came back without this attempt")
                 .await;

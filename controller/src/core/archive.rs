@@ -71,15 +71,14 @@ impl State {
         }
     }
 
-    /// Step 4: records the archive on the attempt, then acks it to the agent.
+    /// Step 4: records the archive on the attempt, then acks it to the attempt's agent
+    /// (if connected; else its next `Welcome` says so).
     pub(super) async fn on_log_archived(
         &mut self,
         task_id: String,
         token: u64,
         archived: Archived,
-        tx: Option<AgentTx>,
     ) {
-        let ack = tx.map(|tx| agent_effect(tx, result_ack(&task_id, token, archived.chunks, true)));
         let Some(entry) = self.tasks.get_mut(&task_id) else {
             warn!(task = %task_id, "an archived log's task is not in memory; the worker replays it later");
             return;
@@ -93,6 +92,17 @@ impl State {
             warn!(task = %task_id, token, "an archived log's attempt is unknown");
             return;
         };
+        // The agent's session now (it may have reconnected since the upload began).
+        let ack = self
+            .agents
+            .get(&a.agent_id)
+            .and_then(|g| g.conn.as_ref())
+            .map(|c| {
+                agent_effect(
+                    c.tx.clone(),
+                    result_ack(&task_id, token, archived.chunks, true),
+                )
+            });
         if a.log_archive == archived.key && a.log_bytes == archived.data_bytes {
             self.after_durable(ack.into_iter().collect()).await;
             return;
@@ -177,7 +187,6 @@ pub(crate) async fn seal_archive_ack(
                         task_id,
                         fencing_token: token,
                         archived,
-                        tx,
                     })
                     .await;
                 return true;
@@ -193,4 +202,148 @@ pub(crate) async fn seal_archive_ack(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use scabbard_common::proto::{self, ControllerMessage, controller_message};
+    use tokio::sync::mpsc;
+
+    use super::{CoreMsg, LogCtx, after_result, seal_archive_ack};
+    use crate::artifacts::{ArtifactStore, ArtifactsConfig};
+    use crate::core::agent_tx::AgentTx;
+    use crate::logstore::LogStore;
+    use crate::logstore::archive::LogArchive;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        logs: std::sync::Arc<LogStore>,
+        archive: std::sync::Arc<LogArchive>,
+        blobs: std::sync::Arc<ArtifactStore>,
+    }
+
+    async fn fixture(chunks: u64) -> Fixture {
+        let d = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(&d.path().join("logs")).unwrap();
+        let chunks: Vec<proto::LogChunk> = (0..chunks)
+            .map(|seq| proto::LogChunk {
+                seq,
+                data: format!("line {seq}\n").into_bytes(),
+                ..Default::default()
+            })
+            .collect();
+        if !chunks.is_empty() {
+            logs.append("t1", 1, &chunks).await.unwrap();
+        }
+        let blobs = ArtifactStore::open(&ArtifactsConfig::default(), d.path()).unwrap();
+        Fixture {
+            _dir: d,
+            logs,
+            archive: LogArchive::new(blobs.clone()),
+            blobs,
+        }
+    }
+
+    fn ctx(f: &Fixture, archive: bool, core: &mpsc::Sender<CoreMsg>) -> LogCtx {
+        LogCtx {
+            logs: f.logs.clone(),
+            archive: archive.then(|| f.archive.clone()),
+            core: core.downgrade(),
+        }
+    }
+
+    fn ack_of(m: ControllerMessage) -> proto::Ack {
+        match m.msg {
+            Some(controller_message::Msg::Ack(a)) => a,
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_log_is_sealed_acked_then_archived_and_reported_to_the_core() {
+        let f = fixture(3).await;
+        let (core_tx, mut core_rx) = mpsc::channel(4);
+        let (tx, mut rx, _overflow) = AgentTx::channel(4);
+        after_result(ctx(&f, true, &core_tx), "t1", 1, 3, Some(tx))(&Ok(()));
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a result ack")
+            .expect("open");
+        let first = ack_of(first);
+        assert!(first.result && !first.archived, "{first:?}");
+        // Sealing (fsync) came before the ack.
+        assert!(f.logs.position("t1", 1).await.unwrap().sealed);
+        let msg = tokio::time::timeout(Duration::from_secs(10), core_rx.recv())
+            .await
+            .expect("the core hears of the archive")
+            .expect("open");
+        let CoreMsg::LogArchived {
+            task_id,
+            fencing_token,
+            archived,
+        } = msg
+        else {
+            panic!("expected LogArchived");
+        };
+        assert_eq!((task_id.as_str(), fencing_token), ("t1", 1));
+        assert_eq!(archived.chunks, 3);
+        assert_eq!(archived.data_bytes, f.logs.bytes("t1", 1).await.unwrap());
+        assert_eq!(archived.key, "logs/t1/1.log");
+        // The spool may not go before the core recorded the archive.
+        assert!(rx.try_recv().is_err());
+        let back: Vec<_> = f
+            .archive
+            .read(&archived.key, 1, 1)
+            .await
+            .unwrap()
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(back, f.logs.read("t1", 1, 1, 100).await.unwrap());
+        // Retention deletes it.
+        assert_eq!(f.archive.delete_archived_logs("t1").await.unwrap(), 1);
+        let key = f.blobs.log_key("t1", 1);
+        assert!(!f.blobs.exists(&key).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_or_unsealable_log_is_not_acked() {
+        let f = fixture(2).await;
+        let (core_tx, mut core_rx) = mpsc::channel(4);
+        let (tx, mut rx, _overflow) = AgentTx::channel(4);
+        // The result says 5 chunks; 2 are here (a new leader before the replay).
+        let ctx = ctx(&f, true, &core_tx);
+        assert!(!seal_archive_ack(ctx.clone(), "t1".into(), 1, 5, Some(tx.clone())).await);
+        assert!(rx.try_recv().is_err());
+        assert!(!f.logs.position("t1", 1).await.unwrap().sealed);
+        // A failed commit acknowledges nothing.
+        after_result(ctx, "t1", 1, 2, Some(tx))(&Err(crate::core::persist::CommitError {
+            refused: false,
+            message: "x".into(),
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(rx.try_recv().is_err());
+        assert!(core_rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn without_a_log_or_a_blob_store_the_result_ack_lets_the_spool_go() {
+        let f = fixture(0).await;
+        let (core_tx, _core_rx) = mpsc::channel(4);
+        let (tx, mut rx, _overflow) = AgentTx::channel(4);
+        after_result(ctx(&f, true, &core_tx), "t1", 1, 0, Some(tx))(&Ok(()));
+        let a = ack_of(rx.try_recv().unwrap());
+        assert!(a.result && a.archived);
+
+        let f = fixture(2).await;
+        let (tx, mut rx, _overflow) = AgentTx::channel(4);
+        assert!(seal_archive_ack(ctx(&f, false, &core_tx), "t1".into(), 1, 2, Some(tx)).await);
+        let a = ack_of(rx.try_recv().unwrap());
+        assert!(a.result && a.archived);
+    }
 }

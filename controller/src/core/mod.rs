@@ -211,12 +211,11 @@ pub(crate) enum CoreMsg {
         workflow: bool,
         reply: Reply<artifacts::Served>,
     },
-    /// An attempt's log was archived in the blob store: record it, then ack `tx`'s agent.
+    /// An attempt's log was archived in the blob store: record it, then ack its agent.
     LogArchived {
         task_id: String,
         fencing_token: u64,
         archived: crate::logstore::archive::Archived,
-        tx: Option<agent_tx::AgentTx>,
     },
 }
 
@@ -717,11 +716,7 @@ impl State {
                 task_id,
                 fencing_token,
                 archived,
-                tx,
-            } => {
-                self.on_log_archived(task_id, fencing_token, archived, tx)
-                    .await
-            }
+            } => self.on_log_archived(task_id, fencing_token, archived).await,
             CoreMsg::Stats { reply } => {
                 let active = self.agents.values().map(|a| a.running.len()).sum();
                 let _ = reply.send(CoreStats {

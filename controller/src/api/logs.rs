@@ -100,13 +100,29 @@ impl Follower {
         let index = self.attempt as usize - 1;
         let mut pos = self.logs.subscribe(&self.task_id, self.attempt);
         let mut recovering: Option<tokio::time::Instant> = None;
+        let mut archive_missing = false;
         loop {
             let task = self.task().await?;
             let record = task.attempts.get(index);
-            if let Some(key) = record.map(|a| &a.log_archive).filter(|k| !k.is_empty())
+            if let Some(a) = record.filter(|a| !a.log_archive.is_empty() && !archive_missing)
                 && let Some(archive) = &self.archive
             {
-                let mut chunks = archive.read(key, self.attempt, self.seq).await?;
+                let mut chunks = match archive.read(&a.log_archive, self.attempt, self.seq).await
+                {
+                    Ok(chunks) => chunks,
+                    // Not in this controller's blob store (a local artifacts directory that
+                    // is not shared): the local log store may still hold it whole (a shared
+                    // logs directory).
+                    Err(e @ Error::NotFound { .. }) => {
+                        let here = self.logs.next_seq(&self.task_id, self.attempt).await?;
+                        if here < a.log_chunks.max(1) {
+                            return Err(e);
+                        }
+                        archive_missing = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 while let Some(c) = futures::StreamExt::next(&mut chunks).await {
                     let c = c?;
                     self.seq = c.seq + 1;

@@ -125,7 +125,21 @@ impl LogArchive {
     ) -> Result<BoxStream<'static, Result<proto::LogChunk>>> {
         let key = Path::from(key);
         // The size is only known from the store; read to the end.
-        let bytes = self.blobs.read_from(&key, 0, u64::MAX).await?;
+        let bytes = self
+            .blobs
+            .read_from(&key, 0, u64::MAX)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { .. } => Error::NotFound {
+                    kind: "archived log",
+                    id: format!(
+                        "{key} (not in the {} this controller uses: with several controllers, \
+                         use artifacts.backend = \"s3\" or a shared artifacts.dir)",
+                        self.blobs.describe()
+                    ),
+                },
+                e => e,
+            })?;
         Ok(decode_stream(bytes, attempt, from_seq))
     }
 

@@ -72,6 +72,8 @@ impl Default for LogStoreLimits {
 #[derive(Debug)]
 pub struct LogStore {
     shared: Arc<Shared>,
+    /// Where finished attempts' logs are archived (set once by the core that uses it).
+    archive: std::sync::OnceLock<Arc<archive::LogArchive>>,
 }
 
 impl LogStore {
@@ -89,6 +91,7 @@ impl LogStore {
         };
         Ok(Arc::new(LogStore {
             shared: Arc::new(Shared::new(dir.to_path_buf(), limits)),
+            archive: std::sync::OnceLock::new(),
         }))
     }
 
@@ -225,6 +228,17 @@ impl LogStore {
             chunks,
             data_bytes,
         })
+    }
+
+    /// Sets where this store's finished logs are archived (first call wins), so that
+    /// deleting a task's logs can reach the archive too ([`LogStore::archive`]).
+    pub fn attach_archive(&self, archive: Arc<archive::LogArchive>) {
+        let _ = self.archive.set(archive);
+    }
+
+    /// The archive of this store's finished logs, if there is one.
+    pub fn archive(&self) -> Option<&Arc<archive::LogArchive>> {
+        self.archive.get()
     }
 
     /// Syncs every log written since its last sync to disk.

@@ -251,8 +251,9 @@ async fn lead_when_elected(
             compare: lead.fence.clone(),
             lost: lead.lost.clone(),
         };
-        // A fresh log store per term: the directory may have been written by the previous
-        // leader (a shared logs_dir), so nothing cached from an earlier term is trusted.
+        // A fresh log store per term: the directory may hold what this controller wrote
+        // when it led before (or another's, if an operator shares it), so nothing cached
+        // from an earlier term is trusted.
         let started = match LogStore::open(&cfg.logs_dir()) {
             Ok(logs) => {
                 core::start(

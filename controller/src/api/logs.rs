@@ -107,8 +107,7 @@ impl Follower {
             if let Some(a) = record.filter(|a| !a.log_archive.is_empty() && !archive_missing)
                 && let Some(archive) = &self.archive
             {
-                let mut chunks = match archive.read(&a.log_archive, self.attempt, self.seq).await
-                {
+                let mut chunks = match archive.read(&a.log_archive, self.attempt, self.seq).await {
                     Ok(chunks) => chunks,
                     // Not in this controller's blob store (a local artifacts directory that
                     // is not shared): the local log store may still hold it whole (a shared

@@ -5,12 +5,12 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use prost::Message;
-use scabbard_common::Error;
 use scabbard_common::proto::{
     Agent, AgentStatus, CancelAttempt, ControllerMessage, Drain, Hello, Resume, StoredAgent,
     TaskState, Welcome, agent_message, controller_message,
 };
 use scabbard_common::time::now_ms;
+use scabbard_common::{Error, is_final};
 use tracing::{info, warn};
 
 use super::{AGENT_PREFIX, AgentEntry, Attached, Conn, Reply, State, agent_effect, reply_effect};
@@ -109,17 +109,31 @@ impl State {
                     if t.cancel_requested {
                         cancels.push((r.task_id.clone(), r.fencing_token));
                     }
-                } else if let Some(a) = t.attempts.iter().rev().find(|a| {
-                    a.fencing_token == r.fencing_token
-                        && a.agent_id == agent_id
-                        && a.result.is_some()
-                }) {
-                    res.result_recorded = true;
-                    if self.archive.is_some() && a.log_archive.is_empty() && a.log_chunks > 0 {
-                        // Its log is not archived (a new leader, or an archive that never
-                        // committed): the worker replays the chunks and the result, and this
-                        // leader archives them.
+                } else {
+                    if is_final(t.state())
+                        && t.attempts.last().is_some_and(|a| {
+                            a.fencing_token == r.fencing_token
+                                && a.agent_id == agent_id
+                                && a.result.is_some()
+                        })
+                    {
+                        res.result_recorded = true;
+                    }
+                    // A result from this worker whose log is not archived (a new leader, or
+                    // an archive that never committed): the worker replays the chunks and
+                    // the result, and this leader archives them. (`log_chunks` is set from a
+                    // `Finished` only.)
+                    if self.archive.is_some()
+                        && t.attempts.iter().any(|a| {
+                            a.fencing_token == r.fencing_token
+                                && a.agent_id == agent_id
+                                && a.result.is_some()
+                                && a.log_chunks > 0
+                                && a.log_archive.is_empty()
+                        })
+                    {
                         res.keep = true;
+                        res.result_recorded = true;
                         replays.push((r.task_id.clone(), r.fencing_token));
                     }
                 }

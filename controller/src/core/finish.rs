@@ -41,23 +41,27 @@ impl State {
             // Already recorded (a replay after reconnect: the attempt holds this very
             // result) → ack; otherwise stale.
             let recorded = self.tasks.get(&f.task_id).and_then(|e| {
+                let last = e.task.attempts.last();
                 e.task.attempts.iter().rev().find(|a| {
                     a.fencing_token == f.fencing_token
                         && a.agent_id == agent_id
                         && match (&a.result, &f.result) {
-                            // Kept as sent, or as its oversized form was recorded.
-                            (Some(kept), Some(sent)) => {
+                            // The last attempt, kept as sent or as its oversized form was
+                            // recorded.
+                            (Some(kept), Some(sent))
+                                if last.is_some_and(|l| std::ptr::eq(l, *a)) =>
+                            {
                                 artifacts::same_report(kept, sent)
                                     || artifacts::same_report(
                                         kept,
                                         &size::fit_result(sent.clone(), &self.cfg),
                                     )
-                                    // Recorded as an infrastructure failure, or compacted
-                                    // as an earlier attempt: the token says enough.
-                                    || kept.error_class() == ErrorClass::Infrastructure
-                                    || e.task.attempts.last().map(|l| l.fencing_token)
-                                        != Some(f.fencing_token)
+                                    || a.log_chunks > 0
                             }
+                            // Any attempt whose result came from its worker with a log
+                            // (`log_chunks` is set from a `Finished` only, never for an
+                            // attempt the controller gave up on): its log is wanted.
+                            (Some(_), Some(_)) => a.log_chunks > 0,
                             _ => false,
                         }
                 })

@@ -454,6 +454,9 @@ pub(crate) async fn start(
     let archive = artifacts
         .clone()
         .map(crate::logstore::archive::LogArchive::new);
+    if let Some(a) = &archive {
+        logs.attach_archive(a.clone());
+    }
     let mut state = State {
         cfg,
         store,

@@ -7,7 +7,8 @@
 //!   the result is recorded);
 //! * archive: the result reported → `Ack.archived` (sealed, copied to the blob store — the
 //!   local-disk backend here — and recorded);
-//! * archived read: `Logs` of the finished attempt, served from the blob store.
+//! * finished read: `Logs` of the finished, archived attempt (from the leader's sealed
+//!   copy; a controller without one streams it from the blob store).
 //!
 //! The worker's own spooling is not in these figures: the agent sends from memory.
 
@@ -195,7 +196,7 @@ pub(crate) async fn run(
         (follow_end - t0).as_secs_f64()
     );
     println!(
-        "logs: archive {:.0} MB/s ({:.2}s from the result to Ack.archived); archived read {:.0} MB/s ({:.2}s)",
+        "logs: archive {:.0} MB/s ({:.2}s from the result to Ack.archived); finished read {:.0} MB/s ({:.2}s)",
         mbs(archived - reported),
         (archived - reported).as_secs_f64(),
         mbs(read_time),

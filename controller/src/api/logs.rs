@@ -1,5 +1,6 @@
 //! Serving `TaskService.Logs`: reads an attempt's log — from the blob store once it is
-//! archived (`AttemptRecord.log_archive`), else from the leader's local log store — and,
+//! archived (`AttemptRecord.log_archive`) and this controller has no sealed copy of its
+//! own, else from the leader's local log store — and,
 //! with `follow`, waits for more until the attempt has ended, moving on to the next
 //! attempt when the task was requeued and the caller follows the latest one.
 //!
@@ -107,6 +108,12 @@ impl Follower {
             if let Some(a) = record.filter(|a| !a.log_archive.is_empty() && !archive_missing)
                 && let Some(archive) = &self.archive
             {
+                // This controller's own sealed copy, if it has one, is the cheaper read.
+                let here = self.logs.position(&self.task_id, self.attempt).await?;
+                if here.sealed && here.next_seq >= a.log_chunks {
+                    archive_missing = true;
+                    continue;
+                }
                 let mut chunks = match archive.read(&a.log_archive, self.attempt, self.seq).await {
                     Ok(chunks) => chunks,
                     // Not in this controller's blob store (a local artifacts directory that

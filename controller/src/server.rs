@@ -367,7 +367,7 @@ fn open_artifacts(cfg: &ControllerConfig) -> Result<Arc<ArtifactStore>> {
     info!(store = %store.describe(), "artifact store");
     if cfg.artifacts.backend == "local" && cfg.store == "etcd" && cfg.artifacts.dir.is_none() {
         warn!(
-            "artifacts.backend = \"local\" with store = \"etcd\": every controller must see the same artifacts directory (set artifacts.dir to a shared filesystem), or use artifacts.backend = \"s3\""
+            "artifacts.backend = \"local\" with store = \"etcd\": every controller must see the same artifacts directory, which also holds archived task logs (set artifacts.dir to a shared filesystem), or use artifacts.backend = \"s3\""
         );
     }
     if cfg.artifacts.backend != "local" {

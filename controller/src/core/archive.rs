@@ -7,8 +7,8 @@
 //!    (`log_chunks`), else nothing happens: the worker keeps its spool and replays the
 //!    chunks to whichever leader it connects to next;
 //! 2. the local log is sealed (fsynced), then the result ack goes out (`Ack.result`);
-//! 3. the sealed log is uploaded to the blob store ([`LogArchive`]), retried with
-//!    backoff while the term lasts;
+//! 3. the sealed log is uploaded to the blob store ([`LogArchive`]); an unreachable store
+//!    is retried with backoff while the term lasts;
 //! 4. [`CoreMsg::LogArchived`]: the core records `log_archive` (and the exact
 //!    `log_bytes`) on the attempt through its persister (fenced, like every write);
 //! 5. once that is durable, `Ack.archived` lets the worker drop the spool.
@@ -31,7 +31,9 @@ use super::{CoreMsg, Effect, State, agent_effect};
 use crate::logstore::LogStore;
 use crate::logstore::archive::{Archived, LogArchive};
 
-/// Upload attempts before an archive is left to the next replay.
+/// Tries of an upload that fails for a reason other than an unreachable blob store (the
+/// local log vanished, e.g. deleted by retention) before it is left to the next replay. An
+/// unreachable store is retried (backoff up to 30 s) for as long as the term lasts.
 const UPLOAD_TRIES: u32 = 8;
 
 /// What the steps after a result need, cheap to clone into an effect.
@@ -176,7 +178,8 @@ pub(crate) async fn seal_archive_ack(
         agent_effect(tx.clone(), result_ack(&task_id, token, log_chunks, false))(&Ok(()));
     }
     let mut delay = Duration::from_millis(200);
-    for n in 1..=UPLOAD_TRIES {
+    let mut other_failures = 0;
+    for n in 1u64.. {
         match archive.upload(logs, &task_id, attempt).await {
             Ok(archived) => {
                 let Some(core) = ctx.core.upgrade() else {
@@ -193,7 +196,10 @@ pub(crate) async fn seal_archive_ack(
             }
             Err(e) => {
                 warn!(task = %task_id, attempt, try_ = n, error = %e, "archiving a log failed; the worker keeps its spool");
-                if ctx.core.upgrade().is_none() {
+                if !matches!(e, scabbard_common::Error::Unavailable(_)) {
+                    other_failures += 1;
+                }
+                if ctx.core.upgrade().is_none() || other_failures >= UPLOAD_TRIES {
                     return true;
                 }
                 tokio::time::sleep(delay).await;

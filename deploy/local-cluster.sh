@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A local Scabbard cluster on loopback: a 3-member etcd cluster, 2 controllers (leader
-# election through etcd, shared logs dir) and 2 workers. Everything lives under one
-# directory; Ctrl-C stops it all.
+# election through etcd; one blob store directory for artifacts and archived logs, which
+# on one machine stands in for an S3 bucket; each controller keeps live logs in its own
+# data dir) and 2 workers. Everything lives under one directory; Ctrl-C stops it all.
 #
 #   deploy/local-cluster.sh [DIR]        # default DIR: ./scabbard-cluster
 #
@@ -36,7 +37,7 @@ endpoints="http://127.0.0.1:23791,http://127.0.0.1:23792,http://127.0.0.1:23793"
 # Controllers on 7401 and 7402.
 for i in 1 2; do
   "$SCABBARD" controller --listen "127.0.0.1:740$i" --data-dir "$DIR/controller$i" \
-    --store etcd --etcd-endpoints "$endpoints" --logs-dir "$DIR/logs" --advertise-addr "127.0.0.1:740$i" \
+    --store etcd --etcd-endpoints "$endpoints" --artifacts-dir "$DIR/blobs" --advertise-addr "127.0.0.1:740$i" \
     --registration-token "$TOKEN" >"$DIR/controller$i.log" 2>&1 &
   pids+=($!)
 done

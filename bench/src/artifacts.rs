@@ -187,7 +187,7 @@ async fn wait_succeeded(
 
 /// A minimal agent: registers, holds a session (heartbeating), accepts assignments,
 /// reports success.
-struct HandAgent {
+pub(crate) struct HandAgent {
     token: String,
     channel: tonic::transport::Channel,
     tx: mpsc::Sender<AgentMessage>,
@@ -195,7 +195,7 @@ struct HandAgent {
 }
 
 impl HandAgent {
-    async fn connect(addr: &str, registration_token: &str) -> Result<Self> {
+    pub(crate) async fn connect(addr: &str, registration_token: &str) -> Result<Self> {
         let channel = client::connect(addr).await?;
         let labels = HashMap::from([("bench".to_string(), "artifacts".to_string())]);
         let reg = AgentServiceClient::new(channel.clone())
@@ -258,7 +258,7 @@ impl HandAgent {
         })
     }
 
-    async fn accept_next(&mut self) -> Result<Assign> {
+    pub(crate) async fn accept_next(&mut self) -> Result<Assign> {
         loop {
             let m = tokio::time::timeout(Duration::from_secs(30), self.inbound.next())
                 .await
@@ -293,6 +293,16 @@ impl HandAgent {
             })
             .await?;
         Ok(())
+    }
+
+    /// The session's two directions, for a caller that drives it alone.
+    pub(crate) fn split(
+        self,
+    ) -> (
+        mpsc::Sender<AgentMessage>,
+        tonic::Streaming<ControllerMessage>,
+    ) {
+        (self.tx, self.inbound)
     }
 
     fn artifacts(&self) -> Result<ArtifactServiceClient<client::AuthedChannel>> {

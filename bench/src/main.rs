@@ -10,6 +10,9 @@
 //! * artifacts (`--kind artifacts`): upload + download of one artifact of
 //!   `--artifact-mib` MiB through the controller (local disk), in MB/s ([`artifacts`]).
 //!
+//! * logs (`--kind logs`): ingest + follow of one `--log-mib` MiB log, then its archive
+//!   and an archived read, in MB/s ([`logs`]).
+//!
 //! * failover and chaos (`--kind failover`, `--kind chaos`): fault figures on real
 //!   processes ([`chaos`]).
 //!
@@ -27,6 +30,7 @@ mod agents;
 mod artifacts;
 mod chaos;
 mod external;
+mod logs;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,7 +53,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(about = "Scabbard control-plane benchmark")]
 struct Args {
     /// `noop` (control plane alone), `shell` (`true` as a host process), `artifacts`
-    /// (artifact upload + download throughput), `failover` (time until work resumes after
+    /// (artifact upload + download throughput), `logs` (ingest + follow of one big log),
+    /// `failover` (time until work resumes after
     /// the leader or the etcd leader member is lost) or `chaos` (the chaos suite's figures).
     #[arg(long, default_value = "noop")]
     kind: String,
@@ -59,6 +64,9 @@ struct Args {
     /// `--kind artifacts`: rounds (the median is reported).
     #[arg(long, default_value_t = 3)]
     artifact_rounds: usize,
+    /// `--kind logs`: size of the log, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    log_mib: usize,
     /// `--kind failover`: runs of each fault.
     #[arg(long, default_value_t = 3)]
     failover_runs: usize,
@@ -163,7 +171,7 @@ async fn main() {
 async fn bench(args: Args) -> Result<()> {
     scabbard_common::logging::init("warn", false);
     match args.kind.as_str() {
-        "noop" | "shell" | "artifacts" => {}
+        "noop" | "shell" | "artifacts" | "logs" => {}
         "failover" => return chaos::failover(args.failover_runs.max(1)).await,
         "chaos" => return chaos::chaos(args.chaos_long, args.tasks).await,
         "agents" => {
@@ -181,10 +189,10 @@ async fn bench(args: Args) -> Result<()> {
             })
             .await;
         }
-        _ => bail!("--kind must be noop, shell, artifacts, failover, chaos or agents"),
+        _ => bail!("--kind must be noop, shell, artifacts, logs, failover, chaos or agents"),
     }
     if args.external {
-        if args.kind == "artifacts" {
+        if matches!(args.kind.as_str(), "artifacts" | "logs") {
             bail!("--external runs --kind noop or shell");
         }
         return external::run(&args).await;
@@ -222,6 +230,12 @@ async fn bench(args: Args) -> Result<()> {
         None
     };
     let addr = ctl.addr.to_string();
+    if args.kind == "logs" {
+        let r = logs::run(&addr, &token, ADMIN_TOKEN, args.log_mib.max(1)).await;
+        ctl.shutdown.cancel();
+        let _ = ctl.task.await;
+        return r;
+    }
     if args.kind == "artifacts" {
         let r = artifacts::run(
             &addr,

@@ -250,7 +250,8 @@ pub(crate) struct ControllerArgs {
     /// Address others are redirected to while this controller leads (default: --listen).
     #[arg(long, env = "SCABBARD_ADVERTISE_ADDR")]
     pub(crate) advertise_addr: Option<String>,
-    /// Task log directory (shared by all controllers of an etcd cluster).
+    /// This controller's live task log directory (default `<data-dir>/logs`; never shared:
+    /// finished attempts' logs are archived in the artifact store).
     #[arg(long, env = "SCABBARD_LOGS_DIR")]
     pub(crate) logs_dir: Option<PathBuf>,
     /// Key sealing task secrets in the store (64 hex digits; the same file on every

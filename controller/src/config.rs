@@ -78,8 +78,9 @@ pub struct ControllerConfig {
     /// Address other controllers, workers and clients are redirected to when this
     /// controller leads (default: the listen address).
     pub advertise_addr: Option<String>,
-    /// Where task logs live (default `<data_dir>/logs`). With several controllers, a
-    /// directory they all share (e.g. NFS), so a new leader serves every accepted log.
+    /// Where this controller, while it leads, keeps live task logs (default
+    /// `<data_dir>/logs`). Not shared between controllers: finished attempts' logs are
+    /// archived in the artifact store, and workers replay the live part to a new leader.
     pub logs_dir: Option<PathBuf>,
     /// State store backend: `embedded` (single node) or `etcd`.
     pub store: String,

@@ -14,6 +14,7 @@
 //! handles are open at once (least recently used closed first, sealed attempts closed at
 //! once), and idle attempts fall out of memory.
 
+pub mod archive;
 mod disk;
 mod record;
 
@@ -27,6 +28,18 @@ use tokio::sync::watch;
 
 use disk::{Record, Shared, lock};
 use record::encode_record;
+
+/// A sealed attempt's log file, as [`LogStore::sealed_file`] finds it.
+#[derive(Debug, Clone)]
+pub struct SealedLog {
+    pub path: std::path::PathBuf,
+    /// Bytes of valid records in the file (what an archive copies).
+    pub len: u64,
+    /// Chunks stored.
+    pub chunks: u64,
+    /// Bytes of chunk data stored.
+    pub data_bytes: u64,
+}
 
 /// Where an attempt's log stands; followers watch it through [`LogStore::subscribe`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,6 +72,8 @@ impl Default for LogStoreLimits {
 #[derive(Debug)]
 pub struct LogStore {
     shared: Arc<Shared>,
+    /// Where finished attempts' logs are archived (set once by the core that uses it).
+    archive: std::sync::OnceLock<Arc<archive::LogArchive>>,
 }
 
 impl LogStore {
@@ -76,6 +91,7 @@ impl LogStore {
         };
         Ok(Arc::new(LogStore {
             shared: Arc::new(Shared::new(dir.to_path_buf(), limits)),
+            archive: std::sync::OnceLock::new(),
         }))
     }
 
@@ -196,6 +212,33 @@ impl LogStore {
         check_task_id(task_id)?;
         let entry = self.shared.entry(task_id, attempt);
         self.blocking(move |shared| shared.seal(&entry)).await
+    }
+
+    /// Where a sealed attempt's log file is and how long it is (its records never change
+    /// again). `FailedPrecondition` if the attempt is not sealed.
+    pub async fn sealed_file(&self, task_id: &str, attempt: u32) -> Result<SealedLog> {
+        check_task_id(task_id)?;
+        let entry = self.shared.entry(task_id, attempt);
+        let (path, len, chunks, data_bytes) = self
+            .blocking(move |shared| shared.sealed_file(&entry))
+            .await?;
+        Ok(SealedLog {
+            path,
+            len,
+            chunks,
+            data_bytes,
+        })
+    }
+
+    /// Sets where this store's finished logs are archived (first call wins), so that
+    /// deleting a task's logs can reach the archive too ([`LogStore::archive`]).
+    pub fn attach_archive(&self, archive: Arc<archive::LogArchive>) {
+        let _ = self.archive.set(archive);
+    }
+
+    /// The archive of this store's finished logs, if there is one.
+    pub fn archive(&self) -> Option<&Arc<archive::LogArchive>> {
+        self.archive.get()
     }
 
     /// Syncs every log written since its last sync to disk.

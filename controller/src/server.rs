@@ -251,8 +251,9 @@ async fn lead_when_elected(
             compare: lead.fence.clone(),
             lost: lead.lost.clone(),
         };
-        // A fresh log store per term: the directory may have been written by the previous
-        // leader (a shared logs_dir), so nothing cached from an earlier term is trusted.
+        // A fresh log store per term: the directory may hold what this controller wrote
+        // when it led before (or another's, if an operator shares it), so nothing cached
+        // from an earlier term is trusted.
         let started = match LogStore::open(&cfg.logs_dir()) {
             Ok(logs) => {
                 core::start(
@@ -366,7 +367,7 @@ fn open_artifacts(cfg: &ControllerConfig) -> Result<Arc<ArtifactStore>> {
     info!(store = %store.describe(), "artifact store");
     if cfg.artifacts.backend == "local" && cfg.store == "etcd" && cfg.artifacts.dir.is_none() {
         warn!(
-            "artifacts.backend = \"local\" with store = \"etcd\": every controller must see the same artifacts directory (set artifacts.dir to a shared filesystem), or use artifacts.backend = \"s3\""
+            "artifacts.backend = \"local\" with store = \"etcd\": every controller must see the same artifacts directory, which also holds archived task logs (set artifacts.dir to a shared filesystem), or use artifacts.backend = \"s3\""
         );
     }
     if cfg.artifacts.backend != "local" {

@@ -7,7 +7,7 @@
 //! nothing per interval; the core reads when the agent was last heard from a shared
 //! counter.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +35,11 @@ pub(crate) struct SessionActor {
     pub(crate) logs: Arc<LogStore>,
     pub(crate) agent_id: String,
     pub(crate) session: u64,
-    /// Attempts this agent holds: task id → fencing token.
-    pub(crate) attempts: HashMap<String, u64>,
+    /// Attempts this agent holds (task id, fencing token): running ones, and finished ones
+    /// whose log is not archived yet (their chunks may be replayed).
+    pub(crate) attempts: HashSet<(String, u64)>,
+    /// The controller archives logs: a result ack alone does not end an attempt here.
+    pub(crate) archives_logs: bool,
     pub(crate) silence_limit: Duration,
     /// Messages are boxed (see `AgentTx`): idle queues stay small.
     pub(crate) out: mpsc::Sender<Result<Box<ControllerMessage>, Status>>,
@@ -70,6 +73,7 @@ impl SessionActor {
             agent_id: attached.agent_id.clone(),
             session: attached.session,
             attempts: attached.attempts.iter().cloned().collect(),
+            archives_logs: attached.welcome.archives_logs,
             silence_limit: Duration::from_millis(attached.welcome.lease_ttl_ms),
             out,
             token_id,
@@ -180,13 +184,12 @@ impl SessionActor {
     fn observe(&mut self, m: &ControllerMessage) {
         match &m.msg {
             Some(controller_message::Msg::Assign(a)) => {
-                self.attempts.insert(a.task_id.clone(), a.fencing_token);
+                self.attempts.insert((a.task_id.clone(), a.fencing_token));
             }
             Some(controller_message::Msg::Ack(a))
-                if (a.result || a.stale)
-                    && self.attempts.get(&a.task_id) == Some(&a.fencing_token) =>
+                if a.stale || a.archived || (a.result && !self.archives_logs) =>
             {
-                self.attempts.remove(&a.task_id);
+                self.attempts.remove(&(a.task_id.clone(), a.fencing_token));
             }
             _ => {}
         }
@@ -211,7 +214,10 @@ impl SessionActor {
         for m in batch {
             match m.msg {
                 Some(agent_message::Msg::Log(c)) => {
-                    if self.attempts.get(&c.task_id) != Some(&c.fencing_token) {
+                    if !self
+                        .attempts
+                        .contains(&(c.task_id.clone(), c.fencing_token))
+                    {
                         debug!(task = %c.task_id, token = c.fencing_token, "log chunk for a stale attempt");
                         self.emit(stale_ack(&c.task_id, c.fencing_token)).await?;
                         continue;
@@ -281,6 +287,7 @@ impl SessionActor {
                     next_seq,
                     result: false,
                     stale: false,
+                    archived: false,
                 })),
             })
             .await?;

@@ -317,6 +317,7 @@ impl Connection {
             runner: self.runner.clone(),
             tx: req_tx,
             sent: HashMap::new(),
+            archives_logs: welcome.archives_logs,
         };
         if let Err(e) = pump.reconcile(&welcome).await {
             return (End::Lost(e), true);
@@ -399,7 +400,9 @@ impl Connection {
             }
             Some(Msg::Ack(a)) => {
                 let key = (a.task_id, a.fencing_token);
-                if a.stale || a.result {
+                // A controller that archives logs says when the spool may go (`archived`,
+                // after the result ack); until then the chunks stay, for the next leader.
+                if a.stale || a.archived || (a.result && !pump.archives_logs) {
                     if a.stale {
                         warn!(task = %key.0, token = key.1, "controller says this attempt is stale; dropping it");
                     }
@@ -425,6 +428,9 @@ struct Pump {
     tx: mpsc::Sender<AgentMessage>,
     /// Next chunk sequence number to send, per attempt on this session.
     sent: HashMap<AttemptKey, u64>,
+    /// The controller archives logs (`Welcome.archives_logs`): an attempt is dropped on
+    /// `Ack.archived`, not on the result ack.
+    archives_logs: bool,
 }
 
 impl Pump {

@@ -1,6 +1,13 @@
-//! Serving `TaskService.Logs`: reads an attempt's log from the log store and, with
-//! `follow`, waits for more until the attempt has ended — moving on to the next attempt
-//! when the task was requeued and the caller follows the latest one.
+//! Serving `TaskService.Logs`: reads an attempt's log — from the blob store once it is
+//! archived (`AttemptRecord.log_archive`) and this controller has no sealed copy of its
+//! own, else from the leader's local log store — and,
+//! with `follow`, waits for more until the attempt has ended, moving on to the next
+//! attempt when the task was requeued and the caller follows the latest one.
+//!
+//! An attempt that ended while its log is still incomplete here (a new leader, before the
+//! worker replayed its spool) is waited for, follow or not, up to [`RECOVERY_WAIT`]: its
+//! chunks arrive, or its archive is recorded; after that the call fails `UNAVAILABLE`
+//! rather than end a log short.
 
 use std::sync::Arc;
 
@@ -11,12 +18,17 @@ use tonic::Status;
 
 use crate::core::{CoreMsg, CoreRouter};
 use crate::logstore::LogStore;
+use crate::logstore::archive::LogArchive;
 
 const PAGE: usize = 512;
+
+/// How long a read waits for the rest of an ended attempt's log to come back.
+pub(crate) const RECOVERY_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub(super) struct Follower {
     pub(super) core: CoreRouter,
     pub(super) logs: Arc<LogStore>,
+    pub(super) archive: Option<Arc<LogArchive>>,
     pub(super) task_id: String,
     pub(super) follow_latest: bool,
     /// 0: not assigned yet.
@@ -56,46 +68,9 @@ impl Follower {
                 self.wait_task_event(&mut events).await?;
                 continue;
             }
-            let mut pos = self.logs.subscribe(&self.task_id, self.attempt);
-            let mut finished = false;
-            loop {
-                let chunks = self
-                    .logs
-                    .read(&self.task_id, self.attempt, self.seq, PAGE)
-                    .await?;
-                let n = chunks.len();
-                for c in chunks {
-                    self.seq = c.seq + 1;
-                    if tx.send(Ok(c)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                if n == PAGE {
-                    continue;
-                }
-                if finished || !self.follow {
-                    break;
-                }
-                let p = *pos.borrow_and_update();
-                if p.sealed && self.seq >= p.next_seq {
-                    break;
-                }
-                // Every chunk of an attempt is stored before its end is recorded, so once
-                // the task shows the attempt ended, one more read completes the log.
-                let task = self.task().await?;
-                if task
-                    .attempts
-                    .get(self.attempt as usize - 1)
-                    .is_some_and(|a| a.result.is_some())
-                {
-                    finished = true;
-                    continue;
-                }
-                tokio::select! {
-                    r = pos.changed() => if r.is_err() { return Ok(()) },
-                    r = self.wait_task_event(&mut events) => r?,
-                    _ = tx.closed() => return Ok(()),
-                }
+            self.serve_attempt(tx, &mut events).await?;
+            if tx.is_closed() {
+                return Ok(());
             }
             // This attempt's log is complete.
             if !self.follow || !self.follow_latest {
@@ -112,6 +87,103 @@ impl Follower {
                     return Ok(());
                 }
                 self.wait_task_event(&mut events).await?;
+            }
+        }
+    }
+
+    /// Sends the current attempt's log from `self.seq` until it is complete (or, without
+    /// `follow`, until what a running attempt has so far is sent).
+    async fn serve_attempt(
+        &mut self,
+        tx: &mpsc::Sender<Result<LogChunk, Status>>,
+        events: &mut broadcast::Receiver<Arc<Task>>,
+    ) -> Result<()> {
+        let index = self.attempt as usize - 1;
+        let mut pos = self.logs.subscribe(&self.task_id, self.attempt);
+        let mut recovering: Option<tokio::time::Instant> = None;
+        let mut archive_missing = false;
+        loop {
+            let task = self.task().await?;
+            let record = task.attempts.get(index);
+            if let Some(a) = record.filter(|a| !a.log_archive.is_empty() && !archive_missing)
+                && let Some(archive) = &self.archive
+            {
+                // This controller's own sealed copy, if it has one, is the cheaper read.
+                let here = self.logs.position(&self.task_id, self.attempt).await?;
+                if here.sealed && here.next_seq >= a.log_chunks {
+                    archive_missing = true;
+                    continue;
+                }
+                let mut chunks = match archive.read(&a.log_archive, self.attempt, self.seq).await {
+                    Ok(chunks) => chunks,
+                    // Not in this controller's blob store (a local artifacts directory that
+                    // is not shared): the local log store may still hold it whole (a shared
+                    // logs directory).
+                    Err(e @ Error::NotFound { .. }) => {
+                        let here = self.logs.next_seq(&self.task_id, self.attempt).await?;
+                        if here < a.log_chunks.max(1) {
+                            return Err(e);
+                        }
+                        archive_missing = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                while let Some(c) = futures::StreamExt::next(&mut chunks).await {
+                    let c = c?;
+                    self.seq = c.seq + 1;
+                    if tx.send(Ok(c)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                return Ok(());
+            }
+            // Seen before reading: a chunk stored after this read wakes the wait below.
+            let p = *pos.borrow_and_update();
+            loop {
+                let chunks = self
+                    .logs
+                    .read(&self.task_id, self.attempt, self.seq, PAGE)
+                    .await?;
+                let n = chunks.len();
+                for c in chunks {
+                    self.seq = c.seq + 1;
+                    if tx.send(Ok(c)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                if n < PAGE {
+                    break;
+                }
+            }
+            if p.sealed && self.seq >= p.next_seq {
+                return Ok(());
+            }
+            match record.filter(|a| a.result.is_some()) {
+                // Ended: every chunk is stored before the end is recorded — here, unless
+                // this leader took over and the worker has not replayed them yet.
+                Some(a) if self.seq >= a.log_chunks => return Ok(()),
+                Some(a) => {
+                    let since = *recovering.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= RECOVERY_WAIT {
+                        return Err(Error::Unavailable(format!(
+                            "the log of task {} attempt {} is incomplete here ({} of {} chunks): \
+                             its worker has not replayed the rest to this leader yet; retry later",
+                            self.task_id, self.attempt, self.seq, a.log_chunks
+                        )));
+                    }
+                }
+                None if !self.follow => return Ok(()),
+                None => {}
+            }
+            let limit = recovering.map_or(tokio::time::Instant::now() + RECOVERY_WAIT, |s| {
+                s + RECOVERY_WAIT
+            });
+            tokio::select! {
+                r = pos.changed() => if r.is_err() { return Ok(()) },
+                r = self.wait_task_event(events) => r?,
+                _ = tx.closed() => return Ok(()),
+                _ = tokio::time::sleep_until(limit) => {}
             }
         }
     }

@@ -333,9 +333,11 @@ impl TaskService for TaskApi {
         }
         let slot = self.streams.open(&who.token_id)?;
         let (tx, out) = mpsc::channel(256);
+        let current = self.core.current()?;
         let follower = super::logs::Follower {
             core: self.core.clone(),
-            logs: self.core.current()?.logs().clone(),
+            logs: current.logs().clone(),
+            archive: current.archive().cloned(),
             task_id: r.task_id,
             follow_latest: r.attempt == 0,
             attempt: if r.attempt == 0 {

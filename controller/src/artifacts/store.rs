@@ -54,6 +54,8 @@ pub struct ArtifactStore {
     prefix: String,
     /// Local backend: where it writes (objects are fsynced after they complete).
     local: Option<LocalFileSystem>,
+    /// Prepended to archived log keys (`<s3 prefix>logs/`; `logs/` locally).
+    logs_prefix: String,
     /// `local directory …` / `s3://bucket/prefix` for messages.
     describe: String,
     discard: mpsc::Sender<Path>,
@@ -70,54 +72,62 @@ impl ArtifactStore {
     /// remote store: see [`ArtifactStore::probe`].
     pub fn open(cfg: &ArtifactsConfig, data_dir: &FsPath) -> Result<Arc<Self>> {
         cfg.validate()?;
-        let (store, prefix, local, describe): (Arc<dyn ObjectStore>, _, _, _) = match cfg
-            .backend
-            .as_str()
-        {
-            "s3" => {
-                let s3 = &cfg.s3;
-                let mut b = AmazonS3Builder::new()
-                    .with_bucket_name(&s3.bucket)
-                    .with_region(&s3.region)
-                    .with_access_key_id(&s3.access_key_id)
-                    .with_secret_access_key(s3.secret()?)
-                    .with_allow_http(s3.allow_http)
-                    .with_virtual_hosted_style_request(s3.virtual_hosted_style);
-                if !s3.endpoint.is_empty() {
-                    b = b.with_endpoint(&s3.endpoint);
+        let (store, prefix, logs_prefix, local, describe): (Arc<dyn ObjectStore>, _, _, _, _) =
+            match cfg.backend.as_str() {
+                "s3" => {
+                    let s3 = &cfg.s3;
+                    let mut b = AmazonS3Builder::new()
+                        .with_bucket_name(&s3.bucket)
+                        .with_region(&s3.region)
+                        .with_access_key_id(&s3.access_key_id)
+                        .with_secret_access_key(s3.secret()?)
+                        .with_allow_http(s3.allow_http)
+                        .with_virtual_hosted_style_request(s3.virtual_hosted_style);
+                    if !s3.endpoint.is_empty() {
+                        b = b.with_endpoint(&s3.endpoint);
+                    }
+                    let store = b.build().map_err(|e| {
+                        Error::invalid(format!("artifacts.s3: {}", error_chain(&e)))
+                    })?;
+                    let prefix = s3.normalized_prefix();
+                    let describe = format!("s3://{}/{prefix}artifacts/", s3.bucket);
+                    (
+                        Arc::new(store),
+                        format!("{prefix}artifacts/"),
+                        format!("{prefix}logs/"),
+                        None,
+                        describe,
+                    )
                 }
-                let store = b
-                    .build()
-                    .map_err(|e| Error::invalid(format!("artifacts.s3: {}", error_chain(&e))))?;
-                let prefix = s3.normalized_prefix();
-                let describe = format!("s3://{}/{prefix}artifacts/", s3.bucket);
-                (
-                    Arc::new(store),
-                    format!("{prefix}artifacts/"),
-                    None,
-                    describe,
-                )
-            }
-            _ => {
-                let dir = cfg.local_dir(data_dir);
-                scabbard_common::private::private_dir(&dir).map_err(|e| {
-                    Error::invalid(format!(
-                        "artifacts.dir: cannot create {}: {e}",
-                        dir.display()
-                    ))
-                })?;
-                let fs = LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| Error::invalid(format!("artifacts.dir {}: {e}", dir.display())))?
-                    .with_automatic_cleanup(true);
-                let describe = format!("local directory {}", dir.display());
-                (Arc::new(fs.clone()), String::new(), Some(fs), describe)
-            }
-        };
+                _ => {
+                    let dir = cfg.local_dir(data_dir);
+                    scabbard_common::private::private_dir(&dir).map_err(|e| {
+                        Error::invalid(format!(
+                            "artifacts.dir: cannot create {}: {e}",
+                            dir.display()
+                        ))
+                    })?;
+                    let fs = LocalFileSystem::new_with_prefix(&dir)
+                        .map_err(|e| {
+                            Error::invalid(format!("artifacts.dir {}: {e}", dir.display()))
+                        })?
+                        .with_automatic_cleanup(true);
+                    let describe = format!("local directory {}", dir.display());
+                    (
+                        Arc::new(fs.clone()),
+                        String::new(),
+                        "logs/".to_string(),
+                        Some(fs),
+                        describe,
+                    )
+                }
+            };
         let (discard, rx) = mpsc::channel(DISCARD_QUEUE);
         tokio::spawn(run_discards(store.clone(), rx));
         Ok(Arc::new(Self {
             store,
             prefix,
+            logs_prefix,
             local,
             describe,
             discard,
@@ -153,11 +163,63 @@ impl ArtifactStore {
         ))
     }
 
+    /// The key of an attempt's archived log: `<prefix>logs/<task>/<attempt>.log` (S3:
+    /// beside `artifacts/`), `<dir>/logs/<task>/<attempt>.log` (local; task ids are ULIDs,
+    /// never `logs`). The task id is checked by the caller.
+    pub fn log_key(&self, task_id: &str, attempt: u32) -> Path {
+        Path::from(format!("{}{task_id}/{attempt}.log", self.logs_prefix))
+    }
+
+    /// Deletes every object under `logs/<task>/` (every archived log of the task); returns
+    /// how many were deleted.
+    pub async fn delete_logs(&self, task_id: &str) -> Result<usize> {
+        let prefix = Path::from(format!("{}{task_id}", self.logs_prefix));
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.unavailable("listing", &e))?;
+        let mut n = 0;
+        for meta in metas {
+            self.delete(&meta.location).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Writes `data` at `key` as one object that becomes visible only once every byte
     /// arrived and the count and digest match `expected`. Any error, a stream that ends
     /// early or with an error, too many bytes or a wrong digest abort the upload: nothing
     /// is left at `key` by this call (an earlier object at `key` stays).
-    pub async fn put_stream<S>(&self, key: &Path, expected: &Expected, mut data: S) -> Result<()>
+    pub async fn put_stream<S>(&self, key: &Path, expected: &Expected, data: S) -> Result<()>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        self.upload(key, Some(expected), data).await.map(|_| ())
+    }
+
+    /// Writes `data` at `key` as one object that becomes visible only once the stream
+    /// ended without error (then it replaces an earlier object at `key`); returns its size
+    /// and SHA-256. For data the controller produces itself (archived logs).
+    pub async fn put_owned<S>(&self, key: &Path, what: &str, data: S) -> Result<(u64, String)>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        self.upload(key, None, data).await.map_err(|e| match e {
+            Error::Unavailable(m) => Error::Unavailable(format!("{what}: {m}")),
+            e => e,
+        })
+    }
+
+    async fn upload<S>(
+        &self,
+        key: &Path,
+        expected: Option<&Expected>,
+        mut data: S,
+    ) -> Result<(u64, String)>
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
@@ -173,9 +235,14 @@ impl ArtifactStore {
         let mut received = 0u64;
         let outcome = async {
             while let Some(chunk) = data.next().await {
-                let chunk = chunk.map_err(|e| cut(expected, received, e))?;
+                let chunk = chunk.map_err(|e| match expected {
+                    Some(expected) => cut(expected, received, e),
+                    None => e,
+                })?;
                 received += chunk.len() as u64;
-                if received > expected.size {
+                if let Some(expected) = expected
+                    && received > expected.size
+                {
                     return Err(Error::invalid(format!(
                         "{}: more data than the {} the header announced (size); nothing was stored",
                         expected.what,
@@ -189,24 +256,27 @@ impl ArtifactStore {
                     .await
                     .map_err(|e| self.unavailable("writing to", &e))?;
             }
+            let digest = std::mem::take(&mut hasher).finish();
+            let Some(expected) = expected else {
+                return Ok(digest);
+            };
             if received != expected.size {
                 return Err(Error::invalid(format!(
                     "{}: the upload ended after {received} of the {} bytes the header announced (size); nothing was stored",
                     expected.what, expected.size
                 )));
             }
-            let digest = std::mem::take(&mut hasher).finish();
             if digest != expected.sha256 {
                 return Err(Error::invalid(format!(
                     "{}: the data's SHA-256 is {digest}, the header said {} (sha256); nothing was stored",
                     expected.what, expected.sha256
                 )));
             }
-            Ok(())
+            Ok(digest)
         }
         .await;
         match outcome {
-            Ok(()) => {
+            Ok(digest) => {
                 let w = pending
                     .0
                     .take()
@@ -215,7 +285,7 @@ impl ArtifactStore {
                     .await
                     .map_err(|e| self.unavailable("completing an upload to", &e))?;
                 self.sync_local(key).await?;
-                Ok(())
+                Ok((received, digest))
             }
             Err(e) => {
                 if let Some(w) = pending.0.take()

@@ -96,6 +96,8 @@ impl State {
         let mut resume = Vec::new();
         let mut attempts = Vec::new();
         let mut cancels = Vec::new();
+        // Finished attempts whose logs come back for archiving (they hold no slot).
+        let mut replays = Vec::new();
         for r in &hello.running {
             let mut res = Resume {
                 task_id: r.task_id.clone(),
@@ -110,14 +112,33 @@ impl State {
                     if t.cancel_requested {
                         cancels.push((r.task_id.clone(), r.fencing_token));
                     }
-                } else if is_final(t.state())
-                    && t.attempts.last().is_some_and(|a| {
-                        a.fencing_token == r.fencing_token
-                            && a.agent_id == agent_id
-                            && a.result.is_some()
-                    })
-                {
-                    res.result_recorded = true;
+                } else {
+                    if is_final(t.state())
+                        && t.attempts.last().is_some_and(|a| {
+                            a.fencing_token == r.fencing_token
+                                && a.agent_id == agent_id
+                                && a.result.is_some()
+                        })
+                    {
+                        res.result_recorded = true;
+                    }
+                    // A result from this worker whose log is not archived (a new leader, or
+                    // an archive that never committed): the worker replays the chunks and
+                    // the result, and this leader archives them. (`log_chunks` is set from a
+                    // `Finished` only.)
+                    if self.archive.is_some()
+                        && t.attempts.iter().any(|a| {
+                            a.fencing_token == r.fencing_token
+                                && a.agent_id == agent_id
+                                && a.result.is_some()
+                                && a.log_chunks > 0
+                                && a.log_archive.is_empty()
+                        })
+                    {
+                        res.keep = true;
+                        res.result_recorded = true;
+                        replays.push((r.task_id.clone(), r.fencing_token));
+                    }
                 }
             }
             resume.push(res);
@@ -144,8 +165,9 @@ impl State {
                 .unwrap_or_default(),
             max_artifact_bytes: self.cfg.artifacts.max_artifact_bytes,
             max_task_artifact_bytes: self.cfg.artifacts.max_task_artifact_bytes,
+            archives_logs: self.archive.is_some(),
         };
-        info!(agent = %agent_id, session, resumed = attempts.len(), lost = lost.len(), "agent attached");
+        info!(agent = %agent_id, session, resumed = attempts.len(), log_replays = replays.len(), lost = lost.len(), "agent attached");
         for t in lost {
             self.requeue_or_fail(&t, "the agent came back without this attempt")
                 .await;
@@ -158,7 +180,7 @@ impl State {
                 agent_id: agent_id.clone(),
                 session,
                 welcome,
-                attempts,
+                attempts: attempts.into_iter().chain(replays).collect(),
                 last_seen,
             },
         )];

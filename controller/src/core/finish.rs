@@ -14,7 +14,7 @@ use tracing::info;
 
 use super::breakers::{agent_key, task_keys};
 use super::validate::size;
-use super::{Effect, State, agent_effect, artifacts, retry};
+use super::{Effect, State, agent_effect, archive, artifacts, retry};
 
 impl State {
     /// Records an attempt's result, or tells the agent its report is stale.
@@ -31,6 +31,7 @@ impl State {
                 next_seq: f.log_chunks,
                 result: !stale,
                 stale,
+                archived: false,
             })),
         };
         if self
@@ -39,23 +40,34 @@ impl State {
         {
             // Already recorded (a replay after reconnect: the attempt holds this very
             // result) → ack; otherwise stale.
-            let recorded = self.tasks.get(&f.task_id).is_some_and(|e| {
-                e.task.attempts.last().is_some_and(|a| {
+            let recorded = self.tasks.get(&f.task_id).and_then(|e| {
+                let last = e.task.attempts.last();
+                e.task.attempts.iter().rev().find(|a| {
                     a.fencing_token == f.fencing_token
                         && a.agent_id == agent_id
                         && match (&a.result, &f.result) {
-                            // Kept as sent, or as its oversized form was recorded.
-                            (Some(kept), Some(sent)) => {
+                            // The last attempt, kept as sent or as its oversized form was
+                            // recorded.
+                            (Some(kept), Some(sent))
+                                if last.is_some_and(|l| std::ptr::eq(l, *a)) =>
+                            {
                                 artifacts::same_report(kept, sent)
                                     || artifacts::same_report(
                                         kept,
                                         &size::fit_result(sent.clone(), &self.cfg),
                                     )
+                                    || a.log_chunks > 0
                             }
+                            // Any attempt whose result came from its worker with a log
+                            // (`log_chunks` is set from a `Finished` only, never for an
+                            // attempt the controller gave up on): its log is wanted.
+                            (Some(_), Some(_)) => a.log_chunks > 0,
                             _ => false,
                         }
                 })
             });
+            let archived = recorded.map(|a| !a.log_archive.is_empty() || a.log_chunks == 0);
+            let recorded = recorded.is_some();
             if !recorded {
                 info!(task = %f.task_id, token = f.fencing_token, agent = agent_id, "rejected a stale result");
                 // What that attempt uploaded will never be served.
@@ -71,14 +83,20 @@ impl State {
             // Whether recorded or stale, the verdict rests on state that may still be on
             // its way to the store.
             if let Some(tx) = tx {
-                let effect = if recorded {
-                    // A replay: its log may not be synced yet (a seal that failed before).
-                    ack_after_log_sync(
-                        self.logs.clone(),
+                let effect = if archived == Some(true) {
+                    agent_effect(
+                        tx,
+                        archive::result_ack(&f.task_id, f.fencing_token, f.log_chunks, true),
+                    )
+                } else if recorded {
+                    // A replay: its log may not be synced or archived yet (a seal that
+                    // failed before, or a new leader that got the chunks from the spool).
+                    archive::after_result(
+                        self.log_ctx(),
                         &f.task_id,
-                        f.fencing_token as u32,
+                        f.fencing_token,
                         f.log_chunks,
-                        Some((tx, ack(false))),
+                        Some(tx),
                     )
                 } else {
                     agent_effect(tx, ack(true))
@@ -105,10 +123,22 @@ impl State {
                 "infrastructure failure on agent {agent_id}: {}",
                 result.message
             );
-            self.requeue_or_fail(&f.task_id, &msg).await;
-            if let Some(tx) = tx {
-                self.after_durable(vec![agent_effect(tx, ack(false))]).await;
+            if let Some(a) = self
+                .tasks
+                .get_mut(&f.task_id)
+                .and_then(|e| e.task.attempts.last_mut())
+            {
+                a.log_chunks = f.log_chunks;
             }
+            self.requeue_or_fail(&f.task_id, &msg).await;
+            let effect = archive::after_result(
+                self.log_ctx(),
+                &f.task_id,
+                f.fencing_token,
+                f.log_chunks,
+                tx,
+            );
+            self.after_durable(vec![effect]).await;
             return;
         }
         let now = now_ms();
@@ -150,6 +180,7 @@ impl State {
             a.result = Some(result.clone());
             // Logs before a report are stored before the core sees the report.
             a.log_bytes = self.logs.cached_bytes(&f.task_id, attempt).unwrap_or(0);
+            a.log_chunks = f.log_chunks;
         }
         compact_earlier_attempts(t);
         t.agent_id.clear();
@@ -192,13 +223,14 @@ impl State {
             }
         }
         let mut effects: Vec<Effect> = Vec::new();
-        // The ack lets the worker drop its spool: it goes out once the log is on disk.
-        effects.push(ack_after_log_sync(
-            self.logs.clone(),
+        // The ack goes out once the log is on disk; the worker drops its spool once the
+        // log is archived and that recorded (see `archive`).
+        effects.push(archive::after_result(
+            self.log_ctx(),
             &f.task_id,
-            attempt,
+            f.fencing_token,
             f.log_chunks,
-            tx.map(|tx| (tx, ack(false))),
+            tx,
         ));
         effects.extend(discard);
         // Breaker changes first: durable no later than the result that caused them.
@@ -340,131 +372,4 @@ fn breaker_keys(spec: Option<&TaskSpec>, project: &str, agent_id: &str) -> Vec<S
     task_keys(spec, project)
         .chain([agent_key(agent_id)])
         .collect()
-}
-
-/// The effect that acknowledges a recorded result to its agent (`ack`, if it is still
-/// connected): once the commit succeeded, the attempt's log is sealed (fsynced, its file
-/// closed) and only then is the ack sent. Until the ack the worker keeps its spool, so a
-/// log the disk did not take (sealing failed) is replayed after a reconnect, and the
-/// resent result is acknowledged again after another seal.
-pub(super) fn ack_after_log_sync(
-    logs: std::sync::Arc<crate::logstore::LogStore>,
-    task_id: &str,
-    attempt: u32,
-    log_chunks: u64,
-    ack: Option<(super::agent_tx::AgentTx, ControllerMessage)>,
-) -> Effect {
-    let task_id = task_id.to_string();
-    Box::new(move |r| {
-        if r.is_err() {
-            return;
-        }
-        if log_chunks == 0 {
-            if let Some((tx, msg)) = ack {
-                agent_effect(tx, msg)(r);
-            }
-            return;
-        }
-        tokio::spawn(async move { seal_then_ack(&logs, &task_id, attempt, ack).await });
-    })
-}
-
-/// Seals the attempt's log, then sends `ack`; true if the seal succeeded.
-async fn seal_then_ack(
-    logs: &crate::logstore::LogStore,
-    task_id: &str,
-    attempt: u32,
-    ack: Option<(super::agent_tx::AgentTx, ControllerMessage)>,
-) -> bool {
-    match logs.seal(task_id, attempt).await {
-        Ok(()) => {
-            if let Some((tx, msg)) = ack {
-                agent_effect(tx, msg)(&Ok(()));
-            }
-            true
-        }
-        Err(e) => {
-            tracing::warn!(task = %task_id, error = %e, "sealing the log failed: the result is not acknowledged, the worker keeps its spool");
-            false
-        }
-    }
-}
-
-#[cfg(test)]
-mod log_sync_tests {
-    use std::time::Duration;
-
-    use scabbard_common::proto::{self, ControllerMessage, controller_message};
-
-    use super::{ack_after_log_sync, seal_then_ack};
-    use crate::logstore::LogStore;
-
-    fn ack() -> ControllerMessage {
-        ControllerMessage {
-            msg: Some(controller_message::Msg::Ack(proto::Ack {
-                task_id: "t1".into(),
-                fencing_token: 1,
-                next_seq: 2,
-                result: true,
-                stale: false,
-            })),
-        }
-    }
-
-    async fn logged() -> (tempfile::TempDir, std::sync::Arc<LogStore>) {
-        let d = tempfile::tempdir().unwrap();
-        let logs = LogStore::open(&d.path().join("logs")).unwrap();
-        let chunks: Vec<proto::LogChunk> = (0..2)
-            .map(|seq| proto::LogChunk {
-                seq,
-                data: b"line\n".to_vec(),
-                ..Default::default()
-            })
-            .collect();
-        logs.append("t1", 1, &chunks).await.unwrap();
-        (d, logs)
-    }
-
-    #[tokio::test]
-    async fn the_result_ack_goes_out_only_after_the_log_is_synced() {
-        let (_d, logs) = logged().await;
-        assert!(!logs.position("t1", 1).await.unwrap().sealed);
-        let (tx, mut rx, _overflow) = crate::core::agent_tx::AgentTx::channel(4);
-        let effect = ack_after_log_sync(logs.clone(), "t1", 1, 2, Some((tx, ack())));
-        effect(&Ok(()));
-        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .expect("an ack")
-            .expect("open");
-        assert_eq!(*got, ack());
-        // Sealing (fsync of the log, its directory and the seal mark) came first.
-        assert!(logs.position("t1", 1).await.unwrap().sealed);
-    }
-
-    #[tokio::test]
-    async fn no_ack_when_the_log_cannot_be_synced_or_the_commit_failed() {
-        let (d, logs) = logged().await;
-        // The task's log directory is gone: the seal cannot complete.
-        std::fs::remove_dir_all(d.path().join("logs/t1")).unwrap();
-        let (tx, mut rx, _overflow) = crate::core::agent_tx::AgentTx::channel(4);
-        assert!(!seal_then_ack(&logs, "t1", 1, Some((tx.clone(), ack()))).await);
-        assert!(rx.try_recv().is_err(), "acked an unsynced log");
-        // A failed commit acknowledges nothing (and seals nothing).
-        ack_after_log_sync(logs.clone(), "t1", 1, 2, Some((tx, ack())))(&Err(
-            crate::core::persist::CommitError {
-                refused: false,
-                message: "x".into(),
-            },
-        ));
-        assert!(rx.try_recv().is_err());
-    }
-
-    #[tokio::test]
-    async fn a_result_without_log_is_acked_at_once() {
-        let d = tempfile::tempdir().unwrap();
-        let logs = LogStore::open(d.path()).unwrap();
-        let (tx, mut rx, _overflow) = crate::core::agent_tx::AgentTx::channel(4);
-        ack_after_log_sync(logs, "t2", 1, 0, Some((tx, ack())))(&Ok(()));
-        assert_eq!(*rx.try_recv().unwrap(), ack());
-    }
 }

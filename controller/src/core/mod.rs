@@ -9,6 +9,7 @@
 
 pub(crate) mod agent_tx;
 mod agents;
+pub(crate) mod archive;
 pub(crate) mod artifacts;
 pub(crate) mod breakers;
 mod dispatch;
@@ -218,6 +219,12 @@ pub(crate) enum CoreMsg {
         workflow: bool,
         reply: Reply<artifacts::Served>,
     },
+    /// An attempt's log was archived in the blob store: record it, then ack its agent.
+    LogArchived {
+        task_id: String,
+        fencing_token: u64,
+        archived: crate::logstore::archive::Archived,
+    },
 }
 
 /// One entry of [`CoreMsg::SubmitBatch`]: what a [`CoreMsg::Submit`] carries.
@@ -255,6 +262,7 @@ pub struct CoreStats {
 pub struct CoreHandle {
     tx: mpsc::Sender<CoreMsg>,
     logs: Arc<LogStore>,
+    archive: Option<Arc<crate::logstore::archive::LogArchive>>,
 }
 
 /// Where requests go on this controller: the running core when it leads, otherwise a
@@ -344,6 +352,11 @@ impl CoreHandle {
         &self.logs
     }
 
+    /// Where finished attempts' logs are archived (None: no blob store).
+    pub fn archive(&self) -> Option<&Arc<crate::logstore::archive::LogArchive>> {
+        self.archive.as_ref()
+    }
+
     /// Current counters.
     pub async fn stats(&self) -> Result<CoreStats> {
         self.call(|reply| CoreMsg::Stats { reply }).await
@@ -423,6 +436,10 @@ pub(crate) struct State {
     /// The artifact store, for deleting uploads no result will refer to (in the
     /// background: the core never waits on it).
     pub(crate) artifacts: Option<Arc<crate::artifacts::ArtifactStore>>,
+    /// Finished attempts' logs go here (the artifact store's blob store), when there is one.
+    pub(crate) archive: Option<Arc<crate::logstore::archive::LogArchive>>,
+    /// This core's own queue, for work it spawns (archives) to report back.
+    pub(crate) me: mpsc::WeakSender<CoreMsg>,
     /// This term's number: the high half of every fencing token it issues.
     pub(crate) term: u64,
     /// Cancelled to end this term (the persister does it when a commit fails).
@@ -471,6 +488,13 @@ pub(crate) async fn start(
     let agent_ttl = cfg.agent_lease_ttl();
     let breakers_cfg = cfg.breakers();
     let clock = cfg.clock.0.clone();
+    let (tx, rx) = mpsc::channel(16 * 1024);
+    let archive = artifacts
+        .clone()
+        .map(crate::logstore::archive::LogArchive::new);
+    if let Some(a) = &archive {
+        logs.attach_archive(a.clone());
+    }
     let mut state = State {
         cfg,
         store,
@@ -498,21 +522,23 @@ pub(crate) async fn start(
         templates,
         clock,
         artifacts,
+        archive,
+        me: tx.downgrade(),
         term,
         term_over: persisted.term_over.clone(),
         unstorable: HashMap::new(),
     };
     state.recover().await?;
     state.advance_workflows().await;
-    let (tx, rx) = mpsc::channel(16 * 1024);
     let logs = state.logs.clone();
+    let archive = state.archive.clone();
     let handle = tokio::spawn(async move {
         run(state, rx, persisted, shutdown).await;
         // The state (and with it every handle to the persister) is gone: what was queued is
         // committed or failed before the next term reads the store.
         let _ = persist_task.await;
     });
-    Ok((CoreHandle { tx, logs }, handle))
+    Ok((CoreHandle { tx, logs, archive }, handle))
 }
 
 async fn run(
@@ -734,6 +760,11 @@ impl State {
                     self.task_artifacts(&id)
                 });
             }
+            CoreMsg::LogArchived {
+                task_id,
+                fencing_token,
+                archived,
+            } => self.on_log_archived(task_id, fencing_token, archived).await,
             CoreMsg::Stats { reply } => {
                 let active = self.agents.values().map(|a| a.running.len()).sum();
                 let _ = reply.send(CoreStats {

@@ -191,6 +191,7 @@ impl State {
                         next_seq: 0,
                         result: true,
                         stale: false,
+                        archived: true,
                     })),
                 },
             ));

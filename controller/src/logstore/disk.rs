@@ -361,6 +361,19 @@ impl Shared {
         Ok(())
     }
 
+    /// The sealed attempt's file: path, valid length, chunk count, data bytes.
+    pub(super) fn sealed_file(&self, entry: &AttemptLog) -> Result<(PathBuf, u64, u64, u64)> {
+        let mut st = lock(&entry.state);
+        self.load(entry, &mut st)?;
+        if !st.sealed {
+            return Err(Error::FailedPrecondition(format!(
+                "log of {}/{} is not sealed",
+                entry.key.0, entry.key.1
+            )));
+        }
+        Ok((self.log_path(&entry.key), st.len, st.next_seq, st.bytes))
+    }
+
     pub(super) fn sync(&self, entries: &[Arc<AttemptLog>]) -> Result<()> {
         for entry in entries {
             self.sync_one(entry, &mut lock(&entry.state))?;

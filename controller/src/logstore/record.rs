@@ -63,6 +63,30 @@ pub(super) fn scan(
     }
 }
 
+/// Decodes the record at the start of `buf`: `None` if `buf` holds only part of it, else
+/// the chunk and the record's length. A corrupt record is an error.
+pub(super) fn decode_one(buf: &[u8]) -> Result<Option<(proto::LogChunk, usize)>> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if len > MAX_BODY {
+        return Err(Error::internal(format!(
+            "log record of {len} bytes (at most {MAX_BODY})"
+        )));
+    }
+    let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Ok(None);
+    };
+    if crc32fast::hash(body) != crc {
+        return Err(Error::internal("log record checksum mismatch"));
+    }
+    let chunk = proto::LogChunk::decode(body)
+        .map_err(|e| Error::internal(format!("log record does not decode: {e}")))?;
+    Ok(Some((chunk, HEADER_LEN + len)))
+}
+
 /// Fills `buf`; false if the input ended first (cleanly or mid-record).
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
     match r.read_exact(buf) {

@@ -130,10 +130,31 @@ pub struct ControllerConfig {
     /// attempt fenced off: a late accept is refused) (milliseconds; 0 = never).
     pub assign_accept_timeout_ms: u64,
     pub artifacts: crate::artifacts::ArtifactsConfig,
+    /// How long finished tasks, workflows, their logs and artifacts, and audit entries are
+    /// kept (days; fractions allowed, e.g. `0.0001` ≈ 8.6 s for tests). A project's own
+    /// `retention_days` overrides it. See docs/retention.md.
+    pub retention_days: f64,
+    /// How often the leader's retention sweeper starts a round (milliseconds).
+    pub retention_sweep_interval_ms: u64,
     /// Where schedules read the time (the system clock; a manual one in tests). Never read
     /// from the config file.
     #[serde(skip)]
     pub clock: ClockHandle,
+}
+
+/// Default of [`ControllerConfig::retention_days`].
+pub const DEFAULT_RETENTION_DAYS: f64 = 30.0;
+/// Longest retention a controller or project may set (100 years).
+pub const MAX_RETENTION_DAYS: f64 = 36_500.0;
+
+/// Checks a retention in days (`what` names the setting in the error).
+pub fn check_retention_days(what: &str, days: f64) -> Result<()> {
+    if days.is_finite() && days > 0.0 && days <= MAX_RETENTION_DAYS {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "{what} must be a number of days above 0 and at most {MAX_RETENTION_DAYS} (fractions allowed: 0.5 = 12 hours), not {days}"
+    )))
 }
 
 /// Default of [`ControllerConfig::max_spec_bytes`].
@@ -215,6 +236,8 @@ impl Default for ControllerConfig {
             max_connections_per_ip: 4_096,
             agent_queue_capacity: 4_096,
             assign_accept_timeout_ms: 30_000,
+            retention_days: DEFAULT_RETENTION_DAYS,
+            retention_sweep_interval_ms: 60_000,
             artifacts: crate::artifacts::ArtifactsConfig::default(),
             clock: ClockHandle::default(),
         }
@@ -326,6 +349,12 @@ impl ControllerConfig {
                     "store {other:?} is not a backend: use \"embedded\" or \"etcd\""
                 )));
             }
+        }
+        check_retention_days("retention_days", self.retention_days)?;
+        if self.retention_sweep_interval_ms < 100 {
+            return Err(Error::invalid(
+                "retention_sweep_interval_ms must be at least 100",
+            ));
         }
         if self.leader_lease_ttl_ms < 1_000 {
             return Err(Error::invalid("leader_lease_ttl_ms must be at least 1000"));

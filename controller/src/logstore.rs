@@ -16,6 +16,7 @@
 
 mod disk;
 mod record;
+mod retention;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -13,6 +13,7 @@ pub(crate) mod artifacts;
 pub(crate) mod breakers;
 mod dispatch;
 mod finish;
+mod forget;
 pub(crate) mod history;
 pub(crate) mod persist;
 mod presence;
@@ -203,6 +204,11 @@ pub(crate) enum CoreMsg {
         task_id: String,
         name: String,
         reply: Reply<scabbard_common::proto::ArtifactRef>,
+    },
+    /// The retention sweeper deleted these finished tasks and workflows from the store:
+    /// drop them from memory (a live task or workflow is never touched).
+    Forget {
+        ids: Vec<String>,
     },
     /// What a task (or, with `workflow`, a workflow) serves.
     ServedArtifacts {
@@ -688,6 +694,9 @@ impl State {
                 } else {
                     self.task_artifacts(&id)
                 });
+            }
+            CoreMsg::Forget { ids } => {
+                self.forget_finished(&ids);
             }
             CoreMsg::Stats { reply } => {
                 let active = self.agents.values().map(|a| a.running.len()).sum();

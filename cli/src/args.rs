@@ -95,6 +95,21 @@ pub(crate) enum Command {
     /// List and download the artifacts of tasks and workflows.
     #[command(subcommand)]
     Artifacts(ArtifactsCommand),
+    /// Maintain the embedded store file (offline).
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `scabbard store …`
+#[derive(Subcommand, Debug)]
+pub(crate) enum StoreCommand {
+    /// Shrink the embedded store file (`<data-dir>/state.redb`) after retention deleted
+    /// history. The controller must be stopped: the file is locked while it runs.
+    Compact {
+        /// The controller's data directory.
+        #[arg(long, env = "SCABBARD_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 /// Output format of `artifacts list`.

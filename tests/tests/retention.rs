@@ -402,6 +402,27 @@ async fn retention_deletes_exactly_what_is_expired(on_etcd: bool) -> Result<()> 
         Ok(())
     })
     .await?;
+    if !on_etcd {
+        // The controller is stopped: the store file can be compacted, and still opens.
+        let out = cli(&config)
+            .args(["store", "compact", "--data-dir"])
+            .arg(env.data_dir())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("compacted"),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        env.with_store(false, async |store| {
+            store
+                .get(&format!("tasks/{keep}"))
+                .await?
+                .context("kept after compaction")?;
+            Ok(())
+        })
+        .await?;
+    }
     drop(env);
     Ok(())
 }

@@ -45,3 +45,14 @@ impl State {
         gone.len()
     }
 }
+
+#[cfg(test)]
+impl super::CoreHandle {
+    /// A handle no core answers: what is sent to it arrives on the returned receiver.
+    pub(crate) fn detached(
+        logs: std::sync::Arc<crate::logstore::LogStore>,
+    ) -> (Self, tokio::sync::mpsc::Receiver<super::CoreMsg>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        (Self { tx, logs }, rx)
+    }
+}

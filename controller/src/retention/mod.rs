@@ -23,6 +23,8 @@
 
 mod stats;
 mod sweep;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -176,7 +178,7 @@ pub(crate) fn spawn(sweeper: Sweeper, stop: CancellationToken) -> tokio::task::J
 }
 
 #[cfg(test)]
-mod tests {
+mod policy_tests {
     use super::*;
 
     fn policy() -> Policy {

@@ -46,6 +46,8 @@ const BATCH: usize = 128;
 /// Most items of one kind (tasks, workflows, audit entries, idempotency keys) a round
 /// deletes or looks at; the rest waits for the next round.
 const ROUND_BUDGET: usize = 4_096;
+/// Most `done/` (or `wdone/`) keys a round looks at.
+const SCAN_BUDGET: usize = 32 * 1_024;
 /// Most keys a round scans to count what it left behind (the backlog).
 const BACKLOG_SCAN: usize = 100_000;
 /// Shortest pause between two batches.

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::stats::Kind;
-use super::{BACKLOG_SCAN, BATCH, MIN_PAUSE, Policy, ROUND_BUDGET, STATS, Sweeper};
+use super::{BACKLOG_SCAN, BATCH, MIN_PAUSE, Policy, ROUND_BUDGET, SCAN_BUDGET, STATS, Sweeper};
 use crate::audit::AUDIT_PREFIX;
 use crate::core::history::{
     DONE_PREFIX, IDEM_PREFIX, WF_DONE_PREFIX, parse_done_key, task_keys, workflow_keys,
@@ -45,13 +45,16 @@ pub(crate) struct Run {
     pub(crate) deposed: bool,
     /// Where the scan of `idem/` (which is not ordered by time) goes on next round.
     idem_cursor: Option<String>,
+    /// Where the scans of `done/` and `wdone/` go on next round when the last stopped at
+    /// its budget (None: from the oldest).
+    history_cursor: [Option<String>; 2],
 }
 
 /// Which history a done-key scan walks.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum History {
-    Tasks,
-    Workflows,
+    Tasks = 0,
+    Workflows = 1,
 }
 
 impl Run {
@@ -60,6 +63,7 @@ impl Run {
             s,
             deposed: false,
             idem_cursor: None,
+            history_cursor: [None, None],
         }
     }
 
@@ -107,8 +111,11 @@ impl Run {
         }
     }
 
-    /// Walks `done/` (or `wdone/`) from the oldest, deleting what is expired; returns how
-    /// many expired entries it left for later (when the round's budget ran out).
+    /// Walks `done/` (or `wdone/`) from the oldest (or from where the last round ran out of
+    /// budget), deleting what is expired; returns how many expired entries it left for
+    /// later. Besides [`ROUND_BUDGET`] expired items, a round looks at no more than
+    /// [`SCAN_BUDGET`] keys: with projects of different retentions, expired keys of a short
+    /// one sit between many kept keys of a long one.
     async fn sweep_history(
         &mut self,
         kind: History,
@@ -121,20 +128,23 @@ impl Run {
             History::Workflows => WF_DONE_PREFIX,
         };
         let until = policy.scan_until();
-        let mut after: Option<String> = None;
-        let mut handled = 0usize;
+        let slot = kind as usize;
+        let mut after: Option<String> = self.history_cursor[slot].take();
+        let (mut handled, mut scanned) = (0usize, 0usize);
         // Workflow id → whether it is over (tasks of a running workflow are kept).
         let mut workflows_over: HashMap<String, bool> = HashMap::new();
         loop {
             if self.stopped(stop) {
                 return Ok(0);
             }
-            if handled >= ROUND_BUDGET {
+            if handled >= ROUND_BUDGET || scanned >= SCAN_BUDGET {
+                self.history_cursor[slot] = after.clone();
                 return self.count_expired(prefix, after, policy).await;
             }
             let started = Instant::now();
             let page = self.s.store.range(prefix, after.as_deref(), BATCH).await?;
             after = page.kvs.last().map(|kv| kv.key.clone());
+            scanned += page.kvs.len();
             let mut end = !page.more;
             let mut expired = Vec::new();
             for kv in &page.kvs {

@@ -13,11 +13,15 @@
 //! * failover and chaos (`--kind failover`, `--kind chaos`): fault figures on real
 //!   processes ([`chaos`]).
 //!
+//! * retention (`--kind retention`): submit→finish latency while the retention sweeper
+//!   deletes `--tasks` expired tasks, and the sweep's rate ([`retention`]).
+//!
 //! Run: `cargo run --release -p scabbard-bench -- --kind noop` (or `--kind shell`,
-//! `--kind artifacts`, `--kind failover`, `--kind chaos`).
+//! `--kind artifacts`, `--kind failover`, `--kind chaos`, `--kind retention`).
 
 mod artifacts;
 mod chaos;
+mod retention;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,7 +45,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Args {
     /// `noop` (control plane alone), `shell` (`true` as a host process), `artifacts`
     /// (artifact upload + download throughput), `failover` (time until work resumes after
-    /// the leader or the etcd leader member is lost) or `chaos` (the chaos suite's figures).
+    /// the leader or the etcd leader member is lost), `chaos` (the chaos suite's figures) or
+    /// `retention` (latency while the sweeper deletes `--tasks` expired tasks).
     #[arg(long, default_value = "noop")]
     kind: String,
     /// `--kind artifacts`: size of the artifact, in MiB.
@@ -134,7 +139,10 @@ async fn bench(args: Args) -> Result<()> {
         "noop" | "shell" | "artifacts" => {}
         "failover" => return chaos::failover(args.failover_runs.max(1)).await,
         "chaos" => return chaos::chaos(args.chaos_long, args.tasks).await,
-        _ => bail!("--kind must be noop, shell, artifacts, failover or chaos"),
+        "retention" => {
+            return retention::run(args.tasks.unwrap_or(1_000_000), args.latency_samples).await;
+        }
+        _ => bail!("--kind must be noop, shell, artifacts, failover, chaos or retention"),
     }
     let n_tasks = args.tasks.unwrap_or(20_000);
     let temp = tempfile::tempdir()?;

@@ -212,8 +212,17 @@ impl Run {
     ) -> Result<u64> {
         let mut groups = Vec::new();
         let mut ids = Vec::new();
-        for (done_key, id) in expired {
-            let Some(kv) = self.s.store.get(&format!("{TASK_PREFIX}{id}")).await? else {
+        let mut doomed = Vec::new();
+        let records = self
+            .get_many(
+                expired
+                    .iter()
+                    .map(|(_, id)| format!("{TASK_PREFIX}{id}"))
+                    .collect(),
+            )
+            .await?;
+        for ((done_key, id), record) in expired.into_iter().zip(records) {
+            let Some(kv) = record else {
                 // The record went in an earlier round that stopped before its done key.
                 groups.push(vec![done_key]);
                 continue;
@@ -236,7 +245,23 @@ impl Run {
             {
                 continue;
             }
-            if let Err(e) = self.delete_outside(&task).await {
+            doomed.push((done_key, id, task));
+        }
+        // Logs and artifacts first, a few tasks at a time.
+        let outside: Vec<_> = {
+            use futures::StreamExt;
+            let this = &*self;
+            futures::stream::iter(doomed)
+                .map(|(done_key, id, task)| async move {
+                    let r = this.delete_outside(&task).await;
+                    (done_key, id, task, r)
+                })
+                .buffered(8)
+                .collect()
+                .await
+        };
+        for (done_key, id, task, deleted) in outside {
+            if let Err(e) = deleted {
                 warn!(task = %id, error = %e, "cannot delete the task's logs or artifacts; keeping it for the next round");
                 continue;
             }
@@ -259,6 +284,20 @@ impl Run {
             self.s.core.send(CoreMsg::Forget { ids }).await;
         }
         Ok(n)
+    }
+
+    /// Reads `keys`, a few at a time (point reads: the embedded store answers them without
+    /// its writer; etcd gets them in flight together).
+    async fn get_many(&self, keys: Vec<String>) -> Result<Vec<Option<crate::store::KeyValue>>> {
+        use futures::StreamExt;
+        let store = &self.s.store;
+        futures::stream::iter(keys)
+            .map(|k| async move { store.get(&k).await })
+            .buffered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// Whether workflow `id` is over (or gone); cached for the round.

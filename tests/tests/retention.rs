@@ -36,6 +36,7 @@ struct Env {
     dir: tempfile::TempDir,
     etcd: Option<EtcdServer>,
     port: u16,
+    metrics: u16,
     opts: ControllerOpts,
     controller: Option<Controller>,
     _worker: Worker,
@@ -49,9 +50,11 @@ impl Env {
         } else {
             None
         };
+        let metrics = free_port();
         let mut extra: Vec<String> = ["--retention-sweep-interval", "200ms"]
             .map(String::from)
             .to_vec();
+        extra.extend(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")]);
         if let Some(e) = &etcd {
             extra.extend(["--store".into(), "etcd".into()]);
             extra.extend(["--etcd-endpoints".into(), e.endpoints()]);
@@ -74,6 +77,7 @@ impl Env {
             dir,
             etcd,
             port,
+            metrics,
             opts,
             controller: Some(controller),
             _worker: worker,
@@ -171,6 +175,17 @@ fn has_entry(dir: &Path, name: &str) -> bool {
     entries.flatten().any(|e| {
         e.file_name().to_string_lossy() == name || (e.path().is_dir() && has_entry(&e.path(), name))
     })
+}
+
+/// The controller's Prometheus metrics.
+async fn metrics(port: u16) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 async fn status(addr: &str) -> Result<RetentionStatus> {
@@ -342,6 +357,17 @@ async fn retention_deletes_exactly_what_is_expired(on_etcd: bool) -> Result<()> 
     assert!(logs(&mut tasks, &keep, 0, false).await?.contains("keep-me"));
     let r = get(&mut tasks, &run).await?;
     assert_eq!(r.state(), TaskState::Running);
+
+    // So do the metrics.
+    let text = metrics(env.metrics).await?;
+    for line in [
+        "scabbard_retention_deleted_total{kind=\"task\"} 3",
+        "scabbard_retention_deleted_total{kind=\"workflow\"} 1",
+        "scabbard_retention_backlog 0",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
+    assert!(!text.contains("scabbard_retention_last_sweep_timestamp_seconds 0\n"));
 
     // `scabbard status` shows it.
     let out = cli(&config)

@@ -593,6 +593,29 @@ mod tests {
     }
 
     #[test]
+    fn retention_is_a_positive_number_of_days() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 40_000.0] {
+            let cfg = ControllerConfig {
+                retention_days: bad,
+                ..Default::default()
+            };
+            assert!(
+                cfg.validate()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("retention_days"),
+                "{bad}"
+            );
+        }
+        let cfg =
+            ControllerConfig::from_toml("retention_days = 0.5\nretention_sweep_interval_ms = 1000")
+                .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.retention_days, 0.5);
+        assert_eq!(ControllerConfig::default().retention_days, 30.0);
+    }
+
+    #[test]
     fn lease_must_cover_two_heartbeats() {
         let cfg = ControllerConfig {
             registration_token: "x".repeat(20),

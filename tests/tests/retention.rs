@@ -17,7 +17,8 @@ use anyhow::{Context, Result, bail};
 use scabbard_common::client::{AdminServiceClient, ProjectServiceClient};
 use scabbard_common::proto::{
     ArtifactSpec, AuditEntry, ClusterStatusRequest, CreateProjectRequest, GetWorkflowRequest,
-    Project, RetentionStatus, SubmitTaskRequest, TaskSpec, TaskState, WorkflowState,
+    Project, RetentionStatus, SubmitTaskRequest, TaskSpec, TaskState, UpdateProjectRequest,
+    WorkflowState,
 };
 use scabbard_controller::store::{EmbeddedStore, EtcdConfig, EtcdStore, Op, Store, Txn};
 use scabbard_tests::etcd::EtcdServer;
@@ -312,6 +313,23 @@ async fn retention_deletes_exactly_what_is_expired(on_etcd: bool) -> Result<()> 
         get(&mut tasks, id)
             .await
             .with_context(|| format!("{id} is kept"))?;
+    }
+
+    // A retention that is not a positive number of days is refused, naming the setting.
+    let mut projects = ProjectServiceClient::new(ch.clone());
+    for bad in [-1.0, f64::NAN, 40_000.0] {
+        let e = projects
+            .update(UpdateProjectRequest {
+                project: Some(Project {
+                    name: "short".into(),
+                    retention_days: bad,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("retention_days"), "{e:?}");
     }
 
     // Shorten "short" to under a second, through the CLI, without a restart.

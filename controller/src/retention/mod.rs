@@ -21,6 +21,7 @@
 //! deposed leader never deletes. A task or workflow that is not final is never deleted,
 //! nor a finished task of a workflow that still runs.
 
+mod fenced;
 mod stats;
 mod sweep;
 #[cfg(test)]

@@ -23,14 +23,18 @@
 //!   against real `scabbard controller` and `scabbard worker` processes started by the
 //!   bench, which acts as a client only ([`external`]).
 //!
+//! * retention (`--kind retention`): submit→finish latency while the retention sweeper
+//!   deletes `--tasks` expired tasks, and the sweep's rate ([`retention`]).
+//!
 //! Run: `cargo run --release -p scabbard-bench -- --kind noop` (or `--kind shell`,
-//! `--kind artifacts`, `--kind failover`, `--kind chaos`, `--kind agents`).
+//! `--kind artifacts`, `--kind failover`, `--kind chaos`, `--kind agents`, `--kind logs`, `--kind retention`).
 
 mod agents;
 mod artifacts;
 mod chaos;
 mod external;
 mod logs;
+mod retention;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,8 +58,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Args {
     /// `noop` (control plane alone), `shell` (`true` as a host process), `artifacts`
     /// (artifact upload + download throughput), `logs` (ingest + follow of one big log),
-    /// `failover` (time until work resumes after
-    /// the leader or the etcd leader member is lost) or `chaos` (the chaos suite's figures).
+    /// `failover` (time until work resumes after the leader or the etcd leader member is
+    /// lost), `chaos` (the chaos suite's figures), `agents` (many simulated agents) or
+    /// `retention` (latency while the sweeper deletes `--tasks` expired tasks).
     #[arg(long, default_value = "noop")]
     kind: String,
     /// `--kind artifacts`: size of the artifact, in MiB.
@@ -189,7 +194,12 @@ async fn bench(args: Args) -> Result<()> {
             })
             .await;
         }
-        _ => bail!("--kind must be noop, shell, artifacts, logs, failover, chaos or agents"),
+        "retention" => {
+            return retention::run(args.tasks.unwrap_or(1_000_000), args.latency_samples).await;
+        }
+        _ => bail!(
+            "--kind must be noop, shell, artifacts, logs, failover, chaos, agents or retention"
+        ),
     }
     if args.external {
         if matches!(args.kind.as_str(), "artifacts" | "logs") {

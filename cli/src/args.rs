@@ -95,6 +95,21 @@ pub(crate) enum Command {
     /// List and download the artifacts of tasks and workflows.
     #[command(subcommand)]
     Artifacts(ArtifactsCommand),
+    /// Maintain the embedded store file (offline).
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `scabbard store …`
+#[derive(Subcommand, Debug)]
+pub(crate) enum StoreCommand {
+    /// Shrink the embedded store file (`<data-dir>/state.redb`) after retention deleted
+    /// history. The controller must be stopped: the file is locked while it runs.
+    Compact {
+        /// The controller's data directory.
+        #[arg(long, env = "SCABBARD_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 /// Output format of `artifacts list`.
@@ -268,6 +283,14 @@ pub(crate) struct ControllerArgs {
     /// workers are free (e.g. 2s; 0 = never wait).
     #[arg(long, value_parser = crate::duration::parse)]
     pub(crate) cache_affinity_wait: Option<std::time::Duration>,
+    /// Keep finished tasks, workflows, logs, artifacts and audit entries this many days
+    /// (default 30; fractions allowed, e.g. 0.5 = 12 hours). A project's own retention
+    /// overrides it.
+    #[arg(long, env = "SCABBARD_RETENTION_DAYS")]
+    pub(crate) retention_days: Option<f64>,
+    /// How often the leader's retention sweeper runs a round (e.g. 60s).
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub(crate) retention_sweep_interval: Option<std::time::Duration>,
     /// Consecutive failures that open a circuit breaker (agent, template step, dependency).
     #[arg(long)]
     pub(crate) breaker_threshold: Option<u32>,

@@ -52,7 +52,7 @@ pub(crate) fn state_name(s: TaskState) -> &'static str {
     s.as_str_name().trim_start_matches("TASK_STATE_")
 }
 
-fn ago(ms: i64) -> String {
+pub(crate) fn ago(ms: i64) -> String {
     if ms <= 0 {
         return "-".into();
     }
@@ -375,6 +375,16 @@ pub(crate) fn project(p: &Project) {
         limit(q.requests_per_second)
     );
     say!("burst:        {}", limit(q.burst));
+    say!("retention:    {}", retention(p.retention_days));
+}
+
+/// A project's retention setting, for people.
+pub(crate) fn retention(days: f64) -> String {
+    if days <= 0.0 {
+        "the controller's (retention_days)".into()
+    } else {
+        format!("{days} days")
+    }
 }
 
 /// A table of projects.
@@ -389,6 +399,11 @@ pub(crate) fn projects(ps: &[Project]) {
                 limit(q.max_running_tasks),
                 limit(q.requests_per_second),
                 limit(q.burst),
+                if p.retention_days > 0.0 {
+                    format!("{}d", p.retention_days)
+                } else {
+                    "-".into()
+                },
                 ago(p.created_at_ms),
                 p.description.clone(),
             ]
@@ -401,6 +416,7 @@ pub(crate) fn projects(ps: &[Project]) {
             "MAX RUNNING",
             "RATE",
             "BURST",
+            "RETENTION",
             "CREATED",
             "DESCRIPTION",
         ],

@@ -131,10 +131,31 @@ pub struct ControllerConfig {
     /// attempt fenced off: a late accept is refused) (milliseconds; 0 = never).
     pub assign_accept_timeout_ms: u64,
     pub artifacts: crate::artifacts::ArtifactsConfig,
+    /// How long finished tasks, workflows, their logs and artifacts, and audit entries are
+    /// kept (days; fractions allowed, e.g. `0.0001` ≈ 8.6 s for tests). A project's own
+    /// `retention_days` overrides it. See docs/retention.md.
+    pub retention_days: f64,
+    /// How often the leader's retention sweeper starts a round (milliseconds).
+    pub retention_sweep_interval_ms: u64,
     /// Where schedules read the time (the system clock; a manual one in tests). Never read
     /// from the config file.
     #[serde(skip)]
     pub clock: ClockHandle,
+}
+
+/// Default of [`ControllerConfig::retention_days`].
+pub const DEFAULT_RETENTION_DAYS: f64 = 30.0;
+/// Longest retention a controller or project may set (100 years).
+pub const MAX_RETENTION_DAYS: f64 = 36_500.0;
+
+/// Checks a retention in days (`what` names the setting in the error).
+pub fn check_retention_days(what: &str, days: f64) -> Result<()> {
+    if days.is_finite() && days > 0.0 && days <= MAX_RETENTION_DAYS {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "{what} must be a number of days above 0 and at most {MAX_RETENTION_DAYS} (fractions allowed: 0.5 = 12 hours), not {days}"
+    )))
 }
 
 /// Default of [`ControllerConfig::max_spec_bytes`].
@@ -216,6 +237,8 @@ impl Default for ControllerConfig {
             max_connections_per_ip: 4_096,
             agent_queue_capacity: 4_096,
             assign_accept_timeout_ms: 30_000,
+            retention_days: DEFAULT_RETENTION_DAYS,
+            retention_sweep_interval_ms: 60_000,
             artifacts: crate::artifacts::ArtifactsConfig::default(),
             clock: ClockHandle::default(),
         }
@@ -327,6 +350,12 @@ impl ControllerConfig {
                     "store {other:?} is not a backend: use \"embedded\" or \"etcd\""
                 )));
             }
+        }
+        check_retention_days("retention_days", self.retention_days)?;
+        if self.retention_sweep_interval_ms < 100 {
+            return Err(Error::invalid(
+                "retention_sweep_interval_ms must be at least 100",
+            ));
         }
         if self.leader_lease_ttl_ms < 1_000 {
             return Err(Error::invalid("leader_lease_ttl_ms must be at least 1000"));
@@ -562,6 +591,29 @@ mod tests {
         let tiny = ControllerConfig::from_toml("max_workflow_bytes = 10").unwrap();
         let e = tiny.validate().unwrap_err().to_string();
         assert!(e.contains("max_workflow_bytes"), "{e}");
+    }
+
+    #[test]
+    fn retention_is_a_positive_number_of_days() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 40_000.0] {
+            let cfg = ControllerConfig {
+                retention_days: bad,
+                ..Default::default()
+            };
+            assert!(
+                cfg.validate()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("retention_days"),
+                "{bad}"
+            );
+        }
+        let cfg =
+            ControllerConfig::from_toml("retention_days = 0.5\nretention_sweep_interval_ms = 1000")
+                .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.retention_days, 0.5);
+        assert_eq!(ControllerConfig::default().retention_days, 30.0);
     }
 
     #[test]

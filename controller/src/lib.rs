@@ -20,6 +20,7 @@ pub mod listener;
 pub mod logstore;
 pub mod membership;
 pub mod metrics;
+pub(crate) mod retention;
 pub mod schedules;
 pub mod sealed;
 pub mod server;

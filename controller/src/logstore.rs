@@ -17,6 +17,7 @@
 pub mod archive;
 mod disk;
 mod record;
+mod retention;
 
 use std::path::Path;
 use std::sync::Arc;

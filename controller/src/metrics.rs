@@ -75,7 +75,11 @@ async fn respond(
         Ok(c) => c.stats().await.ok(),
         Err(_) => None,
     };
-    text(StatusCode::OK, render(healthy, stats.as_ref()))
+    let mut body = render(healthy, stats.as_ref());
+    if stats.is_some() {
+        body.push_str(&crate::retention::metrics_text());
+    }
+    text(StatusCode::OK, body)
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

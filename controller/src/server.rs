@@ -275,6 +275,18 @@ async fn lead_when_elected(
         let mut term_failed = false;
         match started {
             Ok((core, mut task)) => {
+                // Retention runs for this term only, under its fence.
+                let sweeper = crate::retention::spawn(
+                    crate::retention::Sweeper {
+                        cfg: cfg.clone(),
+                        store: store.clone(),
+                        catalog: catalog.clone(),
+                        core: core.clone(),
+                        artifacts: Some(artifacts.clone()),
+                        fence: Some(lead.fence.clone()),
+                    },
+                    core_stop.child_token(),
+                );
                 route.send_replace(Route::Active(core.clone()));
                 let ended = tokio::select! {
                     _ = lead.lost.cancelled() => { warn!("leadership lost: stopping the core"); false }
@@ -291,6 +303,7 @@ async fn lead_when_elected(
                 };
                 route.send_replace(Route::Follower(None));
                 core_stop.cancel();
+                sweeper.abort();
                 if !ended {
                     // The core task ends only after its persister committed or failed
                     // everything it was given.

@@ -130,6 +130,10 @@ pub(crate) enum ProjectCommand {
         description: String,
         #[command(flatten)]
         quota: QuotaArgs,
+        /// Keep the project's finished tasks, workflows, logs, artifacts and audit entries
+        /// this many days (fractions allowed; 0 = the controller's --retention-days).
+        #[arg(long)]
+        retention_days: Option<f64>,
     },
     /// List projects.
     List {
@@ -154,6 +158,11 @@ pub(crate) enum ProjectCommand {
         description: Option<String>,
         #[command(flatten)]
         quota: QuotaArgs,
+        /// Keep the project's finished tasks, workflows, logs, artifacts and audit entries
+        /// this many days (fractions allowed; 0 = the controller's --retention-days).
+        /// Applies from the sweeper's next round, without a restart.
+        #[arg(long)]
+        retention_days: Option<f64>,
     },
     /// Delete a project with no unfinished tasks; revokes its tokens.
     Delete {

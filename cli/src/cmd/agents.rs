@@ -112,6 +112,9 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
                 100.0 * s.cache_affinity_hits as f64 / dispatched as f64
             );
         }
+        if let Some(r) = &s.retention {
+            retention(r);
+        }
         let open: Vec<_> = s
             .breakers
             .iter()
@@ -130,4 +133,33 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
     } else {
         2
     })
+}
+
+/// The retention lines of `scabbard status`.
+fn retention(r: &scabbard_common::proto::RetentionStatus) {
+    let last = if r.last_sweep_at_ms > 0 {
+        output::ago(r.last_sweep_at_ms)
+    } else {
+        "not yet".into()
+    };
+    say!(
+        "retention:   {} days by default; last sweep {last}; {} expired left for later",
+        r.default_retention_days,
+        r.backlog
+    );
+    say!(
+        "  deleted:   {} tasks, {} workflows, {} logs, {} artifacts, {} audit entries, {} idempotency keys",
+        r.tasks_deleted,
+        r.workflows_deleted,
+        r.logs_deleted,
+        r.artifacts_deleted,
+        r.audit_deleted,
+        r.idempotency_keys_deleted
+    );
+    let oldest = if r.oldest_finished_at_ms > 0 {
+        format!("finished {}", output::ago(r.oldest_finished_at_ms))
+    } else {
+        "none kept".into()
+    };
+    say!("  oldest:    {oldest}");
 }

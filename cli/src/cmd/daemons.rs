@@ -224,6 +224,12 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if let Some(d) = a.cache_affinity_wait {
         cfg.cache_affinity_wait_ms = d.as_millis() as u64;
     }
+    if let Some(d) = a.retention_days {
+        cfg.retention_days = d;
+    }
+    if let Some(d) = a.retention_sweep_interval {
+        cfg.retention_sweep_interval_ms = d.as_millis() as u64;
+    }
     if let Some(n) = a.breaker_threshold {
         cfg.breaker_threshold = n;
     }

@@ -5,6 +5,7 @@ mod artifacts;
 mod daemons;
 mod schedules;
 mod security;
+mod store;
 mod tasks;
 mod templates;
 mod workflows;
@@ -38,6 +39,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Schedule(c) => schedules::schedule(c).await,
         Command::Breakers(c) => agents::breakers(c).await,
         Command::Artifacts(c) => artifacts::artifacts(c).await,
+        Command::Store(c) => store::store(c).await,
     }
 }
 

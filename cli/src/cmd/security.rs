@@ -291,6 +291,7 @@ pub(crate) async fn project(c: ProjectCommand) -> Result<u8> {
             name,
             description,
             quota,
+            retention_days,
         } => {
             let mut projects = ProjectServiceClient::new(super::connect(&target).await?);
             let p = projects
@@ -300,6 +301,7 @@ pub(crate) async fn project(c: ProjectCommand) -> Result<u8> {
                         description,
                         quota: Some(apply_quota(ProjectQuota::default(), quota)),
                         created_at_ms: 0,
+                        retention_days: retention_days.unwrap_or(0.0),
                     }),
                 })
                 .await
@@ -331,9 +333,10 @@ pub(crate) async fn project(c: ProjectCommand) -> Result<u8> {
             name,
             description,
             quota,
+            retention_days,
         } => {
             let mut projects = ProjectServiceClient::new(super::connect(&target).await?);
-            // Update replaces description and quota: start from the current ones.
+            // Update replaces description, quota and retention: start from the current ones.
             let mut p = projects
                 .get(GetProjectRequest { name })
                 .await
@@ -343,6 +346,9 @@ pub(crate) async fn project(c: ProjectCommand) -> Result<u8> {
                 p.description = d;
             }
             p.quota = Some(apply_quota(p.quota.unwrap_or_default(), quota));
+            if let Some(d) = retention_days {
+                p.retention_days = d;
+            }
             let p = projects
                 .update(UpdateProjectRequest { project: Some(p) })
                 .await

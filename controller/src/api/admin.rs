@@ -88,6 +88,7 @@ impl AdminService for AdminApi {
             status.pending_workflows = stats.pending_workflows as u64;
             status.cache_affinity_hits = stats.cache_affinity_hits;
             status.cache_affinity_misses = stats.cache_affinity_misses;
+            status.retention = Some(crate::retention::status());
         }
         status.leader = leader;
         Ok(Response::new(status))

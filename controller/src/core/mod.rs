@@ -14,6 +14,7 @@ pub(crate) mod artifacts;
 pub(crate) mod breakers;
 mod dispatch;
 mod finish;
+mod forget;
 pub(crate) mod history;
 pub(crate) mod persist;
 pub(crate) mod placement;
@@ -212,6 +213,11 @@ pub(crate) enum CoreMsg {
         task_id: String,
         name: String,
         reply: Reply<scabbard_common::proto::ArtifactRef>,
+    },
+    /// The retention sweeper deleted these finished tasks and workflows from the store:
+    /// drop them from memory (a live task or workflow is never touched).
+    Forget {
+        ids: Vec<String>,
     },
     /// What a task (or, with `workflow`, a workflow) serves.
     ServedArtifacts {
@@ -765,6 +771,9 @@ impl State {
                 fencing_token,
                 archived,
             } => self.on_log_archived(task_id, fencing_token, archived).await,
+            CoreMsg::Forget { ids } => {
+                self.forget_finished(&ids);
+            }
             CoreMsg::Stats { reply } => {
                 let active = self.agents.values().map(|a| a.running.len()).sum();
                 let _ = reply.send(CoreStats {

@@ -26,7 +26,7 @@ pub(super) type Key = (String, u32);
 /// What the store's handle and its blocking tasks share.
 #[derive(Debug)]
 pub(super) struct Shared {
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
     limits: LogStoreLimits,
     pub(super) cache: Mutex<Cache>,
     open_files: Mutex<OpenFiles>,

@@ -41,6 +41,12 @@ fn validate(p: &Project) -> Result<()> {
             "quota.burst needs quota.requests_per_second as well",
         ));
     }
+    if p.retention_days != 0.0 {
+        crate::config::check_retention_days(
+            "retention_days (0 = the controller's)",
+            p.retention_days,
+        )?;
+    }
     Ok(())
 }
 
@@ -95,7 +101,25 @@ impl Catalog {
         Ok(p)
     }
 
-    /// Replaces a project's description and quota.
+    /// A project's own retention in days, if it sets one (read on every sweep, so a change
+    /// takes effect on the next round).
+    pub fn retention_days(&self, name: &str) -> Option<f64> {
+        self.project(name)
+            .map(|p| p.retention_days)
+            .filter(|d| *d > 0.0)
+    }
+
+    /// Every project's own retention in days (projects that set one).
+    pub fn retention_overrides(&self) -> Vec<(String, f64)> {
+        let c = self.cache.read().expect("catalog lock");
+        c.projects
+            .values()
+            .filter(|(p, _)| p.retention_days > 0.0)
+            .map(|(p, _)| (p.name.clone(), p.retention_days))
+            .collect()
+    }
+
+    /// Replaces a project's description, quota and retention.
     pub async fn update_project(&self, who: &Principal, p: Project) -> Result<Project> {
         validate(&p)?;
         who.check_project(&format!("project {}", p.name), &p.name)?;
@@ -189,7 +213,7 @@ impl Catalog {
 fn quota_detail(p: &Project) -> String {
     let q = p.quota.unwrap_or_default();
     format!(
-        "max_queued={} max_running={} rps={} burst={}",
-        q.max_queued_tasks, q.max_running_tasks, q.requests_per_second, q.burst
+        "max_queued={} max_running={} rps={} burst={} retention_days={}",
+        q.max_queued_tasks, q.max_running_tasks, q.requests_per_second, q.burst, p.retention_days
     )
 }

@@ -405,6 +405,7 @@ impl Catalog {
             description: "Tasks submitted without a project".into(),
             quota: None,
             created_at_ms: now,
+            retention_days: 0.0,
         };
         let who = Principal::internal("bootstrap", "first start");
         let audit = audit::entry(

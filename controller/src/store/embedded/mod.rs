@@ -14,6 +14,7 @@
 //! dropping the last handle) stops them and closes the file so that it can be reopened.
 
 mod batch;
+mod compact;
 mod lease;
 mod record;
 mod recovery;
@@ -35,6 +36,7 @@ use redb::{Database, DatabaseError, ReadableDatabase};
 use scabbard_common::{Error, Result};
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::compact::Compacted;
 use self::lease::{LeaseTable, lock, ttl_millis};
 use self::record::{
     INITIAL_REVISION, KV, MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_VALUE_BYTES, META, META_REVISION,

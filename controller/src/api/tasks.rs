@@ -36,7 +36,8 @@ impl TaskApi {
     /// The task, if the caller's project may see it (`PERMISSION_DENIED` otherwise).
     async fn visible_task(&self, who: &Principal, id: String) -> Result<Task, Status> {
         validate::id("task", &id)?;
-        let task = self.core.ask(|reply| CoreMsg::Get { id, reply }).await?;
+        // From the core while it holds the task, else from the store (off the core).
+        let task = self.core.current()?.task(&id).await?;
         who.check_visible("task", &task.id, &task.project)?;
         Ok(task)
     }
@@ -92,7 +93,11 @@ impl TaskService for TaskApi {
                 .into());
             }
         }
-        let (tasks, next_page_token) = self.core.ask(|reply| CoreMsg::List { req, reply }).await?;
+        // From the store's history index, off the core (see `api::list`). Only the leader
+        // serves (like every task call), so a follower never answers with an older view.
+        self.core.current()?;
+        let (tasks, next_page_token) =
+            super::list::tasks(self.catalog.store().as_ref(), &req).await?;
         Ok(Response::new(ListTasksResponse {
             tasks: tasks.into_iter().map(masked).collect(),
             next_page_token,

@@ -10,14 +10,32 @@
 //! | `done/<finished_at_ms:013>/<id>` | project name | once the task is final (the time is the final record's `updated_at_ms`; a final record never changes it again) |
 //! | `idem/<project>/<key>` | task id | for a task submitted with an idempotency key |
 //! | `wlive/<id>`, `wdone/<ms:013>/<id>` | as above | for workflows |
+//! | `hist/t/<inverted id>` | project name | every task: all tasks, newest first |
+//! | `hist/p/<project>/<inverted id>` | empty | every task: a project's tasks, newest first |
+//! | `meta/layout` | `2` | once every task has the keys above (written by the migration) |
 //!
 //! Every key here is written in the same store transaction as the record change it
-//! follows, so the layout is never half-updated.
+//! follows (a [`persist::Write`](super::persist::Write)'s `also` keys), so the layout is
+//! never half-updated. The index keys never change after the submit: a task's id, project
+//! and creation time are fixed, so `List` filters the state and labels on the records it
+//! reads (see `api::list`).
+//!
+//! The *inverted id* maps every character `c` of a (lower-case Crockford base32) ULID to
+//! the character at `31 - index(c)`: an ascending store range over inverted ids is newest
+//! first, and because a ULID starts with its creation time, a time range is a key range.
 
-// Used by the history and retention work of issue 14, which lands in parts.
+// Parts of this are used by the retention work of issue 14, which lands separately.
 #![allow(dead_code)]
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prost::Message;
 use scabbard_common::proto::{Task, Workflow};
+use scabbard_common::{Error, Result, is_final};
+
+use crate::store::Store;
 
 /// Present while a task is not final.
 pub(crate) const LIVE_PREFIX: &str = "live/";
@@ -55,6 +73,355 @@ pub(crate) fn wf_done_key(finished_at_ms: i64, id: &str) -> String {
     format!("{WF_DONE_PREFIX}{:013}/{id}", finished_at_ms.max(0))
 }
 
+/// Every task, newest first.
+pub(crate) const TASK_INDEX_PREFIX: &str = "hist/t/";
+/// A project's tasks, newest first.
+pub(crate) const PROJECT_INDEX_PREFIX: &str = "hist/p/";
+/// The layout version, once the migration has written every key above.
+pub(crate) const LAYOUT_KEY: &str = "meta/layout";
+/// [`LAYOUT_KEY`]'s value in this layout.
+pub(crate) const LAYOUT_VERSION: &[u8] = b"2";
+
+/// Crockford base32, lower case, as ids are written: ascending in ASCII.
+const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+
+/// The inverted id (see the module docs); `None` for a string that is not a ULID.
+pub(crate) fn invert_id(id: &str) -> Option<String> {
+    if id.len() != 26 {
+        return None;
+    }
+    id.bytes()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            ALPHABET
+                .iter()
+                .position(|a| *a == c)
+                .map(|i| ALPHABET[31 - i] as char)
+        })
+        .collect()
+}
+
+/// The id an inverted id came from (inversion is its own inverse).
+pub(crate) fn uninvert_id(inv: &str) -> Option<String> {
+    invert_id(inv)
+}
+
+/// The inverted form of the smallest id created at `ms`: every id created at `ms` or later
+/// inverts to a key at or before it; every earlier one to a key after it.
+pub(crate) fn inverted_time_bound(ms: i64) -> String {
+    let ulid = ulid::Ulid::from_parts(ms.max(0) as u64, 0)
+        .to_string()
+        .to_lowercase();
+    invert_id(&ulid).expect("a ulid")
+}
+
+/// `hist/t/<inverted id>`.
+pub(crate) fn task_index_key(id: &str) -> Option<String> {
+    invert_id(id).map(|inv| format!("{TASK_INDEX_PREFIX}{inv}"))
+}
+
+/// `hist/p/<project>/`: the prefix of a project's index.
+pub(crate) fn project_index_prefix(project: &str) -> String {
+    format!("{PROJECT_INDEX_PREFIX}{project}/")
+}
+
+/// `hist/p/<project>/<inverted id>`.
+pub(crate) fn project_index_key(project: &str, id: &str) -> Option<String> {
+    invert_id(id).map(|inv| format!("{}{inv}", project_index_prefix(project)))
+}
+
+/// The index keys of a task (none for an id that is not a ULID: tests' hand-made ids).
+fn index_keys(t: &Task) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    if let Some(k) = task_index_key(&t.id) {
+        out.push((k, t.project.as_bytes().to_vec()));
+    }
+    if let Some(k) = project_index_key(&t.project, &t.id) {
+        out.push((k, Vec::new()));
+    }
+    out
+}
+
+/// The keys written with a task's first record: `live/` (unless it is born final), its
+/// index keys and its idempotency key.
+pub(crate) fn submit_ops(t: &Task) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut ops: Vec<(String, Option<Vec<u8>>)> = index_keys(t)
+        .into_iter()
+        .map(|(k, v)| (k, Some(v)))
+        .collect();
+    if !t.idempotency_key.is_empty() {
+        ops.push((
+            idem_key(&t.project, &t.idempotency_key),
+            Some(t.id.as_bytes().to_vec()),
+        ));
+    }
+    if !is_final(t.state()) {
+        ops.push((live_key(&t.id), Some(Vec::new())));
+    }
+    ops
+}
+
+/// The keys written with the record that makes a task final: `live/` deleted, `done/` put
+/// (and, when an earlier final record of it had another time, that one's `done/` deleted).
+pub(crate) fn final_ops(t: &Task, earlier_done_ms: Option<i64>) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut ops = vec![
+        (live_key(&t.id), None),
+        (
+            done_key(t.updated_at_ms, &t.id),
+            Some(t.project.as_bytes().to_vec()),
+        ),
+    ];
+    if let Some(ms) = earlier_done_ms.filter(|ms| *ms != t.updated_at_ms) {
+        ops.push((done_key(ms, &t.id), None));
+    }
+    ops
+}
+
+/// Every key the migration to this layout writes for a task record (all idempotent puts).
+pub(crate) fn migration_ops(t: &Task) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut ops = submit_ops(t);
+    if is_final(t.state()) {
+        ops.push((
+            done_key(t.updated_at_ms, &t.id),
+            Some(t.project.as_bytes().to_vec()),
+        ));
+    }
+    ops
+}
+
+/// A `List` page position: opaque to clients (`h1.` and the hex of the inverted id of the
+/// last task the page looked at).
+pub(crate) fn encode_page_token(inverted_id: &str) -> String {
+    format!("h1.{}", hex::encode(inverted_id))
+}
+
+/// The inverted id a page token continues after; `INVALID_ARGUMENT` when it is not one
+/// this server issued.
+pub(crate) fn decode_page_token(token: &str) -> Result<String> {
+    let bad = || {
+        Error::invalid(format!(
+            "page_token {:?} is not a token a List response issued: pass a response's next_page_token unchanged, or leave page_token empty for the first page",
+            token.chars().take(80).collect::<String>()
+        ))
+    };
+    let hex_part = token.strip_prefix("h1.").ok_or_else(bad)?;
+    let bytes = hex::decode(hex_part).map_err(|_| bad())?;
+    let inv = String::from_utf8(bytes).map_err(|_| bad())?;
+    invert_id(&inv).ok_or_else(bad)?;
+    Ok(inv)
+}
+
+/// Which writes are durable: the core numbers the writes it tracks, and each one's effect
+/// raises `durable` once committed (commits happen in order, so it only grows).
+#[derive(Default)]
+pub(crate) struct Durability {
+    next: u64,
+    durable: Arc<AtomicU64>,
+}
+
+impl Durability {
+    /// A number for the next tracked write and the effect that marks it durable.
+    pub(crate) fn track(&mut self) -> (u64, super::Effect) {
+        self.next += 1;
+        let seq = self.next;
+        let durable = self.durable.clone();
+        (
+            seq,
+            Box::new(move |r| {
+                if r.is_ok() {
+                    durable.fetch_max(seq, Ordering::AcqRel);
+                }
+            }),
+        )
+    }
+
+    /// Whether write `seq` is durable.
+    pub(crate) fn is_durable(&self, seq: u64) -> bool {
+        seq <= self.durable.load(Ordering::Acquire)
+    }
+}
+
+/// The finished tasks the core keeps, oldest first, each with the number of the write
+/// that made it final (it leaves memory only once that is durable).
+#[derive(Default)]
+pub(crate) struct FinishedCache {
+    order: VecDeque<(u64, String)>,
+    /// `done/` time of each task in `order`, to replace its key when it is rewritten.
+    done_ms: HashMap<String, i64>,
+}
+
+impl FinishedCache {
+    /// Records that `id` became (or was rewritten as) final by write `seq`; returns the
+    /// `done/` time of its previous final record, if it had one.
+    pub(crate) fn finished(&mut self, id: &str, done_ms: i64, seq: u64) -> Option<i64> {
+        let earlier = self.done_ms.insert(id.to_string(), done_ms);
+        if earlier.is_none() {
+            self.order.push_back((seq, id.to_string()));
+        }
+        earlier
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// The oldest entry, if its write is durable and the cache holds more than `cap`.
+    pub(crate) fn pop_evictable(&mut self, cap: usize, d: &Durability) -> Option<String> {
+        if self.order.len() <= cap {
+            return None;
+        }
+        let (seq, _) = self.order.front()?;
+        if !d.is_durable(*seq) {
+            return None;
+        }
+        let (_, id) = self.order.pop_front()?;
+        self.done_ms.remove(&id);
+        Some(id)
+    }
+
+    /// Drops `id` (forgotten, or deleted by retention).
+    pub(crate) fn remove(&mut self, id: &str) {
+        if self.done_ms.remove(id).is_some() {
+            self.order.retain(|(_, i)| i != id);
+        }
+    }
+}
+
+/// Recent idempotency keys (`project\0key` → task id), bounded: the oldest leave once
+/// their write is durable, after which a submit with that key is checked against the store
+/// (`idem/`) before the core decides.
+#[derive(Default)]
+pub(crate) struct IdemMemory {
+    /// Key → (task id, number of the write that stored it).
+    map: HashMap<String, (String, u64)>,
+    order: VecDeque<(u64, String)>,
+}
+
+/// Most idempotency keys the core keeps in memory.
+pub(crate) const IDEM_MEMORY: usize = 100_000;
+
+impl IdemMemory {
+    pub(crate) fn get(&self, key: &str) -> Option<&String> {
+        self.map.get(key).map(|(id, _)| id)
+    }
+
+    /// Remembers `key` → `id`, written by write `seq`; forgets durable old keys past the bound.
+    pub(crate) fn insert(&mut self, key: String, id: String, seq: u64, d: &Durability) {
+        self.map.insert(key.clone(), (id, seq));
+        self.order.push_back((seq, key));
+        while self.order.len() > IDEM_MEMORY {
+            match self.order.front() {
+                Some((s, _)) if d.is_durable(*s) => {
+                    let (s, k) = self.order.pop_front().expect("front");
+                    // A key used again since is the later entry's.
+                    if self.map.get(&k).is_some_and(|(_, at)| *at == s) {
+                        self.map.remove(&k);
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Forgets every key of task `id`.
+    pub(crate) fn forget_task(&mut self, id: &str) {
+        self.map.retain(|_, (v, _)| v != id);
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+    }
+}
+
+/// A task record from the store (`None` when there is none).
+pub(crate) async fn read_task(store: &dyn Store, id: &str) -> Result<Option<Task>> {
+    let Some(kv) = store.get(&format!("{}{id}", super::TASK_PREFIX)).await? else {
+        return Ok(None);
+    };
+    let mut t = Task::decode(kv.value.as_slice())
+        .map_err(|e| Error::internal(format!("corrupt task record {id}: {e}")))?;
+    if t.project.is_empty() {
+        t.project = crate::auth::DEFAULT_PROJECT.to_string();
+    }
+    Ok(Some(t))
+}
+
+/// The values of `keys` (in order; `None` for a missing one): one transaction of reads per
+/// chunk on etcd (a round trip each), plain reads on the embedded store (they do not queue
+/// behind its writer).
+pub(crate) async fn get_many(store: &dyn Store, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+    let mut out = Vec::with_capacity(keys.len());
+    if store.backend() != "etcd" {
+        for k in keys {
+            out.push(store.get(k).await?.map(|kv| kv.value));
+        }
+        return Ok(out);
+    }
+    let chunk = store.max_txn_ops().clamp(1, 128);
+    for part in keys.chunks(chunk) {
+        let r = store
+            .txn(crate::store::Txn {
+                success: part
+                    .iter()
+                    .map(|k| crate::store::Op::Get { key: k.clone() })
+                    .collect(),
+                ..Default::default()
+            })
+            .await?;
+        for res in r.results {
+            if let crate::store::OpResult::Get(kv) = res {
+                out.push(kv.map(|kv| kv.value));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The records of tasks `ids` that exist, in order.
+pub(crate) async fn read_tasks(store: &dyn Store, ids: &[String]) -> Result<Vec<Task>> {
+    let keys: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{}{id}", super::TASK_PREFIX))
+        .collect();
+    let mut out = Vec::with_capacity(ids.len());
+    for (k, v) in keys.iter().zip(get_many(store, &keys).await?) {
+        let Some(v) = v else { continue };
+        let mut t = Task::decode(v.as_slice())
+            .map_err(|e| Error::internal(format!("corrupt task record {k}: {e}")))?;
+        if t.project.is_empty() {
+            t.project = crate::auth::DEFAULT_PROJECT.to_string();
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// For a submit (off the core): the task id `idem` (an `idem/` key) names, if any, and the
+/// records of that task and of `ids`.
+pub(crate) async fn lookup(
+    store: &dyn Store,
+    idem: Option<&str>,
+    ids: &[String],
+) -> Result<(Option<String>, Vec<Task>)> {
+    let mut ids = ids.to_vec();
+    let mut named = None;
+    if let Some(k) = idem
+        && let Some(kv) = store.get(k).await?
+    {
+        let id = String::from_utf8_lossy(&kv.value).into_owned();
+        ids.push(id.clone());
+        named = Some(id);
+    }
+    let mut tasks = Vec::with_capacity(ids.len());
+    for id in &ids {
+        if let Some(t) = read_task(store, id).await? {
+            tasks.push(t);
+        }
+    }
+    Ok((named, tasks))
+}
+
 /// Parses a `done/` or `wdone/` key into (finished_at_ms, id).
 pub(crate) fn parse_done_key(key: &str) -> Option<(i64, &str)> {
     let rest = key
@@ -71,19 +438,45 @@ pub(crate) fn task_keys(t: &Task) -> Vec<String> {
     let mut keys = vec![
         format!("{}{}", super::TASK_PREFIX, t.id),
         done_key(t.updated_at_ms, &t.id),
+        live_key(&t.id),
     ];
     if !t.idempotency_key.is_empty() {
         keys.push(idem_key(&t.project, &t.idempotency_key));
     }
+    keys.extend(index_keys(t).into_iter().map(|(k, _)| k));
     keys
 }
 
 /// Every store key a final workflow owns besides its tasks' (see [`task_keys`]).
+/// (The header, every node's records, the `done` and `live` keys.)
 pub(crate) fn workflow_keys(w: &Workflow) -> Vec<String> {
-    vec![
-        format!("{}{}", super::workflows::WORKFLOW_PREFIX, w.id),
+    use super::workflows::records;
+    let mut keys = vec![
+        records::header_key(&w.id),
         wf_done_key(w.finished_at_ms, &w.id),
-    ]
+        wf_live_key(&w.id),
+    ];
+    for n in &w.nodes {
+        keys.push(records::node_key(&w.id, &n.name));
+        keys.push(records::task_key(&w.id, &n.name));
+    }
+    keys
+}
+
+/// The keys written with a workflow's header: `wlive/` while it runs; once final,
+/// `wlive/` deleted and `wdone/` put (idempotent: a final header keeps its time).
+pub(crate) fn workflow_ops(w: &Workflow) -> Vec<(String, Option<Vec<u8>>)> {
+    if super::workflows::workflow_final(w.state()) {
+        vec![
+            (wf_live_key(&w.id), None),
+            (
+                wf_done_key(w.finished_at_ms, &w.id),
+                Some(w.project.as_bytes().to_vec()),
+            ),
+        ]
+    } else {
+        vec![(wf_live_key(&w.id), Some(Vec::new()))]
+    }
 }
 
 #[cfg(test)]
@@ -98,5 +491,28 @@ mod tests {
         assert_eq!(parse_done_key(&b), Some((1_000, "a")));
         assert_eq!(parse_done_key(&wf_done_key(5, "w")), Some((5, "w")));
         assert_eq!(parse_done_key("tasks/x"), None);
+    }
+
+    #[test]
+    fn inverted_ids_sort_newest_first_and_time_bounds_split_them() {
+        let old = ulid::Ulid::from_parts(1_000, 5).to_string().to_lowercase();
+        let new = ulid::Ulid::from_parts(2_000, 1).to_string().to_lowercase();
+        let (io, inn) = (invert_id(&old).unwrap(), invert_id(&new).unwrap());
+        assert!(inn < io);
+        assert_eq!(uninvert_id(&io).unwrap(), old);
+        // Created at or after 2000 → at or before the bound; earlier → after it.
+        let b = inverted_time_bound(2_000);
+        assert!(inn <= b && io > b);
+        assert!(invert_id("not-a-ulid").is_none());
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_bad_ones_are_refused() {
+        let inv = invert_id(&ulid::Ulid::new().to_string().to_lowercase()).unwrap();
+        assert_eq!(decode_page_token(&encode_page_token(&inv)).unwrap(), inv);
+        for bad in ["x", "h1.zz", "h1.", "01hxyz", &hex::encode("short")] {
+            let e = decode_page_token(bad).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{bad}: {e}");
+        }
     }
 }

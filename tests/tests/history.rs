@@ -1,0 +1,395 @@
+//! Live state in memory, history in the store (issue 14): a finished task leaves the
+//! core's memory (`ClusterStatus.total_tasks` counts what it holds) and is still served by
+//! `Get`, `List` (paged, filtered by state, label, project and creation time), `Logs` and
+//! `Watch` with `send_initial`, and its idempotency key still holds: on the embedded store
+//! and on etcd, and after a controller restart. Page tokens are stable under concurrent
+//! submits; a bad one gets INVALID_ARGUMENT. Real processes throughout.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use scabbard_common::client::{AdminServiceClient, ProjectServiceClient};
+use scabbard_common::proto::{
+    ClusterStatusRequest, CreateProjectRequest, ListTasksRequest, Project, SubmitTaskRequest, Task,
+    TaskState, WatchTasksRequest,
+};
+use scabbard_tests::etcd::EtcdCluster;
+use scabbard_tests::*;
+use tonic::Code;
+
+const T: Duration = Duration::from_secs(60);
+
+/// A controller keeping at most this many finished tasks in memory.
+const CACHE: &str = "2";
+
+fn controller(dir: &std::path::Path, extra: &[String]) -> anyhow::Result<Controller> {
+    let mut flags = vec!["--finished-cache-tasks".to_string(), CACHE.to_string()];
+    flags.extend_from_slice(extra);
+    Controller::start(
+        dir,
+        0,
+        &ControllerOpts {
+            extra: flags,
+            ..Default::default()
+        },
+    )
+}
+
+/// How many tasks the leader's core holds (an error from a follower).
+async fn in_memory(addr: &str) -> anyhow::Result<u64> {
+    let s = AdminServiceClient::new(admin_channel(addr).await?)
+        .cluster_status(ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    anyhow::ensure!(s.answered_by_leader, "not the leader");
+    Ok(s.total_tasks)
+}
+
+/// Waits until the core holds at most `n` tasks.
+async fn wait_in_memory_at_most(addr: &str, n: u64) -> anyhow::Result<()> {
+    eventually(
+        &format!("the core to hold at most {n} tasks"),
+        T,
+        || async { in_memory(addr).await.ok().filter(|m| *m <= n) },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Every page of `req` (page size `size`): the tasks in order.
+async fn list_all(
+    c: &mut Tasks,
+    mut req: ListTasksRequest,
+    size: u32,
+) -> anyhow::Result<Vec<Task>> {
+    req.page_size = size;
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        let r = c.list(req.clone()).await?.into_inner();
+        assert!(r.tasks.len() <= size as usize);
+        out.extend(r.tasks);
+        if r.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        req.page_token = r.next_page_token;
+    }
+    anyhow::bail!("List did not end after 1000 pages")
+}
+
+fn ids(ts: &[Task]) -> Vec<String> {
+    ts.iter().map(|t| t.id.clone()).collect()
+}
+
+struct Submitted {
+    /// Oldest first.
+    ids: Vec<String>,
+    labels: HashMap<String, String>,
+    created: Vec<i64>,
+    keyed: String,
+}
+
+/// Submits 6 shell tasks (labels batch=a/b, one in project `beta`, one with an idempotency
+/// key) and waits until they finished.
+async fn fill(c: &mut Tasks) -> anyhow::Result<Submitted> {
+    let mut s = Submitted {
+        ids: Vec::new(),
+        labels: HashMap::new(),
+        created: Vec::new(),
+        keyed: String::new(),
+    };
+    for i in 0..6 {
+        let batch = if i % 2 == 0 { "a" } else { "b" };
+        let mut spec = shell(&format!("echo hello-{i}"));
+        spec.labels.insert("batch".into(), batch.into());
+        let r = c
+            .submit(SubmitTaskRequest {
+                spec: Some(spec),
+                idempotency_key: if i == 1 { "once".into() } else { String::new() },
+                project: if i == 4 { "beta".into() } else { String::new() },
+            })
+            .await?
+            .into_inner();
+        let t = r.task.unwrap();
+        s.labels.insert(t.id.clone(), batch.into());
+        s.created.push(t.created_at_ms);
+        if i == 1 {
+            s.keyed = t.id.clone();
+        }
+        s.ids.push(t.id);
+        // Distinct creation times, so a time range splits them exactly.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    for id in &s.ids {
+        let t = wait_state(c, id, None, T).await?;
+        assert_eq!(t.state(), TaskState::Succeeded, "{t:?}");
+    }
+    Ok(s)
+}
+
+/// What every finished task must still be served by, whatever holds it.
+async fn check_served(addr: &str, s: &Submitted) -> anyhow::Result<()> {
+    let mut c = tasks_client(addr).await?;
+    // Get and Logs of the oldest task (long out of the core's memory).
+    let t = get(&mut c, &s.ids[0]).await?;
+    assert_eq!(t.state(), TaskState::Succeeded);
+    let log = logs(&mut c, &s.ids[0], 0, false).await?;
+    assert!(log.contains("hello-0"), "log: {log:?}");
+    let log = logs(&mut c, &s.ids[0], 0, true).await?;
+    assert!(log.contains("hello-0"), "followed log: {log:?}");
+    // Watch with send_initial: the current record first.
+    let mut w = c
+        .watch(WatchTasksRequest {
+            ids: vec![s.ids[0].clone()],
+            send_initial: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let ev = tokio::time::timeout(T, w.message()).await??.unwrap();
+    assert_eq!(ev.task.as_ref().unwrap().id, s.ids[0]);
+    assert_eq!(ev.task.unwrap().state(), TaskState::Succeeded);
+
+    // List: all, newest first, paged 2 at a time, nothing skipped or repeated.
+    let all = list_all(&mut c, ListTasksRequest::default(), 2).await?;
+    let newest_first: Vec<String> = s.ids.iter().rev().cloned().collect();
+    let listed: Vec<String> = ids(&all)
+        .into_iter()
+        .filter(|id| s.ids.contains(id))
+        .collect();
+    assert_eq!(listed, newest_first);
+    // By state and label.
+    let mut req = ListTasksRequest {
+        states: vec![TaskState::Succeeded as i32],
+        ..Default::default()
+    };
+    req.labels.insert("batch".into(), "a".into());
+    let a = list_all(&mut c, req, 1).await?;
+    let want: Vec<String> = newest_first
+        .iter()
+        .filter(|id| s.labels[*id] == "a")
+        .cloned()
+        .collect();
+    assert_eq!(ids(&a), want);
+    let failed = list_all(
+        &mut c,
+        ListTasksRequest {
+            states: vec![TaskState::Failed as i32],
+            ..Default::default()
+        },
+        10,
+    )
+    .await?;
+    assert!(failed.is_empty(), "{failed:?}");
+    // By project.
+    let beta = list_all(
+        &mut c,
+        ListTasksRequest {
+            project: "beta".into(),
+            ..Default::default()
+        },
+        10,
+    )
+    .await?;
+    assert_eq!(ids(&beta), vec![s.ids[4].clone()]);
+    // By creation time: [created of #2, created of #5) → #2, #3, #4.
+    let range = list_all(
+        &mut c,
+        ListTasksRequest {
+            created_after_ms: s.created[2],
+            created_before_ms: s.created[5],
+            ..Default::default()
+        },
+        2,
+    )
+    .await?;
+    let want: Vec<String> = s.ids[2..5].iter().rev().cloned().collect();
+    assert_eq!(ids(&range), want);
+    // A bad page token.
+    for bad in ["nonsense", "h1.00", &s.ids[0]] {
+        let (code, msg) = code_and_message(
+            c.list(ListTasksRequest {
+                page_token: bad.to_string(),
+                ..Default::default()
+            })
+            .await,
+        );
+        assert_eq!(code, Code::InvalidArgument, "{bad}: {msg}");
+        assert!(msg.contains("next_page_token"), "{msg}");
+    }
+    // The idempotency key of a task out of memory still holds.
+    let again = c
+        .submit(SubmitTaskRequest {
+            spec: Some(shell("echo not-run")),
+            idempotency_key: "once".into(),
+            project: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert!(again.existing);
+    assert_eq!(again.task.unwrap().id, s.keyed);
+    Ok(())
+}
+
+async fn create_beta(addr: &str) -> anyhow::Result<()> {
+    ProjectServiceClient::new(admin_channel(addr).await?)
+        .create(CreateProjectRequest {
+            project: Some(Project {
+                name: "beta".into(),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    Ok(())
+}
+
+/// The scenario on one controller (`extra` flags pick the store), then after a restart.
+async fn scenario(dir: &std::path::Path, extra: Vec<String>) -> anyhow::Result<()> {
+    let mut ctl = controller(&dir.join("c"), &extra)?;
+    let addr = ctl.addr.to_string();
+    let _w = Worker::start(&addr, &dir.join("w"), "w", 4)?;
+    let mut c = tasks_client(&addr).await?;
+    create_beta(&addr).await?;
+    let s = fill(&mut c).await?;
+    // Finished tasks leave memory: at most the cache is left.
+    wait_in_memory_at_most(&addr, CACHE.parse()?).await?;
+    check_served(&addr, &s).await?;
+
+    // After a restart only live work is loaded (none here), and everything is served.
+    ctl.proc.kill9();
+    drop(c);
+    let ctl = Controller::start(
+        &dir.join("c"),
+        ctl.addr.port(),
+        &ControllerOpts {
+            extra: [
+                vec!["--finished-cache-tasks".to_string(), CACHE.to_string()],
+                extra,
+            ]
+            .concat(),
+            ..Default::default()
+        },
+    )?;
+    let addr = ctl.addr.to_string();
+    tasks_client(&addr).await?;
+    wait_in_memory_at_most(&addr, CACHE.parse()?).await?;
+    check_served(&addr, &s).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finished_tasks_are_served_from_the_embedded_store() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    scenario(dir.path(), Vec::new()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finished_tasks_are_served_from_etcd() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1)?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    scenario_on_port(dir.path(), port, etcd.endpoints()).await
+}
+
+/// The etcd scenario: a fixed port (etcd mode advertises it).
+async fn scenario_on_port(
+    dir: &std::path::Path,
+    port: u16,
+    endpoints: String,
+) -> anyhow::Result<()> {
+    let extra = vec![
+        "--store".to_string(),
+        "etcd".to_string(),
+        "--etcd-endpoints".to_string(),
+        endpoints,
+        "--finished-cache-tasks".to_string(),
+        CACHE.to_string(),
+    ];
+    let opts = ControllerOpts {
+        extra,
+        ..Default::default()
+    };
+    let mut ctl = Controller::start(&dir.join("c"), port, &opts)?;
+    let addr = ctl.addr.to_string();
+    let _w = Worker::start(&addr, &dir.join("w"), "w", 4)?;
+    let mut c = tasks_client(&addr).await?;
+    eventually("the controller to lead", T, || async {
+        in_memory(&addr).await.ok()
+    })
+    .await?;
+    create_beta(&addr).await?;
+    let s = fill(&mut c).await?;
+    wait_in_memory_at_most(&addr, CACHE.parse()?).await?;
+    check_served(&addr, &s).await?;
+    ctl.proc.kill9();
+    drop(c);
+    let ctl = Controller::start(&dir.join("c"), port, &opts)?;
+    let addr = ctl.addr.to_string();
+    eventually("the restarted controller to lead", T, || async {
+        in_memory(&addr).await.ok()
+    })
+    .await?;
+    wait_in_memory_at_most(&addr, CACHE.parse()?).await?;
+    check_served(&addr, &s).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn page_tokens_are_stable_under_concurrent_submits() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // No worker: the tasks stay queued, live in the core, and are listed from the store.
+    let ctl = controller(&dir.path().join("c"), &[])?;
+    let addr = ctl.addr.to_string();
+    let mut c = tasks_client(&addr).await?;
+    let mut before = Vec::new();
+    for i in 0..40 {
+        before.push(submit(&mut c, shell(&format!("echo {i}"))).await?);
+    }
+    // Submits keep coming while a client pages.
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    let submitter = {
+        let (addr, stop, count) = (addr.clone(), stop.clone(), count.clone());
+        tokio::spawn(async move {
+            let mut c = tasks_client(&addr).await?;
+            while !stop.load(Ordering::Relaxed) {
+                submit(&mut c, shell("echo later")).await?;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(count.load(Ordering::Relaxed))
+        })
+    };
+    let mut seen = Vec::new();
+    let mut req = ListTasksRequest {
+        page_size: 7,
+        ..Default::default()
+    };
+    loop {
+        let r = c.list(req.clone()).await?.into_inner();
+        seen.extend(ids(&r.tasks));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = r.next_page_token;
+        // Let a submit land between pages.
+        let at = count.load(Ordering::Relaxed);
+        eventually("a concurrent submit between pages", T, || async {
+            (count.load(Ordering::Relaxed) > at).then_some(())
+        })
+        .await?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let later = submitter.await??;
+    assert!(later > 0);
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "a task was listed twice");
+    for id in &before {
+        assert!(unique.contains(id), "task {id} was skipped");
+    }
+    // Newest first throughout.
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(sorted, seen);
+    Ok(())
+}

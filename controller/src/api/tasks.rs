@@ -118,14 +118,26 @@ impl TaskService for TaskApi {
             &task.project,
             r.reason.clone(),
         );
-        let task = self
+        let cancelled = self
             .core
             .ask(|reply| CoreMsg::Cancel {
                 id: r.id,
                 reason: r.reason,
                 reply,
             })
-            .await?;
+            .await;
+        let task = match cancelled {
+            // Only finished tasks leave the core: this one is final (read from the store).
+            Err(Error::NotFound { .. }) if scabbard_common::is_final(task.state()) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {} is already {}; only queued or running tasks can be cancelled",
+                    task.id,
+                    task.state().as_str_name().trim_start_matches("TASK_STATE_")
+                ))
+                .into());
+            }
+            other => other?,
+        };
         // The cancel is recorded; a failed audit write is reported but does not undo it.
         if let Err(e) = audit::record(self.catalog.store(), &entry).await {
             tracing::warn!(error = %e, task = %task.id, "could not record the cancel in the audit log");

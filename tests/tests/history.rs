@@ -393,3 +393,76 @@ async fn page_tokens_are_stable_under_concurrent_submits() -> anyhow::Result<()>
     assert_eq!(sorted, seen);
     Ok(())
 }
+
+/// Removes every key of the history layout from the embedded store at `path`: what a store
+/// written before it looks like.
+async fn strip_history_keys(path: &std::path::Path) -> anyhow::Result<usize> {
+    use scabbard_controller::store::{EmbeddedStore, Op, Store, Txn};
+    let store = EmbeddedStore::open(path)?;
+    let mut n = 0;
+    for prefix in ["live/", "done/", "hist/", "idem/", "meta/layout"] {
+        loop {
+            let page = store.range(prefix, None, 100).await?;
+            if page.kvs.is_empty() {
+                break;
+            }
+            n += page.kvs.len();
+            store
+                .txn(Txn {
+                    success: page
+                        .kvs
+                        .iter()
+                        .map(|kv| Op::delete(kv.key.clone()))
+                        .collect(),
+                    ..Default::default()
+                })
+                .await?;
+        }
+    }
+    store.close().await?;
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_from_before_the_history_layout_is_migrated_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut ctl = controller(&dir.path().join("c"), &[])?;
+    let addr = ctl.addr.to_string();
+    let mut w = Worker::start(&addr, &dir.path().join("w"), "w", 4)?;
+    let mut c = tasks_client(&addr).await?;
+    create_beta(&addr).await?;
+    let s = fill(&mut c).await?;
+    // One task stays queued (no worker): live work the migrated store must still run.
+    w.proc.kill9();
+    let queued = submit(&mut c, shell("echo hello-late")).await?;
+    ctl.proc.kill9();
+    drop(c);
+    let removed = strip_history_keys(&dir.path().join("c/state.redb")).await?;
+    assert!(removed >= 7 * 3, "removed only {removed} history keys");
+
+    let port = ctl.addr.port();
+    let ctl = Controller::start(
+        &dir.path().join("c"),
+        port,
+        &ControllerOpts {
+            extra: vec!["--finished-cache-tasks".to_string(), CACHE.to_string()],
+            ..Default::default()
+        },
+    )?;
+    let addr = ctl.addr.to_string();
+    let mut c = tasks_client(&addr).await?;
+    // Only the queued task is live: it is all the core loaded.
+    eventually("the migrated controller to lead", T, || async {
+        in_memory(&addr).await.ok().filter(|n| *n == 1)
+    })
+    .await?;
+    let listed = list_all(&mut c, ListTasksRequest::default(), 3).await?;
+    assert_eq!(listed.first().map(|t| t.id.clone()), Some(queued.clone()));
+    assert_eq!(listed[0].state(), TaskState::Queued);
+    check_served(&addr, &s).await?;
+    // And it still runs.
+    let _w = Worker::start(&addr, &dir.path().join("w2"), "w2", 4)?;
+    let t = wait_state(&mut c, &queued, None, T).await?;
+    assert_eq!(t.state(), TaskState::Succeeded);
+    Ok(())
+}

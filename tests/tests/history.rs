@@ -466,3 +466,95 @@ async fn a_store_from_before_the_history_layout_is_migrated_once() -> anyhow::Re
     assert_eq!(t.state(), TaskState::Succeeded);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_keys_hold_for_their_window_only() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ctl = controller(
+        &dir.path().join("c"),
+        &["--idempotency-window".to_string(), "1s".to_string()],
+    )?;
+    let addr = ctl.addr.to_string();
+    let mut c = tasks_client(&addr).await?;
+    let keyed = |key: &str| SubmitTaskRequest {
+        spec: Some(shell("echo keyed")),
+        idempotency_key: key.into(),
+        project: String::new(),
+    };
+    let first = c.submit(keyed("k")).await?.into_inner();
+    assert!(!first.existing);
+    let first = first.task.unwrap();
+    // Within the window: the same task.
+    let again = c.submit(keyed("k")).await?.into_inner();
+    assert!(again.existing);
+    assert_eq!(again.task.unwrap().id, first.id);
+    // Past it: a new task, which the key names from then on.
+    let second = eventually("the key's window to pass", T, || {
+        let mut c = c.clone();
+        async move {
+            let r = c.submit(keyed("k")).await.ok()?.into_inner();
+            (!r.existing).then_some(r.task?)
+        }
+    })
+    .await?;
+    assert_ne!(second.id, first.id);
+    assert!(second.created_at_ms >= first.created_at_ms + 1_000);
+    let third = c.submit(keyed("k")).await?.into_inner();
+    assert!(third.existing);
+    assert_eq!(third.task.unwrap().id, second.id);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_pages_task_lists() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ctl = controller(&dir.path().join("c"), &[])?;
+    let addr = ctl.addr.to_string();
+    let mut c = tasks_client(&addr).await?;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit(&mut c, shell(&format!("echo {i}"))).await?);
+    }
+    let run = |args: &[&str]| {
+        let out = cli(dir.path())
+            .args(["task", "list", "--controller", &addr])
+            .args(args)
+            .output()
+            .expect("run the CLI");
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (first, hint) = run(&["--limit", "2"]);
+    assert!(first.contains(&ids[4]) && first.contains(&ids[3]) && !first.contains(&ids[2]));
+    let token = hint
+        .split("--page-token ")
+        .nth(1)
+        .map(str::trim)
+        .expect("a next page token");
+    let (second, _) = run(&["--limit", "2", "--page-token", token]);
+    assert!(second.contains(&ids[2]) && second.contains(&ids[1]) && !second.contains(&ids[3]));
+    let (all, hint) = run(&["--limit", "2", "--all"]);
+    for id in &ids {
+        assert_eq!(all.matches(id.as_str()).count(), 1, "{all}");
+    }
+    assert!(!hint.contains("--page-token"), "{hint}");
+    let out = cli(dir.path())
+        .args([
+            "task",
+            "list",
+            "--controller",
+            &addr,
+            "--page-token",
+            "bogus",
+        ])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("next_page_token"),
+        "{out:?}"
+    );
+    Ok(())
+}

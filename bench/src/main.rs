@@ -13,11 +13,15 @@
 //! * failover and chaos (`--kind failover`, `--kind chaos`): fault figures on real
 //!   processes ([`chaos`]).
 //!
+//! * history (`--kind history --history-tasks N`): a controller process on a store holding
+//!   N finished tasks: RSS, restart to serving, `Get`/`List` latency ([`history`]).
+//!
 //! Run: `cargo run --release -p scabbard-bench -- --kind noop` (or `--kind shell`,
 //! `--kind artifacts`, `--kind failover`, `--kind chaos`).
 
 mod artifacts;
 mod chaos;
+mod history;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,6 +54,9 @@ struct Args {
     /// `--kind artifacts`: rounds (the median is reported).
     #[arg(long, default_value_t = 3)]
     artifact_rounds: usize,
+    /// `--kind history`: finished tasks written into the store before the controller starts.
+    #[arg(long, default_value_t = 1_000_000)]
+    history_tasks: usize,
     /// `--kind failover`: runs of each fault.
     #[arg(long, default_value_t = 3)]
     failover_runs: usize,
@@ -134,7 +141,8 @@ async fn bench(args: Args) -> Result<()> {
         "noop" | "shell" | "artifacts" => {}
         "failover" => return chaos::failover(args.failover_runs.max(1)).await,
         "chaos" => return chaos::chaos(args.chaos_long, args.tasks).await,
-        _ => bail!("--kind must be noop, shell, artifacts, failover or chaos"),
+        "history" => return history::run(args.history_tasks, args.data_dir.clone()).await,
+        _ => bail!("--kind must be noop, shell, artifacts, failover, chaos or history"),
     }
     let n_tasks = args.tasks.unwrap_or(20_000);
     let temp = tempfile::tempdir()?;

@@ -51,10 +51,12 @@ pub(crate) async fn tasks(
             req.created_after_ms, req.created_before_ms
         )));
     }
-    let prefix = if req.project.is_empty() {
-        history::TASK_INDEX_PREFIX.to_string()
-    } else {
-        history::project_index_prefix(&req.project)
+    // The narrowest index: a label's within the project, else the project's, else all.
+    let first_label = req.labels.iter().min();
+    let prefix = match (req.project.is_empty(), first_label) {
+        (true, _) => history::TASK_INDEX_PREFIX.to_string(),
+        (false, Some((k, v))) => history::label_index_prefix(&req.project, k, v),
+        (false, None) => history::project_index_prefix(&req.project),
     };
     // Where to start: after the token's position, and after every id created at or after
     // `created_before_ms`.

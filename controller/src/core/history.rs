@@ -12,6 +12,7 @@
 //! | `wlive/<id>`, `wdone/<ms:013>/<id>` | as above | for workflows |
 //! | `hist/t/<inverted id>` | project name | every task: all tasks, newest first |
 //! | `hist/p/<project>/<inverted id>` | empty | every task: a project's tasks, newest first |
+//! | `hist/l/<project>/<hex key>.<hex value>/<inverted id>` | empty | per label of a task |
 //! | `meta/layout` | `2` | once every task has the keys above (written by the migration) |
 //!
 //! Every key here is written in the same store transaction as the record change it
@@ -125,6 +126,19 @@ pub(crate) fn project_index_prefix(project: &str) -> String {
     format!("{PROJECT_INDEX_PREFIX}{project}/")
 }
 
+/// A project's tasks carrying label `key=value`, newest first.
+pub(crate) const LABEL_INDEX_PREFIX: &str = "hist/l/";
+
+/// `hist/l/<project>/<hex key>.<hex value>/`: the prefix of a label's index in a project
+/// (hex: labels may hold any character).
+pub(crate) fn label_index_prefix(project: &str, key: &str, value: &str) -> String {
+    format!(
+        "{LABEL_INDEX_PREFIX}{project}/{}.{}/",
+        hex::encode(key),
+        hex::encode(value)
+    )
+}
+
 /// `hist/p/<project>/<inverted id>`.
 pub(crate) fn project_index_key(project: &str, id: &str) -> Option<String> {
     invert_id(id).map(|inv| format!("{}{inv}", project_index_prefix(project)))
@@ -138,6 +152,14 @@ fn index_keys(t: &Task) -> Vec<(String, Vec<u8>)> {
     }
     if let Some(k) = project_index_key(&t.project, &t.id) {
         out.push((k, Vec::new()));
+    }
+    if let (Some(inv), Some(spec)) = (invert_id(&t.id), t.spec.as_ref()) {
+        for (k, v) in &spec.labels {
+            out.push((
+                format!("{}{inv}", label_index_prefix(&t.project, k, v)),
+                Vec::new(),
+            ));
+        }
     }
     out
 }
@@ -187,6 +209,23 @@ pub(crate) fn migration_ops(t: &Task) -> Vec<(String, Option<Vec<u8>>)> {
         ));
     }
     ops
+}
+
+/// Every key (with its value) a finished task has in this layout, its record first: for
+/// tools that write history straight into a store (`scabbard-bench --kind history`).
+pub fn finished_task_records(t: &Task) -> Vec<(String, Vec<u8>)> {
+    let mut out = vec![(format!("{}{}", super::TASK_PREFIX, t.id), t.encode_to_vec())];
+    out.extend(
+        migration_ops(t)
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v))),
+    );
+    out
+}
+
+/// The key and value that mark a store as written in this layout.
+pub fn layout_marker() -> (String, Vec<u8>) {
+    (LAYOUT_KEY.to_string(), LAYOUT_VERSION.to_vec())
 }
 
 /// A `List` page position: opaque to clients (`h1.` and the hex of the inverted id of the

@@ -13,7 +13,7 @@ pub(crate) mod artifacts;
 pub(crate) mod breakers;
 mod dispatch;
 mod finish;
-pub(crate) mod history;
+pub mod history;
 pub(crate) mod persist;
 mod presence;
 mod recover;

@@ -193,6 +193,19 @@ async fn check_served(addr: &str, s: &Submitted) -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(ids(&beta), vec![s.ids[4].clone()]);
+    // By project and label (the project's label index).
+    let mut req = ListTasksRequest {
+        project: "default".into(),
+        ..Default::default()
+    };
+    req.labels.insert("batch".into(), "a".into());
+    let default_a = list_all(&mut c, req, 1).await?;
+    let want: Vec<String> = newest_first
+        .iter()
+        .filter(|id| s.labels[*id] == "a" && **id != s.ids[4])
+        .cloned()
+        .collect();
+    assert_eq!(ids(&default_a), want);
     // By creation time: [created of #2, created of #5) → #2, #3, #4.
     let range = list_all(
         &mut c,

@@ -51,12 +51,19 @@ pub(crate) async fn tasks(
             req.created_after_ms, req.created_before_ms
         )));
     }
-    // The narrowest index: a label's within the project, else the project's, else all.
-    let first_label = req.labels.iter().min();
-    let prefix = match (req.project.is_empty(), first_label) {
+    // The narrowest index: an indexed label's within the project (unless the project has
+    // tasks whose labels are not indexed), else the project's, else all.
+    let label = req
+        .labels
+        .iter()
+        .filter(|(k, v)| history::label_indexable(k, v))
+        .min();
+    let prefix = match (req.project.is_empty(), label) {
         (true, _) => history::TASK_INDEX_PREFIX.to_string(),
-        (false, Some((k, v))) => history::label_index_prefix(&req.project, k, v),
-        (false, None) => history::project_index_prefix(&req.project),
+        (false, Some((k, v))) if !label_overflow(store, &req.project).await? => {
+            history::label_index_prefix(&req.project, k, v)
+        }
+        (false, _) => history::project_index_prefix(&req.project),
     };
     // Where to start: after the token's position, and after every id created at or after
     // `created_before_ms`.
@@ -120,6 +127,12 @@ pub(crate) async fn tasks(
             return Ok((out, String::new()));
         }
     }
+}
+
+/// Whether `project` has tasks whose labels are not indexed.
+async fn label_overflow(store: &dyn Store, project: &str) -> Result<bool> {
+    let prefix = format!("{}{project}/", history::LABEL_OVERFLOW_PREFIX);
+    Ok(!store.range(&prefix, None, 1).await?.kvs.is_empty())
 }
 
 fn token_of(prefix: &str, after: Option<&str>) -> String {

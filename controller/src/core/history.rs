@@ -12,7 +12,8 @@
 //! | `wlive/<id>`, `wdone/<ms:013>/<id>` | as above | for workflows |
 //! | `hist/t/<inverted id>` | project name | every task: all tasks, newest first |
 //! | `hist/p/<project>/<inverted id>` | empty | every task: a project's tasks, newest first |
-//! | `hist/l/<project>/<hex key>.<hex value>/<inverted id>` | empty | per label of a task |
+//! | `hist/l/<project>/<hex key>.<hex value>/<inverted id>` | empty | per short label of a task (at most 32) |
+//! | `hist/lx/<project>/<inverted id>` | empty | a task with more than 32 short labels (none indexed) |
 //! | `meta/layout` | `2` | once every task has the keys above (written by the migration) |
 //!
 //! Every key here is written in the same store transaction as the record change it
@@ -154,14 +155,41 @@ fn index_keys(t: &Task) -> Vec<(String, Vec<u8>)> {
         out.push((k, Vec::new()));
     }
     if let (Some(inv), Some(spec)) = (invert_id(&t.id), t.spec.as_ref()) {
-        for (k, v) in &spec.labels {
+        let short: Vec<_> = spec
+            .labels
+            .iter()
+            .filter(|(k, v)| label_indexable(k, v))
+            .collect();
+        if short.len() <= MAX_INDEXED_LABELS {
+            for (k, v) in short {
+                out.push((
+                    format!("{}{inv}", label_index_prefix(&t.project, k, v)),
+                    Vec::new(),
+                ));
+            }
+        } else {
+            // Too many to index in one commit: listed by label through the project index.
             out.push((
-                format!("{}{inv}", label_index_prefix(&t.project, k, v)),
+                format!("{LABEL_OVERFLOW_PREFIX}{}/{inv}", t.project),
                 Vec::new(),
             ));
         }
     }
     out
+}
+
+/// Labels longer than this (key and value) are not indexed (their filter scans).
+pub(crate) const MAX_LABEL_INDEX_BYTES: usize = 128;
+/// A task with more indexable labels than this indexes none (and is marked, see
+/// [`LABEL_OVERFLOW_PREFIX`]): its keys must fit one store transaction.
+pub(crate) const MAX_INDEXED_LABELS: usize = 32;
+/// `hist/lx/<project>/<inverted id>`: tasks whose labels are not indexed. While a project
+/// has any, `List` by label in it goes through the project index.
+pub(crate) const LABEL_OVERFLOW_PREFIX: &str = "hist/lx/";
+
+/// Whether label `k=v` gets an index key.
+pub(crate) fn label_indexable(k: &str, v: &str) -> bool {
+    k.len() + v.len() <= MAX_LABEL_INDEX_BYTES
 }
 
 /// The keys written with a task's first record: `live/` (unless it is born final), its
@@ -543,6 +571,46 @@ mod tests {
         let b = inverted_time_bound(2_000);
         assert!(inn <= b && io > b);
         assert!(invert_id("not-a-ulid").is_none());
+    }
+
+    fn task_with_labels(n: usize, long: bool) -> Task {
+        let mut spec = scabbard_common::proto::TaskSpec::default();
+        for i in 0..n {
+            spec.labels.insert(format!("k{i}"), "v".into());
+        }
+        if long {
+            spec.labels.insert("big".into(), "x".repeat(4096));
+        }
+        Task {
+            id: ulid::Ulid::new().to_string().to_lowercase(),
+            project: "p".into(),
+            spec: Some(spec),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn short_labels_are_indexed_up_to_a_bound_and_every_key_is_owned() {
+        let t = task_with_labels(3, true);
+        let keys = submit_ops(&t);
+        let labels = keys
+            .iter()
+            .filter(|(k, _)| k.starts_with(LABEL_INDEX_PREFIX));
+        assert_eq!(labels.count(), 3, "the long label is not indexed");
+        assert!(keys.iter().all(|(k, _)| k.len() < 512));
+        let owned = task_keys(&t);
+        for (k, _) in &keys {
+            assert!(owned.contains(k), "{k} is not in task_keys");
+        }
+        // Too many: none indexed, the task is marked instead; its keys fit one etcd txn.
+        let t = task_with_labels(MAX_INDEXED_LABELS + 1, false);
+        let keys = submit_ops(&t);
+        assert!(!keys.iter().any(|(k, _)| k.starts_with(LABEL_INDEX_PREFIX)));
+        assert!(
+            keys.iter()
+                .any(|(k, _)| k.starts_with(LABEL_OVERFLOW_PREFIX))
+        );
+        assert!(submit_ops(&task_with_labels(MAX_INDEXED_LABELS, false)).len() < 127);
     }
 
     #[test]

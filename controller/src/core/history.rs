@@ -313,44 +313,52 @@ impl Durability {
 #[derive(Default)]
 pub(crate) struct FinishedCache {
     order: VecDeque<(u64, String)>,
-    /// `done/` time of each task in `order`, to replace its key when it is rewritten.
-    done_ms: HashMap<String, i64>,
+    /// `done/` time of each task in the cache, to replace its key when it is rewritten,
+    /// and the number its `order` entry carries (older entries of it are stale).
+    done_ms: HashMap<String, (i64, u64)>,
 }
 
 impl FinishedCache {
     /// Records that `id` became (or was rewritten as) final by write `seq`; returns the
     /// `done/` time of its previous final record, if it had one.
     pub(crate) fn finished(&mut self, id: &str, done_ms: i64, seq: u64) -> Option<i64> {
-        let earlier = self.done_ms.insert(id.to_string(), done_ms);
-        if earlier.is_none() {
-            self.order.push_back((seq, id.to_string()));
+        match self.done_ms.get_mut(id) {
+            Some((ms, _)) => Some(std::mem::replace(ms, done_ms)),
+            None => {
+                self.done_ms.insert(id.to_string(), (done_ms, seq));
+                self.order.push_back((seq, id.to_string()));
+                None
+            }
         }
-        earlier
     }
 
+    /// Tasks in the cache.
     pub(crate) fn len(&self) -> usize {
-        self.order.len()
+        self.done_ms.len()
     }
 
     /// The oldest entry, if its write is durable and the cache holds more than `cap`.
     pub(crate) fn pop_evictable(&mut self, cap: usize, d: &Durability) -> Option<String> {
-        if self.order.len() <= cap {
-            return None;
+        loop {
+            if self.done_ms.len() <= cap {
+                return None;
+            }
+            let (seq, _) = self.order.front()?;
+            if !d.is_durable(*seq) {
+                return None;
+            }
+            let (seq, id) = self.order.pop_front()?;
+            if self.done_ms.get(&id).is_some_and(|(_, s)| *s == seq) {
+                self.done_ms.remove(&id);
+                return Some(id);
+            }
+            // Stale: the task was removed (or re-added later) since.
         }
-        let (seq, _) = self.order.front()?;
-        if !d.is_durable(*seq) {
-            return None;
-        }
-        let (_, id) = self.order.pop_front()?;
-        self.done_ms.remove(&id);
-        Some(id)
     }
 
-    /// Drops `id` (forgotten, or deleted by retention).
+    /// Drops `id` (forgotten, or deleted by retention); its queue entry goes stale.
     pub(crate) fn remove(&mut self, id: &str) {
-        if self.done_ms.remove(id).is_some() {
-            self.order.retain(|(_, i)| i != id);
-        }
+        self.done_ms.remove(id);
     }
 }
 
@@ -387,6 +395,13 @@ impl IdemMemory {
                 }
                 _ => break,
             }
+        }
+    }
+
+    /// Forgets `key` if it names task `id`.
+    pub(crate) fn forget_key(&mut self, key: &str, id: &str) {
+        if self.map.get(key).is_some_and(|(v, _)| v == id) {
+            self.map.remove(key);
         }
     }
 
@@ -571,6 +586,33 @@ mod tests {
         let b = inverted_time_bound(2_000);
         assert!(inn <= b && io > b);
         assert!(invert_id("not-a-ulid").is_none());
+    }
+
+    #[test]
+    fn the_finished_cache_evicts_oldest_first_and_only_durable_tasks() {
+        let mut d = Durability::default();
+        let mut c = FinishedCache::default();
+        let mut effects = Vec::new();
+        for id in ["a", "b", "c"] {
+            let (seq, effect) = d.track();
+            effects.push(effect);
+            assert_eq!(c.finished(id, 1, seq), None);
+        }
+        assert_eq!(
+            c.finished("b", 2, 99),
+            Some(1),
+            "a rewrite returns the earlier time"
+        );
+        // Nothing durable yet: nothing leaves.
+        assert_eq!(c.pop_evictable(1, &d), None);
+        for e in effects.drain(..2) {
+            e(&Ok(()));
+        }
+        assert_eq!(c.pop_evictable(1, &d).as_deref(), Some("a"));
+        c.remove("b");
+        // "b" is gone (its entry stale); "c" is not durable: it stays.
+        assert_eq!(c.pop_evictable(0, &d), None);
+        assert_eq!(c.len(), 1);
     }
 
     fn task_with_labels(n: usize, long: bool) -> Task {

@@ -49,6 +49,28 @@ impl State {
         .await;
     }
 
+    /// Drops finished tasks from memory at once (their records were deleted from the
+    /// store, e.g. by retention): the table, the finished cache and their idempotency
+    /// keys. Tasks that are not final are left alone.
+    // For `CoreMsg::Forget` (the retention part of issue 14 wires it).
+    #[allow(dead_code)]
+    pub(crate) fn forget_finished(&mut self, ids: &[String]) {
+        for id in ids {
+            let Some(e) = self.tasks.get(id) else {
+                continue;
+            };
+            if !scabbard_common::is_final(e.task.state()) {
+                continue;
+            }
+            if !e.task.idempotency_key.is_empty() {
+                let key = super::idempotency_key(&e.task.project, &e.task.idempotency_key);
+                self.idempotency.forget_key(&key, id);
+            }
+            self.tasks.remove(id);
+            self.finished.remove(id);
+        }
+    }
+
     /// Drops the oldest finished tasks past `finished_cache_tasks` whose final record is
     /// durable (they are served from the store from then on). Tasks of a running workflow
     /// stay until it ends (it reads them to advance).

@@ -571,3 +571,45 @@ async fn the_cli_pages_task_lists() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_selective_list_returns_partial_pages_within_its_scan_budget() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ctl = controller(
+        &dir.path().join("c"),
+        &["--rate-limit".to_string(), "0".to_string()],
+    )?;
+    let addr = ctl.addr.to_string();
+    let mut c = tasks_client(&addr).await?;
+    let mut rare = shell("echo rare");
+    rare.labels.insert("rare".into(), "yes".into());
+    let rare = submit(&mut c, rare).await?;
+    // More newer tasks than one page looks at (5,000), none of them matching.
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let mut c = c.clone();
+        clients.push(tokio::spawn(async move {
+            for _ in 0..320 {
+                submit(&mut c, shell("echo filler")).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for h in clients {
+        h.await??;
+    }
+    let mut req = ListTasksRequest {
+        page_size: 10,
+        ..Default::default()
+    };
+    req.labels.insert("rare".into(), "yes".into());
+    let first = c.list(req.clone()).await?.into_inner();
+    assert!(first.tasks.is_empty(), "{:?}", ids(&first.tasks));
+    assert!(
+        !first.next_page_token.is_empty(),
+        "a partial page carries a token"
+    );
+    let all = list_all(&mut c, req, 10).await?;
+    assert_eq!(ids(&all), vec![rare]);
+    Ok(())
+}

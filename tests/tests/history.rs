@@ -25,7 +25,10 @@ const T: Duration = Duration::from_secs(60);
 const CACHE: &str = "2";
 
 fn controller(dir: &std::path::Path, extra: &[String]) -> anyhow::Result<Controller> {
-    let mut flags = vec!["--finished-cache-tasks".to_string(), CACHE.to_string()];
+    let mut flags = Vec::new();
+    if !extra.iter().any(|f| f == "--finished-cache-tasks") {
+        flags.extend(["--finished-cache-tasks".to_string(), CACHE.to_string()]);
+    }
     flags.extend_from_slice(extra);
     Controller::start(
         dir,
@@ -611,5 +614,52 @@ async fn a_selective_list_returns_partial_pages_within_its_scan_budget() -> anyh
     );
     let all = list_all(&mut c, req, 10).await?;
     assert_eq!(ids(&all), vec![rare]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submits_with_one_key_get_one_task_in_memory_or_not() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ctl = controller(
+        &dir.path().join("c"),
+        &["--finished-cache-tasks".to_string(), "0".to_string()],
+    )?;
+    let addr = ctl.addr.to_string();
+    let mut c = tasks_client(&addr).await?;
+    let keyed = |key: &str| SubmitTaskRequest {
+        spec: Some(shell("echo keyed")),
+        idempotency_key: key.into(),
+        project: String::new(),
+    };
+    // A key whose task finished (cancelled) and left the core's memory.
+    let old = c.submit(keyed("old")).await?.into_inner().task.unwrap();
+    c.cancel(scabbard_common::proto::CancelTaskRequest {
+        id: old.id.clone(),
+        reason: "done".into(),
+    })
+    .await?;
+    wait_in_memory_at_most(&addr, 0).await?;
+    for (key, want) in [("old", Some(old.id.clone())), ("fresh", None)] {
+        let mut calls = Vec::new();
+        for _ in 0..20 {
+            let mut c = c.clone();
+            let req = keyed(key);
+            calls.push(tokio::spawn(async move { c.submit(req).await }));
+        }
+        let mut got = Vec::new();
+        for h in calls {
+            got.push(h.await??.into_inner());
+        }
+        let ids: HashSet<String> = got.iter().map(|r| r.task.clone().unwrap().id).collect();
+        assert_eq!(ids.len(), 1, "key {key}: {ids:?}");
+        let created = got.iter().filter(|r| !r.existing).count();
+        match want {
+            Some(id) => {
+                assert!(ids.contains(&id));
+                assert_eq!(created, 0);
+            }
+            None => assert_eq!(created, 1),
+        }
+    }
     Ok(())
 }

@@ -25,6 +25,8 @@
 //!
 //! * retention (`--kind retention`): submit→finish latency while the retention sweeper
 //!   deletes `--tasks` expired tasks, and the sweep's rate ([`retention`]).
+//! * history (`--kind history --history-tasks N`): a controller process on a store holding
+//!   N finished tasks: RSS, restart to serving, `Get`/`List` latency ([`history`]).
 //!
 //! Run: `cargo run --release -p scabbard-bench -- --kind noop` (or `--kind shell`,
 //! `--kind artifacts`, `--kind failover`, `--kind chaos`, `--kind agents`, `--kind logs`, `--kind retention`).
@@ -33,6 +35,7 @@ mod agents;
 mod artifacts;
 mod chaos;
 mod external;
+mod history;
 mod logs;
 mod retention;
 
@@ -72,6 +75,9 @@ struct Args {
     /// `--kind logs`: size of the log, in MiB.
     #[arg(long, default_value_t = 1024)]
     log_mib: usize,
+    /// `--kind history`: finished tasks written into the store before the controller starts.
+    #[arg(long, default_value_t = 1_000_000)]
+    history_tasks: usize,
     /// `--kind failover`: runs of each fault.
     #[arg(long, default_value_t = 3)]
     failover_runs: usize,
@@ -194,11 +200,12 @@ async fn bench(args: Args) -> Result<()> {
             })
             .await;
         }
+        "history" => return history::run(args.history_tasks, args.data_dir.clone()).await,
         "retention" => {
             return retention::run(args.tasks.unwrap_or(1_000_000), args.latency_samples).await;
         }
         _ => bail!(
-            "--kind must be noop, shell, artifacts, logs, failover, chaos, agents or retention"
+            "--kind must be noop, shell, artifacts, logs, failover, chaos, agents, history or retention"
         ),
     }
     if args.external {

@@ -357,6 +357,12 @@ pub(crate) struct ControllerArgs {
     /// An Assign not accepted by its agent within this long is requeued, e.g. 30s (0 = never).
     #[arg(long, value_parser = crate::duration::parse)]
     pub(crate) assign_accept_timeout: Option<std::time::Duration>,
+    /// Finished tasks kept in the controller's memory; older ones are read from the store.
+    #[arg(long)]
+    pub(crate) finished_cache_tasks: Option<usize>,
+    /// How long an idempotency key is honoured, e.g. 7d.
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub(crate) idempotency_window: Option<std::time::Duration>,
     /// PEM certificate (chain) of the listener; turns TLS on (with --tls-key).
     #[arg(long, env = "SCABBARD_TLS_CERT")]
     pub(crate) tls_cert: Option<PathBuf>,
@@ -540,12 +546,24 @@ pub(crate) enum TaskCommand {
         /// Only tasks with label `key=value`.
         #[arg(long = "label", value_parser = parse_kv)]
         labels: Vec<(String, String)>,
-        /// At most this many.
+        /// At most this many per page.
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// Only this project's tasks.
         #[arg(long)]
         project: Option<String>,
+        /// Continue from a previous page (the token it printed).
+        #[arg(long)]
+        page_token: Option<String>,
+        /// Every page, not just the first.
+        #[arg(long)]
+        all: bool,
+        /// Only tasks created at or after this long ago, e.g. 1h, 7d.
+        #[arg(long, value_parser = crate::duration::parse)]
+        since: Option<std::time::Duration>,
+        /// Only tasks created before this long ago, e.g. 1d.
+        #[arg(long, value_parser = crate::duration::parse)]
+        until: Option<std::time::Duration>,
     },
     /// Cancel a queued or running task.
     Cancel {

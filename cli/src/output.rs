@@ -130,9 +130,11 @@ pub(crate) fn task(t: &Task) {
     }
 }
 
-/// A table of tasks.
-pub(crate) fn tasks(ts: &[Task]) {
-    say!("{:<28} {:<10} {:<10} COMMAND", "ID", "STATE", "CREATED");
+/// A table of tasks (one page of it); the header only with `header`.
+pub(crate) fn tasks_page(ts: &[Task], header: bool) {
+    if header {
+        say!("{:<28} {:<10} {:<10} COMMAND", "ID", "STATE", "CREATED");
+    }
     for t in ts {
         let mut cmd = what(t);
         if cmd.len() > 60 {

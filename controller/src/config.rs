@@ -130,6 +130,12 @@ pub struct ControllerConfig {
     /// An Assign the agent has not accepted within this long is requeued elsewhere (its
     /// attempt fenced off: a late accept is refused) (milliseconds; 0 = never).
     pub assign_accept_timeout_ms: u64,
+    /// Finished tasks the core keeps in memory (most recently finished first); older ones
+    /// are served from the store (see docs/history.md).
+    pub finished_cache_tasks: usize,
+    /// How long an idempotency key is honoured after its task was submitted
+    /// (milliseconds): a later submit with the same key creates a new task.
+    pub idempotency_window_ms: u64,
     pub artifacts: crate::artifacts::ArtifactsConfig,
     /// How long finished tasks, workflows, their logs and artifacts, and audit entries are
     /// kept (days; fractions allowed, e.g. `0.0001` ≈ 8.6 s for tests). A project's own
@@ -239,6 +245,8 @@ impl Default for ControllerConfig {
             assign_accept_timeout_ms: 30_000,
             retention_days: DEFAULT_RETENTION_DAYS,
             retention_sweep_interval_ms: 60_000,
+            finished_cache_tasks: 10_000,
+            idempotency_window_ms: 7 * 24 * 3_600_000,
             artifacts: crate::artifacts::ArtifactsConfig::default(),
             clock: ClockHandle::default(),
         }

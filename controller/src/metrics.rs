@@ -147,6 +147,18 @@ pub fn render(store_healthy: bool, stats: Option<&CoreStats>) -> String {
             s.total as f64,
         ),
         (
+            "scabbard_core_tasks_in_memory",
+            "gauge",
+            "Tasks the core holds: live work and the finished cache (finished_cache_tasks).",
+            s.total as f64,
+        ),
+        (
+            "scabbard_core_finished_cached",
+            "gauge",
+            "Finished tasks in the core's cache; older ones are served from the store.",
+            s.finished_cached as f64,
+        ),
+        (
             "scabbard_agents_connected",
             "gauge",
             "Agents with a live session.",

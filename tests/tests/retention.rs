@@ -500,7 +500,6 @@ async fn retention_deletes_exactly_what_is_expired_on_etcd() -> Result<()> {
 /// Real tasks run to completion and are swept with nothing written by the test: needs the
 /// core to write `done/` keys (the history part of issue 14).
 #[tokio::test]
-#[ignore = "needs the history part of issue 14"]
 async fn finished_work_is_swept_without_seeding() -> Result<()> {
     let env = Env::start(false)?;
     let addr = env.addr();

@@ -67,9 +67,15 @@ pub(crate) enum WorkflowCommand {
         /// Only this project's workflows.
         #[arg(long)]
         project: Option<String>,
-        /// At most this many.
+        /// At most this many per page.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Continue from a previous page (the token it printed).
+        #[arg(long)]
+        page_token: Option<String>,
+        /// Every page, not just the first.
+        #[arg(long)]
+        all: bool,
     },
     /// Cancel a workflow: running nodes are cancelled, the rest skipped.
     Cancel {

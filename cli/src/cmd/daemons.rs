@@ -315,6 +315,12 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if let Some(d) = a.assign_accept_timeout {
         cfg.assign_accept_timeout_ms = d.as_millis() as u64;
     }
+    if let Some(n) = a.finished_cache_tasks {
+        cfg.finished_cache_tasks = n;
+    }
+    if let Some(d) = a.idempotency_window {
+        cfg.idempotency_window_ms = d.as_millis() as u64;
+    }
     if a.tls_cert.is_some() {
         cfg.tls.cert_file = a.tls_cert;
     }

@@ -191,6 +191,10 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
             labels,
             limit,
             project,
+            page_token,
+            all,
+            since,
+            until,
         } => {
             let states = states
                 .iter()
@@ -201,19 +205,37 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let ago = |d: std::time::Duration| {
+                (scabbard_common::time::now_ms() - d.as_millis() as i64).max(1)
+            };
             let mut tasks = TaskServiceClient::new(super::connect(&target).await?);
-            let resp = tasks
-                .list(ListTasksRequest {
-                    states,
-                    labels: labels.into_iter().collect(),
-                    page_size: limit.clamp(1, 1000),
-                    page_token: String::new(),
-                    project: project.unwrap_or_default(),
-                })
-                .await
-                .map_err(output::status)?
-                .into_inner();
-            output::tasks(&resp.tasks);
+            let mut req = ListTasksRequest {
+                states,
+                labels: labels.into_iter().collect(),
+                page_size: limit.clamp(1, 1000),
+                page_token: page_token.unwrap_or_default(),
+                project: project.unwrap_or_default(),
+                created_after_ms: since.map_or(0, ago),
+                created_before_ms: until.map_or(0, ago),
+            };
+            let mut first = true;
+            loop {
+                let resp = tasks
+                    .list(req.clone())
+                    .await
+                    .map_err(output::status)?
+                    .into_inner();
+                output::tasks_page(&resp.tasks, first);
+                first = false;
+                if resp.next_page_token.is_empty() {
+                    break;
+                }
+                if !all {
+                    eprintln!("next page: --page-token {}", resp.next_page_token);
+                    break;
+                }
+                req.page_token = resp.next_page_token;
+            }
         }
         TaskCommand::Cancel { target, id, reason } => {
             let mut tasks = TaskServiceClient::new(super::connect(&target).await?);

@@ -64,20 +64,37 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
             template,
             project,
             limit,
+            page_token,
+            all,
         } => {
             let mut wf = Client::new(super::connect(&target).await?);
-            let resp = wf
-                .list(ListWorkflowsRequest {
-                    states: states.into_iter().map(|s| s as i32).collect(),
-                    project: project.unwrap_or_default(),
-                    template: template.unwrap_or_default(),
-                    page_size: limit.clamp(1, 1000),
-                    page_token: String::new(),
-                })
-                .await
-                .map_err(output::status)?
-                .into_inner();
-            view::workflows(&resp.workflows);
+            let mut req = ListWorkflowsRequest {
+                states: states.into_iter().map(|s| s as i32).collect(),
+                project: project.unwrap_or_default(),
+                template: template.unwrap_or_default(),
+                page_size: limit.clamp(1, 1000),
+                page_token: page_token.unwrap_or_default(),
+            };
+            let mut first = true;
+            loop {
+                let resp = wf
+                    .list(req.clone())
+                    .await
+                    .map_err(output::status)?
+                    .into_inner();
+                if first || !resp.workflows.is_empty() {
+                    view::workflows(&resp.workflows);
+                }
+                first = false;
+                if resp.next_page_token.is_empty() {
+                    break;
+                }
+                if !all {
+                    eprintln!("next page: --page-token {}", resp.next_page_token);
+                    break;
+                }
+                req.page_token = resp.next_page_token;
+            }
             Ok(0)
         }
         WorkflowCommand::Cancel { target, id, reason } => {

@@ -45,8 +45,7 @@ impl Follower {
     }
 
     async fn task(&self) -> Result<Task> {
-        let id = self.task_id.clone();
-        self.core.ask(|reply| CoreMsg::Get { id, reply }).await
+        self.core.current()?.task(&self.task_id).await
     }
 
     async fn serve(&mut self, tx: &mpsc::Sender<Result<LogChunk, Status>>) -> Result<()> {

@@ -5,6 +5,7 @@ mod admin;
 mod agents;
 mod artifacts;
 mod guard;
+mod list;
 mod logs;
 mod projects;
 mod schedules;

@@ -55,7 +55,8 @@ impl TaskApi {
     /// The task, if the caller's project may see it (`PERMISSION_DENIED` otherwise).
     async fn visible_task(&self, who: &Principal, id: String) -> Result<Task, Status> {
         validate::id("task", &id)?;
-        let task = self.core.ask(|reply| CoreMsg::Get { id, reply }).await?;
+        // From the core while it holds the task, else from the store (off the core).
+        let task = self.core.current()?.task(&id).await?;
         who.check_visible("task", &task.id, &task.project)?;
         Ok(task)
     }
@@ -167,7 +168,11 @@ impl TaskService for TaskApi {
                 .into());
             }
         }
-        let (tasks, next_page_token) = self.core.ask(|reply| CoreMsg::List { req, reply }).await?;
+        // From the store's history index, off the core (see `api::list`). Only the leader
+        // serves (like every task call), so a follower never answers with an older view.
+        self.core.current()?;
+        let (tasks, next_page_token) =
+            super::list::tasks(self.catalog.store().as_ref(), &req).await?;
         Ok(Response::new(ListTasksResponse {
             tasks: tasks.into_iter().map(masked).collect(),
             next_page_token,
@@ -188,14 +193,26 @@ impl TaskService for TaskApi {
             &task.project,
             r.reason.clone(),
         );
-        let task = self
+        let cancelled = self
             .core
             .ask(|reply| CoreMsg::Cancel {
                 id: r.id,
                 reason: r.reason,
                 reply,
             })
-            .await?;
+            .await;
+        let task = match cancelled {
+            // Only finished tasks leave the core: this one is final (read from the store).
+            Err(Error::NotFound { .. }) if scabbard_common::is_final(task.state()) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {} is already {}; only queued or running tasks can be cancelled",
+                    task.id,
+                    task.state().as_str_name().trim_start_matches("TASK_STATE_")
+                ))
+                .into());
+            }
+            other => other?,
+        };
         // The cancel is recorded; a failed audit write is reported but does not undo it.
         if let Err(e) = audit::record(self.catalog.store(), &entry).await {
             tracing::warn!(error = %e, task = %task.id, "could not record the cancel in the audit log");

@@ -236,27 +236,47 @@ impl Artifacts {
             }
         };
         check_id(if workflow { "workflow_id" } else { "task_id" }, &id)?;
-        let served = self
-            .core
-            .ask(|reply| CoreMsg::ServedArtifacts {
-                id: id.clone(),
-                workflow,
-                reply,
-            })
-            .await?;
+        let served = self.served(&id, workflow).await?;
         who.check_visible(what, &id, &served.project)?;
         Ok(served.artifacts)
     }
 
-    async fn stat_of(&self, who: &Principal, task_id: &str, name: &str) -> Result<ArtifactRef> {
-        let served = self
-            .core
+    /// What a task or workflow serves: from the core, and for tasks that left its memory
+    /// from their records in the store.
+    async fn served(&self, id: &str, workflow: bool) -> Result<crate::core::artifacts::Served> {
+        let core = self.core.current()?;
+        let asked = core
             .ask(|reply| CoreMsg::ServedArtifacts {
-                id: task_id.to_string(),
-                workflow: false,
+                id: id.to_string(),
+                workflow,
                 reply,
             })
-            .await?;
+            .await;
+        let mut served = match asked {
+            Err(Error::NotFound { .. }) if !workflow => {
+                let t = core.task(id).await?;
+                return Ok(crate::core::artifacts::served_of(&t));
+            }
+            other => other?,
+        };
+        for (task_id, node) in std::mem::take(&mut served.evicted) {
+            let Ok(t) = core.task(&task_id).await else {
+                continue;
+            };
+            let s = crate::core::artifacts::served_of(&t);
+            served
+                .artifacts
+                .extend(s.artifacts.into_iter().map(|mut a| {
+                    a.workflow_id = id.to_string();
+                    a.workflow_node = node.clone();
+                    a
+                }));
+        }
+        Ok(served)
+    }
+
+    async fn stat_of(&self, who: &Principal, task_id: &str, name: &str) -> Result<ArtifactRef> {
+        let served = self.served(task_id, false).await?;
         who.check_visible("task", task_id, &served.project)?;
         find(&served, task_id, name)
     }

@@ -36,6 +36,28 @@ pub(crate) struct Served {
     /// Why nothing is served yet ("task t1 is RUNNING"), when that is the case.
     pub(crate) pending: Option<String>,
     pub(crate) artifacts: Vec<ArtifactRef>,
+    /// Nodes (task id, node name) of a workflow whose tasks left the core's memory: the
+    /// caller adds what their records in the store serve.
+    pub(crate) evicted: Vec<(String, String)>,
+}
+
+/// What a task serves: its succeeded result's artifacts.
+pub(crate) fn served_of(t: &Task) -> Served {
+    let mut served = Served {
+        project: t.project.clone(),
+        ..Default::default()
+    };
+    match t.result.as_ref() {
+        Some(r) if t.state() == TaskState::Succeeded => served.artifacts = r.artifacts.clone(),
+        _ => {
+            served.pending = Some(format!(
+                "task {} is {}; artifacts are served once it succeeded",
+                t.id,
+                state_name(t.state())
+            ))
+        }
+    }
+    served
 }
 
 fn state_name(s: TaskState) -> &'static str {
@@ -210,8 +232,18 @@ impl State {
                 "artifact {name:?} of task {task_id} is not an input of task {for_task_id}: an agent may only fetch the inputs of the attempts it runs"
             )));
         }
-        let served = self.task_artifacts(task_id)?;
-        find(&served, task_id, name)
+        match self.task_artifacts(task_id) {
+            Ok(served) => find(&served, task_id, name),
+            // The producer left memory: the consumer's spec holds the ref it was given
+            // from the producer's succeeded record at submit.
+            Err(Error::NotFound { .. }) => inputs
+                .iter()
+                .filter_map(|i| i.artifact.as_ref())
+                .find(|a| a.task_id == task_id && a.name == name)
+                .cloned()
+                .ok_or_else(|| Error::not_found("artifact", name)),
+            Err(e) => Err(e),
+        }
     }
 
     /// What task `task_id` serves: its succeeded result's artifacts.
@@ -221,20 +253,7 @@ impl State {
             .get(task_id)
             .ok_or_else(|| Error::not_found("task", task_id))?
             .task;
-        let mut served = Served {
-            project: t.project.clone(),
-            ..Default::default()
-        };
-        match t.result.as_ref() {
-            Some(r) if t.state() == TaskState::Succeeded => served.artifacts = r.artifacts.clone(),
-            _ => {
-                served.pending = Some(format!(
-                    "task {task_id} is {}; artifacts are served once it succeeded",
-                    state_name(t.state())
-                ))
-            }
-        }
-        Ok(served)
+        Ok(served_of(t))
     }
 
     /// What workflow `workflow_id` serves: the artifacts of every node's succeeded task.
@@ -246,6 +265,12 @@ impl State {
         };
         for node in &w.nodes {
             if node.task_id.is_empty() {
+                continue;
+            }
+            if !self.tasks.contains_key(&node.task_id) {
+                served
+                    .evicted
+                    .push((node.task_id.clone(), node.name.clone()));
                 continue;
             }
             if let Ok(s) = self.task_artifacts(&node.task_id) {

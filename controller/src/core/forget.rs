@@ -21,11 +21,12 @@ impl State {
                 if !is_final(t.state()) || entry.queue_key.is_some() || in_live_workflow {
                     continue;
                 }
-                let key = idempotency_key(&t.project, &t.idempotency_key);
-                if !t.idempotency_key.is_empty() && self.idempotency.get(&key) == Some(id) {
-                    self.idempotency.remove(&key);
+                if !t.idempotency_key.is_empty() {
+                    let key = idempotency_key(&t.project, &t.idempotency_key);
+                    self.idempotency.forget_key(&key, id);
                 }
                 self.tasks.remove(id);
+                self.finished.remove(id);
                 self.unstorable.remove(id);
                 gone += 1;
             } else if let Some(w) = self.workflows.get(id)
@@ -53,6 +54,7 @@ impl super::CoreHandle {
     /// A handle no core answers: what is sent to it arrives on the returned receiver.
     pub(crate) fn detached(
         logs: std::sync::Arc<crate::logstore::LogStore>,
+        store: std::sync::Arc<dyn crate::store::Store>,
     ) -> (Self, tokio::sync::mpsc::Receiver<super::CoreMsg>) {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         (
@@ -60,6 +62,7 @@ impl super::CoreHandle {
                 tx,
                 logs,
                 archive: None,
+                store,
             },
             rx,
         )

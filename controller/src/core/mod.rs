@@ -15,7 +15,7 @@ pub(crate) mod breakers;
 mod dispatch;
 mod finish;
 mod forget;
-pub(crate) mod history;
+pub mod history;
 pub(crate) mod persist;
 pub(crate) mod placement;
 mod presence;
@@ -83,6 +83,16 @@ pub(crate) enum CoreMsg {
     /// Submits each entry as [`CoreMsg::Submit`] would, in order, in one message.
     SubmitBatch {
         entries: Vec<BatchEntry>,
+    },
+    /// A submit whose idempotency key or input producers were not in memory, back from
+    /// reading them in the store (off the core): `found` is the task id the key names in
+    /// the store (if any) and the records read.
+    SubmitLooked {
+        spec: Box<TaskSpec>,
+        idempotency_key: String,
+        project: String,
+        reply: Reply<(Task, bool)>,
+        found: Result<(Option<String>, Vec<Task>)>,
     },
     Get {
         id: String,
@@ -249,8 +259,11 @@ pub struct CoreStats {
     pub queued: usize,
     /// Tasks assigned or running.
     pub active: usize,
-    /// Tasks known in memory.
+    /// Tasks held in the core's memory: live ones and the finished cache
+    /// (`scabbard_core_tasks_in_memory`).
     pub total: usize,
+    /// Finished tasks among them (the cache, bounded by `finished_cache_tasks`).
+    pub finished_cached: usize,
     /// Agents with a live session.
     pub connected_agents: usize,
     /// Circuit breakers that are not closed.
@@ -269,6 +282,8 @@ pub struct CoreHandle {
     tx: mpsc::Sender<CoreMsg>,
     logs: Arc<LogStore>,
     archive: Option<Arc<crate::logstore::archive::LogArchive>>,
+    /// The store, for what is served off the core (finished tasks).
+    store: Arc<dyn Store>,
 }
 
 /// Where requests go on this controller: the running core when it leads, otherwise a
@@ -363,6 +378,18 @@ impl CoreHandle {
         self.archive.as_ref()
     }
 
+    /// A task: from the core when it holds it, else its record in the store (a finished
+    /// task that left the core's memory; it did so only once that record was durable).
+    pub(crate) async fn task(&self, id: &str) -> Result<Task> {
+        let owned = id.to_string();
+        match self.ask(|reply| CoreMsg::Get { id: owned, reply }).await {
+            Err(Error::NotFound { .. }) => history::read_task(self.store.as_ref(), id)
+                .await?
+                .ok_or_else(|| Error::not_found("task", id)),
+            other => other,
+        }
+    }
+
     /// Current counters.
     pub async fn stats(&self) -> Result<CoreStats> {
         self.call(|reply| CoreMsg::Stats { reply }).await
@@ -406,7 +433,17 @@ pub(crate) struct State {
     /// Projects (quotas) and tokens.
     pub(crate) catalog: Arc<Catalog>,
     pub(crate) tasks: BTreeMap<String, TaskEntry>,
-    pub(crate) idempotency: HashMap<String, String>,
+    /// Recent idempotency keys; older ones are looked up in the store (`idem/`).
+    pub(crate) idempotency: history::IdemMemory,
+    /// Submits waiting for the store lookup of their idempotency key (by key), after the
+    /// first one with that key: decided in order once it is back.
+    pub(crate) idem_pending: HashMap<String, Vec<CoreMsg>>,
+    /// Finished tasks still in `tasks`, oldest first.
+    pub(crate) finished: history::FinishedCache,
+    /// Which tracked writes are durable.
+    pub(crate) durability: history::Durability,
+    /// The core's own queue, for lookups done off the core to come back.
+    pub(crate) self_tx: mpsc::WeakSender<CoreMsg>,
     pub(crate) queue: RunQueue,
     pub(crate) agents: BTreeMap<String, AgentEntry>,
     /// The agents that may get work, by signature and free slots (kept in step with
@@ -506,7 +543,11 @@ pub(crate) async fn start(
         store,
         catalog,
         tasks: BTreeMap::new(),
-        idempotency: HashMap::new(),
+        idempotency: Default::default(),
+        idem_pending: HashMap::new(),
+        finished: Default::default(),
+        durability: Default::default(),
+        self_tx: tx.downgrade(),
         queue: RunQueue::default(),
         agents: BTreeMap::new(),
         placement: Default::default(),
@@ -538,13 +579,22 @@ pub(crate) async fn start(
     state.advance_workflows().await;
     let logs = state.logs.clone();
     let archive = state.archive.clone();
+    let store = state.store.clone();
     let handle = tokio::spawn(async move {
         run(state, rx, persisted, shutdown).await;
         // The state (and with it every handle to the persister) is gone: what was queued is
         // committed or failed before the next term reads the store.
         let _ = persist_task.await;
     });
-    Ok((CoreHandle { tx, logs, archive }, handle))
+    Ok((
+        CoreHandle {
+            tx,
+            logs,
+            archive,
+            store,
+        },
+        handle,
+    ))
 }
 
 async fn run(
@@ -577,8 +627,10 @@ async fn run(
                 state.advance_workflows().await;
                 state.schedule().await;
                 state.flush_breakers().await;
+                state.evict_finished();
             }
             _ = sweep.tick() => {
+                state.evict_finished();
                 state.sweep_lost_agents().await;
                 state.advance_workflows().await;
                 state.schedule().await;
@@ -625,6 +677,16 @@ impl State {
                     self.submit(*e.spec, e.idempotency_key, e.project, e.reply)
                         .await;
                 }
+            }
+            CoreMsg::SubmitLooked {
+                spec,
+                idempotency_key,
+                project,
+                reply,
+                found,
+            } => {
+                self.submit_looked(*spec, idempotency_key, project, reply, found)
+                    .await
             }
             CoreMsg::Get { id, reply } => {
                 let _ = reply.send(
@@ -780,6 +842,7 @@ impl State {
                     queued: self.queue.len(),
                     active,
                     total: self.tasks.len(),
+                    finished_cached: self.finished.len(),
                     connected_agents: self.agents.values().filter(|a| a.conn.is_some()).count(),
                     breakers: self.breakers.list(false),
                     running_workflows: self

@@ -81,6 +81,9 @@ pub(crate) struct Write {
     pub(crate) key: String,
     /// `None` deletes the key (or, with an empty key, is a barrier).
     pub(crate) value: Option<Vec<u8>>,
+    /// More keys written (`Some`) or deleted (`None`) in the same commit as `key`: the
+    /// history keys that follow a task record (see `core::history`). Never split from it.
+    pub(crate) also: Vec<(String, Option<Vec<u8>>)>,
     pub(crate) effects: Vec<Effect>,
 }
 
@@ -90,6 +93,7 @@ impl Write {
         Self {
             key: String::new(),
             value: None,
+            also: Vec::new(),
             effects,
         }
     }
@@ -99,7 +103,17 @@ impl Write {
     }
 
     fn bytes(&self) -> usize {
-        self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+        let one = |k: &String, v: &Option<Vec<u8>>| k.len() + v.as_ref().map_or(0, Vec::len);
+        one(&self.key, &self.value) + self.also.iter().map(|(k, v)| one(k, v)).sum::<usize>()
+    }
+
+    /// Store operations this write makes (a barrier none).
+    fn ops(&self) -> usize {
+        if self.is_barrier() {
+            0
+        } else {
+            1 + self.also.len()
+        }
     }
 }
 
@@ -203,16 +217,18 @@ impl Loop {
                 },
             };
             let mut bytes = first.bytes();
-            let mut ops = usize::from(!first.is_barrier());
+            let mut ops = first.ops();
             batch.push(first);
             while ops < self.limits.ops {
                 let Ok(w) = rx.try_recv() else { break };
-                if !w.is_barrier() && bytes + w.bytes() > self.limits.bytes {
+                if !w.is_barrier()
+                    && (bytes + w.bytes() > self.limits.bytes || ops + w.ops() > self.limits.ops)
+                {
                     held = Some(w);
                     break;
                 }
                 bytes += w.bytes();
-                ops += usize::from(!w.is_barrier());
+                ops += w.ops();
                 batch.push(w);
             }
             self.commit_batch(&mut batch).await;
@@ -344,24 +360,27 @@ fn run_effects(writes: impl IntoIterator<Item = Write>, result: &Result<(), Comm
     }
 }
 
-/// The store ops of a batch; later writes of a key supersede earlier ones; barriers carry
-/// none.
+/// The store ops of a batch; later writes of a key supersede earlier ones (a write's
+/// `also` keys count as written after its key); barriers carry none.
 fn ops_for(batch: &[Write]) -> Vec<Op> {
+    let all = || {
+        batch.iter().filter(|w| !w.is_barrier()).flat_map(|w| {
+            std::iter::once((&w.key, &w.value)).chain(w.also.iter().map(|(k, v)| (k, v)))
+        })
+    };
     let mut last: std::collections::HashMap<&str, usize> =
         std::collections::HashMap::with_capacity(batch.len());
-    for (i, w) in batch.iter().enumerate() {
-        if !w.is_barrier() {
-            last.insert(w.key.as_str(), i);
-        }
+    for (i, (k, _)) in all().enumerate() {
+        last.insert(k.as_str(), i);
     }
     let mut ops = Vec::with_capacity(last.len());
-    for (i, w) in batch.iter().enumerate() {
-        if w.is_barrier() || last.get(w.key.as_str()) != Some(&i) {
+    for (i, (k, v)) in all().enumerate() {
+        if last.get(k.as_str()) != Some(&i) {
             continue;
         }
-        ops.push(match &w.value {
-            Some(v) => Op::put(w.key.clone(), v.clone()),
-            None => Op::delete(w.key.clone()),
+        ops.push(match v {
+            Some(v) => Op::put(k.clone(), v.clone()),
+            None => Op::delete(k.clone()),
         });
     }
     ops

@@ -41,6 +41,7 @@ impl Rig {
         Write {
             key: key.into(),
             value: Some(value.to_vec()),
+            also: Vec::new(),
             effects: vec![Box::new(move |r| {
                 outcomes.lock().unwrap().push((name, r.clone()));
             })],

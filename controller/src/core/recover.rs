@@ -11,7 +11,9 @@ use scabbard_common::{Error, Result};
 use tracing::{info, warn};
 
 use super::scheduler::RunQueue;
-use super::{AGENT_PREFIX, AgentEntry, State, TASK_PREFIX, TaskEntry, idempotency_key, workflows};
+use super::{
+    AGENT_PREFIX, AgentEntry, State, TASK_PREFIX, TaskEntry, history, idempotency_key, workflows,
+};
 
 impl State {
     /// Rebuilds tasks, queue and agents from the store.
@@ -19,6 +21,8 @@ impl State {
         let now = Instant::now();
         self.tasks.clear();
         self.idempotency.clear();
+        self.finished = Default::default();
+        self.idem_pending.clear();
         self.queue = RunQueue::default();
         self.retry_timers.clear();
         let old_agents = std::mem::take(&mut self.agents);
@@ -45,14 +49,20 @@ impl State {
                 },
             );
         }
+        self.migrate_layout().await?;
         let mut orphans = Vec::new();
-        for kv in self.load_prefix(TASK_PREFIX).await? {
-            let mut task = Task::decode(kv.value.as_slice())
-                .map_err(|e| Error::internal(format!("corrupt task record {}: {e}", kv.key)))?;
-            if task.project.is_empty() {
-                // Tasks from before projects existed.
-                task.project = crate::auth::DEFAULT_PROJECT.to_string();
-            }
+        // Only live tasks: finished ones are served from the store.
+        let live: Vec<String> = self
+            .load_prefix(history::LIVE_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|kv| {
+                kv.key
+                    .strip_prefix(history::LIVE_PREFIX)
+                    .map(str::to_string)
+            })
+            .collect();
+        for task in history::read_tasks(self.store.as_ref(), &live).await? {
             let mut entry = TaskEntry {
                 task,
                 queue_key: None,
@@ -62,6 +72,8 @@ impl State {
                 self.idempotency.insert(
                     idempotency_key(&t.project, &t.idempotency_key),
                     t.id.clone(),
+                    0,
+                    &self.durability,
                 );
             }
             match t.state() {
@@ -89,6 +101,7 @@ impl State {
             self.tasks.insert(entry.task.id.clone(), entry);
         }
         self.recover_workflows().await?;
+        self.load_workflow_tasks().await?;
         let mut breakers = Vec::new();
         for kv in self.load_prefix(super::BREAKER_PREFIX).await? {
             breakers.push(
@@ -164,6 +177,91 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// The finished tasks of running workflows (they read them to advance): into the
+    /// finished cache, where they stay while their workflow runs.
+    async fn load_workflow_tasks(&mut self) -> Result<()> {
+        let ids: Vec<String> = self
+            .wf_active
+            .iter()
+            .filter_map(|id| self.workflows.get(id))
+            .flat_map(|wf| wf.nodes.iter().map(|n| n.task_id.clone()))
+            .filter(|id| !id.is_empty() && !self.tasks.contains_key(id))
+            .collect();
+        for task in history::read_tasks(self.store.as_ref(), &ids).await? {
+            self.finished.finished(&task.id, task.updated_at_ms, 0);
+            self.tasks.insert(
+                task.id.clone(),
+                TaskEntry {
+                    task,
+                    queue_key: None,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Once per store: writes the history keys (see [`history`]) of every task record
+    /// written before they existed, in bounded batches through the persister (fenced like
+    /// every write of this term), then `meta/layout` = 2 after them. Idempotent: an
+    /// interrupted migration runs again from the start on the next term.
+    async fn migrate_layout(&mut self) -> Result<()> {
+        if self
+            .store
+            .get(history::LAYOUT_KEY)
+            .await?
+            .is_some_and(|kv| kv.value == history::LAYOUT_VERSION)
+        {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut after: Option<String> = None;
+        let mut n = 0usize;
+        loop {
+            let page = self
+                .store
+                .range(TASK_PREFIX, after.as_deref(), 2_000)
+                .await?;
+            after = page.kvs.last().map(|kv| kv.key.clone());
+            for kv in &page.kvs {
+                let mut t = Task::decode(kv.value.as_slice())
+                    .map_err(|e| Error::internal(format!("corrupt task record {}: {e}", kv.key)))?;
+                if t.project.is_empty() {
+                    t.project = crate::auth::DEFAULT_PROJECT.to_string();
+                }
+                let mut ops = history::migration_ops(&t).into_iter();
+                // Each write's first key is its own key: the persister batches them.
+                if let Some((k, v)) = ops.next() {
+                    self.write_with(k, v, ops.collect(), Vec::new()).await;
+                }
+                n += 1;
+            }
+            if !page.more || after.is_none() {
+                break;
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.write(
+            history::LAYOUT_KEY.to_string(),
+            Some(history::LAYOUT_VERSION.to_vec()),
+            vec![Box::new(move |r| {
+                let _ = tx.send(r.clone());
+            })],
+        )
+        .await;
+        match rx.await {
+            Ok(Ok(())) => {
+                info!(
+                    tasks = n,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "store migrated to history layout 2"
+                );
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_error()),
+            Err(_) => Err(Error::Unavailable("controller is shutting down".into())),
+        }
     }
 
     pub(super) async fn load_prefix(&self, prefix: &str) -> Result<Vec<crate::store::KeyValue>> {

@@ -23,10 +23,122 @@ use scabbard_common::proto::{
 use scabbard_common::time::now_ms;
 use scabbard_common::{Error, Result, is_final};
 
-use super::{Effect, Reply, State, TaskEntry, agent_effect, reply_effect, validate};
+use super::{
+    CoreMsg, Effect, Reply, State, TaskEntry, agent_effect, history, reply_effect, validate,
+};
 
 impl State {
+    /// A submit. When its idempotency key or an input's producer task is not in memory,
+    /// they are first read from the store off the core ([`CoreMsg::SubmitLooked`] brings
+    /// the submit back); later submits with the same key wait for that answer, so two of
+    /// them never both miss.
+    ///
+    /// Why that is race-free: a key leaves memory only once the write that stored its
+    /// `idem/` key is durable ([`history::IdemMemory`]), and the lookup starts after the
+    /// core saw the miss; so a key missing from memory is either in the store when the
+    /// lookup reads it, or was never used (within this store's history).
     pub(super) async fn submit(
+        &mut self,
+        spec: TaskSpec,
+        key: String,
+        project: String,
+        reply: Reply<(Task, bool)>,
+    ) {
+        let mem_key = super::idempotency_key(&project, &key);
+        if !key.is_empty()
+            && let Some(waiting) = self.idem_pending.get_mut(&mem_key)
+        {
+            waiting.push(CoreMsg::Submit {
+                spec: Box::new(spec),
+                idempotency_key: key,
+                project,
+                reply,
+            });
+            return;
+        }
+        let key_missing = !key.is_empty()
+            && self
+                .idempotency
+                .get(&mem_key)
+                .is_none_or(|id| !self.tasks.contains_key(id));
+        let producers: Vec<String> = spec
+            .inputs
+            .iter()
+            .filter_map(|i| match validate::artifacts::parse_from(&i.from) {
+                Ok(validate::artifacts::InputSource::Task { task_id, .. })
+                    if !self.tasks.contains_key(&task_id)
+                        && validate::id("task", &task_id).is_ok() =>
+                {
+                    Some(task_id)
+                }
+                _ => None,
+            })
+            .collect();
+        if !key_missing && producers.is_empty() {
+            return self.submit_checked(spec, key, project, reply).await;
+        }
+        if !key.is_empty() {
+            self.idem_pending.insert(mem_key, Vec::new());
+        }
+        let idem = key_missing.then(|| history::idem_key(&project, &key));
+        let (store, back) = (self.store.clone(), self.self_tx.clone());
+        tokio::spawn(async move {
+            let found = history::lookup(store.as_ref(), idem.as_deref(), &producers).await;
+            if let Some(core) = back.upgrade() {
+                let _ = core
+                    .send(CoreMsg::SubmitLooked {
+                        spec: Box::new(spec),
+                        idempotency_key: key,
+                        project,
+                        reply,
+                        found,
+                    })
+                    .await;
+            }
+        });
+    }
+
+    /// A submit back from its store lookup (see [`submit`](Self::submit)).
+    pub(super) async fn submit_looked(
+        &mut self,
+        spec: TaskSpec,
+        key: String,
+        project: String,
+        reply: Reply<(Task, bool)>,
+        found: Result<(Option<String>, Vec<Task>)>,
+    ) {
+        let mem_key = super::idempotency_key(&project, &key);
+        let waiting = self.idem_pending.remove(&mem_key).unwrap_or_default();
+        match found {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok((idem_id, tasks)) => {
+                for t in tasks {
+                    // Live tasks are always in memory; finished ones join the cache.
+                    if is_final(t.state()) && !self.tasks.contains_key(&t.id) {
+                        self.finished.finished(&t.id, t.updated_at_ms, 0);
+                        self.tasks.insert(
+                            t.id.clone(),
+                            TaskEntry {
+                                task: t,
+                                queue_key: None,
+                            },
+                        );
+                    }
+                }
+                if let Some(id) = idem_id.filter(|id| self.tasks.contains_key(id)) {
+                    self.idempotency.insert(mem_key, id, 0, &self.durability);
+                }
+                self.submit_checked(spec, key, project, reply).await;
+            }
+        }
+        for msg in waiting {
+            Box::pin(self.handle(msg)).await;
+        }
+    }
+
+    async fn submit_checked(
         &mut self,
         mut spec: TaskSpec,
         key: String,
@@ -55,11 +167,13 @@ impl State {
             return;
         }
         // Idempotency keys are per project: two tenants may use the same key.
+        let window = self.cfg.idempotency_window_ms as i64;
         if !key.is_empty()
             && let Some(entry) = self
                 .idempotency
                 .get(&super::idempotency_key(&project, &key))
                 .and_then(|id| self.tasks.get(id))
+                .filter(|e| window == 0 || e.task.created_at_ms + window > now_ms())
         {
             // The first submit may still be on its way to the store.
             let effects = vec![reply_effect(reply, (entry.task.clone(), true))];
@@ -180,18 +294,21 @@ impl State {
 
     /// Queues a new task and persists it; `effects` run once it is durable.
     pub(super) async fn enqueue_new(&mut self, task: Task, effects: Vec<Effect>) {
-        if !task.idempotency_key.is_empty() {
-            self.idempotency.insert(
-                super::idempotency_key(&task.project, &task.idempotency_key),
-                task.id.clone(),
-            );
-        }
+        let key = (!task.idempotency_key.is_empty())
+            .then(|| super::idempotency_key(&task.project, &task.idempotency_key));
         let priority = task.spec.as_ref().map_or(0, |s| s.priority);
         let queue_key =
             Some(
                 self.queue
                     .push(&task.id, priority, &task.project, task.spec.as_ref()),
             );
+        let mut effects = effects;
+        if let Some(key) = key {
+            let (seq, durable) = self.durability.track();
+            effects.push(durable);
+            self.idempotency
+                .insert(key, task.id.clone(), seq, &self.durability);
+        }
         self.persist_task(&task, effects).await;
         self.tasks
             .insert(task.id.clone(), TaskEntry { task, queue_key });

@@ -113,7 +113,8 @@ impl State {
         if let Some(k) = entry.queue_key {
             self.queue.remove(&k);
         }
-        self.idempotency.retain(|_, v| v != id);
+        self.idempotency.forget_task(id);
+        self.finished.remove(id);
         self.retry_timers.retain(|(_, t)| t != id);
         for (agent_id, a) in self.agents.iter_mut() {
             if a.running.remove(id) {

@@ -650,9 +650,11 @@ impl State {
             .await;
         }
         // Written last: a watch (api::workflows) reads a change as complete at the header.
-        self.write(
+        // Its `wlive/` / `wdone/` keys go in the same commit (see `history`).
+        self.write_with(
             records::header_key(&wf.id),
             Some(records::header(wf).encode_to_vec()),
+            super::history::workflow_ops(wf),
             effects,
         )
         .await;

@@ -9,14 +9,30 @@ use scabbard_common::proto::{ControllerMessage, Task};
 use tracing::warn;
 
 use super::persist::{Effect, Write};
-use super::{Reply, State, TASK_PREFIX, agent_tx};
+use super::{Reply, State, TASK_PREFIX, agent_tx, history};
 
 impl State {
     /// Queues the durable write of a task record with its effects; publishes the new state
-    /// as an event once durable.
+    /// as an event once durable. The history keys it implies (see [`history`]) go in the
+    /// same commit: a new task's `live/`, index and idempotency keys; a final one's `done/`
+    /// key and `live/` delete. A task that becomes final enters the finished cache and
+    /// leaves memory once that write is durable and newer ones push it out.
     pub(crate) async fn persist_task(&mut self, task: &Task, mut effects: Vec<Effect>) {
         if !task.workflow_id.is_empty() {
             self.wf_dirty.insert(task.workflow_id.clone());
+        }
+        // `enqueue_new` persists a task before it enters the table: the only new records.
+        let mut also = if self.tasks.contains_key(&task.id) {
+            Vec::new()
+        } else {
+            history::submit_ops(task)
+        };
+        if scabbard_common::is_final(task.state()) {
+            let (seq, durable) = self.durability.track();
+            effects.push(durable);
+            let earlier = self.finished.finished(&task.id, task.updated_at_ms, seq);
+            let keep_live = self.archive.is_some() && history::log_pending(task);
+            also.extend(history::final_ops(task, earlier, keep_live));
         }
         let snapshot = Arc::new(task.clone());
         let events = self.events.clone();
@@ -25,12 +41,43 @@ impl State {
                 let _ = events.send(snapshot);
             }
         }));
-        self.write(
+        self.write_with(
             format!("{TASK_PREFIX}{}", task.id),
             Some(task.encode_to_vec()),
+            also,
             effects,
         )
         .await;
+    }
+
+    /// Drops the oldest finished tasks past `finished_cache_tasks` whose final record is
+    /// durable (they are served from the store from then on). Tasks of a running workflow
+    /// stay until it ends (it reads them to advance).
+    pub(crate) fn evict_finished(&mut self) {
+        let cap = self.cfg.finished_cache_tasks;
+        let mut pinned = Vec::new();
+        while let Some(id) = self.finished.pop_evictable(cap, &self.durability) {
+            let Some(e) = self.tasks.get(&id) else {
+                continue;
+            };
+            if !scabbard_common::is_final(e.task.state()) {
+                continue;
+            }
+            // A log still to be archived: the archive path and a worker's replay after a
+            // reconnect need the task in memory (it leaves once the archive is recorded).
+            let log_pending = self.archive.is_some() && history::log_pending(&e.task);
+            if log_pending
+                || (!e.task.workflow_id.is_empty() && self.wf_active.contains(&e.task.workflow_id))
+            {
+                pinned.push((id, e.task.updated_at_ms));
+                continue;
+            }
+            self.tasks.remove(&id);
+        }
+        // Back at the end of the line: they leave after their workflow has ended.
+        for (id, ms) in pinned {
+            self.finished.finished(&id, ms, 0);
+        }
     }
 
     /// Runs `effects` once everything written so far is durable (they state it).
@@ -41,11 +88,23 @@ impl State {
     }
 
     pub(crate) async fn write(&self, key: String, value: Option<Vec<u8>>, effects: Vec<Effect>) {
+        self.write_with(key, value, Vec::new(), effects).await
+    }
+
+    /// [`write`](Self::write) with more keys in the same commit.
+    pub(crate) async fn write_with(
+        &self,
+        key: String,
+        value: Option<Vec<u8>>,
+        also: Vec<(String, Option<Vec<u8>>)>,
+        effects: Vec<Effect>,
+    ) {
         if let Err(e) = self
             .persister
             .write(Write {
                 key,
                 value,
+                also,
                 effects,
             })
             .await

@@ -56,13 +56,9 @@ const MIN_PAUSE: Duration = Duration::from_millis(10);
 /// Milliseconds per day.
 const DAY_MS: f64 = 86_400_000.0;
 
-/// How long idempotency keys are remembered when the config does not say (7 days).
-pub(crate) const DEFAULT_IDEMPOTENCY_WINDOW_MS: u64 = 7 * 86_400_000;
-
-/// The idempotency window the sweeper applies. The history part of issue 14 owns the
-/// `idempotency_window_ms` config key; until it lands this is the default.
-pub(crate) fn idempotency_window_ms(_cfg: &ControllerConfig) -> u64 {
-    DEFAULT_IDEMPOTENCY_WINDOW_MS
+/// The idempotency window the sweeper applies (`idempotency_window_ms`).
+pub(crate) fn idempotency_window_ms(cfg: &ControllerConfig) -> u64 {
+    cfg.idempotency_window_ms
 }
 
 /// Milliseconds in `days` (fractions allowed).

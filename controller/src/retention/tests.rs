@@ -43,7 +43,7 @@ async fn fixture() -> Fixture {
     let store = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
     let rev = store.put("leader", b"me".to_vec()).await.unwrap();
     let logs = LogStore::open(&dir.path().join("logs")).unwrap();
-    let (core, forgotten): (CoreHandle, _) = CoreHandle::detached(logs);
+    let (core, forgotten): (CoreHandle, _) = CoreHandle::detached(logs, store.clone());
     let catalog = Catalog::open(
         store.clone(),
         None,

@@ -14,7 +14,7 @@ use scabbard_common::{Error, Result};
 use super::Shared;
 use super::lease::{lock, ttl_millis};
 use super::record::{
-    KV, LEASES, META, META_NEXT_LEASE, META_REVISION, META_WAL_SEQ, Record, storage_err,
+    KV, LEASED, LEASES, META, META_NEXT_LEASE, META_REVISION, META_WAL_SEQ, Record, storage_err,
 };
 use super::wal::MutationLog;
 use super::writer::Position;
@@ -54,6 +54,7 @@ struct Touched {
 pub(super) struct Batch<'t> {
     kv: Table<'t, &'static str, &'static [u8]>,
     leases: Table<'t, i64, u64>,
+    leased: Table<'t, &'static str, i64>,
     meta: Table<'t, &'static str, i64>,
     shared: &'t Shared,
     now: Instant,
@@ -74,6 +75,7 @@ impl<'t> Batch<'t> {
         Ok(Self {
             kv: wtx.open_table(KV).map_err(open)?,
             leases: wtx.open_table(LEASES).map_err(open)?,
+            leased: wtx.open_table(LEASED).map_err(open)?,
             meta: wtx.open_table(META).map_err(open)?,
             shared,
             now: Instant::now(),
@@ -190,6 +192,7 @@ impl<'t> Batch<'t> {
                 write.map_err(|e| storage_err("write", e))?;
                 let to = t.current.as_ref().map_or(0, |r| r.lease);
                 if t.base_lease != to {
+                    set_leased(&mut self.leased, &key, to)?;
                     self.out.moves.push((key, t.base_lease, to));
                 }
             }
@@ -275,6 +278,7 @@ impl<'t> Batch<'t> {
                 key: key.clone(),
                 revision: rev,
             });
+            set_leased(&mut self.leased, &key, 0)?;
             self.out.moves.push((key, id, 0));
             deleted = true;
         }
@@ -324,6 +328,20 @@ impl<'t> Batch<'t> {
         }
         Ok(self.out)
     }
+}
+
+/// Records `key`'s lease in the leased-keys table (0: none, the key leaves it).
+pub(super) fn set_leased(
+    t: &mut Table<'_, &'static str, i64>,
+    key: &str,
+    lease: LeaseId,
+) -> Result<()> {
+    let r = if lease == 0 {
+        t.remove(key).map(drop)
+    } else {
+        t.insert(key, lease).map(drop)
+    };
+    r.map_err(|e| storage_err("write leased key", e))
 }
 
 /// Evaluates one guard; a missing key has version and revisions 0 and an empty value.

@@ -12,6 +12,11 @@ pub(super) const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 pub(super) const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 /// Live leases: id -> ttl in milliseconds.
 pub(super) const LEASES: TableDefinition<i64, u64> = TableDefinition::new("leases");
+/// Keys attached to a lease: key -> lease id. Kept with every write so that opening the
+/// store reads only these, not every key (which grows with history).
+pub(super) const LEASED: TableDefinition<&str, i64> = TableDefinition::new("leased");
+/// 1 once [`LEASED`] holds every leased key (stores from before it are scanned once).
+pub(super) const META_LEASED_INDEX: &str = "leased_index";
 
 /// The store revision, bumped by one per transaction that writes.
 pub(super) const META_REVISION: &str = "revision";

@@ -10,10 +10,11 @@ use scabbard_common::{Error, Result};
 
 use super::lease::LeaseTable;
 use super::record::{
-    INITIAL_REVISION, KV, LEASES, META, META_NEXT_LEASE, META_REVISION, META_WAL_SEQ, Record,
-    read_err, storage_err,
+    INITIAL_REVISION, KV, LEASED, LEASES, META, META_LEASED_INDEX, META_NEXT_LEASE, META_REVISION,
+    META_WAL_SEQ, Record, read_err, storage_err,
 };
 use super::wal::{Frame, Mutation};
+use crate::store::LeaseId;
 
 /// What startup reads from the file.
 pub(super) struct Loaded {
@@ -40,6 +41,7 @@ pub(super) fn load(db: &Database, frames: Vec<Frame>) -> Result<Loaded> {
         let mut kv = wtx.open_table(KV).map_err(open)?;
         let mut meta = wtx.open_table(META).map_err(open)?;
         let mut leases_t = wtx.open_table(LEASES).map_err(open)?;
+        let mut leased = wtx.open_table(LEASED).map_err(open)?;
         let write = |e| storage_err("replay", e);
         let mut wal_seq = meta
             .get(META_WAL_SEQ)
@@ -55,10 +57,13 @@ pub(super) fn load(db: &Database, frames: Vec<Frame>) -> Result<Loaded> {
             for m in frame.mutations {
                 match m {
                     Mutation::Put { key, record } => {
+                        let lease = Record::decode(&key, &record)?.lease;
                         kv.insert(key.as_str(), record.as_slice()).map_err(write)?;
+                        super::batch::set_leased(&mut leased, &key, lease)?;
                     }
                     Mutation::Delete { key } => {
                         kv.remove(key.as_str()).map_err(write)?;
+                        super::batch::set_leased(&mut leased, &key, 0)?;
                     }
                     Mutation::Grant { id, ttl_ms } => {
                         leases_t.insert(id, ttl_ms).map_err(write)?;
@@ -92,18 +97,34 @@ pub(super) fn load(db: &Database, frames: Vec<Frame>) -> Result<Loaded> {
             let (id, ttl_ms) = entry.map_err(read_err)?;
             leases.insert(id.value(), Duration::from_millis(ttl_ms.value()), now);
         }
-        for entry in kv.iter().map_err(read_err)? {
-            let (key, bytes) = entry.map_err(read_err)?;
-            let rec = Record::decode(key.value(), bytes.value())?;
-            if rec.lease == 0 {
-                continue;
+        // The leased keys: from their table, or (a store from before it) by one scan of
+        // every key that fills it.
+        let mut attached: Vec<(String, LeaseId)> = Vec::new();
+        if counter(META_LEASED_INDEX, 0)? == 1 {
+            for entry in leased.iter().map_err(read_err)? {
+                let (key, lease) = entry.map_err(read_err)?;
+                attached.push((key.value().to_string(), lease.value()));
             }
-            if leases.contains(rec.lease) {
-                leases.move_key(key.value(), 0, rec.lease);
+        } else {
+            for entry in kv.iter().map_err(read_err)? {
+                let (key, bytes) = entry.map_err(read_err)?;
+                let rec = Record::decode(key.value(), bytes.value())?;
+                if rec.lease != 0 {
+                    attached.push((key.value().to_string(), rec.lease));
+                }
+            }
+            for (key, lease) in &attached {
+                leased.insert(key.as_str(), *lease).map_err(write)?;
+            }
+            meta.insert(META_LEASED_INDEX, 1).map_err(write)?;
+        }
+        for (key, lease) in attached {
+            if leases.contains(lease) {
+                leases.move_key(&key, 0, lease);
             } else {
                 tracing::warn!(
-                    key = key.value(),
-                    lease = rec.lease,
+                    key = %key,
+                    lease,
                     "key attached to an unknown lease; it will not expire"
                 );
             }

@@ -69,9 +69,13 @@ impl AgentService for AgentApi {
             cert_name,
             self.require_client_cert,
         )?;
-        // Only callers holding a registration token learn anything about agent ids.
-        self.catalog
-            .check_registration_token(&r.registration_token)?;
+        // Only callers holding a registration token learn anything about agent ids. A
+        // follower's copy of the catalog can lag behind a token just created on the
+        // leader: a token it does not know yet gets the redirect, so the leader decides.
+        if let Err(e) = self.catalog.check_registration_token(&r.registration_token) {
+            self.core.current()?;
+            return Err(e.into());
+        }
         // A live agent id is taken over only by that agent: it proves itself with its
         // current token or a client certificate naming the id.
         if reregistering

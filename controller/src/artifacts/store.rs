@@ -307,8 +307,18 @@ impl ArtifactStore {
         let path = fs
             .path_to_filesystem(key)
             .map_err(|e| Error::internal(format!("artifact path of {key}: {e}")))?;
+        // The directories object_store created under the artifacts dir (one per key
+        // segment but the last): private like the rest of the data dir.
+        let dirs = key.parts().count().saturating_sub(1);
         tokio::task::spawn_blocking(move || {
+            owner_only(&path, 0o600)?;
             std::fs::File::open(&path)?.sync_all()?;
+            let mut dir = path.parent();
+            for _ in 0..dirs {
+                let Some(d) = dir else { break };
+                owner_only(d, 0o700)?;
+                dir = d.parent();
+            }
             if let Some(dir) = path.parent() {
                 std::fs::File::open(dir)?.sync_all()?;
             }
@@ -528,4 +538,16 @@ async fn run_discards(store: Arc<dyn ObjectStore>, mut rx: mpsc::Receiver<Path>)
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     scabbard_common::client::error_chain(e)
+}
+
+/// Sets `path` to `mode` if it lets the group or others in (object_store creates files and
+/// directories by the umask; ours are private to the controller's user). Quietly: it is
+/// the normal case for every new object, not a misconfiguration to warn about.
+fn owner_only(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let current = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    if current & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }

@@ -291,6 +291,19 @@ async fn data_dirs_are_0700_and_their_files_0600() -> anyhow::Result<()> {
     let id = submit(&mut tasks, shell("echo logged")).await?;
     let t = wait_state(&mut tasks, &id, None, T).await?;
     assert_eq!(t.state(), TaskState::Succeeded);
+    // The attempt's log archived in the (local) blob store: the files at rest.
+    eventually("the log archived", T, || {
+        let mut tasks = tasks.clone();
+        let id = id.clone();
+        async move {
+            let t = get(&mut tasks, &id).await.ok()?;
+            t.attempts
+                .first()
+                .is_some_and(|a| !a.log_archive.is_empty())
+                .then_some(())
+        }
+    })
+    .await?;
     let ctl = c.dir.path().join("controller");
     let worker = c.dir.path().join("w0");
     assert_eq!(mode(&ctl), 0o700, "controller data dir");

@@ -223,6 +223,24 @@ impl ArtifactStore {
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
+        // Locally, the key's directories are created private before object_store would
+        // create them by the umask (its staging file then sits in a 0700 directory).
+        if let Some(fs) = &self.local
+            && let Ok(path) = fs.path_to_filesystem(key)
+            && let Some(parent) = path.parent()
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            let parent = parent.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+            })
+            .await
+            .map_err(Error::internal)?
+            .map_err(|e| Error::Unavailable(format!("creating the directory of {key}: {e}")))?;
+        }
         let upload = self
             .store
             .put_multipart(key)

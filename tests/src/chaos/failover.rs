@@ -158,21 +158,12 @@ impl FailoverBench {
         let mut ids = Vec::new();
         for i in 0..RUNNING {
             let key = format!("failover-{run}-running-{i}");
-            let spec = shell("sleep 12");
-            let id = retry(&self.addrs, Duration::from_secs(30), |mut c| {
-                let (key, spec) = (key.clone(), spec.clone());
-                async move {
-                    let r = c
-                        .submit(SubmitTaskRequest {
-                            spec: Some(spec),
-                            idempotency_key: key,
-                            project: String::new(),
-                        })
-                        .await?
-                        .into_inner();
-                    Ok(r.task.map(|t| t.id).unwrap_or_default())
-                }
-            })
+            let id = submit_keyed(
+                &self.addrs,
+                &key,
+                &shell("sleep 12"),
+                Duration::from_secs(30),
+            )
             .await?;
             ids.push(id);
         }
@@ -267,20 +258,35 @@ where
     F: FnMut(crate::Tasks) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let end = Instant::now() + within;
-    loop {
-        let r = tokio::time::timeout(RPC_TIMEOUT, async {
-            let c = TaskServiceClient::new(admin_channel(addrs).await?);
-            f(c).await
-        })
-        .await;
-        match r {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) if Instant::now() > end => return Err(e),
-            Err(_) if Instant::now() > end => bail!("no answer within {within:?}"),
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+    super::with_leader(addrs, Instant::now() + within, |ch| {
+        f(TaskServiceClient::new(ch))
+    })
+    .await
+}
+
+/// Submits `spec` with idempotency key `key` (so a retried submit is the same task) through
+/// the leader among `addrs`; returns its id.
+async fn submit_keyed(
+    addrs: &str,
+    key: &str,
+    spec: &scabbard_common::proto::TaskSpec,
+    within: Duration,
+) -> Result<String> {
+    retry(addrs, within, |mut c| {
+        let (key, spec) = (key.to_string(), spec.clone());
+        async move {
+            let r = c
+                .submit(SubmitTaskRequest {
+                    spec: Some(spec),
+                    idempotency_key: key,
+                    project: String::new(),
+                })
+                .await?
+                .into_inner();
+            Ok(r.task.map(|t| t.id).unwrap_or_default())
         }
-    }
+    })
+    .await
 }
 
 async fn wait_final(
@@ -308,22 +314,7 @@ async fn wait_final(
 /// One probe: a no-op task submitted through `addrs` and polled until final; `Ok` once it
 /// succeeded. Each RPC is bounded, so a probe stuck on a dead controller moves on.
 async fn probe(addrs: &str, key: &str, within: Duration) -> Result<()> {
-    let spec = shell("true");
-    let id = retry(addrs, within, |mut c| {
-        let (key, spec) = (key.to_string(), spec.clone());
-        async move {
-            let r = c
-                .submit(SubmitTaskRequest {
-                    spec: Some(spec),
-                    idempotency_key: key,
-                    project: String::new(),
-                })
-                .await?
-                .into_inner();
-            Ok(r.task.map(|t| t.id).unwrap_or_default())
-        }
-    })
-    .await?;
+    let id = submit_keyed(addrs, key, &shell("true"), within).await?;
     let end = Instant::now() + within;
     let mut c: Option<crate::Tasks> = None;
     loop {

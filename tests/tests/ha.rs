@@ -228,12 +228,24 @@ async fn etcd_outage_and_controller_restart_lose_nothing() -> anyhow::Result<()>
         TaskState::Succeeded
     );
 
-    // A controller restarted on the etcd backend sees exactly the state it left.
-    let before = tasks
-        .list(scabbard_common::proto::ListTasksRequest::default())
-        .await?
-        .into_inner()
-        .tasks;
+    // A controller restarted on the etcd backend sees exactly the state it left (taken
+    // once every attempt's log is archived, the last change a finished task gets).
+    let before = eventually("every log archived", T, || {
+        let mut tasks = tasks.clone();
+        async move {
+            let all = tasks
+                .list(scabbard_common::proto::ListTasksRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .tasks;
+            all.iter()
+                .flat_map(|t| &t.attempts)
+                .all(|a| a.log_chunks == 0 || !a.log_archive.is_empty())
+                .then_some(all)
+        }
+    })
+    .await?;
     let port = c.controllers[0].addr.port();
     let data = c.controllers[0].data_dir.clone();
     let opts = ControllerOpts {

@@ -360,6 +360,9 @@ pub(crate) struct ControllerArgs {
     /// Finished tasks kept in the controller's memory; older ones are read from the store.
     #[arg(long)]
     pub(crate) finished_cache_tasks: Option<usize>,
+    /// Finished workflows kept in the controller's memory; older ones are read from the store.
+    #[arg(long)]
+    pub(crate) finished_cache_workflows: Option<usize>,
     /// How long an idempotency key is honoured, e.g. 7d.
     #[arg(long, value_parser = crate::duration::parse)]
     pub(crate) idempotency_window: Option<std::time::Duration>,

@@ -133,6 +133,9 @@ pub struct ControllerConfig {
     /// Finished tasks the core keeps in memory (most recently finished first); older ones
     /// are served from the store (see docs/history.md).
     pub finished_cache_tasks: usize,
+    /// Finished workflows the core keeps in memory (most recently finished first); older
+    /// ones are served from the store (see docs/history.md).
+    pub finished_cache_workflows: usize,
     /// How long an idempotency key is honoured after its task was submitted
     /// (milliseconds): a later submit with the same key creates a new task.
     pub idempotency_window_ms: u64,
@@ -246,6 +249,7 @@ impl Default for ControllerConfig {
             retention_days: DEFAULT_RETENTION_DAYS,
             retention_sweep_interval_ms: 60_000,
             finished_cache_tasks: 10_000,
+            finished_cache_workflows: 1_000,
             idempotency_window_ms: 7 * 24 * 3_600_000,
             artifacts: crate::artifacts::ArtifactsConfig::default(),
             clock: ClockHandle::default(),

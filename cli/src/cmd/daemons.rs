@@ -318,6 +318,9 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if let Some(n) = a.finished_cache_tasks {
         cfg.finished_cache_tasks = n;
     }
+    if let Some(n) = a.finished_cache_workflows {
+        cfg.finished_cache_workflows = n;
+    }
     if let Some(d) = a.idempotency_window {
         cfg.idempotency_window_ms = d.as_millis() as u64;
     }

@@ -74,6 +74,7 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
                 template: template.unwrap_or_default(),
                 page_size: limit.clamp(1, 1000),
                 page_token: page_token.unwrap_or_default(),
+                ..Default::default()
             };
             let mut first = true;
             loop {

@@ -79,6 +79,7 @@ impl AdminService for AdminApi {
             status.queued_tasks = stats.queued as u64;
             status.active_tasks = stats.active as u64;
             status.total_tasks = stats.total as u64;
+            status.workflows_in_memory = stats.workflows_in_memory as u64;
             status.connected_agents = stats.connected_agents as u32;
             status.breakers = who
                 .as_ref()

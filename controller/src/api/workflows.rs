@@ -13,7 +13,8 @@ use tonic::{Request, Response, Status};
 use super::tasks::BoxStream;
 use crate::audit;
 use crate::auth::{self, Catalog, Principal};
-use crate::core::workflows::{records, workflow_final};
+use crate::core::history;
+use crate::core::workflows::{not_cancellable, records, workflow_final};
 use crate::core::{CoreMsg, CoreRouter, validate};
 use crate::sealed::mask_spec;
 use crate::store::WatchEvent;
@@ -69,6 +70,22 @@ pub(crate) async fn submit(
     if catalog.project(&project).is_none() {
         return Err(Error::not_found("project", project).into());
     }
+    // A key whose workflow left the core's memory (finished) is found in the store; a
+    // recent or live one the core decides (it also orders concurrent submits of one key).
+    if !idempotency_key.is_empty()
+        && let Some(kv) = catalog
+            .store()
+            .get(&history::wf_idem_key(&project, &idempotency_key))
+            .await?
+    {
+        let id = String::from_utf8_lossy(&kv.value).into_owned();
+        if let Ok(wf) = core.current()?.workflow(&id).await {
+            return Ok(SubmitWorkflowResponse {
+                workflow: Some(masked_workflow(wf)),
+                existing: true,
+            });
+        }
+    }
     let (wf, existing) = core
         .ask(|reply| CoreMsg::SubmitWorkflow {
             spec: Box::new(spec),
@@ -88,10 +105,8 @@ pub(crate) async fn submit(
 impl WorkflowApi {
     async fn visible(&self, who: &Principal, id: String) -> Result<Workflow, Status> {
         validate::id("workflow", &id)?;
-        let wf = self
-            .core
-            .ask(|reply| CoreMsg::GetWorkflow { id, reply })
-            .await?;
+        // From the core while it holds the workflow, else from the store (off the core).
+        let wf = self.core.current()?.workflow(&id).await?;
         who.check_visible("workflow", &wf.id, &wf.project)?;
         Ok(wf)
     }
@@ -146,10 +161,11 @@ impl WorkflowService for WorkflowApi {
         if req.template.len() > 128 {
             return Err(Error::invalid("template is longer than 128 bytes").into());
         }
-        let (workflows, next_page_token) = self
-            .core
-            .ask(|reply| CoreMsg::ListWorkflows { req, reply })
-            .await?;
+        // From the store's history index, off the core (see `api::list`). Only the leader
+        // serves (like every workflow call), so a follower never answers with an older view.
+        self.core.current()?;
+        let (workflows, next_page_token) =
+            super::list::workflows(self.catalog.store().as_ref(), &req).await?;
         Ok(Response::new(ListWorkflowsResponse {
             workflows: workflows.into_iter().map(masked_workflow).collect(),
             next_page_token,
@@ -166,6 +182,9 @@ impl WorkflowService for WorkflowApi {
             return Err(Error::invalid("reason is longer than 1024 bytes").into());
         }
         let wf = self.visible(&who, r.id.clone()).await?;
+        if workflow_final(wf.state()) {
+            return Err(not_cancellable(&wf.id, wf.state()).into());
+        }
         let entry = audit::entry(
             &who,
             "workflow.cancel",
@@ -173,14 +192,22 @@ impl WorkflowService for WorkflowApi {
             &wf.project,
             r.reason.clone(),
         );
-        let wf = self
+        let wf = match self
             .core
             .ask(|reply| CoreMsg::CancelWorkflow {
                 id: r.id,
                 reason: r.reason,
                 reply,
             })
-            .await?;
+            .await
+        {
+            // It finished and left the core's memory since it was read.
+            Err(Error::NotFound { .. }) => {
+                let now = self.visible(&who, wf.id.clone()).await?;
+                return Err(not_cancellable(&now.id, now.state()).into());
+            }
+            other => other?,
+        };
         if let Err(e) = audit::record(self.catalog.store(), &entry).await {
             tracing::warn!(error = %e, workflow = %wf.id, "could not record the cancel in the audit log");
         }

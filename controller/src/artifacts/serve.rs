@@ -257,6 +257,21 @@ impl Artifacts {
                 let t = core.task(id).await?;
                 return Ok(crate::core::artifacts::served_of(&t));
             }
+            // A finished workflow that left the core's memory: every node's task is read
+            // from the store below.
+            Err(Error::NotFound { .. }) => {
+                let w = core.workflow(id).await?;
+                crate::core::artifacts::Served {
+                    project: w.project.clone(),
+                    evicted: w
+                        .nodes
+                        .iter()
+                        .filter(|n| !n.task_id.is_empty())
+                        .map(|n| (n.task_id.clone(), n.name.clone()))
+                        .collect(),
+                    ..Default::default()
+                }
+            }
             other => other?,
         };
         for (task_id, node) in std::mem::take(&mut served.evicted) {

@@ -41,6 +41,7 @@ impl State {
                     self.wf_idempotency.remove(&key);
                 }
                 self.workflows.remove(id);
+                self.wf_finished.remove(id);
                 self.wf_dirty.remove(id);
                 gone += 1;
             }

@@ -10,7 +10,7 @@ pub struct CoreHandle {
     pub(super) tx: mpsc::Sender<CoreMsg>,
     pub(super) logs: Arc<LogStore>,
     pub(super) archive: Option<Arc<crate::logstore::archive::LogArchive>>,
-    /// The store, for what is served off the core (finished tasks).
+    /// The store, for what is served off the core (finished tasks and workflows).
     pub(super) store: Arc<dyn Store>,
 }
 
@@ -114,6 +114,22 @@ impl CoreHandle {
             Err(Error::NotFound { .. }) => history::read_task(self.store.as_ref(), id)
                 .await?
                 .ok_or_else(|| Error::not_found("task", id)),
+            other => other,
+        }
+    }
+
+    /// A workflow: from the core when it holds it (live, or recently finished), else from
+    /// the store (a finished workflow that left the core's memory once its final header was
+    /// durable).
+    pub(crate) async fn workflow(&self, id: &str) -> Result<Workflow> {
+        let owned = id.to_string();
+        match self
+            .ask(|reply| CoreMsg::GetWorkflow { id: owned, reply })
+            .await
+        {
+            Err(Error::NotFound { .. }) => history::read_workflow(self.store.as_ref(), id)
+                .await?
+                .ok_or_else(|| Error::not_found("workflow", id)),
             other => other,
         }
     }

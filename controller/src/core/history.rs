@@ -14,7 +14,9 @@
 //! | `hist/p/<project>/<inverted id>` | empty | every task: a project's tasks, newest first |
 //! | `hist/l/<project>/<hex key>.<hex value>/<inverted id>` | empty | per short label of a task (at most 32) |
 //! | `hist/lx/<project>/<inverted id>` | empty | a task with more than 32 short labels (none indexed) |
-//! | `meta/layout` | `2` | once every task has the keys above (written by the migration) |
+//! | `hist/w/`, `hist/wp/<project>/`, `hist/wl/…`, `hist/wlx/…` + `<inverted id>` | as the task index | every workflow: by id, project and spec labels ([`WORKFLOW_INDEX`]) |
+//! | `widem/<project>/<key>` | workflow id | for a workflow submitted with an idempotency key |
+//! | `meta/layout` | `3` | once every task (`2`) and workflow (`3`) has the keys above (written by the migration) |
 //!
 //! Every key here is written in the same store transaction as the record change it
 //! follows (a [`persist::Write`](super::persist::Write)'s `also` keys), so the layout is
@@ -26,8 +28,6 @@
 //! the character at `31 - index(c)`: an ascending store range over inverted ids is newest
 //! first, and because a ULID starts with its creation time, a time range is a key range.
 
-// Parts of this are used by the retention work of issue 14, which lands separately.
-
 mod memory;
 mod read;
 
@@ -36,7 +36,7 @@ use scabbard_common::proto::{Task, Workflow};
 use scabbard_common::{Error, Result, is_final};
 
 pub(crate) use memory::{Durability, FinishedCache, IdemMemory};
-pub(crate) use read::{get_many, lookup, read_task, read_tasks};
+pub(crate) use read::{get_many, lookup, read_task, read_tasks, read_workflow};
 
 /// Present while a task is not final.
 pub(crate) const LIVE_PREFIX: &str = "live/";
@@ -48,6 +48,13 @@ pub(crate) const IDEM_PREFIX: &str = "idem/";
 pub(crate) const WF_LIVE_PREFIX: &str = "wlive/";
 /// Final workflows by the time they finished.
 pub(crate) const WF_DONE_PREFIX: &str = "wdone/";
+/// Idempotency keys of workflows.
+pub(crate) const WF_IDEM_PREFIX: &str = "widem/";
+
+/// `widem/<project>/<key>`.
+pub(crate) fn wf_idem_key(project: &str, key: &str) -> String {
+    format!("{WF_IDEM_PREFIX}{project}/{key}")
+}
 
 /// `live/<id>`.
 pub(crate) fn live_key(id: &str) -> String {
@@ -80,8 +87,11 @@ pub(crate) const TASK_INDEX_PREFIX: &str = "hist/t/";
 pub(crate) const PROJECT_INDEX_PREFIX: &str = "hist/p/";
 /// The layout version, once the migration has written every key above.
 pub(crate) const LAYOUT_KEY: &str = "meta/layout";
-/// [`LAYOUT_KEY`]'s value in this layout.
-pub(crate) const LAYOUT_VERSION: &[u8] = b"2";
+/// [`LAYOUT_KEY`]'s value in this layout (`2`: tasks have their history keys; `3`:
+/// workflows too).
+pub(crate) const LAYOUT_VERSION: &[u8] = b"3";
+/// [`LAYOUT_KEY`]'s value once tasks (not yet workflows) have their history keys.
+pub(crate) const TASK_LAYOUT_VERSION: &[u8] = b"2";
 
 /// Crockford base32, lower case, as ids are written: ascending in ASCII.
 const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
@@ -116,65 +126,102 @@ pub(crate) fn inverted_time_bound(ms: i64) -> String {
     invert_id(&ulid).expect("a ulid")
 }
 
-/// `hist/t/<inverted id>`.
-pub(crate) fn task_index_key(id: &str) -> Option<String> {
-    invert_id(id).map(|inv| format!("{TASK_INDEX_PREFIX}{inv}"))
-}
-
-/// `hist/p/<project>/`: the prefix of a project's index.
-pub(crate) fn project_index_prefix(project: &str) -> String {
-    format!("{PROJECT_INDEX_PREFIX}{project}/")
-}
-
 /// A project's tasks carrying label `key=value`, newest first.
 pub(crate) const LABEL_INDEX_PREFIX: &str = "hist/l/";
 
-/// `hist/l/<project>/<hex key>.<hex value>/`: the prefix of a label's index in a project
-/// (hex: labels may hold any character).
-pub(crate) fn label_index_prefix(project: &str, key: &str, value: &str) -> String {
-    format!(
-        "{LABEL_INDEX_PREFIX}{project}/{}.{}/",
-        hex::encode(key),
-        hex::encode(value)
-    )
+/// One kind of history index: every record newest first, a project's, per label, and the
+/// mark of records whose labels are not indexed. Tasks and workflows each have one; `List`
+/// (`api::list`) pages both through the same code.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IndexSpace {
+    /// `<all><inverted id>` → project name.
+    pub(crate) all: &'static str,
+    /// `<project><name>/<inverted id>` → empty.
+    pub(crate) project: &'static str,
+    /// `<label><name>/<hex key>.<hex value>/<inverted id>` → empty.
+    pub(crate) label: &'static str,
+    /// `<overflow><name>/<inverted id>` → empty.
+    pub(crate) overflow: &'static str,
 }
 
-/// `hist/p/<project>/<inverted id>`.
-pub(crate) fn project_index_key(project: &str, id: &str) -> Option<String> {
-    invert_id(id).map(|inv| format!("{}{inv}", project_index_prefix(project)))
-}
+/// The task index (`hist/t/`, `hist/p/`, `hist/l/`, `hist/lx/`).
+pub(crate) const TASK_INDEX: IndexSpace = IndexSpace {
+    all: TASK_INDEX_PREFIX,
+    project: PROJECT_INDEX_PREFIX,
+    label: LABEL_INDEX_PREFIX,
+    overflow: LABEL_OVERFLOW_PREFIX,
+};
 
-/// The index keys of a task (none for an id that is not a ULID: tests' hand-made ids).
-fn index_keys(t: &Task) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    if let Some(k) = task_index_key(&t.id) {
-        out.push((k, t.project.as_bytes().to_vec()));
+/// The workflow index (`hist/w/`, `hist/wp/`, `hist/wl/`, `hist/wlx/`): by the workflow's
+/// id, project and spec labels.
+pub(crate) const WORKFLOW_INDEX: IndexSpace = IndexSpace {
+    all: "hist/w/",
+    project: "hist/wp/",
+    label: "hist/wl/",
+    overflow: "hist/wlx/",
+};
+
+impl IndexSpace {
+    /// `<project prefix><project>/`: the prefix of a project's index.
+    pub(crate) fn project_prefix(&self, project: &str) -> String {
+        format!("{}{project}/", self.project)
     }
-    if let Some(k) = project_index_key(&t.project, &t.id) {
-        out.push((k, Vec::new()));
+
+    /// The prefix of a label's index in a project (hex: labels may hold any character).
+    pub(crate) fn label_prefix(&self, project: &str, key: &str, value: &str) -> String {
+        format!(
+            "{}{project}/{}.{}/",
+            self.label,
+            hex::encode(key),
+            hex::encode(value)
+        )
     }
-    if let (Some(inv), Some(spec)) = (invert_id(&t.id), t.spec.as_ref()) {
-        let short: Vec<_> = spec
-            .labels
-            .iter()
+
+    /// The prefix of a project's records whose labels are not indexed.
+    pub(crate) fn overflow_prefix(&self, project: &str) -> String {
+        format!("{}{project}/", self.overflow)
+    }
+
+    /// The index keys of a record (none for an id that is not a ULID: tests' hand-made ids).
+    pub(crate) fn keys(
+        &self,
+        id: &str,
+        project: &str,
+        labels: Option<&std::collections::HashMap<String, String>>,
+    ) -> Vec<(String, Vec<u8>)> {
+        let Some(inv) = invert_id(id) else {
+            return Vec::new();
+        };
+        let mut out = vec![
+            (format!("{}{inv}", self.all), project.as_bytes().to_vec()),
+            (format!("{}{inv}", self.project_prefix(project)), Vec::new()),
+        ];
+        let short: Vec<_> = labels
+            .into_iter()
+            .flatten()
             .filter(|(k, v)| label_indexable(k, v))
             .collect();
         if short.len() <= MAX_INDEXED_LABELS {
             for (k, v) in short {
                 out.push((
-                    format!("{}{inv}", label_index_prefix(&t.project, k, v)),
+                    format!("{}{inv}", self.label_prefix(project, k, v)),
                     Vec::new(),
                 ));
             }
         } else {
             // Too many to index in one commit: listed by label through the project index.
             out.push((
-                format!("{LABEL_OVERFLOW_PREFIX}{}/{inv}", t.project),
+                format!("{}{inv}", self.overflow_prefix(project)),
                 Vec::new(),
             ));
         }
+        out
     }
-    out
+}
+
+/// The index keys of a task.
+fn index_keys(t: &Task) -> Vec<(String, Vec<u8>)> {
+    TASK_INDEX.keys(&t.id, &t.project, t.spec.as_ref().map(|s| &s.labels))
 }
 
 /// Labels longer than this (key and value) are not indexed (their filter scans).
@@ -317,8 +364,14 @@ pub(crate) fn task_keys(t: &Task) -> Vec<String> {
     keys
 }
 
-/// Every store key a final workflow owns besides its tasks' (see [`task_keys`]).
-/// (The header, every node's records, the `done` and `live` keys.)
+/// The index keys of a workflow (by its id, project and spec labels).
+fn workflow_index_keys(w: &Workflow) -> Vec<(String, Vec<u8>)> {
+    WORKFLOW_INDEX.keys(&w.id, &w.project, w.spec.as_ref().map(|s| &s.labels))
+}
+
+/// Every store key a final workflow owns besides its tasks' (see [`task_keys`]): the
+/// header, every node's records, the `wdone/` and `wlive/` keys, its index keys and its
+/// idempotency key. `w` may be a header without nodes (retention ranges the parts).
 pub(crate) fn workflow_keys(w: &Workflow) -> Vec<String> {
     use super::workflows::records;
     let mut keys = vec![
@@ -330,7 +383,27 @@ pub(crate) fn workflow_keys(w: &Workflow) -> Vec<String> {
         keys.push(records::node_key(&w.id, &n.name));
         keys.push(records::task_key(&w.id, &n.name));
     }
+    if !w.idempotency_key.is_empty() {
+        keys.push(wf_idem_key(&w.project, &w.idempotency_key));
+    }
+    keys.extend(workflow_index_keys(w).into_iter().map(|(k, _)| k));
     keys
+}
+
+/// The keys written with a new workflow's first header: its index keys and its
+/// idempotency key (never changed after; see [`workflow_ops`] for `wlive/`/`wdone/`).
+pub(crate) fn workflow_submit_ops(w: &Workflow) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut ops: Vec<(String, Option<Vec<u8>>)> = workflow_index_keys(w)
+        .into_iter()
+        .map(|(k, v)| (k, Some(v)))
+        .collect();
+    if !w.idempotency_key.is_empty() {
+        ops.push((
+            wf_idem_key(&w.project, &w.idempotency_key),
+            Some(w.id.as_bytes().to_vec()),
+        ));
+    }
+    ops
 }
 
 /// The keys written with a workflow's header: `wlive/` while it runs; once final,
@@ -347,6 +420,13 @@ pub(crate) fn workflow_ops(w: &Workflow) -> Vec<(String, Option<Vec<u8>>)> {
     } else {
         vec![(wf_live_key(&w.id), Some(Vec::new()))]
     }
+}
+
+/// Every key the migration to layout 3 writes for a workflow header (all idempotent).
+pub(crate) fn workflow_migration_ops(w: &Workflow) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut ops = workflow_submit_ops(w);
+    ops.extend(workflow_ops(w));
+    ops
 }
 
 #[cfg(test)]
@@ -441,6 +521,35 @@ mod tests {
                 .any(|(k, _)| k.starts_with(LABEL_OVERFLOW_PREFIX))
         );
         assert!(submit_ops(&task_with_labels(MAX_INDEXED_LABELS, false)).len() < 127);
+    }
+
+    #[test]
+    fn a_workflow_owns_its_index_and_idempotency_keys_in_its_own_index() {
+        let mut spec = scabbard_common::proto::WorkflowSpec::default();
+        spec.labels.insert("team".into(), "a".into());
+        let w = Workflow {
+            id: ulid::Ulid::new().to_string().to_lowercase(),
+            project: "p".into(),
+            spec: Some(spec),
+            idempotency_key: "k".into(),
+            ..Default::default()
+        };
+        let ops = workflow_migration_ops(&w);
+        let owned = workflow_keys(&w);
+        for (k, v) in &ops {
+            if v.is_some() {
+                assert!(owned.contains(k), "{k} is not in workflow_keys");
+            }
+            // Never in the task index: task lists do not see workflows.
+            assert!(!k.starts_with(TASK_INDEX.all) && !k.starts_with(TASK_INDEX.project));
+        }
+        let label = WORKFLOW_INDEX.label_prefix("p", "team", "a");
+        assert!(ops.iter().any(|(k, _)| k.starts_with(&label)));
+        assert!(ops.iter().any(|(k, _)| *k == wf_idem_key("p", "k")));
+        assert!(
+            ops.iter()
+                .any(|(k, v)| *k == wf_live_key(&w.id) && v.is_some())
+        );
     }
 
     #[test]

@@ -160,10 +160,6 @@ pub(crate) enum CoreMsg {
         id: String,
         reply: Reply<Workflow>,
     },
-    ListWorkflows {
-        req: scabbard_common::proto::ListWorkflowsRequest,
-        reply: Reply<(Vec<Workflow>, String)>,
-    },
     CancelWorkflow {
         id: String,
         reason: String,
@@ -266,6 +262,9 @@ pub struct CoreStats {
     pub total: usize,
     /// Finished tasks among them (the cache, bounded by `finished_cache_tasks`).
     pub finished_cached: usize,
+    /// Workflows held in the core's memory: live ones and the finished cache
+    /// (`finished_cache_workflows`).
+    pub workflows_in_memory: usize,
     /// Agents with a live session.
     pub connected_agents: usize,
     /// Circuit breakers that are not closed.
@@ -344,8 +343,10 @@ pub(crate) struct State {
     pub(crate) affinity: (u64, u64),
     /// Tasks in RETRY_WAIT by the time they go back to the queue (unix ms, task id).
     pub(crate) retry_timers: std::collections::BTreeSet<(i64, String)>,
-    /// Every workflow, by id.
+    /// Live workflows and the finished cache (`workflows::live`), by id.
     pub(crate) workflows: BTreeMap<String, Workflow>,
+    /// Finished workflows still in `workflows`, oldest first.
+    pub(crate) wf_finished: history::FinishedCache,
     /// Workflows not yet final.
     pub(crate) wf_active: BTreeSet<String>,
     /// Workflows whose tasks changed since they were last advanced.
@@ -443,6 +444,7 @@ pub(crate) async fn start(
         retry_timers: Default::default(),
         affinity: (0, 0),
         workflows: BTreeMap::new(),
+        wf_finished: Default::default(),
         wf_active: BTreeSet::new(),
         wf_dirty: BTreeSet::new(),
         wf_idempotency: HashMap::new(),
@@ -510,9 +512,11 @@ async fn run(
                 state.schedule().await;
                 state.flush_breakers().await;
                 state.evict_finished();
+                state.evict_finished_workflows();
             }
             _ = sweep.tick() => {
                 state.evict_finished();
+                state.evict_finished_workflows();
                 state.sweep_lost_agents().await;
                 state.advance_workflows().await;
                 state.schedule().await;
@@ -629,9 +633,6 @@ impl State {
             CoreMsg::GetWorkflow { id, reply } => {
                 let _ = reply.send(self.get_workflow(&id));
             }
-            CoreMsg::ListWorkflows { req, reply } => {
-                let _ = reply.send(self.list_workflows(&req));
-            }
             CoreMsg::CancelWorkflow { id, reason, reply } => {
                 self.cancel_workflow(id, reason, reply).await
             }
@@ -725,6 +726,7 @@ impl State {
                     active,
                     total: self.tasks.len(),
                     finished_cached: self.finished.len(),
+                    workflows_in_memory: self.workflows.len(),
                     connected_agents: self.agents.values().filter(|a| a.conn.is_some()).count(),
                     breakers: self.breakers.list(false),
                     running_workflows: self

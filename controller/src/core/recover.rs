@@ -1,19 +1,16 @@
-//! Rebuilding the core's state from the store: on start, and after a failed commit. Tasks,
-//! agents, workflows (with nodes linked to tasks written after the workflow's last record)
-//! and schedules.
+//! Rebuilding the core's state from the store: on start, and after a failed commit. Live
+//! tasks, agents, live workflows (see `workflows::live`) and schedules.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Instant;
 
 use prost::Message;
 use scabbard_common::proto::{StoredAgent, Task, TaskState};
 use scabbard_common::{Error, Result};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::scheduler::RunQueue;
-use super::{
-    AGENT_PREFIX, AgentEntry, State, TASK_PREFIX, TaskEntry, history, idempotency_key, workflows,
-};
+use super::{AGENT_PREFIX, AgentEntry, State, TASK_PREFIX, TaskEntry, history, idempotency_key};
 
 impl State {
     /// Rebuilds tasks, queue and agents from the store.
@@ -127,58 +124,6 @@ impl State {
         Ok(())
     }
 
-    /// Loads workflows; links nodes to tasks written after the workflow's last record (a
-    /// crash between the writes), and marks every unfinished workflow for advancing.
-    async fn recover_workflows(&mut self) -> Result<()> {
-        self.workflows.clear();
-        self.wf_active.clear();
-        self.wf_dirty.clear();
-        self.wf_idempotency.clear();
-        let mut node_tasks: HashMap<(String, String), String> = HashMap::new();
-        for e in self.tasks.values() {
-            if !e.task.workflow_id.is_empty() {
-                node_tasks.insert(
-                    (e.task.workflow_id.clone(), e.task.workflow_node.clone()),
-                    e.task.id.clone(),
-                );
-            }
-        }
-        // A header per workflow and a record per node (or, from earlier versions, one
-        // whole record: read as it is, then rewritten as parts).
-        let mut loader = workflows::records::Loader::default();
-        for kv in self.load_prefix(workflows::WORKFLOW_PREFIX).await? {
-            loader.add(&kv.key, &kv.value)?;
-        }
-        let loaded = loader.finish();
-        for (id, why) in &loaded.broken {
-            warn!(workflow = %id, why, "skipping a workflow whose records are incomplete");
-        }
-        for mut wf in loaded.workflows {
-            for n in wf.nodes.iter_mut().filter(|n| n.task_id.is_empty()) {
-                if let Some(t) = node_tasks.get(&(wf.id.clone(), n.name.clone())) {
-                    n.task_id = t.clone();
-                }
-            }
-            if !wf.idempotency_key.is_empty() {
-                self.wf_idempotency.insert(
-                    idempotency_key(&wf.project, &wf.idempotency_key),
-                    wf.id.clone(),
-                );
-            }
-            if !workflows::workflow_final(wf.state()) {
-                self.wf_active.insert(wf.id.clone());
-                self.wf_dirty.insert(wf.id.clone());
-            }
-            self.workflows.insert(wf.id.clone(), wf);
-        }
-        for id in loaded.legacy {
-            if let Some(wf) = self.workflows.get(&id).cloned() {
-                self.persist_whole_workflow(&wf, Vec::new()).await;
-            }
-        }
-        Ok(())
-    }
-
     /// The finished tasks of running workflows (they read them to advance): into the
     /// finished cache, where they stay while their workflow runs.
     async fn load_workflow_tasks(&mut self) -> Result<()> {
@@ -203,22 +148,25 @@ impl State {
     }
 
     /// Once per store: writes the history keys (see [`history`]) of every task record
-    /// written before they existed, in bounded batches through the persister (fenced like
-    /// every write of this term), then `meta/layout` = 2 after them. Idempotent: an
-    /// interrupted migration runs again from the start on the next term.
+    /// (unless the store is at layout 2 already) and workflow header written before they
+    /// existed, in bounded batches through the persister (fenced like every write of this
+    /// term), then `meta/layout` = 3 after them. Idempotent: an interrupted migration runs
+    /// again from the start on the next term.
     async fn migrate_layout(&mut self) -> Result<()> {
-        if self
+        let layout = self
             .store
             .get(history::LAYOUT_KEY)
             .await?
-            .is_some_and(|kv| kv.value == history::LAYOUT_VERSION)
-        {
+            .map(|kv| kv.value);
+        if layout.as_deref() == Some(history::LAYOUT_VERSION) {
             return Ok(());
         }
         let started = Instant::now();
         let mut after: Option<String> = None;
         let mut n = 0usize;
-        loop {
+        // Tasks (layout 2), unless a store at layout 2 has them already.
+        let mut tasks_left = layout.as_deref() != Some(history::TASK_LAYOUT_VERSION);
+        while tasks_left {
             let page = self
                 .store
                 .range(TASK_PREFIX, after.as_deref(), 2_000)
@@ -237,10 +185,11 @@ impl State {
                 }
                 n += 1;
             }
-            if !page.more || after.is_none() {
-                break;
-            }
+            tasks_left = page.more && after.is_some();
         }
+        // Workflows (layout 3).
+        let workflows = self.migrate_workflows().await?;
+        // Written after every key above: durable once they are (commits go in order).
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.write(
             history::LAYOUT_KEY.to_string(),
@@ -254,8 +203,9 @@ impl State {
             Ok(Ok(())) => {
                 info!(
                     tasks = n,
+                    workflows,
                     took_ms = started.elapsed().as_millis() as u64,
-                    "store migrated to history layout 2"
+                    "store migrated to history layout 3"
                 );
                 Ok(())
             }

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 
 use prost::Message;
 use scabbard_common::proto::{
-    FailurePolicy, ListWorkflowsRequest, NodeState, TaskState, TemplateRef, Workflow, WorkflowNode,
-    WorkflowSpec, WorkflowState,
+    FailurePolicy, NodeState, TaskState, TemplateRef, Workflow, WorkflowNode, WorkflowSpec,
+    WorkflowState,
 };
 use scabbard_common::time::now_ms;
 use scabbard_common::{Error, Result};
@@ -23,6 +23,7 @@ use tracing::info;
 use super::{Effect, Reply, State, reply_effect, validate};
 use crate::workflow::{self, node_final, refs};
 
+mod live;
 pub(crate) mod records;
 
 /// Store key prefix of workflow records (see [`records`] for the layout).
@@ -212,44 +213,6 @@ impl State {
             .ok_or_else(|| Error::not_found("workflow", id))
     }
 
-    pub(super) fn list_workflows(
-        &self,
-        req: &ListWorkflowsRequest,
-    ) -> Result<(Vec<Workflow>, String)> {
-        let size = match req.page_size {
-            0 => 100,
-            n if n <= 1000 => n as usize,
-            n => return Err(Error::invalid(format!("page_size {n} is larger than 1000"))),
-        };
-        let upper = if req.page_token.is_empty() {
-            std::ops::Bound::Unbounded
-        } else {
-            validate::id("page_token", &req.page_token)?;
-            std::ops::Bound::Excluded(req.page_token.clone())
-        };
-        let mut out: Vec<Workflow> = Vec::with_capacity(size);
-        let mut next = String::new();
-        for (_, w) in self
-            .workflows
-            .range((std::ops::Bound::Unbounded, upper))
-            .rev()
-        {
-            if (!req.project.is_empty() && w.project != req.project)
-                || (!req.states.is_empty() && !req.states.contains(&w.state))
-                || (!req.template.is_empty()
-                    && w.template.as_ref().map(|t| t.name.as_str()) != Some(&req.template))
-            {
-                continue;
-            }
-            if out.len() == size {
-                next = out.last().map(|w| w.id.clone()).unwrap_or_default();
-                break;
-            }
-            out.push(w.clone());
-        }
-        Ok((out, next))
-    }
-
     pub(super) async fn cancel_workflow(
         &mut self,
         id: String,
@@ -261,12 +224,7 @@ impl State {
             return;
         };
         if workflow_final(wf.state()) {
-            let _ = reply.send(Err(Error::FailedPrecondition(format!(
-                "workflow {id} is already {}; only pending or running workflows can be cancelled",
-                wf.state()
-                    .as_str_name()
-                    .trim_start_matches("WORKFLOW_STATE_")
-            ))));
+            let _ = reply.send(Err(not_cancellable(&id, wf.state())));
             return;
         }
         wf.cancel_requested = true;
@@ -641,6 +599,18 @@ impl State {
         nodes: impl Iterator<Item = usize>,
         effects: Vec<Effect>,
     ) {
+        self.persist_workflow_parts(wf, nodes, effects, false).await
+    }
+
+    /// [`persist_workflow`](Self::persist_workflow); `new`: the workflow's first header
+    /// (its index and idempotency keys go with it).
+    async fn persist_workflow_parts(
+        &mut self,
+        wf: &Workflow,
+        nodes: impl Iterator<Item = usize>,
+        effects: Vec<Effect>,
+        new: bool,
+    ) {
         for i in nodes {
             self.write(
                 records::node_key(&wf.id, &wf.nodes[i].name),
@@ -650,11 +620,20 @@ impl State {
             .await;
         }
         // Written last: a watch (api::workflows) reads a change as complete at the header.
-        // Its `wlive/` / `wdone/` keys go in the same commit (see `history`).
+        // Its `wlive/` / `wdone/` keys go in the same commit (see `history`); a final one
+        // enters the finished cache (see `live`).
+        let mut also = super::history::workflow_ops(wf);
+        let mut effects = effects;
+        if new {
+            also.extend(super::history::workflow_submit_ops(wf));
+        }
+        if workflow_final(wf.state()) {
+            effects.push(self.finished_workflow(wf));
+        }
         self.write_with(
             records::header_key(&wf.id),
             Some(records::header(wf).encode_to_vec()),
-            super::history::workflow_ops(wf),
+            also,
             effects,
         )
         .await;
@@ -673,7 +652,8 @@ impl State {
                 .await;
             }
         }
-        self.persist_workflow(wf, 0..wf.nodes.len(), effects).await;
+        self.persist_workflow_parts(wf, 0..wf.nodes.len(), effects, true)
+            .await;
     }
 }
 
@@ -742,6 +722,14 @@ fn group_of(w: &Workflow) -> Option<&str> {
         .concurrency
         .as_ref()
         .map(|g| g.key.as_str())
+}
+
+/// The answer to a cancel of a finished workflow (`FAILED_PRECONDITION`).
+pub(crate) fn not_cancellable(id: &str, state: WorkflowState) -> Error {
+    Error::FailedPrecondition(format!(
+        "workflow {id} is already {}; only pending or running workflows can be cancelled",
+        state.as_str_name().trim_start_matches("WORKFLOW_STATE_")
+    ))
 }
 
 /// Whether a workflow is done.

@@ -1,12 +1,14 @@
-//! Reading task history from the store, off the core: records by id (one transaction of
-//! reads per chunk on etcd), and the lookups a submit needs when its idempotency key or an
-//! input's producer is not in the core's memory.
+//! Reading task and workflow history from the store, off the core: records by id (one
+//! transaction of reads per chunk on etcd), whole workflows (header and parts), and the
+//! lookups a submit needs when its idempotency key or an input's producer is not in the
+//! core's memory.
 
 use prost::Message;
-use scabbard_common::proto::Task;
+use scabbard_common::proto::{Task, Workflow};
 use scabbard_common::{Error, Result};
 
 use crate::core::TASK_PREFIX;
+use crate::core::workflows::records;
 use crate::store::Store;
 
 /// A task record from the store (`None` when there is none).
@@ -95,4 +97,30 @@ pub(crate) async fn lookup(
         }
     }
     Ok((named, tasks))
+}
+
+/// A workflow from the store, header and parts (`None` when it has no header).
+pub(crate) async fn read_workflow(store: &dyn Store, id: &str) -> Result<Option<Workflow>> {
+    let header = records::header_key(id);
+    let parts = format!("{header}/");
+    let mut loader = records::Loader::default();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.range(&header, after.as_deref(), 1_000).await?;
+        after = page.kvs.last().map(|kv| kv.key.clone());
+        for kv in &page.kvs {
+            // The prefix also matches longer ids.
+            if kv.key == header || kv.key.starts_with(&parts) {
+                loader.add(&kv.key, &kv.value)?;
+            }
+        }
+        if !page.more || after.is_none() {
+            break;
+        }
+    }
+    let loaded = loader.finish();
+    if let Some((id, why)) = loaded.broken.into_iter().next() {
+        return Err(Error::internal(format!("workflow {id}: {why}")));
+    }
+    Ok(loaded.workflows.into_iter().find(|w| w.id == id))
 }

@@ -443,6 +443,11 @@ async fn retention_deletes_exactly_what_is_expired(on_etcd: bool) -> Result<()> 
                 parts.kvs.iter().map(|kv| &kv.key).collect::<Vec<_>>()
             );
         }
+        // Its history index keys too (it was project `short`'s only workflow).
+        let index = store.range("hist/wp/short/", None, 0).await?;
+        if !index.kvs.is_empty() {
+            bail!("workflow index keys left: {:?}", index.kvs);
+        }
         Ok(())
     })
     .await?;

@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use scabbard_common::client::{AdminServiceClient, ProjectServiceClient};
+use scabbard_common::client::{AdminServiceClient, ArtifactServiceClient, ProjectServiceClient};
 use scabbard_common::proto::workflow_service_client::WorkflowServiceClient;
 use scabbard_common::proto::{
-    CancelWorkflowRequest, ClusterStatusRequest, CreateProjectRequest, GetTaskRequest,
-    GetWorkflowRequest, ListWorkflowsRequest, NodeState, Project, SubmitWorkflowRequest, TaskState,
-    WatchWorkflowRequest, Workflow, WorkflowSpec, WorkflowState,
+    ArtifactSpec, CancelWorkflowRequest, ClusterStatusRequest, CreateProjectRequest,
+    GetTaskRequest, GetWorkflowRequest, ListArtifactsRequest, ListWorkflowsRequest, NodeState,
+    Project, SubmitWorkflowRequest, TaskState, WatchWorkflowRequest, Workflow, WorkflowSpec,
+    WorkflowState,
 };
 use scabbard_tests::etcd::EtcdCluster;
 use scabbard_tests::wf::*;
@@ -106,10 +107,16 @@ struct Submitted {
 
 /// A two-node workflow (`first` → `second`) labelled `team`; `fail`: `second` exits 3.
 fn two_nodes(team: &str, fail: bool) -> WorkflowSpec {
+    let mut first = node("first", &[], "mkdir -p out && echo first > out/a.txt");
+    first.spec.as_mut().unwrap().artifacts = vec![ArtifactSpec {
+        name: "a".into(),
+        path: "out/a.txt".into(),
+        optional: false,
+    }];
     let mut spec = workflow(
         "pair",
         vec![
-            node("first", &[], "echo first"),
+            first,
             node(
                 "second",
                 &["first"],
@@ -215,6 +222,20 @@ async fn check_served(addr: &str, s: &Submitted) -> anyhow::Result<()> {
     let ev = tokio::time::timeout(T, watch.message()).await??.unwrap();
     assert_eq!(ev.workflow.unwrap().state(), WorkflowState::Succeeded);
     assert!(tokio::time::timeout(T, watch.message()).await??.is_none());
+    // Its artifacts (each node's task read from the store).
+    let arts = ArtifactServiceClient::new(admin_channel(addr).await?)
+        .list(ListArtifactsRequest {
+            task_id: String::new(),
+            workflow_id: s.ids[0].clone(),
+        })
+        .await?
+        .into_inner()
+        .artifacts;
+    assert_eq!(arts.len(), 1, "{arts:?}");
+    assert_eq!(
+        (arts[0].name.as_str(), arts[0].workflow_node.as_str()),
+        ("a", "first")
+    );
     // Cancel: it has finished.
     let (code, msg) = code_and_message(
         c.cancel(CancelWorkflowRequest {

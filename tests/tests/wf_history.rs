@@ -2,8 +2,8 @@
 //! (`ClusterStatus.workflows_in_memory` counts what it holds) and is still served by `Get`
 //! (with its nodes), `List` (paged, filtered by state, label, project and creation time),
 //! `Watch`, and its idempotency key still holds; cancelling it is FAILED_PRECONDITION. On
-//! the embedded store and on etcd, and after a controller restart, which loads only live
-//! workflows. Page tokens are stable under concurrent submits; a bad one gets
+//! the embedded store and on etcd, after a controller restart and after a failover, which
+//! load only live workflows. Page tokens are stable under concurrent submits; a bad one gets
 //! INVALID_ARGUMENT; a store written before the workflow history keys is migrated. Real
 //! processes throughout.
 
@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use scabbard_common::client::{AdminServiceClient, ArtifactServiceClient, ProjectServiceClient};
+use scabbard_common::client::{
+    self, AdminServiceClient, ArtifactServiceClient, ProjectServiceClient,
+};
 use scabbard_common::proto::workflow_service_client::WorkflowServiceClient;
 use scabbard_common::proto::{
     ArtifactSpec, CancelWorkflowRequest, ClusterStatusRequest, CreateProjectRequest,
@@ -583,5 +585,64 @@ async fn the_cli_pages_workflow_lists() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr).contains("next_page_token"),
         "{out:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_loads_only_live_workflows_and_serves_the_rest() -> anyhow::Result<()> {
+    let mut cs = scabbard_tests::etcd::EtcdControllers::start(2, 1, 4)?;
+    let addrs: Vec<String> = cs.controllers.iter().map(|c| c.addr.to_string()).collect();
+    let leader = |skip: Option<String>| {
+        let addrs = addrs.clone();
+        async move {
+            for a in addrs.iter().filter(|a| Some(*a) != skip.as_ref()) {
+                // Straight to `a` (not following its redirect to the leader).
+                let ch = with_token(client::connect(a).await.ok()?, ADMIN_TOKEN);
+                let s = AdminServiceClient::new(ch)
+                    .cluster_status(ClusterStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                if s.answered_by_leader && s.store_healthy {
+                    return Some(a.clone());
+                }
+            }
+            None
+        }
+    };
+    let first = eventually("a leader", T, || leader(None)).await?;
+    let mut c = workflows_client(&first).await?;
+    let mut done = Vec::new();
+    for i in 0..3 {
+        let spec = workflow("old", vec![node("n", &[], &format!("echo {i}"))]);
+        done.push(submit_workflow(&mut c, spec).await?.id);
+    }
+    for id in &done {
+        wait_workflow(&mut c, id, T).await?;
+    }
+    // One still running when the leader dies.
+    let spec = workflow("live", vec![node("n", &[], "sleep 3")]);
+    let live = submit_workflow(&mut c, spec).await?.id;
+    drop(c);
+    let idx = addrs.iter().position(|a| *a == first).expect("ours");
+    cs.controllers[idx].proc.kill9();
+    let next = eventually("a new leader", T, || leader(Some(first.clone()))).await?;
+    // Only the running workflow was loaded.
+    assert_eq!(in_memory(&next).await?, 1);
+    let mut c = workflows_client(&next).await?;
+    for id in &done {
+        let w = c
+            .get(GetWorkflowRequest { id: id.clone() })
+            .await?
+            .into_inner();
+        assert_eq!(w.state(), WorkflowState::Succeeded);
+    }
+    let listed = list_all(&mut c, ListWorkflowsRequest::default(), 2).await?;
+    let want: Vec<String> = std::iter::once(live.clone())
+        .chain(done.iter().rev().cloned())
+        .collect();
+    assert_eq!(ids(&listed), want);
+    let w = wait_workflow(&mut c, &live, T).await?;
+    assert_eq!(w.state(), WorkflowState::Succeeded, "{w:?}");
     Ok(())
 }

@@ -36,7 +36,9 @@ use scabbard_common::proto::{Task, Workflow};
 use scabbard_common::{Error, Result, is_final};
 
 pub(crate) use memory::{Durability, FinishedCache, IdemMemory};
-pub(crate) use read::{get_many, lookup, read_task, read_tasks, read_workflow};
+pub(crate) use read::{
+    get_many, lookup, read_task, read_tasks, read_workflow, read_workflow_records,
+};
 
 /// Present while a task is not final.
 pub(crate) const LIVE_PREFIX: &str = "live/";

@@ -99,24 +99,36 @@ pub(crate) async fn lookup(
     Ok((named, tasks))
 }
 
-/// A workflow from the store, header and parts (`None` when it has no header).
-pub(crate) async fn read_workflow(store: &dyn Store, id: &str) -> Result<Option<Workflow>> {
+/// A workflow's records in the store: its header and parts, in key order (none when it
+/// has no header).
+pub(crate) async fn read_workflow_records(
+    store: &dyn Store,
+    id: &str,
+) -> Result<Vec<crate::store::KeyValue>> {
     let header = records::header_key(id);
     let parts = format!("{header}/");
-    let mut loader = records::Loader::default();
+    let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let page = store.range(&header, after.as_deref(), 1_000).await?;
         after = page.kvs.last().map(|kv| kv.key.clone());
-        for kv in &page.kvs {
-            // The prefix also matches longer ids.
-            if kv.key == header || kv.key.starts_with(&parts) {
-                loader.add(&kv.key, &kv.value)?;
-            }
-        }
+        // The prefix also matches longer ids.
+        out.extend(
+            page.kvs
+                .into_iter()
+                .filter(|kv| kv.key == header || kv.key.starts_with(&parts)),
+        );
         if !page.more || after.is_none() {
-            break;
+            return Ok(out);
         }
+    }
+}
+
+/// A workflow from the store, header and parts (`None` when it has no header).
+pub(crate) async fn read_workflow(store: &dyn Store, id: &str) -> Result<Option<Workflow>> {
+    let mut loader = records::Loader::default();
+    for kv in read_workflow_records(store, id).await? {
+        loader.add(&kv.key, &kv.value)?;
     }
     let loaded = loader.finish();
     if let Some((id, why)) = loaded.broken.into_iter().next() {

@@ -7,6 +7,8 @@
 
 use std::time::Instant;
 
+use futures::{StreamExt, TryStreamExt};
+
 use prost::Message;
 use scabbard_common::proto::Workflow;
 use scabbard_common::{Error, Result, is_final};
@@ -14,6 +16,9 @@ use tracing::{info, warn};
 
 use super::super::{Effect, State, history, idempotency_key};
 use super::{WORKFLOW_PREFIX, records, workflow_final};
+
+/// Live workflows recovery reads at once.
+const RECOVER_READS: usize = 32;
 
 impl State {
     /// A workflow's final header is being written: it joins the finished cache; the
@@ -89,15 +94,19 @@ impl State {
             .collect();
         // A header per workflow and a record per node (or, from earlier versions, one
         // whole record: read as it is, then rewritten as parts).
+        // One range per live workflow, [`RECOVER_READS`] at a time (round trips on etcd).
+        let store = self.store.clone();
+        let read: Vec<Vec<crate::store::KeyValue>> = futures::stream::iter(live)
+            .map(|id| {
+                let store = store.clone();
+                async move { history::read_workflow_records(store.as_ref(), &id).await }
+            })
+            .buffered(RECOVER_READS)
+            .try_collect()
+            .await?;
         let mut loader = records::Loader::default();
-        for id in &live {
-            let header = records::header_key(id);
-            let parts = format!("{header}/");
-            for kv in self.load_prefix(&header).await? {
-                if kv.key == header || kv.key.starts_with(&parts) {
-                    loader.add(&kv.key, &kv.value)?;
-                }
-            }
+        for kv in read.iter().flatten() {
+            loader.add(&kv.key, &kv.value)?;
         }
         let loaded = loader.finish();
         for (id, why) in &loaded.broken {

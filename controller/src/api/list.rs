@@ -14,16 +14,22 @@
 //! * **Freshness**: a record in the store is the task's (workflow's) state as last
 //!   committed. Every transition is committed before anyone is told about it, so a listed
 //!   state is never older than one a client was answered; a transition the core has made
-//!   but not yet committed (milliseconds) shows as the state before it.
+//!   but not yet committed (milliseconds) shows as the state before it. Workflow lists
+//!   first wait on a core barrier (`CoreMsg::Durable`), since the core answers workflow and
+//!   schedule reads from memory before their writes are durable.
 
 use std::collections::HashMap;
 
+use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 use scabbard_common::proto::{ListTasksRequest, ListWorkflowsRequest, Task, Workflow};
 use scabbard_common::{Error, Result};
 
 use crate::core::history::{self, IndexSpace};
 use crate::store::Store;
+
+/// Workflows a page reads whole at once.
+const WHOLE_READS: usize = 16;
 
 /// Most index keys one page looks at.
 pub(crate) const SCAN_BUDGET: usize = 5_000;
@@ -138,16 +144,15 @@ pub(crate) async fn workflows(
                 || w.template.as_ref().map(|t| t.name.as_str()) == Some(req.template.as_str()))
     };
     let (headers, next) = page(store, &q, keep).await?;
-    let mut out = Vec::with_capacity(headers.len());
-    for h in headers {
-        // Deleted by retention since (skipped), or changed since its header was read (the
-        // whole workflow is as of now; listed if it still passes the filters).
-        if let Some(w) = history::read_workflow(store, &h.id).await?
-            && keep(&w)
-        {
-            out.push(w);
-        }
-    }
+    // Each kept one whole: a range each, [`WHOLE_READS`] at a time (round trips on etcd).
+    let whole: Vec<Option<Workflow>> = futures::stream::iter(headers)
+        .map(|h| async move { history::read_workflow(store, &h.id).await })
+        .buffered(WHOLE_READS)
+        .try_collect()
+        .await?;
+    // Deleted by retention since (skipped), or changed since its header was read (the
+    // whole workflow is as of now; listed if it still passes the filters).
+    let out = whole.into_iter().flatten().filter(|w| keep(w)).collect();
     Ok((out, next))
 }
 

@@ -162,8 +162,11 @@ impl WorkflowService for WorkflowApi {
             return Err(Error::invalid("template is longer than 128 bytes").into());
         }
         // From the store's history index, off the core (see `api::list`). Only the leader
-        // serves (like every workflow call), so a follower never answers with an older view.
-        self.core.current()?;
+        // serves (like every workflow call), so a follower never answers with an older view;
+        // and only once what its core wrote so far is durable, so the list shows every
+        // workflow and state the core already answered with (a schedule's run it reported,
+        // a submit another client was answered; no scan in the core, one barrier).
+        self.core.ask(|reply| CoreMsg::Durable { reply }).await?;
         let (workflows, next_page_token) =
             super::list::workflows(self.catalog.store().as_ref(), &req).await?;
         Ok(Response::new(ListWorkflowsResponse {

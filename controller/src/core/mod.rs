@@ -160,6 +160,11 @@ pub(crate) enum CoreMsg {
         id: String,
         reply: Reply<Workflow>,
     },
+    /// Answers once every write the core queued before this message is durable: a read
+    /// of the store after it sees everything the core had told anyone (workflow `List`).
+    Durable {
+        reply: Reply<()>,
+    },
     CancelWorkflow {
         id: String,
         reason: String,
@@ -633,6 +638,7 @@ impl State {
             CoreMsg::GetWorkflow { id, reply } => {
                 let _ = reply.send(self.get_workflow(&id));
             }
+            CoreMsg::Durable { reply } => self.after_durable(vec![reply_effect(reply, ())]).await,
             CoreMsg::CancelWorkflow { id, reason, reply } => {
                 self.cancel_workflow(id, reason, reply).await
             }

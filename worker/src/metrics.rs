@@ -49,13 +49,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.01, 2.5, 16)));
     registry.register(
         "scabbard_worker_attempt_duration_seconds",
-        "Attempts run by this worker, from acceptance to result (inputs, execution, uploads), by executor and outcome.",
+        "Attempts run by this worker, from acceptance to result (inputs, execution, uploads), by executor and outcome",
         attempts.clone(),
     );
     let artifacts = Family::<DirectionLabel, Counter>::default();
     registry.register(
         "scabbard_worker_artifact_bytes",
-        "Packed artifact bytes this worker moved: uploaded outputs, and downloaded inputs (cache hits not counted).",
+        "Packed artifact bytes this worker moved: uploaded outputs, and downloaded inputs (cache hits not counted)",
         artifacts.clone(),
     );
     let uploaded = artifacts
@@ -71,13 +71,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let sessions = Counter::default();
     registry.register(
         "scabbard_worker_sessions",
-        "Sessions this worker opened with a controller (the first and every reconnect).",
+        "Sessions this worker opened with a controller (the first and every reconnect)",
         sessions.clone(),
     );
     let connected = Gauge::default();
     registry.register(
         "scabbard_worker_connected",
-        "1 while this worker holds a session with the leader.",
+        "1 while this worker holds a session with the leader",
         connected.clone(),
     );
     Metrics {
@@ -143,23 +143,23 @@ impl Live {
         let mut r = Registry::default();
         r.register(
             "scabbard_worker_slots",
-            "Attempts this worker runs at once (its slots).",
+            "Attempts this worker runs at once (its slots)",
             ConstGauge::new(i64::from(self.slots)),
         );
         r.register(
             "scabbard_worker_slots_busy",
-            "Slots running an attempt now.",
+            "Slots running an attempt now",
             ConstGauge::new(i64::from(self.runner.running())),
         );
         r.register(
             "scabbard_worker_spool_bytes",
-            "Bytes of the log spool's journal on disk (output and results not yet acknowledged, until compaction).",
+            "Bytes of the log spool's journal on disk (output and results not yet acknowledged, until compaction)",
             ConstGauge::new(self.spool.disk_bytes() as i64),
         );
         if let Some(d) = &self.dagger {
             r.register(
                 "scabbard_worker_engine_up",
-                "1 when the Dagger engine answered the last probe (the dagger capability is advertised).",
+                "1 when the Dagger engine answered the last probe (the dagger capability is advertised)",
                 ConstGauge::new(i64::from(d.is_available())),
             );
         }

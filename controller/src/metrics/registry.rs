@@ -66,20 +66,20 @@ impl Metrics {
             Family::new_with_constructor(|| Histogram::new(latency_buckets()));
         registry.register(
             "scabbard_rpc_duration_seconds",
-            "gRPC calls served, by method and status code: time from the request to the end of the response (whole stream for streaming calls).",
+            "gRPC calls served, by method and status code: time from the request to the end of the response (whole stream for streaming calls)",
             rpc.clone(),
         );
         let submit_to_start = Histogram::new(task_buckets());
         registry.register(
             "scabbard_task_submit_to_start_seconds",
-            "Time from a task's submission to the start of its first attempt on a worker.",
+            "Time from a task's submission to the start of its first attempt on a worker",
             submit_to_start.clone(),
         );
         let finish: HistFamily<StateLabel> =
             Family::new_with_constructor(|| Histogram::new(task_buckets()));
         registry.register(
             "scabbard_task_submit_to_finish_seconds",
-            "Time from a task's submission to its final result reported by a worker, by final state.",
+            "Time from a task's submission to its final result reported by a worker, by final state",
             finish.clone(),
         );
         let submit_to_finish = ["succeeded", "failed", "cancelled", "timed_out"]
@@ -87,49 +87,49 @@ impl Metrics {
         let commit_seconds = Histogram::new(latency_buckets());
         registry.register(
             "scabbard_store_commit_duration_seconds",
-            "Duration of one group commit of the leader's writes to the state store (one transaction, retries included).",
+            "Duration of one group commit of the leader's writes to the state store (one transaction, retries included)",
             commit_seconds.clone(),
         );
         let commit_writes = Histogram::new(exponential_buckets(1.0, 2.0, 13));
         registry.register(
             "scabbard_store_commit_batch_writes",
-            "Writes grouped into one store commit.",
+            "Writes grouped into one store commit",
             commit_writes.clone(),
         );
         let commit_failures = Counter::default();
         registry.register(
             "scabbard_store_commit_failures",
-            "Store commits that failed (refused, or ending the leader's term).",
+            "Store commits that failed (refused, or ending the leader's term)",
             commit_failures.clone(),
         );
         let dispatch_round = Histogram::new(latency_buckets());
         registry.register(
             "scabbard_dispatch_round_duration_seconds",
-            "Duration of one dispatch round of the leader (matching queued tasks to free slots and assigning them).",
+            "Duration of one dispatch round of the leader (matching queued tasks to free slots and assigning them)",
             dispatch_round.clone(),
         );
         let log_bytes_in = Counter::default();
         registry.register(
             "scabbard_log_received_bytes",
-            "Bytes of task output received from workers' sessions.",
+            "Bytes of task output received from workers' sessions",
             log_bytes_in.clone(),
         );
         let log_chunks_in = Counter::default();
         registry.register(
             "scabbard_log_received_chunks",
-            "Log chunks received from workers' sessions.",
+            "Log chunks received from workers' sessions",
             log_chunks_in.clone(),
         );
         let sessions = Counter::default();
         registry.register(
             "scabbard_agent_sessions",
-            "Agent sessions attached to this controller's core.",
+            "Agent sessions attached to this controller's core",
             sessions.clone(),
         );
         let reconnects = Counter::default();
         registry.register(
             "scabbard_agent_reconnects",
-            "Agent sessions that replaced or followed an earlier session of the same agent under the same leader.",
+            "Agent sessions that replaced or followed an earlier session of the same agent under the same leader",
             reconnects.clone(),
         );
         Self {

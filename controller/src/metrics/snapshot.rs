@@ -45,13 +45,13 @@ pub(crate) fn registry(store_healthy: bool, stats: Option<&CoreStats>) -> Regist
     gauge(
         &mut r,
         "scabbard_leader",
-        "1 when this controller leads the cluster.",
+        "1 when this controller leads the cluster",
         i64::from(stats.is_some()),
     );
     gauge(
         &mut r,
         "scabbard_store_healthy",
-        "1 when the state store answers.",
+        "1 when the state store answers",
         i64::from(store_healthy),
     );
     let Some(s) = stats else {
@@ -62,52 +62,52 @@ pub(crate) fn registry(store_healthy: bool, stats: Option<&CoreStats>) -> Regist
     for (name, help, v) in [
         (
             "scabbard_tasks_queued",
-            "Tasks waiting for an agent.",
+            "Tasks waiting for an agent",
             s.queued,
         ),
         (
             "scabbard_tasks_active",
-            "Tasks assigned or running.",
+            "Tasks assigned or running",
             s.active,
         ),
         (
             "scabbard_tasks_known",
-            "Tasks held in the leader's memory.",
+            "Tasks held in the leader's memory",
             s.total,
         ),
         (
             "scabbard_core_tasks_in_memory",
-            "Tasks the core holds: live work and the finished cache (finished_cache_tasks).",
+            "Tasks the core holds: live work and the finished cache (finished_cache_tasks)",
             s.total,
         ),
         (
             "scabbard_core_finished_cached",
-            "Finished tasks in the core's cache; older ones are served from the store.",
+            "Finished tasks in the core's cache; older ones are served from the store",
             s.finished_cached,
         ),
         (
             "scabbard_agents_connected",
-            "Agents with a live session.",
+            "Agents with a live session",
             s.connected_agents,
         ),
         (
             "scabbard_agents_registered",
-            "Agents registered with the cluster.",
+            "Agents registered with the cluster",
             s.registered_agents,
         ),
         (
             "scabbard_agents_lost",
-            "Registered agents declared lost (silent past their lease); their attempts were requeued.",
+            "Registered agents declared lost (silent past their lease); their attempts were requeued",
             s.lost_agents,
         ),
         (
             "scabbard_workflows_running",
-            "Workflows running.",
+            "Workflows running",
             s.running_workflows,
         ),
         (
             "scabbard_workflows_pending",
-            "Workflows waiting for their concurrency group.",
+            "Workflows waiting for their concurrency group",
             s.pending_workflows,
         ),
     ] {
@@ -116,31 +116,31 @@ pub(crate) fn registry(store_healthy: bool, stats: Option<&CoreStats>) -> Regist
     gauge(
         &mut r,
         "scabbard_breakers_open",
-        "Circuit breakers open.",
+        "Circuit breakers open",
         count(BreakerState::Open),
     );
     gauge(
         &mut r,
         "scabbard_breakers_half_open",
-        "Circuit breakers letting probes through.",
+        "Circuit breakers letting probes through",
         count(BreakerState::HalfOpen),
     );
     counter(
         &mut r,
         "scabbard_cache_affinity_hits",
-        "Container tasks sent to a worker whose engine had their image warm.",
+        "Container tasks sent to a worker whose engine had their image warm",
         s.cache_affinity_hits,
     );
     counter(
         &mut r,
         "scabbard_cache_affinity_misses",
-        "Container tasks sent to a worker whose engine did not have their image.",
+        "Container tasks sent to a worker whose engine did not have their image",
         s.cache_affinity_misses,
     );
     gauge_f(
         &mut r,
         "scabbard_cache_affinity_hit_ratio",
-        "Share of container tasks sent to a warm engine since the leader started (0 before any).",
+        "Share of container tasks sent to a warm engine since the leader started (0 before any)",
         if dispatched == 0 {
             0.0
         } else {
@@ -174,23 +174,23 @@ fn projects(r: &mut Registry, s: &CoreStats) {
     }
     r.register(
         "scabbard_project_tasks_queued",
-        "Tasks waiting for an agent, per project.",
+        "Tasks waiting for an agent, per project",
         queued,
     );
     r.register(
         "scabbard_project_tasks_running",
-        "Tasks holding a slot on an agent (assigned or running), per project.",
+        "Tasks holding a slot on an agent (assigned or running), per project",
         running,
     );
     r.register(
         "scabbard_project_queue_oldest_age_seconds",
-        "Age of the oldest queued task of a project (time since it entered the queue; 0 = none queued).",
+        "Age of the oldest queued task of a project (time since it entered the queue; 0 = none queued)",
         age,
     );
     gauge_f(
         r,
         "scabbard_queue_oldest_age_seconds",
-        "Age of the oldest queued task of any project (0 = none queued).",
+        "Age of the oldest queued task of any project (0 = none queued)",
         oldest_all,
     );
 }
@@ -210,25 +210,25 @@ fn retention(r: &mut Registry) {
     }
     r.register(
         "scabbard_retention_deleted",
-        "Items the retention sweeper deleted since the controller started, by kind.",
+        "Items the retention sweeper deleted since the controller started, by kind",
         deleted,
     );
     gauge_f(
         r,
         "scabbard_retention_last_sweep_timestamp_seconds",
-        "When the last retention sweep ended (0 = none yet).",
+        "When the last retention sweep ended (0 = none yet)",
         st.last_sweep_at_ms as f64 / 1000.0,
     );
     gauge(
         r,
         "scabbard_retention_backlog",
-        "Expired tasks and workflows the last sweep left for later rounds.",
+        "Expired tasks and workflows the last sweep left for later rounds",
         st.backlog as i64,
     );
     gauge_f(
         r,
         "scabbard_retention_oldest_finished_timestamp_seconds",
-        "Finish time of the oldest finished task kept (0 = none).",
+        "Finish time of the oldest finished task kept (0 = none)",
         st.oldest_finished_at_ms as f64 / 1000.0,
     );
 }

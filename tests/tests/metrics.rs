@@ -238,6 +238,21 @@ async fn controller_and_worker_metrics_are_valid_and_move_with_traffic() -> Resu
         "{wafter}"
     );
 
+    // Every metric the dashboard and the alert rules use is exported (the engine gauge only
+    // by workers with the dagger executor on).
+    let exported: std::collections::HashSet<&str> = after
+        .lines()
+        .chain(wafter.lines())
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    for name in deploy_metric_names()? {
+        ensure!(
+            exported.contains(name.as_str()) || name == "scabbard_worker_engine_up",
+            "{name} is used in deploy/ but not exported"
+        );
+    }
+
     // OpenMetrics when asked for it.
     let om = http_get(
         cm,
@@ -246,6 +261,68 @@ async fn controller_and_worker_metrics_are_valid_and_move_with_traffic() -> Resu
     )
     .await?;
     ensure!(om.ends_with("# EOF\n"), "{om}");
+    Ok(())
+}
+
+/// The PromQL queries of the Grafana dashboard, with its variables filled in.
+fn dashboard_queries() -> Result<Vec<String>> {
+    let path = repo_root().join("deploy/grafana/scabbard.json");
+    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().context("panels")? {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let e = t["expr"].as_str().context("a target without expr")?;
+            out.push(
+                e.replace("$__rate_interval", "5m")
+                    .replace("$controller_job", "scabbard-controller")
+                    .replace("$worker_job", "scabbard-worker"),
+            );
+        }
+    }
+    ensure!(
+        out.len() >= 20,
+        "only {} queries in {}",
+        out.len(),
+        path.display()
+    );
+    Ok(out)
+}
+
+/// Every `scabbard_…` series name the dashboard and the alert rules use.
+fn deploy_metric_names() -> Result<std::collections::BTreeSet<String>> {
+    let mut text = dashboard_queries()?.join("\n");
+    text.push_str(&std::fs::read_to_string(
+        repo_root().join("deploy/prometheus/alerts.yml"),
+    )?);
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("scabbard_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    Ok(names)
+}
+
+#[test]
+fn dashboard_queries_are_valid_promql() -> Result<()> {
+    // promtool parses PromQL when it checks rules: each query becomes a recording rule.
+    let dir = tempfile::tempdir()?;
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, q) in dashboard_queries()?.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: scabbard:dashboard:{i}\n        expr: {}\n",
+            serde_json::to_string(q)?
+        ));
+    }
+    let file = dir.path().join("dashboard_rules.yml");
+    std::fs::write(&file, rules)?;
+    let out = run_promtool(&["check", "rules", &file.to_string_lossy()], None)?;
+    ensure!(out.contains("SUCCESS"), "{out}");
     Ok(())
 }
 

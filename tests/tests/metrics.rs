@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use scabbard_common::proto::{AgentStatus, Requirements, TaskState};
 use scabbard_tests::{
-    Controller, ControllerOpts, Worker, eventually, free_port, shell, submit, tasks_client,
-    wait_agent, wait_state,
+    Controller, ControllerOpts, Proc, TOKEN, eventually, free_port, process_log_level,
+    scabbard_bin, shell, submit, tasks_client, wait_agent, wait_state,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -122,13 +122,26 @@ async fn controller_and_worker_metrics_are_valid_and_move_with_traffic() -> Resu
     };
     let c = Controller::start(&dir.path().join("c"), 0, &opts)?;
     let addr = c.addr.to_string();
-    let _w = Worker::start_with_config(
-        &addr,
-        &dir.path().join("w"),
+    // The worker's endpoint from its flag (`metrics_listen` in its file is the same key).
+    let _w = Proc::new(
+        Command::new(scabbard_bin())
+            .args([
+                "worker",
+                "--controller",
+                &addr,
+                "--registration-token",
+                TOKEN,
+            ])
+            .args(["--name", "metrics-w", "--slots", "2", "--metrics-listen"])
+            .arg(wm.to_string())
+            .arg("--data-dir")
+            .arg(dir.path().join("w"))
+            .env("SCABBARD_LOG", process_log_level())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("spawn worker")?,
         "metrics-w",
-        2,
-        &format!("metrics_listen = \"{wm}\"\n"),
-    )?;
+    );
     wait_agent(&addr, "the worker to connect", |a| {
         a.name == "metrics-w" && a.status() == AgentStatus::Connected
     })

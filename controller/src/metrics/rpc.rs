@@ -2,8 +2,10 @@
 //! `scabbard_rpc_duration_seconds{method, code}`. The clock stops when the response body
 //! ends (streams: when the stream ends) or is dropped; the code is read from the trailers,
 //! or from the headers of a trailers-only response, and is `CANCELLED` for a response the
-//! client walked away from. Method labels are interned once per distinct path (at most
-//! [`MAX_METHODS`], later ones count as `other`), so a call allocates nothing.
+//! client walked away from. Each distinct path is interned once (at most [`MAX_METHODS`],
+//! later ones count as `other`) with its `OK` histogram resolved, so a successful call
+//! records with one read-locked map lookup and atomics; other codes look their histogram
+//! up in the family.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -13,6 +15,7 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use prometheus_client::metrics::histogram::Histogram;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tower::{Layer, Service};
@@ -22,11 +25,32 @@ use super::registry::{METRICS, RpcLabels};
 /// Distinct method paths given their own label.
 const MAX_METHODS: usize = 256;
 
-static METHODS: LazyLock<RwLock<HashMap<Box<str>, &'static str>>> =
+/// One interned method: its label and its `OK` histogram.
+struct Method {
+    name: &'static str,
+    ok: Histogram,
+}
+
+static METHODS: LazyLock<RwLock<HashMap<Box<str>, &'static Method>>> =
     LazyLock::new(|| RwLock::new(HashMap::new()));
 
-/// The label for a request path (`/pkg.Service/Method` → `pkg.Service/Method`).
-fn method_label(path: &str) -> &'static str {
+static OTHER: LazyLock<Method> = LazyLock::new(|| Method::new("other"));
+
+impl Method {
+    fn new(name: &'static str) -> Self {
+        let ok = METRICS
+            .rpc
+            .get_or_create(&RpcLabels {
+                method: name,
+                code: "OK",
+            })
+            .clone();
+        Self { name, ok }
+    }
+}
+
+/// The method of a request path (`/pkg.Service/Method` → `pkg.Service/Method`).
+fn method(path: &str) -> &'static Method {
     if let Some(m) = METHODS.read().unwrap_or_else(|e| e.into_inner()).get(path) {
         return m;
     }
@@ -35,11 +59,12 @@ fn method_label(path: &str) -> &'static str {
         return m;
     }
     if map.len() >= MAX_METHODS {
-        return "other";
+        return &OTHER;
     }
-    let label: &'static str = Box::leak(path.trim_start_matches('/').into());
-    map.insert(path.into(), label);
-    label
+    let name: &'static str = Box::leak(path.trim_start_matches('/').into());
+    let m: &'static Method = Box::leak(Box::new(Method::new(name)));
+    map.insert(path.into(), m);
+    m
 }
 
 /// The name of a `grpc-status` value.
@@ -104,7 +129,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let mut call = Call {
             start: Instant::now(),
-            method: method_label(req.uri().path()),
+            method: method(req.uri().path()),
             code: None,
             done: false,
         };
@@ -124,7 +149,7 @@ where
 /// One call being timed; observed once, when the body ends or is dropped.
 struct Call {
     start: Instant,
-    method: &'static str,
+    method: &'static Method,
     code: Option<&'static str>,
     done: bool,
 }
@@ -135,14 +160,17 @@ impl Call {
             return;
         }
         self.done = true;
-        let labels = RpcLabels {
-            method: self.method,
-            code: self.code.unwrap_or(default),
-        };
-        METRICS
-            .rpc
-            .get_or_create(&labels)
-            .observe(self.start.elapsed().as_secs_f64());
+        let took = self.start.elapsed().as_secs_f64();
+        match self.code.unwrap_or(default) {
+            "OK" => self.method.ok.observe(took),
+            code => METRICS
+                .rpc
+                .get_or_create(&RpcLabels {
+                    method: self.method.name,
+                    code,
+                })
+                .observe(took),
+        }
     }
 }
 
@@ -199,14 +227,9 @@ mod tests {
 
     #[test]
     fn labels_methods_and_codes() {
-        assert_eq!(
-            method_label("/scabbard.v1.TaskService/Submit"),
-            "scabbard.v1.TaskService/Submit"
-        );
-        assert!(std::ptr::eq(
-            method_label("/scabbard.v1.TaskService/Submit"),
-            method_label("/scabbard.v1.TaskService/Submit")
-        ));
+        let m = method("/scabbard.v1.TaskService/Submit");
+        assert_eq!(m.name, "scabbard.v1.TaskService/Submit");
+        assert!(std::ptr::eq(m, method("/scabbard.v1.TaskService/Submit")));
         assert_eq!(code_name(b"5"), "NOT_FOUND");
         assert_eq!(code_name(b"x"), "UNKNOWN");
     }

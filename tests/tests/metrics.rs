@@ -174,6 +174,15 @@ async fn controller_and_worker_metrics_are_valid_and_move_with_traffic() -> Resu
     });
     submit(&mut tasks, stuck).await?;
 
+    // A call that fails: counted under its code.
+    let missing = tasks
+        .get(scabbard_common::proto::GetTaskRequest {
+            id: "no-such-task".into(),
+        })
+        .await
+        .expect_err("no such task");
+    ensure!(missing.code() == tonic::Code::NotFound, "{missing:?}");
+
     let after = eventually(
         "the queue age to pass 0",
         Duration::from_secs(10),
@@ -188,6 +197,10 @@ async fn controller_and_worker_metrics_are_valid_and_move_with_traffic() -> Resu
         (
             "scabbard_rpc_duration_seconds_count{method=\"scabbard.v1.TaskService/Submit\",code=\"OK\"}",
             4.0,
+        ),
+        (
+            "scabbard_rpc_duration_seconds_count{method=\"scabbard.v1.TaskService/Get\",code=\"NOT_FOUND\"}",
+            1.0,
         ),
         ("scabbard_task_submit_to_start_seconds_count", 3.0),
         (

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use scabbard_common::proto::{AgentStatus, Requirements, TaskState};
 use scabbard_tests::{
-    Controller, ControllerOpts, Proc, TOKEN, eventually, free_port, process_log_level,
+    Controller, ControllerOpts, Proc, TOKEN, Worker, eventually, free_port, process_log_level,
     scabbard_bin, shell, submit, tasks_client, wait_agent, wait_state,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -123,7 +123,7 @@ async fn controller_and_worker_metrics_are_valid_and_move_with_traffic() -> Resu
     let c = Controller::start(&dir.path().join("c"), 0, &opts)?;
     let addr = c.addr.to_string();
     // The worker's endpoint from its flag (`metrics_listen` in its file is the same key).
-    let _w = Proc::new(
+    let mut w = Proc::new(
         Command::new(scabbard_bin())
             .args([
                 "worker",
@@ -287,6 +287,22 @@ async fn controller_and_worker_metrics_are_valid_and_move_with_traffic() -> Resu
     )
     .await?;
     ensure!(om.ends_with("# EOF\n"), "{om}");
+
+    // The worker dies and comes back on its data dir: a second session, counted as a
+    // reconnect.
+    w.kill9();
+    let _w = Worker::start(&addr, &dir.path().join("w"), "metrics-w", 2)?;
+    eventually(
+        "the reconnect to be counted",
+        Duration::from_secs(20),
+        || async {
+            let t = scrape(cm).await.ok()?;
+            (count(&t, "scabbard_agent_reconnects_total") >= 1.0
+                && count(&t, "scabbard_agent_sessions_total") >= 2.0)
+                .then_some(())
+        },
+    )
+    .await?;
     Ok(())
 }
 

@@ -12,7 +12,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use scabbard_common::proto::{AgentStatus, Requirements, TaskState};
+use scabbard_common::proto::{
+    AgentStatus, ArtifactInput, ArtifactSpec, Requirements, TaskSpec, TaskState,
+};
 use scabbard_tests::{
     Controller, ControllerOpts, Proc, TOKEN, Worker, eventually, free_port, process_log_level,
     scabbard_bin, shell, submit, tasks_client, wait_agent, wait_state,
@@ -166,6 +168,36 @@ async fn controller_and_worker_metrics_are_valid_and_move_with_traffic() -> Resu
         let t = wait_state(&mut tasks, id, None, Duration::from_secs(30)).await?;
         ensure!(t.state() == TaskState::Succeeded, "{t:?}");
     }
+    // An artifact uploaded by one task and downloaded as the input of another.
+    let producer = submit(
+        &mut tasks,
+        TaskSpec {
+            artifacts: vec![ArtifactSpec {
+                name: "a".into(),
+                path: "out/a".into(),
+                optional: false,
+            }],
+            ..shell("mkdir -p out && echo artifact-bytes > out/a")
+        },
+    )
+    .await?;
+    let t = wait_state(&mut tasks, &producer, None, Duration::from_secs(30)).await?;
+    ensure!(t.state() == TaskState::Succeeded, "{t:?}");
+    let consumer = submit(
+        &mut tasks,
+        TaskSpec {
+            inputs: vec![ArtifactInput {
+                from: format!("{producer}/a"),
+                path: "in/a".into(),
+                ..Default::default()
+            }],
+            ..shell("cat in/a")
+        },
+    )
+    .await?;
+    let t = wait_state(&mut tasks, &consumer, None, Duration::from_secs(30)).await?;
+    ensure!(t.state() == TaskState::Succeeded, "{t:?}");
+
     // One task no agent can take: it stays queued, so the per-project gauges show it.
     let mut stuck = shell("true");
     stuck.requirements = Some(Requirements {
@@ -258,6 +290,10 @@ async fn controller_and_worker_metrics_are_valid_and_move_with_traffic() -> Resu
             wafter.lines().any(|l| l == line),
             "{line} missing:\n{wafter}"
         );
+    }
+    for direction in ["upload", "download"] {
+        let series = format!("scabbard_worker_artifact_bytes_total{{direction=\"{direction}\"}}");
+        ensure!(count(&wafter, &series) > 0.0, "{series}:\n{wafter}");
     }
     ensure!(
         count(&wafter, "scabbard_worker_spool_bytes") > 0.0,

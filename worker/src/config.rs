@@ -63,6 +63,8 @@ pub struct WorkerConfig {
     pub client_key: Option<PathBuf>,
     /// Name the controller's certificate must carry (default: the address's host).
     pub tls_domain: Option<String>,
+    /// Where Prometheus metrics are served (`GET /metrics`, plain HTTP, no auth); unset = off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The `dagger` executor (`[dagger]` section).
     pub dagger: DaggerConfig,
     /// The `shell` executor (`[shell]` section).
@@ -91,6 +93,7 @@ impl Default for WorkerConfig {
             client_cert: None,
             client_key: None,
             tls_domain: None,
+            metrics_listen: None,
             dagger: DaggerConfig::default(),
             shell: ShellConfig::default(),
             config_file: None,

@@ -69,6 +69,7 @@ impl Connection {
         let mut last_failed: Option<String> = None;
         loop {
             let (end, welcomed) = self.session(&shutdown).await;
+            crate::metrics::session(false);
             if welcomed {
                 // Older failures are history; the one that ended this session (below) is not.
                 last_failed = None;
@@ -312,6 +313,7 @@ impl Connection {
             Err(s) => return (End::Lost(s.into()), false),
         };
         info!(agent = %id.agent_id, resumed = welcome.resume.len(), "session open");
+        crate::metrics::session(true);
         self.link.welcomed(&welcome);
         let mut pump = Pump {
             runner: self.runner.clone(),

@@ -15,6 +15,7 @@ pub mod executor;
 pub mod identity;
 mod layout;
 mod link;
+mod metrics;
 pub mod redact;
 mod runner;
 pub mod spool;
@@ -71,10 +72,12 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     // The `dagger` capability is advertised only while an engine answers: asked once now
     // (bounded by `dagger.probe_timeout_ms`), then every `dagger.probe_interval_ms`.
     let mut rechecks = None;
+    let mut engine = None;
     if cfg.dagger.enabled {
         let dagger = executor::DaggerExecutor::new(cfg.dagger.clone());
         dagger.probe().await;
         rechecks = dagger.spawn_rechecks(shutdown.child_token());
+        engine = Some(dagger.clone());
         executors.push(Arc::new(dagger));
     }
     let target = scabbard_common::client::addresses(&cfg.controller)
@@ -85,7 +88,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     let cache =
         artifacts::ArtifactCache::open(&cfg.artifact_cache_dir(), cfg.artifact_cache_bytes).await?;
     let runner = Arc::new(runner::Runner::new(runner::RunnerParts {
-        spool,
+        spool: spool.clone(),
         executors,
         work_root: cfg.work_root(),
         default_timeout: Duration::from_millis(cfg.default_task_timeout_ms),
@@ -94,6 +97,16 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         agent_name,
         artifacts: Arc::new(artifacts::Artifacts::new(cache, link.clone())),
     }));
+    if let Some(addr) = cfg.metrics_listen {
+        let live = metrics::Live {
+            runner: runner.clone(),
+            spool,
+            slots: cfg.slots,
+            dagger: engine,
+        };
+        let bound = metrics::start(addr, live, shutdown.child_token()).await?;
+        info!(addr = %bound, "metrics on GET /metrics");
+    }
     let adopted = runner.adopt_spooled()?;
     if adopted > 0 {
         info!(

@@ -273,6 +273,7 @@ impl Runner {
         exec: Arc<dyn Executor>,
         cancel: CancellationToken,
     ) {
+        let (started, executor) = (std::time::Instant::now(), exec.capability());
         let secrets = Arc::new(Secrets::with_encodings(spec.secret_env.values()));
         let mut redactor = ChunkRedactor::new(secrets.clone());
         let (tx, mut rx) = mpsc::channel(64);
@@ -363,6 +364,7 @@ impl Runner {
             warn!(task = %key.0, error = %e, "cannot spool the result; it is kept in memory only");
         }
         info!(task = %key.0, attempt = key.1 as u32, token = key.1, outcome = ?outcome.outcome, "attempt finished");
+        crate::metrics::attempt_finished(executor, outcome.outcome, started.elapsed());
         if let Some(a) = self.lock().get_mut(&key) {
             a.finished = Some(finished.clone());
         }

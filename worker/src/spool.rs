@@ -113,6 +113,11 @@ impl Spool {
         lock(&self.journal).begin(assign)
     }
 
+    /// Bytes of the journal's segments on disk (`scabbard_worker_spool_bytes`).
+    pub fn disk_bytes(&self) -> u64 {
+        lock(&self.journal).segments.values().map(|s| s.len).sum()
+    }
+
     /// Records a log chunk. Chunks of one attempt must come in sequence: 0, 1, 2, ...
     pub fn append_chunk(&self, chunk: &proto::AgentLogChunk) -> Result<()> {
         check_task_id(&chunk.task_id)?;

@@ -433,6 +433,9 @@ pub(crate) async fn worker(a: WorkerArgs) -> Result<u8> {
     if let Some(g) = a.shutdown_grace {
         cfg.shutdown_grace_ms = g.as_millis() as u64;
     }
+    if a.metrics_listen.is_some() {
+        cfg.metrics_listen = a.metrics_listen;
+    }
     if a.ca_cert.is_some() {
         cfg.ca_cert = a.ca_cert;
     }

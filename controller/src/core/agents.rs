@@ -82,6 +82,7 @@ impl State {
         if let Some(c) = hello.cache.as_ref() {
             entry.warm.set(c);
         }
+        crate::metrics::session_attached(entry.conn.is_some() || entry.disconnected_at.is_some());
         let last_seen = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(now_ms()));
         entry.conn = Some(Conn {
             session,

@@ -105,6 +105,7 @@ impl State {
         if free == 0 {
             return;
         }
+        let _round = crate::metrics::DispatchRound::start();
         // Tasks holding a slot per project (for fairness and running quotas) and per
         // concurrency group: counted only when needed, as that walks every running task.
         let active: HashMap<String, u32> = if self.queue.project_count() > 1

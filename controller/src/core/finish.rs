@@ -190,7 +190,10 @@ impl State {
                 self.retry_timers.insert((at, f.task_id.clone()));
                 info!(task = %f.task_id, attempt, retry_in_ms = at - now, "attempt failed; retrying after backoff");
             }
-            None => t.result = Some(result.clone()),
+            None => {
+                t.result = Some(result.clone());
+                crate::metrics::task_finished(state, t.created_at_ms, now);
+            }
         }
         let task = t.clone();
         if let Some(a) = self.agents.get_mut(agent_id) {

@@ -280,6 +280,11 @@ pub struct CoreStats {
     /// Container tasks dispatched to a warm engine, and to a cold one.
     pub cache_affinity_hits: u64,
     pub cache_affinity_misses: u64,
+    /// Queued and running tasks per project (`/metrics`).
+    pub projects: Vec<crate::metrics::ProjectLoad>,
+    /// Agents registered, and those declared lost (silent past their lease).
+    pub registered_agents: usize,
+    pub lost_agents: usize,
 }
 
 pub(crate) struct TaskEntry {
@@ -741,6 +746,9 @@ impl State {
                         .count_workflows(scabbard_common::proto::WorkflowState::Pending),
                     cache_affinity_hits: self.affinity.0,
                     cache_affinity_misses: self.affinity.1,
+                    projects: crate::metrics::project_loads(self),
+                    registered_agents: self.agents.len(),
+                    lost_agents: self.agents.values().filter(|a| a.lost).count(),
                 });
             }
         }

@@ -242,7 +242,9 @@ impl Loop {
             run_effects(batch.drain(..), &result);
             return;
         }
+        let started = std::time::Instant::now();
         let result = self.commit(ops_for(batch)).await;
+        crate::metrics::store_commit(batch.len(), started.elapsed(), result.is_ok());
         match result {
             Ok(()) => run_effects(batch.drain(..), &Ok(())),
             Err(Failure::Refused(why)) if batch.iter().filter(|w| !w.is_barrier()).count() > 1 => {

@@ -461,6 +461,9 @@ impl State {
         entry.task.updated_at_ms = now;
         if let Some(a) = entry.task.attempts.last_mut() {
             a.started_at_ms = now;
+            if a.number == 1 {
+                crate::metrics::task_started(entry.task.created_at_ms, now);
+            }
         }
         let task = entry.task.clone();
         self.persist_task(&task, Vec::new()).await;

@@ -40,7 +40,7 @@ use crate::config::ControllerConfig;
 use crate::core::CoreHandle;
 use crate::store::{Compare, Store};
 
-pub(crate) use stats::{STATS, metrics_text, status};
+pub(crate) use stats::{STATS, status};
 
 /// Keys read per range page, and most deletes per transaction.
 const BATCH: usize = 128;

@@ -107,6 +107,9 @@ impl Artifacts {
                     input.from, artifact.task_id, artifact.name
                 ))
             })?;
+            if lease.fetched {
+                crate::metrics::artifact_downloaded(artifact.size);
+            }
             let how = if lease.fetched {
                 format!("downloaded in {:.1} s", started.elapsed().as_secs_f64())
             } else {
@@ -285,6 +288,7 @@ impl Artifacts {
                     ));
                 }
             };
+            crate::metrics::artifact_uploaded(info.size);
             note(
                 log,
                 format!(

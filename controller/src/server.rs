@@ -407,13 +407,19 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// The gRPC server with its layers: forwarding (outermost), auth, limits.
+/// The gRPC server with its layers: trace spans (outermost), forwarding, auth, limits.
 type ApiRouter = tonic::transport::server::Router<
     tower::layer::util::Stack<
         crate::limits::LimitsLayer,
         tower::layer::util::Stack<
             AuthLayer,
-            tower::layer::util::Stack<ForwardLayer, tower::layer::util::Identity>,
+            tower::layer::util::Stack<
+                ForwardLayer,
+                tower::layer::util::Stack<
+                    crate::rpc_trace::RpcTraceLayer,
+                    tower::layer::util::Identity,
+                >,
+            >,
         >,
     >,
 >;
@@ -552,7 +558,9 @@ fn router(
     .max_decoding_message_size(artifact_max)
     .max_encoding_message_size(artifact_max);
     Ok(crate::tls::server_builder(&cfg.tls)?
-        // Outermost: a follower forwards client calls to the leader untouched (the leader
+        // A server span per call when tracing is on (a forwarded call's too).
+        .layer(crate::rpc_trace::RpcTraceLayer)
+        // Then: a follower forwards client calls to the leader untouched (the leader
         // authenticates them).
         .layer(forward)
         .layer(AuthLayer::new(catalog))

@@ -67,6 +67,9 @@ pub struct WorkerConfig {
     pub dagger: DaggerConfig,
     /// The `shell` executor (`[shell]` section).
     pub shell: ShellConfig,
+    /// Traces (`[telemetry]`: `otlp_endpoint`, `service_name`, `sampler`, `sampler_arg`);
+    /// the `OTEL_*` variables override it. Read by the binary before logging starts.
+    pub telemetry: scabbard_common::telemetry::TelemetryConfig,
     /// The file this configuration was read from, if any (set by the CLI, not in the file):
     /// with `shell.run_as` the worker checks that tasks cannot read it.
     #[serde(skip)]
@@ -93,6 +96,7 @@ impl Default for WorkerConfig {
             tls_domain: None,
             dagger: DaggerConfig::default(),
             shell: ShellConfig::default(),
+            telemetry: Default::default(),
             config_file: None,
         }
     }
@@ -106,6 +110,7 @@ impl WorkerConfig {
 
     /// Refuses configurations that cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
+        self.telemetry.validate()?;
         if self.controller.trim().is_empty() {
             return Err(Error::invalid(
                 "controller address is required (--controller)",

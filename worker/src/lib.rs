@@ -18,6 +18,7 @@ mod link;
 pub mod redact;
 mod runner;
 pub mod spool;
+mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;

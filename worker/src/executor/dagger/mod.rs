@@ -247,9 +247,12 @@ impl DaggerExecutor {
                 return ExecOutcome::infrastructure(why);
             }
         };
+        let mut env = cli::cli_env(&self.cfg);
+        // The engine's spans join the task's trace.
+        env.extend(ctx.otel_env().into_iter().map(|(k, v)| (k, v.into())));
         let session_spec = SessionSpec {
             cli: &cli,
-            env: cli::cli_env(&self.cfg),
+            env,
             cwd: &workdir,
             start_timeout: self.cfg.session_start_timeout(),
             kill_grace: self.cfg.kill_grace(),

@@ -1,0 +1,400 @@
+//! Traces end to end: the CLI, a controller and two workers (real processes) export to a
+//! test OTLP/gRPC receiver ([`scabbard_tests::otlp`]); a submit's spans from all three
+//! form one tree in one trace, which the task's process sees as `TRACEPARENT`. And with no
+//! endpoint configured nothing is exported.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use scabbard_common::proto::{GetWorkflowRequest, RetryPolicy, TaskState};
+use scabbard_tests::otlp::{self, ReceivedSpan, Receiver};
+use scabbard_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+const CONTROLLER: &str = "ctl-under-test";
+const CLI: &str = "cli-under-test";
+
+/// A controller and two workers, exporting to `endpoint` when given (each its own
+/// `OTEL_SERVICE_NAME` either way).
+struct Traced {
+    dir: tempfile::TempDir,
+    _controller: Proc,
+    addr: SocketAddr,
+    _workers: Vec<Proc>,
+    endpoint: Option<String>,
+}
+
+/// The environment of a process under test.
+fn otel_env(cmd: &mut Command, endpoint: Option<&str>, service: &str) {
+    cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env("OTEL_SERVICE_NAME", service)
+        // Export within 100 ms instead of 5 s.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    if let Some(ep) = endpoint {
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", ep);
+    }
+}
+
+impl Traced {
+    fn start(endpoint: Option<&str>, worker_config: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut cmd = Command::new(scabbard_bin());
+        cmd.args([
+            "controller",
+            "--listen",
+            "127.0.0.1:0",
+            "--registration-token",
+            TOKEN,
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("controller"))
+        .args(["--agent-lease-ttl", "2s", "--heartbeat-interval", "200ms"])
+        .env("SCABBARD_LOG", process_log_level())
+        .env("SCABBARD_BOOTSTRAP_TOKEN", ADMIN_TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        otel_env(&mut cmd, endpoint, CONTROLLER);
+        let mut child = cmd.spawn().context("spawn controller")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let controller = Proc::new(child, "controller");
+        let Some(bound) = line.trim().strip_prefix("listening on ") else {
+            bail!("controller did not start: {line:?}");
+        };
+        let addr: SocketAddr = bound.parse()?;
+        let mut workers = Vec::new();
+        for name in ["wa", "wb"] {
+            let data = dir.path().join(name);
+            let config = dir.path().join(format!("{name}.toml"));
+            std::fs::write(&config, worker_config)?;
+            let mut cmd = Command::new(scabbard_bin());
+            cmd.arg("worker")
+                .arg("--config")
+                .arg(&config)
+                .args(["--controller", &addr.to_string()])
+                .args([
+                    "--registration-token",
+                    TOKEN,
+                    "--name",
+                    name,
+                    "--slots",
+                    "2",
+                ])
+                .arg("--data-dir")
+                .arg(&data)
+                .env("SCABBARD_LOG", process_log_level())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            otel_env(&mut cmd, endpoint, &format!("worker-{name}"));
+            workers.push(Proc::new(cmd.spawn().context("spawn worker")?, name));
+        }
+        Ok(Self {
+            dir,
+            _controller: controller,
+            addr,
+            _workers: workers,
+            endpoint: endpoint.map(str::to_string),
+        })
+    }
+
+    async fn ready(&self) -> Result<()> {
+        let admin = admin_channel(&self.addr.to_string()).await?;
+        let admin = scabbard_common::client::AdminServiceClient::new(admin);
+        eventually("both workers to register", T, || {
+            let mut admin = admin.clone();
+            async move {
+                let agents = admin
+                    .list_agents(scabbard_common::proto::ListAgentsRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .agents;
+                (agents.len() == 2).then_some(())
+            }
+        })
+        .await
+    }
+
+    /// Runs `scabbard <args>` as the CLI under test; returns its stderr (it must succeed).
+    async fn cli(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = cli(&self.dir.path().join("cli"));
+        cmd.args(args)
+            .args(["--controller", &self.addr.to_string()]);
+        otel_env(&mut cmd, self.endpoint.as_deref(), CLI);
+        // Not blocking: the receiver runs on this test's runtime.
+        let out = tokio::process::Command::from(cmd).output().await?;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            bail!(
+                "scabbard {args:?} failed: {stderr}{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(stderr)
+    }
+}
+
+/// The id after "submitted " in a CLI's stderr.
+fn submitted_id(stderr: &str) -> Result<String> {
+    stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("submitted "))
+        .map(|s| s.trim().to_string())
+        .with_context(|| format!("no \"submitted <id>\" in {stderr:?}"))
+}
+
+fn services<'a>(spans: &[&'a ReceivedSpan]) -> BTreeSet<&'a str> {
+    spans.iter().map(|s| s.service.as_str()).collect()
+}
+
+fn named<'a>(spans: &[&'a ReceivedSpan], name: &str) -> Vec<&'a ReceivedSpan> {
+    spans.iter().filter(|s| s.name == name).copied().collect()
+}
+
+/// Waits until trace `trace_id` holds spans named `names` (at least `n` of each), then
+/// returns it.
+async fn wait_trace(
+    rx: &Receiver,
+    trace_id: &str,
+    names: &[(&str, usize)],
+) -> Result<Vec<ReceivedSpan>> {
+    let spans = rx
+        .wait_for(&format!("trace {trace_id} to hold {names:?}"), T, |all| {
+            let t = otlp::trace(all, trace_id);
+            names
+                .iter()
+                .all(|(name, n)| t.iter().filter(|s| s.name == *name).count() >= *n)
+        })
+        .await?;
+    Ok(otlp::trace(&spans, trace_id).into_iter().cloned().collect())
+}
+
+const WORKERS: &str = "";
+const ECHO: &str = "echo TRACEPARENT=$TRACEPARENT";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_from_the_cli_through_the_controller_and_a_worker_to_the_task() -> Result<()> {
+    let rx = Receiver::start().await?;
+    let c = Traced::start(Some(&rx.endpoint()), WORKERS)?;
+    c.ready().await?;
+    let stderr = c.cli(&["submit", "--wait", "--sh", ECHO]).await?;
+    let id = submitted_id(&stderr)?;
+    let mut tasks = tasks_client(&c.addr.to_string()).await?;
+    let task = get(&mut tasks, &id).await?;
+    assert_eq!(task.state(), TaskState::Succeeded, "{task:?}");
+    // The task's process saw the trace; the controller stored the submitter's context.
+    let seen = otlp::printed_traceparent(&logs(&mut tasks, &id, 0, false).await?)?;
+    let trace_id = otlp::trace_id_of(&seen)?;
+    assert_eq!(otlp::trace_id_of(&task.traceparent)?, trace_id);
+    let spans = wait_trace(
+        &rx,
+        &trace_id,
+        &[
+            ("scabbard submit", 1),
+            ("scabbard.task", 1),
+            ("scabbard.attempt", 1),
+            ("scabbard.worker.attempt", 1),
+            ("scabbard.worker.execute", 1),
+            ("scabbard.v1.TaskService/Submit", 1),
+        ],
+    )
+    .await?;
+    let t: Vec<&ReceivedSpan> = spans.iter().collect();
+    let root = otlp::check_tree(&t)?;
+    assert_eq!(
+        (root.name.as_str(), root.service.as_str()),
+        ("scabbard submit", CLI)
+    );
+    let svc = services(&t);
+    assert!(svc.contains(CLI) && svc.contains(CONTROLLER), "{svc:?}");
+    assert!(
+        svc.contains("worker-wa") || svc.contains("worker-wb"),
+        "{svc:?}"
+    );
+    // RPC semantic conventions on the server span.
+    let submit = named(&t, "scabbard.v1.TaskService/Submit")[0];
+    assert_eq!(submit.service, CONTROLLER);
+    assert_eq!(submit.kind, 2, "server kind: {submit:?}");
+    assert_eq!(submit.attr("rpc.system"), "grpc");
+    assert_eq!(submit.attr("rpc.service"), "scabbard.v1.TaskService");
+    assert_eq!(submit.attr("rpc.method"), "Submit");
+    assert_eq!(submit.attr("rpc.grpc.status_code"), "0");
+    assert_eq!(submit.parent_span_id, root.span_id);
+    // task → attempt → worker attempt → execute; the process saw the execute span.
+    let task_span = named(&t, "scabbard.task")[0];
+    let attempt = named(&t, "scabbard.attempt")[0];
+    let worker = named(&t, "scabbard.worker.attempt")[0];
+    let execute = named(&t, "scabbard.worker.execute")[0];
+    assert_eq!(attempt.parent_span_id, task_span.span_id);
+    assert_eq!(worker.parent_span_id, attempt.span_id);
+    assert_eq!(execute.parent_span_id, worker.span_id);
+    assert!(seen.contains(&execute.span_id), "{seen} vs {execute:?}");
+    assert!(otlp::descends_from(&t, task_span, &submit.span_id));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_task_keeps_both_attempts_in_the_submitters_trace() -> Result<()> {
+    let rx = Receiver::start().await?;
+    let c = Traced::start(Some(&rx.endpoint()), WORKERS)?;
+    c.ready().await?;
+    // A client of our own (not traced) sends its context as gRPC metadata.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let marker = c.dir.path().join("second-time");
+    let mut spec = shell(&format!(
+        "{ECHO}; if [ -e {m} ]; then echo second; else touch {m}; exit 3; fi",
+        m = marker.display()
+    ));
+    spec.retry = Some(RetryPolicy {
+        max_attempts: 2,
+        initial_backoff_ms: 100,
+        ..Default::default()
+    });
+    let mut tasks = tasks_client(&c.addr.to_string()).await?;
+    let mut req = tonic::Request::new(scabbard_common::proto::SubmitTaskRequest {
+        spec: Some(spec),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("traceparent", format!("00-{trace_id}-{parent}-01").parse()?);
+    let id = tasks
+        .submit(req)
+        .await?
+        .into_inner()
+        .task
+        .context("task")?
+        .id;
+    let task = wait_state(&mut tasks, &id, None, T).await?;
+    assert_eq!(task.state(), TaskState::Succeeded, "{task:?}");
+    assert_eq!(task.attempts.len(), 2, "{task:?}");
+    for n in 1..=2 {
+        let seen = otlp::printed_traceparent(&logs(&mut tasks, &id, n, false).await?)?;
+        assert_eq!(otlp::trace_id_of(&seen)?, trace_id, "attempt {n}");
+    }
+    let spans = wait_trace(
+        &rx,
+        trace_id,
+        &[
+            ("scabbard.task", 1),
+            ("scabbard.attempt", 2),
+            ("scabbard.worker.execute", 2),
+        ],
+    )
+    .await?;
+    let t: Vec<&ReceivedSpan> = spans.iter().collect();
+    // Rooted in the client's span (not exported): only the Submit span hangs from it.
+    let from_client: Vec<_> = t.iter().filter(|s| s.parent_span_id == parent).collect();
+    assert_eq!(from_client.len(), 1, "{}", otlp::describe(&spans));
+    assert_eq!(from_client[0].name, "scabbard.v1.TaskService/Submit");
+    let task_span = named(&t, "scabbard.task")[0];
+    let attempts = named(&t, "scabbard.attempt");
+    assert_eq!(attempts.len(), 2, "{}", otlp::describe(&spans));
+    let numbers: BTreeSet<&str> = attempts
+        .iter()
+        .map(|a| a.attr("scabbard.attempt"))
+        .collect();
+    assert_eq!(numbers, BTreeSet::from(["1", "2"]));
+    for a in &attempts {
+        assert_eq!(a.parent_span_id, task_span.span_id, "{a:?}");
+    }
+    for s in &t {
+        assert!(
+            s.parent_span_id == parent || otlp::descends_from(&t, s, &from_client[0].span_id),
+            "{s:?} is outside the tree:\n{}",
+            otlp::describe(&spans)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_is_one_trace_with_its_nodes_under_the_workflow_span() -> Result<()> {
+    let rx = Receiver::start().await?;
+    let c = Traced::start(Some(&rx.endpoint()), WORKERS)?;
+    c.ready().await?;
+    let file = c.dir.path().join("wf.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: traced\ntasks:\n  - {{name: a, shell: {{command: [sh, -c, '{ECHO}']}}}}\n  - {{name: b, depends_on: [a], shell: {{command: [sh, -c, '{ECHO}']}}}}\n  - {{name: c, depends_on: [a], shell: {{command: [sh, -c, '{ECHO}']}}}}\n"
+        ),
+    )?;
+    let stderr = c
+        .cli(&[
+            "workflow",
+            "submit",
+            "--wait",
+            "-f",
+            &file.to_string_lossy(),
+        ])
+        .await?;
+    let wf_id = submitted_id(&stderr)?;
+    let mut wf = scabbard_common::proto::workflow_service_client::WorkflowServiceClient::new(
+        admin_channel(&c.addr.to_string()).await?,
+    );
+    let w = wf
+        .get(GetWorkflowRequest { id: wf_id.clone() })
+        .await?
+        .into_inner();
+    let trace_id = otlp::trace_id_of(&w.traceparent)?;
+    let mut tasks = tasks_client(&c.addr.to_string()).await?;
+    for n in &w.nodes {
+        let seen = otlp::printed_traceparent(&logs(&mut tasks, &n.task_id, 0, false).await?)?;
+        assert_eq!(otlp::trace_id_of(&seen)?, trace_id, "node {}", n.name);
+    }
+    let spans = wait_trace(
+        &rx,
+        &trace_id,
+        &[
+            ("scabbard workflow submit", 1),
+            ("scabbard.workflow", 1),
+            ("scabbard.workflow.node", 3),
+            ("scabbard.attempt", 3),
+            ("scabbard.worker.execute", 3),
+        ],
+    )
+    .await?;
+    let t: Vec<&ReceivedSpan> = spans.iter().collect();
+    let root = otlp::check_tree(&t)?;
+    assert_eq!(root.service, CLI);
+    let workflow = named(&t, "scabbard.workflow")[0];
+    assert_eq!(workflow.service, CONTROLLER);
+    let nodes = named(&t, "scabbard.workflow.node");
+    let names: BTreeSet<&str> = nodes
+        .iter()
+        .map(|n| n.attr("scabbard.workflow.node"))
+        .collect();
+    assert_eq!(names, BTreeSet::from(["a", "b", "c"]));
+    for n in &nodes {
+        assert_eq!(n.parent_span_id, workflow.span_id, "{n:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_exported_without_an_endpoint() -> Result<()> {
+    let rx = Receiver::start().await?;
+    // The receiver is up and every process has a service name, but no endpoint.
+    let c = Traced::start(None, WORKERS)?;
+    c.ready().await?;
+    let stderr = c.cli(&["submit", "--wait", "--sh", ECHO]).await?;
+    let id = submitted_id(&stderr)?;
+    let mut tasks = tasks_client(&c.addr.to_string()).await?;
+    let task = get(&mut tasks, &id).await?;
+    assert_eq!(task.state(), TaskState::Succeeded, "{task:?}");
+    // No context anywhere: none stored, none given to the task.
+    assert_eq!(task.traceparent, "");
+    let text = logs(&mut tasks, &id, 0, false).await?;
+    assert_eq!(text.trim(), "TRACEPARENT=", "{text:?}");
+    // Absence can only be shown over a time: 20 export intervals of the processes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(rx.spans().is_empty(), "{}", otlp::describe(&rx.spans()));
+    Ok(())
+}

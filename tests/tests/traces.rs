@@ -6,11 +6,16 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use scabbard_common::proto::{GetWorkflowRequest, RetryPolicy, TaskState};
+use scabbard_common::proto::{
+    ContainerStep, ContainerTask, GetWorkflowRequest, RetryPolicy, TaskSpec, TaskState,
+    task_spec::Kind,
+};
+use scabbard_tests::fleet::{EngineState, Fixtures, fake_dagger_bin};
 use scabbard_tests::otlp::{self, ReceivedSpan, Receiver};
 use scabbard_tests::*;
 
@@ -41,7 +46,11 @@ fn otel_env(cmd: &mut Command, endpoint: Option<&str>, service: &str) {
 }
 
 impl Traced {
-    fn start(endpoint: Option<&str>, worker_config: &str) -> Result<Self> {
+    /// `worker_config(name, dir)`: the worker's config file.
+    fn start(
+        endpoint: Option<&str>,
+        worker_config: impl Fn(&str, &Path) -> Result<String>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut cmd = Command::new(scabbard_bin());
         cmd.args([
@@ -72,7 +81,7 @@ impl Traced {
         for name in ["wa", "wb"] {
             let data = dir.path().join(name);
             let config = dir.path().join(format!("{name}.toml"));
-            std::fs::write(&config, worker_config)?;
+            std::fs::write(&config, worker_config(name, dir.path())?)?;
             let mut cmd = Command::new(scabbard_bin());
             cmd.arg("worker")
                 .arg("--config")
@@ -175,13 +184,16 @@ async fn wait_trace(
     Ok(otlp::trace(&spans, trace_id).into_iter().cloned().collect())
 }
 
-const WORKERS: &str = "";
+/// Workers with no config of their own.
+fn plain(_: &str, _: &Path) -> Result<String> {
+    Ok(String::new())
+}
 const ECHO: &str = "echo TRACEPARENT=$TRACEPARENT";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_from_the_cli_through_the_controller_and_a_worker_to_the_task() -> Result<()> {
     let rx = Receiver::start().await?;
-    let c = Traced::start(Some(&rx.endpoint()), WORKERS)?;
+    let c = Traced::start(Some(&rx.endpoint()), plain)?;
     c.ready().await?;
     let stderr = c.cli(&["submit", "--wait", "--sh", ECHO]).await?;
     let id = submitted_id(&stderr)?;
@@ -242,7 +254,7 @@ async fn one_trace_from_the_cli_through_the_controller_and_a_worker_to_the_task(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_task_keeps_both_attempts_in_the_submitters_trace() -> Result<()> {
     let rx = Receiver::start().await?;
-    let c = Traced::start(Some(&rx.endpoint()), WORKERS)?;
+    let c = Traced::start(Some(&rx.endpoint()), plain)?;
     c.ready().await?;
     // A client of our own (not traced) sends its context as gRPC metadata.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -317,7 +329,7 @@ async fn a_retried_task_keeps_both_attempts_in_the_submitters_trace() -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workflow_is_one_trace_with_its_nodes_under_the_workflow_span() -> Result<()> {
     let rx = Receiver::start().await?;
-    let c = Traced::start(Some(&rx.endpoint()), WORKERS)?;
+    let c = Traced::start(Some(&rx.endpoint()), plain)?;
     c.ready().await?;
     let file = c.dir.path().join("wf.yaml");
     std::fs::write(
@@ -382,7 +394,7 @@ async fn a_workflow_is_one_trace_with_its_nodes_under_the_workflow_span() -> Res
 async fn nothing_is_exported_without_an_endpoint() -> Result<()> {
     let rx = Receiver::start().await?;
     // The receiver is up and every process has a service name, but no endpoint.
-    let c = Traced::start(None, WORKERS)?;
+    let c = Traced::start(None, plain)?;
     c.ready().await?;
     let stderr = c.cli(&["submit", "--wait", "--sh", ECHO]).await?;
     let id = submitted_id(&stderr)?;
@@ -396,5 +408,74 @@ async fn nothing_is_exported_without_an_endpoint() -> Result<()> {
     // Absence can only be shown over a time: 20 export intervals of the processes.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(rx.spans().is_empty(), "{}", otlp::describe(&rx.spans()));
+    Ok(())
+}
+
+/// Workers driving the fake engine (`fake-dagger`), one engine state each.
+fn with_fake_engine(name: &str, dir: &Path) -> Result<String> {
+    let fixtures = Fixtures::new(dir.join("world"))?;
+    let engine = EngineState::new(dir.join(format!("engine-{name}")))?;
+    Ok(format!(
+        "[dagger]\nprobe_interval_ms = 1000\ncli = {:?}\nrunner_host = {:?}\nkill_grace_ms = 500\nsession_start_timeout_ms = 20000\n",
+        fake_dagger_bin().display().to_string(),
+        engine.runner_host(Some(&fixtures)),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dagger_session_starts_with_the_tasks_traceparent_and_the_otel_variables() -> Result<()> {
+    let rx = Receiver::start().await?;
+    let c = Traced::start(Some(&rx.endpoint()), with_fake_engine)?;
+    c.ready().await?;
+    for name in ["wa", "wb"] {
+        wait_agent(&c.addr.to_string(), &format!("{name} with dagger"), |a| {
+            a.name == name && a.capabilities.iter().any(|c| c == "dagger")
+        })
+        .await?;
+    }
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let spec = TaskSpec {
+        kind: Some(Kind::Container(ContainerTask {
+            image: "alpine:3.20".into(),
+            steps: vec![ContainerStep {
+                args: vec!["sh".into(), "-c".into(), "echo built".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let mut tasks = tasks_client(&c.addr.to_string()).await?;
+    let mut req = tonic::Request::new(scabbard_common::proto::SubmitTaskRequest {
+        spec: Some(spec),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-b7ad6b7169203331-01").parse()?,
+    );
+    let id = tasks
+        .submit(req)
+        .await?
+        .into_inner()
+        .task
+        .context("task")?
+        .id;
+    let task = wait_state(&mut tasks, &id, None, T).await?;
+    let log = logs(&mut tasks, &id, 0, false).await?;
+    assert_eq!(task.state(), TaskState::Succeeded, "{task:?}\n{log}");
+    // The fake engine's session prints the environment it was started with.
+    let seen = otlp::printed_traceparent(&log)?;
+    assert_eq!(otlp::trace_id_of(&seen)?, trace_id, "{log}");
+    assert!(
+        log.contains(&format!("OTEL_EXPORTER_OTLP_ENDPOINT={}", rx.endpoint())),
+        "{log}"
+    );
+    let spans = wait_trace(&rx, trace_id, &[("scabbard.worker.execute", 1)]).await?;
+    let execute = spans
+        .iter()
+        .find(|s| s.name == "scabbard.worker.execute")
+        .context("execute span")?;
+    assert!(seen.contains(&execute.span_id), "{seen} vs {execute:?}");
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -31,6 +32,8 @@ struct Traced {
     addr: SocketAddr,
     _workers: Vec<Proc>,
     endpoint: Option<String>,
+    /// The workers' log lines (JSON), as they come.
+    worker_logs: Arc<Mutex<Vec<String>>>,
 }
 
 /// The environment of a process under test.
@@ -78,6 +81,7 @@ impl Traced {
         };
         let addr: SocketAddr = bound.parse()?;
         let mut workers = Vec::new();
+        let worker_logs = Arc::new(Mutex::new(Vec::new()));
         for name in ["wa", "wb"] {
             let data = dir.path().join(name);
             let config = dir.path().join(format!("{name}.toml"));
@@ -97,11 +101,21 @@ impl Traced {
                 ])
                 .arg("--data-dir")
                 .arg(&data)
-                .env("SCABBARD_LOG", process_log_level())
+                .arg("--log-json")
+                .env("SCABBARD_LOG", "info")
                 .stdout(Stdio::null())
-                .stderr(Stdio::inherit());
+                .stderr(Stdio::piped());
             otel_env(&mut cmd, endpoint, &format!("worker-{name}"));
-            workers.push(Proc::new(cmd.spawn().context("spawn worker")?, name));
+            let mut child = cmd.spawn().context("spawn worker")?;
+            let stderr = child.stderr.take().context("stderr")?;
+            let lines = worker_logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    lines.lock().expect("log lines").push(line);
+                }
+            });
+            workers.push(Proc::new(child, name));
         }
         Ok(Self {
             dir,
@@ -109,6 +123,7 @@ impl Traced {
             addr,
             _workers: workers,
             endpoint: endpoint.map(str::to_string),
+            worker_logs,
         })
     }
 
@@ -248,6 +263,18 @@ async fn one_trace_from_the_cli_through_the_controller_and_a_worker_to_the_task(
     assert_eq!(execute.parent_span_id, worker.span_id);
     assert!(seen.contains(&execute.span_id), "{seen} vs {execute:?}");
     assert!(otlp::descends_from(&t, task_span, &submit.span_id));
+    // The worker's log lines about the attempt carry its trace and span ids.
+    let line = c
+        .worker_logs
+        .lock()
+        .expect("log lines")
+        .iter()
+        .find(|l| l.contains("attempt finished") && l.contains(&id))
+        .cloned()
+        .context("no \"attempt finished\" line in the workers' logs")?;
+    let json: serde_json::Value = serde_json::from_str(&line)?;
+    assert_eq!(json["trace_id"], trace_id.as_str(), "{line}");
+    assert_eq!(json["span_id"], worker.span_id.as_str(), "{line}");
     Ok(())
 }
 

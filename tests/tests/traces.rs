@@ -498,11 +498,23 @@ async fn a_dagger_session_starts_with_the_tasks_traceparent_and_the_otel_variabl
         log.contains(&format!("OTEL_EXPORTER_OTLP_ENDPOINT={}", rx.endpoint())),
         "{log}"
     );
-    let spans = wait_trace(&rx, trace_id, &[("scabbard.worker.execute", 1)]).await?;
+    let spans = wait_trace(
+        &rx,
+        trace_id,
+        &[("scabbard.worker.execute", 1), ("scabbard.worker.step", 1)],
+    )
+    .await?;
     let execute = spans
         .iter()
         .find(|s| s.name == "scabbard.worker.execute")
         .context("execute span")?;
     assert!(seen.contains(&execute.span_id), "{seen} vs {execute:?}");
+    // The container's step has its span under the execute span.
+    let step = spans
+        .iter()
+        .find(|s| s.name == "scabbard.worker.step")
+        .context("step span")?;
+    assert_eq!(step.parent_span_id, execute.span_id, "{step:?}");
+    assert_eq!(step.attr("scabbard.exit_code"), "0", "{step:?}");
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! trace context): `scabbard.worker.attempt`, child of the controller's attempt span
 //! (`Assign.traceparent`), and under it one span per step: `accept`, `inputs` (staging
 //! input artifacts), `execute` (the executor; the task's processes get this span's
-//! context as `TRACEPARENT`), `upload` (artifacts) and `spool` (the result).
+//! context as `TRACEPARENT`; a container task has one `scabbard.worker.step` per step
+//! under it), `upload` (artifacts) and `spool` (the result).
 
 use scabbard_common::proto;
 use scabbard_common::telemetry::{self, TraceParent};
@@ -36,6 +37,20 @@ pub(crate) fn step(name: &'static str) -> Span {
         return Span::none();
     }
     tracing::info_span!("step", otel.name = name)
+}
+
+/// Step `n` of a container task, under the current (execute) span; it lasts until dropped.
+pub(crate) fn container_step(n: usize, label: &str) -> Span {
+    if !telemetry::enabled() || Span::current().is_none() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        "step",
+        otel.name = "scabbard.worker.step",
+        scabbard.step = n,
+        scabbard.step.label = %label,
+        scabbard.exit_code = tracing::field::Empty,
+    )
 }
 
 /// Records how the attempt ended on its span.

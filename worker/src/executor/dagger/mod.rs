@@ -275,7 +275,10 @@ impl DaggerExecutor {
             artifacts: ctx.artifact_dir.clone(),
         };
         let export_dir = dirs.exports();
-        let mut pipeline = tokio::spawn(container::run_pipeline(client, plan, tx.clone(), dirs));
+        // In the attempt's execute span (its steps' spans hang under it when traced).
+        let mut pipeline = tokio::spawn(tracing::Instrument::in_current_span(
+            container::run_pipeline(client, plan, tx.clone(), dirs),
+        ));
         let mut outcome = tokio::select! {
             ended = &mut pipeline => match ended {
                 Ok(outcome) => outcome,

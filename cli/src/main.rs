@@ -58,8 +58,9 @@ fn main() -> std::process::ExitCode {
         tracing::info_span!("cli", otel.name = %name, otel.kind = "client")
     };
     let result = rt.block_on(cmd::dispatch(cli).instrument(command));
-    // A short-lived command's spans are exported before it exits.
-    traces.shutdown();
+    // A short-lived command's spans are exported before it exits (a daemon's too); an
+    // unresponsive collector holds a command for at most 2 s.
+    traces.shutdown_within(std::time::Duration::from_secs(if daemon { 5 } else { 2 }));
     match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {

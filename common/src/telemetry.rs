@@ -131,23 +131,29 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Exports what is queued and stops the exporter (bounded: 5 s).
-    pub fn shutdown(mut self) {
-        self.stop();
+    /// Exports what is queued and stops the exporter, waiting at most `bound` (a collector
+    /// that does not answer must not hold a command's exit for long).
+    pub fn shutdown_within(mut self, bound: Duration) {
+        self.stop(bound);
     }
 
-    fn stop(&mut self) {
+    /// [`shutdown_within`](Self::shutdown_within) 5 s.
+    pub fn shutdown(self) {
+        self.shutdown_within(Duration::from_secs(5));
+    }
+
+    fn stop(&mut self, bound: Duration) {
         if let Some(p) = self.provider.take() {
             ENABLED.store(false, Ordering::Relaxed);
-            let _ = p.force_flush();
-            let _ = p.shutdown_with_timeout(Duration::from_secs(5));
+            // Shutting down exports what is queued first.
+            let _ = p.shutdown_with_timeout(bound);
         }
     }
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
-        self.stop();
+        self.stop(Duration::from_secs(5));
     }
 }
 

@@ -518,3 +518,92 @@ async fn a_dagger_session_starts_with_the_tasks_traceparent_and_the_otel_variabl
     assert_eq!(step.attr("scabbard.exit_code"), "0", "{step:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_telemetry_section_of_the_config_files_configures_the_daemons() -> Result<()> {
+    let rx = Receiver::start().await?;
+    let dir = tempfile::tempdir()?;
+    let section = |service: &str| {
+        format!(
+            "[telemetry]\notlp_endpoint = {:?}\nservice_name = {service:?}\nsampler = \"parentbased_always_on\"\n",
+            rx.endpoint()
+        )
+    };
+    let ctl_config = dir.path().join("controller.toml");
+    std::fs::write(&ctl_config, section("ctl-from-config"))?;
+    let mut cmd = Command::new(scabbard_bin());
+    cmd.args(["controller", "--listen", "127.0.0.1:0"])
+        .args(["--registration-token", TOKEN, "--config"])
+        .arg(&ctl_config)
+        .arg("--data-dir")
+        .arg(dir.path().join("controller"))
+        .env("SCABBARD_LOG", process_log_level())
+        .env("SCABBARD_BOOTSTRAP_TOKEN", ADMIN_TOKEN)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env_remove("OTEL_SERVICE_NAME")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let _ctl = Proc::new(child, "controller");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .with_context(|| format!("controller did not start: {line:?}"))?
+        .to_string();
+    let worker_config = dir.path().join("worker.toml");
+    std::fs::write(&worker_config, section("worker-from-config"))?;
+    let mut cmd = Command::new(scabbard_bin());
+    cmd.arg("worker")
+        .arg("--config")
+        .arg(&worker_config)
+        .args(["--controller", &addr, "--registration-token", TOKEN])
+        .args(["--name", "wc"])
+        .arg("--data-dir")
+        .arg(dir.path().join("wc"))
+        .env("SCABBARD_LOG", process_log_level())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env_remove("OTEL_SERVICE_NAME")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let _worker = Proc::new(cmd.spawn()?, "wc");
+    wait_agent(&addr, "worker wc", |a| a.name == "wc").await?;
+    let trace_id = "5e1e3b6f0c8d4a2b9f7e6d5c4b3a2918";
+    let mut tasks = tasks_client(&addr).await?;
+    let mut req = tonic::Request::new(scabbard_common::proto::SubmitTaskRequest {
+        spec: Some(shell(ECHO)),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-1111111111111111-01").parse()?,
+    );
+    let id = tasks
+        .submit(req)
+        .await?
+        .into_inner()
+        .task
+        .context("task")?
+        .id;
+    let task = wait_state(&mut tasks, &id, None, T).await?;
+    assert_eq!(task.state(), TaskState::Succeeded, "{task:?}");
+    let spans = wait_trace(
+        &rx,
+        trace_id,
+        &[("scabbard.task", 1), ("scabbard.worker.execute", 1)],
+    )
+    .await?;
+    let t: Vec<&ReceivedSpan> = spans.iter().collect();
+    assert_eq!(
+        services(&t),
+        BTreeSet::from(["ctl-from-config", "worker-from-config"]),
+        "{}",
+        otlp::describe(&spans)
+    );
+    Ok(())
+}

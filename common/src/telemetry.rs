@@ -42,8 +42,23 @@ pub struct TelemetryConfig {
     /// `always_on`, `always_off`, `traceidratio`, `parentbased_always_on` (default),
     /// `parentbased_always_off`, `parentbased_traceidratio`.
     pub sampler: Option<String>,
-    /// The ratio of the `*traceidratio` samplers (0.0–1.0, default 1.0).
+    /// The ratio of the `*traceidratio` samplers (0.0–1.0, default 1.0; a number or a
+    /// string, as in `OTEL_TRACES_SAMPLER_ARG`).
+    #[serde(default, deserialize_with = "number_or_string")]
     pub sampler_arg: Option<String>,
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Arg {
+        Number(f64),
+        Text(String),
+    }
+    Ok(Some(match Arg::deserialize(d)? {
+        Arg::Number(n) => n.to_string(),
+        Arg::Text(t) => t,
+    }))
 }
 
 impl TelemetryConfig {
@@ -272,4 +287,40 @@ fn provider(
         .with_id_generator(context::Ids::default())
         .with_resource(resource.build())
         .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_section_parses_with_a_numeric_or_textual_ratio() {
+        for text in ["sampler_arg = 0.25", "sampler_arg = \"0.25\""] {
+            let cfg: TelemetryConfig = parse(text);
+            assert_eq!(cfg.sampler_arg.as_deref(), Some("0.25"));
+        }
+        let cfg: TelemetryConfig = parse("otlp_endpoint = \"http://c:4317\"");
+        assert_eq!(cfg.otlp_endpoint.as_deref(), Some("http://c:4317"));
+        assert_eq!(cfg.sampler_arg, None);
+    }
+
+    #[test]
+    fn bad_sampler_settings_are_refused_with_the_key() {
+        let cfg = TelemetryConfig {
+            sampler: Some("sometimes".into()),
+            ..Default::default()
+        };
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("sampler") && e.contains("sometimes"), "{e}");
+        let cfg = TelemetryConfig {
+            sampler: Some("traceidratio".into()),
+            sampler_arg: Some("2".into()),
+            ..Default::default()
+        };
+        assert!(cfg.validate().is_err());
+    }
+
+    fn parse(text: &str) -> TelemetryConfig {
+        toml::from_str(text).expect("parses")
+    }
 }

@@ -605,5 +605,21 @@ async fn the_telemetry_section_of_the_config_files_configures_the_daemons() -> R
         "{}",
         otlp::describe(&spans)
     );
+    // A failed call's server span carries its gRPC status code.
+    let missing = "5e1e3b6f0c8d4a2b9f7e6d5c4b3a2919";
+    let mut req = tonic::Request::new(scabbard_common::proto::GetTaskRequest {
+        id: "01jzzzzzzzzzzzzzzzzzzzzzzz".into(),
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{missing}-2222222222222222-01").parse()?,
+    );
+    let err = tasks.get(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let spans = wait_trace(&rx, missing, &[("scabbard.v1.TaskService/Get", 1)]).await?;
+    let get = &spans[0];
+    assert_eq!(get.attr("rpc.grpc.status_code"), "5", "{get:?}");
+    assert_eq!(get.parent_span_id, "2222222222222222", "{get:?}");
+    assert_eq!(get.kind, 2, "{get:?}");
     Ok(())
 }

@@ -243,11 +243,16 @@ pub(crate) fn install(
             }))
     });
     let fmt = crate::logging::fmt_layer(json).with_filter(filter);
-    let installed = tracing_subscriber::registry()
-        .with(fmt)
-        .with(otel)
-        .try_init()
-        .is_ok();
+    // Without an endpoint the subscriber is the log layer alone (no `Option` layer either,
+    // whose `None` would still take part in every callsite's interest).
+    let installed = match otel {
+        Some(otel) => tracing_subscriber::registry()
+            .with(fmt)
+            .with(otel)
+            .try_init(),
+        None => tracing_subscriber::registry().with(fmt).try_init(),
+    }
+    .is_ok();
     if installed && provider.is_some() {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),

@@ -1,6 +1,7 @@
 //! A test OTLP/gRPC receiver: the collector's `TraceService/Export` (from
 //! `opentelemetry-proto`) on 127.0.0.1:0, keeping every span it receives in memory with
 //! the `service.name` of the process that sent it; and checks on the traces collected.
+//! [`cluster`]: a traced controller and workers to point at it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,6 +17,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use tokio_util::sync::CancellationToken;
+
+pub mod cluster;
 
 /// One span as received.
 #[derive(Debug, Clone)]

@@ -5,205 +5,17 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use scabbard_common::proto::{
     ContainerStep, ContainerTask, GetWorkflowRequest, RetryPolicy, TaskSpec, TaskState,
     task_spec::Kind,
 };
-use scabbard_tests::fleet::{EngineState, Fixtures, fake_dagger_bin};
+use scabbard_tests::otlp::cluster::*;
 use scabbard_tests::otlp::{self, ReceivedSpan, Receiver};
 use scabbard_tests::*;
-
-const T: Duration = Duration::from_secs(60);
-const CONTROLLER: &str = "ctl-under-test";
-const CLI: &str = "cli-under-test";
-
-/// A controller and two workers, exporting to `endpoint` when given (each its own
-/// `OTEL_SERVICE_NAME` either way).
-struct Traced {
-    dir: tempfile::TempDir,
-    _controller: Proc,
-    addr: SocketAddr,
-    _workers: Vec<Proc>,
-    endpoint: Option<String>,
-    /// The workers' log lines (JSON), as they come.
-    worker_logs: Arc<Mutex<Vec<String>>>,
-}
-
-/// The environment of a process under test.
-fn otel_env(cmd: &mut Command, endpoint: Option<&str>, service: &str) {
-    cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .env("OTEL_SERVICE_NAME", service)
-        // Export within 100 ms instead of 5 s.
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100");
-    if let Some(ep) = endpoint {
-        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", ep);
-    }
-}
-
-impl Traced {
-    /// `worker_config(name, dir)`: the worker's config file.
-    fn start(
-        endpoint: Option<&str>,
-        worker_config: impl Fn(&str, &Path) -> Result<String>,
-    ) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let mut cmd = Command::new(scabbard_bin());
-        cmd.args([
-            "controller",
-            "--listen",
-            "127.0.0.1:0",
-            "--registration-token",
-            TOKEN,
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("controller"))
-        .args(["--agent-lease-ttl", "2s", "--heartbeat-interval", "200ms"])
-        .env("SCABBARD_LOG", process_log_level())
-        .env("SCABBARD_BOOTSTRAP_TOKEN", ADMIN_TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-        otel_env(&mut cmd, endpoint, CONTROLLER);
-        let mut child = cmd.spawn().context("spawn controller")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let controller = Proc::new(child, "controller");
-        let Some(bound) = line.trim().strip_prefix("listening on ") else {
-            bail!("controller did not start: {line:?}");
-        };
-        let addr: SocketAddr = bound.parse()?;
-        let mut workers = Vec::new();
-        let worker_logs = Arc::new(Mutex::new(Vec::new()));
-        for name in ["wa", "wb"] {
-            let data = dir.path().join(name);
-            let config = dir.path().join(format!("{name}.toml"));
-            std::fs::write(&config, worker_config(name, dir.path())?)?;
-            let mut cmd = Command::new(scabbard_bin());
-            cmd.arg("worker")
-                .arg("--config")
-                .arg(&config)
-                .args(["--controller", &addr.to_string()])
-                .args([
-                    "--registration-token",
-                    TOKEN,
-                    "--name",
-                    name,
-                    "--slots",
-                    "2",
-                ])
-                .arg("--data-dir")
-                .arg(&data)
-                .arg("--log-json")
-                .env("SCABBARD_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            otel_env(&mut cmd, endpoint, &format!("worker-{name}"));
-            let mut child = cmd.spawn().context("spawn worker")?;
-            let stderr = child.stderr.take().context("stderr")?;
-            let lines = worker_logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    eprintln!("{line}");
-                    lines.lock().expect("log lines").push(line);
-                }
-            });
-            workers.push(Proc::new(child, name));
-        }
-        Ok(Self {
-            dir,
-            _controller: controller,
-            addr,
-            _workers: workers,
-            endpoint: endpoint.map(str::to_string),
-            worker_logs,
-        })
-    }
-
-    async fn ready(&self) -> Result<()> {
-        let admin = admin_channel(&self.addr.to_string()).await?;
-        let admin = scabbard_common::client::AdminServiceClient::new(admin);
-        eventually("both workers to register", T, || {
-            let mut admin = admin.clone();
-            async move {
-                let agents = admin
-                    .list_agents(scabbard_common::proto::ListAgentsRequest::default())
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .agents;
-                (agents.len() == 2).then_some(())
-            }
-        })
-        .await
-    }
-
-    /// Runs `scabbard <args>` as the CLI under test; returns its stderr (it must succeed).
-    async fn cli(&self, args: &[&str]) -> Result<String> {
-        let mut cmd = cli(&self.dir.path().join("cli"));
-        cmd.args(args)
-            .args(["--controller", &self.addr.to_string()]);
-        otel_env(&mut cmd, self.endpoint.as_deref(), CLI);
-        // Not blocking: the receiver runs on this test's runtime.
-        let out = tokio::process::Command::from(cmd).output().await?;
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        if !out.status.success() {
-            bail!(
-                "scabbard {args:?} failed: {stderr}{}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        Ok(stderr)
-    }
-}
-
-/// The id after "submitted " in a CLI's stderr.
-fn submitted_id(stderr: &str) -> Result<String> {
-    stderr
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("submitted "))
-        .map(|s| s.trim().to_string())
-        .with_context(|| format!("no \"submitted <id>\" in {stderr:?}"))
-}
-
-fn services<'a>(spans: &[&'a ReceivedSpan]) -> BTreeSet<&'a str> {
-    spans.iter().map(|s| s.service.as_str()).collect()
-}
-
-fn named<'a>(spans: &[&'a ReceivedSpan], name: &str) -> Vec<&'a ReceivedSpan> {
-    spans.iter().filter(|s| s.name == name).copied().collect()
-}
-
-/// Waits until trace `trace_id` holds spans named `names` (at least `n` of each), then
-/// returns it.
-async fn wait_trace(
-    rx: &Receiver,
-    trace_id: &str,
-    names: &[(&str, usize)],
-) -> Result<Vec<ReceivedSpan>> {
-    let spans = rx
-        .wait_for(&format!("trace {trace_id} to hold {names:?}"), T, |all| {
-            let t = otlp::trace(all, trace_id);
-            names
-                .iter()
-                .all(|(name, n)| t.iter().filter(|s| s.name == *name).count() >= *n)
-        })
-        .await?;
-    Ok(otlp::trace(&spans, trace_id).into_iter().cloned().collect())
-}
-
-/// Workers with no config of their own.
-fn plain(_: &str, _: &Path) -> Result<String> {
-    Ok(String::new())
-}
-const ECHO: &str = "echo TRACEPARENT=$TRACEPARENT";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_from_the_cli_through_the_controller_and_a_worker_to_the_task() -> Result<()> {
@@ -323,6 +135,7 @@ async fn a_retried_task_keeps_both_attempts_in_the_submitters_trace() -> Result<
         &[
             ("scabbard.task", 1),
             ("scabbard.attempt", 2),
+            ("scabbard.worker.attempt", 2),
             ("scabbard.worker.execute", 2),
         ],
     )
@@ -395,7 +208,9 @@ async fn a_workflow_is_one_trace_with_its_nodes_under_the_workflow_span() -> Res
             ("scabbard workflow submit", 1),
             ("scabbard.workflow", 1),
             ("scabbard.workflow.node", 3),
+            ("scabbard.v1.WorkflowService/Submit", 1),
             ("scabbard.attempt", 3),
+            ("scabbard.worker.attempt", 3),
             ("scabbard.worker.execute", 3),
         ],
     )
@@ -436,17 +251,6 @@ async fn nothing_is_exported_without_an_endpoint() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(rx.spans().is_empty(), "{}", otlp::describe(&rx.spans()));
     Ok(())
-}
-
-/// Workers driving the fake engine (`fake-dagger`), one engine state each.
-fn with_fake_engine(name: &str, dir: &Path) -> Result<String> {
-    let fixtures = Fixtures::new(dir.join("world"))?;
-    let engine = EngineState::new(dir.join(format!("engine-{name}")))?;
-    Ok(format!(
-        "[dagger]\nprobe_interval_ms = 1000\ncli = {:?}\nrunner_host = {:?}\nkill_grace_ms = 500\nsession_start_timeout_ms = 20000\n",
-        fake_dagger_bin().display().to_string(),
-        engine.runner_host(Some(&fixtures)),
-    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -621,5 +425,75 @@ async fn the_telemetry_section_of_the_config_files_configures_the_daemons() -> R
     assert_eq!(get.attr("rpc.grpc.status_code"), "5", "{get:?}");
     assert_eq!(get.parent_span_id, "2222222222222222", "{get:?}");
     assert_eq!(get.kind, 2, "{get:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_stays_in_its_trace_across_a_controller_restart() -> Result<()> {
+    let rx = Receiver::start().await?;
+    let mut c = Traced::start(Some(&rx.endpoint()), plain)?;
+    c.ready().await?;
+    let trace_id = "7d3c2b1a0f9e8d7c6b5a493827161504";
+    let mut tasks = tasks_client(&c.addr.to_string()).await?;
+    let mut req = tonic::Request::new(scabbard_common::proto::SubmitTaskRequest {
+        spec: Some(shell(&format!("{ECHO}; sleep 2"))),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-3333333333333333-01").parse()?,
+    );
+    let id = tasks
+        .submit(req)
+        .await?
+        .into_inner()
+        .task
+        .context("task")?
+        .id;
+    wait_state(&mut tasks, &id, Some(TaskState::Running), T).await?;
+    let before = wait_trace(&rx, trace_id, &[("scabbard.v1.TaskService/Submit", 1)]).await?;
+    let submit = before
+        .iter()
+        .find(|s| s.name == "scabbard.v1.TaskService/Submit")
+        .context("submit span")?
+        .clone();
+    assert_eq!(submit.parent_span_id, "3333333333333333", "{submit:?}");
+    // The controller that took the submit dies before the task ends; the next one reads
+    // the task's trace context from the store.
+    c.restart_controller()?;
+    let mut tasks = tasks_client(&c.addr.to_string()).await?;
+    let task = wait_state(&mut tasks, &id, None, T).await?;
+    assert_eq!(task.state(), TaskState::Succeeded, "{task:?}");
+    assert_eq!(otlp::trace_id_of(&task.traceparent)?, trace_id);
+    let spans = wait_trace(
+        &rx,
+        trace_id,
+        &[
+            ("scabbard.task", 1),
+            ("scabbard.attempt", 1),
+            ("scabbard.worker.attempt", 1),
+        ],
+    )
+    .await?;
+    let t: Vec<&ReceivedSpan> = spans.iter().collect();
+    let task_span = named(&t, "scabbard.task")[0];
+    // Stored at submit: the Submit call's server span, on the controller that died.
+    assert_eq!(task_span.parent_span_id, submit.span_id, "{task_span:?}");
+    for a in named(&t, "scabbard.attempt") {
+        assert_eq!(a.parent_span_id, task_span.span_id, "{a:?}");
+    }
+    // The worker's spans of the attempt hang under the attempt span the restarted
+    // controller emitted.
+    let worker = named(&t, "scabbard.worker.attempt");
+    assert!(!worker.is_empty(), "{}", otlp::describe(&spans));
+    for w in worker {
+        assert!(
+            named(&t, "scabbard.attempt")
+                .iter()
+                .any(|a| a.span_id == w.parent_span_id),
+            "{w:?} has no attempt span parent:\n{}",
+            otlp::describe(&spans)
+        );
+    }
     Ok(())
 }

@@ -9,8 +9,10 @@ mod credentials;
 mod duration;
 mod output;
 mod size;
+mod telemetry;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+use tracing::Instrument;
 
 /// mimalloc: the control plane makes many small allocations across threads, where it is
 /// markedly faster than glibc's malloc (see the benchmark in the README).
@@ -18,13 +20,13 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = args::Cli::parse();
+    let matches = args::Cli::command().get_matches();
+    let cli = args::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     args::set_request_timeout(cli.timeout);
     let daemon = matches!(
         cli.command,
         args::Command::Dev(_) | args::Command::Controller(_) | args::Command::Worker(_)
     );
-    scabbard_common::logging::init(if daemon { "info" } else { "warn" }, cli.log_json);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -35,7 +37,31 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    match rt.block_on(cmd::dispatch(cli)) {
+    // Logging, and tracing when an OTLP endpoint is configured (the exporter lives on
+    // the runtime).
+    let (service, telemetry_cfg) = telemetry::settings(&cli);
+    let traces = {
+        let _rt = rt.enter();
+        scabbard_common::telemetry::init(
+            if daemon { "info" } else { "warn" },
+            cli.log_json,
+            service,
+            &telemetry_cfg,
+        )
+    };
+    // A command runs in one span, the root of its trace (daemons have none: their spans
+    // are per call and per task).
+    let command = if daemon || !scabbard_common::telemetry::enabled() {
+        tracing::Span::none()
+    } else {
+        let name = telemetry::command_name(&matches);
+        tracing::info_span!("cli", otel.name = %name, otel.kind = "client")
+    };
+    let result = rt.block_on(cmd::dispatch(cli).instrument(command));
+    // A short-lived command's spans are exported before it exits (a daemon's too); an
+    // unresponsive collector holds a command for at most 2 s.
+    traces.shutdown_within(std::time::Duration::from_secs(if daemon { 5 } else { 2 }));
+    match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {}", printable::printable_text(&explain(&e)));

@@ -1,5 +1,6 @@
 //! Client library: connecting to a controller (plaintext or TLS, see [`ClientOptions`])
-//! and the generated clients with a bearer token attached to every call ([`authed`]);
+//! and the generated clients with a bearer token and the caller's trace context
+//! (`traceparent`, when tracing is on) attached to every call ([`authed`]);
 //! artifact downloads and uploads in [`artifacts`].
 
 use std::path::PathBuf;
@@ -65,7 +66,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// frozen controller fails after this and the next address is tried, instead of hanging.
 pub const FIRST_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Adds `authorization: Bearer <token>` to every call made through a channel.
+/// Adds `authorization: Bearer <token>` to every call made through a channel, and the
+/// current span's `traceparent`/`tracestate` when tracing is on.
 #[derive(Clone, Debug, Default)]
 pub struct BearerAuth {
     header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
@@ -91,6 +93,7 @@ impl tonic::service::Interceptor for BearerAuth {
         {
             req.metadata_mut().insert("authorization", h.clone());
         }
+        crate::telemetry::inject_metadata(req.metadata_mut());
         Ok(req)
     }
 }

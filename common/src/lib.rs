@@ -1,6 +1,6 @@
 //! Pieces shared by the controller, the worker, the CLI and the tests: the generated
 //! `scabbard.v1` protocol, the one error type (which carries its gRPC code), ids, time,
-//! jittered backoff, the client library and logging setup.
+//! jittered backoff, the client library, logging and tracing setup.
 
 pub mod artifact;
 pub mod backoff;
@@ -9,6 +9,7 @@ pub mod error;
 pub mod logging;
 pub mod metrics_http;
 pub mod private;
+pub mod telemetry;
 pub mod time;
 pub mod tls;
 pub mod wfdef;

@@ -17,6 +17,9 @@ pub struct ControllerConfig {
     pub listen: SocketAddr,
     /// Where Prometheus metrics are served (`GET /metrics`, plain HTTP, no auth); unset = off.
     pub metrics_listen: Option<SocketAddr>,
+    /// Traces (`[telemetry]`: `otlp_endpoint`, `service_name`, `sampler`, `sampler_arg`);
+    /// the `OTEL_*` variables override it. Read by the binary before logging starts.
+    pub telemetry: scabbard_common::telemetry::TelemetryConfig,
     /// Where the embedded store and the task logs live.
     pub data_dir: PathBuf,
     /// A static registration token workers may present to `AgentService.Register`, next
@@ -208,6 +211,7 @@ impl Default for ControllerConfig {
         Self {
             listen: "127.0.0.1:7400".parse().expect("static address"),
             metrics_listen: None,
+            telemetry: Default::default(),
             data_dir: PathBuf::from("./scabbard-data"),
             registration_token: String::new(),
             bootstrap_token_file: None,
@@ -276,6 +280,7 @@ impl ControllerConfig {
 
     /// Refuses configurations that cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
+        self.telemetry.validate()?;
         if self.breaker_threshold == 0 || self.breaker_open_ms < 10 {
             return Err(Error::invalid(
                 "breaker_threshold must be at least 1 and breaker_open_ms at least 10",

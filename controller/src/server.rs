@@ -407,7 +407,8 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// The gRPC server with its layers: RPC metrics (outermost), forwarding, auth, limits.
+/// The gRPC server with its layers: trace spans (outermost), RPC metrics, forwarding, auth,
+/// limits.
 type ApiRouter = tonic::transport::server::Router<
     tower::layer::util::Stack<
         crate::limits::LimitsLayer,
@@ -417,7 +418,10 @@ type ApiRouter = tonic::transport::server::Router<
                 ForwardLayer,
                 tower::layer::util::Stack<
                     crate::metrics::RpcMetricsLayer,
-                    tower::layer::util::Identity,
+                    tower::layer::util::Stack<
+                        crate::rpc_trace::RpcTraceLayer,
+                        tower::layer::util::Identity,
+                    >,
                 >,
             >,
         >,
@@ -558,9 +562,11 @@ fn router(
     .max_decoding_message_size(artifact_max)
     .max_encoding_message_size(artifact_max);
     Ok(crate::tls::server_builder(&cfg.tls)?
-        // Outermost: every call's latency by method and code (forwarded ones included).
+        // Outermost: a server span per call when tracing is on (a forwarded call's too).
+        .layer(crate::rpc_trace::RpcTraceLayer)
+        // Then every call's latency by method and code (forwarded ones included).
         .layer(crate::metrics::RpcMetricsLayer)
-        // Then a follower forwards client calls to the leader untouched (the leader
+        // Then: a follower forwards client calls to the leader untouched (the leader
         // authenticates them).
         .layer(forward)
         .layer(AuthLayer::new(catalog))

@@ -7,6 +7,7 @@ pub mod chaos;
 pub mod etcd;
 pub mod fleet;
 pub mod moto;
+pub mod otlp;
 pub mod proxy;
 pub mod sec;
 pub mod wf;

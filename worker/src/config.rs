@@ -69,6 +69,9 @@ pub struct WorkerConfig {
     pub dagger: DaggerConfig,
     /// The `shell` executor (`[shell]` section).
     pub shell: ShellConfig,
+    /// Traces (`[telemetry]`: `otlp_endpoint`, `service_name`, `sampler`, `sampler_arg`);
+    /// the `OTEL_*` variables override it. Read by the binary before logging starts.
+    pub telemetry: scabbard_common::telemetry::TelemetryConfig,
     /// The file this configuration was read from, if any (set by the CLI, not in the file):
     /// with `shell.run_as` the worker checks that tasks cannot read it.
     #[serde(skip)]
@@ -96,6 +99,7 @@ impl Default for WorkerConfig {
             metrics_listen: None,
             dagger: DaggerConfig::default(),
             shell: ShellConfig::default(),
+            telemetry: Default::default(),
             config_file: None,
         }
     }
@@ -109,6 +113,7 @@ impl WorkerConfig {
 
     /// Refuses configurations that cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
+        self.telemetry.validate()?;
         if self.controller.trim().is_empty() {
             return Err(Error::invalid(
                 "controller address is required (--controller)",

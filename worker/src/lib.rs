@@ -19,6 +19,7 @@ mod metrics;
 pub mod redact;
 mod runner;
 pub mod spool;
+mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;

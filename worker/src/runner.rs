@@ -21,7 +21,7 @@ use scabbard_common::proto::{
 use scabbard_common::time::now_ms;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::artifacts::Artifacts;
 use crate::executor::{ExecContext, ExecOutcome, Executor, OutputChunk, executor_for};
@@ -201,6 +201,11 @@ impl Runner {
 
     /// Starts an attempt; `Err(reason)` when it cannot run here.
     pub(crate) fn start(self: &Arc<Self>, mut assign: proto::Assign) -> Result<bool, String> {
+        let trace = crate::trace::of_assign(&assign);
+        let span = crate::trace::attempt_span(&assign, trace.as_ref());
+        let _accept = span
+            .in_scope(|| crate::trace::step("scabbard.worker.accept"))
+            .entered();
         let key = (assign.task_id.clone(), assign.fencing_token);
         let spec = assign.spec.clone().ok_or("assignment without a spec")?;
         // Spooled without its secrets: an attempt is never resumed from the spool (after a
@@ -259,9 +264,12 @@ impl Runner {
                 crate::executor::safe_name(&assign.task_id),
                 assign.fencing_token
             )),
+            trace,
         };
         let runner = self.clone();
-        tokio::spawn(async move { runner.run_attempt(key, ctx, spec, exec, cancel).await });
+        tokio::spawn(
+            async move { runner.run_attempt(key, ctx, spec, exec, cancel).await }.instrument(span),
+        );
         Ok(true)
     }
 
@@ -360,7 +368,10 @@ impl Runner {
                 .unwrap_or_else(|p| p.into_inner())
                 .note(&spec);
         }
-        if let Err(e) = self.spool.finish(&finished) {
+        crate::trace::record_outcome(&tracing::Span::current(), outcome.outcome);
+        let spooled =
+            crate::trace::step("scabbard.worker.spool").in_scope(|| self.spool.finish(&finished));
+        if let Err(e) = spooled {
             warn!(task = %key.0, error = %e, "cannot spool the result; it is kept in memory only");
         }
         info!(task = %key.0, attempt = key.1 as u32, token = key.1, outcome = ?outcome.outcome, "attempt finished");
@@ -398,6 +409,7 @@ impl Runner {
         let staged = match self
             .artifacts
             .stage_inputs(attempt, spec, &log, &cancel)
+            .instrument(crate::trace::step("scabbard.worker.inputs"))
             .await
         {
             Ok(staged) => staged,
@@ -407,7 +419,16 @@ impl Runner {
             }
         };
         ctx.inputs = staged.inputs.clone();
-        let mut outcome = exec.run(ctx, spec, log.clone(), cancel.clone()).await;
+        let executing = crate::trace::step("scabbard.worker.execute");
+        // The task's processes continue the trace under this span (when the worker traces;
+        // else they get the assignment's context as it came).
+        if let Some(tp) = executing.in_scope(scabbard_common::telemetry::current) {
+            ctx.trace = Some(tp);
+        }
+        let mut outcome = exec
+            .run(ctx, spec, log.clone(), cancel.clone())
+            .instrument(executing)
+            .await;
         // The attempt's own processes are gone: its inputs may leave the cache.
         drop(staged);
         let mut refs = Vec::new();
@@ -416,6 +437,7 @@ impl Runner {
             match self
                 .artifacts
                 .publish(attempt, &produced, &artifact_dir, &log, &cancel)
+                .instrument(crate::trace::step("scabbard.worker.upload"))
                 .await
             {
                 Ok(stored) => refs = stored,

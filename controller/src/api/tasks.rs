@@ -69,6 +69,7 @@ impl TaskService for TaskApi {
         req: Request<SubmitTaskRequest>,
     ) -> Result<Response<SubmitTaskResponse>, Status> {
         let who = auth::principal(&req)?;
+        let trace = crate::core::trace::incoming(&req);
         let (spec, idempotency_key, project) = self.check_submit(&who, req.into_inner())?;
         let (task, existing) = self
             .core
@@ -76,6 +77,7 @@ impl TaskService for TaskApi {
                 spec: Box::new(spec),
                 idempotency_key,
                 project,
+                trace,
                 reply,
             })
             .await?;
@@ -90,6 +92,7 @@ impl TaskService for TaskApi {
         req: Request<SubmitBatchRequest>,
     ) -> Result<Response<SubmitBatchResponse>, Status> {
         let who = auth::principal(&req)?;
+        let trace = crate::core::trace::incoming(&req);
         let r = req.into_inner();
         if r.tasks.len() > MAX_BATCH {
             return Err(Error::invalid(format!(
@@ -110,6 +113,7 @@ impl TaskService for TaskApi {
                         spec: Box::new(spec),
                         idempotency_key,
                         project,
+                        trace: trace.clone(),
                         reply,
                     });
                     answers.push(Ok(rx));

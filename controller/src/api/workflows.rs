@@ -93,6 +93,9 @@ pub(crate) async fn submit(
             project,
             template,
             validated: true,
+            // The handler's server span (tracing on); a controller that does not trace
+            // keeps no context for workflows.
+            trace: scabbard_common::telemetry::current().map(Box::new),
             reply,
         })
         .await?;

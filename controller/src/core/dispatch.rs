@@ -300,6 +300,7 @@ impl State {
             self.breakers.admit(&k, now);
         }
         let project = t.project.clone();
+        let (traceparent, tracestate) = super::trace::assign_context(t, number);
         let msg = ControllerMessage {
             msg: Some(controller_message::Msg::Assign(proto::Assign {
                 task_id: task_id.to_string(),
@@ -307,6 +308,8 @@ impl State {
                 attempt: number,
                 spec,
                 project,
+                traceparent,
+                tracestate,
             })),
         };
         debug!(

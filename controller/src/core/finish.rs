@@ -196,6 +196,7 @@ impl State {
             }
         }
         let task = t.clone();
+        super::trace::after_attempt(&task);
         if let Some(a) = self.agents.get_mut(agent_id) {
             a.running.remove(&f.task_id);
             self.placement.sync_running(agent_id, a);
@@ -307,6 +308,7 @@ impl State {
         }
         info!(task = task_id, agent = %old_agent, state = ?entry.task.state(), why, "attempt lost");
         let task = entry.task.clone();
+        super::trace::after_attempt(&task);
         if !old_agent.is_empty() {
             // The agent failed, not the task's dependencies.
             for k in breaker_keys(task.spec.as_ref(), &task.project, &old_agent) {

@@ -27,6 +27,7 @@ pub(crate) mod scheduler;
 mod schedules;
 mod tasks;
 pub(crate) mod term;
+pub(crate) mod trace;
 pub(crate) mod validate;
 pub(crate) mod workflows;
 mod writes;
@@ -80,6 +81,8 @@ pub(crate) enum CoreMsg {
         idempotency_key: String,
         /// Resolved and checked by the API (exists, the caller may use it).
         project: String,
+        /// The submitter's trace context (stored with the task).
+        trace: trace::Trace,
         reply: Reply<(Task, bool)>,
     },
     /// Submits each entry as [`CoreMsg::Submit`] would, in order, in one message.
@@ -93,6 +96,7 @@ pub(crate) enum CoreMsg {
         spec: Box<TaskSpec>,
         idempotency_key: String,
         project: String,
+        trace: trace::Trace,
         reply: Reply<(Task, bool)>,
         found: Result<(Option<String>, Vec<Task>)>,
     },
@@ -154,6 +158,8 @@ pub(crate) enum CoreMsg {
         template: Option<scabbard_common::proto::TemplateRef>,
         /// The spec passed `workflow::validate::workflow_spec` outside the core.
         validated: bool,
+        /// The submitter's trace context (stored with the workflow).
+        trace: trace::Trace,
         reply: Reply<(Workflow, bool)>,
     },
     GetWorkflow {
@@ -252,6 +258,7 @@ pub(crate) struct BatchEntry {
     pub(crate) idempotency_key: String,
     /// Resolved and checked by the API (exists, the caller may use it).
     pub(crate) project: String,
+    pub(crate) trace: trace::Trace,
     pub(crate) reply: Reply<(Task, bool)>,
 }
 
@@ -566,11 +573,15 @@ impl State {
                 spec,
                 idempotency_key,
                 project,
+                trace,
                 reply,
-            } => self.submit(*spec, idempotency_key, project, reply).await,
+            } => {
+                self.submit(*spec, idempotency_key, project, trace, reply)
+                    .await
+            }
             CoreMsg::SubmitBatch { entries } => {
                 for e in entries {
-                    self.submit(*e.spec, e.idempotency_key, e.project, e.reply)
+                    self.submit(*e.spec, e.idempotency_key, e.project, e.trace, e.reply)
                         .await;
                 }
             }
@@ -578,10 +589,11 @@ impl State {
                 spec,
                 idempotency_key,
                 project,
+                trace,
                 reply,
                 found,
             } => {
-                self.submit_looked(*spec, idempotency_key, project, reply, found)
+                self.submit_looked(*spec, idempotency_key, project, trace, reply, found)
                     .await
             }
             CoreMsg::Get { id, reply } => {
@@ -635,10 +647,19 @@ impl State {
                 project,
                 template,
                 validated,
+                trace,
                 reply,
             } => {
-                self.submit_workflow(*spec, idempotency_key, project, template, validated, reply)
-                    .await
+                self.submit_workflow(
+                    *spec,
+                    idempotency_key,
+                    project,
+                    template,
+                    validated,
+                    trace,
+                    reply,
+                )
+                .await
             }
             CoreMsg::GetWorkflow { id, reply } => {
                 let _ = reply.send(self.get_workflow(&id));

@@ -316,7 +316,15 @@ impl State {
         };
         let key = format!("schedule-{}-{tick}", s.id);
         match self
-            .create_workflow(wf, key, s.project.clone(), Some(template), false, None)
+            .create_workflow(
+                wf,
+                key,
+                s.project.clone(),
+                Some(template),
+                false,
+                None,
+                None,
+            )
             .await
         {
             Ok((run, existing)) => {

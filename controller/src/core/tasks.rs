@@ -42,6 +42,7 @@ impl State {
         spec: TaskSpec,
         key: String,
         project: String,
+        trace: super::trace::Trace,
         reply: Reply<(Task, bool)>,
     ) {
         let mem_key = super::idempotency_key(&project, &key);
@@ -52,6 +53,7 @@ impl State {
                 spec: Box::new(spec),
                 idempotency_key: key,
                 project,
+                trace,
                 reply,
             });
             return;
@@ -75,7 +77,7 @@ impl State {
             })
             .collect();
         if !key_missing && producers.is_empty() {
-            return self.submit_checked(spec, key, project, reply).await;
+            return self.submit_checked(spec, key, project, trace, reply).await;
         }
         if !key.is_empty() {
             self.idem_pending.insert(mem_key, Vec::new());
@@ -90,6 +92,7 @@ impl State {
                         spec: Box::new(spec),
                         idempotency_key: key,
                         project,
+                        trace,
                         reply,
                         found,
                     })
@@ -104,6 +107,7 @@ impl State {
         spec: TaskSpec,
         key: String,
         project: String,
+        trace: super::trace::Trace,
         reply: Reply<(Task, bool)>,
         found: Result<(Option<String>, Vec<Task>)>,
     ) {
@@ -130,7 +134,7 @@ impl State {
                 if let Some(id) = idem_id.filter(|id| self.tasks.contains_key(id)) {
                     self.idempotency.insert(mem_key, id, 0, &self.durability);
                 }
-                self.submit_checked(spec, key, project, reply).await;
+                self.submit_checked(spec, key, project, trace, reply).await;
             }
         }
         for msg in waiting {
@@ -143,6 +147,7 @@ impl State {
         mut spec: TaskSpec,
         key: String,
         project: String,
+        trace: super::trace::Trace,
         reply: Reply<(Task, bool)>,
     ) {
         if let Err(e) = validate::task_spec(&mut spec, &self.cfg)
@@ -185,7 +190,8 @@ impl State {
             return;
         }
         match self.new_task(spec, key, project, None) {
-            Ok(task) => {
+            Ok(mut task) => {
+                super::trace::stamp(&mut task, trace);
                 let effects = vec![reply_effect(reply, (task.clone(), false))];
                 self.enqueue_new(task, effects).await;
             }
@@ -430,6 +436,7 @@ impl State {
                     message: reason,
                     ..Default::default()
                 });
+                super::trace::task_ended(&entry.task);
             }
         }
         Ok((entry.task.clone(), effects))

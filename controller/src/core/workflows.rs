@@ -30,6 +30,8 @@ pub(crate) mod records;
 pub(crate) const WORKFLOW_PREFIX: &str = "workflows/";
 
 impl State {
+    // The submission's parts as the API message carries them.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn submit_workflow(
         &mut self,
         spec: WorkflowSpec,
@@ -37,11 +39,12 @@ impl State {
         project: String,
         template: Option<TemplateRef>,
         validated: bool,
+        trace: super::trace::Trace,
         reply: Reply<(Workflow, bool)>,
     ) {
         // The reply carries the outcome.
         let _ = self
-            .create_workflow(spec, key, project, template, validated, Some(reply))
+            .create_workflow(spec, key, project, template, validated, trace, Some(reply))
             .await;
     }
 
@@ -49,6 +52,7 @@ impl State {
     /// first nodes. `reply` gets the answer once it is durable; the result is also returned
     /// (for the schedule loop; errors as their message). `validated`: the spec already
     /// passed [`workflow::validate::workflow_spec`] (in the API, off the core).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn create_workflow(
         &mut self,
         mut spec: WorkflowSpec,
@@ -56,6 +60,7 @@ impl State {
         project: String,
         template: Option<TemplateRef>,
         validated: bool,
+        trace: super::trace::Trace,
         reply: Option<Reply<(Workflow, bool)>>,
     ) -> std::result::Result<(Workflow, bool), String> {
         let answer = |reply: Option<Reply<(Workflow, bool)>>, r: Result<(Workflow, bool)>| {
@@ -78,7 +83,11 @@ impl State {
                 return Ok((existing, true));
             }
             Ok(None) => match self.workflow_record(spec, key, project, template) {
-                Ok(wf) => wf,
+                Ok(mut wf) => {
+                    // The submitter's context: the workflow's span is its child.
+                    wf.traceparent = trace.map(|t| t.traceparent).unwrap_or_default();
+                    wf
+                }
                 Err(e) => {
                     let msg = e.to_string();
                     answer(reply, Err(e));
@@ -432,7 +441,8 @@ impl State {
                 self.new_task(ts, String::new(), wf.project.clone(), Some((&wf.id, &name)))
                     .map_err(|e| e.to_string())
             }) {
-                Ok(task) => {
+                Ok(mut task) => {
+                    super::trace::stamp(&mut task, super::trace::node_parent(wf));
                     wf.nodes[i].task_id = task.id.clone();
                     wf.nodes[i].state = NodeState::Queued as i32;
                     self.enqueue_new(task, Vec::new()).await;
@@ -553,6 +563,7 @@ impl State {
         wf.message = message;
         wf.finished_at_ms = now;
         info!(workflow = %wf.id, state = ?state, "workflow finished");
+        super::trace::workflow_ended(wf);
     }
 
     /// Starts the oldest pending workflows of `group` while it has room.

@@ -167,6 +167,14 @@ async fn run_session(config: EngineConfig, host_cwd: PathBuf) -> i32 {
     };
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let token = format!("{:032x}", rand::random::<u128>());
+    // The trace context the session was started with (what a real engine's spans would
+    // join), for tests to read in the task's log.
+    if let Ok(tp) = std::env::var("TRACEPARENT") {
+        let otlp = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default();
+        engine.progress(&format!(
+            "fake-dagger: session TRACEPARENT={tp} OTEL_EXPORTER_OTLP_ENDPOINT={otlp}"
+        ));
+    }
     engine.progress(&format!(
         "fake-dagger: session {} of engine {} (fixtures: {})",
         engine.session_id,

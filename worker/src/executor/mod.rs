@@ -52,6 +52,10 @@ pub struct ExecContext {
     /// (0700) when the spec declares artifacts, packs and uploads what the outcome lists,
     /// and removes it afterwards.
     pub artifact_dir: PathBuf,
+    /// The trace context the task's processes get (`TRACEPARENT`, `TRACESTATE`): the
+    /// worker's execution span when it traces, else the assignment's as given; `None` when
+    /// the task has none.
+    pub trace: Option<scabbard_common::telemetry::TraceParent>,
 }
 
 /// An input artifact ready on this host.
@@ -78,6 +82,37 @@ pub struct ProducedArtifact {
 }
 
 impl ExecContext {
+    /// `TRACEPARENT` (and `TRACESTATE`) for the task's processes; empty without a trace.
+    pub fn trace_env(&self) -> Vec<(&'static str, String)> {
+        self.trace
+            .as_ref()
+            .map(scabbard_common::telemetry::traceparent_env)
+            .unwrap_or_default()
+    }
+
+    /// What a Dagger session gets so the engine's spans join the task's trace:
+    /// [`trace_env`](Self::trace_env) plus this worker's `OTEL_*` variables (not its
+    /// service name) and its OTLP endpoint. Empty without a trace.
+    pub fn otel_env(&self) -> Vec<(String, String)> {
+        if self.trace.is_none() {
+            return Vec::new();
+        }
+        let mut env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("OTEL_") && k != "OTEL_SERVICE_NAME")
+            .collect();
+        if let Some(ep) = scabbard_common::telemetry::endpoint_in_use()
+            && !env.iter().any(|(k, _)| k == "OTEL_EXPORTER_OTLP_ENDPOINT")
+        {
+            env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), ep.to_string()));
+        }
+        env.extend(
+            self.trace_env()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
+        env
+    }
+
     /// The limit for this attempt: the spec's `timeout_ms` if set, else the default.
     /// `None` means no limit.
     pub fn timeout_for(&self, spec: &proto::TaskSpec) -> Option<Duration> {
@@ -290,6 +325,7 @@ mod tests {
             project: "default".into(),
             inputs: Vec::new(),
             artifact_dir: PathBuf::from("/nonexistent/artifacts"),
+            trace: None,
         };
         let mut spec = proto::TaskSpec::default();
         assert_eq!(ctx.timeout_for(&spec), Some(Duration::from_secs(60)));

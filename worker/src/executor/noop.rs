@@ -53,6 +53,7 @@ mod tests {
             project: "default".into(),
             inputs: Vec::new(),
             artifact_dir: PathBuf::from("/nonexistent/artifacts"),
+            trace: None,
         };
         let outcome = NoopExecutor
             .run(

@@ -311,6 +311,7 @@ impl ShellExecutor {
             .envs(&spec.env)
             .envs(&spec.secret_env)
             .envs(task_env(ctx, workdir))
+            .envs(ctx.trace_env())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

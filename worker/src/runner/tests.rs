@@ -63,6 +63,8 @@ async fn run_attempt_in(
         fencing_token: 1,
         attempt: 1,
         spec: Some(spec),
+        traceparent: String::new(),
+        tracestate: String::new(),
     };
     assert_eq!(runner.start(assign), Ok(true));
     let mut chunks = Vec::new();
@@ -204,6 +206,8 @@ async fn unavailable_executors_are_not_advertised_and_refuse_work() {
             )),
             ..Default::default()
         }),
+        traceparent: String::new(),
+        tracestate: String::new(),
     };
     let refused = runner.start(assign.clone()).unwrap_err();
     assert!(refused.contains("not available"), "{refused}");

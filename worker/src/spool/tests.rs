@@ -39,6 +39,8 @@ fn assign(task_id: &str, token: u64) -> proto::Assign {
             name: "build".into(),
             ..Default::default()
         }),
+        traceparent: String::new(),
+        tracestate: String::new(),
     }
 }
 

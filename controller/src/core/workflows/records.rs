@@ -58,6 +58,7 @@ pub(crate) fn header(wf: &Workflow) -> Workflow {
         template: wf.template.clone(),
         idempotency_key: wf.idempotency_key.clone(),
         cancel_requested: wf.cancel_requested,
+        traceparent: wf.traceparent.clone(),
     }
 }
 

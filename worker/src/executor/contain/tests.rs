@@ -77,6 +77,7 @@ async fn escaped_grandchild_dies_with_the_attempt(cgroups: bool) {
         project: "default".into(),
         inputs: Vec::new(),
         artifact_dir: work.join("artifacts"),
+        trace: None,
     };
     let outcome = exec
         .run(ctx, &spec(ESCAPE), tx, CancellationToken::new())

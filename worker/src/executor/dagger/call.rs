@@ -54,6 +54,8 @@ pub(super) async fn run_call(
         .filter_map(|(k, v)| v.into_string().ok().map(|v| (k, v)))
         .collect();
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // The session `dagger call` starts exports to the worker's collector, in the task's trace.
+    env.extend(ctx.otel_env());
     shell_spec.env = env;
     let shell = ShellExecutor::with_kill_grace(cfg.kill_grace());
     let outcome = shell.run(ctx, &shell_spec, out, cancel).await;

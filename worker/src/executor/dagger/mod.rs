@@ -247,9 +247,12 @@ impl DaggerExecutor {
                 return ExecOutcome::infrastructure(why);
             }
         };
+        let mut env = cli::cli_env(&self.cfg);
+        // The engine's spans join the task's trace.
+        env.extend(ctx.otel_env().into_iter().map(|(k, v)| (k, v.into())));
         let session_spec = SessionSpec {
             cli: &cli,
-            env: cli::cli_env(&self.cfg),
+            env,
             cwd: &workdir,
             start_timeout: self.cfg.session_start_timeout(),
             kill_grace: self.cfg.kill_grace(),
@@ -272,7 +275,10 @@ impl DaggerExecutor {
             artifacts: ctx.artifact_dir.clone(),
         };
         let export_dir = dirs.exports();
-        let mut pipeline = tokio::spawn(container::run_pipeline(client, plan, tx.clone(), dirs));
+        // In the attempt's execute span (its steps' spans hang under it when traced).
+        let mut pipeline = tokio::spawn(tracing::Instrument::in_current_span(
+            container::run_pipeline(client, plan, tx.clone(), dirs),
+        ));
         let mut outcome = tokio::select! {
             ended = &mut pipeline => match ended {
                 Ok(outcome) => outcome,

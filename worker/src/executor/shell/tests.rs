@@ -33,6 +33,7 @@ pub(super) fn ctx(work_root: &Path) -> ExecContext {
         project: "default".into(),
         inputs: Vec::new(),
         artifact_dir: work_root.join("artifacts"),
+        trace: None,
     }
 }
 

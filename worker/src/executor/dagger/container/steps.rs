@@ -50,6 +50,8 @@ pub(super) async fn run_steps(
     let mut last_line = None;
     for (i, step) in plan.steps.iter().enumerate() {
         let n = i + 1;
+        // Traced: one span per step, from here until the iteration ends.
+        let step_span = crate::trace::container_step(n, &step.label);
         note(out, format!("{}: {}", step.label, step.args.join(" "))).await;
         if nonce_before == Some(i) {
             container = container.with_env_variable(ATTEMPT_ENV, plan.attempt_id.as_str());
@@ -62,6 +64,7 @@ pub(super) async fn run_steps(
             .await
             .map_err(at(step.label.clone()))?;
         let code = synced.exit_code().await.map_err(at(step.label.clone()))?;
+        step_span.record("scabbard.exit_code", code);
         let mut line = LastLine::default();
         let to = local.join(format!("{n}.out"));
         let label = format!("{}: stdout", step.label);

@@ -6,8 +6,19 @@ use clap::{Args, Parser, Subcommand};
 
 /// Scabbard: a distributed control plane for build pipelines.
 #[derive(Parser, Debug)]
-#[command(name = "scabbard", version, about, propagate_version = true)]
+#[command(
+    name = "scabbard",
+    version,
+    about,
+    propagate_version = true,
+    after_help = EXIT_CODES
+)]
 pub(crate) struct Cli {
+    /// Output format of commands that print resources: `table` for people, `json` (the
+    /// proto3 JSON mapping; `--wait`/`--follow`/`--watch` print JSON Lines) or `yaml`.
+    /// See docs/cli.md.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = crate::render::Format::Table)]
+    pub(crate) output: crate::render::Format,
     /// Log as JSON lines (daemons).
     #[arg(long, global = true, env = "SCABBARD_LOG_JSON")]
     pub(crate) log_json: bool,
@@ -20,6 +31,18 @@ pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
 }
+
+/// The exit codes, shown after `scabbard --help` (docs/cli.md has the same list).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success (a waited-for task or workflow succeeded; `status`: healthy with a leader)
+  1    the command failed (bad input refused by the controller, connection, not found, ...),
+       or a waited-for workflow did not succeed, or a waited-for task failed without an
+       exit code of its own (cancelled, timed out, lost)
+  2    usage error (bad flags); `status`: no leader or the store is unhealthy
+  N    `submit --wait/--follow`: the task's own exit code N (1..255) when it failed with one
+
+Output: -o table|json|yaml (docs/cli.md). Completions: scabbard completion bash|zsh|fish.";
 
 /// The global `--timeout`, set once by `main`.
 static REQUEST_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
@@ -98,6 +121,12 @@ pub(crate) enum Command {
     /// Maintain the embedded store file (offline).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell); see
+    /// docs/cli.md for where to install it.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `scabbard store …`
@@ -112,15 +141,6 @@ pub(crate) enum StoreCommand {
     },
 }
 
-/// Output format of `artifacts list`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ArtifactFormat {
-    /// A table.
-    Text,
-    /// A JSON array.
-    Json,
-}
-
 #[derive(Subcommand, Debug)]
 pub(crate) enum ArtifactsCommand {
     /// List the artifacts a task serves (once it succeeded), or those of every node of a
@@ -130,9 +150,6 @@ pub(crate) enum ArtifactsCommand {
         target: Target,
         /// Task id or workflow id.
         id: String,
-        /// Output format.
-        #[arg(long, short = 'o', value_enum, default_value_t = ArtifactFormat::Text)]
-        output: ArtifactFormat,
     },
     /// Download artifacts, check their SHA-256 and unpack each into DIR/<name> (a file
     /// artifact becomes the file DIR/<name>). With a workflow id and no --node, each goes
@@ -144,8 +161,9 @@ pub(crate) enum ArtifactsCommand {
         id: String,
         /// The artifact (default: all of them).
         name: Option<String>,
-        /// Directory to unpack into (created if needed).
-        #[arg(long = "output-dir", short = 'o', value_name = "DIR")]
+        /// Directory to unpack into (created if needed). `-o DIR` is still accepted here
+        /// when DIR is not an output format (table, text, json, yaml).
+        #[arg(long = "output-dir", short = 'd', value_name = "DIR")]
         dir: PathBuf,
         /// With a workflow id: only this node's artifacts.
         #[arg(long)]
@@ -636,6 +654,48 @@ fn parse_secret(s: &str) -> Result<SecretKv, String> {
     Ok(SecretKv(s.to_string()))
 }
 
+/// `artifacts get … -o DIR`, the spelling from before `-o` became the global output
+/// format: there, a `-o` (or `-oDIR`, `-o=DIR`) whose value is not a format name is read
+/// as `--output-dir DIR`. Everything else is left as it is.
+pub(crate) fn legacy_output_dir(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let is_format = |v: &str| matches!(v, "table" | "text" | "json" | "yaml");
+    let Some(i) = args.iter().position(|a| a == "artifacts") else {
+        return args;
+    };
+    if args.get(i + 1).is_none_or(|a| a != "get") {
+        return args;
+    }
+    let mut k = i + 2;
+    while k < args.len() {
+        if args[k] == "--" {
+            break;
+        }
+        let Some(a) = args[k].to_str().map(str::to_string) else {
+            k += 1;
+            continue;
+        };
+        if a == "-o" {
+            if let Some(v) = args.get(k + 1).and_then(|v| v.to_str())
+                && !is_format(v)
+            {
+                args[k] = "--output-dir".into();
+            }
+            k += 2;
+            continue;
+        }
+        if let Some(v) = a.strip_prefix("-o")
+            && !a.starts_with("--")
+        {
+            let v = v.strip_prefix('=').unwrap_or(v);
+            if !is_format(v) {
+                args[k] = format!("--output-dir={v}").into();
+            }
+        }
+        k += 1;
+    }
+    args
+}
+
 /// Parses `key=value`.
 pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -653,6 +713,56 @@ mod tests {
     #[test]
     fn grammar_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        let args = legacy_output_dir(args.iter().map(|a| (*a).into()).collect());
+        Cli::try_parse_from(args).expect("parses")
+    }
+
+    #[test]
+    fn output_is_global_and_artifacts_get_keeps_its_dir() {
+        use crate::render::Format;
+        assert_eq!(
+            parse(&["scabbard", "task", "list", "-o", "json"]).output,
+            Format::Json
+        );
+        assert_eq!(
+            parse(&["scabbard", "-o", "yaml", "status"]).output,
+            Format::Yaml
+        );
+        assert_eq!(
+            parse(&["scabbard", "status", "-o", "text"]).output,
+            Format::Table
+        );
+        for spelling in [
+            &["-o", "out/x"][..],
+            &["-oout/x"],
+            &["-o=out/x"],
+            &["--output-dir", "out/x"],
+            &["-d", "out/x"],
+        ] {
+            let mut args = vec!["scabbard", "artifacts", "get", "t1"];
+            args.extend_from_slice(spelling);
+            let cli = parse(&args);
+            let Command::Artifacts(ArtifactsCommand::Get { dir, .. }) = cli.command else {
+                panic!("not artifacts get");
+            };
+            assert_eq!(dir, PathBuf::from("out/x"), "{spelling:?}");
+            assert_eq!(cli.output, crate::render::Format::Table);
+        }
+        let cli = parse(&[
+            "scabbard",
+            "artifacts",
+            "get",
+            "t1",
+            "-d",
+            "x",
+            "-o",
+            "json",
+        ]);
+        assert_eq!(cli.output, crate::render::Format::Json);
+        assert!(Cli::try_parse_from(["scabbard", "task", "list", "-o", "xml"]).is_err());
     }
 
     #[test]

@@ -8,6 +8,8 @@ mod cmd;
 mod credentials;
 mod duration;
 mod output;
+mod progress;
+mod render;
 mod size;
 
 use clap::Parser;
@@ -18,8 +20,9 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = args::Cli::parse();
+    let cli = args::Cli::parse_from(args::legacy_output_dir(std::env::args_os().collect()));
     args::set_request_timeout(cli.timeout);
+    render::set(cli.output);
     let daemon = matches!(
         cli.command,
         args::Command::Dev(_) | args::Command::Controller(_) | args::Command::Worker(_)

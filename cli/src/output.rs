@@ -1,6 +1,6 @@
 //! Human-readable output of tasks, agents, tokens, projects and the audit log; workflows
-//! in [`workflow`], templates, schedules and breakers in [`catalog`], machine-readable
-//! workflows in [`document`].
+//! in [`workflow`], templates, schedules and breakers in [`catalog`]. (JSON and YAML are
+//! printed by [`crate::render`].)
 
 use scabbard_common::proto::{
     Agent, AgentStatus, AuditEntry, Project, Scope, Task, TaskState, TokenInfo, TokenKind,
@@ -8,7 +8,6 @@ use scabbard_common::proto::{
 use tonic::Code;
 
 pub(crate) mod catalog;
-pub(crate) mod document;
 pub(crate) mod workflow;
 
 /// Turns an RPC failure into a one-line error a person can act on, naming the gRPC code

@@ -18,6 +18,9 @@ pub use error::{Error, Result};
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod proto {
     tonic::include_proto!("scabbard.v1");
+    // serde `Serialize`/`Deserialize` of every message and enum, following the proto3
+    // JSON mapping (see `build.rs`): `serde_json::to_value(&task)`.
+    include!(concat!(env!("OUT_DIR"), "/scabbard.v1.serde.rs"));
 
     /// Encoded file descriptor set of the protocol, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

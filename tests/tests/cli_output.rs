@@ -69,28 +69,43 @@ impl Env {
     }
 
     /// `args` with `-o json`, parsed, checked to be the proto JSON mapping of a `T`; and
-    /// with `-o yaml`, checked to be the same value (unless `yaml_too` is false: the
-    /// resource changes between two calls).
+    /// with `yaml_too`, `-o yaml` checked to be the same value. A finished task still
+    /// changes a little afterwards (its log is archived), so the pair is asked again until
+    /// the two calls saw the same state (within the deadline).
     fn json<T: Serialize + DeserializeOwned>(
         &self,
         args: &[&str],
         yaml_too: bool,
     ) -> Result<Value> {
-        let mut with = args.to_vec();
-        with.extend(["-o", "json"]);
-        let text = self.ok(&with)?;
-        let v: Value =
-            serde_json::from_str(&text).with_context(|| format!("{args:?}: not JSON: {text}"))?;
-        round_trips::<T>(&v).with_context(|| format!("{args:?}"))?;
-        if yaml_too {
+        let call = |format: &str| -> Result<Value> {
             let mut with = args.to_vec();
-            with.extend(["-o", "yaml"]);
+            with.extend(["-o", format]);
             let text = self.ok(&with)?;
-            let y: Value = serde_yaml_ng::from_str(&text)
-                .with_context(|| format!("{args:?}: not YAML: {text}"))?;
-            ensure!(y == v, "{args:?}: YAML {y} differs from JSON {v}");
+            Ok(if format == "json" {
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{args:?}: not JSON: {text}"))?
+            } else {
+                serde_yaml_ng::from_str(&text)
+                    .with_context(|| format!("{args:?}: not YAML: {text}"))?
+            })
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = call("json")?;
+            round_trips::<T>(&v).with_context(|| format!("{args:?}"))?;
+            if !yaml_too {
+                return Ok(v);
+            }
+            let y = call("yaml")?;
+            if y == v {
+                return Ok(v);
+            }
+            ensure!(
+                Instant::now() < end,
+                "{args:?}: YAML {y} differs from JSON {v}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
-        Ok(v)
     }
 }
 
@@ -193,6 +208,11 @@ fn json_and_yaml_output_of_every_resource() -> Result<()> {
     // submit without --wait: the task, one object.
     let queued = env.json::<Task>(&["submit", "--noop"], false)?;
     assert!(!s(&queued, "id").is_empty(), "{queued}");
+    // Until it is final, so the lists below hold no task whose state is still moving.
+    eventually("the noop task to finish", || {
+        let t = env.json::<Task>(&["task", "get", s(&queued, "id")], false)?;
+        Ok((t["state"] == "TASK_STATE_SUCCEEDED").then_some(()))
+    })?;
 
     // task get: the table's fields.
     let t = env.json::<Task>(&["task", "get", &id], true)?;

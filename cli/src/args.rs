@@ -32,18 +32,6 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
-/// The exit codes, shown after `scabbard --help` (docs/cli.md has the same list).
-const EXIT_CODES: &str = "\
-Exit codes:
-  0    success (a waited-for task or workflow succeeded; `status`: healthy with a leader)
-  1    the command failed (bad input refused by the controller, connection, not found, ...),
-       or a waited-for workflow did not succeed, or a waited-for task failed without an
-       exit code of its own (cancelled, timed out, lost)
-  2    usage error (bad flags); `status`: no leader or the store is unhealthy
-  N    `submit --wait/--follow`: the task's own exit code N (1..255) when it failed with one
-
-Output: -o table|json|yaml (docs/cli.md). Completions: scabbard completion bash|zsh|fish.";
-
 /// The global `--timeout`, set once by `main`.
 static REQUEST_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
 
@@ -171,8 +159,10 @@ pub(crate) enum ArtifactsCommand {
     },
 }
 
+mod output;
 mod security;
 mod workflows;
+pub(crate) use output::{EXIT_CODES, legacy_output_dir};
 pub(crate) use security::*;
 pub(crate) use workflows::*;
 
@@ -654,48 +644,6 @@ fn parse_secret(s: &str) -> Result<SecretKv, String> {
     Ok(SecretKv(s.to_string()))
 }
 
-/// `artifacts get … -o DIR`, the spelling from before `-o` became the global output
-/// format: there, a `-o` (or `-oDIR`, `-o=DIR`) whose value is not a format name is read
-/// as `--output-dir DIR`. Everything else is left as it is.
-pub(crate) fn legacy_output_dir(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    let is_format = |v: &str| matches!(v, "table" | "text" | "json" | "yaml");
-    let Some(i) = args.iter().position(|a| a == "artifacts") else {
-        return args;
-    };
-    if args.get(i + 1).is_none_or(|a| a != "get") {
-        return args;
-    }
-    let mut k = i + 2;
-    while k < args.len() {
-        if args[k] == "--" {
-            break;
-        }
-        let Some(a) = args[k].to_str().map(str::to_string) else {
-            k += 1;
-            continue;
-        };
-        if a == "-o" {
-            if let Some(v) = args.get(k + 1).and_then(|v| v.to_str())
-                && !is_format(v)
-            {
-                args[k] = "--output-dir".into();
-            }
-            k += 2;
-            continue;
-        }
-        if let Some(v) = a.strip_prefix("-o")
-            && !a.starts_with("--")
-        {
-            let v = v.strip_prefix('=').unwrap_or(v);
-            if !is_format(v) {
-                args[k] = format!("--output-dir={v}").into();
-            }
-        }
-        k += 1;
-    }
-    args
-}
-
 /// Parses `key=value`.
 pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -713,56 +661,6 @@ mod tests {
     #[test]
     fn grammar_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    fn parse(args: &[&str]) -> Cli {
-        let args = legacy_output_dir(args.iter().map(|a| (*a).into()).collect());
-        Cli::try_parse_from(args).expect("parses")
-    }
-
-    #[test]
-    fn output_is_global_and_artifacts_get_keeps_its_dir() {
-        use crate::render::Format;
-        assert_eq!(
-            parse(&["scabbard", "task", "list", "-o", "json"]).output,
-            Format::Json
-        );
-        assert_eq!(
-            parse(&["scabbard", "-o", "yaml", "status"]).output,
-            Format::Yaml
-        );
-        assert_eq!(
-            parse(&["scabbard", "status", "-o", "text"]).output,
-            Format::Table
-        );
-        for spelling in [
-            &["-o", "out/x"][..],
-            &["-oout/x"],
-            &["-o=out/x"],
-            &["--output-dir", "out/x"],
-            &["-d", "out/x"],
-        ] {
-            let mut args = vec!["scabbard", "artifacts", "get", "t1"];
-            args.extend_from_slice(spelling);
-            let cli = parse(&args);
-            let Command::Artifacts(ArtifactsCommand::Get { dir, .. }) = cli.command else {
-                panic!("not artifacts get");
-            };
-            assert_eq!(dir, PathBuf::from("out/x"), "{spelling:?}");
-            assert_eq!(cli.output, crate::render::Format::Table);
-        }
-        let cli = parse(&[
-            "scabbard",
-            "artifacts",
-            "get",
-            "t1",
-            "-d",
-            "x",
-            "-o",
-            "json",
-        ]);
-        assert_eq!(cli.output, crate::render::Format::Json);
-        assert!(Cli::try_parse_from(["scabbard", "task", "list", "-o", "xml"]).is_err());
     }
 
     #[test]

@@ -430,6 +430,9 @@ fn status(env: &Env) -> Result<()> {
         "{table}"
     );
     assert!(table.contains(s(&st, "storeBackend")), "{table}");
+    // No breaker is open: an empty array (the table says so in words).
+    let breakers = env.json::<scabbard_common::proto::Breaker>(&["breakers", "list"], true)?;
+    assert_eq!(breakers, serde_json::json!([]));
     for m in st["members"].as_array().context("members")? {
         assert!(table.contains(s(m, "address")), "{table}");
     }

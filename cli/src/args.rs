@@ -220,6 +220,10 @@ pub(crate) struct DevArgs {
     /// uses mutual TLS with its own client certificate).
     #[arg(long)]
     pub(crate) tls: bool,
+    /// HTTP/JSON API address. Default: 127.0.0.1:7480 (a free port when --listen's port
+    /// is 0).
+    #[arg(long)]
+    pub(crate) http_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -284,6 +288,9 @@ pub(crate) struct ControllerArgs {
     /// Serve Prometheus metrics on this address (GET /metrics, plain HTTP, no auth).
     #[arg(long, env = "SCABBARD_METRICS_LISTEN")]
     pub(crate) metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the HTTP/JSON API (`/api/v1`, bearer tokens as for gRPC) on this address.
+    #[arg(long, env = "SCABBARD_HTTP_LISTEN")]
+    pub(crate) http_listen: Option<std::net::SocketAddr>,
     /// Directory of user workflow templates (*.yaml), loaded next to the built-in ones.
     #[arg(long, env = "SCABBARD_TEMPLATES_DIR")]
     pub(crate) templates_dir: Option<PathBuf>,

@@ -17,6 +17,8 @@ pub struct ControllerConfig {
     pub listen: SocketAddr,
     /// Where Prometheus metrics are served (`GET /metrics`, plain HTTP, no auth); unset = off.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the HTTP/JSON API is served (`/api/v1`, same tokens as gRPC); unset = off.
+    pub http_listen: Option<SocketAddr>,
     /// Where the embedded store and the task logs live.
     pub data_dir: PathBuf,
     /// A static registration token workers may present to `AgentService.Register`, next
@@ -205,6 +207,7 @@ impl Default for ControllerConfig {
         Self {
             listen: "127.0.0.1:7400".parse().expect("static address"),
             metrics_listen: None,
+            http_listen: None,
             data_dir: PathBuf::from("./scabbard-data"),
             registration_token: String::new(),
             bootstrap_token_file: None,

@@ -172,7 +172,7 @@ pub async fn serve(
         cfg.leader_lease_ttl(),
         shutdown.clone(),
     ));
-    let router = router(
+    let (router, inner) = router(
         &cfg,
         router_handle,
         store.clone(),
@@ -181,6 +181,12 @@ pub async fn serve(
         artifacts,
         advertise.clone(),
     )?;
+    let http = match cfg.http_listen {
+        Some(http_addr) => {
+            Some(spawn_http(&cfg, http_addr, inner, store.clone(), &advertise, &shutdown).await?)
+        }
+        None => None,
+    };
     info!(%addr, %advertise, "controller serving");
     // Bounded accepting: a per-address cap and a handshake timeout (silent connections are
     // closed); Nagle off on accepted sockets (small stream messages must not wait for
@@ -206,6 +212,10 @@ pub async fn serve(
     let _ = members.await;
     if let Some(m) = metrics {
         let _ = m.await;
+    }
+    if let Some(h) = http {
+        // Open event streams end with the core; give them the drain deadline.
+        let _ = tokio::time::timeout(DRAIN_DEADLINE, h).await;
     }
     info!(%addr, "controller stopped");
     if let Some(e) = fatal {
@@ -418,6 +428,40 @@ type ApiRouter = tonic::transport::server::Router<
     >,
 >;
 
+/// Starts the HTTP API on `http_addr` over the in-process services, and publishes its
+/// address (for followers' redirects) while serving.
+async fn spawn_http(
+    cfg: &ControllerConfig,
+    http_addr: SocketAddr,
+    inner: crate::http::Inner,
+    store: Arc<dyn Store>,
+    advertise: &str,
+    shutdown: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let l = crate::http::bind(http_addr).await?;
+    let local = l.local_addr()?;
+    // Published as `http://host:port`: the advertised host when listening on all addresses.
+    let host = if local.ip().is_unspecified() {
+        let h = advertise.rsplit_once(':').map_or(advertise, |(h, _)| h);
+        format!("{h}:{}", local.port())
+    } else {
+        local.to_string()
+    };
+    tokio::spawn(crate::membership::keep_key(
+        store.clone(),
+        format!("{}{advertise}", crate::http::HTTP_MEMBER_PREFIX),
+        format!("http://{host}"),
+        cfg.leader_lease_ttl(),
+        shutdown.clone(),
+    ));
+    let stop = shutdown.clone();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = crate::http::serve(l, inner, store, stop).await {
+            warn!(error = %e, "HTTP API server failed");
+        }
+    }))
+}
+
 fn router(
     cfg: &Arc<ControllerConfig>,
     core: CoreRouter,
@@ -426,7 +470,7 @@ fn router(
     templates: Arc<Registry>,
     artifact_store: Arc<ArtifactStore>,
     advertise: String,
-) -> Result<ApiRouter> {
+) -> Result<(ApiRouter, crate::http::Inner)> {
     let max = cfg.max_message_bytes;
     let (reporter, health_svc) = tonic_health::server::health_reporter();
     // SERVING where a call would succeed: while this controller leads, or follows a leader
@@ -551,15 +595,33 @@ fn router(
     })
     .max_decoding_message_size(artifact_max)
     .max_encoding_message_size(artifact_max);
-    Ok(crate::tls::server_builder(&cfg.tls)?
+    let auth = AuthLayer::new(catalog);
+    let limits = crate::limits::LimitsLayer::new(crate::limits::Limits::from_config(cfg));
+    // The HTTP API calls the same services through the same layers (and the same limit
+    // buckets), in process.
+    let inner = tower::util::BoxCloneSyncService::new(
+        tower::ServiceBuilder::new()
+            .layer(forward.clone())
+            .layer(auth.clone())
+            .layer(limits.clone())
+            .service(
+                tonic::service::Routes::new(tasks.clone())
+                    .add_service(admin.clone())
+                    .add_service(projects.clone())
+                    .add_service(workflows.clone())
+                    .add_service(template_api.clone())
+                    .add_service(schedules.clone())
+                    .add_service(artifact_api.clone())
+                    .prepare(),
+            ),
+    );
+    let grpc = crate::tls::server_builder(&cfg.tls)?
         // Outermost: a follower forwards client calls to the leader untouched (the leader
         // authenticates them).
         .layer(forward)
-        .layer(AuthLayer::new(catalog))
+        .layer(auth)
         // Inside auth: rate limits per principal, concurrency limit, per-RPC deadline.
-        .layer(crate::limits::LimitsLayer::new(
-            crate::limits::Limits::from_config(cfg),
-        ))
+        .layer(limits)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -573,7 +635,8 @@ fn router(
         .add_service(workflows)
         .add_service(template_api)
         .add_service(schedules)
-        .add_service(artifact_api))
+        .add_service(artifact_api);
+    Ok((grpc, inner))
 }
 
 /// A controller running in this process (tests, `scabbard dev`).

@@ -30,8 +30,10 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         bootstrap_token: Some(admin_token.clone()),
         heartbeat_interval_ms: 1_000,
         agent_lease_ttl_ms: 5_000,
+        http_listen: Some(dev_http_listen(a.http_listen, a.listen)?),
         ..ControllerConfig::default()
     };
+    let http = cfg.http_listen.unwrap_or(a.listen);
     if let Some(p) = &pki {
         cfg.tls = scabbard_controller::tls::TlsConfig {
             cert_file: Some(p.server_cert.clone()),
@@ -82,6 +84,7 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         if pki.is_some() { ", TLS" } else { "" }
     );
     say!("  gRPC address: {addr}");
+    say!("  HTTP API:     http://{http}/api/v1 (OpenAPI: http://{http}/api/v1/openapi.json)");
     say!("  data dir:     {}", data_dir.display());
     let tls_flag = match &pki {
         Some(p) => {
@@ -117,6 +120,23 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     controller.shutdown.cancel();
     controller.task.await.context("controller task")??;
     Ok(0)
+}
+
+/// The dev HTTP API address: the given one, 127.0.0.1:7480, or a free port on the gRPC
+/// listener's address when that port is 0 (tests, several dev instances).
+fn dev_http_listen(
+    given: Option<std::net::SocketAddr>,
+    grpc: std::net::SocketAddr,
+) -> Result<std::net::SocketAddr> {
+    if let Some(a) = given {
+        return Ok(a);
+    }
+    if grpc.port() != 0 {
+        return Ok(std::net::SocketAddr::new(grpc.ip(), 7480));
+    }
+    let probe = std::net::TcpListener::bind(std::net::SocketAddr::new(grpc.ip(), 0))
+        .context("finding a free port for the HTTP API")?;
+    Ok(probe.local_addr()?)
 }
 
 /// Shell tasks of the dev worker with `hidden` out of their sight; where this host cannot
@@ -217,6 +237,9 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     }
     if a.metrics_listen.is_some() {
         cfg.metrics_listen = a.metrics_listen;
+    }
+    if a.http_listen.is_some() {
+        cfg.http_listen = a.http_listen;
     }
     if a.templates_dir.is_some() {
         cfg.templates_dir = a.templates_dir;

@@ -1,0 +1,107 @@
+//! The HTTP/JSON API (`--http-listen`, config `http_listen`): `/api/v1/...` routes served
+//! with axum. Every route is a thin adapter over one gRPC method: the JSON body, query and
+//! path parameters become the method's request message (proto3 JSON mapping, the pbjson
+//! impls in `common`), and the call goes through the *same* tower stack the gRPC listener
+//! uses (forwarding to the leader, authentication, rate and concurrency limits) into the
+//! same tonic services, in process. So tokens, scopes, projects, limits, validation and
+//! audit are one piece of code for both listeners. This module owns the listener, the call
+//! path into the in-process services and the mapping of `Status` to HTTP ([`error`]).
+
+mod error;
+mod openapi;
+mod routes;
+mod sse;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::transport::server::TcpConnectInfo;
+use tracing::info;
+
+use crate::store::Store;
+
+/// The gRPC services with their layers, callable in process.
+pub type Inner =
+    tower::util::BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
+
+/// Store key prefix under which each controller publishes its HTTP base URL (under its
+/// membership lease), keyed by its advertised gRPC address: a follower that must redirect
+/// finds the leader's HTTP address there.
+pub const HTTP_MEMBER_PREFIX: &str = "http-members/";
+
+/// What every handler needs.
+#[derive(Clone)]
+pub struct HttpState {
+    inner: Inner,
+    store: Arc<dyn Store>,
+}
+
+impl HttpState {
+    /// A tonic client over the in-process services.
+    fn grpc(&self) -> tonic::client::Grpc<Inner> {
+        tonic::client::Grpc::new(self.inner.clone())
+    }
+
+    /// The leader's HTTP base URL, when it published one.
+    async fn leader_http(&self, leader_grpc: &str) -> Option<String> {
+        let key = format!("{HTTP_MEMBER_PREFIX}{leader_grpc}");
+        let kv = self.store.get(&key).await.ok().flatten()?;
+        String::from_utf8(kv.value).ok()
+    }
+}
+
+/// A tonic request carrying the HTTP caller's bearer token (and trace context) as
+/// metadata and its address as the connection's peer (audit entries name it).
+fn grpc_request<T>(headers: &HeaderMap, peer: SocketAddr, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    for key in ["authorization", "traceparent", "tracestate"] {
+        if let Some(v) = headers.get(key)
+            && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+        {
+            req.metadata_mut().insert(key, v);
+        }
+    }
+    req.extensions_mut().insert(TcpConnectInfo {
+        local_addr: None,
+        remote_addr: Some(peer),
+    });
+    req
+}
+
+/// Binds `addr` for the HTTP API (errors name the config key).
+pub async fn bind(addr: SocketAddr) -> scabbard_common::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        scabbard_common::Error::invalid(format!("cannot listen on http_listen {addr}: {e}"))
+    })
+}
+
+/// Serves the HTTP API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    inner: Inner,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    info!(%addr, "HTTP API on /api/v1 (OpenAPI at /api/v1/openapi.json)");
+    let app = router(HttpState { inner, store });
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+}
+
+/// Every route, plus JSON 404s for the rest.
+pub fn router(state: HttpState) -> axum::Router {
+    routes::router()
+        .fallback(error::not_found)
+        .with_state(state)
+}

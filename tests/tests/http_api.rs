@@ -763,3 +763,150 @@ fn http_with_header(url: &str, header: &str) -> Result<Resp> {
         body: serde_json::from_str(body).unwrap_or(Value::Null),
     })
 }
+
+/// A TLS controller on etcd with the HTTP API on `http_port`; it forwards to the leader
+/// when `peer_ca`, else redirects.
+fn tls_controller(
+    dir: &std::path::Path,
+    pki: &scabbard_common::tls::DevPki,
+    etcd: &str,
+    peer_ca: bool,
+    http_port: u16,
+) -> Result<Controller> {
+    let mut extra = vec![
+        "--tls-cert".to_string(),
+        pki.server_cert.display().to_string(),
+        "--tls-key".into(),
+        pki.server_key.display().to_string(),
+        "--store".into(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        etcd.into(),
+        "--http-listen".into(),
+        format!("127.0.0.1:{http_port}"),
+    ];
+    if peer_ca {
+        extra.extend(["--tls-peer-ca".into(), pki.ca_cert.display().to_string()]);
+    }
+    Controller::start(
+        dir,
+        free_port(),
+        &ControllerOpts {
+            extra,
+            ..ControllerOpts::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_forward_or_redirect_to_the_leader() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = scabbard_common::tls::generate_dev_pki(&dir.path().join("tls"), "w", &[])?;
+    let etcd = scabbard_tests::etcd::EtcdServer::start()?;
+    let ports = [free_port(), free_port(), free_port()];
+    let _a = tls_controller(
+        &dir.path().join("a"),
+        &pki,
+        &etcd.endpoints(),
+        true,
+        ports[0],
+    )?;
+    let _b = tls_controller(
+        &dir.path().join("b"),
+        &pki,
+        &etcd.endpoints(),
+        true,
+        ports[1],
+    )?;
+    let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    // ClusterStatus says whether the controller answering leads.
+    let leads = |port: u16| {
+        http("GET", &url(port, "/api/v1/cluster"), None, None)
+            .ok()
+            .is_some_and(|r| r.status == 200 && r.body["answeredByLeader"] == true)
+    };
+    let (leader, follower) = eventually("a leader", Duration::from_secs(30), || async {
+        if leads(ports[0]) {
+            Some((ports[0], ports[1]))
+        } else if leads(ports[1]) {
+            Some((ports[1], ports[0]))
+        } else {
+            None
+        }
+    })
+    .await?;
+    // A follower with the peer CA forwards: the submit and the get work through it.
+    let body = json!({"spec": {"noop": {}}}).to_string();
+    let id = eventually(
+        "a submit through the follower",
+        Duration::from_secs(20),
+        || async {
+            http(
+                "POST",
+                &url(follower, "/api/v1/tasks"),
+                Some(ADMIN_TOKEN),
+                Some(&body),
+            )
+            .ok()
+            .filter(|r| r.status == 200)
+            .and_then(|r| r.body["task"]["id"].as_str().map(str::to_string))
+        },
+    )
+    .await?;
+    let r = http(
+        "GET",
+        &url(follower, &format!("/api/v1/tasks/{id}")),
+        Some(ADMIN_TOKEN),
+        None,
+    )?;
+    assert_eq!(
+        (r.status, r.body["id"].as_str()),
+        (200, Some(id.as_str())),
+        "{}",
+        r.body
+    );
+    // Auth is the leader's: no token through the follower is still 401.
+    let r = http(
+        "GET",
+        &url(follower, &format!("/api/v1/tasks/{id}")),
+        None,
+        None,
+    )?;
+    assert_eq!(r.status, 401, "{}", r.body);
+
+    // One without the peer CA cannot forward: 307 to the leader's HTTP API.
+    let c = tls_controller(
+        &dir.path().join("c"),
+        &pki,
+        &etcd.endpoints(),
+        false,
+        ports[2],
+    )?;
+    let path = "/api/v1/tasks?pageSize=5&states=TASK_STATE_QUEUED".to_string();
+    let r = eventually(
+        "a redirect from the follower without a peer CA",
+        Duration::from_secs(20),
+        || async {
+            http("GET", &url(ports[2], &path), Some(ADMIN_TOKEN), None)
+                .ok()
+                .filter(|r| r.status == 307)
+        },
+    )
+    .await
+    .map_err(|e| {
+        let last = http("GET", &url(ports[2], &path), Some(ADMIN_TOKEN), None);
+        e.context(format!(
+            "last answer: {:?}",
+            last.map(|r| (r.status, r.body))
+        ))
+    })?;
+    assert_eq!(
+        r.header("location"),
+        Some(url(leader, &path).as_str()),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.body["code"].as_str(), Some("UNAVAILABLE"), "{}", r.body);
+    drop(c);
+    Ok(())
+}

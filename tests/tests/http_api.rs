@@ -910,3 +910,54 @@ async fn followers_forward_or_redirect_to_the_leader() -> Result<()> {
     drop(c);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_calls_get_429_with_retry_after() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let http_port = free_port();
+    let ctl = Controller::start(
+        &dir.path().join("c"),
+        0,
+        &ControllerOpts {
+            extra: vec![
+                "--http-listen".into(),
+                format!("127.0.0.1:{http_port}"),
+                "--rate-limit".into(),
+                "1".into(),
+                "--rate-burst".into(),
+                "2".into(),
+            ],
+            ..ControllerOpts::default()
+        },
+    )?;
+    let read = eventually("a read token", Duration::from_secs(20), || async {
+        token(&ctl.addr.to_string(), "default", Scope::Read)
+            .await
+            .ok()
+    })
+    .await?;
+    let url = format!("http://127.0.0.1:{http_port}/api/v1/tasks");
+    let mut limited = None;
+    for _ in 0..6 {
+        let r = http("GET", &url, Some(&read), None)?;
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = limited.context("no 429 after 6 calls at 1/s with a burst of 2")?;
+    assert_eq!(
+        r.body["code"].as_str(),
+        Some("RESOURCE_EXHAUSTED"),
+        "{}",
+        r.body
+    );
+    let secs: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .context("Retry-After")?;
+    assert!((1..=2).contains(&secs), "Retry-After {secs}");
+    assert!(r.body["retryAfterMs"].as_str().is_some(), "{}", r.body);
+    Ok(())
+}

@@ -438,9 +438,12 @@ async fn spawn_http(
     advertise: &str,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    let tls = crate::http::tls(&cfg.tls)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let l = crate::http::bind(http_addr).await?;
     let local = l.local_addr()?;
-    // Published as `http://host:port`: the advertised host when listening on all addresses.
+    // Published as `http(s)://host:port`: the advertised host when listening on all
+    // addresses.
     let host = if local.ip().is_unspecified() {
         let h = advertise.rsplit_once(':').map_or(advertise, |(h, _)| h);
         format!("{h}:{}", local.port())
@@ -450,13 +453,13 @@ async fn spawn_http(
     tokio::spawn(crate::membership::keep_key(
         store.clone(),
         format!("{}{advertise}", crate::http::HTTP_MEMBER_PREFIX),
-        format!("http://{host}"),
+        format!("{scheme}://{host}"),
         cfg.leader_lease_ttl(),
         shutdown.clone(),
     ));
     let stop = shutdown.clone();
     Ok(tokio::spawn(async move {
-        if let Err(e) = crate::http::serve(l, inner, store, stop).await {
+        if let Err(e) = crate::http::serve(l, tls, inner, store, stop).await {
             warn!(error = %e, "HTTP API server failed");
         }
     }))

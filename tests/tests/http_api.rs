@@ -3,7 +3,10 @@
 //! token and with another project's token gets the status gRPC's code maps to and a JSON
 //! error; server-sent events arrive and resume after a controller restart with
 //! `Last-Event-ID` with no gap; the OpenAPI document validates (openapi-spec-validator)
-//! and lists every route. HTTP is spoken with `curl` (scripts/setup.sh installs it).
+//! and lists every route; rate-limited calls get 429 with Retry-After; over TLS (HTTPS with
+//! the controller's certificate) a follower forwards to the leader, or answers 307 to the
+//! leader's HTTP API when it cannot. HTTP is spoken with `curl` (scripts/setup.sh
+//! installs it).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -43,10 +46,18 @@ fn curl_bin() -> &'static str {
     "curl"
 }
 
+/// The CA https:// calls trust (the TLS test's dev CA).
+static CA_CERT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
 /// One HTTP call with curl.
 fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> Result<Resp> {
     let mut c = Command::new(curl_bin());
     c.args(["-sS", "-i", "--max-time", "30", "-X", method]);
+    if url.starts_with("https:")
+        && let Some(ca) = CA_CERT.lock().expect("lock").clone()
+    {
+        c.arg("--cacert").arg(ca);
+    }
     if let Some(t) = token {
         c.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
@@ -764,8 +775,8 @@ fn http_with_header(url: &str, header: &str) -> Result<Resp> {
     })
 }
 
-/// A TLS controller on etcd with the HTTP API on `http_port`; it forwards to the leader
-/// when `peer_ca`, else redirects.
+/// A TLS controller on etcd with the HTTP API (HTTPS, the same certificate) on
+/// `http_port`; it forwards to the leader when `peer_ca`, else redirects.
 fn tls_controller(
     dir: &std::path::Path,
     pki: &scabbard_common::tls::DevPki,
@@ -799,10 +810,11 @@ fn tls_controller(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn followers_forward_or_redirect_to_the_leader() -> Result<()> {
+async fn https_followers_forward_or_redirect_to_the_leader() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = scabbard_common::tls::generate_dev_pki(&dir.path().join("tls"), "w", &[])?;
     let etcd = scabbard_tests::etcd::EtcdServer::start()?;
+    *CA_CERT.lock().expect("lock") = Some(pki.ca_cert.clone());
     let ports = [free_port(), free_port(), free_port()];
     let _a = tls_controller(
         &dir.path().join("a"),
@@ -818,7 +830,8 @@ async fn followers_forward_or_redirect_to_the_leader() -> Result<()> {
         true,
         ports[1],
     )?;
-    let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    // The HTTP API speaks TLS with the controller's certificate.
+    let url = |port: u16, path: &str| format!("https://127.0.0.1:{port}{path}");
     // ClusterStatus says whether the controller answering leads.
     let leads = |port: u16| {
         http("GET", &url(port, "/api/v1/cluster"), None, None)

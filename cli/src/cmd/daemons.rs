@@ -84,7 +84,11 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         if pki.is_some() { ", TLS" } else { "" }
     );
     say!("  gRPC address: {addr}");
-    say!("  HTTP API:     http://{http}/api/v1 (OpenAPI: http://{http}/api/v1/openapi.json)");
+    // The HTTP API speaks TLS with the controller's certificate when it has one.
+    let scheme = if pki.is_some() { "https" } else { "http" };
+    say!(
+        "  HTTP API:     {scheme}://{http}/api/v1 (OpenAPI: {scheme}://{http}/api/v1/openapi.json)"
+    );
     say!("  data dir:     {}", data_dir.display());
     let tls_flag = match &pki {
         Some(p) => {

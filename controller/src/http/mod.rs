@@ -11,6 +11,7 @@ mod error;
 mod openapi;
 mod routes;
 mod sse;
+mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::codegen::http;
@@ -81,16 +83,26 @@ pub async fn bind(addr: SocketAddr) -> scabbard_common::Result<TcpListener> {
     })
 }
 
-/// Serves the HTTP API on `listener` until `shutdown`.
+/// The TLS settings of the HTTP listener: the gRPC listener's certificate, if any.
+pub fn tls(cfg: &crate::tls::TlsConfig) -> scabbard_common::Result<Option<TlsAcceptor>> {
+    tls::acceptor(cfg)
+}
+
+/// Serves the HTTP API on `listener` (HTTPS with `tls`) until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     inner: Inner,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
-    info!(%addr, "HTTP API on /api/v1 (OpenAPI at /api/v1/openapi.json)");
     let app = router(HttpState { inner, store });
+    if let Some(acceptor) = tls {
+        info!(%addr, "HTTP API (HTTPS) on /api/v1 (OpenAPI at /api/v1/openapi.json)");
+        return tls::serve(listener, acceptor, app, shutdown).await;
+    }
+    info!(%addr, "HTTP API on /api/v1 (OpenAPI at /api/v1/openapi.json)");
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -974,3 +974,126 @@ async fn rate_limited_calls_get_429_with_retry_after() -> Result<()> {
     assert!(r.body["retryAfterMs"].as_str().is_some(), "{}", r.body);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflows_and_templates_over_http_with_live_events() -> Result<()> {
+    let c = Cluster::start().await?;
+    let sh = |s: &str| json!({"shell": {"command": ["sh", "-c", s]}});
+    let body = json!({"spec": {
+        "name": "http-wf",
+        "failurePolicy": "FAILURE_POLICY_CONTINUE",
+        "tasks": [
+            {"name": "a", "spec": sh("echo a")},
+            {"name": "b", "spec": sh("echo b"), "dependsOn": ["a"]},
+            {"name": "c", "spec": sh("exit 3"), "dependsOn": ["a"]},
+        ],
+    }})
+    .to_string();
+    let r = http(
+        "POST",
+        &c.url("/api/v1/workflows"),
+        Some(ADMIN_TOKEN),
+        Some(&body),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.body["workflow"]["id"]
+        .as_str()
+        .context("workflow id")?
+        .to_string();
+    let events = SseClient::open(
+        &c.url(&format!("/api/v1/workflows/{id}/events")),
+        ADMIN_TOKEN,
+        None,
+    )?;
+    let evs = events.until("the workflow to fail", Duration::from_secs(60), |evs| {
+        evs.iter()
+            .any(|e| e.data["workflow"]["state"] == "WORKFLOW_STATE_FAILED")
+    })?;
+    assert!(
+        evs.iter()
+            .all(|e| e.event == "workflow" && e.id.parse::<i64>().is_ok()),
+        "{evs:#?}"
+    );
+    let last = &evs.last().context("events")?.data["workflow"];
+    let node = |name: &str| {
+        last["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(node("b")["state"], "NODE_STATE_SUCCEEDED", "{last}");
+    assert_eq!(
+        (node("c")["state"].as_str(), node("c")["exitCode"].as_i64()),
+        (Some("NODE_STATE_FAILED"), Some(3)),
+        "{last}"
+    );
+    let r = http(
+        "GET",
+        &c.url(&format!("/api/v1/workflows/{id}")),
+        Some(ADMIN_TOKEN),
+        None,
+    )?;
+    assert_eq!(
+        (r.status, r.body["state"].as_str()),
+        (200, Some("WORKFLOW_STATE_FAILED")),
+        "{}",
+        r.body
+    );
+    let r = http(
+        "GET",
+        &c.url("/api/v1/workflows?states=WORKFLOW_STATE_FAILED"),
+        Some(ADMIN_TOKEN),
+        None,
+    )?;
+    assert!(r.body.to_string().contains(&id), "{}", r.body);
+    // Templates: list, show; an unknown one is a JSON 404.
+    let r = http("GET", &c.url("/api/v1/templates"), Some(ADMIN_TOKEN), None)?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let name = r.body["templates"][0]["name"]
+        .as_str()
+        .context("a built-in template")?
+        .to_string();
+    let r = http(
+        "GET",
+        &c.url(&format!("/api/v1/templates/{name}")),
+        Some(ADMIN_TOKEN),
+        None,
+    )?;
+    assert_eq!(
+        (r.status, r.body["name"].as_str()),
+        (200, Some(name.as_str())),
+        "{}",
+        r.body
+    );
+    let r = http(
+        "POST",
+        &c.url("/api/v1/templates/no-such-template/render"),
+        Some(ADMIN_TOKEN),
+        Some("{}"),
+    )?;
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (404, Some("NOT_FOUND")),
+        "{}",
+        r.body
+    );
+    // Cluster status, agents and whoami answer JSON.
+    let r = http("GET", &c.url("/api/v1/cluster"), Some(ADMIN_TOKEN), None)?;
+    assert_eq!(
+        (r.status, r.body["answeredByLeader"].as_bool()),
+        (200, Some(true)),
+        "{}",
+        r.body
+    );
+    let r = http("GET", &c.url("/api/v1/agents"), Some(ADMIN_TOKEN), None)?;
+    assert_eq!(
+        r.body["agents"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        r.body
+    );
+    Ok(())
+}

@@ -438,6 +438,7 @@ async fn spawn_http(
     advertise: &str,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    let max = cfg.max_message_bytes;
     let tls = crate::http::tls(&cfg.tls)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let l = crate::http::bind(http_addr).await?;
@@ -459,7 +460,18 @@ async fn spawn_http(
     ));
     let stop = shutdown.clone();
     Ok(tokio::spawn(async move {
-        if let Err(e) = crate::http::serve(l, tls, inner, store, stop).await {
+        if let Err(e) = crate::http::serve(
+            l,
+            crate::http::HttpServe {
+                tls,
+                inner,
+                store,
+                max_body: max,
+            },
+            stop,
+        )
+        .await
+        {
             warn!(error = %e, "HTTP API server failed");
         }
     }))

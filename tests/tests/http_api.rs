@@ -459,6 +459,18 @@ async fn http_api_end_to_end() -> Result<()> {
         r.body
     );
     assert_eq!(r.header("content-type"), Some("application/json"));
+    let r = http(
+        "PUT",
+        &c.url("/api/v1/tasks"),
+        Some(ADMIN_TOKEN),
+        Some("{}"),
+    )?;
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (405, Some("UNIMPLEMENTED")),
+        "{}",
+        r.body
+    );
     let r = http("GET", &c.url("/"), None, None)?;
     assert_eq!(r.status, 404);
     assert!(

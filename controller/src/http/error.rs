@@ -108,3 +108,37 @@ pub(crate) async fn not_found(uri: Uri) -> Response {
     };
     error(Code::NotFound, format!("no route {}{hint}", uri.path()))
 }
+
+/// Turns the framework's own plain-text errors (405 for a method a route lacks, 413 for a
+/// body over `max_message_bytes`) into the JSON error shape; JSON and non-error responses
+/// pass untouched.
+pub(crate) async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || json {
+        return resp;
+    }
+    let (code, what) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (Code::Unimplemented, "method not allowed on this route"),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            Code::InvalidArgument,
+            "request body larger than the controller's max_message_bytes",
+        ),
+        _ => (Code::InvalidArgument, "bad request"),
+    };
+    let text = axum::body::to_bytes(resp.into_body(), 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        what.to_string()
+    } else {
+        format!("{what}: {text}")
+    };
+    let mut out = error(code, message);
+    *out.status_mut() = status;
+    out
+}

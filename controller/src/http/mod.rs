@@ -88,16 +88,33 @@ pub fn tls(cfg: &crate::tls::TlsConfig) -> scabbard_common::Result<Option<TlsAcc
     tls::acceptor(cfg)
 }
 
-/// Serves the HTTP API on `listener` (HTTPS with `tls`) until `shutdown`.
+/// What the HTTP listener serves with.
+pub struct HttpServe {
+    /// HTTPS with this acceptor; plain HTTP without.
+    pub tls: Option<TlsAcceptor>,
+    /// The in-process services.
+    pub inner: Inner,
+    /// The store (the leader's published HTTP address).
+    pub store: Arc<dyn Store>,
+    /// Largest request body (the controller's `max_message_bytes`).
+    pub max_body: usize,
+}
+
+/// Serves the HTTP API on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    inner: Inner,
-    store: Arc<dyn Store>,
+    with: HttpServe,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
-    let app = router(HttpState { inner, store });
+    let HttpServe {
+        tls,
+        inner,
+        store,
+        max_body,
+    } = with;
+    let app =
+        router(HttpState { inner, store }).layer(axum::extract::DefaultBodyLimit::max(max_body));
     if let Some(acceptor) = tls {
         info!(%addr, "HTTP API (HTTPS) on /api/v1 (OpenAPI at /api/v1/openapi.json)");
         return tls::serve(listener, acceptor, app, shutdown).await;
@@ -111,9 +128,10 @@ pub async fn serve(
     .await
 }
 
-/// Every route, plus JSON 404s for the rest.
+/// Every route, plus JSON 404s for the rest; every error is JSON.
 pub fn router(state: HttpState) -> axum::Router {
     routes::router()
         .fallback(error::not_found)
+        .layer(axum::middleware::map_response(error::json_errors))
         .with_state(state)
 }

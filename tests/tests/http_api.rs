@@ -1061,6 +1061,47 @@ async fn workflows_and_templates_over_http_with_live_events() -> Result<()> {
         None,
     )?;
     assert!(r.body.to_string().contains(&id), "{}", r.body);
+    // Another project's token gets what gRPC gives it for this workflow, as HTTP.
+    let addr = c.ctl.addr.to_string();
+    ProjectServiceClient::new(admin_channel(&addr).await?)
+        .create(CreateProjectRequest {
+            project: Some(Project {
+                name: "other".into(),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    let other = token(&addr, "other", Scope::Submit).await?;
+    let code = scabbard_common::proto::workflow_service_client::WorkflowServiceClient::new(
+        with_token(scabbard_common::client::connect(&addr).await?, &other),
+    )
+    .get(scabbard_common::proto::GetWorkflowRequest { id: id.clone() })
+    .await
+    .expect_err("another project's workflow")
+    .code();
+    let want = match code {
+        tonic::Code::NotFound => (404, "NOT_FOUND"),
+        tonic::Code::PermissionDenied => (403, "PERMISSION_DENIED"),
+        c => panic!("unexpected gRPC code {c:?}"),
+    };
+    for (method, path) in [
+        ("GET", format!("/api/v1/workflows/{id}")),
+        ("POST", format!("/api/v1/workflows/{id}/cancel")),
+        ("GET", format!("/api/v1/workflows/{id}/events")),
+    ] {
+        let r = http(
+            method,
+            &c.url(&path),
+            Some(&other),
+            (method == "POST").then_some("{}"),
+        )?;
+        assert_eq!(
+            (r.status, r.body["code"].as_str().unwrap_or("")),
+            want,
+            "{method} {path} with another project's token: {}",
+            r.body
+        );
+    }
     // Templates: list, show; an unknown one is a JSON 404.
     let r = http("GET", &c.url("/api/v1/templates"), Some(ADMIN_TOKEN), None)?;
     assert_eq!(r.status, 200, "{}", r.body);

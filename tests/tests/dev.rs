@@ -58,7 +58,7 @@ async fn dev_keeps_the_admin_token_out_of_its_tasks_reach() -> anyhow::Result<()
         .strip_prefix("http://")
         .and_then(|r| r.split('/').next())
         .expect("an http:// URL");
-    // The banner can come before the controller binds it (after its first election).
+    // dev prints the banner once the HTTP API accepts; retried anyway.
     let mut s = eventually(
         "the dev HTTP API to accept",
         Duration::from_secs(20),

@@ -47,6 +47,20 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     }
     let shutdown = super::shutdown_on_signals();
     let controller = scabbard_controller::spawn(cfg).await?;
+    // The banner names the HTTP API once it accepts (the controller binds it after its
+    // first election).
+    let http_probe = if http.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], http.port()))
+    } else {
+        http
+    };
+    let ready = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(http_probe).await.is_err()
+        && tokio::time::Instant::now() < ready
+        && !controller.task.is_finished()
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let addr = controller.addr;
     // Reach a wildcard listener through loopback (the dev certificate names 127.0.0.1).
     let local = if addr.ip().is_unspecified() {

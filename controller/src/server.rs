@@ -182,9 +182,10 @@ pub async fn serve(
         advertise.clone(),
     )?;
     let http = match cfg.http_listen {
-        Some(http_addr) => {
-            Some(spawn_http(&cfg, http_addr, inner, store.clone(), &advertise, &shutdown).await?)
-        }
+        Some(http_addr) => Some(
+            crate::http::spawn(&cfg, http_addr, inner, store.clone(), &advertise, &shutdown)
+                .await?,
+        ),
         None => None,
     };
     info!(%addr, %advertise, "controller serving");
@@ -427,55 +428,6 @@ type ApiRouter = tonic::transport::server::Router<
         >,
     >,
 >;
-
-/// Starts the HTTP API on `http_addr` over the in-process services, and publishes its
-/// address (for followers' redirects) while serving.
-async fn spawn_http(
-    cfg: &ControllerConfig,
-    http_addr: SocketAddr,
-    inner: crate::http::Inner,
-    store: Arc<dyn Store>,
-    advertise: &str,
-    shutdown: &CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let max = cfg.max_message_bytes;
-    let tls = crate::http::tls(&cfg.tls)?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let l = crate::http::bind(http_addr).await?;
-    let local = l.local_addr()?;
-    // Published as `http(s)://host:port`: the advertised host when listening on all
-    // addresses.
-    let host = if local.ip().is_unspecified() {
-        let h = advertise.rsplit_once(':').map_or(advertise, |(h, _)| h);
-        format!("{h}:{}", local.port())
-    } else {
-        local.to_string()
-    };
-    tokio::spawn(crate::membership::keep_key(
-        store.clone(),
-        format!("{}{advertise}", crate::http::HTTP_MEMBER_PREFIX),
-        format!("{scheme}://{host}"),
-        cfg.leader_lease_ttl(),
-        shutdown.clone(),
-    ));
-    let stop = shutdown.clone();
-    Ok(tokio::spawn(async move {
-        if let Err(e) = crate::http::serve(
-            l,
-            crate::http::HttpServe {
-                tls,
-                inner,
-                store,
-                max_body: max,
-            },
-            stop,
-        )
-        .await
-        {
-            warn!(error = %e, "HTTP API server failed");
-        }
-    }))
-}
 
 fn router(
     cfg: &Arc<ControllerConfig>,

@@ -76,6 +76,55 @@ fn grpc_request<T>(headers: &HeaderMap, peer: SocketAddr, msg: T) -> tonic::Requ
     req
 }
 
+/// Starts the HTTP API on `http_addr` over the in-process services, and publishes its
+/// address (for followers' redirects) while serving.
+pub async fn spawn(
+    cfg: &crate::config::ControllerConfig,
+    http_addr: SocketAddr,
+    inner: Inner,
+    store: Arc<dyn Store>,
+    advertise: &str,
+    shutdown: &CancellationToken,
+) -> scabbard_common::Result<tokio::task::JoinHandle<()>> {
+    let max = cfg.max_message_bytes;
+    let tls = tls(&cfg.tls)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let l = bind(http_addr).await?;
+    let local = l.local_addr()?;
+    // Published as `http(s)://host:port`: the advertised host when listening on all
+    // addresses.
+    let host = if local.ip().is_unspecified() {
+        let h = advertise.rsplit_once(':').map_or(advertise, |(h, _)| h);
+        format!("{h}:{}", local.port())
+    } else {
+        local.to_string()
+    };
+    tokio::spawn(crate::membership::keep_key(
+        store.clone(),
+        format!("{}{advertise}", HTTP_MEMBER_PREFIX),
+        format!("{scheme}://{host}"),
+        cfg.leader_lease_ttl(),
+        shutdown.clone(),
+    ));
+    let stop = shutdown.clone();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = serve(
+            l,
+            HttpServe {
+                tls,
+                inner,
+                store,
+                max_body: max,
+            },
+            stop,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "HTTP API server failed");
+        }
+    }))
+}
+
 /// Binds `addr` for the HTTP API (errors name the config key).
 pub async fn bind(addr: SocketAddr) -> scabbard_common::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {

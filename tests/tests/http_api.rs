@@ -1133,6 +1133,38 @@ async fn workflows_and_templates_over_http_with_live_events() -> Result<()> {
         "{}",
         r.body
     );
+    // A running task's log follows live: the first line arrives while it still runs.
+    let t = c.submit(ADMIN_TOKEN, "echo first-line; sleep 4; echo last-line")?;
+    c.wait_state(&t, "TASK_STATE_RUNNING").await?;
+    let logs = SseClient::open(
+        &c.url(&format!("/api/v1/tasks/{t}/logs?follow=true")),
+        ADMIN_TOKEN,
+        None,
+    )?;
+    let text = |evs: &[Sse]| {
+        evs.iter()
+            .map(|e| {
+                String::from_utf8_lossy(&b64(e.data["data"].as_str().unwrap_or(""))).to_string()
+            })
+            .collect::<String>()
+    };
+    logs.until("the first line", Duration::from_secs(20), |evs| {
+        text(evs).contains("first-line")
+    })?;
+    let r = http(
+        "GET",
+        &c.url(&format!("/api/v1/tasks/{t}")),
+        Some(ADMIN_TOKEN),
+        None,
+    )?;
+    assert_eq!(
+        r.body["state"], "TASK_STATE_RUNNING",
+        "the line came live: {}",
+        r.body
+    );
+    logs.until("the last line", Duration::from_secs(20), |evs| {
+        text(evs).contains("last-line")
+    })?;
     // Cluster status, agents and whoami answer JSON.
     let r = http("GET", &c.url("/api/v1/cluster"), Some(ADMIN_TOKEN), None)?;
     assert_eq!(

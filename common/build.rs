@@ -27,9 +27,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptors = out.join("scabbard_descriptor.bin");
     tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("scabbard_descriptor.bin"))
+        .file_descriptor_set_path(&descriptors)
         .compile_protos(&files, &[root])?;
+    // serde impls following the proto3 JSON mapping (lowerCamelCase names, enums as
+    // names, 64-bit integers as strings, bytes as base64), written to
+    // `scabbard.v1.serde.rs`. Every field is emitted, defaults included, so a script sees
+    // the same keys on every object.
+    pbjson_build::Builder::new()
+        .register_descriptors(&std::fs::read(&descriptors)?)?
+        .emit_fields()
+        .build(&[".scabbard.v1"])?;
     Ok(())
 }
 

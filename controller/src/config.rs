@@ -20,6 +20,8 @@ pub struct ControllerConfig {
     /// Traces (`[telemetry]`: `otlp_endpoint`, `service_name`, `sampler`, `sampler_arg`);
     /// the `OTEL_*` variables override it. Read by the binary before logging starts.
     pub telemetry: scabbard_common::telemetry::TelemetryConfig,
+    /// Where the HTTP/JSON API is served (`/api/v1`, same tokens as gRPC); unset = off.
+    pub http_listen: Option<SocketAddr>,
     /// Where the embedded store and the task logs live.
     pub data_dir: PathBuf,
     /// A static registration token workers may present to `AgentService.Register`, next
@@ -212,6 +214,7 @@ impl Default for ControllerConfig {
             listen: "127.0.0.1:7400".parse().expect("static address"),
             metrics_listen: None,
             telemetry: Default::default(),
+            http_listen: None,
             data_dir: PathBuf::from("./scabbard-data"),
             registration_token: String::new(),
             bootstrap_token_file: None,

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod core;
 pub mod forward;
+pub mod http;
 pub mod leader;
 pub mod limits;
 pub mod listener;

@@ -21,6 +21,18 @@ pub async fn keep_membership(
     shutdown: CancellationToken,
 ) {
     let key = format!("{MEMBER_PREFIX}{advertise}");
+    keep_key(store, key, advertise, ttl, shutdown).await;
+}
+
+/// Keeps `key` = `value` alive under a lease of its own until `shutdown`, then removes it
+/// (membership, and the HTTP API's published address).
+pub async fn keep_key(
+    store: Arc<dyn Store>,
+    key: String,
+    value: String,
+    ttl: Duration,
+    shutdown: CancellationToken,
+) {
     let backoff = Backoff {
         max: ttl,
         ..Backoff::default()
@@ -41,7 +53,7 @@ pub async fn keep_membership(
         let put = Txn {
             success: vec![Op::Put {
                 key: key.clone(),
-                value: advertise.clone().into_bytes(),
+                value: value.clone().into_bytes(),
                 lease,
             }],
             ..Txn::default()

@@ -172,7 +172,7 @@ pub async fn serve(
         cfg.leader_lease_ttl(),
         shutdown.clone(),
     ));
-    let router = router(
+    let (router, inner) = router(
         &cfg,
         router_handle,
         store.clone(),
@@ -181,6 +181,13 @@ pub async fn serve(
         artifacts,
         advertise.clone(),
     )?;
+    let http = match cfg.http_listen {
+        Some(http_addr) => Some(
+            crate::http::spawn(&cfg, http_addr, inner, store.clone(), &advertise, &shutdown)
+                .await?,
+        ),
+        None => None,
+    };
     info!(%addr, %advertise, "controller serving");
     // Bounded accepting: a per-address cap and a handshake timeout (silent connections are
     // closed); Nagle off on accepted sockets (small stream messages must not wait for
@@ -206,6 +213,10 @@ pub async fn serve(
     let _ = members.await;
     if let Some(m) = metrics {
         let _ = m.await;
+    }
+    if let Some(h) = http {
+        // Open event streams end with the core; give them the drain deadline.
+        let _ = tokio::time::timeout(DRAIN_DEADLINE, h).await;
     }
     info!(%addr, "controller stopped");
     if let Some(e) = fatal {
@@ -436,7 +447,7 @@ fn router(
     templates: Arc<Registry>,
     artifact_store: Arc<ArtifactStore>,
     advertise: String,
-) -> Result<ApiRouter> {
+) -> Result<(ApiRouter, crate::http::Inner)> {
     let max = cfg.max_message_bytes;
     let (reporter, health_svc) = tonic_health::server::health_reporter();
     // SERVING where a call would succeed: while this controller leads, or follows a leader
@@ -561,7 +572,29 @@ fn router(
     })
     .max_decoding_message_size(artifact_max)
     .max_encoding_message_size(artifact_max);
-    Ok(crate::tls::server_builder(&cfg.tls)?
+    let auth = AuthLayer::new(catalog);
+    let limits = crate::limits::LimitsLayer::new(crate::limits::Limits::from_config(cfg));
+    // The HTTP API calls the same services through the same layers (and the same limit
+    // buckets), in process.
+    let inner = tower::util::BoxCloneSyncService::new(
+        tower::ServiceBuilder::new()
+            .layer(crate::rpc_trace::RpcTraceLayer)
+            .layer(crate::metrics::RpcMetricsLayer)
+            .layer(forward.clone())
+            .layer(auth.clone())
+            .layer(limits.clone())
+            .service(
+                tonic::service::Routes::new(tasks.clone())
+                    .add_service(admin.clone())
+                    .add_service(projects.clone())
+                    .add_service(workflows.clone())
+                    .add_service(template_api.clone())
+                    .add_service(schedules.clone())
+                    .add_service(artifact_api.clone())
+                    .prepare(),
+            ),
+    );
+    let grpc = crate::tls::server_builder(&cfg.tls)?
         // Outermost: a server span per call when tracing is on (a forwarded call's too).
         .layer(crate::rpc_trace::RpcTraceLayer)
         // Then every call's latency by method and code (forwarded ones included).
@@ -569,11 +602,9 @@ fn router(
         // Then: a follower forwards client calls to the leader untouched (the leader
         // authenticates them).
         .layer(forward)
-        .layer(AuthLayer::new(catalog))
+        .layer(auth)
         // Inside auth: rate limits per principal, concurrency limit, per-RPC deadline.
-        .layer(crate::limits::LimitsLayer::new(
-            crate::limits::Limits::from_config(cfg),
-        ))
+        .layer(limits)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -587,7 +618,8 @@ fn router(
         .add_service(workflows)
         .add_service(template_api)
         .add_service(schedules)
-        .add_service(artifact_api))
+        .add_service(artifact_api);
+    Ok((grpc, inner))
 }
 
 /// A controller running in this process (tests, `scabbard dev`).

@@ -190,9 +190,10 @@ async fn list_and_get_for_tasks_and_workflows() -> Result<()> {
     assert!(
         items
             .iter()
-            .all(|i| i["workflow_node"] == "build" && i["task_id"] == task.as_str())
+            .all(|i| i["workflowNode"] == "build" && i["taskId"] == task.as_str())
     );
-    assert_eq!(items[0]["size"], dist.size);
+    // The proto3 JSON mapping: 64-bit integers are strings.
+    assert_eq!(items[0]["size"], dist.size.to_string());
     assert_eq!(items[0]["sha256"], dist.sha256.as_str());
 
     // get: everything of the task; one artifact of a workflow's node; a whole workflow.

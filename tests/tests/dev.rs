@@ -33,9 +33,9 @@ async fn dev_keeps_the_admin_token_out_of_its_tasks_reach() -> anyhow::Result<()
             }
         }
     });
-    let (mut addr, mut token, mut saved) = (None, None, false);
+    let (mut addr, mut token, mut saved, mut http) = (None, None, false, None);
     let end = Instant::now() + Duration::from_secs(60);
-    while addr.is_none() || token.is_none() || !saved {
+    while addr.is_none() || token.is_none() || !saved || http.is_none() {
         let left = end.saturating_duration_since(Instant::now());
         let line = rx.recv_timeout(left)?;
         if let Some(a) = line.trim().strip_prefix("gRPC address:") {
@@ -45,9 +45,34 @@ async fn dev_keeps_the_admin_token_out_of_its_tasks_reach() -> anyhow::Result<()
             token = Some(t.trim().to_string());
         }
         saved |= line.trim().starts_with("saved for");
+        // "HTTP API:     http://127.0.0.1:PORT/api/v1 (OpenAPI: ...)"
+        if let Some(u) = line.trim().strip_prefix("HTTP API:") {
+            http = u.split_whitespace().next().map(str::to_string);
+        }
     }
     let (addr, token) = (addr.unwrap(), token.unwrap());
     assert!(token.starts_with("scbd_api_"), "{token}");
+    // The HTTP API is on by default and answers with the admin token.
+    let http = http.unwrap();
+    let hostport = http
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .expect("an http:// URL");
+    // dev prints the banner once the HTTP API accepts; retried anyway.
+    let mut s = eventually(
+        "the dev HTTP API to accept",
+        Duration::from_secs(20),
+        || async { std::net::TcpStream::connect(hostport).ok() },
+    )
+    .await?;
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET /api/v1/whoami HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let creds = std::fs::read_to_string(config_dir.join("credentials.toml"))?;
     assert!(creds.contains(&token), "the CLI has the token saved");
 

@@ -9,17 +9,6 @@ use scabbard_common::proto::{OverlapPolicy, WorkflowState};
 
 use super::Target;
 
-/// How `workflow get` prints a workflow.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum WorkflowFormat {
-    /// Summary and the tree of nodes.
-    Text,
-    /// Status fields, nodes and the spec as a workflow file.
-    Yaml,
-    /// Everything, as one JSON object.
-    Json,
-}
-
 #[derive(Subcommand, Debug)]
 pub(crate) enum WorkflowCommand {
     /// Submit a workflow file (a DAG of tasks); prints the workflow id.
@@ -49,9 +38,6 @@ pub(crate) enum WorkflowCommand {
         target: Target,
         /// Workflow id.
         id: String,
-        /// Output format.
-        #[arg(long, short = 'o', value_enum, default_value_t = WorkflowFormat::Text)]
-        output: WorkflowFormat,
     },
     /// List workflows, newest first.
     List {

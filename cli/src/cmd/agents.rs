@@ -9,6 +9,7 @@ use scabbard_common::proto::{
 
 use crate::args::{AgentsCommand, BreakersCommand, Target};
 use crate::output::{self, catalog};
+use crate::render;
 
 pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
     match c {
@@ -20,7 +21,7 @@ pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
                 .map_err(output::status)?
                 .into_inner()
                 .agents;
-            output::agents(&agents);
+            render::show(&agents, || output::agents(&agents))?;
         }
         AgentsCommand::Drain { target, id, reason } => {
             let mut admin = AdminServiceClient::new(super::connect(&target).await?);
@@ -29,7 +30,9 @@ pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            say!("agent {} is draining ({} running)", a.id, a.running);
+            render::show(&a, || {
+                say!("agent {} is draining ({} running)", a.id, a.running)
+            })?;
         }
     }
     Ok(0)
@@ -45,11 +48,13 @@ pub(crate) async fn breakers(c: BreakersCommand) -> Result<u8> {
                 .map_err(output::status)?
                 .into_inner()
                 .breakers;
-            if bs.is_empty() {
-                say!("no {}breakers", if all { "" } else { "open or half-open " });
-            } else {
-                catalog::breakers(&bs);
-            }
+            render::show(&bs, || {
+                if bs.is_empty() {
+                    say!("no {}breakers", if all { "" } else { "open or half-open " });
+                } else {
+                    catalog::breakers(&bs);
+                }
+            })?;
         }
         BreakersCommand::Reset { target, key } => {
             let mut admin = AdminServiceClient::new(super::connect(&target).await?);
@@ -58,7 +63,9 @@ pub(crate) async fn breakers(c: BreakersCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            say!("breaker {} is {}", b.key, catalog::breaker_state(&b));
+            render::show(&b, || {
+                say!("breaker {} is {}", b.key, catalog::breaker_state(&b))
+            })?;
         }
     }
     Ok(0)
@@ -71,6 +78,15 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
         .await
         .map_err(output::status)?
         .into_inner();
+    let code = if s.store_healthy && !s.leader.is_empty() {
+        0
+    } else {
+        2
+    };
+    if render::structured() {
+        render::show(&s, || ())?;
+        return Ok(code);
+    }
     let leader = if s.leader.is_empty() {
         "(none elected)"
     } else {
@@ -128,11 +144,7 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
             catalog::breakers(&open);
         }
     }
-    Ok(if s.store_healthy && !s.leader.is_empty() {
-        0
-    } else {
-        2
-    })
+    Ok(code)
 }
 
 /// The retention lines of `scabbard status`.

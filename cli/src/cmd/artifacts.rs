@@ -13,20 +13,17 @@ use scabbard_common::proto::{
 };
 use tonic::Code;
 
-use crate::args::{ArtifactFormat, ArtifactsCommand};
-use crate::output;
+use crate::args::ArtifactsCommand;
+use crate::{output, render};
 
 type Client = ArtifactServiceClient<AuthedChannel>;
 
 pub(crate) async fn artifacts(c: ArtifactsCommand) -> Result<u8> {
     match c {
-        ArtifactsCommand::List { target, id, output } => {
+        ArtifactsCommand::List { target, id } => {
             let mut client = Client::new(super::connect(&target).await?);
             let (refs, _) = served(&mut client, &id).await?;
-            match output {
-                ArtifactFormat::Text => table(&refs),
-                ArtifactFormat::Json => say!("{}", json(&refs)),
-            }
+            render::show(&refs, || table(&refs))?;
             Ok(0)
         }
         ArtifactsCommand::Get {
@@ -69,6 +66,9 @@ pub(crate) async fn artifacts(c: ArtifactsCommand) -> Result<u8> {
                     dir.join(&r.name)
                 };
                 fetch(&mut client, r, &dest).await?;
+                if render::structured() {
+                    continue;
+                }
                 say!(
                     "{} → {} ({}, {}, sha256 {})",
                     r.name,
@@ -77,6 +77,10 @@ pub(crate) async fn artifacts(c: ArtifactsCommand) -> Result<u8> {
                     scabbard_controller::artifacts::fmt_bytes(r.size),
                     &r.sha256[..r.sha256.len().min(12)]
                 );
+            }
+            // JSON/YAML: the artifacts downloaded, as `artifacts list` shows them.
+            if render::structured() {
+                render::show(&refs, || ())?;
             }
             Ok(0)
         }
@@ -181,11 +185,18 @@ async fn download_and_unpack(
         name: r.name.clone(),
         ..Default::default()
     };
-    let got = download_from(client.clone(), &req, &mut sink)
+    let mut counted = crate::progress::Counted {
+        inner: &mut sink,
+        bar: crate::progress::bytes(&r.name, r.size),
+    };
+    let got = download_from(client.clone(), &req, &mut counted)
         .await
         .map_err(|e| {
             anyhow::anyhow!("{e} ({}); nothing was written", output::code_name(e.code()))
         })?;
+    if let Some(bar) = counted.bar.take() {
+        bar.finish_and_clear();
+    }
     drop(sink);
     let kind = got.kind();
     let (archive, dest_owned) = (archive.to_path_buf(), dest.to_path_buf());
@@ -259,27 +270,6 @@ fn table(refs: &[ArtifactRef]) {
     }
 }
 
-fn json(refs: &[ArtifactRef]) -> String {
-    let items: Vec<serde_json::Value> = refs
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "task_id": r.task_id,
-                "workflow_id": r.workflow_id,
-                "workflow_node": r.workflow_node,
-                "name": r.name,
-                "kind": kind_name(r),
-                "size": r.size,
-                "sha256": r.sha256,
-                "fencing_token": r.fencing_token,
-                "project": r.project,
-                "created_at_ms": r.created_at_ms,
-            })
-        })
-        .collect();
-    serde_json::to_string_pretty(&items).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,12 +292,5 @@ mod tests {
             pick(vec![r("a"), r("b")], Some("b"), "t1").unwrap().len(),
             1
         );
-    }
-
-    #[test]
-    fn json_lists_every_field() {
-        let v: serde_json::Value = serde_json::from_str(&json(&[r("dist")])).unwrap();
-        assert_eq!(v[0]["name"], "dist");
-        assert_eq!(v[0]["kind"], "?");
     }
 }

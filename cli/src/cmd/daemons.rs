@@ -30,8 +30,10 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         bootstrap_token: Some(admin_token.clone()),
         heartbeat_interval_ms: 1_000,
         agent_lease_ttl_ms: 5_000,
+        http_listen: Some(dev_http_listen(a.http_listen, a.listen)?),
         ..ControllerConfig::default()
     };
+    let http = cfg.http_listen.unwrap_or(a.listen);
     if let Some(p) = &pki {
         cfg.tls = scabbard_controller::tls::TlsConfig {
             cert_file: Some(p.server_cert.clone()),
@@ -45,6 +47,20 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     }
     let shutdown = super::shutdown_on_signals();
     let controller = scabbard_controller::spawn(cfg).await?;
+    // The banner names the HTTP API once it accepts (the controller binds it after its
+    // first election).
+    let http_probe = if http.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], http.port()))
+    } else {
+        http
+    };
+    let ready = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(http_probe).await.is_err()
+        && tokio::time::Instant::now() < ready
+        && !controller.task.is_finished()
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let addr = controller.addr;
     // Reach a wildcard listener through loopback (the dev certificate names 127.0.0.1).
     let local = if addr.ip().is_unspecified() {
@@ -82,6 +98,11 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         if pki.is_some() { ", TLS" } else { "" }
     );
     say!("  gRPC address: {addr}");
+    // The HTTP API speaks TLS with the controller's certificate when it has one.
+    let scheme = if pki.is_some() { "https" } else { "http" };
+    say!(
+        "  HTTP API:     {scheme}://{http}/api/v1 (OpenAPI: {scheme}://{http}/api/v1/openapi.json)"
+    );
     say!("  data dir:     {}", data_dir.display());
     let tls_flag = match &pki {
         Some(p) => {
@@ -117,6 +138,23 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     controller.shutdown.cancel();
     controller.task.await.context("controller task")??;
     Ok(0)
+}
+
+/// The dev HTTP API address: the given one, 127.0.0.1:7480, or a free port on the gRPC
+/// listener's address when that port is 0 (tests, several dev instances).
+fn dev_http_listen(
+    given: Option<std::net::SocketAddr>,
+    grpc: std::net::SocketAddr,
+) -> Result<std::net::SocketAddr> {
+    if let Some(a) = given {
+        return Ok(a);
+    }
+    if grpc.port() != 0 {
+        return Ok(std::net::SocketAddr::new(grpc.ip(), 7480));
+    }
+    let probe = std::net::TcpListener::bind(std::net::SocketAddr::new(grpc.ip(), 0))
+        .context("finding a free port for the HTTP API")?;
+    Ok(probe.local_addr()?)
 }
 
 /// Shell tasks of the dev worker with `hidden` out of their sight; where this host cannot
@@ -217,6 +255,9 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     }
     if a.metrics_listen.is_some() {
         cfg.metrics_listen = a.metrics_listen;
+    }
+    if a.http_listen.is_some() {
+        cfg.http_listen = a.http_listen;
     }
     if a.templates_dir.is_some() {
         cfg.templates_dir = a.templates_dir;

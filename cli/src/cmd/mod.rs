@@ -40,6 +40,12 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Breakers(c) => agents::breakers(c).await,
         Command::Artifacts(c) => artifacts::artifacts(c).await,
         Command::Store(c) => store::store(c).await,
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "scabbard", &mut std::io::stdout());
+            Ok(0)
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use scabbard_controller::schedules::plan::Cron;
 
 use crate::args::{ScheduleCommand, param_map};
 use crate::output::{self, catalog};
+use crate::render;
 
 pub(crate) async fn schedule(c: ScheduleCommand) -> Result<u8> {
     match c {
@@ -57,7 +58,7 @@ pub(crate) async fn schedule(c: ScheduleCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            catalog::schedule(&created);
+            render::show(&created, || catalog::schedule(&created))?;
         }
         ScheduleCommand::List { target, project } => {
             let mut s = ScheduleServiceClient::new(super::connect(&target).await?);
@@ -68,7 +69,7 @@ pub(crate) async fn schedule(c: ScheduleCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            catalog::schedules(&resp.schedules);
+            render::show(&resp.schedules, || catalog::schedules(&resp.schedules))?;
         }
         ScheduleCommand::Get { target, id } => {
             let mut s = ScheduleServiceClient::new(super::connect(&target).await?);
@@ -77,7 +78,7 @@ pub(crate) async fn schedule(c: ScheduleCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            catalog::schedule(&sch);
+            render::show(&sch, || catalog::schedule(&sch))?;
         }
         ScheduleCommand::Pause { target, id } => {
             let mut s = ScheduleServiceClient::new(super::connect(&target).await?);
@@ -86,7 +87,7 @@ pub(crate) async fn schedule(c: ScheduleCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            say!("schedule {} paused", sch.id);
+            render::show(&sch, || say!("schedule {} paused", sch.id))?;
         }
         ScheduleCommand::Resume { target, id } => {
             let mut s = ScheduleServiceClient::new(super::connect(&target).await?);
@@ -100,14 +101,16 @@ pub(crate) async fn schedule(c: ScheduleCommand) -> Result<u8> {
             } else {
                 String::new()
             };
-            say!("schedule {} resumed{next}", sch.id);
+            render::show(&sch, || say!("schedule {} resumed{next}", sch.id))?;
         }
         ScheduleCommand::Delete { target, id } => {
             let mut s = ScheduleServiceClient::new(super::connect(&target).await?);
-            s.delete(DeleteScheduleRequest { id: id.clone() })
+            let resp = s
+                .delete(DeleteScheduleRequest { id: id.clone() })
                 .await
-                .map_err(output::status)?;
-            say!("schedule {id} deleted");
+                .map_err(output::status)?
+                .into_inner();
+            render::show(&resp, || say!("schedule {id} deleted"))?;
         }
     }
     Ok(0)

@@ -18,7 +18,7 @@ use crate::args::{
     TokenCommand,
 };
 use crate::credentials::{self, Credentials, Entry, TokenSource};
-use crate::output;
+use crate::{output, render};
 
 /// Asks the controller who `token` is.
 async fn who_am_i(controller: &str, opts: &client::ClientOptions) -> Result<TokenInfo> {
@@ -155,6 +155,10 @@ pub(crate) async fn whoami(target: Target) -> Result<u8> {
     let r = credentials::resolve(&target)?;
     r.token()?;
     let info = who_am_i(&r.controller, &r.opts).await?;
+    if render::structured() {
+        render::show(&info, || ())?;
+        return Ok(0);
+    }
     say!("controller: {}", r.controller);
     match &r.source {
         TokenSource::Given => say!("token from: --token / SCABBARD_TOKEN"),
@@ -221,6 +225,11 @@ pub(crate) async fn token(c: TokenCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
+            if render::structured() {
+                // The whole response: the token's info and its secret, shown this once.
+                render::show(&resp, || ())?;
+                return Ok(0);
+            }
             let t = resp.token.unwrap_or_default();
             esay!(
                 "created {} token {} {:?} (scopes {}, project {}, expires {})",
@@ -252,7 +261,7 @@ pub(crate) async fn token(c: TokenCommand) -> Result<u8> {
                 .map_err(output::status)?
                 .into_inner()
                 .tokens;
-            output::tokens(&tokens);
+            render::show(&tokens, || output::tokens(&tokens))?;
         }
         TokenCommand::Revoke { target, id, reason } => {
             let mut admin = AdminServiceClient::new(super::connect(&target).await?);
@@ -261,7 +270,7 @@ pub(crate) async fn token(c: TokenCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            say!("revoked token {} {:?}", t.id, t.name);
+            render::show(&t, || say!("revoked token {} {:?}", t.id, t.name))?;
         }
     }
     Ok(0)
@@ -307,7 +316,7 @@ pub(crate) async fn project(c: ProjectCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            say!("created project {}", p.name);
+            render::show(&p, || say!("created project {}", p.name))?;
         }
         ProjectCommand::List { target } => {
             let mut projects = ProjectServiceClient::new(super::connect(&target).await?);
@@ -317,7 +326,7 @@ pub(crate) async fn project(c: ProjectCommand) -> Result<u8> {
                 .map_err(output::status)?
                 .into_inner()
                 .projects;
-            output::projects(&ps);
+            render::show(&ps, || output::projects(&ps))?;
         }
         ProjectCommand::Get { target, name } => {
             let mut projects = ProjectServiceClient::new(super::connect(&target).await?);
@@ -326,7 +335,7 @@ pub(crate) async fn project(c: ProjectCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            output::project(&p);
+            render::show(&p, || output::project(&p))?;
         }
         ProjectCommand::Update {
             target,
@@ -354,15 +363,18 @@ pub(crate) async fn project(c: ProjectCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            output::project(&p);
+            render::show(&p, || output::project(&p))?;
         }
         ProjectCommand::Delete { target, name } => {
             let mut projects = ProjectServiceClient::new(super::connect(&target).await?);
-            projects
+            let resp = projects
                 .delete(DeleteProjectRequest { name: name.clone() })
                 .await
-                .map_err(output::status)?;
-            say!("deleted project {name} (its tokens are revoked)");
+                .map_err(output::status)?
+                .into_inner();
+            render::show(&resp, || {
+                say!("deleted project {name} (its tokens are revoked)")
+            })?;
         }
     }
     Ok(0)
@@ -380,7 +392,7 @@ pub(crate) async fn audit(a: AuditArgs) -> Result<u8> {
         .map_err(output::status)?
         .into_inner()
         .entries;
-    output::audit(&entries);
+    render::show(&entries, || output::audit(&entries))?;
     Ok(0)
 }
 

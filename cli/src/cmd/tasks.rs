@@ -12,7 +12,7 @@ use scabbard_common::proto::{
 };
 
 use crate::args::{LogsArgs, SubmitArgs, TaskCommand};
-use crate::output;
+use crate::{output, progress, render};
 
 pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
     let kind = match (a.noop, a.sh, a.command.is_empty()) {
@@ -56,15 +56,23 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
         esay!("task {} already exists for this idempotency key", task.id);
     }
     if !a.wait && !a.follow {
-        say!("{}", task.id);
+        render::show(&task, || say!("{}", task.id))?;
         return Ok(0);
     }
     esay!("submitted {}", task.id);
     if a.follow {
         print_logs(&mut tasks, &task.id, 0, true).await?;
     }
-    let final_task = wait(&mut tasks, &task.id).await?;
-    Ok(report(&final_task))
+    let spinner = if a.follow {
+        None
+    } else {
+        progress::spinner(format!("waiting for task {}", task.id))
+    };
+    let final_task = wait(&mut tasks, &task.id, spinner.as_ref()).await;
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    Ok(report(&final_task?))
 }
 
 /// `--secret KEY=VALUE` and `--secret-env KEY` (the value of KEY in our environment).
@@ -93,8 +101,13 @@ fn secret_env(
     Ok(out)
 }
 
-/// Waits until the task is in a final state.
-async fn wait(tasks: &mut TaskServiceClient<AuthedChannel>, id: &str) -> Result<Task> {
+/// Waits until the task is in a final state; with `-o json|yaml` prints every event of
+/// the watch (JSON Lines), and shows the state on `spinner`.
+async fn wait(
+    tasks: &mut TaskServiceClient<AuthedChannel>,
+    id: &str,
+    spinner: Option<&indicatif::ProgressBar>,
+) -> Result<Task> {
     let mut stream = tasks
         .watch(WatchTasksRequest {
             ids: vec![id.to_string()],
@@ -105,10 +118,18 @@ async fn wait(tasks: &mut TaskServiceClient<AuthedChannel>, id: &str) -> Result<
         .map_err(output::status)?
         .into_inner();
     while let Some(ev) = stream.message().await.map_err(output::status)? {
-        if let Some(t) = ev.task
-            && is_final(t.state())
-        {
-            return Ok(t);
+        render::event(&ev)?;
+        if let Some(t) = ev.task {
+            if is_final(t.state()) {
+                return Ok(t);
+            }
+            if let Some(s) = spinner {
+                s.set_message(format!(
+                    "task {} {}",
+                    crate::printable::printable(&t.id),
+                    output::state_name(t.state())
+                ));
+            }
         }
     }
     bail!("the controller closed the watch before task {id} finished")
@@ -153,6 +174,10 @@ async fn print_logs(
         .into_inner();
     let mut current_attempt = 0;
     while let Some(c) = stream.message().await.map_err(output::status)? {
+        if render::structured() {
+            render::event(&c)?;
+            continue;
+        }
         if current_attempt != 0 && c.attempt != current_attempt {
             esay!("--- attempt {} ---", c.attempt);
         }
@@ -183,7 +208,7 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            output::task(&t);
+            render::show(&t, || output::task(&t))?;
         }
         TaskCommand::List {
             target,
@@ -218,6 +243,25 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
                 created_after_ms: since.map_or(0, ago),
                 created_before_ms: until.map_or(0, ago),
             };
+            if render::structured() {
+                let first = std::mem::take(&mut req.page_token);
+                let items = render::pages(all, |token| {
+                    let mut req = req.clone();
+                    req.page_token = if token.is_empty() {
+                        first.clone()
+                    } else {
+                        token
+                    };
+                    let mut tasks = tasks.clone();
+                    async move {
+                        let r = tasks.list(req).await.map_err(output::status)?.into_inner();
+                        Ok((r.tasks, r.next_page_token))
+                    }
+                })
+                .await?;
+                render::show(&items, || ())?;
+                return Ok(0);
+            }
             let mut first = true;
             loop {
                 let resp = tasks
@@ -231,7 +275,7 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
                     break;
                 }
                 if !all {
-                    eprintln!("next page: --page-token {}", resp.next_page_token);
+                    render::next_page(&resp.next_page_token);
                     break;
                 }
                 req.page_token = resp.next_page_token;
@@ -244,6 +288,10 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
+            if render::structured() {
+                render::show(&t, || ())?;
+                return Ok(0);
+            }
             say!(
                 "{} {}",
                 t.id,

@@ -10,6 +10,7 @@ use tonic::Code;
 
 use crate::args::{TemplateCommand, param_map, version};
 use crate::output::{self, catalog};
+use crate::render;
 
 pub(crate) async fn template(c: TemplateCommand) -> Result<u8> {
     match c {
@@ -20,7 +21,7 @@ pub(crate) async fn template(c: TemplateCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            catalog::templates(&resp.templates);
+            render::show(&resp.templates, || catalog::templates(&resp.templates))?;
         }
         TemplateCommand::Show {
             target,
@@ -37,7 +38,7 @@ pub(crate) async fn template(c: TemplateCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            catalog::template(&tpl, body);
+            render::show(&tpl, || catalog::template(&tpl, body))?;
         }
         TemplateCommand::Render {
             target,
@@ -59,6 +60,10 @@ pub(crate) async fn template(c: TemplateCommand) -> Result<u8> {
                 Err(s) if s.code() == Code::InvalidArgument => return Ok(invalid(&name, &s)),
                 Err(s) => return Err(output::status(s)),
             };
+            if render::structured() {
+                render::show(&resp, || ())?;
+                return Ok(0);
+            }
             esay!("# template {name} version {}", resp.version);
             print!(
                 "{}",

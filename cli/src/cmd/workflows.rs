@@ -13,8 +13,9 @@ use scabbard_common::proto::{
 };
 use scabbard_common::wfdef;
 
-use crate::args::{WorkflowCommand, WorkflowFormat};
-use crate::output::{self, document, workflow as view};
+use crate::args::WorkflowCommand;
+use crate::output::{self, workflow as view};
+use crate::render;
 
 pub(crate) type Client = WorkflowServiceClient<AuthedChannel>;
 
@@ -42,20 +43,14 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
                 .into_inner();
             started(&mut wf, resp, wait, watch).await
         }
-        WorkflowCommand::Get { target, id, output } => {
+        WorkflowCommand::Get { target, id } => {
             let mut wf = Client::new(super::connect(&target).await?);
             let w = wf
                 .get(GetWorkflowRequest { id })
                 .await
                 .map_err(output::status)?
                 .into_inner();
-            match output {
-                WorkflowFormat::Text => details(&w),
-                WorkflowFormat::Json => say!("{}", document::json(&w)),
-                WorkflowFormat::Yaml => {
-                    print!("{}", crate::printable::printable_text(&document::yaml(&w)))
-                }
-            }
+            render::show(&w, || details(&w))?;
             Ok(0)
         }
         WorkflowCommand::List {
@@ -76,6 +71,25 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
                 page_token: page_token.unwrap_or_default(),
                 ..Default::default()
             };
+            if render::structured() {
+                let first = std::mem::take(&mut req.page_token);
+                let items = render::pages(all, |token| {
+                    let mut req = req.clone();
+                    req.page_token = if token.is_empty() {
+                        first.clone()
+                    } else {
+                        token
+                    };
+                    let mut wf = wf.clone();
+                    async move {
+                        let r = wf.list(req).await.map_err(output::status)?.into_inner();
+                        Ok((r.workflows, r.next_page_token))
+                    }
+                })
+                .await?;
+                render::show(&items, || ())?;
+                return Ok(0);
+            }
             let mut first = true;
             loop {
                 let resp = wf
@@ -91,7 +105,7 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
                     break;
                 }
                 if !all {
-                    eprintln!("next page: --page-token {}", resp.next_page_token);
+                    render::next_page(&resp.next_page_token);
                     break;
                 }
                 req.page_token = resp.next_page_token;
@@ -105,6 +119,10 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
                 .await
                 .map_err(output::status)?
                 .into_inner();
+            if render::structured() {
+                render::show(&w, || ())?;
+                return Ok(0);
+            }
             say!(
                 "{} {}",
                 w.id,
@@ -136,7 +154,7 @@ pub(crate) async fn started(
         esay!("workflow {} already exists for this idempotency key", w.id);
     }
     if !wait && !watch {
-        say!("{}", w.id);
+        render::show(&w, || say!("{}", w.id))?;
         return Ok(0);
     }
     esay!("submitted {}", w.id);
@@ -160,9 +178,11 @@ fn read_file(path: &std::path::Path) -> Result<(String, String)> {
 
 /// Follows a workflow with `WorkflowService.Watch` until it is final and returns it.
 /// With `show`, draws each event: the tree, redrawn in place, on a terminal; one line
-/// per change otherwise.
+/// per change otherwise. With `-o json|yaml`, every event is printed (JSON Lines), with
+/// `show` or not.
 pub(crate) async fn follow(wf: &mut Client, id: &str, show: bool) -> Result<Workflow> {
     let tty = std::io::stdout().is_terminal();
+    let structured = render::structured();
     let mut stream = wf
         .watch(WatchWorkflowRequest {
             id: id.to_string(),
@@ -174,8 +194,11 @@ pub(crate) async fn follow(wf: &mut Client, id: &str, show: bool) -> Result<Work
     let mut last: Option<Workflow> = None;
     let mut drawn = 0usize;
     while let Some(ev) = stream.message().await.map_err(output::status)? {
+        if structured {
+            render::event(&ev)?;
+        }
         let Some(w) = ev.workflow else { continue };
-        if show {
+        if show && !structured {
             if tty {
                 drawn = redraw(drawn, &view::tree(&w))?;
             } else {

@@ -245,7 +245,16 @@ pub(crate) fn param_schema(p: &TemplateParam) -> Value {
     // The controller matches patterns in full; JSON Schema patterns are unanchored.
     let pattern = (!p.pattern.is_empty()).then(|| format!("^(?:{})$", p.pattern));
     let mut s = match p.r#type() {
-        ParamType::Int => json!({"type": "integer"}),
+        ParamType::Int => {
+            let mut s = json!({"type": "integer"});
+            if let Some(m) = p.min {
+                s["minimum"] = json!(m);
+            }
+            if let Some(m) = p.max {
+                s["maximum"] = json!(m);
+            }
+            s
+        }
         ParamType::Bool => json!({"type": "boolean"}),
         ParamType::Enum => json!({"type": "string", "enum": p.values}),
         ParamType::List => {

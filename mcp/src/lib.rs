@@ -58,6 +58,15 @@ struct Inner {
     subs: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Stops the template poller when the session ends.
     stop: CancellationToken,
+    /// The templates (name, version) behind the typed tools last listed to this session;
+    /// `None` until tools were listed with a token that sees them.
+    listed: Arc<Mutex<Option<Templates>>>,
+}
+
+type Templates = Vec<(String, u32)>;
+
+fn fingerprint(list: &[scabbard_common::proto::Template]) -> Templates {
+    list.iter().map(|t| (t.name.clone(), t.version)).collect()
 }
 
 impl Drop for Inner {
@@ -90,6 +99,7 @@ impl ScabbardMcp {
                 token,
                 subs: Mutex::new(HashMap::new()),
                 stop: CancellationToken::new(),
+                listed: Arc::new(Mutex::new(None)),
             }),
         }
     }
@@ -187,6 +197,9 @@ impl ServerHandler for ScabbardMcp {
         if scope >= Scope::Submit as i32 {
             let templates = api.list_templates().await.map_err(status_error)?;
             out.extend(templates.iter().map(tools::template_tool));
+            if let Ok(mut l) = self.inner.listed.lock() {
+                *l = Some(fingerprint(&templates));
+            }
         }
         Ok(ListToolsResult::with_all_items(out))
     }
@@ -281,9 +294,9 @@ impl ServerHandler for ScabbardMcp {
             return;
         };
         let stop = self.inner.stop.clone();
+        let listed = self.inner.listed.clone();
         let peer = context.peer.clone();
         tokio::spawn(async move {
-            let mut seen: Option<Vec<(String, u32)>> = None;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -296,14 +309,20 @@ impl ServerHandler for ScabbardMcp {
                 let Ok(list) = api.list_templates().await else {
                     continue;
                 };
-                let now: Vec<(String, u32)> =
-                    list.iter().map(|t| (t.name.clone(), t.version)).collect();
-                if seen.as_ref().is_some_and(|s| *s != now)
-                    && peer.notify_tool_list_changed().await.is_err()
-                {
+                let now = fingerprint(&list);
+                let changed = match listed.lock() {
+                    Ok(mut l) => match l.as_mut() {
+                        Some(seen) if *seen != now => {
+                            *seen = now;
+                            true
+                        }
+                        _ => false,
+                    },
+                    Err(_) => return,
+                };
+                if changed && peer.notify_tool_list_changed().await.is_err() {
                     return;
                 }
-                seen = Some(now);
             }
         });
     }

@@ -50,3 +50,10 @@ if [[ ! -x .venv/bin/moto_server ]]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check 'moto[server]'
 fi
 .venv/bin/moto_server --help >/dev/null 2>&1 || { echo "setup: .venv/bin/moto_server does not run" >&2; exit 1; }
+
+# The MCP client the MCP tests drive the server with (tests/mcp/driver.py): the official
+# Python SDK, PyPI `mcp`, in the same .venv; the tests fail naming this script without it.
+if ! .venv/bin/python -c 'import mcp.client.stdio, mcp.client.streamable_http' >/dev/null 2>&1; then
+  echo "setup: installing the MCP Python SDK into .venv (pip: mcp)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check 'mcp>=2.3,<3'
+fi

@@ -17,6 +17,8 @@ use scabbard_common::proto::workflow_service_client::WorkflowServiceClient;
 use scabbard_common::proto::{self as pb, task_spec};
 use scabbard_common::wfdef;
 use serde_json::{Map, Value, json};
+
+pub(crate) use crate::views::{state_name, task_json, template_json, workflow_json};
 use tokio_util::sync::CancellationToken;
 
 /// Default and largest `max_bytes` of `task_logs` (and the cap of the logs resource).
@@ -100,12 +102,6 @@ pub(crate) struct Api {
     ch: AuthedChannel,
 }
 
-fn state_name(full: &str, prefix: &str) -> String {
-    full.strip_prefix(prefix)
-        .unwrap_or(full)
-        .to_ascii_lowercase()
-}
-
 fn s(args: &Map<String, Value>, k: &str) -> Option<String> {
     args.get(k).and_then(Value::as_str).map(str::to_string)
 }
@@ -132,97 +128,6 @@ fn string_map(args: &Map<String, Value>, k: &str) -> Result<HashMap<String, Stri
             .collect()),
         Some(_) => Err(ToolError::invalid(format!("{k}: must be an object"))),
     }
-}
-
-pub(crate) fn task_json(t: &pb::Task) -> Value {
-    let spec = t.spec.clone().unwrap_or_default();
-    let result = t.result.as_ref().map(|r| {
-        json!({
-            "outcome": state_name(r.outcome().as_str_name(), "OUTCOME_"),
-            "exit_code": r.exit_code,
-            "message": r.message,
-            "outputs": r.outputs,
-        })
-    });
-    json!({
-        "id": t.id,
-        "name": spec.name,
-        "state": state_name(t.state().as_str_name(), "TASK_STATE_"),
-        "project": t.project,
-        "agent_id": t.agent_id,
-        "labels": spec.labels,
-        "created_at_ms": t.created_at_ms,
-        "updated_at_ms": t.updated_at_ms,
-        "attempts": t.attempts.len(),
-        "cancel_requested": t.cancel_requested,
-        "workflow_id": t.workflow_id,
-        "workflow_node": t.workflow_node,
-        "result": result,
-    })
-}
-
-pub(crate) fn workflow_json(w: &pb::Workflow) -> Value {
-    let nodes: Vec<Value> = w
-        .nodes
-        .iter()
-        .map(|n| {
-            json!({
-                "name": n.name,
-                "state": state_name(n.state().as_str_name(), "NODE_STATE_"),
-                "task_id": n.task_id,
-                "depends_on": n.depends_on,
-                "attempts": n.attempts,
-                "exit_code": n.exit_code,
-                "message": n.message,
-                "outputs": n.outputs,
-            })
-        })
-        .collect();
-    json!({
-        "id": w.id,
-        "name": w.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
-        "state": state_name(w.state().as_str_name(), "WORKFLOW_STATE_"),
-        "project": w.project,
-        "done": w.done,
-        "total": w.total,
-        "message": w.message,
-        "template": w.template.as_ref().map(|t| json!({"name": t.name, "version": t.version, "params": t.params})),
-        "created_at_ms": w.created_at_ms,
-        "finished_at_ms": w.finished_at_ms,
-        "nodes": nodes,
-    })
-}
-
-pub(crate) fn template_json(t: &pb::Template, body: bool) -> Value {
-    let params: Vec<Value> = t
-        .params
-        .iter()
-        .map(|p| {
-            json!({
-                "name": p.name,
-                "type": state_name(p.r#type().as_str_name(), "PARAM_TYPE_"),
-                "required": p.required,
-                "default": p.has_default.then(|| p.default.clone()),
-                "pattern": (!p.pattern.is_empty()).then(|| p.pattern.clone()),
-                "values": p.values,
-                "description": p.description,
-                "schema": crate::tools::param_schema(p),
-            })
-        })
-        .collect();
-    let mut v = json!({
-        "name": t.name,
-        "version": t.version,
-        "description": t.description,
-        "source": t.source,
-        "versions": t.versions,
-        "tool": crate::tools::run_tool_name(&t.name),
-        "params": params,
-    });
-    if body {
-        v["body"] = json!(t.body);
-    }
-    v
 }
 
 fn terminal(w: &pb::Workflow) -> bool {

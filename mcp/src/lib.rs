@@ -15,6 +15,7 @@
 mod calls;
 mod resources;
 mod tools;
+mod views;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -225,6 +225,21 @@ async def project_scenario(s, notes):
     r = await s.call_tool("list_tasks", {})
     ids = [t["id"] for t in r.structured_content["tasks"]]
     check(other not in ids, "project token: list_tasks does not show the other project's task")
+    r = await s.call_tool("list_tasks", {"project": "proj-b"})
+    check(r.is_error, "project token: list_tasks of project B is refused", text_of(r))
+    wf = os.environ["MCP_OTHER_WORKFLOW"]
+    for tool in ["get_workflow", "cancel_workflow"]:
+        r = await s.call_tool(tool, {"id": wf})
+        check(r.is_error, f"project token: {tool} on another project's workflow is refused", text_of(r))
+    try:
+        await s.read_resource(f"scabbard://workflows/{wf}")
+        raise AssertionError("FAILED: project token read another project's workflow")
+    except AssertionError:
+        raise
+    except Exception as e:
+        ok(f"project token: workflow resource refused ({e})")
+    r = await s.call_tool("run_template", {"name": "greet", "params": {"who": "eve"}, "project": "proj-b"})
+    check(r.is_error, "project token: run_template into project B is refused", text_of(r))
 
 
 async def list_changed_scenario(s, notes):
@@ -239,6 +254,20 @@ async def list_changed_scenario(s, notes):
 
 
 async def http_scenario(s, notes):
+    # Without a bearer token nothing is served.
+    from mcp.client.streamable_http import streamable_http_client
+    import httpx2
+
+    refused = None
+    async with httpx2.AsyncClient(timeout=TIMEOUT) as bare:
+        async with streamable_http_client(os.environ["MCP_HTTP_URL"], http_client=bare) as streams:
+            async with ClientSession(streams[0], streams[1]) as s2:
+                await s2.initialize()
+                try:
+                    await s2.list_tools()
+                except Exception as e:  # McpError: the error response
+                    refused = str(e)
+    check(refused is not None and "Authorization: Bearer" in refused, "http: no token, no tools", refused)
     tools = await tool_map(s)
     check("run_ci_pipeline" in tools and "run_greet" in tools, "http: typed template tools listed")
     r = await s.call_tool("run_template", {"name": "greet", "params": {"who": "hal"}, "wait": True})

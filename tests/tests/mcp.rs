@@ -15,8 +15,10 @@ use scabbard_common::client;
 use scabbard_common::proto::admin_service_client::AdminServiceClient;
 use scabbard_common::proto::project_service_client::ProjectServiceClient;
 use scabbard_common::proto::task_service_client::TaskServiceClient;
+use scabbard_common::proto::template_service_client::TemplateServiceClient;
 use scabbard_common::proto::{
-    CreateProjectRequest, CreateTokenRequest, Project, Scope, SubmitTaskRequest, TokenKind,
+    CreateProjectRequest, CreateTokenRequest, Project, RunTemplateRequest, Scope,
+    SubmitTaskRequest, TokenKind,
 };
 use scabbard_tests::wf::Cluster;
 use scabbard_tests::*;
@@ -165,8 +167,28 @@ async fn mcp_tools_resources_and_scopes_over_stdio_and_http() -> Result<()> {
         .task
         .context("task")?
         .id;
+    let b_workflow = TemplateServiceClient::new(admin.clone())
+        .run(RunTemplateRequest {
+            name: "greet".into(),
+            params: [("who".to_string(), "bea".to_string())].into(),
+            project: "proj-b".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .workflow
+        .context("workflow")?
+        .id;
     let a_token = token(&c, "proj-a", Scope::Submit).await?;
-    driver("project", &addr, &a_token, &[("MCP_OTHER_TASK", b_task)])?;
+    driver(
+        "project",
+        &addr,
+        &a_token,
+        &[
+            ("MCP_OTHER_TASK", b_task),
+            ("MCP_OTHER_WORKFLOW", b_workflow),
+        ],
+    )?;
 
     // Streamable HTTP, the bearer token of each request.
     let stop = CancellationToken::new();

@@ -66,10 +66,76 @@ fn tool(
     kind: Kind,
     schema: Arc<Map<String, Value>>,
 ) -> (Tool, Scope) {
-    (
-        Tool::new(name, desc, schema).annotate(kind.annotations(title)),
-        kind.scope(),
-    )
+    let mut t = Tool::new(name, desc, schema).annotate(kind.annotations(title));
+    if let Some(out) = output_schema(name) {
+        t = t.with_raw_output_schema(out);
+    }
+    (t, kind.scope())
+}
+
+/// The shape of a task in results (see `views::task_json`).
+fn task_schema() -> Value {
+    json!({"type": "object", "required": ["id", "state"], "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"},
+        "state": {"type": "string", "enum": ["unspecified", "queued", "assigned", "running", "succeeded", "failed", "cancelled", "timed_out", "retry_wait"]},
+        "project": {"type": "string"}, "agent_id": {"type": "string"},
+        "attempts": {"type": "integer"}, "workflow_id": {"type": "string"},
+        "result": {"type": ["object", "null"]}}})
+}
+
+/// The shape of a workflow in results (see `views::workflow_json`).
+fn workflow_schema() -> Value {
+    json!({"type": "object", "required": ["id", "state", "done", "total", "nodes"], "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"},
+        "state": {"type": "string", "enum": ["unspecified", "pending", "running", "succeeded", "failed", "cancelled"]},
+        "project": {"type": "string"}, "done": {"type": "integer"}, "total": {"type": "integer"},
+        "message": {"type": "string"},
+        "nodes": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "state": {"type": "string"}, "task_id": {"type": "string"}}}}}})
+}
+
+fn run_output() -> Value {
+    json!({"type": "object", "required": ["workflow"], "properties": {
+        "workflow": workflow_schema(), "existing": {"type": "boolean"}, "waited": {"type": "boolean"}}})
+}
+
+/// The structured result of a built-in tool.
+fn output_schema(name: &str) -> Option<Arc<Map<String, Value>>> {
+    let template = json!({"type": "object", "required": ["name", "version", "params"], "properties": {
+        "name": {"type": "string"}, "version": {"type": "integer"}, "description": {"type": "string"},
+        "tool": {"type": "string"}, "params": {"type": "array", "items": {"type": "object"}}}});
+    let v = match name {
+        "list_templates" => {
+            json!({"type": "object", "required": ["templates"], "properties": {"templates": {"type": "array", "items": template}}})
+        }
+        "describe_template" => template,
+        "render_template" => json!({"type": "object", "required": ["yaml"], "properties": {
+            "template": {"type": "string"}, "version": {"type": "integer"}, "yaml": {"type": "string"}}}),
+        "run_template" => run_output(),
+        "submit_task" => {
+            json!({"type": "object", "required": ["task"], "properties": {"task": task_schema(), "existing": {"type": "boolean"}}})
+        }
+        "get_task" | "cancel_task" => task_schema(),
+        "list_tasks" => json!({"type": "object", "required": ["tasks"], "properties": {
+            "tasks": {"type": "array", "items": task_schema()}, "next_page_token": {"type": "string"}}}),
+        "task_logs" => {
+            json!({"type": "object", "required": ["text", "next_offset", "truncated"], "properties": {
+            "task_id": {"type": "string"}, "text": {"type": "string"},
+            "next_offset": {"type": "integer"}, "truncated": {"type": "boolean"}}})
+        }
+        "get_workflow" | "cancel_workflow" => workflow_schema(),
+        "list_agents" => {
+            json!({"type": "object", "required": ["agents"], "properties": {"agents": {"type": "array", "items": {"type": "object"}}}})
+        }
+        "cluster_status" => json!({"type": "object", "properties": {
+            "leader": {"type": "string"}, "store_healthy": {"type": "boolean"}, "queued_tasks": {"type": "integer"},
+            "active_tasks": {"type": "integer"}, "connected_agents": {"type": "integer"}}}),
+        _ => return None,
+    };
+    match v {
+        Value::Object(m) => Some(Arc::new(m)),
+        _ => None,
+    }
 }
 
 /// The built-in tools with the scope each needs.
@@ -322,6 +388,10 @@ pub(crate) fn template_tool(t: &Template) -> Tool {
         object(Value::Object(props), &required),
     )
     .annotate(Kind::Create.annotations(&format!("Run {}", t.name)))
+    .with_raw_output_schema(match run_output() {
+        Value::Object(m) => Arc::new(m),
+        _ => unreachable!("a JSON object literal"),
+    })
 }
 
 /// Splits a typed tool's arguments into the template's string parameters and the run

@@ -117,6 +117,7 @@ async def main_scenario(s, notes):
     greet = tools["run_greet"].input_schema["properties"]
     check(greet["times"].get("minimum") == 1 and greet["times"].get("maximum") == 5, "run_greet: times min/max", greet["times"])
     check(tools["get_task"].annotations.read_only_hint is True, "get_task: readOnlyHint")
+    check(all(t.output_schema for n, t in tools.items()), "every tool has an output schema", [n for n, t in tools.items() if not t.output_schema])
     check(tools["cancel_task"].annotations.destructive_hint is True, "cancel_task: destructiveHint")
     check(tools["cancel_workflow"].annotations.idempotent_hint is True, "cancel_workflow: idempotentHint")
 

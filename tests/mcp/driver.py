@@ -147,6 +147,9 @@ async def main_scenario(s, notes):
     res = await s.read_resource(f"scabbard://tasks/{shout['task_id']}/logs")
     log = res.contents[0].text
     check(log.count("hello-ada") == 3, "logs resource: the task's output", log)
+    r = await s.call_tool("task_logs", {"id": shout["task_id"], "max_bytes": 5})
+    sc = r.structured_content
+    check(sc["text"] == "hello" and sc["truncated"], "task_logs max_bytes caps the text", sc)
     r = await s.call_tool("task_logs", {"id": shout["task_id"], "tail_lines": 1})
     check(r.structured_content["text"].strip() == "hello-ada", "task_logs tail_lines=1", r.structured_content)
     res = await s.read_resource(f"scabbard://workflows/{wf['id']}")
@@ -243,6 +246,15 @@ async def project_scenario(s, notes):
     check(r.is_error, "project token: run_template into project B is refused", text_of(r))
 
 
+async def ratelimit_scenario(s, notes):
+    texts = []
+    for _ in range(10):
+        r = await s.call_tool("list_tasks", {})
+        if r.is_error:
+            texts.append(text_of(r))
+    check(any("RESOURCE_EXHAUSTED" in t for t in texts), "rate limit: calls past the project's burst are refused", texts)
+
+
 async def list_changed_scenario(s, notes):
     tools = await tool_map(s)
     new = os.environ["MCP_NEW_TOOL"]
@@ -280,6 +292,7 @@ SCENARIOS = {
     "readonly": readonly_scenario,
     "project": project_scenario,
     "list_changed": list_changed_scenario,
+    "ratelimit": ratelimit_scenario,
     "http": http_scenario,
 }
 

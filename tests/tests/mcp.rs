@@ -17,7 +17,7 @@ use scabbard_common::proto::project_service_client::ProjectServiceClient;
 use scabbard_common::proto::task_service_client::TaskServiceClient;
 use scabbard_common::proto::template_service_client::TemplateServiceClient;
 use scabbard_common::proto::{
-    CreateProjectRequest, CreateTokenRequest, Project, RunTemplateRequest, Scope,
+    CreateProjectRequest, CreateTokenRequest, Project, ProjectQuota, RunTemplateRequest, Scope,
     SubmitTaskRequest, TokenKind,
 };
 use scabbard_tests::wf::Cluster;
@@ -189,6 +189,23 @@ async fn mcp_tools_resources_and_scopes_over_stdio_and_http() -> Result<()> {
             ("MCP_OTHER_WORKFLOW", b_workflow),
         ],
     )?;
+
+    // The project's rate limit applies to MCP calls like to any other.
+    projects
+        .create(CreateProjectRequest {
+            project: Some(Project {
+                name: "proj-slow".into(),
+                quota: Some(ProjectQuota {
+                    requests_per_second: 1,
+                    burst: 3,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    let slow = token(&c, "proj-slow", Scope::Submit).await?;
+    driver("ratelimit", &addr, &slow, &[])?;
 
     // Streamable HTTP, the bearer token of each request.
     let stop = CancellationToken::new();

@@ -137,6 +137,23 @@ async fn mcp_tools_resources_and_scopes_over_stdio_and_http() -> Result<()> {
     let admin = c.channel().await?;
     wait_agent(&addr, "the worker to connect", |_| true).await?;
 
+    // A rejected token stops `scabbard mcp` at once, saying so.
+    let out = Command::new(scabbard_bin())
+        .args([
+            "mcp",
+            "--controller",
+            &addr,
+            "--token",
+            "scbd_api_not-a-real-token",
+        ])
+        .stdin(Stdio::null())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("refused the token") && out.stdout.is_empty(),
+        "{err}"
+    );
+
     // Typed tools, dry run, run with wait and progress, logs, subscriptions (admin token).
     driver("main", &addr, ADMIN_TOKEN, &[])?;
 

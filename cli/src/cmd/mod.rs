@@ -59,6 +59,17 @@ async fn mcp(target: Target) -> Result<u8> {
     let r = credentials::resolve(&target)?;
     let token = r.token()?.to_string();
     let channel = client::connect_leader_with(&r.controller, &r.opts).await?;
+    // A rejected token fails here, plainly, rather than on the agent's first request.
+    client::AdminServiceClient::new(client::authed(channel.clone(), Some(&token))?)
+        .who_am_i(scabbard_common::proto::WhoAmIRequest {})
+        .await
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "the controller refused the token ({:?}: {}); pass --token, set SCABBARD_TOKEN or run `scabbard login`",
+                s.code(),
+                s.message()
+            )
+        })?;
     scabbard_mcp::serve_stdio(channel, token).await?;
     Ok(0)
 }

@@ -558,3 +558,38 @@ fn version(args: &Map<String, Value>) -> Result<u32, ToolError> {
             .ok_or_else(|| ToolError::invalid("version: must be a non-negative integer")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_calls_name_the_code_and_every_error() {
+        let e = ToolError::from(tonic::Status::invalid_argument(
+            "repository: \"x\" does not match; go_version: \"0.1\" is not one of 1.22, 1.23",
+        ));
+        assert_eq!(e.code, "INVALID_ARGUMENT");
+        assert!(e.message.starts_with("INVALID_ARGUMENT: repository"));
+        assert_eq!(e.errors.len(), 2);
+        let e = ToolError::from(tonic::Status::permission_denied("needs scope submit"));
+        assert_eq!(e.code, "PERMISSION_DENIED");
+    }
+
+    #[test]
+    fn arguments() {
+        let args: Map<String, Value> = serde_json::from_value(
+            json!({"id": "", "params": {"n": 3, "xs": ["a"]}, "version": -1}),
+        )
+        .unwrap();
+        assert!(
+            required(&args, "id")
+                .unwrap_err()
+                .message
+                .starts_with("id:")
+        );
+        let m = string_map(&args, "params").unwrap();
+        assert_eq!(m["n"], "3");
+        assert_eq!(m["xs"], r#"["a"]"#);
+        assert!(version(&args).unwrap_err().message.starts_with("version:"));
+    }
+}

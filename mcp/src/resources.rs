@@ -212,3 +212,27 @@ pub(crate) async fn subscribe(
         }
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        assert!(matches!(parse("scabbard://tasks/t1"), Ok(Target::Task(id)) if id == "t1"));
+        assert!(matches!(parse("scabbard://tasks/t1/logs"), Ok(Target::Logs(id)) if id == "t1"));
+        assert!(matches!(parse("scabbard://workflows/w1"), Ok(Target::Workflow(id)) if id == "w1"));
+        assert!(
+            matches!(parse("scabbard://templates/ci-pipeline"), Ok(Target::Template(n)) if n == "ci-pipeline")
+        );
+        for bad in [
+            "scabbard://tasks/",
+            "scabbard://tasks/a/b",
+            "file:///etc/passwd",
+            "scabbard://agents/a",
+        ] {
+            let e = parse(bad).err().expect(bad);
+            assert!(e.message.contains("uri:"), "{e:?}");
+        }
+    }
+}

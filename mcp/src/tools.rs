@@ -456,3 +456,29 @@ mod tests {
         assert_eq!(param_string(&json!(3)), "3");
     }
 }
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn run_options_are_not_parameters_unless_the_template_has_them() {
+        let t = Template {
+            name: "t".into(),
+            params: vec![TemplateParam {
+                name: "project".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let args: Map<String, Value> =
+            serde_json::from_value(json!({"wait": true, "project": "p", "n": 2})).unwrap();
+        let (params, opts) = split_args(&t, &args);
+        assert_eq!(params.get("project").map(String::as_str), Some("p"));
+        assert_eq!(params.get("n").map(String::as_str), Some("2"));
+        assert_eq!(opts.get("wait"), Some(&json!(true)));
+        assert!(!opts.contains_key("project"));
+        // Every built-in tool has an input and an output schema.
+        assert!(builtin().iter().all(|(t, _)| t.output_schema.is_some()));
+    }
+}

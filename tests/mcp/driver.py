@@ -184,6 +184,26 @@ async def main_scenario(s, notes):
 
     await asyncio.wait_for(finished(), TIMEOUT)
     ok("subscribed task: resources/updated when it finished")
+    # And a subscribed workflow, when it finishes.
+    r = await s.call_tool("run_template", {"name": "greet", "params": {"who": "wf"}})
+    wf_id = r.structured_content["workflow"]["id"]
+    wf_uri = f"scabbard://workflows/{wf_id}"
+    await s.subscribe_resource(wf_uri)
+
+    async def wf_finished():
+        while True:
+            await notes.wait_for(lambda m: method_of(m)[0] == "notifications/resources/updated" and method_of(m)[1].uri == wf_uri,
+                                 "resources/updated for the subscribed workflow")
+            g = await s.call_tool("get_workflow", {"id": wf_id})
+            if g.structured_content["state"] == "succeeded":
+                return
+            notes.items = [m for m in notes.items if method_of(m)[0] != "notifications/resources/updated"]
+
+    await asyncio.wait_for(wf_finished(), TIMEOUT)
+    ok("subscribed workflow: resources/updated when it finished")
+    await s.unsubscribe_resource(wf_uri)
+    await s.unsubscribe_resource(uri)
+
     r = await s.call_tool("list_tasks", {"states": ["succeeded"], "page_size": 2})
     check(not r.is_error and len(r.structured_content["tasks"]) == 2 and r.structured_content["next_page_token"], "list_tasks: paged and filtered")
     r = await s.call_tool("list_tasks", {"states": ["sleeping"]})

@@ -314,8 +314,15 @@ async def http_scenario(s, notes):
     check(refused is not None and "Authorization: Bearer" in refused, "http: no token, no tools", refused)
     tools = await tool_map(s)
     check("run_ci_pipeline" in tools and "run_greet" in tools, "http: typed template tools listed")
-    r = await s.call_tool("run_template", {"name": "greet", "params": {"who": "hal"}, "wait": True})
+    progress = []
+
+    async def on_progress(p, total, message):
+        progress.append((p, total))
+
+    r = await s.call_tool("run_template", {"name": "greet", "params": {"who": "hal"}, "wait": True},
+                          progress_callback=on_progress)
     check(not r.is_error and r.structured_content["workflow"]["state"] == "succeeded", "http: run_template wait SUCCEEDED", text_of(r))
+    check(progress and progress[-1] == (2, 2), "http: progress notifications done/total", progress)
 
 
 SCENARIOS = {

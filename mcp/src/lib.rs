@@ -197,7 +197,14 @@ impl ServerHandler for ScabbardMcp {
             .collect();
         if scope >= Scope::Submit as i32 {
             let templates = api.list_templates().await.map_err(status_error)?;
-            out.extend(templates.iter().map(tools::template_tool));
+            // A template whose tool name is a built-in's (`template` → `run_template`) is
+            // reachable through `run_template` only.
+            let typed: Vec<_> = templates
+                .iter()
+                .map(tools::template_tool)
+                .filter(|t| !out.iter().any(|b| b.name == t.name))
+                .collect();
+            out.extend(typed);
             if let Ok(mut l) = self.inner.listed.lock() {
                 *l = Some(fingerprint(&templates));
             }

@@ -68,5 +68,12 @@ if ! .venv/bin/python -c 'import openapi_spec_validator' >/dev/null 2>&1; then
 fi
 if ! command -v curl >/dev/null 2>&1; then
   echo "setup: installing curl"
+  $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl >/dev/null
+fi
+# The MCP client the MCP tests drive the server with (tests/mcp/driver.py): the official
+# Python SDK, PyPI `mcp`, in the same .venv; the tests fail naming this script without it.
+if ! .venv/bin/python -c 'import mcp.client.stdio, mcp.client.streamable_http' >/dev/null 2>&1; then
+  echo "setup: installing the MCP Python SDK into .venv (pip: mcp)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check 'mcp>=2.3,<3'
 fi

@@ -83,6 +83,12 @@ pub(crate) enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Serve MCP (Model Context Protocol) on stdin/stdout for AI agents: templates, tasks
+    /// and workflows as tools and resources, called with this token (see docs/mcp.md).
+    Mcp {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Create, list and revoke API and registration tokens.
     #[command(subcommand)]
     Token(TokenCommand),

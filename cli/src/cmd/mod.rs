@@ -32,6 +32,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Logout(a) => security::logout(a),
         Command::Whoami { target } => security::whoami(target).await,
         Command::Token(c) => security::token(c).await,
+        Command::Mcp { target } => mcp(target).await,
         Command::Project(c) => security::project(c).await,
         Command::Audit(a) => security::audit(a).await,
         Command::Workflow(c) => workflows::workflow(c).await,
@@ -56,6 +57,27 @@ pub(crate) async fn connect(target: &Target) -> Result<AuthedChannel> {
     let token = r.token()?;
     let channel = client::connect_leader_with(&r.controller, &r.opts).await?;
     Ok(client::authed(channel, Some(token))?)
+}
+
+/// `scabbard mcp`: MCP over stdio with the target's token and TLS settings; logs go to
+/// stderr, stdout carries the protocol only.
+async fn mcp(target: Target) -> Result<u8> {
+    let r = credentials::resolve(&target)?;
+    let token = r.token()?.to_string();
+    let channel = client::connect_leader_with(&r.controller, &r.opts).await?;
+    // A rejected token fails here, plainly, rather than on the agent's first request.
+    client::AdminServiceClient::new(client::authed(channel.clone(), Some(&token))?)
+        .who_am_i(scabbard_common::proto::WhoAmIRequest {})
+        .await
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "the controller refused the token ({:?}: {}); pass --token, set SCABBARD_TOKEN or run `scabbard login`",
+                s.code(),
+                s.message()
+            )
+        })?;
+    scabbard_mcp::serve_stdio(channel, token).await?;
+    Ok(0)
 }
 
 /// [`connect`] for calls that work without a token too (cluster status).

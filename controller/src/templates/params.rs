@@ -195,6 +195,8 @@ impl Param {
                 .unwrap_or_default(),
             description: self.description.clone(),
             values: self.values.clone(),
+            min: self.min,
+            max: self.max,
         }
     }
 }

@@ -9,7 +9,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use rmcp::model::{ProgressNotificationParam, ProgressToken};
 use rmcp::{Peer, RoleServer};
-use scabbard_common::client::AuthedChannel;
+/// The controller's services with the caller's bearer token on every call.
+type AuthedChannel = tonic::service::interceptor::InterceptedService<
+    crate::Transport,
+    scabbard_common::client::BearerAuth,
+>;
 use scabbard_common::proto::admin_service_client::AdminServiceClient;
 use scabbard_common::proto::task_service_client::TaskServiceClient;
 use scabbard_common::proto::template_service_client::TemplateServiceClient;

@@ -38,6 +38,25 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+/// How the server reaches the controller's gRPC services: a network [`Channel`]
+/// (`scabbard mcp`, see [`transport`]) or the controller's own in-process service stack
+/// (`/mcp` on its HTTP listener), so the same layers (auth, scopes, limits) judge every call.
+pub type Transport = tower::util::BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    tonic::Status,
+>;
+
+/// A network channel as a [`Transport`].
+pub fn transport(channel: Channel) -> Transport {
+    // What tonic's client does with a transport error itself (UNAVAILABLE for a refused
+    // connection, …).
+    Transport::new(tower::ServiceExt::map_err(
+        channel,
+        |e: tonic::transport::Error| tonic::Status::from_error(e.into()),
+    ))
+}
+
 use crate::calls::{Api, Progress, ToolError};
 
 /// How often the template list is read to notice changes (`tools/list_changed`).
@@ -53,7 +72,7 @@ enum TokenSource {
 }
 
 struct Inner {
-    channel: Channel,
+    channel: Transport,
     token: TokenSource,
     /// Resource subscriptions by URI: the task following the resource.
     subs: Mutex<HashMap<String, JoinHandle<()>>>,
@@ -89,11 +108,11 @@ pub struct ScabbardMcp {
 
 impl ScabbardMcp {
     /// A handler calling the controller on `channel` with `token`.
-    pub fn new(channel: Channel, token: String) -> Self {
+    pub fn new(channel: Transport, token: String) -> Self {
         Self::with_source(channel, TokenSource::Fixed(token))
     }
 
-    fn with_source(channel: Channel, token: TokenSource) -> Self {
+    fn with_source(channel: Transport, token: TokenSource) -> Self {
         Self {
             inner: Arc::new(Inner {
                 channel,
@@ -126,8 +145,10 @@ impl ScabbardMcp {
                     )
                 })?,
         };
-        let ch = client::authed(self.inner.channel.clone(), Some(&token))
+        let auth = client::BearerAuth::new(Some(&token))
             .map_err(|e| McpError::invalid_request(e.to_string(), None))?;
+        let ch =
+            tonic::service::interceptor::InterceptedService::new(self.inner.channel.clone(), auth);
         Ok(Api::new(ch))
     }
 }
@@ -339,22 +360,25 @@ impl ServerHandler for ScabbardMcp {
 /// Serves MCP on stdin/stdout until the client closes it, calling the controller on
 /// `channel` with `token`.
 pub async fn serve_stdio(channel: Channel, token: String) -> anyhow::Result<()> {
-    let running = ScabbardMcp::new(channel, token)
+    let running = ScabbardMcp::new(transport(channel), token)
         .serve(rmcp::transport::stdio())
         .await?;
     running.waiting().await?;
     Ok(())
 }
 
+/// The streamable-HTTP MCP service type.
+pub type HttpService = StreamableHttpService<ScabbardMcp, LocalSessionManager>;
+
 /// The streamable-HTTP MCP service (a tower service; mount it at `/mcp`): each request's
 /// `Authorization: Bearer` token is the one the controller sees. `allowed_hosts` are the
 /// `Host` header values accepted (DNS-rebinding protection; empty: rmcp's default,
 /// localhost only). Cancel `stop` to end open streams.
 pub fn http_service(
-    channel: Channel,
+    channel: Transport,
     allowed_hosts: Vec<String>,
     stop: CancellationToken,
-) -> StreamableHttpService<ScabbardMcp, LocalSessionManager> {
+) -> HttpService {
     let mut config = StreamableHttpServerConfig::default();
     config.cancellation_token = stop;
     if !allowed_hosts.is_empty() {

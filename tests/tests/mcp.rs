@@ -1,6 +1,6 @@
 //! The MCP server driven by a real MCP client — the official Python SDK (PyPI `mcp`, in
 //! `<repo>/.venv`, installed by scripts/setup.sh) running tests/mcp/driver.py — over stdio
-//! (`scabbard mcp`) and streamable HTTP (`scabbard_mcp::http_service` served here), against
+//! (`scabbard mcp`) and streamable HTTP (`/mcp` on the controller's HTTP listener), against
 //! real controller and worker processes: typed template tools and their schemas, dry-run
 //! errors, run with wait and progress, logs resource, subscriptions, scopes and projects,
 //! and `tools/list_changed` when a restart brings a new template.
@@ -11,7 +11,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use scabbard_common::client;
 use scabbard_common::proto::admin_service_client::AdminServiceClient;
 use scabbard_common::proto::project_service_client::ProjectServiceClient;
 use scabbard_common::proto::task_service_client::TaskServiceClient;
@@ -22,7 +21,6 @@ use scabbard_common::proto::{
 };
 use scabbard_tests::wf::Cluster;
 use scabbard_tests::*;
-use tokio_util::sync::CancellationToken;
 
 const GREET: &str = r#"
 name: greet
@@ -98,40 +96,22 @@ async fn token(c: &Cluster, project: &str, scope: Scope) -> Result<String> {
     Ok(r.secret)
 }
 
-/// Serves the streamable-HTTP MCP service on a loopback port; returns its URL.
-async fn serve_http(controller: &str, stop: CancellationToken) -> Result<String> {
-    let channel = client::connect(controller).await?;
-    let svc = scabbard_mcp::http_service(channel, Vec::new(), stop.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let (io, _) = tokio::select! {
-                _ = stop.cancelled() => return,
-                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
-            let svc = hyper_util::service::TowerToHyperService::new(svc.clone());
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
-                .await;
-            });
-        }
-    });
-    Ok(format!("http://127.0.0.1:{}/mcp", addr.port()))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn mcp_tools_resources_and_scopes_over_stdio_and_http() -> Result<()> {
     python();
     let tdir = tempfile::tempdir()?;
     std::fs::write(tdir.path().join("greet.yaml"), GREET)?;
+    // The controller serves MCP at /mcp on its HTTP listener.
+    let http_port = free_port();
     let c = Cluster::start(
         &["w0"],
         2,
-        &["--templates-dir", &tdir.path().display().to_string()],
+        &[
+            "--templates-dir",
+            &tdir.path().display().to_string(),
+            "--http-listen",
+            &format!("127.0.0.1:{http_port}"),
+        ],
     )?;
     let addr = c.addr();
     let admin = c.channel().await?;
@@ -225,10 +205,8 @@ async fn mcp_tools_resources_and_scopes_over_stdio_and_http() -> Result<()> {
     driver("ratelimit", &addr, &slow, &[])?;
 
     // Streamable HTTP, the bearer token of each request.
-    let stop = CancellationToken::new();
-    let url = serve_http(&addr, stop.clone()).await?;
+    let url = format!("http://127.0.0.1:{http_port}/mcp");
     driver("http", &addr, ADMIN_TOKEN, &[("MCP_HTTP_URL", url)])?;
-    stop.cancel();
     Ok(())
 }
 

@@ -162,8 +162,11 @@ pub async fn serve(
         store,
         max_body,
     } = with;
-    let app =
-        router(HttpState { inner, store }).layer(axum::extract::DefaultBodyLimit::max(max_body));
+    let mcp = mcp_service(&inner, addr, &shutdown);
+    let app = router(HttpState { inner, store })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        // MCP speaks JSON-RPC with its own errors: outside the JSON error mapping.
+        .route_service("/mcp", mcp);
     if let Some(acceptor) = tls {
         info!(%addr, "HTTP API (HTTPS) on /api/v1 (OpenAPI at /api/v1/openapi.json)");
         return tls::serve(listener, acceptor, app, shutdown).await;
@@ -175,6 +178,33 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await
+}
+
+/// The streamable-HTTP MCP endpoint over the same in-process services (and so the same
+/// auth, scopes, projects and limits as every other call), with the caller's bearer token.
+/// `Host` headers accepted: loopback names and the listener's own address.
+fn mcp_service(
+    inner: &Inner,
+    addr: SocketAddr,
+    shutdown: &CancellationToken,
+) -> scabbard_mcp::HttpService {
+    let transport = scabbard_mcp::Transport::new(tower::ServiceExt::map_err(
+        inner.clone(),
+        |e: Infallible| match e {},
+    ));
+    let port = addr.port();
+    let mut hosts = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "[::1]".to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ];
+    if !addr.ip().is_unspecified() {
+        hosts.push(addr.to_string());
+    }
+    scabbard_mcp::http_service(transport, hosts, shutdown.child_token())
 }
 
 /// Every route, plus JSON 404s for the rest; every error is JSON.

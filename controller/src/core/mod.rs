@@ -492,7 +492,10 @@ async fn run(
     // Schedules are checked often enough for second-granularity cron expressions.
     let mut cron_tick = tokio::time::interval(Duration::from_millis(200));
     cron_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Each turn's writes go to the persister together, at the end of the turn.
+    state.persister.stage();
     loop {
+        state.flush_writes().await;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             msg = rx.recv() => {
@@ -542,6 +545,7 @@ async fn run(
             }
         }
     }
+    state.flush_writes().await;
     info!("core stopped");
 }
 

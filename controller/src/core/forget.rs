@@ -63,6 +63,7 @@ impl super::CoreHandle {
                 logs,
                 archive: None,
                 store,
+                load: Default::default(),
             },
             rx,
         )

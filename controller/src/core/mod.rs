@@ -462,6 +462,7 @@ pub(crate) async fn start(
     let logs = state.logs.clone();
     let archive = state.archive.clone();
     let store = state.store.clone();
+    let load = state.persister.load();
     let handle = tokio::spawn(async move {
         run(state, rx, persisted, shutdown).await;
         // The state (and with it every handle to the persister) is gone: what was queued is
@@ -474,6 +475,7 @@ pub(crate) async fn start(
             logs,
             archive,
             store,
+            load,
         },
         handle,
     ))

@@ -18,6 +18,7 @@
 //!   queued before it is durable, for answers that state something already written.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use scabbard_common::{Error, Result};
 use tokio::sync::mpsc;
@@ -146,6 +147,32 @@ impl BatchLimits {
     }
 }
 
+/// How busy the live path is, for background work that makes way for it (the retention
+/// sweeper): commits of the core's writes, and how long the last one took.
+#[derive(Debug, Default)]
+pub(crate) struct Load {
+    commits: AtomicU64,
+    last_commit_us: AtomicU64,
+}
+
+impl Load {
+    /// Commits of the core's writes so far (this term).
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// How long the last commit of the core's writes took.
+    pub(crate) fn last_commit(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.last_commit_us.load(Ordering::Relaxed))
+    }
+
+    fn committed(&self, took: std::time::Duration) {
+        self.last_commit_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Most writes held while staging before they go to the persister anyway.
 const STAGE_MAX: usize = 256;
 
@@ -160,6 +187,7 @@ pub(crate) struct Persister {
     tx: mpsc::Sender<Vec<Write>>,
     /// `Some` while staging: the writes of this turn, in order.
     staged: std::sync::Mutex<Option<Vec<Write>>>,
+    load: Arc<Load>,
 }
 
 /// What the persister reports back to the core.
@@ -182,8 +210,10 @@ impl Persister {
         let (tx, rx) = mpsc::channel(16 * 1024);
         let (refused_tx, refused) = mpsc::unbounded_channel();
         let term_over = CancellationToken::new();
+        let load = Arc::new(Load::default());
         let handle = tokio::spawn(
             Loop {
+                load: load.clone(),
                 store,
                 limits,
                 fence,
@@ -196,6 +226,7 @@ impl Persister {
         let persister = Self {
             tx,
             staged: std::sync::Mutex::new(None),
+            load,
         };
         (persister, PersisterEvents { refused, term_over }, handle)
     }
@@ -220,6 +251,11 @@ impl Persister {
             }
         };
         self.send(writes).await
+    }
+
+    /// How busy this persister is.
+    pub(crate) fn load(&self) -> Arc<Load> {
+        self.load.clone()
     }
 
     /// From now on, holds writes until [`flush`](Self::flush). Whoever stages must flush
@@ -250,6 +286,7 @@ impl Persister {
 }
 
 struct Loop {
+    load: Arc<Load>,
     store: Arc<dyn Store>,
     limits: BatchLimits,
     fence: Option<Fence>,
@@ -310,7 +347,9 @@ impl Loop {
             run_effects(batch.drain(..), &result);
             return;
         }
+        let started = std::time::Instant::now();
         let result = self.commit(ops_for(batch)).await;
+        self.load.committed(started.elapsed());
         match result {
             Ok(()) => run_effects(batch.drain(..), &Ok(())),
             Err(Failure::Refused(why)) if batch.iter().filter(|w| !w.is_barrier()).count() > 1 => {

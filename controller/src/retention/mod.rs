@@ -52,6 +52,8 @@ const ROUND_BUDGET: usize = 4_096;
 const SCAN_BUDGET: usize = 32 * 1_024;
 /// Most keys a round scans to count what it left behind (the backlog).
 const BACKLOG_SCAN: usize = 100_000;
+/// Keys read per range page while live work runs (see `sweep::Run::pause`).
+const BUSY_BATCH: usize = 32;
 /// Shortest pause between two batches.
 const MIN_PAUSE: Duration = Duration::from_millis(10);
 /// While live work runs: the pause between two batches is this many times as long as the

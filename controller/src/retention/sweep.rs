@@ -13,8 +13,8 @@ use tracing::{debug, warn};
 
 use super::stats::Kind;
 use super::{
-    BACKLOG_SCAN, BATCH, BUSY_FACTOR, BUSY_PAUSE, BUSY_QUEUE, MIN_PAUSE, Policy, ROUND_BUDGET,
-    SCAN_BUDGET, SLOW_COMMIT, STATS, Sweeper,
+    BACKLOG_SCAN, BATCH, BUSY_BATCH, BUSY_FACTOR, BUSY_PAUSE, BUSY_QUEUE, MIN_PAUSE, Policy,
+    ROUND_BUDGET, SCAN_BUDGET, SLOW_COMMIT, STATS, Sweeper,
 };
 use crate::audit::AUDIT_PREFIX;
 use crate::core::history::{
@@ -52,6 +52,8 @@ pub(crate) struct Run {
     history_cursor: [Option<String>; 2],
     /// The core's commits seen at the last pause (more since: live work is running).
     seen_commits: u64,
+    /// Live work was running at the last pause: batches of [`BUSY_BATCH`].
+    busy: bool,
 }
 
 /// Which history a done-key scan walks.
@@ -69,6 +71,7 @@ impl Run {
             idem_cursor: None,
             history_cursor: [None, None],
             seen_commits: 0,
+            busy: false,
         }
     }
 
@@ -102,6 +105,12 @@ impl Run {
         Ok(report)
     }
 
+    /// Keys per range page: smaller while live work runs, so each batch (its reads, log
+    /// deletes and fenced transactions) delays a concurrent task less.
+    fn batch(&self) -> usize {
+        if self.busy { BUSY_BATCH } else { BATCH }
+    }
+
     fn stopped(&self, stop: &CancellationToken) -> bool {
         self.deposed || stop.is_cancelled()
     }
@@ -117,6 +126,7 @@ impl Run {
         let commits = load.commits();
         let busy = commits != self.seen_commits || queued > 0;
         self.seen_commits = commits;
+        self.busy = busy;
         let wait = if busy {
             let slow = load.last_commit() > SLOW_COMMIT || queued > BUSY_QUEUE;
             let factor = if slow { 2 * BUSY_FACTOR } else { BUSY_FACTOR };
@@ -161,7 +171,11 @@ impl Run {
                 return self.count_expired(prefix, after, policy).await;
             }
             let started = Instant::now();
-            let page = self.s.store.range(prefix, after.as_deref(), BATCH).await?;
+            let page = self
+                .s
+                .store
+                .range(prefix, after.as_deref(), self.batch())
+                .await?;
             after = page.kvs.last().map(|kv| kv.key.clone());
             scanned += page.kvs.len();
             let mut end = !page.more;
@@ -427,7 +441,7 @@ impl Run {
             let page = self
                 .s
                 .store
-                .range(AUDIT_PREFIX, Some(&start), BATCH)
+                .range(AUDIT_PREFIX, Some(&start), self.batch())
                 .await?;
             let keys: Vec<Vec<String>> = page.kvs.into_iter().map(|kv| vec![kv.key]).collect();
             let n = keys.len() as u64;
@@ -462,7 +476,7 @@ impl Run {
             let page = self
                 .s
                 .store
-                .range(IDEM_PREFIX, self.idem_cursor.as_deref(), BATCH)
+                .range(IDEM_PREFIX, self.idem_cursor.as_deref(), self.batch())
                 .await?;
             seen += page.kvs.len();
             self.idem_cursor = if page.more {

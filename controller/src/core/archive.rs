@@ -114,7 +114,7 @@ impl State {
         a.log_chunks = a.log_chunks.max(archived.chunks);
         let task = entry.task.clone();
         info!(task = %task_id, token, key = %archived.key, bytes = archived.size, "log archived");
-        self.persist_task(&task, ack.into_iter().collect()).await;
+        self.persist_task(task, ack.into_iter().collect()).await;
     }
 }
 

@@ -207,7 +207,7 @@ impl State {
                 }),
             });
         });
-        self.persist_task(&task, vec![effect]).await;
+        self.persist_task(task, vec![effect]).await;
     }
 
     /// The ref of artifact `name` of task `task_id`, if `agent_id` runs attempt

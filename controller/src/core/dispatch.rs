@@ -320,7 +320,7 @@ impl State {
         );
         let effects = vec![agent_effect(conn.tx.clone(), msg)];
         let task = t.clone();
-        self.persist_task(&task, effects).await;
+        self.persist_task(task, effects).await;
     }
 
     /// Fails a task taken off the queue that no agent can ever be given (its secrets cannot
@@ -341,6 +341,6 @@ impl State {
         });
         tracing::warn!(task = task_id, why, "task cannot be assigned; failed");
         let task = t.clone();
-        self.persist_task(&task, Vec::new()).await;
+        self.persist_task(task, Vec::new()).await;
     }
 }

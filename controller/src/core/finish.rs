@@ -239,7 +239,7 @@ impl State {
         effects.extend(discard);
         // Breaker changes first: durable no later than the result that caused them.
         self.flush_breakers().await;
-        self.persist_task(&task, effects).await;
+        self.persist_task(task, effects).await;
     }
 
     /// An attempt failed for a reason that is not the task's fault: requeue (after the
@@ -330,8 +330,7 @@ impl State {
             .and_then(|a| self.discard_effect(self.unreferenced_uploads(&task, a.fencing_token)));
         // Breaker changes first: durable no later than the result that caused them.
         self.flush_breakers().await;
-        self.persist_task(&task, discard.into_iter().collect())
-            .await;
+        self.persist_task(task, discard.into_iter().collect()).await;
     }
 
     /// Puts tasks whose retry backoff has passed back in the queue.
@@ -355,7 +354,7 @@ impl State {
             let prio = t.spec.as_ref().map_or(0, |s| s.priority);
             entry.queue_key = Some(self.queue.push(&id, prio, &t.project, t.spec.as_ref()));
             let task = t.clone();
-            self.persist_task(&task, Vec::new()).await;
+            self.persist_task(task, Vec::new()).await;
         }
     }
 }

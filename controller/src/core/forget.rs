@@ -64,6 +64,7 @@ impl super::CoreHandle {
                 logs,
                 archive: None,
                 store,
+                load: Default::default(),
             },
             rx,
         )

@@ -12,6 +12,8 @@ pub struct CoreHandle {
     pub(super) archive: Option<Arc<crate::logstore::archive::LogArchive>>,
     /// The store, for what is served off the core (finished tasks and workflows).
     pub(super) store: Arc<dyn Store>,
+    /// How busy this term's persister is.
+    pub(super) load: Arc<persist::Load>,
 }
 
 /// Where requests go on this controller: the running core when it leads, otherwise a
@@ -94,6 +96,12 @@ impl CoreHandle {
 
     pub(crate) async fn send(&self, msg: CoreMsg) {
         let _ = self.tx.send(msg).await;
+    }
+
+    /// How busy the live path is: the persister's commits, and messages waiting for the
+    /// core.
+    pub(crate) fn load(&self) -> (&persist::Load, usize) {
+        (&self.load, self.tx.max_capacity() - self.tx.capacity())
     }
 
     /// The log store of this term.

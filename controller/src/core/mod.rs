@@ -481,6 +481,7 @@ pub(crate) async fn start(
     let logs = state.logs.clone();
     let archive = state.archive.clone();
     let store = state.store.clone();
+    let load = state.persister.load();
     let handle = tokio::spawn(async move {
         run(state, rx, persisted, shutdown).await;
         // The state (and with it every handle to the persister) is gone: what was queued is
@@ -493,6 +494,7 @@ pub(crate) async fn start(
             logs,
             archive,
             store,
+            load,
         },
         handle,
     ))
@@ -511,7 +513,10 @@ async fn run(
     // Schedules are checked often enough for second-granularity cron expressions.
     let mut cron_tick = tokio::time::interval(Duration::from_millis(200));
     cron_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Each turn's writes go to the persister together, at the end of the turn.
+    state.persister.stage();
     loop {
+        state.flush_writes().await;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             msg = rx.recv() => {
@@ -563,6 +568,7 @@ async fn run(
             }
         }
     }
+    state.flush_writes().await;
     info!("core stopped");
 }
 

@@ -18,6 +18,7 @@
 //!   queued before it is durable, for answers that state something already written.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use scabbard_common::{Error, Result};
 use tokio::sync::mpsc;
@@ -146,10 +147,47 @@ impl BatchLimits {
     }
 }
 
+/// How busy the live path is, for background work that makes way for it (the retention
+/// sweeper): commits of the core's writes, and how long the last one took.
+#[derive(Debug, Default)]
+pub(crate) struct Load {
+    commits: AtomicU64,
+    last_commit_us: AtomicU64,
+}
+
+impl Load {
+    /// Commits of the core's writes so far (this term).
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// How long the last commit of the core's writes took.
+    pub(crate) fn last_commit(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.last_commit_us.load(Ordering::Relaxed))
+    }
+
+    fn committed(&self, took: std::time::Duration) {
+        self.last_commit_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Most writes held while staging before they go to the persister anyway.
+const STAGE_MAX: usize = 256;
+
 /// Handle used by the core to enqueue writes.
-#[derive(Clone)]
+///
+/// While [`staging`](Self::stage) (the core's run loop), writes are held and go to the
+/// persister together at [`flush`](Self::flush), once per turn of the core: a submit and
+/// the assignment the same turn makes of it land in one commit (one sync, not two, on
+/// the way from submit to start), and the persister is woken once per turn, not per write.
+/// Nothing is acknowledged any earlier: effects still run only after the commit.
 pub(crate) struct Persister {
-    tx: mpsc::Sender<Write>,
+    tx: mpsc::Sender<Vec<Write>>,
+    /// `Some` while staging: the writes of this turn, in order.
+    staged: std::sync::Mutex<Option<Vec<Write>>>,
+    load: Arc<Load>,
 }
 
 /// What the persister reports back to the core.
@@ -168,11 +206,14 @@ impl Persister {
         limits: BatchLimits,
         fence: Option<Fence>,
     ) -> (Self, PersisterEvents, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(64 * 1024);
+        // Messages are one write, or one turn of the core's writes.
+        let (tx, rx) = mpsc::channel(16 * 1024);
         let (refused_tx, refused) = mpsc::unbounded_channel();
         let term_over = CancellationToken::new();
+        let load = Arc::new(Load::default());
         let handle = tokio::spawn(
             Loop {
+                load: load.clone(),
                 store,
                 limits,
                 fence,
@@ -182,19 +223,70 @@ impl Persister {
             }
             .run(rx),
         );
-        (Self { tx }, PersisterEvents { refused, term_over }, handle)
+        let persister = Self {
+            tx,
+            staged: std::sync::Mutex::new(None),
+            load,
+        };
+        (persister, PersisterEvents { refused, term_over }, handle)
     }
 
-    /// Enqueues a write; waits only when the queue is full (backpressure).
+    /// Enqueues a write (or, while staging, holds it until [`flush`](Self::flush)); waits
+    /// only when the queue is full (backpressure).
     pub(crate) async fn write(&self, w: Write) -> Result<()> {
+        let writes = {
+            let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+            match staged.as_mut() {
+                // A long turn still feeds the persister as it goes (it commits while the
+                // core works on).
+                Some(held) if held.len() + 1 >= STAGE_MAX => {
+                    held.push(w);
+                    std::mem::take(held)
+                }
+                Some(held) => {
+                    held.push(w);
+                    return Ok(());
+                }
+                None => vec![w],
+            }
+        };
+        self.send(writes).await
+    }
+
+    /// How busy this persister is.
+    pub(crate) fn load(&self) -> Arc<Load> {
+        self.load.clone()
+    }
+
+    /// From now on, holds writes until [`flush`](Self::flush). Whoever stages must flush
+    /// before waiting on any write's effect.
+    pub(crate) fn stage(&self) {
+        let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+        staged.get_or_insert_with(Vec::new);
+    }
+
+    /// Sends the writes held since the last flush, in order, as one unit.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let held = {
+            let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+            match staged.as_mut() {
+                Some(held) if !held.is_empty() => std::mem::take(held),
+                _ => return Ok(()),
+            }
+        };
+        self.send(held).await
+    }
+
+    async fn send(&self, writes: Vec<Write>) -> Result<()> {
         self.tx
-            .send(w)
+            .send(writes)
             .await
             .map_err(|_| Error::Unavailable("controller is shutting down".into()))
     }
 }
 
 struct Loop {
+    load: Arc<Load>,
     store: Arc<dyn Store>,
     limits: BatchLimits,
     fence: Option<Fence>,
@@ -205,33 +297,46 @@ struct Loop {
 }
 
 impl Loop {
-    async fn run(mut self, mut rx: mpsc::Receiver<Write>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Vec<Write>>) {
         let mut batch: Vec<Write> = Vec::new();
-        let mut held: Option<Write> = None;
+        // Received and not yet in a commit, in order.
+        let mut pending: std::collections::VecDeque<Write> = std::collections::VecDeque::new();
         loop {
-            let first = match held.take() {
-                Some(w) => w,
-                None => match rx.recv().await {
-                    Some(w) => w,
+            if pending.is_empty() {
+                match rx.recv().await {
+                    Some(ws) => pending.extend(ws),
                     None => return,
-                },
-            };
-            let mut bytes = first.bytes();
-            let mut ops = first.ops();
-            batch.push(first);
-            while ops < self.limits.ops {
-                let Ok(w) = rx.try_recv() else { break };
-                if !w.is_barrier()
+                }
+            }
+            let (mut bytes, mut ops) = (0usize, 0usize);
+            loop {
+                let Some(w) = pending.front() else {
+                    if ops >= self.limits.ops {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(ws) => {
+                            pending.extend(ws);
+                            continue;
+                        }
+                        Err(_) => break,
+                    }
+                };
+                // The first write always goes (a larger one alone; the store decides).
+                if !batch.is_empty()
+                    && !w.is_barrier()
                     && (bytes + w.bytes() > self.limits.bytes || ops + w.ops() > self.limits.ops)
                 {
-                    held = Some(w);
                     break;
                 }
+                let Some(w) = pending.pop_front() else { break };
                 bytes += w.bytes();
                 ops += w.ops();
                 batch.push(w);
             }
-            self.commit_batch(&mut batch).await;
+            if !batch.is_empty() {
+                self.commit_batch(&mut batch).await;
+            }
         }
     }
 
@@ -245,6 +350,7 @@ impl Loop {
         let started = std::time::Instant::now();
         let result = self.commit(ops_for(batch)).await;
         crate::metrics::store_commit(batch.len(), started.elapsed(), result.is_ok());
+        self.load.committed(started.elapsed());
         match result {
             Ok(()) => run_effects(batch.drain(..), &Ok(())),
             Err(Failure::Refused(why)) if batch.iter().filter(|w| !w.is_barrier()).count() > 1 => {

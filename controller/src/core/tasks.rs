@@ -315,7 +315,7 @@ impl State {
             self.idempotency
                 .insert(key, task.id.clone(), seq, &self.durability);
         }
-        self.persist_task(&task, effects).await;
+        self.persist_task_ref(&task, effects).await;
         self.tasks
             .insert(task.id.clone(), TaskEntry { task, queue_key });
     }
@@ -382,7 +382,7 @@ impl State {
         match self.cancel_task(&id, reason) {
             Ok((task, mut effects)) => {
                 effects.insert(0, reply_effect(reply, task.clone()));
-                self.persist_task(&task, effects).await;
+                self.persist_task(task, effects).await;
             }
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -473,6 +473,6 @@ impl State {
             }
         }
         let task = entry.task.clone();
-        self.persist_task(&task, Vec::new()).await;
+        self.persist_task(task, Vec::new()).await;
     }
 }

@@ -205,7 +205,7 @@ impl State {
         let task = self.tasks.get(id).expect("present").task.clone();
         let bytes = refused.key.len() + prost::Message::encoded_len(&task);
         self.unstorable.insert(id.to_string(), bytes);
-        self.persist_task(&task, effects).await;
+        self.persist_task(task, effects).await;
     }
 }
 

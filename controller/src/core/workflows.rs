@@ -325,7 +325,7 @@ impl State {
             skip_dependents_of_failed(&mut wf);
         }
         for (task, effects) in effects_tasks {
-            self.persist_task(&task, effects).await;
+            self.persist_task(task, effects).await;
         }
         self.sync_nodes(&mut wf);
         if wf.state() == WorkflowState::Running && !stopping {

@@ -11,14 +11,41 @@ use tracing::warn;
 use super::persist::{Effect, Write};
 use super::{Reply, State, TASK_PREFIX, agent_tx, history};
 
+/// A key written (`Some`) or deleted (`None`) in the same commit as a record.
+type Also = (String, Option<Vec<u8>>);
+
 impl State {
     /// Queues the durable write of a task record with its effects; publishes the new state
     /// as an event once durable. The history keys it implies (see [`history`]) go in the
     /// same commit: a new task's `live/`, index and idempotency keys; a final one's `done/`
     /// key and `live/` delete. A task that becomes final enters the finished cache and
     /// leaves memory once that write is durable and newer ones push it out.
-    pub(crate) async fn persist_task(&mut self, task: &Task, mut effects: Vec<Effect>) {
-        if !task.workflow_id.is_empty() {
+    ///
+    /// Takes the task by value: it is encoded once and then becomes the event's snapshot
+    /// (no copy of the task, with all its attempts, per transition beyond the caller's).
+    pub(crate) async fn persist_task(&mut self, task: Task, mut effects: Vec<Effect>) {
+        let (key, value, also) = self.task_write(&task, &mut effects);
+        self.publish_when_durable(task, &mut effects);
+        self.write_with(key, Some(value), also, effects).await;
+    }
+
+    /// [`persist_task`](Self::persist_task) for a task the caller keeps: copied only when
+    /// somebody watches.
+    pub(crate) async fn persist_task_ref(&mut self, task: &Task, mut effects: Vec<Effect>) {
+        let (key, value, also) = self.task_write(task, &mut effects);
+        if self.events.receiver_count() > 0 {
+            self.publish_when_durable(task.clone(), &mut effects);
+        }
+        self.write_with(key, Some(value), also, effects).await;
+    }
+
+    /// A task record's key, value and the history keys it implies (see `persist_task`).
+    fn task_write(
+        &mut self,
+        task: &Task,
+        effects: &mut Vec<Effect>,
+    ) -> (String, Vec<u8>, Vec<Also>) {
+        if !task.workflow_id.is_empty() && !self.wf_dirty.contains(&task.workflow_id) {
             self.wf_dirty.insert(task.workflow_id.clone());
         }
         // `enqueue_new` persists a task before it enters the table: the only new records.
@@ -34,20 +61,23 @@ impl State {
             let keep_live = self.archive.is_some() && history::log_pending(task);
             also.extend(history::final_ops(task, earlier, keep_live));
         }
-        let snapshot = Arc::new(task.clone());
+        let key = format!("{TASK_PREFIX}{}", task.id);
+        (key, task.encode_to_vec(), also)
+    }
+
+    /// Publishes `task` as an event once its write is durable; nobody watching (no Watch
+    /// stream), nothing to publish.
+    fn publish_when_durable(&self, task: Task, effects: &mut Vec<Effect>) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let snapshot = Arc::new(task);
         let events = self.events.clone();
         effects.push(Box::new(move |r| {
             if r.is_ok() {
                 let _ = events.send(snapshot);
             }
         }));
-        self.write_with(
-            format!("{TASK_PREFIX}{}", task.id),
-            Some(task.encode_to_vec()),
-            also,
-            effects,
-        )
-        .await;
     }
 
     /// Drops the oldest finished tasks past `finished_cache_tasks` whose final record is
@@ -77,6 +107,15 @@ impl State {
         // Back at the end of the line: they leave after their workflow has ended.
         for (id, ms) in pinned {
             self.finished.finished(&id, ms, 0);
+        }
+    }
+
+    /// Sends the writes staged this turn to the persister (see [`Persister::stage`]).
+    ///
+    /// [`Persister::stage`]: super::persist::Persister::stage
+    pub(crate) async fn flush_writes(&self) {
+        if let Err(e) = self.persister.flush().await {
+            warn!(error = %e, "dropping writes: persister gone");
         }
     }
 

@@ -16,7 +16,8 @@
 //!
 //! It must never block the core: it talks to it only to say what it deleted
 //! ([`CoreMsg::Forget`]), pauses between batches as long as the batch took (so it uses at
-//! most about half of the store's time), and does a bounded amount of work per round. It
+//! most about half of the store's time; while live work runs, four to eight times as long,
+//! see `sweep::Run::pause`), and does a bounded amount of work per round. It
 //! runs only while this controller leads, and every delete carries the term's fence, so a
 //! deposed leader never deletes. A task or workflow that is not final is never deleted,
 //! nor a finished task of a workflow that still runs.
@@ -51,8 +52,19 @@ const ROUND_BUDGET: usize = 4_096;
 const SCAN_BUDGET: usize = 32 * 1_024;
 /// Most keys a round scans to count what it left behind (the backlog).
 const BACKLOG_SCAN: usize = 100_000;
+/// Keys read per range page while live work runs (see `sweep::Run::pause`).
+const BUSY_BATCH: usize = 32;
 /// Shortest pause between two batches.
 const MIN_PAUSE: Duration = Duration::from_millis(10);
+/// While live work runs: the pause between two batches is this many times as long as the
+/// batch took (the sweeper takes at most about a fifth of the store's time)...
+const BUSY_FACTOR: u32 = 4;
+/// ... and at least this long.
+const BUSY_PAUSE: Duration = Duration::from_millis(25);
+/// A commit of the core's writes slower than this, or more messages than [`BUSY_QUEUE`]
+/// waiting for the core, doubles that pause.
+const SLOW_COMMIT: Duration = Duration::from_millis(5);
+const BUSY_QUEUE: usize = 64;
 /// Milliseconds per day.
 const DAY_MS: f64 = 86_400_000.0;
 

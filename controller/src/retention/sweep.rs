@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::stats::Kind;
-use super::{BACKLOG_SCAN, BATCH, MIN_PAUSE, Policy, ROUND_BUDGET, SCAN_BUDGET, STATS, Sweeper};
+use super::{
+    BACKLOG_SCAN, BATCH, BUSY_BATCH, BUSY_FACTOR, BUSY_PAUSE, BUSY_QUEUE, MIN_PAUSE, Policy,
+    ROUND_BUDGET, SCAN_BUDGET, SLOW_COMMIT, STATS, Sweeper,
+};
 use crate::audit::AUDIT_PREFIX;
 use crate::core::history::{
     DONE_PREFIX, IDEM_PREFIX, WF_DONE_PREFIX, parse_done_key, task_keys, workflow_keys,
@@ -47,6 +50,10 @@ pub(crate) struct Run {
     /// Where the scans of `done/` and `wdone/` go on next round when the last stopped at
     /// its budget (None: from the oldest).
     history_cursor: [Option<String>; 2],
+    /// The core's commits seen at the last pause (more since: live work is running).
+    seen_commits: u64,
+    /// Live work was running at the last pause: batches of [`BUSY_BATCH`].
+    busy: bool,
 }
 
 /// Which history a done-key scan walks.
@@ -63,6 +70,8 @@ impl Run {
             deposed: false,
             idem_cursor: None,
             history_cursor: [None, None],
+            seen_commits: 0,
+            busy: false,
         }
     }
 
@@ -96,14 +105,35 @@ impl Run {
         Ok(report)
     }
 
+    /// Keys per range page: smaller while live work runs, so each batch (its reads, log
+    /// deletes and fenced transactions) delays a concurrent task less.
+    fn batch(&self) -> usize {
+        if self.busy { BUSY_BATCH } else { BATCH }
+    }
+
     fn stopped(&self, stop: &CancellationToken) -> bool {
         self.deposed || stop.is_cancelled()
     }
 
-    /// Lets the core and the store breathe: as long as the batch took, at least
-    /// [`MIN_PAUSE`].
-    async fn pause(started: Instant, stop: &CancellationToken) {
-        let wait = started.elapsed().max(MIN_PAUSE);
+    /// Lets the core and the store breathe between two batches. Idle (the core committed
+    /// nothing since the last batch): as long as the batch took, at least [`MIN_PAUSE`].
+    /// While live work runs: [`BUSY_FACTOR`] times as long, at least [`BUSY_PAUSE`], and
+    /// longer still while the core's commits are slow or messages queue up for it, so the
+    /// sweeper takes a small share of the store and the CPU from submit→finish.
+    async fn pause(&mut self, started: Instant, stop: &CancellationToken) {
+        let took = started.elapsed();
+        let (load, queued) = self.s.core.load();
+        let commits = load.commits();
+        let busy = commits != self.seen_commits || queued > 0;
+        self.seen_commits = commits;
+        self.busy = busy;
+        let wait = if busy {
+            let slow = load.last_commit() > SLOW_COMMIT || queued > BUSY_QUEUE;
+            let factor = if slow { 2 * BUSY_FACTOR } else { BUSY_FACTOR };
+            (took * factor).max(BUSY_PAUSE)
+        } else {
+            took.max(MIN_PAUSE)
+        };
         tokio::select! {
             () = stop.cancelled() => {}
             () = tokio::time::sleep(wait) => {}
@@ -141,7 +171,11 @@ impl Run {
                 return self.count_expired(prefix, after, policy).await;
             }
             let started = Instant::now();
-            let page = self.s.store.range(prefix, after.as_deref(), BATCH).await?;
+            let page = self
+                .s
+                .store
+                .range(prefix, after.as_deref(), self.batch())
+                .await?;
             after = page.kvs.last().map(|kv| kv.key.clone());
             scanned += page.kvs.len();
             let mut end = !page.more;
@@ -169,7 +203,7 @@ impl Run {
             if end {
                 return Ok(0);
             }
-            Self::pause(started, stop).await;
+            self.pause(started, stop).await;
         }
     }
 
@@ -407,7 +441,7 @@ impl Run {
             let page = self
                 .s
                 .store
-                .range(AUDIT_PREFIX, Some(&start), BATCH)
+                .range(AUDIT_PREFIX, Some(&start), self.batch())
                 .await?;
             let keys: Vec<Vec<String>> = page.kvs.into_iter().map(|kv| vec![kv.key]).collect();
             let n = keys.len() as u64;
@@ -420,7 +454,7 @@ impl Run {
             if !page.more {
                 return Ok(());
             }
-            Self::pause(started, stop).await;
+            self.pause(started, stop).await;
         }
         Ok(())
     }
@@ -442,7 +476,7 @@ impl Run {
             let page = self
                 .s
                 .store
-                .range(IDEM_PREFIX, self.idem_cursor.as_deref(), BATCH)
+                .range(IDEM_PREFIX, self.idem_cursor.as_deref(), self.batch())
                 .await?;
             seen += page.kvs.len();
             self.idem_cursor = if page.more {
@@ -464,7 +498,7 @@ impl Run {
             if self.idem_cursor.is_none() {
                 return Ok(());
             }
-            Self::pause(started, stop).await;
+            self.pause(started, stop).await;
         }
         Ok(())
     }

@@ -46,6 +46,7 @@ pub(super) struct Outcome {
 struct Touched {
     /// Lease of the key before this transaction.
     base_lease: LeaseId,
+    /// The record; its value is empty until the transaction writes the key (`changed`).
     current: Option<Record>,
     changed: bool,
 }
@@ -96,6 +97,14 @@ impl<'t> Batch<'t> {
     fn read(&self, key: &str) -> Result<Option<Record>> {
         let guard = self.kv.get(key).map_err(|e| storage_err("read", e))?;
         guard.map(|g| Record::decode(key, g.value())).transpose()
+    }
+
+    /// The key's record without its value (see [`Record::decode_meta`]).
+    fn read_meta(&self, key: &str) -> Result<Option<Record>> {
+        let guard = self.kv.get(key).map_err(|e| storage_err("read", e))?;
+        guard
+            .map(|g| Record::decode_meta(key, g.value()))
+            .transpose()
     }
 
     fn lease_exists(&self, id: LeaseId) -> bool {
@@ -161,9 +170,10 @@ impl<'t> Batch<'t> {
                     results.push(OpResult::Delete(existed));
                 }
                 Op::Get { key } => {
+                    // A key only touched (not yet written) holds no value: read it.
                     let rec = match scratch.get(&key) {
-                        Some(t) => t.current.clone(),
-                        None => self.read(&key)?,
+                        Some(t) if t.changed => t.current.clone(),
+                        _ => self.read(&key)?,
                     };
                     results.push(OpResult::Get(rec.map(|r| r.to_kv(&key))));
                 }
@@ -214,7 +224,8 @@ impl<'t> Batch<'t> {
         key: &str,
     ) -> Result<&'s mut Touched> {
         if !scratch.contains_key(key) {
-            let current = self.read(key)?;
+            // Only the header: a touched key is about to be rewritten or deleted.
+            let current = self.read_meta(key)?;
             let base_lease = current.as_ref().map_or(0, |r| r.lease);
             scratch.insert(
                 key.to_string(),

@@ -95,6 +95,13 @@ impl Record {
         })
     }
 
+    /// Like [`Record::decode`] without the value (left empty): for a key about to be
+    /// rewritten or deleted, whose old value is not needed (no copy of it).
+    pub(super) fn decode_meta(key: &str, bytes: &[u8]) -> Result<Self> {
+        let header = bytes.get(..HEADER_BYTES).unwrap_or(bytes);
+        Self::decode(key, header)
+    }
+
     /// The record as the trait's [`KeyValue`].
     pub(super) fn to_kv(&self, key: &str) -> KeyValue {
         KeyValue {

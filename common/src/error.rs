@@ -132,6 +132,29 @@ impl From<Error> for Status {
 /// Metadata key of the retry hint on `RESOURCE_EXHAUSTED` answers (milliseconds).
 pub const RETRY_AFTER_MS_KEY: &str = "retry-after-ms";
 
+/// The canonical name of a gRPC code (`NOT_FOUND`): JSON errors, metric labels, CLI output.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 /// The retry hint carried by a rate-limited status, if any.
 pub fn retry_after(s: &Status) -> Option<std::time::Duration> {
     s.metadata()

@@ -230,6 +230,9 @@ pub(crate) struct DevArgs {
     /// is 0).
     #[arg(long)]
     pub(crate) http_listen: Option<std::net::SocketAddr>,
+    /// Directory of user workflow templates (`*.yaml`), loaded beside the built-in ones.
+    #[arg(long, env = "SCABBARD_TEMPLATES_DIR")]
+    pub(crate) templates_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

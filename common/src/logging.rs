@@ -27,6 +27,13 @@ pub fn init(default_filter: &str, json: bool) {
     let _ = crate::telemetry::install(default_filter, json, None);
 }
 
+/// Whether text log lines get ANSI colours: only when stderr is a terminal and `NO_COLOR`
+/// is unset (files, pipes and journald get plain text).
+pub fn ansi_colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// The log layer: text or JSON lines on stderr, with trace ids.
 pub(crate) fn fmt_layer<S>(json: bool) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
 where
@@ -45,6 +52,7 @@ where
             tracing_subscriber::fmt::layer()
                 .fmt_fields(DefaultFields::new())
                 .event_format(WithTraceIds(Format::<Full>::default()))
+                .with_ansi(ansi_colours())
                 .with_writer(std::io::stderr),
         )
     }

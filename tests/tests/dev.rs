@@ -14,10 +14,18 @@ async fn dev_keeps_the_admin_token_out_of_its_tasks_reach() -> anyhow::Result<()
     let dir = tempfile::tempdir()?;
     let config_dir = dir.path().join("config");
     let data_dir = dir.path().join("dev-data");
+    // User templates through the environment, as the docs say.
+    let templates = dir.path().join("templates");
+    std::fs::create_dir_all(&templates)?;
+    std::fs::write(
+        templates.join("hello.yaml"),
+        "name: dev-hello\nversion: 1\nworkflow:\n  tasks:\n    - {name: hi, shell: {command: [echo, hi]}}\n",
+    )?;
     let mut child = Command::new(scabbard_bin())
         .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data_dir)
         .env("SCABBARD_CONFIG_DIR", &config_dir)
+        .env("SCABBARD_TEMPLATES_DIR", &templates)
         .env("SCABBARD_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -78,6 +86,17 @@ async fn dev_keeps_the_admin_token_out_of_its_tasks_reach() -> anyhow::Result<()
 
     // Authenticate with the dev token itself (it is the cluster's admin).
     let ch = scabbard_common::client::connect(&addr).await?;
+    let listed = scabbard_common::proto::template_service_client::TemplateServiceClient::new(
+        with_token(ch.clone(), &token),
+    )
+    .list(scabbard_common::proto::ListTemplatesRequest {})
+    .await?
+    .into_inner();
+    assert!(
+        listed.templates.iter().any(|t| t.name == "dev-hello"),
+        "SCABBARD_TEMPLATES_DIR's template is loaded: {:?}",
+        listed.templates.iter().map(|t| &t.name).collect::<Vec<_>>()
+    );
     let mut tasks_dev = scabbard_common::client::TaskServiceClient::new(with_token(ch, &token));
     let script = format!(
         "cat {data}/admin.token; ls -la {data}; cat {config}/credentials.toml; \

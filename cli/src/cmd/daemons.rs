@@ -31,6 +31,7 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
         heartbeat_interval_ms: 1_000,
         agent_lease_ttl_ms: 5_000,
         http_listen: Some(dev_http_listen(a.http_listen, a.listen)?),
+        templates_dir: a.templates_dir.clone(),
         ..ControllerConfig::default()
     };
     let http = cfg.http_listen.unwrap_or(a.listen);

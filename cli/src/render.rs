@@ -93,14 +93,15 @@ pub(crate) fn next_page(token: &str) {
     );
 }
 
-/// A list's items, fetched page by page: every page with `all`, else the first.
-pub(crate) async fn pages<T, F, Fut>(all: bool, mut page: F) -> Result<Vec<T>>
+/// A list's items, fetched page by page from `first` (a page token; empty: the start):
+/// every page with `all`, else that one.
+pub(crate) async fn pages<T, F, Fut>(all: bool, first: String, mut page: F) -> Result<Vec<T>>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<(Vec<T>, String)>>,
 {
     let mut items = Vec::new();
-    let mut token = String::new();
+    let mut token = first;
     loop {
         let (got, next) = page(token).await?;
         items.extend(got);

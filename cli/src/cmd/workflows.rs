@@ -73,12 +73,10 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
             };
             if render::structured() {
                 let first = std::mem::take(&mut req.page_token);
-                let items = render::pages(all, |token| {
-                    let mut req = req.clone();
-                    req.page_token = if token.is_empty() {
-                        first.clone()
-                    } else {
-                        token
+                let items = render::pages(all, first, |page_token| {
+                    let req = ListWorkflowsRequest {
+                        page_token,
+                        ..req.clone()
                     };
                     let mut wf = wf.clone();
                     async move {

@@ -45,9 +45,13 @@ pub struct HttpState {
 }
 
 impl HttpState {
-    /// A tonic client over the in-process services.
-    fn grpc(&self) -> tonic::client::Grpc<Inner> {
-        tonic::client::Grpc::new(self.inner.clone())
+    /// A tonic client over the in-process services, ready for a call.
+    async fn grpc(&self) -> Result<tonic::client::Grpc<Inner>, tonic::Status> {
+        let mut grpc = tonic::client::Grpc::new(self.inner.clone());
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("service not ready: {e}")))?;
+        Ok(grpc)
     }
 
     /// The leader's HTTP base URL, when it published one.

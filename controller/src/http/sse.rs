@@ -219,10 +219,7 @@ where
     Req: prost::Message + Send + 'static,
     Resp: prost::Message + Default + Send + 'static,
 {
-    let mut grpc = st.grpc();
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("service not ready: {e}")))?;
+    let mut grpc = st.grpc().await?;
     let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
     grpc.server_streaming(
         grpc_request(headers, peer, msg),

@@ -450,6 +450,11 @@ async fn a_store_from_before_the_history_layout_is_migrated_once() -> anyhow::Re
     let s = fill(&mut c).await?;
     // One task stays queued (no worker): live work the migrated store must still run.
     w.proc.kill9();
+    // Until the controller sees the session close, it could still assign to the dead worker.
+    wait_agent(&addr, "the killed worker's session to close", |a| {
+        a.name == "w" && a.status() != scabbard_common::proto::AgentStatus::Connected
+    })
+    .await?;
     let queued = submit(&mut c, shell("echo hello-late")).await?;
     ctl.proc.kill9();
     drop(c);

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use scabbard_common::Error;
 use scabbard_common::proto::{
     Agent, Breaker, ClusterStatusRequest, ClusterStatusResponse, ControllerMember,
-    CreateTokenRequest, CreateTokenResponse, DrainAgentRequest, ListAgentsRequest,
-    ListAgentsResponse, ListAuditRequest, ListAuditResponse, ListBreakersRequest,
-    ListBreakersResponse, ListTokensRequest, ListTokensResponse, ResetBreakerRequest,
-    RevokeTokenRequest, TokenInfo, TokenKind, WhoAmIRequest, WhoAmIResponse,
+    CreateTokenRequest, CreateTokenResponse, DrainAgentRequest, GetStatsRequest, GetStatsResponse,
+    ListAgentsRequest, ListAgentsResponse, ListAuditRequest, ListAuditResponse,
+    ListBreakersRequest, ListBreakersResponse, ListTokensRequest, ListTokensResponse, ProjectQueue,
+    ResetBreakerRequest, RevokeTokenRequest, TokenInfo, TokenKind, WhoAmIRequest, WhoAmIResponse,
     admin_service_server::AdminService,
 };
 use tonic::{Request, Response, Status};
@@ -208,6 +208,40 @@ impl AdminService for AdminApi {
             .await?;
         Ok(Response::new(ListBreakersResponse {
             breakers: visible_breakers(&who, breakers),
+        }))
+    }
+
+    async fn get_stats(
+        &self,
+        req: Request<GetStatsRequest>,
+    ) -> Result<Response<GetStatsResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let r = req.into_inner();
+        if r.window_ms < 0 {
+            return Err(Error::invalid("window_ms must not be negative (0 = all kept)").into());
+        }
+        let filter = who.list_filter(&r.project)?;
+        let samples = crate::metrics::stats::samples(scabbard_common::time::now_ms(), r.window_ms);
+        let route = self.core.watch().borrow().clone();
+        let mut projects = Vec::new();
+        if let Route::Active(core) = route {
+            let stats = core.stats().await?;
+            projects = stats
+                .projects
+                .into_iter()
+                .filter(|l| filter.as_deref().is_none_or(|p| p == l.project))
+                .map(|l| ProjectQueue {
+                    project: l.project,
+                    queued: l.queued,
+                    running: l.running,
+                    oldest_queued_at_ms: l.oldest_queued_at_ms,
+                })
+                .collect();
+        }
+        Ok(Response::new(GetStatsResponse {
+            samples,
+            bucket_ms: crate::metrics::stats::BUCKET_MS,
+            projects,
         }))
     }
 

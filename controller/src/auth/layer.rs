@@ -49,6 +49,7 @@ pub fn rule(path: &str) -> Rule {
         ("AdminService", "ClusterStatus") => Rule::Optional,
         ("AdminService", "ListAgents" | "WhoAmI") => Rule::Api(Scope::Read),
         ("AdminService", "ListBreakers") => Rule::Api(Scope::Read),
+        ("AdminService", "GetStats") => Rule::Api(Scope::Read),
         ("AdminService", "DrainAgent" | "ListAudit" | "ResetBreaker") => Rule::Api(Scope::Operator),
         ("AdminService", _) => Rule::Api(Scope::Admin),
         // Uploads come from the agent running the attempt; downloads from agents (inputs

@@ -284,6 +284,7 @@ impl State {
             .to_lowercase();
         let now = now_ms();
         let (workflow_id, workflow_node) = node.unwrap_or_default();
+        crate::metrics::stats::task_submitted(now);
         Ok(Task {
             id,
             spec: Some(spec),

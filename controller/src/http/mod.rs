@@ -12,6 +12,7 @@ mod openapi;
 mod routes;
 mod sse;
 mod tls;
+mod ui;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -214,6 +215,7 @@ fn mcp_service(
 /// Every route, plus JSON 404s for the rest; every error is JSON.
 pub fn router(state: HttpState) -> axum::Router {
     routes::router()
+        .merge(ui::routes())
         .fallback(error::not_found)
         .layer(axum::middleware::map_response(error::json_errors))
         .with_state(state)

@@ -131,6 +131,8 @@ unary_routes! {
         "Cluster status: controllers, leader, store health.";
     GET "/api/v1/artifacts" => "/scabbard.v1.ArtifactService/List", ListArtifactsRequest, ListArtifactsResponse, [],
         "List artifacts of a task or workflow (query: taskId or workflowId).";
+    GET "/api/v1/stats" => "/scabbard.v1.AdminService/GetStats", GetStatsRequest, GetStatsResponse, [],
+        "Recent throughput and latency (5 s buckets, last 15 min; query: windowMs, project) and queue depth per project.";
 }
 
 /// The routes: unary ones, streaming ones and the OpenAPI document.

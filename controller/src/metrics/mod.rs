@@ -13,6 +13,7 @@ mod load;
 mod registry;
 mod rpc;
 mod snapshot;
+pub mod stats;
 
 use std::sync::Arc;
 

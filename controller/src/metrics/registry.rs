@@ -170,6 +170,7 @@ pub(crate) fn task_finished(state: TaskState, created_at_ms: i64, now_ms: i64) {
         _ => return,
     };
     METRICS.submit_to_finish[i].observe(since_ms(created_at_ms, now_ms));
+    super::stats::task_done(now_ms, now_ms - created_at_ms, i == 1 || i == 3);
 }
 
 /// One group commit of `writes` writes took `took`.

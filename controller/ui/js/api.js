@@ -30,7 +30,7 @@ export function can(scope) {
 }
 
 /** Whether the token is bound to no project (cluster-wide actions: drain, global breakers). */
-export const clusterWide = () => Boolean(session.who) && !session.who.project;
+export const clusterWide = () => Boolean(session.who) && (!session.who.project || session.who.project === '*');
 
 export function headers(extra) {
   const h = { ...(extra || {}) };

@@ -5,22 +5,30 @@ import { s } from './dom.js';
 
 const W = 720, H = 220, L = 44, R = 56, T = 14, B = 26;
 
+/** A round axis maximum ≥ v that splits into four round steps. */
+function nice(v) {
+  const step = v / 4;
+  const p = 10 ** Math.floor(Math.log10(step));
+  const m = [1, 2, 2.5, 5, 10].find((x) => x * p >= step);
+  return Math.max(4, m * p * 4);
+}
+
 /** An SVG chart of GetStatsResponse.samples. */
 export function statsChart(samples, bucketMs) {
   const n = samples.length || 1;
   const pw = W - L - R, ph = H - T - B;
   const bw = pw / n;
   const num = (x) => Number(x || 0);
-  const maxCount = Math.max(1, ...samples.map((x) => Math.max(num(x.finished), num(x.submitted))));
-  const maxLat = Math.max(1, ...samples.map((x) => num(x.p95Ms)));
+  const maxCount = nice(Math.max(1, ...samples.map((x) => Math.max(num(x.finished), num(x.submitted)))));
+  const maxLat = nice(Math.max(1, ...samples.map((x) => num(x.p95Ms))));
   const y = (v) => T + ph - (v / maxCount) * ph;
   const yl = (v) => T + ph - (v / maxLat) * ph;
   const svg = s('svg', { viewBox: `0 0 ${W} ${H}`, class: 'chart', role: 'img', 'aria-label': 'Throughput and latency' });
   for (let i = 0; i <= 4; i++) {
     const yy = T + (ph * i) / 4;
     svg.append(s('line', { x1: L, x2: W - R, y1: yy, y2: yy, class: 'grid' }));
-    svg.append(s('text', { x: L - 4, y: yy + 4, class: 'axis', 'text-anchor': 'end', text: String(Math.round(maxCount * (1 - i / 4))) }));
-    svg.append(s('text', { x: W - R + 4, y: yy + 4, class: 'axis', text: `${Math.round(maxLat * (1 - i / 4))} ms` }));
+    svg.append(s('text', { x: L - 4, y: yy + 4, class: 'axis', 'text-anchor': 'end', text: String(+(maxCount * (1 - i / 4)).toFixed(1)) }));
+    svg.append(s('text', { x: W - R + 4, y: yy + 4, class: 'axis', text: `${+(maxLat * (1 - i / 4)).toFixed(1)} ms` }));
   }
   samples.forEach((x, i) => {
     const f = num(x.finished), fl = num(x.failed);

@@ -47,7 +47,8 @@ function label(n) {
 export function drawDag(workflow) {
   const nodes = workflow.nodes || [];
   const { pos, width, height } = layout(nodes);
-  const svg = s('svg', { viewBox: `0 0 ${Math.max(width, 200)} ${Math.max(height, 80)}`, class: 'dag', id: 'dag' });
+  const vw = Math.max(width, 200), vh = Math.max(height, 80);
+  const svg = s('svg', { viewBox: `0 0 ${vw} ${vh}`, width: vw, height: vh, class: 'dag', id: 'dag' });
   const defs = s('defs', {}, s('marker', { id: 'arrow', viewBox: '0 0 10 10', refX: 10, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' }, s('path', { d: 'M0,0 L10,5 L0,10 z', class: 'arrow' })));
   svg.append(defs);
   for (const n of nodes) {

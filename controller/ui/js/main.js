@@ -51,7 +51,7 @@ function drawChrome() {
   who.append(
     h('span', { class: 'who-name', id: 'who-name', text: t.name || t.id }),
     h('span', { class: 'badge scope', id: 'who-scope', text: scope }),
-    t.project ? h('span', { class: 'badge', text: `project ${t.project}` }) : null,
+    h('span', { class: 'badge', id: 'who-project', text: !t.project || t.project === '*' ? 'all projects' : `project ${t.project}` }),
     h('button', { class: 'link', id: 'logout-btn', on: { click: () => { logout(); drawChrome(); go('/login'); } } }, 'Log out'),
   );
 }

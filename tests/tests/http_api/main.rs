@@ -72,7 +72,18 @@ async fn http_api_end_to_end() -> Result<()> {
         "{}",
         r.body
     );
+    // `/` is the web dashboard (docs/ui.md); other unknown paths are JSON 404s.
     let r = http("GET", &c.url("/"), None, None)?;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|v| v.starts_with("text/html"))
+            && r.header("content-security-policy")
+                .is_some_and(|v| v.contains("script-src 'self'")),
+        "{:?}",
+        r.headers
+    );
+    let r = http("GET", &c.url("/nope"), None, None)?;
     assert_eq!(r.status, 404);
     assert!(
         r.body["message"]

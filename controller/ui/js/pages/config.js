@@ -58,7 +58,7 @@ async function loadTokens(box) {
   const admin = can('admin');
   const secret = h('div', { id: 'token-secret' });
   let list = null;
-  try { list = await get('/api/v1/tokens'); } catch (e) { clear(box).append(errorBox(e)); if (!admin) return; }
+  try { list = await get('/api/v1/tokens?includeRevoked=true'); } catch (e) { clear(box).append(errorBox(e)); if (!admin) return; }
   const rows = ((list && list.tokens) || []).map((t) => h('tr', { dataset: { tokenId: t.id } },
     h('td', { class: 'mono', text: t.id }), h('td', { text: t.name || '' }), h('td', { text: enumName(t.kind, 'TOKEN_KIND_') }),
     h('td', { text: (t.scopes || []).map((x) => enumName(x, 'SCOPE_').toLowerCase()).join(', ') }),

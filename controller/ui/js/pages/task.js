@@ -24,7 +24,7 @@ export function render(root, { id }) {
     task = t;
     const st = taskState(t);
     clear(head).append(
-      h('h1', {}, h('span', { id: 'task-name', text: t.spec?.name || t.id }), ' ', h('span', { id: 'task-state', dataset: { state: st } }, badge(st))),
+      h('h1', {}, h('span', { id: 'task-name', text: t.spec?.name || t.workflowNode || t.id }), ' ', h('span', { id: 'task-state', dataset: { state: st } }, badge(st))),
       h('p', { class: 'muted' },
         h('span', { class: 'mono', text: t.id }),
         ` · project ${t.project || ''} · created ${fmtTime(t.createdAtMs)}`,
@@ -41,7 +41,7 @@ export function render(root, { id }) {
         h('td', { text: fmtTime(a.finishedAtMs) }),
         h('td', { text: a.startedAtMs ? fmtDur((Number(a.finishedAtMs) || Date.now()) - Number(a.startedAtMs)) : '' }),
         h('td', { class: 'exit-code', text: a.result ? String(a.result.exitCode || 0) : '' }),
-        h('td', { text: enumName(a.result?.errorClass, 'ERROR_CLASS_') }),
+        h('td', { text: a.result && a.result.errorClass && a.result.errorClass !== 'ERROR_CLASS_UNSPECIFIED' ? enumName(a.result.errorClass, 'ERROR_CLASS_') : '—' }),
         h('td', {}, h('button', { class: 'link', on: { click: () => openLog(a.number) } }, 'show'))))));
     const spec = t.spec || {};
     clear(specBox).append(h('dl', { class: 'kv' },
@@ -122,6 +122,7 @@ function logView() {
   const write = (str, streamName) => {
     const parts = str.split('\n');
     parts.forEach((p, i) => {
+      if (!partial && p === '' && i === parts.length - 1) return;
       if (!partial) partial = newLine(streamName);
       partial.raw += p;
       if (i < parts.length - 1) {

@@ -69,7 +69,7 @@ function detail(root, tname) {
       try {
         const r = await post(`/api/v1/templates/${enc(tname)}/render`, { params: values(form) });
         clear(formErr);
-        preview.textContent = toYaml(r.workflow || {});
+        preview.textContent = toYaml(prune(r.workflow || {}) || {});
         return true;
       } catch (e) {
         clear(formErr).append(errorBox(e));
@@ -105,6 +105,18 @@ function detail(root, tname) {
     renderPreview();
   }).catch((e) => err.append(errorBox(e)));
   return undefined;
+}
+
+/** Drops what the JSON mapping fills in by default ("", 0, false, [], {}, *_UNSPECIFIED). */
+export function prune(v) {
+  if (Array.isArray(v)) { const a = v.map((x) => (x !== null && typeof x === 'object' ? prune(x) ?? {} : x)); return a.length ? a : undefined; }
+  if (v !== null && typeof v === 'object') {
+    const o = {};
+    for (const [k, x] of Object.entries(v)) { const p = prune(x); if (p !== undefined) o[k] = p; }
+    return Object.keys(o).length ? o : undefined;
+  }
+  if (v === '' || v === 0 || v === '0' || v === false || v === null || (typeof v === 'string' && v.endsWith('_UNSPECIFIED'))) return undefined;
+  return v;
 }
 
 /** A small YAML writer for the rendered WorkflowSpec (JSON data: objects, arrays, scalars). */

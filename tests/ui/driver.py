@@ -1,0 +1,358 @@
+"""Drives the Scabbard web dashboard in ONE headless Chromium (Playwright for Python, the
+system `chromium`) against a real controller and workers, and reports one JSON line per
+flow: {"flow": name, "ok": bool, "detail": text}. tests/tests/ui.rs starts the cluster,
+runs this and asserts every flow.
+
+Environment: SCABBARD_URL (the controller's HTTP base URL), SCABBARD_TOKEN (admin),
+SCABBARD_READ_TOKEN (read scope), SCABBARD_SCREENSHOTS_DIR (PNG output), CHROMIUM
+(default /usr/bin/chromium).
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+from urllib.parse import urlparse
+
+from playwright.sync_api import sync_playwright
+
+URL = os.environ["SCABBARD_URL"].rstrip("/")
+ADMIN = os.environ["SCABBARD_TOKEN"]
+READ = os.environ["SCABBARD_READ_TOKEN"]
+SLOTS = int(os.environ.get("SCABBARD_WORKER_SLOTS", "4"))
+SHOTS = os.environ.get("SCABBARD_SCREENSHOTS_DIR") or "/tmp/scabbard-ui-shots"
+XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
+results = []
+CURRENT = {}
+
+
+def report(flow, ok, detail=""):
+    results.append(flow)
+    print(json.dumps({"flow": flow, "ok": bool(ok), "detail": str(detail)[:2000]}), flush=True)
+
+
+def flow(fn):
+    """Runs one flow; an exception is that flow's failure, and the next ones still run."""
+    try:
+        detail = fn()
+        report(fn.__name__, True, detail or "")
+    except Exception as e:  # noqa: BLE001
+        seen = ""
+        pg = CURRENT.get("page")
+        if pg is not None:
+            try:
+                seen = f"\nat {pg.url}:\n" + pg.inner_text("main")[:1500]
+            except Exception:  # noqa: BLE001
+                pass
+        report(fn.__name__, False, f"{e}{seen}\n{traceback.format_exc()}")
+
+
+def wait_for(what, cond, timeout=60.0, every=0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def shot(page, name):
+    os.makedirs(SHOTS, exist_ok=True)
+    page.wait_for_timeout(300)
+    page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
+
+
+def api(page, method, path, body=None, token=None):
+    """A fetch from the page (same origin, bearer token): {status, body}."""
+    return page.evaluate(
+        """async ([method, path, body, token]) => {
+            const init = {method, headers: {Authorization: `Bearer ${token}`}};
+            if (body !== null) { init.body = JSON.stringify(body); init.headers['Content-Type'] = 'application/json'; }
+            const r = await fetch(path, init);
+            let b = null; try { b = await r.json(); } catch (_) {}
+            return {status: r.status, body: b};
+        }""",
+        [method, path, body, token or ADMIN],
+    )
+
+
+def login(page, token):
+    page.goto(f"{URL}/#/login")
+    page.fill("#token-input", token)
+    page.click("#login-btn")
+    page.wait_for_selector("#who-scope")
+
+
+def go(page, hash_path):
+    page.evaluate("(h) => { location.hash = h; }", hash_path)
+
+
+def state_of(page, sel):
+    return page.eval_on_selector(sel, "e => e.dataset.state") if page.query_selector(sel) else None
+
+
+def main():
+    host = urlparse(URL).netloc
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+            args=["--no-sandbox"],
+        )
+        ctx = browser.new_context(viewport={"width": 1360, "height": 900})
+        page = ctx.new_page()
+        requests, errors, violations = [], [], []
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+        ctx.add_init_script("document.addEventListener('securitypolicyviolation', e => { (window.__csp = window.__csp || []).push(e.violatedDirective + ' ' + e.blockedURI); });")
+        state = {}
+        CURRENT["page"] = page
+
+        def csp_and_login():
+            resp = page.goto(f"{URL}/")
+            hd = resp.headers
+            csp = hd.get("content-security-policy", "")
+            for need in ["default-src 'none'", "script-src 'self'", "style-src 'self'", "connect-src 'self'", "frame-ancestors 'none'", "base-uri 'none'"]:
+                assert need in csp, f"CSP {csp!r} lacks {need}"
+            assert "unsafe-inline" not in csp and "unsafe-eval" not in csp, csp
+            assert hd.get("x-content-type-options") == "nosniff", hd
+            assert hd.get("referrer-policy") == "no-referrer", hd
+            page.wait_for_selector("#token-input")
+            shot(page, "login")
+            page.fill("#token-input", "scbd_api_wrong")
+            page.click("#login-btn")
+            page.wait_for_selector("#login-error .error")
+            bad = page.inner_text("#login-error")
+            page.fill("#token-input", ADMIN)
+            page.click("#login-btn")
+            page.wait_for_selector("#who-scope")
+            assert page.inner_text("#who-scope") == "admin"
+            assert page.evaluate("sessionStorage.getItem('scabbard.token')") == ADMIN
+            assert page.context.cookies() == [], "the UI must not set cookies"
+            return f"CSP: {csp}; wrong token: {bad.strip()}"
+        flow(csp_and_login)
+
+        def template_form_task_live():
+            page.evaluate("window.__noReload = 1")
+            go(page, "/templates/shell-task")
+            page.wait_for_selector("#template-form")
+            wait_for("a rendered preview", lambda: "command" in page.inner_text("#render-preview"))
+            assert page.eval_on_selector("#param-colour", "e => e.tagName") == "SELECT"
+            assert page.eval_on_selector("#param-lines", "e => e.type + ':' + e.min + '-' + e.max") == "number:1-50"
+            page.fill("#param-lines", "500")
+            msg = wait_for("the server's validation message", lambda: page.query_selector("#form-error .error") and page.inner_text("#form-error"))
+            assert "lines" in msg, msg
+            server = api(page, "POST", "/api/v1/templates/shell-task/render", {"params": {"lines": "500", "message": "hello", "colour": "green"}})
+            assert server["body"]["message"] in msg, (server, msg)
+            page.fill("#param-lines", "12")
+            wait_for("the error to clear", lambda: not page.query_selector("#form-error .error"))
+            shot(page, "template-form")
+            # Every slot of the worker busy for a few seconds: the template's task is seen
+            # QUEUED first, then RUNNING and SUCCEEDED, on the same page.
+            for i in range(SLOTS):
+                r = api(page, "POST", "/api/v1/tasks", {"spec": {"name": f"ui-blocker-{i}", "shell": {"command": ["sh", "-c", "sleep 4"]}}})
+                assert r["status"] == 200, r
+            wait_for("the blockers to run", lambda: len(api(page, "GET", "/api/v1/tasks?states=TASK_STATE_RUNNING")["body"].get("tasks", [])) >= SLOTS, timeout=30)
+            page.click("#run-btn")
+            wait_for("the workflow page", lambda: page.evaluate("location.hash").startswith("#/workflows/"))
+            link = page.wait_for_selector("svg.dag a.node-link[href]", timeout=30000)
+            link.click()
+            page.wait_for_selector("#task-state")
+            seen = []
+            lines_while_running = wait_for("log lines while RUNNING", lambda: (
+                seen.append(state_of(page, "#task-state")) or
+                (state_of(page, "#task-state") == "RUNNING" and page.eval_on_selector_all("#log .line", "ls => ls.length") >= 2 and page.eval_on_selector_all("#log .line", "ls => ls.length"))), timeout=60)
+            shot(page, "task-running")
+            wait_for("SUCCEEDED", lambda: state_of(page, "#task-state") == "SUCCEEDED", timeout=60)
+            n = page.eval_on_selector_all("#log .line", "ls => ls.length")
+            assert n >= 12, f"{n} log lines"
+            green = page.eval_on_selector_all("#log .line .ansi-fg-2", "ls => ls.length")
+            assert green >= 1, "ANSI green became no span"
+            assert page.evaluate("window.__noReload") == 1, "the page reloaded"
+            page.fill("#log-search", "line 3")
+            hits = page.inner_text("#log-hits")
+            assert hits.startswith("1 "), hits
+            page.fill("#log-search", "")
+            shot(page, "task")
+            seen.append(state_of(page, "#task-state"))
+            states = [s for i, s in enumerate(seen) if s and (i == 0 or seen[i - 1] != s)]
+            assert states[0] in ("QUEUED", "ASSIGNED") and "RUNNING" in states and states[-1] == "SUCCEEDED", states
+            return f"states seen {states}; {lines_while_running} lines while RUNNING, {n} at the end; search: {hits}"
+        flow(template_form_task_live)
+
+        def workflow_graph_live():
+            wf = {"spec": {"name": "ui-three", "tasks": [
+                {"name": "build", "spec": {"name": "build", "shell": {"command": ["sh", "-c", "echo building; sleep 2"]}}},
+                {"name": "test", "dependsOn": ["build"], "spec": {"name": "test", "shell": {"command": ["sh", "-c", "echo testing; sleep 2; exit 3"]}}},
+                {"name": "lint", "dependsOn": ["build"], "spec": {"name": "lint", "shell": {"command": ["sh", "-c", "echo lint ok; sleep 1"]}}},
+            ], "failurePolicy": "FAILURE_POLICY_CONTINUE"}}
+            r = api(page, "POST", "/api/v1/workflows", wf)
+            assert r["status"] == 200, r
+            wid = r["body"]["workflow"]["id"]
+            state["workflow_id"] = wid
+            go(page, f"/workflows/{wid}")
+            page.wait_for_selector("svg.dag g.node[data-node=test]")
+            history = {"build": [], "test": [], "lint": []}
+
+            def sample():
+                for n in history:
+                    s = page.eval_on_selector(f"svg.dag g.node[data-node={n}]", "e => e.dataset.state")
+                    if not history[n] or history[n][-1] != s:
+                        history[n].append(s)
+                return history["test"][-1] == "FAILED" and history["lint"][-1] == "SUCCEEDED"
+            wait_for("test FAILED and lint SUCCEEDED", sample, timeout=90, every=0.05)
+            sub = page.text_content("svg.dag g.node[data-node=test] .node-state")
+            assert "exit 3" in sub, sub
+            fill = page.eval_on_selector("svg.dag g.node[data-node=test] rect", "e => getComputedStyle(e).stroke")
+            assert fill == "rgb(207, 34, 46)", f"failed node stroke {fill}"
+            assert "RUNNING" in history["build"] or "RUNNING" in history["test"], history
+            assert history["test"][-2:] == ["RUNNING", "FAILED"] or "RUNNING" in history["test"], history
+            wait_for("the final state", lambda: page.query_selector("#wf-state") and state_of(page, "#wf-state") == "FAILED", timeout=30)
+            progress = page.inner_text("#wf-progress")
+            shot(page, "workflow")
+            return f"node states seen live: {history}; test: {sub}; {progress}"
+        flow(workflow_graph_live)
+
+        def cancel_from_task_page():
+            r = api(page, "POST", "/api/v1/tasks", {"spec": {"name": "ui-long", "shell": {"command": ["sh", "-c", "echo started; sleep 120"]}}})
+            assert r["status"] == 200, r
+            tid = r["body"]["task"]["id"]
+            state["long_task"] = tid
+            go(page, f"/tasks/{tid}")
+            wait_for("RUNNING", lambda: state_of(page, "#task-state") == "RUNNING", timeout=60)
+            page.click("#cancel-btn")
+            wait_for("CANCELLED", lambda: state_of(page, "#task-state") == "CANCELLED", timeout=60)
+            assert not page.query_selector("#cancel-btn")
+            return f"task {tid} cancelled from its page"
+        flow(cancel_from_task_page)
+
+        def script_payloads_are_text():
+            cmd = f"printf '%s\\n' '{XSS}'; echo '<b>bold?</b>'"
+            r = api(page, "POST", "/api/v1/tasks", {"spec": {"name": XSS, "labels": {"x": "<svg onload=alert(1)>"}, "shell": {"command": ["sh", "-c", cmd]}}})
+            assert r["status"] == 200, r
+            tid = r["body"]["task"]["id"]
+            state["xss_task"] = tid
+            go(page, f"/tasks/{tid}")
+            wait_for("SUCCEEDED", lambda: state_of(page, "#task-state") == "SUCCEEDED", timeout=60)
+            page.wait_for_selector("#log-status:has-text('complete')")
+            assert page.inner_text("#task-name") == XSS
+            log = page.inner_text("#log")
+            assert XSS in log, log
+            go(page, "/tasks")
+            page.wait_for_selector(f"tr[data-task-id='{tid}']")
+            assert page.inner_text(f"tr[data-task-id='{tid}'] .task-name") == XSS
+            imgs = page.evaluate("document.querySelectorAll('main img, main script, main svg[onload]').length")
+            assert imgs == 0, f"{imgs} injected elements"
+            page.wait_for_timeout(500)
+            assert page.evaluate("typeof window.__xss") == "undefined", "a payload ran"
+            shot(page, "tasks")
+            return f"name and log shown as text; window.__xss undefined; no injected elements"
+        flow(script_payloads_are_text)
+
+        def pages_render_and_screenshots():
+            done = []
+            r = api(page, "POST", "/api/v1/schedules", {"spec": {"name": "nightly-lines", "cron": "0 3 * * *", "timezone": "UTC", "template": "shell-task", "params": {"lines": "3"}}})
+            assert r["status"] == 200, r
+            for hash_path, sel, name in [
+                ("/", "#leader", "overview"),
+                ("/workflows", "table.list", "workflows"),
+                ("/agents", "#agents", "agents"),
+                ("/templates", "a.template-link", "templates"),
+                ("/schedules", "tr[data-schedule-id] .next-fire", "schedules"),
+                ("/config", "#tokens", "config"),
+            ]:
+                go(page, hash_path)
+                page.wait_for_selector(sel, timeout=20000)
+                if name == "agents":
+                    assert page.query_selector(".drain-btn"), "an admin sees no Drain button"
+                if name == "overview":
+                    wait_for("the chart", lambda: page.query_selector("svg.chart rect.bar-ok"), timeout=20)
+                    assert page.inner_text("#leader").strip(), "no leader shown"
+                shot(page, name)
+                done.append(name)
+            return f"pages {done}"
+        flow(pages_render_and_screenshots)
+
+        def admin_token_create_shows_secret_once():
+            go(page, "/config")
+            page.wait_for_selector("#create-token-form")
+            page.fill("#create-token-form input[name=name]", "ui-made")
+            page.click("#create-token-btn")
+            secret = page.wait_for_selector("#new-secret").inner_text()
+            assert secret.startswith("scbd_"), secret
+            row = page.wait_for_selector("#tokens tr:has-text('ui-made')")
+            assert secret not in page.inner_text("#tokens")
+            row.query_selector(".revoke-btn").click()
+            page.wait_for_selector("#tokens tr:has-text('ui-made') .state-revoked")
+            go(page, "/config")
+            page.wait_for_selector("#tokens")
+            assert not page.query_selector("#new-secret"), "the secret is shown again"
+            return "created, secret shown once, revoked"
+        flow(admin_token_create_shows_secret_once)
+
+        def read_token_sees_no_controls():
+            rp = ctx.new_page()
+            CURRENT["page"] = rp
+            rp.on("request", lambda r: requests.append(r.url))
+            rp.on("pageerror", lambda e: errors.append(str(e)))
+            login(rp, READ)
+            assert rp.inner_text("#who-scope") == "read"
+            checks = []
+            go(rp, f"/tasks/{state['long_task']}")
+            rp.wait_for_selector("#task-state")
+            # A running task would show Cancel to a submitter: use a fresh one.
+            r = api(rp, "POST", "/api/v1/tasks", {"spec": {"name": "ui-read-target", "shell": {"command": ["sh", "-c", "sleep 30"]}}})
+            tid = r["body"]["task"]["id"]
+            go(rp, f"/tasks/{tid}")
+            wait_for("the task", lambda: state_of(rp, "#task-state") in ("QUEUED", "ASSIGNED", "RUNNING"))
+            assert not rp.query_selector("#cancel-btn"); checks.append("no cancel")
+            go(rp, "/templates/shell-task")
+            rp.wait_for_selector("#render-btn")
+            assert not rp.query_selector("#run-btn"); checks.append("no run")
+            go(rp, "/config")
+            rp.wait_for_selector("main section")
+            rp.wait_for_timeout(1000)
+            assert not rp.query_selector("#create-token-btn") and not rp.query_selector(".revoke-btn"); checks.append("no token create/revoke")
+            assert not rp.query_selector(".save-project"); checks.append("no project edit")
+            go(rp, "/agents")
+            rp.wait_for_selector("#agents")
+            assert not rp.query_selector(".drain-btn"); checks.append("no drain")
+            shot(rp, "read-only-agents")
+            refused = {
+                "cancel": api(rp, "POST", f"/api/v1/tasks/{tid}/cancel", {}, READ)["status"],
+                "submit": api(rp, "POST", "/api/v1/tasks", {"spec": {"name": "x", "shell": {"command": ["true"]}}}, READ)["status"],
+                "run": api(rp, "POST", "/api/v1/templates/shell-task/run", {"params": {}}, READ)["status"],
+                "create token": api(rp, "POST", "/api/v1/tokens", {"kind": "TOKEN_KIND_API", "name": "n", "scopes": ["SCOPE_READ"]}, READ)["status"],
+                "revoke": api(rp, "POST", "/api/v1/tokens/nope/revoke", {}, READ)["status"],
+                "drain": api(rp, "POST", "/api/v1/agents/w0/drain", {}, READ)["status"],
+            }
+            assert all(s == 403 for s in refused.values()), refused
+            api(rp, "POST", f"/api/v1/tasks/{tid}/cancel", {})
+            rp.close()
+            CURRENT["page"] = page
+            return f"{checks}; API refused: {refused}"
+        flow(read_token_sees_no_controls)
+
+        def only_the_controller_is_contacted():
+            hosts = sorted({urlparse(u).netloc for u in requests if not u.startswith(("data:", "blob:"))})
+            assert hosts == [host], f"requests went to {hosts}"
+            return f"{len(requests)} requests, all to {host}"
+        flow(only_the_controller_is_contacted)
+
+        def no_script_errors_or_csp_violations():
+            csp = page.evaluate("window.__csp || []")
+            assert not errors, errors
+            assert not csp and not violations, (csp, violations)
+            return "no page errors, no CSP violations"
+        flow(no_script_errors_or_csp_violations)
+        browser.close()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # noqa: BLE001
+        report("driver", False, f"{e}\n{traceback.format_exc()}")
+        sys.exit(1)

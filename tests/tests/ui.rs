@@ -41,6 +41,8 @@ const FLOWS: &[&str] = &[
     "workflow_graph_live",
     "cancel_from_task_page",
     "script_payloads_are_text",
+    "tasks_list_filters_and_live_rows",
+    "modules_behave",
     "pages_render_and_screenshots",
     "admin_token_create_shows_secret_once",
     "read_token_sees_no_controls",

@@ -251,6 +251,63 @@ def main():
             return f"name and log shown as text; window.__xss undefined; no injected elements"
         flow(script_payloads_are_text)
 
+        def tasks_list_filters_and_live_rows():
+            go(page, "/tasks")
+            page.wait_for_selector("#task-rows tr")
+            page.select_option("#filter-state", "FAILED")
+            wait_for("only FAILED rows", lambda: page.eval_on_selector_all("#task-rows tr[data-task-id] .state", "es => es.length > 0 && es.every(e => e.textContent === 'FAILED')"), timeout=20)
+            page.select_option("#filter-state", "")
+            page.fill("#filter-label", "ui=live")
+            page.dispatch_event("#filter-label", "change")
+            wait_for("an empty list", lambda: page.query_selector("#task-rows td[colspan]"), timeout=20)
+            r = api(page, "POST", "/api/v1/tasks", {"spec": {"name": "ui-live-row", "labels": {"ui": "live"}, "shell": {"command": ["sh", "-c", "sleep 1"]}}})
+            tid = r["body"]["task"]["id"]
+            row = f"#task-rows tr[data-task-id='{tid}'] .state"
+            states = []
+
+            def sample():
+                el = page.query_selector(row)
+                if el:
+                    t = el.inner_text()
+                    if not states or states[-1] != t:
+                        states.append(t)
+                return states and states[-1] == "SUCCEEDED"
+            wait_for("the new row to reach SUCCEEDED", sample, timeout=60, every=0.05)
+            assert len(states) >= 2, states
+            r = api(page, "GET", "/api/v1/stats?windowMs=60000")
+            b = r["body"]
+            fin = sum(int(x.get("finished", 0)) for x in b["samples"])
+            assert r["status"] == 200 and len(b["samples"]) == 12 and b["bucketMs"] == "5000" and fin >= 5, b
+            return f"filter by state and label; live row states {states}; stats: {fin} finished in the last minute"
+        flow(tasks_list_filters_and_live_rows)
+
+        def modules_behave():
+            out = page.evaluate("""async () => {
+                const { Ansi } = await import('/ui/js/ansi.js');
+                const { layout } = await import('/ui/js/dag.js');
+                const { toYaml, prune } = await import('/ui/js/pages/templates.js');
+                const a = new Ansi();
+                const segs = a.segments('\x1b[1;31mred\x1b[0m plain \x1b[38;5;10mgreen\x1b[39m\x1b[2K');
+                const carry = a.segments('\x1b[34mblue');
+                const next = a.segments('still blue');
+                const l = layout([{ name: 'a' }, { name: 'b', dependsOn: ['a'] }, { name: 'c', dependsOn: ['a'] }, { name: 'd', dependsOn: ['b', 'c'] }]);
+                return {
+                    segs, next,
+                    layers: ['a', 'b', 'c', 'd'].map((n) => l.pos.get(n).layer),
+                    yaml: toYaml(prune({ name: 'w', tasks: [{ name: 't', spec: { env: {}, priority: 0, shell: { command: ['sh', '-c', 'echo "hi"'] } } }], failurePolicy: 'FAILURE_POLICY_UNSPECIFIED' })),
+                };
+            }""")
+            segs = out["segs"]
+            assert segs[0] == {"text": "red", "cls": "ansi-fg-1 ansi-bold"}, segs
+            assert segs[1] == {"text": " plain ", "cls": ""}, segs
+            assert segs[2] == {"text": "green", "cls": "ansi-fg-10"}, segs
+            assert len(segs) == 3, segs
+            assert out["next"] == [{"text": "still blue", "cls": "ansi-fg-4"}], out
+            assert out["layers"] == [0, 1, 1, 2], out
+            assert "failurePolicy" not in out["yaml"] and "- name: t" in out["yaml"] and "'echo \"hi\"'" not in out["yaml"], out["yaml"]
+            return f"ansi {segs}; layers {out['layers']}; yaml:\n{out['yaml']}"
+        flow(modules_behave)
+
         def pages_render_and_screenshots():
             done = []
             r = api(page, "POST", "/api/v1/schedules", {"spec": {"name": "nightly-lines", "cron": "0 3 * * *", "timezone": "UTC", "template": "shell-task", "params": {"lines": "3"}}})
@@ -268,6 +325,7 @@ def main():
                 if name == "agents":
                     assert page.query_selector(".drain-btn"), "an admin sees no Drain button"
                 if name == "overview":
+                    page.select_option("#chart-window", "120000")
                     wait_for("the chart", lambda: page.query_selector("svg.chart rect.bar-ok"), timeout=20)
                     assert page.inner_text("#leader").strip(), "no leader shown"
                 shot(page, name)
@@ -289,7 +347,16 @@ def main():
             go(page, "/config")
             page.wait_for_selector("#tokens")
             assert not page.query_selector("#new-secret"), "the secret is shown again"
-            return "created, secret shown once, revoked"
+            row = "tr[data-project=default]"
+            page.wait_for_selector(f"{row} .save-project")
+            page.fill(f"{row} input[name=maxQueuedTasks]", "1234")
+            page.click(f"{row} .save-project")
+            page.wait_for_selector(f"{row} .ok")
+            q = api(page, "GET", "/api/v1/projects/default")["body"].get("quota", {})
+            assert q.get("maxQueuedTasks") == 1234, q
+            page.fill(f"{row} input[name=maxQueuedTasks]", "0")
+            page.click(f"{row} .save-project")
+            return f"created, secret shown once, revoked; project quota saved: {q}"
         flow(admin_token_create_shows_secret_once)
 
         def read_token_sees_no_controls():

@@ -106,12 +106,10 @@ pub(crate) fn secure(headers: &mut HeaderMap) {
 
 fn asset(path: &str, req: &HeaderMap) -> Response {
     let Some(i) = FILES.iter().position(|(n, _)| *n == path) else {
-        let mut r = (
-            StatusCode::NOT_FOUND,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("no such file in the web UI: /ui/{path}\n"),
-        )
-            .into_response();
+        let mut r = super::error::error(
+            tonic::Code::NotFound,
+            format!("no such file in the web UI: /ui/{path}"),
+        );
         secure(r.headers_mut());
         return r;
     };
@@ -145,6 +143,31 @@ mod tests {
             let name: String = rest.chars().take_while(char::is_ascii_alphabetic).collect();
             !name.is_empty() && rest[name.len()..].trim_start().starts_with('=')
         })
+    }
+
+    #[test]
+    fn assets_carry_the_security_headers_and_revalidate() {
+        let r = asset("js/main.js", &HeaderMap::new());
+        assert_eq!(r.status(), StatusCode::OK);
+        let h = r.headers();
+        assert_eq!(h[header::CONTENT_TYPE], "text/javascript; charset=utf-8");
+        assert_eq!(h[header::CONTENT_SECURITY_POLICY], CSP);
+        assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(h[header::REFERRER_POLICY], "no-referrer");
+        assert_eq!(h[header::CACHE_CONTROL], "no-cache");
+        let mut req = HeaderMap::new();
+        req.insert(header::IF_NONE_MATCH, h[header::ETAG].clone());
+        assert_eq!(asset("js/main.js", &req).status(), StatusCode::NOT_MODIFIED);
+        let r = asset("js/nope.js", &HeaderMap::new());
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(r.headers()[header::CONTENT_SECURITY_POLICY], CSP);
+        for d in [
+            "script-src 'self'",
+            "frame-ancestors 'none'",
+            "base-uri 'none'",
+        ] {
+            assert!(CSP.contains(d) && !CSP.contains("unsafe"), "{d}");
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@ import { h, clear, section, table, badge, enumName, errorBox, fmtTime } from '..
 import { statsChart, legend } from '../chart.js';
 
 export const name = 'overview';
+const WINDOWS = [[120000, '2 min'], [300000, '5 min'], [900000, '15 min']];
+let windowMs = 300000;
 
 export function render(root) {
   root.append(h('h1', { text: 'Overview' }));
@@ -13,14 +15,15 @@ export function render(root) {
   root.append(body);
   let stop = false;
   const tick = async () => {
-    const [cluster, agents, stats] = await Promise.allSettled([get('/api/v1/cluster'), get('/api/v1/agents'), get('/api/v1/stats?windowMs=600000')]);
+    const [cluster, agents, stats] = await Promise.allSettled([get('/api/v1/cluster'), get('/api/v1/agents'), get(`/api/v1/stats?windowMs=${windowMs}`)]);
     if (stop) return;
     clear(body);
     body.append(clusterCard(cluster), chartCard(stats), queueCard(cluster, stats), agentsCard(agents), breakersCard(cluster));
   };
   tick();
+  document.addEventListener('scabbard:chart-window', tick);
   const timer = setInterval(tick, 5000);
-  return () => { stop = true; clearInterval(timer); };
+  return () => { stop = true; clearInterval(timer); document.removeEventListener('scabbard:chart-window', tick); };
 }
 
 const fail = (title, r) => section(title, errorBox(r.reason));
@@ -44,7 +47,11 @@ function chartCard(r) {
   if (r.status !== 'fulfilled') return fail('Throughput and latency', r);
   const samples = r.value.samples || [];
   const fin = samples.reduce((a, x) => a + Number(x.finished || 0), 0);
-  return h('section', { class: 'card wide' }, h('h2', { text: 'Throughput and latency (last 10 min)' }),
+  const pick = h('select', {
+    id: 'chart-window',
+    on: { change: (e) => { windowMs = Number(e.target.value); document.dispatchEvent(new CustomEvent('scabbard:chart-window')); } },
+  }, WINDOWS.map(([ms, label]) => h('option', { value: ms, text: label, selected: ms === windowMs })));
+  return h('section', { class: 'card wide' }, h('h2', {}, 'Throughput and latency, last ', pick),
     h('p', { class: 'muted', id: 'chart-total', text: `${fin} tasks finished in the window` }),
     statsChart(samples, r.value.bucketMs), legend());
 }

@@ -41,6 +41,7 @@ const FLOWS: &[&str] = &[
     "workflow_graph_live",
     "cancel_from_task_page",
     "script_payloads_are_text",
+    "artifacts_listed_with_download_links",
     "tasks_list_filters_and_live_rows",
     "modules_behave",
     "pages_render_and_screenshots",

@@ -152,7 +152,7 @@ def main():
             # Every slot of the worker busy for a few seconds: the template's task is seen
             # QUEUED first, then RUNNING and SUCCEEDED, on the same page.
             for i in range(SLOTS):
-                r = api(page, "POST", "/api/v1/tasks", {"spec": {"name": f"ui-blocker-{i}", "shell": {"command": ["sh", "-c", "sleep 4"]}}})
+                r = api(page, "POST", "/api/v1/tasks", {"spec": {"name": f"ui-blocker-{i}", "shell": {"command": ["sh", "-c", "sleep 6"]}}})
                 assert r["status"] == 200, r
             wait_for("the blockers to run", lambda: len(api(page, "GET", "/api/v1/tasks?states=TASK_STATE_RUNNING")["body"].get("tasks", [])) >= SLOTS, timeout=30)
             page.click("#run-btn")
@@ -251,6 +251,20 @@ def main():
             return f"name and log shown as text; window.__xss undefined; no injected elements"
         flow(script_payloads_are_text)
 
+        def artifacts_listed_with_download_links():
+            r = api(page, "POST", "/api/v1/tasks", {"spec": {"name": "ui-artifact", "artifacts": [{"name": "report.txt", "path": "report.txt"}], "shell": {"command": ["sh", "-c", "echo all good > report.txt"]}}})
+            assert r["status"] == 200, r
+            tid = r["body"]["task"]["id"]
+            go(page, f"/tasks/{tid}")
+            wait_for("SUCCEEDED", lambda: state_of(page, "#task-state") == "SUCCEEDED", timeout=60)
+            link = page.wait_for_selector("a.download", timeout=20000)
+            href = link.get_attribute("href")
+            want = f"/api/v1/artifacts/{tid}%2Freport.txt/content"
+            assert href == want, (href, want)
+            assert "report.txt" in page.inner_text("main")
+            return f"artifact listed, download link {href}"
+        flow(artifacts_listed_with_download_links)
+
         def tasks_list_filters_and_live_rows():
             go(page, "/tasks")
             page.wait_for_selector("#task-rows tr")
@@ -274,11 +288,23 @@ def main():
                 return states and states[-1] == "SUCCEEDED"
             wait_for("the new row to reach SUCCEEDED", sample, timeout=60, every=0.05)
             assert len(states) >= 2, states
+            # Paging with pageToken: pages of 3, forward and back.
+            go(page, "/tasks?pageSize=3")
+            page.wait_for_selector("#task-rows tr[data-task-id]")
+            ids = lambda: page.eval_on_selector_all("#task-rows tr[data-task-id]", "es => es.map(e => e.dataset.taskId)")
+            first = ids()
+            assert len(first) == 3, first
+            page.click("#next-page")
+            wait_for("page 2", lambda: ids() and ids()[0] not in first)
+            second = ids()
+            assert not set(first) & set(second), (first, second)
+            page.click("#prev-page")
+            wait_for("page 1 again", lambda: ids() == first)
             r = api(page, "GET", "/api/v1/stats?windowMs=60000")
             b = r["body"]
             fin = sum(int(x.get("finished", 0)) for x in b["samples"])
             assert r["status"] == 200 and len(b["samples"]) == 12 and b["bucketMs"] == "5000" and fin >= 5, b
-            return f"filter by state and label; live row states {states}; stats: {fin} finished in the last minute"
+            return f"filter by state and label; live row states {states}; pages {first} / {second}; stats: {fin} finished in the last minute"
         flow(tasks_list_filters_and_live_rows)
 
         def modules_behave():

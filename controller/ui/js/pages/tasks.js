@@ -17,6 +17,7 @@ export function render(root) {
   const err = h('div');
   const tbody = h('tbody', { id: 'task-rows' });
   const pager = h('div', { class: 'pager' });
+  const pageSize = Math.min(500, Number(q.get('pageSize')) || 25);
   const tokens = [''];
   let page = 0;
   const rows = new Map();
@@ -43,7 +44,7 @@ export function render(root) {
     clear(err);
     try {
       const f = filters();
-      const r = await get(`/api/v1/tasks${qs({ ...f, pageSize: 25, pageToken: tokens[page] })}`);
+      const r = await get(`/api/v1/tasks${qs({ ...f, pageSize, pageToken: tokens[page] })}`);
       clear(tbody);
       rows.clear();
       for (const t of r.tasks || []) { const tr = row(t); rows.set(t.id, tr); tbody.append(tr); }

@@ -45,6 +45,7 @@ const FLOWS: &[&str] = &[
     "tasks_list_filters_and_live_rows",
     "modules_behave",
     "pages_render_and_screenshots",
+    "schedule_pause_resume",
     "admin_token_create_shows_secret_once",
     "read_token_sees_no_controls",
     "only_the_controller_is_contacted",

@@ -359,6 +359,19 @@ def main():
             return f"pages {done}"
         flow(pages_render_and_screenshots)
 
+        def schedule_pause_resume():
+            go(page, "/schedules")
+            row = "tr[data-schedule-id]"
+            page.wait_for_selector(f"{row} .pause-btn")
+            nxt = page.inner_text(f"{row} .next-fire")
+            assert nxt[:2] == "20", f"next fire time {nxt!r}"
+            page.click(f"{row} .pause-btn")
+            page.wait_for_selector(f"{row} .state-paused")
+            page.click(f"{row} .resume-btn")
+            page.wait_for_selector(f"{row} .state-active")
+            return f"next fire {nxt}; paused and resumed"
+        flow(schedule_pause_resume)
+
         def admin_token_create_shows_secret_once():
             go(page, "/config")
             page.wait_for_selector("#create-token-form")

@@ -24,7 +24,7 @@ export function render(root) {
         h('td', { class: 'next-fire', text: x.paused ? '—' : fmtTime(x.nextTickMs) }),
         h('td', {}, x.lastWorkflowId ? h('a', { href: `#/workflows/${enc(x.lastWorkflowId)}`, text: x.lastOutcome || x.lastWorkflowId }) : (x.lastOutcome || '')),
         h('td', { text: `${x.fired || 0} fired · ${x.skipped || 0} skipped` }),
-        h('td', {}, can('submit') ? h('button', { on: { click: () => act(x.paused ? 'resume' : 'pause', x) } }, x.paused ? 'Resume' : 'Pause') : '')));
+        h('td', {}, can('submit') ? h('button', { class: x.paused ? 'resume-btn' : 'pause-btn', on: { click: () => act(x.paused ? 'resume' : 'pause', x) } }, x.paused ? 'Resume' : 'Pause') : '')));
       clear(out).append(rows.length ? table(['Name', 'Cron', 'Template', 'Project', 'State', 'Next fire', 'Last', 'Counts', ''], rows, { class: 'list' }) : h('p', { class: 'muted', text: 'No schedules.' }));
     } catch (e) { clear(out).append(errorBox(e)); }
   };

@@ -34,7 +34,7 @@ export function render(root) {
   };
   const row = (t) => h('tr', { dataset: { taskId: t.id } },
     h('td', {}, h('a', { href: `#/tasks/${encodeURIComponent(t.id)}`, class: 'mono', text: t.id })),
-    h('td', { class: 'task-name', text: t.spec?.name || '' }),
+    h('td', { class: 'task-name', text: t.spec?.name || t.workflowNode || '' }),
     h('td', { class: 'state' }, badge(taskState(t))),
     h('td', { text: t.project || '' }),
     h('td', { text: labelsText(t.spec?.labels) }),

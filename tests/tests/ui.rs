@@ -48,6 +48,7 @@ const FLOWS: &[&str] = &[
     "schedule_pause_resume",
     "admin_token_create_shows_secret_once",
     "read_token_sees_no_controls",
+    "drain_and_undrain_controls",
     "only_the_controller_is_contacted",
     "no_script_errors_or_csp_violations",
 ];

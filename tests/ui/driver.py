@@ -441,6 +441,20 @@ def main():
             return f"{checks}; API refused: {refused}"
         flow(read_token_sees_no_controls)
 
+        def drain_and_undrain_controls():
+            # Last of the flows that run tasks: the worker stays drained if undrain is missing.
+            go(page, "/agents")
+            page.wait_for_selector("#agents .drain-btn")
+            page.click("#agents .drain-btn")
+            page.wait_for_selector("#agents .undrain-btn")
+            assert "DRAINING" in page.inner_text("#agents")
+            page.click("#agents .undrain-btn")
+            # POST /api/v1/agents/{id}/undrain comes with the `agents` part: until then the
+            # page shows the API's error as text.
+            got = wait_for("undrained, or the API's error", lambda: (page.query_selector("#agents .drain-btn") and "undrained") or (page.query_selector("main .error") and page.inner_text("main .error")), timeout=20)
+            return f"drained; undrain: {got}"
+        flow(drain_and_undrain_controls)
+
         def only_the_controller_is_contacted():
             hosts = sorted({urlparse(u).netloc for u in requests if not u.startswith(("data:", "blob:"))})
             assert hosts == [host], f"requests went to {hosts}"

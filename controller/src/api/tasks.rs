@@ -292,20 +292,20 @@ impl TaskService for TaskApi {
                 None => (Vec::new(), None),
             };
             for t in current {
-                if let Some(ev) = seen.placement(Arc::new(t), &filter) {
-                    if !tx.push(ev) {
-                        return;
-                    }
+                if let Some(ev) = seen.placement(Arc::new(t), &filter)
+                    && !tx.push(ev)
+                {
+                    return;
                 }
             }
             loop {
                 let next = tokio::select! {
                     next = changes.recv() => next,
                     p = super::placement::next(&mut explained) => {
-                        if let Some(ev) = p.and_then(|t| seen.placement(t, &filter)) {
-                            if !tx.push(ev) {
-                                return;
-                            }
+                        if let Some(ev) = p.and_then(|t| seen.placement(t, &filter))
+                            && !tx.push(ev)
+                        {
+                            return;
                         }
                         continue;
                     }

@@ -221,7 +221,7 @@ async fn a_label_no_agent_has_is_explained_until_an_agent_with_it_joins() -> Res
         .stdout(Stdio::piped())
         .spawn()?;
     let mut lines = Lines::of(watch.stdout.take().context("stdout")?);
-    lines.wait_for("queued")?;
+    lines.wait_for(" QUEUED")?;
     lines.wait_for("waiting: 0/2 agents eligible: 2 missing label os=windows [MISSING_LABEL]")?;
     let _win = labelled_worker(
         &c.addr(),
@@ -229,7 +229,7 @@ async fn a_label_no_agent_has_is_explained_until_an_agent_with_it_joins() -> Res
         "win",
         &[("os", "windows")],
     )?;
-    lines.wait_for("succeeded")?;
+    lines.wait_for(" SUCCEEDED")?;
     assert_eq!(exit_code(&mut watch)?, 0);
     let v = cli.json(&["task", "get", &id])?;
     assert_eq!(v["state"], "TASK_STATE_SUCCEEDED");

@@ -93,3 +93,57 @@ pub(crate) async fn next(rx: &mut Option<broadcast::Receiver<Arc<Task>>>) -> Opt
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scabbard_common::proto::{PlacementReason, TaskState};
+
+    fn task(state: TaskState, updated: i64, reason: Option<PlacementReason>) -> Task {
+        Task {
+            id: "t1".into(),
+            state: state as i32,
+            updated_at_ms: updated,
+            placement: reason.map(|r| Placement {
+                reason: r as i32,
+                message: format!("{r:?}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Explanations follow the state they belong to, once each, at the stream's revision.
+    #[test]
+    fn explanations_are_sent_once_and_never_after_a_newer_state() {
+        let ids: HashSet<String> = ["t1".to_string()].into();
+        let mut seen = Seen::new(9);
+        seen.state(&task(TaskState::Queued, 10, None), 12);
+        let label = || {
+            Arc::new(task(
+                TaskState::Queued,
+                10,
+                Some(PlacementReason::MissingLabel),
+            ))
+        };
+        let ev = seen.placement(label(), &ids).expect("a new explanation");
+        assert_eq!(ev.revision, 12);
+        assert!(seen.placement(label(), &ids).is_none(), "sent twice");
+        let quota = Arc::new(task(
+            TaskState::Queued,
+            10,
+            Some(PlacementReason::ProjectQuota),
+        ));
+        assert!(
+            seen.placement(quota, &ids).is_some(),
+            "a changed one goes out"
+        );
+        // Assigned since: an explanation of the queued task is stale.
+        seen.state(&task(TaskState::Assigned, 11, None), 13);
+        assert!(seen.placement(label(), &ids).is_none());
+        // Not a watched id, or no explanation: nothing.
+        let mut other = task(TaskState::Queued, 10, Some(PlacementReason::NoAgents));
+        other.id = "t2".into();
+        assert!(seen.placement(Arc::new(other), &ids).is_none());
+    }
+}

@@ -254,9 +254,14 @@ impl TaskService for TaskApi {
         for (t, _) in &snapshot {
             who.check_visible("task", &t.id, &t.project)?;
         }
-        // Placement explanations are the leader's derived state, never stored: a watch of
-        // given ids on the leader also gets them from its core (see `core::waiting`).
-        let placements = match (r.ids.is_empty(), self.core.current()) {
+        // Placement explanations are the leader's derived state, never stored: a fresh
+        // watch of given ids on the leader also gets them from its core (see
+        // `core::waiting`). A resumed one gets only what the store has after its resume
+        // point.
+        let placements = match (
+            r.ids.is_empty() || r.after_revision > 0,
+            self.core.current(),
+        ) {
             (false, Ok(core)) => core
                 .call(|reply| CoreMsg::SubscribePlacements {
                     ids: r.ids.clone(),
@@ -288,7 +293,8 @@ impl TaskService for TaskApi {
                 }
             }
             let (current, mut explained) = match placements {
-                Some((current, rx)) => (current, Some(rx)),
+                Some((current, rx)) if send_initial => (current, Some(rx)),
+                Some((_, rx)) => (Vec::new(), Some(rx)),
                 None => (Vec::new(), None),
             };
             for t in current {

@@ -37,7 +37,7 @@ pub(crate) const MIN_INTERVAL_MS: i64 = 200;
 /// Most time between two recomputes while tasks wait.
 pub(crate) const MAX_INTERVAL_MS: i64 = 1_000;
 /// Most explanation events sent to Watch streams per recompute (the rest follow next time).
-const MAX_EVENTS: usize = 512;
+const MAX_EVENTS: usize = 256;
 
 /// The explanation of one (project, class).
 struct ClassWait {
@@ -62,7 +62,7 @@ impl Default for Waiting {
             classes: HashMap::new(),
             last_ms: 0,
             dirty: true,
-            events: broadcast::channel(4096).0,
+            events: broadcast::channel(512).0,
         }
     }
 }
@@ -462,106 +462,4 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::core::scheduler::{Warm, fits};
-    use scabbard_common::proto::{
-        ContainerStep, ContainerTask, Requirements, ShellTask, task_spec::Kind,
-    };
-
-    fn cand<'a>(
-        project: &'a str,
-        caps: &'a [String],
-        labels: &'a HashMap<String, String>,
-        warm: &'a Warm,
-    ) -> Candidate<'a> {
-        Candidate {
-            id: "a",
-            project,
-            capabilities: caps,
-            labels,
-            slots: 1,
-            running: 0,
-            warm,
-        }
-    }
-
-    /// `first_miss` says None exactly when `fits` says yes, and names the first miss.
-    #[test]
-    fn first_miss_agrees_with_fits() {
-        let warm = Warm::default();
-        let shell = |labels: &[(&str, &str)], caps: &[&str]| TaskSpec {
-            kind: Some(Kind::Shell(ShellTask {
-                command: vec!["true".into()],
-            })),
-            requirements: Some(Requirements {
-                capabilities: caps.iter().map(|s| s.to_string()).collect(),
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            }),
-            ..Default::default()
-        };
-        let container = TaskSpec {
-            kind: Some(Kind::Container(ContainerTask {
-                image: "alpine".into(),
-                steps: vec![ContainerStep::default()],
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        let shell_caps = vec!["shell".to_string(), "noop".to_string()];
-        let dagger_caps = vec!["dagger".to_string()];
-        let linux: HashMap<String, String> = [("os".into(), "linux".into())].into();
-        let none = HashMap::new();
-        let specs = [
-            shell(&[("os", "windows")], &[]),
-            shell(&[("os", "linux")], &[]),
-            shell(&[], &["gpu"]),
-            container.clone(),
-        ];
-        for spec in &specs {
-            for caps in [&shell_caps, &dagger_caps] {
-                for labels in [&linux, &none] {
-                    for project in ["", "p", "q"] {
-                        let a = cand(project, caps, labels, &warm);
-                        assert_eq!(
-                            first_miss(spec, "p", &a).is_none(),
-                            fits(spec, "p", &a),
-                            "{spec:?} on {caps:?} {labels:?} {project}"
-                        );
-                    }
-                }
-            }
-        }
-        let a = cand("", &shell_caps, &linux, &warm);
-        assert_eq!(
-            first_miss(&specs[0], "p", &a),
-            Some((PlacementReason::MissingLabel, "label os=windows".into()))
-        );
-        assert_eq!(
-            first_miss(&container, "p", &a),
-            Some((PlacementReason::NoEngine, "capability dagger".into()))
-        );
-        let bound = cand("q", &dagger_caps, &none, &warm);
-        assert_eq!(
-            first_miss(&container, "p", &bound).map(|m| m.0),
-            Some(PlacementReason::OtherProject)
-        );
-    }
-
-    #[test]
-    fn filters_read_as_nomad_does() {
-        let f = PlacementFilter {
-            requirement: "label os=windows".into(),
-            agents: 3,
-        };
-        assert_eq!(phrase(&f), "3 missing label os=windows");
-        let f = PlacementFilter {
-            requirement: "bound to another project".into(),
-            agents: 1,
-        };
-        assert_eq!(phrase(&f), "1 bound to another project");
-    }
-}
+mod tests;

@@ -135,14 +135,6 @@ impl Breakers {
         }
     }
 
-    /// When an open breaker lets its next probe through (unix ms; None unless open).
-    pub(crate) fn retry_at(&self, key: &str) -> Option<i64> {
-        self.map
-            .get(key)
-            .filter(|b| b.state() == BreakerState::Open)
-            .map(|b| b.retry_at_ms)
-    }
-
     /// Whether no breaker has counted anything yet (the dispatcher's fast path).
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()

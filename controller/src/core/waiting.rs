@@ -374,14 +374,12 @@ impl State {
                 g.key.clone(),
             )
         } else if let Some(k) = open_breaker {
-            let when = match self.breakers.retry_at(&k) {
-                Some(at) if at > now => format!("; next probe in {}s", (at - now + 999) / 1000),
-                _ => String::new(),
-            };
+            // No countdown in the text: it would change the explanation (and send an event)
+            // every second. `scabbard breakers list` shows when the next probe goes.
             (
                 PlacementReason::BreakerOpen,
                 format!(
-                    "held by circuit breaker {k} (open{when}; `scabbard breakers reset {k}` closes it)"
+                    "held by circuit breaker {k} (open; `scabbard breakers reset {k}` closes it)"
                 ),
                 k,
             )

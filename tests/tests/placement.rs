@@ -444,3 +444,34 @@ async fn a_project_at_its_running_quota_holds_the_rest_and_says_so() -> Result<(
     assert_cleared(&v);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_running_workflow_says_which_node_waits_and_why() -> Result<()> {
+    let c = Cluster::start(&["w0"], 1, &[])?;
+    let cli = Cli::new(&c.addr())?;
+    cli.agents(1).await?;
+    let mut wfs = c.workflows().await?;
+    let mut build = node("build", &[], "true");
+    if let Some(spec) = build.spec.as_mut() {
+        spec.requirements = Some(scabbard_common::proto::Requirements {
+            labels: [("os".to_string(), "plan9".to_string())].into(),
+            ..Default::default()
+        });
+    }
+    let wf = submit_workflow(&mut wfs, workflow("needs-plan9", vec![build])).await?;
+    let want = "node build: 0/1 agents eligible: 1 missing label os=plan9";
+    let v = eventually("the workflow explained", T, || async {
+        let v = cli.json(&["workflow", "get", &wf.id]).ok()?;
+        (v["placement"]["message"] == want).then_some(v)
+    })
+    .await?;
+    assert_eq!(v["state"], "WORKFLOW_STATE_RUNNING");
+    assert_eq!(v["placement"]["reason"], "PLACEMENT_REASON_MISSING_LABEL");
+    let text = cli.ok(&["workflow", "get", &wf.id])?;
+    assert!(text.contains(&format!("waiting: {want}")), "{text}");
+    assert!(text.contains("reason:    MISSING_LABEL"), "{text}");
+    cli.ok(&["workflow", "cancel", &wf.id])?;
+    let v = cli.json(&["workflow", "get", &wf.id])?;
+    assert_cleared(&v);
+    Ok(())
+}

@@ -223,6 +223,15 @@ async fn a_label_no_agent_has_is_explained_until_an_agent_with_it_joins() -> Res
     let mut lines = Lines::of(watch.stdout.take().context("stdout")?);
     lines.wait_for(" QUEUED")?;
     lines.wait_for("waiting: 0/2 agents eligible: 2 missing label os=windows [MISSING_LABEL]")?;
+    // With -o json, the watch's events (JSON Lines) carry the explanation.
+    let mut json_watch = cli
+        .cmd()
+        .args(["-o", "json", "task", "watch", &id])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut events = Lines::of(json_watch.stdout.take().context("stdout")?);
+    let ev: Value = serde_json::from_str(&events.wait_for("\"PLACEMENT_REASON_MISSING_LABEL\"")?)?;
+    assert_eq!(ev["task"]["placement"]["agentsConsidered"], 2);
     let _win = labelled_worker(
         &c.addr(),
         &c.dir.path().join("win"),
@@ -231,6 +240,9 @@ async fn a_label_no_agent_has_is_explained_until_an_agent_with_it_joins() -> Res
     )?;
     lines.wait_for(" SUCCEEDED")?;
     assert_eq!(exit_code(&mut watch)?, 0);
+    let last: Value = serde_json::from_str(&events.wait_for("TASK_STATE_SUCCEEDED")?)?;
+    assert!(last["task"].get("placement").is_none(), "{last:#}");
+    assert_eq!(exit_code(&mut json_watch)?, 0);
     let v = cli.json(&["task", "get", &id])?;
     assert_eq!(v["state"], "TASK_STATE_SUCCEEDED");
     assert_cleared(&v);

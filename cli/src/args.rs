@@ -605,6 +605,14 @@ pub(crate) enum TaskCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Follow a task until it is final: one line per state change, and why it waits while
+    /// it is queued (its placement explanation); exits with the task's status.
+    Watch {
+        #[command(flatten)]
+        target: Target,
+        /// Task id.
+        id: String,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -8,6 +8,7 @@ use scabbard_common::proto::{
 use tonic::Code;
 
 pub(crate) mod catalog;
+pub(crate) mod placement;
 pub(crate) mod workflow;
 
 /// Turns an RPC failure into a one-line error a person can act on, naming the gRPC code
@@ -78,6 +79,11 @@ pub(crate) fn task(t: &Task) {
         say!("project:   {}", t.project);
     }
     say!("created:   {}", ago(t.created_at_ms));
+    if let Some(p) = &t.placement {
+        for line in placement::lines(p) {
+            say!("{line}");
+        }
+    }
     if !t.agent_id.is_empty() {
         say!("agent:     {}", t.agent_id);
     }

@@ -566,8 +566,17 @@ async fn a_forwarded_watch_fails_soon_when_the_leader_freezes_and_resumes_elsewh
         .expect("leader is one of ours");
     leader_proc.proc.signal(libc::SIGSTOP);
     let frozen = Instant::now();
-    // The forwarded stream breaks (keepalive) instead of hanging on the silent leader.
-    let ended = tokio::time::timeout(Duration::from_secs(20), watch.message()).await;
+    // The forwarded stream breaks (keepalive) instead of hanging on the silent leader. (The
+    // queued task's placement explanation, "no agent may get work", may come first.)
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(ev)) if ev.task.as_ref().is_some_and(|t| t.placement.is_some()) => {}
+                other => return other,
+            }
+        }
+    })
+    .await;
     let took = frozen.elapsed();
     leader_proc.proc.signal(libc::SIGCONT);
     assert!(

@@ -121,6 +121,7 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
             s.running_workflows,
             s.pending_workflows
         );
+        say!("waiting:     {}", output::placement::summary(&s.waiting));
         let dispatched = s.cache_affinity_hits + s.cache_affinity_misses;
         if dispatched > 0 {
             say!(

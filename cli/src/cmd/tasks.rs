@@ -12,6 +12,7 @@ use scabbard_common::proto::{
 };
 
 use crate::args::{LogsArgs, SubmitArgs, TaskCommand};
+use crate::output::placement;
 use crate::{output, progress, render};
 
 pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
@@ -68,7 +69,7 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
     } else {
         progress::spinner(format!("waiting for task {}", task.id))
     };
-    let final_task = wait(&mut tasks, &task.id, spinner.as_ref()).await;
+    let final_task = wait(&mut tasks, &task.id, spinner.as_ref(), false).await;
     if let Some(s) = spinner {
         s.finish_and_clear();
     }
@@ -102,11 +103,14 @@ fn secret_env(
 }
 
 /// Waits until the task is in a final state; with `-o json|yaml` prints every event of
-/// the watch (JSON Lines), and shows the state on `spinner`.
+/// the watch (JSON Lines), and shows the state on `spinner`. Why the task waits (its
+/// placement explanation) goes on the spinner, else on stderr, each time it changes. With
+/// `lines` (`task watch`), prints one line per change on stdout instead.
 async fn wait(
     tasks: &mut TaskServiceClient<AuthedChannel>,
     id: &str,
     spinner: Option<&indicatif::ProgressBar>,
+    lines: bool,
 ) -> Result<Task> {
     let mut stream = tasks
         .watch(WatchTasksRequest {
@@ -117,22 +121,68 @@ async fn wait(
         .await
         .map_err(output::status)?
         .into_inner();
+    let mut last: Option<Task> = None;
     while let Some(ev) = stream.message().await.map_err(output::status)? {
         render::event(&ev)?;
         if let Some(t) = ev.task {
+            let moved = last.as_ref().is_none_or(|l| l.state != t.state);
+            let why = t.placement.as_ref().filter(|_| {
+                !placement::same(
+                    last.as_ref().and_then(|l| l.placement.as_ref()),
+                    t.placement.as_ref(),
+                )
+            });
+            if lines && !render::structured() {
+                if moved {
+                    say!(
+                        "{} {}",
+                        clock(t.updated_at_ms),
+                        output::state_name(t.state())
+                    );
+                }
+                if let Some(p) = why {
+                    say!(
+                        "{} waiting: {} [{}]",
+                        clock(p.updated_at_ms),
+                        p.message,
+                        placement::code(p)
+                    );
+                }
+            }
             if is_final(t.state()) {
                 return Ok(t);
             }
-            if let Some(s) = spinner {
-                s.set_message(format!(
+            match (spinner, why) {
+                (Some(s), Some(p)) => s.set_message(format!(
+                    "task {} waiting: {}",
+                    crate::printable::printable(&t.id),
+                    crate::printable::printable(&p.message)
+                )),
+                (Some(s), None) if moved => s.set_message(format!(
                     "task {} {}",
                     crate::printable::printable(&t.id),
                     output::state_name(t.state())
-                ));
+                )),
+                (None, Some(p)) if !lines && !render::structured() => {
+                    esay!(
+                        "task {} waiting: {} [{}]",
+                        t.id,
+                        p.message,
+                        placement::code(p)
+                    )
+                }
+                _ => {}
             }
+            last = Some(t);
         }
     }
     bail!("the controller closed the watch before task {id} finished")
+}
+
+/// `HH:MM:SS` (UTC) of a unix-ms time.
+fn clock(ms: i64) -> String {
+    let full = output::utc(ms.max(1));
+    full.get(11..19).unwrap_or(&full).to_string()
 }
 
 /// Prints the outcome on stderr; the exit code is the task's (1 when it has none).
@@ -278,6 +328,11 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
                 }
                 req.page_token = resp.next_page_token;
             }
+        }
+        TaskCommand::Watch { target, id } => {
+            let mut tasks = TaskServiceClient::new(super::connect(&target).await?);
+            let t = wait(&mut tasks, &id, None, true).await?;
+            return Ok(report(&t));
         }
         TaskCommand::Cancel { target, id, reason } => {
             let mut tasks = TaskServiceClient::new(super::connect(&target).await?);

@@ -267,6 +267,9 @@ fn details(w: &Workflow) {
     }
     say!();
     say!("project:   {}", w.project);
+    if let Some(p) = &w.placement {
+        say!("reason:    {}", output::placement::code(p));
+    }
     say!("created:   {} UTC", output::utc(w.created_at_ms));
     if w.finished_at_ms > 0 {
         say!(

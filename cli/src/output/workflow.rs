@@ -185,6 +185,9 @@ pub(crate) fn tree(w: &Workflow) -> Vec<String> {
         .max()
         .unwrap_or(0);
     let mut out = vec![header(w)];
+    if let Some(p) = &w.placement {
+        out.push(format!("  waiting: {}", p.message));
+    }
     for (left, right) in rows {
         let pad = width - left.chars().count() + 2;
         out.push(
@@ -222,6 +225,14 @@ pub(crate) fn changes(prev: Option<&Workflow>, cur: &Workflow) -> Vec<String> {
     });
     if moved {
         out.push(format!("{at}{}", header(cur)));
+    }
+    if let Some(p) = cur.placement.as_ref().filter(|_| {
+        !super::placement::same(
+            prev.and_then(|p| p.placement.as_ref()),
+            cur.placement.as_ref(),
+        )
+    }) {
+        out.push(format!("{at}waiting: {}", p.message));
     }
     let before: HashMap<&str, &WorkflowNode> = prev
         .map(|p| p.nodes.iter().map(|n| (n.name.as_str(), n)).collect())

@@ -80,6 +80,7 @@ impl AdminService for AdminApi {
             status.active_tasks = stats.active as u64;
             status.total_tasks = stats.total as u64;
             status.workflows_in_memory = stats.workflows_in_memory as u64;
+            status.waiting = stats.waiting;
             status.connected_agents = stats.connected_agents as u32;
             status.breakers = who
                 .as_ref()

@@ -7,6 +7,7 @@ mod artifacts;
 mod guard;
 mod list;
 mod logs;
+mod placement;
 mod projects;
 mod schedules;
 pub(crate) mod streams;

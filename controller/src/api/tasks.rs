@@ -254,6 +254,23 @@ impl TaskService for TaskApi {
         for (t, _) in &snapshot {
             who.check_visible("task", &t.id, &t.project)?;
         }
+        // Placement explanations are the leader's derived state, never stored: a fresh
+        // watch of given ids on the leader also gets them from its core (see
+        // `core::waiting`). A resumed one gets only what the store has after its resume
+        // point.
+        let placements = match (
+            r.ids.is_empty() || r.after_revision > 0,
+            self.core.current(),
+        ) {
+            (false, Ok(core)) => core
+                .call(|reply| CoreMsg::SubscribePlacements {
+                    ids: r.ids.clone(),
+                    reply,
+                })
+                .await
+                .ok(),
+            _ => None,
+        };
         let mut changes = store.watch(TASK_PREFIX, from).await?;
         let slot = self.streams.open(&who.token_id)?;
         let (tx, out) = self.streams.outbox::<TaskEvent>(slot);
@@ -263,8 +280,10 @@ impl TaskService for TaskApi {
         // Resuming inside a revision: skip its events up to and including that task's.
         let mut skip = (r.after_revision > 0).then_some((r.after_revision, r.after_task_id));
         tokio::spawn(async move {
+            let mut seen = super::placement::Seen::new(from - 1);
             if send_initial {
                 for (t, revision) in snapshot {
+                    seen.state(&t, revision);
                     if !tx.push(TaskEvent {
                         task: Some(masked(t)),
                         revision,
@@ -273,9 +292,29 @@ impl TaskService for TaskApi {
                     }
                 }
             }
+            let (current, mut explained) = match placements {
+                Some((current, rx)) if send_initial => (current, Some(rx)),
+                Some((_, rx)) => (Vec::new(), Some(rx)),
+                None => (Vec::new(), None),
+            };
+            for t in current {
+                if let Some(ev) = seen.placement(Arc::new(t), &filter)
+                    && !tx.push(ev)
+                {
+                    return;
+                }
+            }
             loop {
                 let next = tokio::select! {
                     next = changes.recv() => next,
+                    p = super::placement::next(&mut explained) => {
+                        if let Some(ev) = p.and_then(|t| seen.placement(t, &filter))
+                            && !tx.push(ev)
+                        {
+                            return;
+                        }
+                        continue;
+                    }
                     _ = tx.closed() => return,
                 };
                 let kv = match next {
@@ -321,6 +360,7 @@ impl TaskService for TaskApi {
                 if !who.may_access(&t.project) {
                     continue;
                 }
+                seen.state(&t, kv.mod_revision);
                 // False: the client went away or fell too far behind (then the stream
                 // ends with RESOURCE_EXHAUSTED, its buffer freed).
                 if !tx.push(TaskEvent {

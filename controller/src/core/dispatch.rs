@@ -88,8 +88,15 @@ impl<'a> ProjectCursor<'a> {
 }
 
 impl State {
-    /// Hands queued tasks to agents with free slots.
+    /// Hands queued tasks to agents with free slots, then brings the explanations of those
+    /// still waiting up to date (rate-limited: see [`super::waiting`]).
     pub(crate) async fn schedule(&mut self) {
+        self.dispatch().await;
+        self.explain_waiting();
+    }
+
+    /// Hands queued tasks to agents with free slots.
+    async fn dispatch(&mut self) {
         if self.queue.len() == 0 {
             return;
         }
@@ -245,7 +252,10 @@ impl State {
     }
 
     /// Tasks holding an agent slot, counted by `key` (tasks it maps to None are skipped).
-    fn count_running(&self, key: impl Fn(&Task) -> Option<String>) -> HashMap<String, u32> {
+    pub(super) fn count_running(
+        &self,
+        key: impl Fn(&Task) -> Option<String>,
+    ) -> HashMap<String, u32> {
         let mut out = HashMap::new();
         for id in self.agents.values().flat_map(|a| a.running.iter()) {
             if let Some(k) = self.tasks.get(id).and_then(|e| key(&e.task)) {

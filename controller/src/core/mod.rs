@@ -32,6 +32,7 @@ mod tasks;
 pub(crate) mod term;
 pub(crate) mod trace;
 pub(crate) mod validate;
+mod waiting;
 pub(crate) mod workflows;
 mod writes;
 
@@ -93,6 +94,8 @@ pub struct CoreStats {
     /// Agents registered, and those declared lost (silent past their lease).
     pub registered_agents: usize,
     pub lost_agents: usize,
+    /// Waiting tasks and pending workflows by reason (see `core::waiting`).
+    pub waiting: Vec<scabbard_common::proto::WaitingCount>,
 }
 
 pub(crate) struct TaskEntry {
@@ -148,6 +151,8 @@ pub(crate) struct State {
     /// The agents that may get work, by signature and free slots (kept in step with
     /// `agents` through [`State::sync_agent`]).
     pub(crate) placement: placement::AgentIndex,
+    /// Why queued tasks wait (derived, never stored: see [`waiting`]).
+    pub(crate) waiting: waiting::Waiting,
     pub(crate) persister: Persister,
     pub(crate) events: broadcast::Sender<Arc<Task>>,
     pub(crate) logs: Arc<LogStore>,
@@ -252,6 +257,7 @@ pub(crate) async fn start(
         queue: RunQueue::default(),
         agents: BTreeMap::new(),
         placement: Default::default(),
+        waiting: Default::default(),
         persister,
         events,
         logs,
@@ -407,9 +413,27 @@ impl State {
                 let _ = reply.send(
                     self.tasks
                         .get(&id)
-                        .map(|e| e.task.clone())
+                        .map(|e| {
+                            let mut t = e.task.clone();
+                            t.placement = self.placement_of(&t);
+                            t
+                        })
                         .ok_or_else(|| Error::not_found("task", id)),
                 );
+            }
+            CoreMsg::SubscribePlacements { ids, reply } => {
+                let rx = self.waiting.subscribe();
+                let now = ids
+                    .iter()
+                    .filter_map(|id| {
+                        let t = &self.tasks.get(id)?.task;
+                        let p = self.placement_of(t)?;
+                        let mut t = t.clone();
+                        t.placement = Some(p);
+                        Some(t)
+                    })
+                    .collect();
+                let _ = reply.send((now, rx));
             }
             CoreMsg::List { req, reply } => {
                 let _ = reply.send(self.list(&req));
@@ -577,6 +601,7 @@ impl State {
                     projects: crate::metrics::project_loads(self),
                     registered_agents: self.agents.len(),
                     lost_agents: self.agents.values().filter(|a| a.lost).count(),
+                    waiting: self.waiting_counts(),
                 });
             }
         }
@@ -593,11 +618,16 @@ impl State {
     /// its session, slots, attempts, capabilities, labels, drain flag or warm cache).
     pub(crate) fn sync_agent(&mut self, id: &str) {
         self.placement.sync(id, self.agents.get(id));
+        self.waiting.touch();
     }
 
     /// Persists the breakers that changed (a new leader starts from them).
     pub(crate) async fn flush_breakers(&mut self) {
-        for (key, record) in self.breakers.take_changes() {
+        let changes = self.breakers.take_changes();
+        if !changes.is_empty() {
+            self.waiting.touch();
+        }
+        for (key, record) in changes {
             self.write(
                 format!("{BREAKER_PREFIX}{key}"),
                 record.map(|r| r.encode_to_vec()),

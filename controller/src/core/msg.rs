@@ -55,6 +55,12 @@ pub(crate) enum CoreMsg {
         reason: String,
         reply: Reply<Task>,
     },
+    /// Placement explanation events of queued tasks (see `core::waiting`), and the current
+    /// explanations of `ids`.
+    SubscribePlacements {
+        ids: Vec<String>,
+        reply: oneshot::Sender<(Vec<Task>, broadcast::Receiver<Arc<Task>>)>,
+    },
     Subscribe {
         ids: Vec<String>,
         reply: oneshot::Sender<(Vec<Task>, broadcast::Receiver<Arc<Task>>)>,

@@ -25,6 +25,8 @@ use scabbard_common::proto::TaskSpec;
 use super::AgentEntry;
 use super::scheduler::{Candidate, PlacementClass, Warm, fits};
 
+mod tally;
+
 /// Position of an agent with a free slot in its group: best first. The id is shared with
 /// the member, so moving an agent in the order allocates nothing.
 type Rank = (Reverse<u32>, u32, Arc<str>);

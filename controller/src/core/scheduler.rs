@@ -156,6 +156,17 @@ impl RunQueue {
         removed
     }
 
+    /// The project and placement class of a queued task.
+    pub(crate) fn place_of(&self, task_id: &str) -> Option<(&str, &PlacementClass)> {
+        self.place_of.get(task_id).map(|(p, c)| (p.as_str(), c))
+    }
+
+    /// The sequence number of the last task pushed (keys carry it: later arrivals have
+    /// higher ones).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Tasks of `project` in the queue.
     pub(crate) fn queued_in(&self, project: &str) -> u32 {
         self.projects.get(project).map_or(0, |q| q.len as u32)

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 
 use prost::Message;
 use scabbard_common::proto::{
-    FailurePolicy, NodeState, TaskState, TemplateRef, Workflow, WorkflowNode, WorkflowSpec,
-    WorkflowState,
+    FailurePolicy, NodeState, Placement, PlacementReason, TaskState, TemplateRef, Workflow,
+    WorkflowNode, WorkflowSpec, WorkflowState,
 };
 use scabbard_common::time::now_ms;
 use scabbard_common::{Error, Result};
@@ -179,9 +179,17 @@ impl State {
                 ..Default::default()
             })
             .collect();
-        let state = match spec.concurrency.as_ref() {
-            Some(g) if self.group_running(&g.key) >= g.limit.max(1) => WorkflowState::Pending,
-            _ => WorkflowState::Running,
+        let (state, placement) = match spec.concurrency.as_ref() {
+            Some(g) if self.group_running(&g.key) >= g.limit.max(1) => (
+                WorkflowState::Pending,
+                Some(group_placement(
+                    &g.key,
+                    self.group_running(&g.key),
+                    g.limit,
+                    now,
+                )),
+            ),
+            _ => (WorkflowState::Running, None),
         };
         let wf = Workflow {
             id,
@@ -194,6 +202,7 @@ impl State {
             updated_at_ms: now,
             template,
             idempotency_key: key,
+            placement,
             ..Default::default()
         };
         let header = records::header(&wf).encoded_len();
@@ -216,10 +225,23 @@ impl State {
     }
 
     pub(super) fn get_workflow(&self, id: &str) -> Result<Workflow> {
-        self.workflows
+        let mut wf = self
+            .workflows
             .get(id)
             .cloned()
-            .ok_or_else(|| Error::not_found("workflow", id))
+            .ok_or_else(|| Error::not_found("workflow", id))?;
+        wf.placement = match wf.state() {
+            WorkflowState::Pending => wf.placement.take(),
+            // Running: the first node whose task waits, with its task's explanation.
+            WorkflowState::Running => wf.nodes.iter().find_map(|n| {
+                let t = &self.tasks.get(&n.task_id)?.task;
+                let mut p = self.placement_of(t)?;
+                p.message = format!("node {}: {}", n.name, p.message);
+                Some(p)
+            }),
+            _ => None,
+        };
+        Ok(wf)
     }
 
     pub(super) async fn cancel_workflow(
@@ -596,6 +618,7 @@ impl State {
             }
             if let Some(w) = self.workflows.get_mut(&id) {
                 w.state = WorkflowState::Running as i32;
+                w.placement = None;
                 self.wf_dirty.insert(id);
             }
         }
@@ -725,6 +748,21 @@ fn condition(
 fn fail_node(n: &mut WorkflowNode, why: String) {
     n.state = NodeState::Failed as i32;
     n.message = why;
+}
+
+/// The explanation of a workflow PENDING on its concurrency group (stored with its header:
+/// it is written once, when the workflow starts waiting).
+fn group_placement(key: &str, running: u32, limit: u32, now: i64) -> Placement {
+    Placement {
+        reason: PlacementReason::ConcurrencyGroup as i32,
+        message: format!(
+            "waiting for concurrency group {key} ({running}/{} workflows running)",
+            limit.max(1)
+        ),
+        blocked_by: key.to_string(),
+        updated_at_ms: now,
+        ..Default::default()
+    }
 }
 
 fn group_of(w: &Workflow) -> Option<&str> {

@@ -18,6 +18,11 @@ struct ProjectLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -148,8 +153,40 @@ pub(crate) fn registry(store_healthy: bool, stats: Option<&CoreStats>) -> Regist
         },
     );
     projects(&mut r, s);
+    waiting(&mut r, s);
     retention(&mut r);
     r
+}
+
+/// Waiting tasks and workflows by placement reason (see docs/placement.md).
+fn waiting(r: &mut Registry, s: &CoreStats) {
+    let tasks = Family::<ReasonLabel, Gauge>::default();
+    let workflows = Family::<ReasonLabel, Gauge>::default();
+    for w in &s.waiting {
+        let l = ReasonLabel {
+            reason: w
+                .reason()
+                .as_str_name()
+                .trim_start_matches("PLACEMENT_REASON_")
+                .to_ascii_lowercase(),
+        };
+        if w.tasks > 0 {
+            tasks.get_or_create(&l).set(w.tasks as i64);
+        }
+        if w.workflows > 0 {
+            workflows.get_or_create(&l).set(w.workflows as i64);
+        }
+    }
+    r.register(
+        "scabbard_tasks_waiting",
+        "Queued and retry-waiting tasks by why they wait (placement reason)",
+        tasks,
+    );
+    r.register(
+        "scabbard_workflows_waiting",
+        "Pending workflows by why they wait (placement reason)",
+        workflows,
+    );
 }
 
 fn projects(r: &mut Registry, s: &CoreStats) {
@@ -253,9 +290,18 @@ mod tests {
                 running: 2,
                 oldest_queued_at_ms: now_ms() - 5_000,
             }],
+            waiting: vec![scabbard_common::proto::WaitingCount {
+                reason: scabbard_common::proto::PlacementReason::MissingLabel as i32,
+                tasks: 2,
+                workflows: 0,
+            }],
             ..CoreStats::default()
         };
         let leader = render_snapshot(false, Some(&stats));
+        assert!(
+            leader.contains("scabbard_tasks_waiting{reason=\"missing_label\"} 2"),
+            "{leader}"
+        );
         assert!(leader.contains("scabbard_leader 1"));
         assert!(leader.contains("scabbard_tasks_queued 3"));
         assert!(leader.contains("scabbard_cache_affinity_hit_ratio 0.75"));

@@ -59,6 +59,12 @@ pub(crate) fn header(wf: &Workflow) -> Workflow {
         idempotency_key: wf.idempotency_key.clone(),
         cancel_requested: wf.cancel_requested,
         traceparent: wf.traceparent.clone(),
+        // Only a pending workflow's (written once); a running one's is derived on read.
+        placement: if wf.state() == scabbard_common::proto::WorkflowState::Pending {
+            wf.placement.clone()
+        } else {
+            None
+        },
     }
 }
 

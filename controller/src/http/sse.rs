@@ -208,7 +208,7 @@ async fn logs(
 }
 
 /// Opens a server-streaming call in process.
-async fn open<Req, Resp>(
+pub(crate) async fn open<Req, Resp>(
     st: &HttpState,
     headers: &HeaderMap,
     peer: SocketAddr,

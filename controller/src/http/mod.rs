@@ -9,6 +9,7 @@
 
 mod download;
 mod error;
+mod events;
 mod openapi;
 mod routes;
 mod schemas;

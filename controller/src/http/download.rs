@@ -57,12 +57,8 @@ fn target(uri: &Uri) -> Result<(String, String), Response> {
             Code::InvalidArgument,
             "give the artifact name once: in the id (<task id>:<name>) or as ?name=",
         )),
-        (None, None) => Err(error(
-            Code::InvalidArgument,
-            format!(
-                "artifact id {id:?} must be <task id>:<artifact name> (or a task id with ?name=<artifact name>)"
-            ),
-        )),
+        // No name: the service answers (authentication first), see [`content`].
+        (None, None) => Ok((id, String::new())),
     }
 }
 
@@ -108,11 +104,20 @@ pub(crate) async fn content(
         ..Default::default()
     };
     let rpc = "/scabbard.v1.ArtifactService/Download";
-    let mut stream =
-        match open::<_, pb::DownloadArtifactResponse>(&st, &headers, peer, rpc, req).await {
-            Ok(s) => s,
-            Err(status) => return call_failed(&st, &uri, status).await,
-        };
+    let mut stream = match open::<_, pb::DownloadArtifactResponse>(&st, &headers, peer, rpc, req)
+        .await
+    {
+        Ok(s) => s,
+        Err(status) if status.code() == Code::InvalidArgument && name.is_empty() => {
+            return error(
+                Code::InvalidArgument,
+                format!(
+                    "artifact id {task_id:?} must be <task id>:<artifact name> (or a task id with ?name=<artifact name>)"
+                ),
+            );
+        }
+        Err(status) => return call_failed(&st, &uri, status).await,
+    };
     // The first message is the artifact's ref: errors up to here are JSON.
     let artifact = match stream.message().await {
         Ok(Some(pb::DownloadArtifactResponse {
@@ -183,7 +188,8 @@ mod tests {
         assert_eq!(t("/api/v1/artifacts/01abc:dist/content"), want);
         assert_eq!(t("/api/v1/artifacts/01abc%2Fdist/content"), want);
         assert_eq!(t("/api/v1/artifacts/01abc/content?name=dist&_=1"), want);
-        assert_eq!(t("/api/v1/artifacts/01abc/content"), Err(400));
+        let no_name = Ok(("01abc".to_string(), String::new()));
+        assert_eq!(t("/api/v1/artifacts/01abc/content"), no_name);
         assert_eq!(t("/api/v1/artifacts/01abc/content?nam=dist"), Err(400));
         assert_eq!(file_name("t", "dist"), "dist.tar.zst");
         assert_eq!(file_name("t", "a\"b;c\r\n"), "a_b_c__.tar.zst");

@@ -243,6 +243,46 @@ async fn config_downloads_cache_buster_and_workflow_events_across_a_restart() ->
         "another project's artifact: {}",
         r.body
     );
+    // Generated from the OpenAPI document (so from the route table): every GET route whose
+    // request has a `project` field refuses another project's token asking for this one.
+    let mut checked = Vec::new();
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        let Some(desc) = item["get"]["description"].as_str() else {
+            continue;
+        };
+        let Some(req) = desc
+            .split("request scabbard.v1.")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+        else {
+            continue;
+        };
+        if doc["components"]["schemas"][req]["properties"]["project"].is_null()
+            || path.contains('{')
+        {
+            continue;
+        }
+        let r = http(
+            "GET",
+            &c.url(&format!("{path}?project=default")),
+            Some(&other),
+            None,
+        )?;
+        assert!(
+            matches!(
+                (r.status, r.body["code"].as_str()),
+                (403, Some("PERMISSION_DENIED")) | (404, Some("NOT_FOUND"))
+            ),
+            "GET {path}?project=default with another project's token: {} {}",
+            r.status,
+            r.body
+        );
+        checked.push(path.clone());
+    }
+    assert!(
+        checked.len() >= 4 && checked.contains(&"/api/v1/tasks".to_string()),
+        "{checked:?}"
+    );
     // Another project's token sees no workflow events of this project.
     let foreign = SseClient::open(&c.url("/api/v1/events"), &other, Some(&last_id))?;
 

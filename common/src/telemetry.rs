@@ -32,7 +32,7 @@ pub use context::{
 
 /// `[telemetry]` in the controller's and the worker's config files. Every key is optional;
 /// the `OTEL_*` variables override them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`. Unset: tracing is off.

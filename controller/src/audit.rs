@@ -2,6 +2,13 @@
 //! changes, cancel) as a record in the store under `audit/`, newest first by key, with who,
 //! what and when. Written in the same transaction as the change where the change is a
 //! store write of ours; listed by `AdminService.ListAudit` / `scabbard audit`.
+//!
+//! Submits (`task.submit`, `workflow.submit`, `template.run`) are recorded through a
+//! [`Sink`]: in the background, many entries per store transaction, so the submit path
+//! neither waits for nor multiplies commits (one entry per `SubmitBatch` call, not per
+//! task).
+//!
+//! Action strings, `noun.verb`: [`ACTIONS`].
 
 use std::sync::Arc;
 
@@ -15,6 +22,78 @@ use crate::store::{Op, Store, Txn};
 
 /// Store key prefix of audit entries.
 pub const AUDIT_PREFIX: &str = "audit/";
+
+/// Every action the controller records (what `scabbard audit --action` may filter on).
+pub const ACTIONS: &[&str] = &[
+    "cluster.bootstrap",
+    "token.create",
+    "token.revoke",
+    "project.create",
+    "project.update",
+    "project.delete",
+    "agent.drain",
+    "breaker.reset",
+    "schedule.create",
+    "schedule.pause",
+    "schedule.resume",
+    "schedule.delete",
+    "task.submit",
+    "task.cancel",
+    "workflow.submit",
+    "workflow.cancel",
+    "template.run",
+];
+
+/// Entries the sink holds before it refuses more (each is well under 1 KiB).
+const SINK_CAPACITY: usize = 100_000;
+/// Most entries in one transaction.
+const SINK_BATCH: usize = 256;
+
+/// Writes audit entries in the background, batching those that arrive together into one
+/// transaction. Recording never blocks the caller; a full sink (the store unreachable for
+/// long) drops the entry with a warning.
+#[derive(Clone)]
+pub struct Sink {
+    tx: tokio::sync::mpsc::Sender<AuditEntry>,
+}
+
+impl Sink {
+    /// Starts the writer over `store` (it ends when every `Sink` clone is dropped).
+    pub fn spawn(store: Arc<dyn Store>) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditEntry>(SINK_CAPACITY);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(SINK_BATCH);
+            while rx.recv_many(&mut batch, SINK_BATCH).await > 0 {
+                let txn = Txn {
+                    success: batch.iter().map(op).collect(),
+                    ..Default::default()
+                };
+                let mut delay = std::time::Duration::from_millis(50);
+                for attempt in 1..=5 {
+                    match store.txn(txn.clone()).await {
+                        Ok(_) => break,
+                        Err(e) if attempt == 5 => {
+                            tracing::warn!(error = %e, entries = batch.len(), "could not write audit entries; dropped");
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                        }
+                    }
+                }
+                batch.clear();
+            }
+        });
+        Self { tx }
+    }
+
+    /// Queues `e` for writing.
+    pub fn record(&self, e: AuditEntry) {
+        if let Err(e) = self.tx.try_send(e) {
+            tracing::warn!(error = %e, "audit sink full or closed; entry dropped");
+        }
+    }
+}
 
 /// An entry for an action by `who`.
 pub fn entry(

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use scabbard_common::{Error, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything a controller needs to run.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
     /// gRPC listen address.

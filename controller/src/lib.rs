@@ -12,6 +12,7 @@ pub mod artifacts;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod config_view;
 pub mod core;
 pub mod forward;
 pub mod http;

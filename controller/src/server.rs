@@ -533,6 +533,7 @@ fn router(
         core: core.clone(),
         store,
         catalog: catalog.clone(),
+        config: Arc::new(crate::config_view::effective(cfg, &advertise)),
         advertise,
     })
     .max_decoding_message_size(max)

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use scabbard_common::tls::{CLIENT_CERT_PHRASE, cert_names, read_cert_pem, read_key_pem};
 use scabbard_common::{Error, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tonic::transport::ClientTlsConfig;
 use tonic::transport::server::ServerTlsConfig;
 use tonic::transport::{Certificate, CertificateDer, Identity, Server};
@@ -19,7 +19,7 @@ use tonic::transport::{Certificate, CertificateDer, Identity, Server};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `[tls]` of the controller config. Without `cert_file` the listener is plaintext.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// PEM certificate chain of the controller (leaf first). Turns TLS on.

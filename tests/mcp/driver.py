@@ -84,7 +84,8 @@ async def session(run, transport="stdio"):
         return
     params = StdioServerParameters(
         command=os.environ["SCABBARD_BIN"],
-        args=["mcp", "--controller", os.environ["SCABBARD_CONTROLLER"]],
+        args=["mcp", "--controller", os.environ["SCABBARD_CONTROLLER"]]
+        + [a for a in os.environ.get("MCP_EXTRA_ARGS", "").split("\n") if a],
         env={"SCABBARD_TOKEN": os.environ["SCABBARD_TOKEN"], "HOME": os.environ.get("HOME", "/tmp")},
     )
     async with stdio_client(params) as streams:
@@ -286,6 +287,16 @@ async def ratelimit_scenario(s, notes):
     check(any("RESOURCE_EXHAUSTED" in t for t in texts), "rate limit: calls past the project's burst are refused", texts)
 
 
+async def tls_scenario(s, notes):
+    # `scabbard mcp` reached the controller over TLS: tools listed, calls answered.
+    tools = await tool_map(s)
+    check("run_template" in tools and "cluster_status" in tools, "tls: tools listed", sorted(tools))
+    r = await s.call_tool("cluster_status", {})
+    check(not r.is_error, "tls: cluster_status over TLS", text_of(r))
+    r = await s.call_tool("list_templates", {})
+    check(not r.is_error and "ci_pipeline" in text_of(r), "tls: list_templates over TLS", text_of(r))
+
+
 async def list_changed_scenario(s, notes):
     tools = await tool_map(s)
     new = os.environ["MCP_NEW_TOOL"]
@@ -331,11 +342,13 @@ SCENARIOS = {
     "project": project_scenario,
     "list_changed": list_changed_scenario,
     "ratelimit": ratelimit_scenario,
+    "ratelimit_http": ratelimit_scenario,
+    "tls": tls_scenario,
     "http": http_scenario,
 }
 
 if __name__ == "__main__":
     name = sys.argv[1]
-    transport = "http" if name == "http" else "stdio"
+    transport = "http" if name in ("http", "ratelimit_http") else "stdio"
     asyncio.run(asyncio.wait_for(session(SCENARIOS[name], transport), 300))
     print("PASS", flush=True)

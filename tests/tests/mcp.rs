@@ -16,8 +16,8 @@ use scabbard_common::proto::project_service_client::ProjectServiceClient;
 use scabbard_common::proto::task_service_client::TaskServiceClient;
 use scabbard_common::proto::template_service_client::TemplateServiceClient;
 use scabbard_common::proto::{
-    CreateProjectRequest, CreateTokenRequest, Project, ProjectQuota, RunTemplateRequest, Scope,
-    SubmitTaskRequest, TokenKind,
+    CreateProjectRequest, CreateTokenRequest, ListAuditRequest, Project, ProjectQuota,
+    RunTemplateRequest, Scope, SubmitTaskRequest, TokenKind, WhoAmIRequest,
 };
 use scabbard_tests::wf::Cluster;
 use scabbard_tests::*;
@@ -203,10 +203,80 @@ async fn mcp_tools_resources_and_scopes_over_stdio_and_http() -> Result<()> {
         .await?;
     let slow = token(&c, "proj-slow", Scope::Submit).await?;
     driver("ratelimit", &addr, &slow, &[])?;
+    // Over /mcp too: an exhausted bucket is a tool error (isError), not a protocol error.
+    let url = format!("http://127.0.0.1:{http_port}/mcp");
+    let slow = token(&c, "proj-slow", Scope::Submit).await?;
+    driver(
+        "ratelimit_http",
+        &addr,
+        &slow,
+        &[("MCP_HTTP_URL", url.clone())],
+    )?;
 
     // Streamable HTTP, the bearer token of each request.
-    let url = format!("http://127.0.0.1:{http_port}/mcp");
     driver("http", &addr, ADMIN_TOKEN, &[("MCP_HTTP_URL", url)])?;
+
+    // Every MCP action is audited with the token as actor (task.submit and template.run
+    // by the admin token above, over stdio and HTTP; cancels by the same code path).
+    let mut admin_client = AdminServiceClient::new(admin.clone());
+    let me = admin_client
+        .who_am_i(WhoAmIRequest {})
+        .await?
+        .into_inner()
+        .token
+        .context("token")?
+        .id;
+    for action in ["task.submit", "template.run"] {
+        let entries = admin_client
+            .list_audit(ListAuditRequest {
+                action: action.into(),
+                limit: 100,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .entries;
+        assert!(
+            entries
+                .iter()
+                .any(|e| e.actor == me && e.project == "default"),
+            "{action} by {me}: {entries:#?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scabbard_mcp_over_tls() -> Result<()> {
+    python();
+    let dir = tempfile::tempdir()?;
+    let pki = scabbard_common::tls::generate_dev_pki(&dir.path().join("tls"), "mcp-worker", &[])?;
+    let ctl = Controller::start(
+        &dir.path().join("controller"),
+        free_port(),
+        &ControllerOpts {
+            extra: vec![
+                "--tls-cert".into(),
+                pki.server_cert.display().to_string(),
+                "--tls-key".into(),
+                pki.server_key.display().to_string(),
+            ],
+            ..ControllerOpts::default()
+        },
+    )?;
+    let addr = ctl.addr.to_string();
+    let ca = format!("--ca-cert\n{}", pki.ca_cert.display());
+    driver("tls", &addr, ADMIN_TOKEN, &[("MCP_EXTRA_ARGS", ca)])?;
+    // Without the CA, `scabbard mcp` stops at once saying what to pass.
+    let out = Command::new(scabbard_bin())
+        .args(["mcp", "--controller", &addr, "--token", ADMIN_TOKEN])
+        .stdin(Stdio::null())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--ca-cert") && out.stdout.is_empty(),
+        "{err}"
+    );
     Ok(())
 }
 

@@ -338,27 +338,50 @@ async fn admin_actions_are_audited_and_whoami_answers() -> anyhow::Result<()> {
         reason: "rotation".into(),
     })
     .await?;
-    let entries = adm
-        .list_audit(ListAuditRequest::default())
-        .await?
-        .into_inner()
-        .entries;
+    // Submits are audited in the background (batched): wait for that entry.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let entries = loop {
+        let entries = adm
+            .list_audit(ListAuditRequest::default())
+            .await?
+            .into_inner()
+            .entries;
+        if entries.iter().any(|e| e.action == "task.submit") || std::time::Instant::now() > deadline
+        {
+            break entries;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
-    // Newest first.
+    // Newest first (the submit and the cancel may share a millisecond: either order).
+    assert_eq!(actions[0], "token.revoke", "{entries:#?}");
+    let mut middle = actions[1..3].to_vec();
+    middle.sort_unstable();
+    assert_eq!(middle, ["task.cancel", "task.submit"], "{entries:#?}");
     assert_eq!(
-        &actions[..4],
-        &[
-            "token.revoke",
-            "task.cancel",
-            "token.create",
-            "project.create"
-        ],
+        &actions[3..5],
+        &["token.create", "project.create"],
         "{entries:#?}"
     );
-    let cancel = &entries[1];
+    let cancel = entries
+        .iter()
+        .find(|e| e.action == "task.cancel")
+        .expect("cancel entry");
     assert_eq!(
         (cancel.actor.as_str(), cancel.target.as_str()),
         (id.as_str(), task.id.as_str())
+    );
+    let submit = entries
+        .iter()
+        .find(|e| e.action == "task.submit")
+        .expect("submit entry");
+    assert_eq!(
+        (
+            submit.actor.as_str(),
+            submit.target.as_str(),
+            submit.project.as_str()
+        ),
+        (id.as_str(), task.id.as_str(), "audited")
     );
     assert!(cancel.peer.starts_with("127.0.0.1:"), "{cancel:?}");
     assert!(entries.iter().all(|e| e.at_ms > 0));

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use scabbard_common::Error;
 use scabbard_common::proto::{
     Agent, Breaker, ClusterStatusRequest, ClusterStatusResponse, ControllerMember,
-    CreateTokenRequest, CreateTokenResponse, DrainAgentRequest, GetStatsRequest, GetStatsResponse,
-    ListAgentsRequest, ListAgentsResponse, ListAuditRequest, ListAuditResponse,
-    ListBreakersRequest, ListBreakersResponse, ListTokensRequest, ListTokensResponse, ProjectQueue,
+    CreateTokenRequest, CreateTokenResponse, DrainAgentRequest, GetConfigRequest,
+    GetConfigResponse, GetStatsRequest, GetStatsResponse, ListAgentsRequest, ListAgentsResponse,
+    ListAuditRequest, ListAuditResponse, ListBreakersRequest, ListBreakersResponse,
+    ListTokensRequest, ListTokensResponse, ProjectQueue,
     ResetBreakerRequest, RevokeTokenRequest, TokenInfo, TokenKind, WhoAmIRequest, WhoAmIResponse,
     admin_service_server::AdminService,
 };
@@ -26,10 +27,20 @@ pub struct AdminApi {
     pub(crate) catalog: Arc<Catalog>,
     /// This controller's advertised address.
     pub(crate) advertise: String,
+    /// The effective configuration, secrets hidden (`GetConfig`).
+    pub(crate) config: Arc<GetConfigResponse>,
 }
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
+    async fn get_config(
+        &self,
+        _req: Request<GetConfigRequest>,
+    ) -> Result<Response<GetConfigResponse>, Status> {
+        // Operator scope is checked by the auth layer; the view holds no secret.
+        Ok(Response::new((*self.config).clone()))
+    }
+
     async fn list_agents(
         &self,
         _req: Request<ListAgentsRequest>,

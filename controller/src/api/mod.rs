@@ -13,7 +13,7 @@ mod schedules;
 pub(crate) mod streams;
 mod tasks;
 mod templates;
-mod workflows;
+pub(crate) mod workflows;
 
 pub use admin::AdminApi;
 pub use agents::AgentApi;

@@ -71,6 +71,7 @@ impl TaskService for TaskApi {
         let who = auth::principal(&req)?;
         let trace = crate::core::trace::incoming(&req);
         let (spec, idempotency_key, project) = self.check_submit(&who, req.into_inner())?;
+        let name = spec.name.clone();
         let (task, existing) = self
             .core
             .ask(|reply| CoreMsg::Submit {
@@ -81,6 +82,18 @@ impl TaskService for TaskApi {
                 reply,
             })
             .await?;
+        let detail = if existing {
+            format!("{name} (existing: same idempotency key)")
+        } else {
+            name
+        };
+        self.catalog.audit(audit::entry(
+            &who,
+            "task.submit",
+            &task.id,
+            &task.project,
+            detail,
+        ));
         Ok(Response::new(SubmitTaskResponse {
             task: Some(masked(task)),
             existing,
@@ -125,6 +138,8 @@ impl TaskService for TaskApi {
             self.core.tell(CoreMsg::SubmitBatch { entries }).await?;
         }
         let mut results = Vec::with_capacity(answers.len());
+        // One audit entry per call and project, not per task.
+        let mut submitted = std::collections::BTreeMap::<String, Vec<String>>::new();
         for a in answers {
             let outcome = match a {
                 Ok(rx) => rx.await.unwrap_or_else(|_| {
@@ -132,6 +147,10 @@ impl TaskService for TaskApi {
                 }),
                 Err(e) => Err(e),
             };
+            if let Ok((task, _)) = &outcome {
+                let e = submitted.entry(task.project.clone()).or_default();
+                e.push(task.id.clone());
+            }
             results.push(match outcome {
                 Ok((task, existing)) => SubmitBatchResult {
                     task: Some(masked(task)),
@@ -146,6 +165,16 @@ impl TaskService for TaskApi {
                     ..Default::default()
                 },
             });
+        }
+        for (project, ids) in submitted {
+            let shown: Vec<&str> = ids.iter().take(20).map(String::as_str).collect();
+            let more = ids.len().saturating_sub(shown.len());
+            let mut detail = format!("batch of {}: {}", ids.len(), shown.join(","));
+            if more > 0 {
+                detail.push_str(&format!(" and {more} more"));
+            }
+            self.catalog
+                .audit(audit::entry(&who, "task.submit", &ids[0], &project, detail));
         }
         Ok(Response::new(SubmitBatchResponse { results }))
     }

@@ -121,6 +121,24 @@ impl TemplateService for TemplateApi {
             Some(template),
         )
         .await?;
+        if let Some(wf) = &resp.workflow {
+            let t = wf.template.as_ref();
+            let mut detail = format!(
+                "{}@{}",
+                t.map_or("", |t| t.name.as_str()),
+                t.map_or(0, |t| t.version)
+            );
+            if resp.existing {
+                detail.push_str(" (existing: same idempotency key)");
+            }
+            self.catalog.audit(crate::audit::entry(
+                &who,
+                "template.run",
+                &wf.id,
+                &wf.project,
+                detail,
+            ));
+        }
         Ok(Response::new(resp))
     }
 }

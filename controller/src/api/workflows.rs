@@ -137,6 +137,21 @@ impl WorkflowService for WorkflowApi {
             None,
         )
         .await?;
+        if let Some(wf) = &resp.workflow {
+            let name = wf.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("");
+            let detail = if resp.existing {
+                format!("{name} (existing: same idempotency key)")
+            } else {
+                name.to_string()
+            };
+            self.catalog.audit(audit::entry(
+                &who,
+                "workflow.submit",
+                &wf.id,
+                &wf.project,
+                detail,
+            ));
+        }
         Ok(Response::new(resp))
     }
 
@@ -317,6 +332,21 @@ impl WorkflowService for WorkflowApi {
         });
         Ok(Response::new(Box::pin(out)))
     }
+}
+
+/// The workflow `id` as the store holds it now, with its header's revision; `None` when it
+/// has no header (gone, or never acknowledged). No visibility check: callers filter.
+pub(crate) async fn read_from_store(
+    store: &Arc<dyn crate::store::Store>,
+    id: &str,
+) -> Result<Option<(Workflow, i64)>, Status> {
+    let header = records::header_key(id);
+    let page = store.range(&header, None, 0).await?;
+    let mut parts = Parts::new(&header);
+    for kv in page.kvs {
+        parts.put(kv.key, kv.value, kv.mod_revision);
+    }
+    parts.assemble()
 }
 
 /// The records of one workflow (header and parts) as a watch sees them.

@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use scabbard_common::{Error, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// One GiB.
 const GIB: u64 = 1 << 30;
 
 /// Where artifacts live and how large they may be.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArtifactsConfig {
     /// `local` (a directory on this controller's disk; the default) or `s3` (any
@@ -41,7 +41,7 @@ impl Default for ArtifactsConfig {
 }
 
 /// An S3-compatible bucket (AWS S3, MinIO, Ceph RGW, Garage, …).
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Config {
     /// Bucket name (it must exist).

@@ -51,6 +51,8 @@ pub fn rule(path: &str) -> Rule {
         ("AdminService", "ListBreakers") => Rule::Api(Scope::Read),
         ("AdminService", "GetStats") => Rule::Api(Scope::Read),
         ("AdminService", "DrainAgent" | "ListAudit" | "ResetBreaker") => Rule::Api(Scope::Operator),
+        // The effective configuration, secrets hidden (see crate::config_view).
+        ("AdminService", "GetConfig") => Rule::Api(Scope::Operator),
         ("AdminService", _) => Rule::Api(Scope::Admin),
         // Uploads come from the agent running the attempt; downloads from agents (inputs
         // of their attempts) and readers (results); the service checks which.

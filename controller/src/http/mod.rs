@@ -7,9 +7,12 @@
 //! audit are one piece of code for both listeners. This module owns the listener, the call
 //! path into the in-process services and the mapping of `Status` to HTTP ([`error`]).
 
+mod download;
 mod error;
+mod events;
 mod openapi;
 mod routes;
+mod schemas;
 mod sse;
 mod tls;
 mod ui;

@@ -1,8 +1,9 @@
 //! The OpenAPI 3.1 document at `/api/v1/openapi.json`, built (with utoipa's builder API)
 //! from the same route tables that build the router ([`super::routes::UNARY`],
 //! [`super::sse::STREAMS`]), so it lists every route. Message bodies are described by
-//! their proto message name (the proto3 JSON mapping of `scabbard.v1.<Name>`, see
-//! `proto/scabbard/v1/*.proto`); errors by the `Error` schema.
+//! field-level schemas of the proto messages (the proto3 JSON mapping of
+//! `scabbard.v1.<Name>`, derived from the descriptors in [`super::schemas`]); errors by the
+//! `Error` schema.
 
 use std::collections::BTreeSet;
 
@@ -128,6 +129,44 @@ fn errors(op: OperationBuilder) -> OperationBuilder {
     op
 }
 
+/// `GET /api/v1/artifacts/{id}/content`: bytes, not JSON.
+fn download_operation() -> utoipa::openapi::path::Operation {
+    let name = ParameterBuilder::new()
+        .name("name")
+        .description(Some("the artifact name, when {id} is a bare task id"))
+        .parameter_in(ParameterIn::Query)
+        .required(Required::False)
+        .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+        .build();
+    let ok = ResponseBuilder::new()
+        .description("The packed archive (tar + zstd); Content-Disposition: attachment")
+        .content(
+            "application/octet-stream",
+            Content::new(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .content_media_type("application/octet-stream"),
+            )),
+        )
+        .build();
+    errors(
+        OperationBuilder::new()
+            .operation_id(Some("ArtifactService_Download"))
+            .summary(Some(super::download::SUMMARY))
+            .description(Some(
+                "Calls gRPC ArtifactService/Download and streams the data parts as the body.",
+            ))
+            .tag("artifacts")
+            .parameter(path_param(
+                "id",
+                "task_id and name (<task id>:<artifact name>)",
+            ))
+            .parameter(name)
+            .response("200", ok),
+    )
+    .build()
+}
+
 /// The document.
 pub(crate) fn build() -> OpenApi {
     let mut paths = Paths::new();
@@ -213,6 +252,11 @@ pub(crate) fn build() -> OpenApi {
             errors(op.response("200", ok.build())),
         );
     }
+    paths.add_path_operation(
+        super::download::PATH,
+        vec![HttpMethod::Get],
+        download_operation(),
+    );
     let mut components = ComponentsBuilder::new()
         .security_scheme(
             "bearer",
@@ -238,13 +282,23 @@ pub(crate) fn build() -> OpenApi {
                 .required("code")
                 .required("message"),
         );
+    // Field-level schemas of every message (from the proto descriptors); a route's
+    // message missing there still gets a described object.
+    let generated = super::schemas::all();
     for s in schemas {
-        components = components.schema(
-            s,
-            ObjectBuilder::new().schema_type(Type::Object).description(Some(format!(
-                "scabbard.v1.{s} in the proto3 JSON mapping (lowerCamelCase fields, enums by name, 64-bit integers as strings, bytes base64); see proto/scabbard/v1."
-            ))),
-        );
+        if !generated.contains_key(s) {
+            components = components.schema(
+                s,
+                ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .description(Some(format!(
+                        "scabbard.v1.{s} in the proto3 JSON mapping; see proto/scabbard/v1."
+                    ))),
+            );
+        }
+    }
+    for (name, schema) in generated {
+        components = components.schema(name, schema);
     }
     OpenApiBuilder::new()
         .info(

@@ -133,11 +133,15 @@ unary_routes! {
         "List artifacts of a task or workflow (query: taskId or workflowId).";
     GET "/api/v1/stats" => "/scabbard.v1.AdminService/GetStats", GetStatsRequest, GetStatsResponse, [],
         "Recent throughput and latency (5 s buckets, last 15 min; query: windowMs, project) and queue depth per project.";
+    GET "/api/v1/config" => "/scabbard.v1.AdminService/GetConfig", GetConfigRequest, GetConfigResponse, [],
+        "The answering controller's effective configuration, secrets hidden (operator).";
 }
 
 /// The routes: unary ones, streaming ones and the OpenAPI document.
 pub(crate) fn router() -> Router<HttpState> {
-    let r = Router::new().route("/api/v1/openapi.json", get(super::openapi::document));
+    let r = Router::new()
+        .route("/api/v1/openapi.json", get(super::openapi::document))
+        .route(super::download::PATH, get(super::download::content));
     super::sse::routes(unary_router(r))
 }
 
@@ -246,6 +250,9 @@ pub(crate) fn build_request<Req: DeserializeOwned>(
     })
 }
 
+/// The query parameter every route accepts and ignores (`?_=1700000000000`).
+pub(crate) const CACHE_BUSTER: &str = "_";
+
 /// Query fields that are lists (`states=A&states=B` or `states=A,B`).
 const LIST_FIELDS: &[&str] = &["states", "scopes", "ids"];
 
@@ -254,6 +261,10 @@ const LIST_FIELDS: &[&str] = &["states", "scopes", "ids"];
 /// proto3 JSON mapping reads numbers from strings).
 #[allow(clippy::result_large_err)]
 fn add_query(obj: &mut Map<String, Value>, key: &str, value: &str) -> Result<(), Response> {
+    // `_=<time>`: the cache buster browsers and HTTP libraries add; not a request field.
+    if key == CACHE_BUSTER {
+        return Ok(());
+    }
     let map_field = match key {
         "label" | "labels" => Some("labels"),
         "param" | "params" => Some("params"),
@@ -347,6 +358,13 @@ mod tests {
         assert_eq!(r.states.len(), 2);
         assert_eq!(r.labels.get("a").map(String::as_str), Some("b"));
         assert_eq!(r.page_size, 5);
+        // The cache buster is ignored; other unknown parameters are refused, named.
+        let uri: Uri = "/api/v1/tasks?_=1700000000000&pageSize=2".parse().unwrap();
+        let r: pb::ListTasksRequest = build_request("/api/v1/tasks", &[], &uri, b"").unwrap();
+        assert_eq!(r.page_size, 2);
+        let uri: Uri = "/api/v1/tasks?cachebust=1".parse().unwrap();
+        let e = build_request::<pb::ListTasksRequest>("/api/v1/tasks", &[], &uri, b"").unwrap_err();
+        assert_eq!(e.status(), 400);
         let uri: Uri = "/api/v1/projects/p%201".parse().unwrap();
         let r: pb::UpdateProjectRequest = build_request(
             "/api/v1/projects/{name}",

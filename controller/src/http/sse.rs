@@ -4,8 +4,9 @@
 //!
 //! Event ids are the gRPC resume points, so `Last-Event-ID` (sent by browsers on
 //! reconnect) resumes from the store's history on any controller, after restarts and
-//! leader changes: `<revision>:<task id>` for `/api/v1/events`, `<revision>` for a
-//! workflow's events, the chunk `seq` for logs.
+//! leader changes: `<task revision>:<task id>:<workflow revision>` for `/api/v1/events`
+//! (task and workflow events, see [`super::events`]), `<revision>` for a workflow's
+//! events, the chunk `seq` for logs.
 
 use std::net::SocketAddr;
 
@@ -43,7 +44,7 @@ pub(crate) const STREAMS: &[StreamDoc] = &[
         rpc: "/scabbard.v1.TaskService/Watch",
         request: "WatchTasksRequest",
         event: "TaskEvent",
-        summary: "Task events as server-sent events (event `task`, id `<revision>:<task id>`). Query: ids (repeatable), sendInitial. Resumes after the event named by the Last-Event-ID header (or afterRevision/afterTaskId) from the store's history.",
+        summary: "Task and workflow events as server-sent events: event `task` (data: TaskEvent) and event `workflow` (data: WorkflowEvent, the whole workflow with its nodes); id `<task revision>:<task id>:<workflow revision>`. Query: ids (repeatable: only those tasks, no workflow events), sendInitial. Resumes exactly after the event named by the Last-Event-ID header (or afterRevision/afterTaskId) from the store's history, on any controller, after restarts.",
         sse: true,
     },
     StreamDoc {
@@ -66,64 +67,18 @@ pub(crate) const STREAMS: &[StreamDoc] = &[
 
 /// Adds the streaming routes.
 pub(crate) fn routes(r: Router<HttpState>) -> Router<HttpState> {
-    r.route("/api/v1/events", get(task_events))
+    r.route("/api/v1/events", get(super::events::events))
         .route("/api/v1/workflows/{id}/events", get(workflow_events))
         .route("/api/v1/tasks/{id}/logs", get(logs))
 }
 
-fn last_event_id(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn last_event_id(headers: &HeaderMap) -> Option<String> {
     headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(str::to_string)
-}
-
-async fn task_events(
-    State(st): State<HttpState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let mut req: pb::WatchTasksRequest = match build_request("/api/v1/events", &[], &uri, b"") {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
-    if let Some(id) = last_event_id(&headers) {
-        let (rev, task) = id.split_once(':').unwrap_or((id.as_str(), ""));
-        match rev.parse::<i64>() {
-            Ok(rev) => {
-                req.after_revision = rev;
-                req.after_task_id = task.to_string();
-            }
-            Err(_) => {
-                return error(
-                    Code::InvalidArgument,
-                    format!(
-                        "Last-Event-ID {id:?} is not an event id of this stream (<revision>:<task id>)"
-                    ),
-                );
-            }
-        }
-    }
-    sse(
-        &st,
-        &headers,
-        peer,
-        &uri,
-        "/scabbard.v1.TaskService/Watch",
-        req,
-        |e: &pb::TaskEvent| {
-            let id = format!(
-                "{}:{}",
-                e.revision,
-                e.task.as_ref().map_or("", |t| t.id.as_str())
-            );
-            ("task", id)
-        },
-    )
-    .await
 }
 
 async fn workflow_events(
@@ -208,7 +163,7 @@ async fn logs(
 }
 
 /// Opens a server-streaming call in process.
-async fn open<Req, Resp>(
+pub(crate) async fn open<Req, Resp>(
     st: &HttpState,
     headers: &HeaderMap,
     peer: SocketAddr,

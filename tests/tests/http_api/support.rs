@@ -412,6 +412,8 @@ pub(crate) const EXPECTED: &[(&str, &str)] = &[
     ("POST", "/api/v1/tokens"),
     ("GET", "/api/v1/cluster"),
     ("GET", "/api/v1/events"),
+    ("GET", "/api/v1/config"),
+    ("GET", "/api/v1/artifacts/{id}/content"),
 ];
 
 pub(crate) fn http_with_header(url: &str, header: &str) -> Result<Resp> {

@@ -61,6 +61,8 @@ pub struct Catalog {
     /// SHA-256 of the config's static registration token, if one is set.
     static_registration: Option<String>,
     limits: DefaultLimits,
+    /// Audit entries written in the background (submits).
+    audit: crate::audit::Sink,
 }
 
 impl Catalog {
@@ -73,13 +75,14 @@ impl Catalog {
     ) -> Result<Arc<Self>> {
         let (revoked, _) = broadcast::channel(1024);
         let catalog = Arc::new(Self {
-            store,
+            store: store.clone(),
             cache: RwLock::new(Cache::default()),
             revoked,
             static_registration: static_registration_token
                 .filter(|t| !t.is_empty())
                 .map(token_hash),
             limits,
+            audit: crate::audit::Sink::spawn(store.clone()),
         });
         let revision = catalog.reload().await?;
         tokio::spawn(catalog.clone().follow(revision, stop));
@@ -89,6 +92,11 @@ impl Catalog {
     /// The store the catalog writes to.
     pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Records an audit entry in the background (see [`crate::audit::Sink`]).
+    pub(crate) fn audit(&self, e: scabbard_common::proto::AuditEntry) {
+        self.audit.record(e);
     }
 
     /// Token ids as they are revoked (here or on another controller).

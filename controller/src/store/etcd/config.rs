@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use scabbard_common::{Error, Result};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// How to reach etcd. In TOML, durations are strings with a unit: `"5s"`, `"500ms"`, `"1m"`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EtcdConfig {
     /// Client URLs: `http://host:2379`, or `https://host:2379` with `ca_file`.
@@ -27,21 +27,21 @@ pub struct EtcdConfig {
     /// Ends with `/` so that two namespaces never overlap.
     pub namespace: String,
     /// Bound of every request, retries included (default 5 s).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub request_timeout: Duration,
     /// Bound of one try of a request (default 1 s). A read or keep-alive that got no answer
     /// within it is sent again (to any live member) until `request_timeout`; a transaction
     /// is reported `Unavailable`, its outcome unknown, and the committer sends it again. A
     /// request caught on a member whose etcd leader just died thus costs about this much,
     /// not `request_timeout`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub attempt_timeout: Duration,
     /// How long an HTTP/2 keep-alive ping on an etcd connection may go unanswered before the
     /// connection is dropped as dead (default 2 s); pings go every half of it.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub keep_alive_timeout: Duration,
     /// Bound of [`EtcdStore::connect`](super::EtcdStore::connect) (default 5 s).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub connect_timeout: Duration,
     /// The etcd servers' `--max-request-bytes` (etcd's default: 1.5 MiB). Scabbard keeps
     /// every record and every transaction under it, with room for framing.
@@ -183,6 +183,11 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         rest = &rest[unit_len..];
     }
     Ok(total)
+}
+
+/// A duration as the config writes it (`"1500ms"`), for the effective configuration.
+fn duration_text<S: Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", d.as_millis()))
 }
 
 #[cfg(test)]

@@ -64,7 +64,14 @@ pub(crate) async fn breakers(c: BreakersCommand) -> Result<u8> {
                 .map_err(output::status)?
                 .into_inner();
             render::show(&b, || {
-                say!("breaker {} is {}", b.key, catalog::breaker_state(&b))
+                if b.trips == 0 && b.opened_at_ms == 0 {
+                    say!(
+                        "breaker {} has never opened: nothing to reset (it is closed)",
+                        crate::printable::printable(&b.key)
+                    )
+                } else {
+                    say!("breaker {} is {}", b.key, catalog::breaker_state(&b))
+                }
             })?;
         }
     }
@@ -72,16 +79,18 @@ pub(crate) async fn breakers(c: BreakersCommand) -> Result<u8> {
 }
 
 pub(crate) async fn status(target: Target) -> Result<u8> {
-    let mut admin = AdminServiceClient::new(super::connect_optional(&target).await?);
-    let s = admin
-        .cluster_status(ClusterStatusRequest {})
-        .await
-        .map_err(output::status)?
-        .into_inner();
+    let admin = AdminServiceClient::new(super::connect_optional(&target).await?);
+    let s = crate::retry::idempotent(|| {
+        let mut c = admin.clone();
+        async move { c.cluster_status(ClusterStatusRequest {}).await }
+    })
+    .await
+    .map_err(output::status)?
+    .into_inner();
     let code = if s.store_healthy && !s.leader.is_empty() {
         0
     } else {
-        2
+        crate::exit::UNAVAILABLE
     };
     if render::structured() {
         render::show(&s, || ())?;
@@ -108,7 +117,12 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
             if m.leader { "  (leader)" } else { "" }
         );
     }
-    if s.answered_by_leader {
+    if s.token_needed {
+        say!(
+            "tasks, agents, workflows, breakers: a token is needed to see these \
+             (`scabbard login`, or SCABBARD_TOKEN)"
+        );
+    } else if s.answered_by_leader {
         say!(
             "tasks:       {} queued, {} assigned/running, {} total",
             s.queued_tasks,

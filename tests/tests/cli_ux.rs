@@ -433,3 +433,80 @@ fn rate_limited_reads_are_retried_after_retry_after_ms() -> anyhow::Result<()> {
     assert!(noted, "at least one call was rate limited and retried");
     Ok(())
 }
+
+/// The leader's address as seen through `addrs`, once the store is healthy.
+async fn leader(addrs: &str) -> Option<String> {
+    let ch = scabbard_common::client::connect_leader(addrs).await.ok()?;
+    let s = scabbard_common::client::AdminServiceClient::new(ch)
+        .cluster_status(scabbard_common::proto::ClusterStatusRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    (s.answered_by_leader && s.store_healthy).then_some(s.leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_follow_survives_a_leader_kill() -> anyhow::Result<()> {
+    let mut cluster = scabbard_tests::etcd::EtcdControllers::start(2, 1, 2)?;
+    let addrs = cluster.addrs();
+    let first = eventually("a leader", Duration::from_secs(60), || leader(&addrs)).await?;
+    wait_agent(&addrs, "the worker to connect", |_| true).await?;
+    let config = cluster.dir.path().join("cli-config");
+    let mut child = cli(&config)
+        .env("SCABBARD_CONTROLLER", &addrs)
+        .args(["submit", "--follow", "--sh"])
+        .arg("for i in $(seq 1 30); do echo line$i; sleep 0.2; done")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = child.stdout.take().expect("stdout");
+    let err = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let errs = std::thread::spawn(move || {
+        BufReader::new(err)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let mut proc = Proc::new(child, "scabbard submit --follow");
+    let mut lines = Vec::new();
+    let end = Instant::now() + Duration::from_secs(60);
+    while !lines.iter().any(|l: &String| l == "line3") {
+        lines.push(rx.recv_timeout(end.saturating_duration_since(Instant::now()))?);
+    }
+    // Kill the leader mid-follow.
+    let i = cluster
+        .controllers
+        .iter()
+        .position(|c| c.addr.to_string() == first)
+        .expect("the leader is one of ours");
+    cluster.controllers[i].proc.kill9();
+    let st = tokio::task::spawn_blocking(move || proc.wait_exit(Duration::from_secs(90)))
+        .await?
+        .expect("exited");
+    lines.extend(rx.try_iter());
+    let errs = errs.join().expect("stderr reader");
+    assert_eq!(st.code(), Some(0), "lines: {lines:?}, stderr: {errs:?}");
+    assert!(
+        errs.iter()
+            .any(|l| l.contains("reconnecting to the leader")),
+        "the stream broke and was resumed: {errs:?}"
+    );
+    assert!(!errs.iter().any(|l| l.starts_with("error:")), "{errs:?}");
+    assert!(lines.iter().any(|l| l == "line30"), "{lines:?}");
+    for n in 1..=30 {
+        let want = format!("line{n}");
+        assert!(
+            lines.iter().filter(|l| **l == want).count() <= 1,
+            "{want} printed twice: {lines:?}"
+        );
+    }
+    Ok(())
+}

@@ -173,12 +173,10 @@ struct Following {
 }
 
 impl Following {
-    fn start(config: &Path, addr: &str, flags: &[&str]) -> anyhow::Result<Self> {
+    fn start(config: &Path, addr: &str, args: &[&str]) -> anyhow::Result<Self> {
         let mut child = cli(config)
             .env("SCABBARD_CONTROLLER", addr)
-            .arg("submit")
-            .args(flags)
-            .args(["--sh", "sleep 120"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()?;
@@ -224,12 +222,18 @@ async fn ctrl_c_says_how_to_cancel_and_cancel_on_interrupt_cancels() -> anyhow::
     let mut tasks = tasks_client(&addr).await?;
 
     for cancel in [false, true] {
-        let flags: &[&str] = if cancel {
-            &["--follow", "--cancel-on-interrupt"]
+        let args: &[&str] = if cancel {
+            &[
+                "submit",
+                "--follow",
+                "--cancel-on-interrupt",
+                "--sh",
+                "sleep 120",
+            ]
         } else {
-            &["--wait"]
+            &["submit", "--wait", "--sh", "sleep 120"]
         };
-        let mut f = Following::start(&config, &addr, flags)?;
+        let mut f = Following::start(&config, &addr, args)?;
         let line = f.line("submitted ")?;
         let id = line.trim().trim_start_matches("submitted ").to_string();
         wait_state(
@@ -260,6 +264,53 @@ async fn ctrl_c_says_how_to_cancel_and_cancel_on_interrupt_cancels() -> anyhow::
                 .output()?;
             assert!(out.status.success(), "{}", text(&out));
         }
+    }
+
+    // The same for a workflow followed with --watch.
+    let file = dir.path().join("slow.yaml");
+    std::fs::write(
+        &file,
+        "name: slow\ntasks:\n  - {name: nap, shell: {command: [sleep, '120']}}\n",
+    )?;
+    let file = file.to_str().expect("utf-8");
+    let mut f = Following::start(
+        &config,
+        &addr,
+        &[
+            "workflow",
+            "submit",
+            "-f",
+            file,
+            "--watch",
+            "--cancel-on-interrupt",
+        ],
+    )?;
+    let id = f
+        .line("submitted ")?
+        .trim()
+        .trim_start_matches("submitted ")
+        .to_string();
+    let state = |id: &str| -> anyhow::Result<String> {
+        let out = cli(&config)
+            .env("SCABBARD_CONTROLLER", &addr)
+            .args(["workflow", "get", id, "-o", "json"])
+            .output()?;
+        let w: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(w["state"].as_str().unwrap_or("").to_string())
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    while state(&id)? != "WORKFLOW_STATE_RUNNING" {
+        assert!(Instant::now() < end, "workflow {id} never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.proc.signal(libc::SIGINT);
+    let st = f.proc.wait_exit(Duration::from_secs(20)).expect("exited");
+    assert_eq!(st.code(), Some(130), "{:?}", f.seen);
+    f.line(&format!("interrupted: workflow {id} cancelled"))?;
+    let end = Instant::now() + Duration::from_secs(30);
+    while state(&id)? != "WORKFLOW_STATE_CANCELLED" {
+        assert!(Instant::now() < end, "workflow {id} not cancelled");
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }

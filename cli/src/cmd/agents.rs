@@ -14,13 +14,15 @@ use crate::render;
 pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
     match c {
         AgentsCommand::List { target } => {
-            let mut admin = AdminServiceClient::new(super::connect(&target).await?);
-            let agents = admin
-                .list_agents(ListAgentsRequest {})
-                .await
-                .map_err(output::status)?
-                .into_inner()
-                .agents;
+            let admin = AdminServiceClient::new(super::connect(&target).await?);
+            let agents = crate::retry::idempotent(|| {
+                let mut c = admin.clone();
+                async move { c.list_agents(ListAgentsRequest {}).await }
+            })
+            .await
+            .map_err(output::status)?
+            .into_inner()
+            .agents;
             render::show(&agents, || output::agents(&agents))?;
         }
         AgentsCommand::Drain { target, id, reason } => {

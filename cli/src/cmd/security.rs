@@ -69,14 +69,21 @@ pub(crate) async fn login(a: LoginArgs) -> Result<u8> {
     let t = a.target;
     let path = credentials::path()?;
     let mut creds = Credentials::load(&path)?;
-    let saved = match &t.controller {
+    // `login --context NAME` without --controller logs in again to that context's
+    // controller when it exists.
+    let context_controller = match (&t.controller, crate::contexts::selected_name()) {
+        (None, Some(name)) => crate::contexts::Contexts::load(&crate::contexts::path()?)?
+            .get(name)
+            .map(|c| c.controller.clone()),
+        _ => None,
+    };
+    let wanted = t.controller.clone().or(context_controller);
+    let saved = match &wanted {
         Some(addr) => creds.find(addr),
         None => creds.current(),
     }
     .cloned();
-    let controller = t
-        .controller
-        .clone()
+    let controller = wanted
         .or_else(|| saved.as_ref().map(|e| e.address.clone()))
         .unwrap_or_else(|| credentials::DEFAULT_CONTROLLER.to_string());
     let token = match t.token.clone().filter(|s| !s.trim().is_empty()) {

@@ -44,12 +44,14 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
             started(&mut wf, resp, wait, watch).await
         }
         WorkflowCommand::Get { target, id } => {
-            let mut wf = Client::new(super::connect(&target).await?);
-            let w = wf
-                .get(GetWorkflowRequest { id })
-                .await
-                .map_err(output::status)?
-                .into_inner();
+            let wf = Client::new(super::connect(&target).await?);
+            let w = crate::retry::idempotent(|| {
+                let (mut c, id) = (wf.clone(), id.clone());
+                async move { c.get(GetWorkflowRequest { id }).await }
+            })
+            .await
+            .map_err(output::status)?
+            .into_inner();
             render::show(&w, || details(&w))?;
             Ok(0)
         }

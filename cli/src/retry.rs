@@ -21,6 +21,9 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_secs(10);
 /// How long `--follow`/`--watch` keep looking for a (new) leader after a stream broke.
 pub(crate) const RECONNECT_FOR: Duration = Duration::from_secs(60);
 
+/// Most times one follow reconnects (a stream that keeps breaking is not a leader change).
+pub(crate) const MAX_RECONNECTS: u32 = 20;
+
 /// Whether a call refused with `s` may succeed if sent again later.
 pub(crate) fn retryable(s: &Status) -> bool {
     match s.code() {
@@ -88,9 +91,15 @@ pub(crate) fn remember(target: &Target) {
 /// Connects to the leader among the command's controllers again, trying for
 /// [`RECONNECT_FOR`] (a new leader is elected within the leader lease).
 pub(crate) async fn reconnect(why: &Status) -> anyhow::Result<AuthedChannel> {
+    static TIMES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let Some(target) = TARGET.get() else {
         return Err(crate::output::status(why.clone()));
     };
+    if TIMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= MAX_RECONNECTS {
+        return Err(crate::output::status(why.clone()).context(format!(
+            "the stream broke {MAX_RECONNECTS} times; giving up"
+        )));
+    }
     esay!(
         "note: lost the stream ({}: {}); reconnecting to the leader",
         crate::output::code_name(why.code()),

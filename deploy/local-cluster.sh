@@ -16,7 +16,22 @@ SCABBARD=${SCABBARD:-target/release/scabbard}
 TOKEN=${SCABBARD_REGISTRATION_TOKEN:-local-cluster-registration-token}
 command -v etcd >/dev/null || { echo "etcd not found: apt-get install etcd-server (or scripts/setup.sh)" >&2; exit 1; }
 [[ -x $SCABBARD ]] || { echo "building scabbard…"; cargo build --release -p scabbard-cli; }
+fresh=1
+[[ -d $DIR/etcd1 ]] && fresh=0
 mkdir -p "$DIR"
+chmod 700 "$DIR"
+
+# The admin API token: created once, kept in $DIR/admin.token (mode 0600), given to the
+# controllers as their bootstrap token. A rerun reuses it (the cluster in etcd keeps it).
+ADMIN_TOKEN_FILE="$DIR/admin.token"
+if [[ ! -s $ADMIN_TOKEN_FILE ]]; then
+  if [[ $fresh == 0 ]]; then
+    echo "warning: $DIR already holds a cluster bootstrapped without $ADMIN_TOKEN_FILE;" >&2
+    echo "         its admin token is in an old controller log; remove $DIR to start afresh" >&2
+  fi
+  (umask 077; echo "scbd_api_$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')" >"$ADMIN_TOKEN_FILE")
+fi
+chmod 600 "$ADMIN_TOKEN_FILE"
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -38,7 +53,7 @@ endpoints="http://127.0.0.1:23791,http://127.0.0.1:23792,http://127.0.0.1:23793"
 for i in 1 2; do
   "$SCABBARD" controller --listen "127.0.0.1:740$i" --data-dir "$DIR/controller$i" \
     --store etcd --etcd-endpoints "$endpoints" --artifacts-dir "$DIR/blobs" --advertise-addr "127.0.0.1:740$i" \
-    --registration-token "$TOKEN" >"$DIR/controller$i.log" 2>&1 &
+    --registration-token "$TOKEN" --bootstrap-token-file "$ADMIN_TOKEN_FILE" >"$DIR/controller$i.log" 2>&1 &
   pids+=($!)
 done
 controllers="127.0.0.1:7401,127.0.0.1:7402"
@@ -52,8 +67,12 @@ done
 echo "etcd:        $endpoints"
 echo "controllers: $controllers   (logs in $DIR/*.log)"
 echo
-echo "Try:  $SCABBARD status --controller $controllers"
+echo "admin token: in $ADMIN_TOKEN_FILE (kept across reruns)"
+echo
+echo "Try:  export SCABBARD_TOKEN=\$(cat $ADMIN_TOKEN_FILE)"
+echo "      $SCABBARD status --controller $controllers"
 echo "      $SCABBARD submit --controller $controllers --follow -- echo hello"
+echo "  or save it as a context: $SCABBARD login --context local --controller $controllers <$ADMIN_TOKEN_FILE"
 echo "      kill the leader (see 'status') and watch the other take over within ~5 s"
 echo
 echo "Ctrl-C stops the cluster."

@@ -28,6 +28,16 @@ pub(crate) struct Cli {
     /// controller is still detected by keep-alive pings within about 4 s).
     #[arg(long, global = true, env = "SCABBARD_TIMEOUT", value_parser = crate::duration::parse)]
     pub(crate) timeout: Option<std::time::Duration>,
+    /// Use this context (controller, token reference, TLS files; `scabbard context list`)
+    /// instead of the current one. `dev` and `login` create or update the context of this
+    /// name.
+    #[arg(long, global = true, env = "SCABBARD_CONTEXT")]
+    pub(crate) context: Option<String>,
+    /// On Ctrl-C while following a task or workflow (`submit --wait/--follow`, `logs -f`,
+    /// `workflow watch`, `--watch`), cancel it before exiting (130). Without it the work
+    /// keeps running and the CLI prints how to cancel it.
+    #[arg(long, global = true)]
+    pub(crate) cancel_on_interrupt: bool,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -120,6 +130,27 @@ pub(crate) enum Command {
     Completion {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+    /// List, switch and show CLI contexts (a named controller with its token reference and
+    /// TLS files); `dev` and `login` create them.
+    #[command(subcommand)]
+    Context(ContextCommand),
+}
+
+/// `scabbard context …`
+#[derive(Subcommand, Debug)]
+pub(crate) enum ContextCommand {
+    /// List the contexts; `*` marks the current one.
+    List,
+    /// Make a context the current one (every command then talks to its controller).
+    Use {
+        /// The context's name.
+        name: String,
+    },
+    /// Show a context (default: the one in use) and where its token comes from.
+    Show {
+        /// The context's name.
+        name: Option<String>,
     },
 }
 
@@ -570,8 +601,9 @@ pub(crate) enum TaskCommand {
     List {
         #[command(flatten)]
         target: Target,
-        /// Only these states (queued, assigned, running, succeeded, failed, cancelled, timed_out).
-        #[arg(long = "state")]
+        /// Only these states (queued, assigned, running, retry_wait, succeeded, failed,
+        /// cancelled, timed_out); repeatable or comma-separated.
+        #[arg(long = "state", value_delimiter = ',')]
         states: Vec<String>,
         /// Only tasks with label `key=value`.
         #[arg(long = "label", value_parser = parse_kv)]
@@ -601,7 +633,8 @@ pub(crate) enum TaskCommand {
         target: Target,
         /// Task id.
         id: String,
-        /// Why (recorded in the result).
+        /// Why: recorded in the audit log (`scabbard audit --action task.cancel`), not in
+        /// the task's result.
         #[arg(long, default_value = "")]
         reason: String,
     },

@@ -234,6 +234,8 @@ pub(crate) enum TokenSource {
     Given,
     /// The credentials file.
     File(PathBuf),
+    /// The context's `env:VAR` or `file:PATH`.
+    Context(String),
     /// Nowhere.
     None,
 }
@@ -248,6 +250,8 @@ pub(crate) struct Resolved {
     pub(crate) opts: ClientOptions,
     /// Where the token came from.
     pub(crate) source: TokenSource,
+    /// The context used, if any.
+    pub(crate) context: Option<String>,
 }
 
 impl Resolved {
@@ -255,21 +259,31 @@ impl Resolved {
     pub(crate) fn token(&self) -> Result<&str> {
         match self.opts.token.as_deref() {
             Some(t) if !t.trim().is_empty() => Ok(t),
-            _ => bail!(
-                "no API token for controller {c}: run `scabbard login --controller {c}`, \
-                 or pass --token (or set SCABBARD_TOKEN)",
-                c = self.controller
-            ),
+            _ => Err(crate::exit::fail(
+                crate::exit::NOPERM,
+                format!(
+                    "no API token for controller {c}: run `scabbard login --controller {c}` \
+                     (it prompts for the token), or set SCABBARD_TOKEN",
+                    c = self.controller
+                ),
+            )),
         }
     }
 }
 
-/// Resolves `t`: the controller is `--controller`, else the current saved entry's, else
-/// [`DEFAULT_CONTROLLER`]; the token is `--token`/`SCABBARD_TOKEN`, else the saved entry
-/// for that controller (the current entry when no controller was given); TLS files are
-/// the flags' when any is given, else the entry's.
+/// Resolves `t`: the controller is `--controller`, else the selected context's
+/// (`--context`, `SCABBARD_CONTEXT`, else the current context), else the current saved
+/// entry's, else [`DEFAULT_CONTROLLER`]; the token is `--token`/`SCABBARD_TOKEN`, else
+/// the context's `env:`/`file:` reference, else the saved entry for that controller; TLS
+/// files are the flags' when any is given, else the context's, else the entry's.
 pub(crate) fn resolve(t: &Target) -> Result<Resolved> {
     let given_token = t.token.clone().filter(|s| !s.trim().is_empty());
+    // The context (`--context`, `SCABBARD_CONTEXT`, else the current one) stands in for
+    // the flags not given; `--controller` replaces it.
+    let context = match &t.controller {
+        Some(_) => None,
+        None => crate::contexts::active()?,
+    };
     let creds = match path() {
         Ok(p) => match Credentials::load(&p) {
             Ok(c) => Some((c, p)),
@@ -278,30 +292,45 @@ pub(crate) fn resolve(t: &Target) -> Result<Resolved> {
                 eprintln!("warning: ignoring the credentials file: {e:#}");
                 None
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(crate::exit::fail(crate::exit::CONFIG, format!("{e:#}"))),
         },
         Err(e) if given_token.is_some() => {
             tracing::debug!("no credentials file: {e:#}");
             None
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(crate::exit::fail(crate::exit::CONFIG, format!("{e:#}"))),
     };
-    let entry = creds.as_ref().and_then(|(c, _)| match &t.controller {
+    let wanted = t
+        .controller
+        .clone()
+        .or_else(|| context.as_ref().map(|c| c.controller.clone()));
+    let entry = creds.as_ref().and_then(|(c, _)| match &wanted {
         Some(addr) => c.find(addr),
         None => c.current(),
     });
-    let controller = t
-        .controller
-        .clone()
+    let controller = wanted
         .or_else(|| entry.map(|e| e.address.clone()))
         .unwrap_or_else(|| DEFAULT_CONTROLLER.to_string());
-    let (token, source) = match (given_token, entry) {
-        (Some(tok), _) => (Some(tok), TokenSource::Given),
-        (None, Some(e)) if !e.token.is_empty() => (
+    let context_token = match (&given_token, &context) {
+        (None, Some(c)) => crate::contexts::token_of(c)?,
+        _ => None,
+    };
+    let (token, source) = match (given_token, context_token, entry) {
+        (Some(tok), _, _) => (Some(tok), TokenSource::Given),
+        (None, Some(tok), _) => (
+            Some(tok),
+            TokenSource::Context(
+                context
+                    .as_ref()
+                    .map(|c| c.token.clone())
+                    .unwrap_or_default(),
+            ),
+        ),
+        (None, None, Some(e)) if !e.token.is_empty() => (
             Some(e.token.clone()),
             TokenSource::File(creds.as_ref().map(|(_, p)| p.clone()).unwrap_or_default()),
         ),
-        (None, _) => (None, TokenSource::None),
+        (None, None, _) => (None, TokenSource::None),
     };
     let tls_given = t.ca_cert.is_some() || t.client_cert.is_some() || t.client_key.is_some();
     let mut opts = ClientOptions {
@@ -313,6 +342,13 @@ pub(crate) fn resolve(t: &Target) -> Result<Resolved> {
         opts.ca_cert = t.ca_cert.clone();
         opts.client_cert = t.client_cert.clone();
         opts.client_key = t.client_key.clone();
+    } else if let Some(c) = context
+        .as_ref()
+        .filter(|c| c.ca_cert.is_some() || c.client_cert.is_some() || c.client_key.is_some())
+    {
+        opts.ca_cert = c.ca_cert.clone();
+        opts.client_cert = c.client_cert.clone();
+        opts.client_key = c.client_key.clone();
     } else if let Some(e) = entry {
         opts.ca_cert = e.ca_cert.clone();
         opts.client_cert = e.client_cert.clone();
@@ -321,11 +357,13 @@ pub(crate) fn resolve(t: &Target) -> Result<Resolved> {
     opts.tls_domain = t
         .tls_domain
         .clone()
+        .or_else(|| context.as_ref().and_then(|c| c.tls_domain.clone()))
         .or_else(|| entry.and_then(|e| e.tls_domain.clone()));
     Ok(Resolved {
         controller,
         opts,
         source,
+        context: context.map(|c| c.name),
     })
 }
 

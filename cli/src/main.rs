@@ -5,11 +5,15 @@
 mod printable;
 mod args;
 mod cmd;
+mod contexts;
 mod credentials;
 mod duration;
+mod exit;
+mod interrupt;
 mod output;
 mod progress;
 mod render;
+mod retry;
 mod size;
 mod telemetry;
 
@@ -23,9 +27,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let matches = args::Cli::command()
-        .get_matches_from(args::legacy_output_dir(std::env::args_os().collect()));
-    let cli = args::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        .try_get_matches_from(args::legacy_output_dir(std::env::args_os().collect()))
+        .unwrap_or_else(|e| usage_exit(e));
+    let cli = args::Cli::from_arg_matches(&matches).unwrap_or_else(|e| usage_exit(e));
     args::set_request_timeout(cli.timeout);
+    contexts::set_selected(cli.context.clone());
+    interrupt::set_cancel_on_interrupt(cli.cancel_on_interrupt);
     render::set(cli.output);
     let daemon = matches!(
         cli.command,
@@ -38,7 +45,7 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return std::process::ExitCode::from(1);
+            return std::process::ExitCode::from(exit::SOFTWARE);
         }
     };
     // Logging, and tracing when an OTLP endpoint is configured (the exporter lives on
@@ -69,9 +76,20 @@ fn main() -> std::process::ExitCode {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {}", printable::printable_text(&explain(&e)));
-            std::process::ExitCode::from(1)
+            std::process::ExitCode::from(exit::of_error(&e))
         }
     }
+}
+
+/// Prints a clap error (or `--help`/`--version`) and exits: 0 for help and version,
+/// [`exit::USAGE`] for a usage error.
+fn usage_exit(e: clap::Error) -> ! {
+    let _ = e.print();
+    std::process::exit(if e.use_stderr() {
+        i32::from(exit::USAGE)
+    } else {
+        0
+    })
 }
 
 /// The error's text; a call past `--timeout` says so plainly (tonic reports it as a

@@ -21,7 +21,11 @@ pub(crate) fn status(s: tonic::Status) -> anyhow::Error {
         Code::PermissionDenied => "; `scabbard whoami` shows the token's scopes and project",
         _ => "",
     };
-    anyhow::anyhow!("{} ({}{hint})", s.message(), code_name(s.code()))
+    crate::exit::Refused {
+        code: s.code(),
+        text: format!("{} ({}{hint})", s.message(), code_name(s.code())),
+    }
+    .into()
 }
 
 pub(crate) use scabbard_common::error::code_name;

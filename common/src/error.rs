@@ -20,6 +20,10 @@ pub enum Error {
         /// The id that was asked for.
         id: String,
     },
+    /// The named thing does not exist; the message names it and says what does exist
+    /// (`template "nope" not found (available: a, b)`).
+    #[error("{0}")]
+    NotFoundListing(String),
     /// The thing exists already (idempotency conflicts, duplicate names).
     #[error("{0}")]
     AlreadyExists(String),
@@ -98,7 +102,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::NotFound { .. } => Code::NotFound,
+            Error::NotFound { .. } | Error::NotFoundListing(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) | Error::StaleAttempt(_) => Code::FailedPrecondition,
             Error::Unauthenticated(_) => Code::Unauthenticated,

@@ -3,6 +3,7 @@
 //! jittered backoff, the client library, logging and tracing setup.
 
 pub mod artifact;
+pub mod audit_actions;
 pub mod backoff;
 pub mod client;
 pub mod error;

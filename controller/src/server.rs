@@ -117,7 +117,7 @@ pub async fn serve(
                 ""
             };
             println!(
-                "\nbootstrap admin token (shown once, store it now):\n  {secret}\n\nuse it with: scabbard login --controller {advertise} --token <token>{ca}\n"
+                "\nbootstrap admin token (shown once, store it now):\n  {secret}\n\nuse it with: scabbard login --controller {advertise}{ca}\n  (it prompts for the token without echoing it; or pipe it on stdin, or set SCABBARD_TOKEN)\n"
             );
             info!("cluster bootstrapped: admin token created and printed on stdout");
         }

@@ -269,9 +269,9 @@ fn json_and_yaml_output_of_every_resource() -> Result<()> {
         "{chunks:?}"
     );
 
-    // Errors in JSON mode: stderr and exit code 1, nothing on stdout.
+    // Errors in JSON mode: stderr and exit code 66 (not found), nothing on stdout.
     let out = env.run(&["task", "get", "01AAAAAAAAAAAAAAAAAAAAAAAA", "-o", "json"])?;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(66));
     assert!(
         out.stdout.is_empty(),
         "{}",

@@ -149,8 +149,10 @@ fn login_saves_a_private_token_that_later_commands_use() -> anyhow::Result<()> {
     let creds = env.config.join("credentials.toml");
 
     // Without a token anywhere: a clear error, no call made.
+    // (It suggests the login prompt or SCABBARD_TOKEN, never a token on the command line.)
     let out = fails(env.bare(&["task", "list"]), "scabbard login")?;
-    assert!(stderr(&out).contains("--token"), "{}", text(&out));
+    assert!(stderr(&out).contains("SCABBARD_TOKEN"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out));
 
     let (id, secret) = env.token("laptop", "submit", "default")?;
     // The token on stdin (not on the command line); checked before it is saved.

@@ -182,12 +182,16 @@ async fn an_agent_failing_every_task_trips_its_breaker_and_work_moves() -> anyho
         .await?
         .into_inner();
     assert_eq!(reset.state(), BreakerState::Closed);
-    let r = admin
+    // A breaker that never opened: resetting it is a no-op (issue 18), answered as a
+    // closed breaker that never tripped.
+    let none = admin
         .reset_breaker(ResetBreakerRequest {
             key: "agent:nope".into(),
         })
-        .await;
-    assert_eq!(code_and_message(r).0, tonic::Code::NotFound);
+        .await?
+        .into_inner();
+    assert_eq!(none.state(), BreakerState::Closed);
+    assert_eq!((none.trips, none.opened_at_ms), (0, 0));
     bad_loop.abort();
     Ok(())
 }

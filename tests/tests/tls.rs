@@ -144,8 +144,14 @@ impl TlsWorker {
         .await
     }
 
-    fn still_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+    /// Waits (up to 30 s) for the worker to exit; its exit code.
+    async fn wait_exit(&mut self, what: &str) -> Result<Option<i32>> {
+        let child = std::sync::Mutex::new(&mut self.child);
+        let status = eventually(what, Duration::from_secs(30), || async {
+            child.lock().expect("child").try_wait().ok().flatten()
+        })
+        .await?;
+        Ok(status.code())
     }
 }
 
@@ -248,10 +254,11 @@ async fn worker_without_a_client_certificate_is_refused() -> Result<()> {
         )
         .await?;
     assert!(line.contains("mutual TLS"), "{line}");
-    assert!(
-        w.still_running(),
-        "the worker keeps retrying, it does not crash"
-    );
+    // A permanent refusal: after a few tries the worker stops, non-zero, saying why.
+    let code = w.wait_exit("the refused worker to stop").await?;
+    assert!(code.is_some_and(|c| c != 0), "exit code {code:?}");
+    w.wait_log("the worker to say it stops", &["the worker stops"])
+        .await?;
     assert!(agent_names(&admin).await?.is_empty(), "no agent registered");
     assert!(
         !dir.path().join("worker/identity").exists(),
@@ -306,14 +313,23 @@ async fn worker_with_a_certificate_from_another_ca_is_refused() -> Result<()> {
     let line = w
         .wait_log(
             "the worker to report the refused handshake",
-            &["controller connection lost"],
+            &["the controller refused this worker"],
         )
         .await?;
     assert!(
         line.contains("refusing the client certificate"),
         "the error says why: {line}"
     );
-    assert!(w.still_running());
+    assert!(
+        !w.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .any(|l| l.contains("connection lost")),
+        "no connection was ever up, so none was lost"
+    );
+    let code = w.wait_exit("the refused worker to stop").await?;
+    assert!(code.is_some_and(|c| c != 0), "exit code {code:?}");
     assert!(agent_names(&admin).await?.is_empty(), "no agent registered");
 
     Ok(())

@@ -56,6 +56,24 @@ pub(crate) struct Connection {
 /// How long a new session may take to open and be welcomed.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Tries in a row refused for a reason retrying cannot fix (a bad registration token, a
+/// refused or missing certificate) before the worker stops with an error.
+pub(crate) const PERMANENT_TRIES: u32 = 3;
+
+/// Whether `e`, ending a session that never opened, is a misconfiguration that retrying
+/// cannot fix: the controller refused the registration token or the client certificate,
+/// or the TLS handshake failed on a certificate.
+fn is_permanent(e: &Error) -> bool {
+    match e {
+        Error::Unauthenticated(_) | Error::PermissionDenied(_) => true,
+        Error::Unavailable(m) | Error::Internal(m) => {
+            let m = m.to_ascii_lowercase();
+            m.contains("certificate") || m.contains(scabbard_common::tls::CLIENT_CERT_PHRASE)
+        }
+        _ => false,
+    }
+}
+
 impl Connection {
     /// Connects, serves and reconnects until `shutdown`; then takes no new work, lets
     /// running attempts finish and report (up to the configured grace), and returns.
@@ -67,12 +85,14 @@ impl Connection {
         let mut failures = 0u32;
         let mut wrapped = true;
         let mut last_failed: Option<String> = None;
+        let mut refused = 0u32;
         loop {
             let (end, welcomed) = self.session(&shutdown).await;
             crate::metrics::session(false);
             if welcomed {
                 // Older failures are history; the one that ended this session (below) is not.
                 last_failed = None;
+                refused = 0;
             }
             if self.stopping_done() {
                 return Ok(());
@@ -100,7 +120,24 @@ impl Connection {
                     continue;
                 }
                 End::Lost(e) => {
-                    warn!(controller = %self.target, error = %e, "controller connection lost");
+                    if !welcomed && is_permanent(&e) {
+                        refused += 1;
+                        if refused >= PERMANENT_TRIES {
+                            return Err(Error::Unauthenticated(format!(
+                                "the controller at {} refused this worker {refused} times in a row: {e}. \
+                                 This will not fix itself: check the registration token \
+                                 (--registration-token / SCABBARD_REGISTRATION_TOKEN) and the TLS \
+                                 files (--ca-cert, --client-cert, --client-key); the worker stops",
+                                self.target
+                            )));
+                        }
+                        warn!(controller = %self.target, error = %e, attempt = refused, of = PERMANENT_TRIES, "the controller refused this worker; trying again");
+                    } else if welcomed {
+                        warn!(controller = %self.target, error = %e, "controller connection lost");
+                    } else {
+                        refused = 0;
+                        warn!(controller = %self.target, error = %e, "cannot open a session with the controller; retrying");
+                    }
                     if !matches!(e, Error::NotLeader { .. }) {
                         last_failed = Some(self.target.clone());
                     }

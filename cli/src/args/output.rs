@@ -4,13 +4,21 @@
 
 /// The exit codes, shown after `scabbard --help` (docs/cli.md has the same list).
 pub(crate) const EXIT_CODES: &str = "\
-Exit codes:
+Exit codes: the work's outcome outside 64-78; 64-78 are the CLI's own failures.
   0    success (a waited-for task or workflow succeeded; `status`: healthy with a leader)
-  1    the command failed (bad input refused by the controller, connection, not found, ...),
-       or a waited-for workflow did not succeed, or a waited-for task failed without an
+  1    a waited-for workflow did not succeed, or a waited-for task failed without an
        exit code of its own (cancelled, timed out, lost)
-  2    usage error (bad flags); `status`: no leader or the store is unhealthy
-  N    `submit --wait/--follow`: the task's own exit code N (1..255) when it failed with one
+  N    `submit --wait/--follow`: the task's own exit code N (1-63, 80-255)
+  64   usage error (bad flag or value, e.g. a duration without a unit)
+  65   the controller refused the input (invalid argument, failed precondition, exists)
+  66   not found
+  69   controller unreachable or unavailable; `status`: no leader or unhealthy store
+  70   other CLI failure (a local file, an internal error)
+  75   try again later: rate limited after the retries, deadline (--timeout) passed
+  77   no token, token refused, or permission denied
+  78   local configuration (credentials or contexts file, unknown context)
+  79   a waited-for task exited with a code in 64-78 (the code is printed)
+  130  interrupted (Ctrl-C); the work keeps running unless --cancel-on-interrupt
 
 Output: -o table|json|yaml (docs/cli.md). Completions: scabbard completion bash|zsh|fish.";
 

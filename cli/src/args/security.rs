@@ -183,7 +183,8 @@ pub(crate) struct AuditArgs {
     /// Only this project's entries.
     #[arg(long)]
     pub(crate) project: Option<String>,
-    /// Only this action (e.g. token.create, token.revoke, project.create, agent.drain).
+    /// Only this action (e.g. token.create, token.revoke, project.create, agent.drain,
+    /// task.cancel); a misspelt one is refused with the list of valid actions.
     #[arg(long)]
     pub(crate) action: Option<String>,
 }

@@ -151,7 +151,9 @@ pub(crate) enum OverlapArg {
     Skip,
     /// Start it after the previous run (runs go one at a time).
     Queue,
-    /// Cancel the previous run and start the new one.
+    /// Cancel the previous run and start the new one (also spelled `cancel_previous`, as
+    /// in the docs and workflow files).
+    #[value(alias = "cancel_previous")]
     CancelPrevious,
 }
 
@@ -193,8 +195,9 @@ pub(crate) enum ScheduleCommand {
         /// What a tick does while the previous run is still going.
         #[arg(long, value_enum, default_value_t = OverlapArg::Skip)]
         overlap: OverlapArg,
-        /// Ticks missed while the controller was down run after recovery (the latest
-        /// only) if no older than this, e.g. 5m [default: 1m].
+        /// Ticks missed while the controller was down (or during a failover) each run after
+        /// recovery, every one no older than this, e.g. 5m; older ones are skipped and
+        /// counted [default: 1m].
         #[arg(long, value_parser = crate::duration::parse)]
         catch_up: Option<Duration>,
         /// Create it paused.
@@ -252,7 +255,8 @@ pub(crate) enum BreakersCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Close a breaker by hand (its failure count starts again from zero).
+    /// Close a breaker by hand (its failure count starts again from zero). A breaker that
+    /// never opened is closed already: resetting it is a no-op that says so.
     Reset {
         #[command(flatten)]
         target: Target,
@@ -358,6 +362,10 @@ mod tests {
         );
         assert_eq!(
             OverlapArg::from_str("cancel-previous", false),
+            Ok(OverlapArg::CancelPrevious)
+        );
+        assert_eq!(
+            OverlapArg::from_str("cancel_previous", false),
             Ok(OverlapArg::CancelPrevious)
         );
     }

@@ -14,13 +14,15 @@ use crate::render;
 pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
     match c {
         AgentsCommand::List { target } => {
-            let mut admin = AdminServiceClient::new(super::connect(&target).await?);
-            let agents = admin
-                .list_agents(ListAgentsRequest {})
-                .await
-                .map_err(output::status)?
-                .into_inner()
-                .agents;
+            let admin = AdminServiceClient::new(super::connect(&target).await?);
+            let agents = crate::retry::idempotent(|| {
+                let mut c = admin.clone();
+                async move { c.list_agents(ListAgentsRequest {}).await }
+            })
+            .await
+            .map_err(output::status)?
+            .into_inner()
+            .agents;
             render::show(&agents, || output::agents(&agents))?;
         }
         AgentsCommand::Drain { target, id, reason } => {
@@ -64,7 +66,14 @@ pub(crate) async fn breakers(c: BreakersCommand) -> Result<u8> {
                 .map_err(output::status)?
                 .into_inner();
             render::show(&b, || {
-                say!("breaker {} is {}", b.key, catalog::breaker_state(&b))
+                if b.trips == 0 && b.opened_at_ms == 0 {
+                    say!(
+                        "breaker {} has never opened: nothing to reset (it is closed)",
+                        crate::printable::printable(&b.key)
+                    )
+                } else {
+                    say!("breaker {} is {}", b.key, catalog::breaker_state(&b))
+                }
             })?;
         }
     }
@@ -72,16 +81,18 @@ pub(crate) async fn breakers(c: BreakersCommand) -> Result<u8> {
 }
 
 pub(crate) async fn status(target: Target) -> Result<u8> {
-    let mut admin = AdminServiceClient::new(super::connect_optional(&target).await?);
-    let s = admin
-        .cluster_status(ClusterStatusRequest {})
-        .await
-        .map_err(output::status)?
-        .into_inner();
+    let admin = AdminServiceClient::new(super::connect_optional(&target).await?);
+    let s = crate::retry::idempotent(|| {
+        let mut c = admin.clone();
+        async move { c.cluster_status(ClusterStatusRequest {}).await }
+    })
+    .await
+    .map_err(output::status)?
+    .into_inner();
     let code = if s.store_healthy && !s.leader.is_empty() {
         0
     } else {
-        2
+        crate::exit::UNAVAILABLE
     };
     if render::structured() {
         render::show(&s, || ())?;
@@ -108,7 +119,12 @@ pub(crate) async fn status(target: Target) -> Result<u8> {
             if m.leader { "  (leader)" } else { "" }
         );
     }
-    if s.answered_by_leader {
+    if s.token_needed {
+        say!(
+            "tasks, agents, workflows, breakers: a token is needed to see these \
+             (`scabbard login`, or SCABBARD_TOKEN)"
+        );
+    } else if s.answered_by_leader {
         say!(
             "tasks:       {} queued, {} assigned/running, {} total",
             s.queued_tasks,

@@ -120,7 +120,12 @@ pub(crate) async fn dev(a: DevArgs) -> Result<u8> {
     say!("  admin token:  {admin_token}");
     let ca = pki.as_ref().map(|p| p.ca_cert.as_path());
     match super::security::save_dev_login(&local.to_string(), &admin_token, ca) {
-        Ok(path) => say!("                saved for {local} in {}", path.display()),
+        Ok((path, ctx)) => {
+            say!("                saved for {local} in {}", path.display());
+            say!(
+                "  context:      {ctx:?} (current: plain `scabbard …` commands talk to this controller)"
+            );
+        }
         Err(e) => esay!("warning: the admin token is not saved: {e:#}"),
     }
     say!();

@@ -2,10 +2,12 @@
 
 mod agents;
 mod artifacts;
+mod context;
 mod daemons;
 mod schedules;
 mod security;
 mod store;
+mod taskfollow;
 mod tasks;
 mod templates;
 mod workflows;
@@ -41,6 +43,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Breakers(c) => agents::breakers(c).await,
         Command::Artifacts(c) => artifacts::artifacts(c).await,
         Command::Store(c) => store::store(c).await,
+        Command::Context(c) => context::context(c, cli.context),
         Command::Completion { shell } => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();
@@ -53,6 +56,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<u8> {
 /// Connects to the leader among `target`'s controllers with its token and TLS settings
 /// (flags, environment, then the credentials file); fails without a token.
 pub(crate) async fn connect(target: &Target) -> Result<AuthedChannel> {
+    crate::retry::remember(target);
     let r = credentials::resolve(target)?;
     let token = r.token()?;
     let channel = client::connect_leader_with(&r.controller, &r.opts).await?;

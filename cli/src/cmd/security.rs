@@ -33,20 +33,34 @@ async fn who_am_i(controller: &str, opts: &client::ClientOptions) -> Result<Toke
         .context("the controller did not say which token this is")
 }
 
-/// Reads a token from stdin (prompting when it is a terminal).
+/// Reads a token from stdin; on a terminal, prompts and turns echo off while it is typed
+/// (`stty -echo`), so the token never shows on the screen.
 fn read_token() -> Result<String> {
     let stdin = std::io::stdin();
-    if stdin.is_terminal() {
-        eprint!("API token: ");
+    let tty = stdin.is_terminal();
+    let stty = |arg: &str| {
+        std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(std::process::Stdio::inherit())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let hidden = tty && stty("-echo");
+    if tty {
+        eprint!("API token (input hidden): ");
     }
     let mut line = String::new();
-    stdin
-        .lock()
-        .read_line(&mut line)
-        .context("reading the token from stdin")?;
+    let read = stdin.lock().read_line(&mut line);
+    if hidden {
+        stty("echo");
+        eprintln!();
+    }
+    read.context("reading the token from stdin")?;
     let token = line.trim().to_string();
     if token.is_empty() {
-        bail!("no token given: pass --token, or pipe it on stdin");
+        bail!("no token given: type it at the prompt, pipe it on stdin, or set SCABBARD_TOKEN");
     }
     Ok(token)
 }
@@ -55,14 +69,21 @@ pub(crate) async fn login(a: LoginArgs) -> Result<u8> {
     let t = a.target;
     let path = credentials::path()?;
     let mut creds = Credentials::load(&path)?;
-    let saved = match &t.controller {
+    // `login --context NAME` without --controller logs in again to that context's
+    // controller when it exists.
+    let context_controller = match (&t.controller, crate::contexts::selected_name()) {
+        (None, Some(name)) => crate::contexts::Contexts::load(&crate::contexts::path()?)?
+            .get(name)
+            .map(|c| c.controller.clone()),
+        _ => None,
+    };
+    let wanted = t.controller.clone().or(context_controller);
+    let saved = match &wanted {
         Some(addr) => creds.find(addr),
         None => creds.current(),
     }
     .cloned();
-    let controller = t
-        .controller
-        .clone()
+    let controller = wanted
         .or_else(|| saved.as_ref().map(|e| e.address.clone()))
         .unwrap_or_else(|| credentials::DEFAULT_CONTROLLER.to_string());
     let token = match t.token.clone().filter(|s| !s.trim().is_empty()) {
@@ -107,10 +128,11 @@ pub(crate) async fn login(a: LoginArgs) -> Result<u8> {
     }
     entry.token_id = Some(info.id.clone());
     entry.token_name = Some(info.name.clone());
+    let ctx = save_context(&controller, &entry, None)?;
     creds.upsert(entry, true);
     creds.save(&path)?;
     say!(
-        "logged in to {controller} as {:?} (token {}, scopes {}, project {})",
+        "logged in to {controller} as {:?} (token {}, scopes {}, project {}); context {ctx:?} is current",
         info.name,
         info.id,
         output::scopes(&info),
@@ -159,10 +181,19 @@ pub(crate) async fn whoami(target: Target) -> Result<u8> {
         render::show(&info, || ())?;
         return Ok(0);
     }
+    say!(
+        "context:    {}",
+        r.context
+            .as_deref()
+            .map_or("(none: --controller or the credentials file)".into(), |c| {
+                crate::printable::printable(c).into_owned()
+            })
+    );
     say!("controller: {}", r.controller);
     match &r.source {
         TokenSource::Given => say!("token from: --token / SCABBARD_TOKEN"),
         TokenSource::File(p) => say!("token from: {}", p.display()),
+        TokenSource::Context(t) => say!("token from: the context ({t})"),
         TokenSource::None => {}
     }
     output::token(&info);
@@ -412,21 +443,53 @@ pub(crate) fn dev_admin_token(data_dir: &Path) -> Result<String> {
     Ok(token)
 }
 
-/// For `scabbard dev`: saves `token` as the credentials entry for `addr` (current only when
-/// no other entry is); returns the file's path.
-pub(crate) fn save_dev_login(addr: &str, token: &str, ca_cert: Option<&Path>) -> Result<PathBuf> {
+/// For `scabbard dev`: saves `token` as the credentials entry for `addr` and the context
+/// `dev` (or `--context`'s name) for it, made current; returns the file's path and the
+/// context's name.
+pub(crate) fn save_dev_login(
+    addr: &str,
+    token: &str,
+    ca_cert: Option<&Path>,
+) -> Result<(PathBuf, String)> {
     let path = credentials::path()?;
     let mut creds = Credentials::load(&path)?;
-    creds.upsert(
-        Entry {
-            address: addr.to_string(),
-            token: token.to_string(),
-            token_name: Some("bootstrap admin".into()),
-            ca_cert: ca_cert.map(credentials::absolute),
-            ..Entry::default()
-        },
-        false,
-    );
+    let entry = Entry {
+        address: addr.to_string(),
+        token: token.to_string(),
+        token_name: Some("bootstrap admin".into()),
+        ca_cert: ca_cert.map(credentials::absolute),
+        ..Entry::default()
+    };
+    let ctx = save_context(addr, &entry, Some("dev"))?;
+    creds.upsert(entry, true);
     creds.save(&path)?;
-    Ok(path)
+    Ok((path, ctx))
+}
+
+/// Creates or updates the context for `controller` (named by `--context`, else the one
+/// already naming that controller, else `fallback` or the controller's first address) with
+/// `entry`'s TLS files and its token from the credentials file; makes it current.
+fn save_context(controller: &str, entry: &Entry, fallback: Option<&str>) -> Result<String> {
+    use crate::contexts::{self, Contexts, Ctx};
+    let path = contexts::path()?;
+    let mut all = Contexts::load(&path)?;
+    let first = scabbard_common::client::addresses(controller)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| controller.to_string());
+    let name = match contexts::selected_name() {
+        Some(n) => n.to_string(),
+        None => all.name_for(controller, fallback.unwrap_or(&first)),
+    };
+    all.upsert_current(Ctx {
+        name: name.clone(),
+        controller: controller.to_string(),
+        token: contexts::TOKEN_FROM_CREDENTIALS.into(),
+        ca_cert: entry.ca_cert.clone(),
+        client_cert: entry.client_cert.clone(),
+        client_key: entry.client_key.clone(),
+        tls_domain: entry.tls_domain.clone(),
+    });
+    all.save(&path)?;
+    Ok(name)
 }

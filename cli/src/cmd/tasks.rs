@@ -1,16 +1,14 @@
 //! `scabbard submit`, `scabbard task get|list|cancel`, `scabbard logs`.
 
-use std::io::Write;
-
 use anyhow::{Result, bail};
-use scabbard_common::client::{AuthedChannel, TaskServiceClient};
+use scabbard_common::client::TaskServiceClient;
 use scabbard_common::is_final;
 use scabbard_common::proto::{
-    CancelTaskRequest, GetTaskRequest, ListTasksRequest, LogStream, NoopTask, Requirements,
-    ShellTask, SubmitTaskRequest, Task, TaskLogsRequest, TaskSpec, TaskState, WatchTasksRequest,
-    task_spec::Kind,
+    CancelTaskRequest, GetTaskRequest, ListTasksRequest, NoopTask, Requirements, ShellTask,
+    SubmitTaskRequest, Task, TaskSpec, TaskState, task_spec::Kind,
 };
 
+use super::taskfollow;
 use crate::args::{LogsArgs, SubmitArgs, TaskCommand};
 use crate::output::placement;
 use crate::{output, progress, render};
@@ -43,15 +41,24 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
         ..Default::default()
     };
     let mut tasks = TaskServiceClient::new(super::connect(&a.target).await?);
-    let resp = tasks
-        .submit(SubmitTaskRequest {
-            spec: Some(spec),
-            idempotency_key: a.idempotency_key.unwrap_or_default(),
-            project: a.project.unwrap_or_default(),
+    let req = SubmitTaskRequest {
+        spec: Some(spec),
+        idempotency_key: a.idempotency_key.unwrap_or_default(),
+        project: a.project.unwrap_or_default(),
+    };
+    // Sent again after a rate limit or an outage only with an idempotency key: without
+    // one, a retry could run the task twice.
+    let resp = if req.idempotency_key.is_empty() {
+        tasks.submit(req).await
+    } else {
+        crate::retry::idempotent(|| {
+            let (mut c, req) = (tasks.clone(), req.clone());
+            async move { c.submit(req).await }
         })
         .await
-        .map_err(output::status)?
-        .into_inner();
+    }
+    .map_err(output::status)?
+    .into_inner();
     let task = resp.task.unwrap_or_default();
     if resp.existing {
         esay!("task {} already exists for this idempotency key", task.id);
@@ -61,15 +68,19 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {
         return Ok(0);
     }
     esay!("submitted {}", task.id);
-    if a.follow {
-        print_logs(&mut tasks, &task.id, 0, true).await?;
-    }
     let spinner = if a.follow {
         None
     } else {
         progress::spinner(format!("waiting for task {}", task.id))
     };
-    let final_task = wait(&mut tasks, &task.id, spinner.as_ref(), false).await;
+    let work = crate::interrupt::Work::Task(&task.id, tasks.clone());
+    let final_task = crate::interrupt::guard(work, async {
+        if a.follow {
+            taskfollow::logs(&mut tasks, &task.id, 0, true).await?;
+        }
+        taskfollow::wait(&mut tasks, &task.id, spinner.as_ref(), false).await
+    })
+    .await;
     if let Some(s) = spinner {
         s.finish_and_clear();
     }
@@ -102,89 +113,6 @@ fn secret_env(
     Ok(out)
 }
 
-/// Waits until the task is in a final state; with `-o json|yaml` prints every event of
-/// the watch (JSON Lines), and shows the state on `spinner`. Why the task waits (its
-/// placement explanation) goes on the spinner, else on stderr, each time it changes. With
-/// `lines` (`task watch`), prints one line per change on stdout instead.
-async fn wait(
-    tasks: &mut TaskServiceClient<AuthedChannel>,
-    id: &str,
-    spinner: Option<&indicatif::ProgressBar>,
-    lines: bool,
-) -> Result<Task> {
-    let mut stream = tasks
-        .watch(WatchTasksRequest {
-            ids: vec![id.to_string()],
-            send_initial: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(output::status)?
-        .into_inner();
-    let mut last: Option<Task> = None;
-    while let Some(ev) = stream.message().await.map_err(output::status)? {
-        render::event(&ev)?;
-        if let Some(t) = ev.task {
-            let moved = last.as_ref().is_none_or(|l| l.state != t.state);
-            let why = t.placement.as_ref().filter(|_| {
-                !placement::same(
-                    last.as_ref().and_then(|l| l.placement.as_ref()),
-                    t.placement.as_ref(),
-                )
-            });
-            if lines && !render::structured() {
-                if moved {
-                    say!(
-                        "{} {}",
-                        clock(t.updated_at_ms),
-                        output::state_name(t.state())
-                    );
-                }
-                if let Some(p) = why {
-                    say!(
-                        "{} waiting: {} [{}]",
-                        clock(p.updated_at_ms),
-                        p.message,
-                        placement::code(p)
-                    );
-                }
-            }
-            if is_final(t.state()) {
-                return Ok(t);
-            }
-            match (spinner, why) {
-                (Some(s), Some(p)) => s.set_message(format!(
-                    "task {} waiting: {}",
-                    crate::printable::printable(&t.id),
-                    crate::printable::printable(&p.message)
-                )),
-                (Some(s), None) if moved => s.set_message(format!(
-                    "task {} {}",
-                    crate::printable::printable(&t.id),
-                    output::state_name(t.state())
-                )),
-                (None, Some(p)) if !lines && !render::structured() => {
-                    esay!(
-                        "task {} waiting: {} [{}]",
-                        t.id,
-                        p.message,
-                        placement::code(p)
-                    )
-                }
-                _ => {}
-            }
-            last = Some(t);
-        }
-    }
-    bail!("the controller closed the watch before task {id} finished")
-}
-
-/// `HH:MM:SS` (UTC) of a unix-ms time.
-fn clock(ms: i64) -> String {
-    let full = output::utc(ms.max(1));
-    full.get(11..19).unwrap_or(&full).to_string()
-}
-
 /// Prints the outcome on stderr; the exit code is the task's (1 when it has none).
 fn report(t: &Task) -> u8 {
     let r = t.result.clone().unwrap_or_default();
@@ -201,63 +129,21 @@ fn report(t: &Task) -> u8 {
     );
     match t.state() {
         TaskState::Succeeded => 0,
-        _ if (1..=255).contains(&r.exit_code) => r.exit_code as u8,
-        _ => 1,
+        _ => crate::exit::of_task(r.exit_code),
     }
-}
-
-async fn print_logs(
-    tasks: &mut TaskServiceClient<AuthedChannel>,
-    id: &str,
-    attempt: u32,
-    follow: bool,
-) -> Result<()> {
-    let mut stream = tasks
-        .logs(TaskLogsRequest {
-            task_id: id.to_string(),
-            attempt,
-            follow,
-            from_seq: 0,
-        })
-        .await
-        .map_err(output::status)?
-        .into_inner();
-    let mut current_attempt = 0;
-    while let Some(c) = stream.message().await.map_err(output::status)? {
-        if render::structured() {
-            render::event(&c)?;
-            continue;
-        }
-        if current_attempt != 0 && c.attempt != current_attempt {
-            esay!("--- attempt {} ---", c.attempt);
-        }
-        current_attempt = c.attempt;
-        match c.stream() {
-            LogStream::Stderr => std::io::stderr().write_all(&c.data)?,
-            // The worker's own lines (they may quote task-chosen names): escaped.
-            LogStream::System => eprint!(
-                "[scabbard] {}",
-                crate::printable::printable_text(&String::from_utf8_lossy(&c.data))
-            ),
-            _ => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&c.data)?;
-                out.flush()?;
-            }
-        }
-    }
-    Ok(())
 }
 
 pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
     match c {
         TaskCommand::Get { target, id } => {
-            let mut tasks = TaskServiceClient::new(super::connect(&target).await?);
-            let t = tasks
-                .get(GetTaskRequest { id })
-                .await
-                .map_err(output::status)?
-                .into_inner();
+            let tasks = TaskServiceClient::new(super::connect(&target).await?);
+            let t = crate::retry::idempotent(|| {
+                let (mut c, id) = (tasks.clone(), id.clone());
+                async move { c.get(GetTaskRequest { id }).await }
+            })
+            .await
+            .map_err(output::status)?
+            .into_inner();
             render::show(&t, || output::task(&t))?;
         }
         TaskCommand::List {
@@ -283,7 +169,7 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
             let ago = |d: std::time::Duration| {
                 (scabbard_common::time::now_ms() - d.as_millis() as i64).max(1)
             };
-            let mut tasks = TaskServiceClient::new(super::connect(&target).await?);
+            let tasks = TaskServiceClient::new(super::connect(&target).await?);
             let mut req = ListTasksRequest {
                 states,
                 labels: labels.into_iter().collect(),
@@ -312,11 +198,13 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
             }
             let mut first = true;
             loop {
-                let resp = tasks
-                    .list(req.clone())
-                    .await
-                    .map_err(output::status)?
-                    .into_inner();
+                let resp = crate::retry::idempotent(|| {
+                    let (mut c, req) = (tasks.clone(), req.clone());
+                    async move { c.list(req).await }
+                })
+                .await
+                .map_err(output::status)?
+                .into_inner();
                 output::tasks_page(&resp.tasks, first);
                 first = false;
                 if resp.next_page_token.is_empty() {
@@ -331,7 +219,7 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
         }
         TaskCommand::Watch { target, id } => {
             let mut tasks = TaskServiceClient::new(super::connect(&target).await?);
-            let t = wait(&mut tasks, &id, None, true).await?;
+            let t = taskfollow::wait(&mut tasks, &id, None, true).await?;
             return Ok(report(&t));
         }
         TaskCommand::Cancel { target, id, reason } => {
@@ -361,6 +249,12 @@ pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
 
 pub(crate) async fn logs(a: LogsArgs) -> Result<u8> {
     let mut tasks = TaskServiceClient::new(super::connect(&a.target).await?);
-    print_logs(&mut tasks, &a.id, a.attempt, a.follow).await?;
+    let work = crate::interrupt::Work::Task(&a.id, tasks.clone());
+    let printing = taskfollow::logs(&mut tasks, &a.id, a.attempt, a.follow);
+    if a.follow {
+        crate::interrupt::guard(work, printing).await?;
+    } else {
+        printing.await?;
+    }
     Ok(0)
 }

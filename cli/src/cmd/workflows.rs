@@ -4,7 +4,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use scabbard_common::client::AuthedChannel;
 use scabbard_common::proto::workflow_service_client::WorkflowServiceClient;
 use scabbard_common::proto::{
@@ -44,12 +44,14 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
             started(&mut wf, resp, wait, watch).await
         }
         WorkflowCommand::Get { target, id } => {
-            let mut wf = Client::new(super::connect(&target).await?);
-            let w = wf
-                .get(GetWorkflowRequest { id })
-                .await
-                .map_err(output::status)?
-                .into_inner();
+            let wf = Client::new(super::connect(&target).await?);
+            let w = crate::retry::idempotent(|| {
+                let (mut c, id) = (wf.clone(), id.clone());
+                async move { c.get(GetWorkflowRequest { id }).await }
+            })
+            .await
+            .map_err(output::status)?
+            .into_inner();
             render::show(&w, || details(&w))?;
             Ok(0)
         }
@@ -178,27 +180,66 @@ fn read_file(path: &std::path::Path) -> Result<(String, String)> {
 /// With `show`, draws each event: the tree, redrawn in place, on a terminal; one line
 /// per change otherwise. With `-o json|yaml`, every event is printed (JSON Lines), with
 /// `show` or not.
+/// A broken stream (a leader change) is followed again on a new connection to the
+/// leader; Ctrl-C says how to cancel the workflow (see [`crate::interrupt`]).
 pub(crate) async fn follow(wf: &mut Client, id: &str, show: bool) -> Result<Workflow> {
+    let work = crate::interrupt::Work::Workflow(id, wf.clone());
+    crate::interrupt::guard(work, async {
+        let mut last: Option<Workflow> = None;
+        let mut drawn = 0usize;
+        loop {
+            match follow_once(wf, id, show, &mut last, &mut drawn).await {
+                Ok(w) => return Ok(w),
+                Err(Broke::Status(s)) if crate::retry::broken_stream(&s) => {
+                    *wf = Client::new(crate::retry::reconnect(&s).await?);
+                }
+                Err(Broke::Status(s)) => return Err(output::status(s)),
+                Err(Broke::Local(e)) => return Err(e),
+            }
+        }
+    })
+    .await
+}
+
+enum Broke {
+    Status(tonic::Status),
+    Local(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Broke {
+    fn from(e: E) -> Self {
+        Broke::Local(e.into())
+    }
+}
+
+async fn follow_once(
+    wf: &mut Client,
+    id: &str,
+    show: bool,
+    last: &mut Option<Workflow>,
+    drawn: &mut usize,
+) -> Result<Workflow, Broke> {
     let tty = std::io::stdout().is_terminal();
     let structured = render::structured();
-    let mut stream = wf
-        .watch(WatchWorkflowRequest {
+    let mut stream = crate::retry::idempotent(|| {
+        let mut c = wf.clone();
+        let req = WatchWorkflowRequest {
             id: id.to_string(),
             ..Default::default()
-        })
-        .await
-        .map_err(output::status)?
-        .into_inner();
-    let mut last: Option<Workflow> = None;
-    let mut drawn = 0usize;
-    while let Some(ev) = stream.message().await.map_err(output::status)? {
+        };
+        async move { c.watch(req).await }
+    })
+    .await
+    .map_err(Broke::Status)?
+    .into_inner();
+    while let Some(ev) = stream.message().await.map_err(Broke::Status)? {
         if structured {
             render::event(&ev)?;
         }
         let Some(w) = ev.workflow else { continue };
         if show && !structured {
             if tty {
-                drawn = redraw(drawn, &view::tree(&w))?;
+                *drawn = redraw(*drawn, &view::tree(&w))?;
             } else {
                 let mut out = std::io::stdout().lock();
                 for line in view::changes(last.as_ref(), &w) {
@@ -208,15 +249,14 @@ pub(crate) async fn follow(wf: &mut Client, id: &str, show: bool) -> Result<Work
             }
         }
         let done = view::is_final(w.state());
-        last = Some(w);
+        *last = Some(w.clone());
         if done {
-            break;
+            return Ok(w);
         }
     }
-    match last {
-        Some(w) if view::is_final(w.state()) => Ok(w),
-        _ => bail!("the controller closed the watch before workflow {id} finished"),
-    }
+    Err(Broke::Status(tonic::Status::unavailable(format!(
+        "the controller closed the watch before workflow {id} finished"
+    ))))
 }
 
 /// Replaces the `drawn` lines printed last with `lines`; returns how many it printed.

@@ -18,13 +18,47 @@ fn param_type(p: &TemplateParam) -> String {
     }
 }
 
-/// The values an enum allows (`a|b|c`) or the pattern a string must match (`/re/`).
+/// The values an enum allows (`a|b|c`), the pattern a string must match (`/re/`), and
+/// an int's range (`1..=10`, `>= 1`, `<= 10`).
 fn allowed(p: &TemplateParam) -> String {
-    match (p.values.is_empty(), p.pattern.is_empty()) {
-        (false, true) => p.values.join("|"),
-        (false, false) => format!("{} /{}/", p.values.join("|"), p.pattern),
-        (true, false) => format!("/{}/", p.pattern),
-        (true, true) => "-".into(),
+    let mut parts = Vec::new();
+    if !p.values.is_empty() {
+        parts.push(p.values.join("|"));
+    }
+    if !p.pattern.is_empty() {
+        parts.push(format!("/{}/", p.pattern));
+    }
+    match (p.min, p.max) {
+        (Some(lo), Some(hi)) => parts.push(format!("{lo}..={hi}")),
+        (Some(lo), None) => parts.push(format!(">= {lo}")),
+        (None, Some(hi)) => parts.push(format!("<= {hi}")),
+        (None, None) => {}
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod allowed_tests {
+    use super::*;
+
+    #[test]
+    fn allowed_shows_int_ranges() {
+        let p = TemplateParam {
+            min: Some(1),
+            max: Some(10),
+            ..Default::default()
+        };
+        assert_eq!(allowed(&p), "1..=10");
+        let p = TemplateParam {
+            min: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(allowed(&p), ">= 0");
+        assert_eq!(allowed(&TemplateParam::default()), "-");
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use scabbard_common::Error;
 use scabbard_common::proto::{
-    Agent, Breaker, ClusterStatusRequest, ClusterStatusResponse, ControllerMember,
+    Agent, Breaker, BreakerState, ClusterStatusRequest, ClusterStatusResponse, ControllerMember,
     CreateTokenRequest, CreateTokenResponse, DrainAgentRequest, GetConfigRequest,
     GetConfigResponse, GetStatsRequest, GetStatsResponse, ListAgentsRequest, ListAgentsResponse,
     ListAuditRequest, ListAuditResponse, ListBreakersRequest, ListBreakersResponse,
@@ -84,6 +84,8 @@ impl AdminService for AdminApi {
                 })
                 .collect();
         }
+        // Without a token the counters stay empty: say so rather than show zeros.
+        status.token_needed = active.is_some() && !may_read;
         if let Some(core) = active.filter(|_| may_read)
             && let Ok(stats) = core.stats().await
         {
@@ -205,6 +207,15 @@ impl AdminService for AdminApi {
             return Err(Error::invalid("action is longer than 128 bytes").into());
         }
         let entries = audit::list(&self.store, filter.as_deref(), &r.action, limit).await?;
+        // A filter naming no known action that matches nothing is a typo, not an empty log.
+        if entries.is_empty()
+            && !r.action.is_empty()
+            && !scabbard_common::audit_actions::is_known(&r.action)
+        {
+            return Err(
+                Error::invalid(scabbard_common::audit_actions::unknown_message(&r.action)).into(),
+            );
+        }
         Ok(Response::new(ListAuditResponse { entries }))
     }
 
@@ -270,13 +281,25 @@ impl AdminService for AdminApi {
             .into());
         }
         let (key, project) = breaker_to_reset(&who, key)?;
-        let breaker = self
+        let reset = self
             .core
             .ask(|reply| CoreMsg::ResetBreaker {
                 key: key.clone(),
                 reply,
             })
-            .await?;
+            .await;
+        let breaker = match reset {
+            // A breaker that never counted a failure is closed: resetting it is a no-op
+            // (answered as a closed breaker that never tripped), not an error.
+            Err(Error::NotFound { .. }) => {
+                return Ok(Response::new(Breaker {
+                    key,
+                    state: BreakerState::Closed as i32,
+                    ..Default::default()
+                }));
+            }
+            r => r?,
+        };
         let entry = audit::entry(&who, "breaker.reset", &key, &project, "");
         audit::record(&self.store, &entry).await?;
         Ok(Response::new(breaker))

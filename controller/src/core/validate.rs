@@ -86,8 +86,11 @@ pub(crate) fn task_spec(spec: &mut TaskSpec, cfg: &ControllerConfig) -> Result<(
         spec.timeout_ms = cfg.default_task_timeout_ms;
     } else if spec.timeout_ms > cfg.max_task_timeout_ms {
         return Err(Error::invalid(format!(
-            "spec.timeout_ms {} exceeds the maximum {}",
-            spec.timeout_ms, cfg.max_task_timeout_ms
+            "spec.timeout_ms {} ({}) exceeds the maximum {} ({}; max_task_timeout_ms in the controller config)",
+            spec.timeout_ms,
+            scabbard_common::time::human_ms(spec.timeout_ms),
+            cfg.max_task_timeout_ms,
+            scabbard_common::time::human_ms(cfg.max_task_timeout_ms)
         )));
     }
     if spec.max_infra_retries.is_some_and(|n| n > 100) {

@@ -243,17 +243,14 @@ impl Registry {
     fn find(&self, name: &str, version: u32) -> Result<&Loaded> {
         let Some(versions) = self.templates.get(name) else {
             let names: Vec<&str> = self.templates.keys().map(String::as_str).collect();
-            return Err(Error::not_found(
-                "template",
-                format!(
-                    "{name} (available: {})",
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                ),
-            ));
+            return Err(Error::NotFoundListing(format!(
+                "template {name:?} not found (available: {})",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )));
         };
         let found = if version == 0 {
             versions.values().next_back()

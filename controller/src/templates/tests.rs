@@ -374,7 +374,7 @@ fn versions_resolve_and_unknown_ones_are_not_found() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(
         e.to_string()
-            .contains("nope (available: ci-pipeline, data-processing"),
+            .contains("template \"nope\" not found (available: ci-pipeline, data-processing"),
         "{e}"
     );
 }

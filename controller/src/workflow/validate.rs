@@ -61,12 +61,14 @@ pub fn workflow_spec(spec: &mut WorkflowSpec, cfg: &ControllerConfig) -> Result<
     if let Some(g) = &spec.concurrency {
         task_validate::extras::group_key("concurrency.key", &g.key)?;
     }
+    // Every problem in one answer: the structure, the expressions (their syntax alone
+    // while the structure is broken: ancestry needs an acyclic graph of known names) and
+    // each node's spec.
     let mut errors = structure(spec);
     if errors.is_empty() {
         errors.extend(references(spec));
-    }
-    if !errors.is_empty() {
-        return Err(Error::invalid(errors.join("; ")));
+    } else {
+        errors.extend(expression_syntax(spec));
     }
     for (i, t) in spec.tasks.iter_mut().enumerate() {
         let Some(task) = t.spec.as_mut() else {
@@ -134,9 +136,7 @@ fn structure(spec: &WorkflowSpec) -> Vec<String> {
             errors.push(format!("task {} lists dependency {d} twice", t.name));
         }
     }
-    if errors.is_empty()
-        && let Some(cycle) = find_cycle(spec)
-    {
+    if let Some(cycle) = find_cycle(spec) {
         errors.push(format!(
             "the dependencies form a cycle: {}",
             cycle.join(" -> ")
@@ -167,8 +167,10 @@ fn find_cycle(spec: &WorkflowSpec) -> Option<Vec<String>> {
         while let Some(&mut (node, ref mut next)) = frames.last_mut() {
             let deps = &spec.tasks[node].depends_on;
             if *next < deps.len() {
-                let dep = index[deps[*next].as_str()];
+                let dep = index.get(deps[*next].as_str()).copied();
                 *next += 1;
+                // An unknown dependency is reported on its own; it closes no cycle.
+                let Some(dep) = dep else { continue };
                 match mark[dep] {
                     0 => {
                         mark[dep] = 1;
@@ -288,6 +290,26 @@ fn references(spec: &WorkflowSpec) -> Vec<String> {
                         ));
                     }
                 }
+            }
+        });
+    }
+    errors
+}
+
+/// The syntax of every `${{ … }}` expression and `when` condition, without the ancestry
+/// checks (for a workflow whose structure is already refused).
+fn expression_syntax(spec: &WorkflowSpec) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (i, t) in spec.tasks.iter().enumerate() {
+        if let Err(e) = refs::scan(&t.when) {
+            errors.push(format!("tasks[{i}] ({}) when: {e}", t.name));
+        }
+        let Some(mut task) = t.spec.clone() else {
+            continue;
+        };
+        refs::for_each_string(&mut task, &mut |field, s| {
+            if let Err(e) = refs::scan(s) {
+                errors.push(format!("tasks[{i}] ({}) {field}: {e}", t.name));
             }
         });
     }

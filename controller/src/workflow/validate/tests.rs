@@ -262,3 +262,19 @@ fn too_many_dependency_edges_are_refused() {
     let e = err(wf(tasks));
     assert!(e.contains("44850 dependencies"), "{e}");
 }
+
+#[test]
+fn a_cycle_bad_expressions_and_bad_specs_are_reported_in_one_answer() {
+    let mut bad_spec = node("c", &[], "true");
+    bad_spec.spec.as_mut().unwrap().priority = 5000;
+    let e = err(wf(vec![
+        node("a", &["b"], "echo ${{ tasks.b.outputs.v"),
+        node("b", &["a"], "true"),
+        bad_spec,
+        node("d", &["ghost"], "true"),
+    ]));
+    assert!(e.contains("cycle: "), "{e}");
+    assert!(e.contains("unknown task(s): ghost"), "{e}");
+    assert!(e.contains("tasks[0] (a)"), "the bad expression too: {e}");
+    assert!(e.contains("tasks[2] (c)") && e.contains("priority"), "{e}");
+}

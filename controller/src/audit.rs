@@ -23,26 +23,9 @@ use crate::store::{Op, Store, Txn};
 /// Store key prefix of audit entries.
 pub const AUDIT_PREFIX: &str = "audit/";
 
-/// Every action the controller records (what `scabbard audit --action` may filter on).
-pub const ACTIONS: &[&str] = &[
-    "cluster.bootstrap",
-    "token.create",
-    "token.revoke",
-    "project.create",
-    "project.update",
-    "project.delete",
-    "agent.drain",
-    "breaker.reset",
-    "schedule.create",
-    "schedule.pause",
-    "schedule.resume",
-    "schedule.delete",
-    "task.submit",
-    "task.cancel",
-    "workflow.submit",
-    "workflow.cancel",
-    "template.run",
-];
+/// Every action the controller records (what `scabbard audit --action` may filter on):
+/// one list, shared with the CLI.
+pub use scabbard_common::audit_actions::KNOWN as ACTIONS;
 
 /// Entries the sink holds before it refuses more (each is well under 1 KiB).
 const SINK_CAPACITY: usize = 100_000;

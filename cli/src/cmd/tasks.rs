@@ -10,7 +10,6 @@ use scabbard_common::proto::{
 
 use super::taskfollow;
 use crate::args::{LogsArgs, SubmitArgs, TaskCommand};
-use crate::output::placement;
 use crate::{output, progress, render};
 
 pub(crate) async fn submit(a: SubmitArgs) -> Result<u8> {

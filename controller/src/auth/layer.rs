@@ -50,6 +50,7 @@ pub fn rule(path: &str) -> Rule {
         ("AdminService", "ListAgents" | "WhoAmI") => Rule::Api(Scope::Read),
         ("AdminService", "ListBreakers") => Rule::Api(Scope::Read),
         ("AdminService", "DrainAgent" | "ListAudit" | "ResetBreaker") => Rule::Api(Scope::Operator),
+        ("AdminService", "UndrainAgent" | "RemoveAgent") => Rule::Api(Scope::Operator),
         ("AdminService", _) => Rule::Api(Scope::Admin),
         // Uploads come from the agent running the attempt; downloads from agents (inputs
         // of their attempts) and readers (results); the service checks which.

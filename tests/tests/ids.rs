@@ -139,7 +139,10 @@ fn unique_prefix<'a>(id: &'a str, all: &[String]) -> &'a str {
 fn common_prefix(ids: &[String]) -> String {
     let first = &ids[0];
     let n = (0..first.len())
-        .take_while(|&i| ids.iter().all(|o| o.as_bytes().get(i) == first.as_bytes().get(i)))
+        .take_while(|&i| {
+            ids.iter()
+                .all(|o| o.as_bytes().get(i) == first.as_bytes().get(i))
+        })
         .count();
     first[..n].to_string()
 }
@@ -181,7 +184,10 @@ fn unique_prefixes_and_names_resolve_and_ambiguous_ones_list_the_matches() -> Re
         assert_eq!(t["id"], id.as_str(), "prefix {p}");
     }
     let shared = common_prefix(&ids);
-    ensure!(shared.len() >= 4, "tasks submitted together share {shared:?}");
+    ensure!(
+        shared.len() >= 4,
+        "tasks submitted together share {shared:?}"
+    );
     let err = env.fails(&["task", "get", &shared])?;
     assert!(
         err.contains("INVALID_ARGUMENT") && err.contains("ambiguous"),

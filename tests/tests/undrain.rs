@@ -88,9 +88,11 @@ impl Env {
 
     /// Waits until agent `name` has `status` (`AGENT_STATUS_…`); returns it.
     fn wait_status(&self, name: &str, status: &str) -> Result<Value> {
-        until(&format!("{name} to be {status}"), Duration::from_secs(30), || {
-            Ok(self.agent(name)?.filter(|a| a["status"] == status))
-        })
+        until(
+            &format!("{name} to be {status}"),
+            Duration::from_secs(30),
+            || Ok(self.agent(name)?.filter(|a| a["status"] == status)),
+        )
     }
 
     fn submit(&self, script: &str) -> Result<String> {
@@ -173,7 +175,10 @@ fn undrain_returns_an_agent_to_service_and_both_survive_a_controller_restart() -
     // Undrained by a unique prefix of its id (without `agent-`): the held task runs.
     let prefix = &id["agent-".len()..id.len() - 4];
     let out = env.ok(&["agents", "undrain", prefix, "--reason", "done"])?;
-    assert!(out.contains("back in service") && out.contains(&id), "{out}");
+    assert!(
+        out.contains("back in service") && out.contains(&id),
+        "{out}"
+    );
     env.wait_state(&held, "TASK_STATE_SUCCEEDED")?;
     env.wait_status("w1", "AGENT_STATUS_CONNECTED")?;
 

@@ -368,4 +368,44 @@ mod tests {
         ));
         assert!(matches!(agent(&agents, "01k"), Err(Error::NotFound { .. })));
     }
+
+    #[test]
+    fn schedules_and_tokens_resolve_by_name_and_prefix() {
+        let sched = |id: &str, name: &str, project: &str| Schedule {
+            id: id.into(),
+            project: project.into(),
+            spec: Some(scabbard_common::proto::ScheduleSpec {
+                name: name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let list = vec![
+            sched("01kaaa0000000000000000000a", "nightly", "web"),
+            sched("01kaaa0000000000000000000b", "weekly", "web"),
+            sched("01kbbb0000000000000000000c", "nightly", "api"),
+        ];
+        assert_eq!(schedule(&list, "weekly").unwrap(), list[1].id);
+        assert_eq!(schedule(&list, "01kbbb").unwrap(), list[2].id);
+        let e = schedule(&list, "nightly").unwrap_err().to_string();
+        assert!(
+            e.contains("project web") && e.contains("project api"),
+            "{e}"
+        );
+        assert!(schedule(&list[..2], "01kaaa").is_err());
+        assert_eq!(schedule(&list[..2], "nightly").unwrap(), list[0].id);
+        let tok = |id: &str, name: &str| TokenInfo {
+            id: id.into(),
+            name: name.into(),
+            ..Default::default()
+        };
+        let tokens = vec![tok("tok_01kaaa11", "ci"), tok("tok_01kbbb22", "deploy")];
+        assert_eq!(token(&tokens, "deploy").unwrap(), "tok_01kbbb22");
+        assert_eq!(token(&tokens, "01kaaa").unwrap(), "tok_01kaaa11");
+        assert_eq!(token(&tokens, "tok_01kb").unwrap(), "tok_01kbbb22");
+        assert!(matches!(
+            token(&tokens, "tok_01kc"),
+            Err(Error::NotFound { .. })
+        ));
+    }
 }

@@ -239,6 +239,12 @@ mod tests {
             rule("/scabbard.v1.AdminService/DrainAgent"),
             Rule::Api(Scope::Operator)
         );
+        for m in ["UndrainAgent", "RemoveAgent"] {
+            assert_eq!(
+                rule(&format!("/scabbard.v1.AdminService/{m}")),
+                Rule::Api(Scope::Operator)
+            );
+        }
         assert_eq!(
             rule("/scabbard.v1.AdminService/CreateToken"),
             Rule::Api(Scope::Admin)

@@ -142,7 +142,7 @@ pub(crate) enum ArtifactsCommand {
     List {
         #[command(flatten)]
         target: Target,
-        /// Task id or workflow id.
+        /// Task id or workflow id (or a unique prefix of one).
         id: String,
     },
     /// Download artifacts, check their SHA-256 and unpack each into DIR/<name> (a file

@@ -203,6 +203,9 @@ fn unique_prefixes_and_names_resolve_and_ambiguous_ones_list_the_matches() -> Re
     let p = unique_prefix(&ids[1], &all_tasks);
     let text = env.ok(&["logs", p])?;
     assert!(text.contains("task-1"), "{text}");
+    // Artifacts of a task by prefix (it serves none).
+    let served = env.json(&["artifacts", "list", p])?;
+    assert_eq!(served, serde_json::json!([]), "{served}");
 
     // Workflows: by prefix; a workflow id given to `logs` points to `workflow logs`.
     let file = env.dir.path().join("wf.yaml");

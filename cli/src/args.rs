@@ -173,7 +173,7 @@ pub(crate) enum ArtifactsCommand {
     List {
         #[command(flatten)]
         target: Target,
-        /// Task id or workflow id.
+        /// Task id or workflow id (or a unique prefix of one).
         id: String,
     },
     /// Download artifacts, check their SHA-256 and unpack each into DIR/<name> (a file
@@ -594,7 +594,7 @@ pub(crate) enum TaskCommand {
     Get {
         #[command(flatten)]
         target: Target,
-        /// Task id.
+        /// Task id (or a unique prefix of it).
         id: String,
     },
     /// List tasks, newest first.
@@ -631,7 +631,7 @@ pub(crate) enum TaskCommand {
     Cancel {
         #[command(flatten)]
         target: Target,
-        /// Task id.
+        /// Task id (or a unique prefix of it).
         id: String,
         /// Why: recorded in the audit log (`scabbard audit --action task.cancel`), not in
         /// the task's result.
@@ -652,7 +652,7 @@ pub(crate) enum TaskCommand {
 pub(crate) struct LogsArgs {
     #[command(flatten)]
     pub(crate) target: Target,
-    /// Task id.
+    /// Task id (or a unique prefix of it).
     pub(crate) id: String,
     /// Keep streaming until the task finishes.
     #[arg(long, short = 'f')]
@@ -673,9 +673,29 @@ pub(crate) enum AgentsCommand {
     Drain {
         #[command(flatten)]
         target: Target,
-        /// Agent id.
+        /// Agent id, unique id prefix or name.
         id: String,
         /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Return a drained agent to service (the state survives restarts).
+    Undrain {
+        #[command(flatten)]
+        target: Target,
+        /// Agent id, unique id prefix or name.
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Remove a LOST agent (its record and tokens); a connected one is refused.
+    Remove {
+        #[command(flatten)]
+        target: Target,
+        /// Agent id, unique id prefix or name.
+        id: String,
+        /// Why (recorded in the audit log).
         #[arg(long, default_value = "")]
         reason: String,
     },

@@ -352,6 +352,19 @@ impl Connection {
         info!(agent = %id.agent_id, resumed = welcome.resume.len(), "session open");
         crate::metrics::session(true);
         self.link.welcomed(&welcome);
+        // An operator's drain (or undrain) holds across sessions; a shutdown drains anyway.
+        if self.stop_at.is_none() && self.draining != welcome.drained {
+            info!(
+                drained = welcome.drained,
+                "the controller says this agent is {}",
+                if welcome.drained {
+                    "drained"
+                } else {
+                    "in service"
+                }
+            );
+            self.draining = welcome.drained;
+        }
         let mut pump = Pump {
             runner: self.runner.clone(),
             tx: req_tx,
@@ -389,7 +402,8 @@ impl Connection {
                 _ = ticker.tick() => {
                     let mut hb = Heartbeat {
                         free_slots: self.runner.slots.saturating_sub(self.runner.running()),
-                        draining: self.draining,
+                        // Only a shutdown: an operator's drain is the controller's own.
+                        draining: self.stop_at.is_some(),
                         ..Default::default()
                     };
                     let now = self.runner.capabilities();
@@ -453,6 +467,14 @@ impl Connection {
             Some(Msg::Drain(d)) => {
                 info!(reason = %d.reason, "draining: no new work will be accepted");
                 self.draining = true;
+                Ok(())
+            }
+            Some(Msg::Undrain(u)) => {
+                // A worker that is shutting down stays drained.
+                if self.stop_at.is_none() {
+                    info!(reason = %u.reason, "undrained: taking new work again");
+                    self.draining = false;
+                }
                 Ok(())
             }
             Some(Msg::Welcome(_)) | None => Ok(()),

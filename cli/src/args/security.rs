@@ -92,7 +92,7 @@ pub(crate) enum TokenCommand {
     Revoke {
         #[command(flatten)]
         target: Target,
-        /// Token id (see `scabbard token list`).
+        /// Token id, unique id prefix or name (see `scabbard token list`).
         id: String,
         /// Why (recorded in the audit log).
         #[arg(long, default_value = "")]

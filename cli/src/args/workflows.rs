@@ -36,7 +36,7 @@ pub(crate) enum WorkflowCommand {
     Get {
         #[command(flatten)]
         target: Target,
-        /// Workflow id.
+        /// Workflow id (or a unique prefix of it).
         id: String,
     },
     /// List workflows, newest first.
@@ -67,7 +67,7 @@ pub(crate) enum WorkflowCommand {
     Cancel {
         #[command(flatten)]
         target: Target,
-        /// Workflow id.
+        /// Workflow id (or a unique prefix of it).
         id: String,
         /// Why (recorded in the workflow).
         #[arg(long, default_value = "")]
@@ -78,7 +78,7 @@ pub(crate) enum WorkflowCommand {
     Watch {
         #[command(flatten)]
         target: Target,
-        /// Workflow id.
+        /// Workflow id (or a unique prefix of it).
         id: String,
     },
 }
@@ -219,28 +219,28 @@ pub(crate) enum ScheduleCommand {
     Get {
         #[command(flatten)]
         target: Target,
-        /// Schedule id.
+        /// Schedule id, name or unique id prefix.
         id: String,
     },
     /// Stop a schedule's ticks until it is resumed.
     Pause {
         #[command(flatten)]
         target: Target,
-        /// Schedule id.
+        /// Schedule id, name or unique id prefix.
         id: String,
     },
     /// Resume a paused schedule from now (ticks missed while paused do not run).
     Resume {
         #[command(flatten)]
         target: Target,
-        /// Schedule id.
+        /// Schedule id, name or unique id prefix.
         id: String,
     },
     /// Delete a schedule (its workflows stay).
     Delete {
         #[command(flatten)]
         target: Target,
-        /// Schedule id.
+        /// Schedule id, name or unique id prefix.
         id: String,
     },
 }

@@ -1,10 +1,10 @@
-//! `scabbard agents list|drain`, `scabbard breakers list|reset`, `scabbard status`.
+//! `scabbard agents list|drain|undrain|remove`, `scabbard breakers list|reset`, `scabbard status`.
 
 use anyhow::Result;
 use scabbard_common::client::AdminServiceClient;
 use scabbard_common::proto::{
     BreakerState, ClusterStatusRequest, DrainAgentRequest, ListAgentsRequest, ListBreakersRequest,
-    ResetBreakerRequest,
+    RemoveAgentRequest, ResetBreakerRequest, UndrainAgentRequest,
 };
 
 use crate::args::{AgentsCommand, BreakersCommand, Target};
@@ -34,6 +34,34 @@ pub(crate) async fn agents(c: AgentsCommand) -> Result<u8> {
                 .into_inner();
             render::show(&a, || {
                 say!("agent {} is draining ({} running)", a.id, a.running)
+            })?;
+        }
+        AgentsCommand::Undrain { target, id, reason } => {
+            let mut admin = AdminServiceClient::new(super::connect(&target).await?);
+            let a = admin
+                .undrain_agent(UndrainAgentRequest { id, reason })
+                .await
+                .map_err(output::status)?
+                .into_inner();
+            render::show(&a, || {
+                say!("agent {} ({}) is back in service", a.id, a.name)
+            })?;
+        }
+        AgentsCommand::Remove { target, id, reason } => {
+            let mut admin = AdminServiceClient::new(super::connect(&target).await?);
+            let r = admin
+                .remove_agent(RemoveAgentRequest { id, reason })
+                .await
+                .map_err(output::status)?
+                .into_inner();
+            render::show(&r, || {
+                let a = r.agent.clone().unwrap_or_default();
+                say!(
+                    "agent {} ({}) removed; {} agent token(s) revoked",
+                    a.id,
+                    a.name,
+                    r.revoked_tokens
+                )
             })?;
         }
     }

@@ -8,9 +8,9 @@ use scabbard_common::proto::{
     CreateTokenRequest, CreateTokenResponse, DrainAgentRequest, GetConfigRequest,
     GetConfigResponse, GetStatsRequest, GetStatsResponse, ListAgentsRequest, ListAgentsResponse,
     ListAuditRequest, ListAuditResponse, ListBreakersRequest, ListBreakersResponse,
-    ListTokensRequest, ListTokensResponse, ProjectQueue,
-    ResetBreakerRequest, RevokeTokenRequest, TokenInfo, TokenKind, WhoAmIRequest, WhoAmIResponse,
-    admin_service_server::AdminService,
+    ListTokensRequest, ListTokensResponse, ProjectQueue, RemoveAgentRequest, RemoveAgentResponse,
+    ResetBreakerRequest, RevokeTokenRequest, TokenInfo, TokenKind, UndrainAgentRequest,
+    WhoAmIRequest, WhoAmIResponse, admin_service_server::AdminService,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,6 +29,29 @@ pub struct AdminApi {
     pub(crate) advertise: String,
     /// The effective configuration, secrets hidden (`GetConfig`).
     pub(crate) config: Arc<GetConfigResponse>,
+}
+
+impl AdminApi {
+    /// The id of the agent `input` names: an id, a name or a unique id prefix (see
+    /// `crate::resolve`).
+    async fn agent_id(&self, input: &str) -> Result<String, Status> {
+        if input.is_empty() {
+            return Err(Error::invalid("id is required: an agent id, id prefix or name").into());
+        }
+        if input.len() > 256 {
+            return Err(Error::invalid("id is longer than 256 bytes").into());
+        }
+        let agents = self.core.ask(|reply| CoreMsg::ListAgents { reply }).await?;
+        Ok(crate::resolve::agent(&agents, input)?)
+    }
+}
+
+/// Checks an operator's reason (at most 1024 bytes).
+fn check_reason(reason: &str) -> Result<(), Status> {
+    if reason.len() > 1024 {
+        return Err(Error::invalid("reason is longer than 1024 bytes").into());
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -116,21 +139,19 @@ impl AdminService for AdminApi {
         let who = auth::principal(&req)?;
         who.require_cluster_wide("draining an agent (agents serve every project)")?;
         let r = req.into_inner();
-        validate::id("agent", &r.id)?;
-        if r.reason.len() > 1024 {
-            return Err(Error::invalid("reason is longer than 1024 bytes").into());
-        }
+        check_reason(&r.reason)?;
+        let id = self.agent_id(&r.id).await?;
         let entry = audit::entry(
             &who,
             "agent.drain",
-            &r.id,
+            &id,
             auth::ALL_PROJECTS,
             r.reason.clone(),
         );
         let agent = self
             .core
             .ask(|reply| CoreMsg::DrainAgent {
-                id: r.id,
+                id,
                 reason: r.reason,
                 reply,
             })
@@ -172,12 +193,21 @@ impl AdminService for AdminApi {
     ) -> Result<Response<TokenInfo>, Status> {
         let who = auth::principal(&req)?;
         let r = req.into_inner();
-        validate::id("token", &r.id)?;
-        if r.reason.len() > 1024 {
-            return Err(Error::invalid("reason is longer than 1024 bytes").into());
-        }
+        check_reason(&r.reason)?;
+        // A known id as given (another project's is refused by `revoke_token`); else a
+        // name or unique id prefix among the tokens the caller may see.
+        let id = if self.catalog.token(&r.id).is_some() {
+            r.id
+        } else {
+            let filter = who.list_filter("")?;
+            let visible = self
+                .catalog
+                .list_tokens(filter.as_deref(), TokenKind::Unspecified, true);
+            crate::resolve::token(&visible, &r.id)?
+        };
+        validate::id("token", &id)?;
         Ok(Response::new(
-            self.catalog.revoke_token(&who, &r.id, &r.reason).await?,
+            self.catalog.revoke_token(&who, &id, &r.reason).await?,
         ))
     }
 
@@ -303,6 +333,77 @@ impl AdminService for AdminApi {
         let entry = audit::entry(&who, "breaker.reset", &key, &project, "");
         audit::record(&self.store, &entry).await?;
         Ok(Response::new(breaker))
+    }
+
+    async fn undrain_agent(
+        &self,
+        req: Request<UndrainAgentRequest>,
+    ) -> Result<Response<Agent>, Status> {
+        let who = auth::principal(&req)?;
+        who.require_cluster_wide("undraining an agent (agents serve every project)")?;
+        let r = req.into_inner();
+        check_reason(&r.reason)?;
+        let id = self.agent_id(&r.id).await?;
+        let entry = audit::entry(
+            &who,
+            "agent.undrain",
+            &id,
+            auth::ALL_PROJECTS,
+            r.reason.clone(),
+        );
+        let agent = self
+            .core
+            .ask(|reply| CoreMsg::UndrainAgent {
+                id,
+                reason: r.reason,
+                reply,
+            })
+            .await?;
+        audit::record(&self.store, &entry).await?;
+        Ok(Response::new(agent))
+    }
+
+    async fn remove_agent(
+        &self,
+        req: Request<RemoveAgentRequest>,
+    ) -> Result<Response<RemoveAgentResponse>, Status> {
+        let who = auth::principal(&req)?;
+        who.require_cluster_wide("removing an agent (agents serve every project)")?;
+        let r = req.into_inner();
+        check_reason(&r.reason)?;
+        let id = self.agent_id(&r.id).await?;
+        let entry = audit::entry(
+            &who,
+            "agent.remove",
+            &id,
+            auth::ALL_PROJECTS,
+            r.reason.clone(),
+        );
+        let agent = self
+            .core
+            .ask(|reply| CoreMsg::RemoveAgent {
+                id: id.clone(),
+                reply,
+            })
+            .await?;
+        // Its tokens go too: the worker, should it come back, registers anew.
+        let mut revoked_tokens = 0;
+        for t in self
+            .catalog
+            .list_tokens(None, TokenKind::Agent, false)
+            .into_iter()
+            .filter(|t| t.agent_id == id)
+        {
+            self.catalog
+                .revoke_token(&who, &t.id, "its agent was removed")
+                .await?;
+            revoked_tokens += 1;
+        }
+        audit::record(&self.store, &entry).await?;
+        Ok(Response::new(RemoveAgentResponse {
+            agent: Some(agent),
+            revoked_tokens,
+        }))
     }
 }
 

@@ -126,6 +126,8 @@ impl AgentService for AgentApi {
             }),
             // The token lives in the catalog (tokens/<id>), bound to this agent id.
             token_sha256: String::new(),
+            // The core keeps an operator's drain across a re-registration.
+            drained: false,
         };
         self.core
             .ask(|reply| CoreMsg::Register { stored, reply })

@@ -22,7 +22,19 @@ pub struct ScheduleApi {
 }
 
 impl ScheduleApi {
-    async fn visible(&self, who: &Principal, id: String) -> Result<Schedule, Status> {
+    /// The schedule `input` names (an id, a name or a unique id prefix; see
+    /// `crate::resolve`), if the caller may see it.
+    async fn visible(&self, who: &Principal, input: String) -> Result<Schedule, Status> {
+        let id = if input.len() == 26 && validate::id("schedule", &input).is_ok() {
+            input
+        } else {
+            let project = who.list_filter("")?.unwrap_or_default();
+            let mine = self
+                .core
+                .call(|reply| CoreMsg::ListSchedules { project, reply })
+                .await?;
+            crate::resolve::schedule(&mine, &input)?
+        };
         validate::id("schedule", &id)?;
         let s = self
             .core
@@ -41,7 +53,7 @@ impl ScheduleApi {
     }
 
     async fn pause(&self, who: &Principal, id: String, pause: bool) -> Result<Schedule, Status> {
-        self.visible(who, id.clone()).await?;
+        let id = self.visible(who, id).await?.id;
         let s = self
             .core
             .ask(|reply| CoreMsg::PauseSchedule { id, pause, reply })
@@ -135,8 +147,8 @@ impl ScheduleService for ScheduleApi {
         req: Request<DeleteScheduleRequest>,
     ) -> Result<Response<DeleteScheduleResponse>, Status> {
         let who = auth::principal(&req)?;
-        let id = req.into_inner().id;
-        let s = self.visible(&who, id.clone()).await?;
+        let s = self.visible(&who, req.into_inner().id).await?;
+        let id = s.id.clone();
         self.core
             .ask(|reply| CoreMsg::DeleteSchedule { id, reply })
             .await?;

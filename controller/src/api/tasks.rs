@@ -53,10 +53,38 @@ impl TaskApi {
     }
 
     /// The task, if the caller's project may see it (`PERMISSION_DENIED` otherwise).
-    async fn visible_task(&self, who: &Principal, id: String) -> Result<Task, Status> {
+    /// `input` is a task id or a unique prefix of one (see `crate::resolve`).
+    async fn visible_task(&self, who: &Principal, input: String) -> Result<Task, Status> {
+        self.visible_task_for(who, input, "get").await
+    }
+
+    /// [`visible_task`](Self::visible_task) for the command `verb` (`get`, `logs`, …): a
+    /// workflow's id is answered with the workflow command to use instead.
+    async fn visible_task_for(
+        &self,
+        who: &Principal,
+        input: String,
+        verb: &str,
+    ) -> Result<Task, Status> {
+        let store = self.catalog.store().as_ref();
+        let id = match crate::resolve::task(store, who, &input).await {
+            Err(e @ Error::NotFound { .. }) => {
+                return Err(crate::resolve::not_a_task(store, who, &input, verb, e)
+                    .await
+                    .into());
+            }
+            other => other?,
+        };
         validate::id("task", &id)?;
         // From the core while it holds the task, else from the store (off the core).
-        let task = self.core.current()?.task(&id).await?;
+        let task = match self.core.current()?.task(&id).await {
+            Err(e @ Error::NotFound { .. }) => {
+                return Err(crate::resolve::not_a_task(store, who, &input, verb, e)
+                    .await
+                    .into());
+            }
+            other => other?,
+        };
         who.check_visible("task", &task.id, &task.project)?;
         Ok(task)
     }
@@ -218,7 +246,7 @@ impl TaskService for TaskApi {
         if r.reason.len() > 1024 {
             return Err(Error::invalid("reason is longer than 1024 bytes").into());
         }
-        let task = self.visible_task(&who, r.id.clone()).await?;
+        let task = self.visible_task_for(&who, r.id.clone(), "cancel").await?;
         let entry = audit::entry(
             &who,
             "task.cancel",
@@ -229,7 +257,7 @@ impl TaskService for TaskApi {
         let cancelled = self
             .core
             .ask(|reply| CoreMsg::Cancel {
-                id: r.id,
+                id: task.id.clone(),
                 reason: r.reason,
                 reply,
             })
@@ -260,8 +288,17 @@ impl TaskService for TaskApi {
         req: Request<WatchTasksRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = auth::principal(&req)?;
-        let r = req.into_inner();
-        for id in &r.ids {
+        let mut r = req.into_inner();
+        for id in &mut r.ids {
+            let store = self.catalog.store().as_ref();
+            *id = match crate::resolve::task(store, &who, id).await {
+                Err(e @ Error::NotFound { .. }) => {
+                    return Err(crate::resolve::not_a_task(store, &who, id, "watch", e)
+                        .await
+                        .into());
+                }
+                other => other?,
+            };
             validate::id("task", id)?;
         }
         if r.after_revision < 0 {
@@ -411,7 +448,9 @@ impl TaskService for TaskApi {
     ) -> Result<Response<Self::LogsStream>, Status> {
         let who = auth::principal(&req)?;
         let r = req.into_inner();
-        let task = self.visible_task(&who, r.task_id.clone()).await?;
+        let task = self
+            .visible_task_for(&who, r.task_id.clone(), "logs")
+            .await?;
         if r.attempt as usize > task.attempts.len() {
             return Err(Error::invalid(format!(
                 "task {} has {} attempts; attempt {} does not exist",
@@ -428,7 +467,7 @@ impl TaskService for TaskApi {
             core: self.core.clone(),
             logs: current.logs().clone(),
             archive: current.archive().cloned(),
-            task_id: r.task_id,
+            task_id: task.id.clone(),
             follow_latest: r.attempt == 0,
             attempt: if r.attempt == 0 {
                 task.fencing_token as u32

@@ -106,7 +106,10 @@ pub(crate) async fn submit(
 }
 
 impl WorkflowApi {
-    async fn visible(&self, who: &Principal, id: String) -> Result<Workflow, Status> {
+    /// The workflow `input` (an id or a unique prefix of one) names, if the caller may
+    /// see it.
+    async fn visible(&self, who: &Principal, input: String) -> Result<Workflow, Status> {
+        let id = crate::resolve::workflow(self.catalog.store().as_ref(), who, &input).await?;
         validate::id("workflow", &id)?;
         // From the core while it holds the workflow, else from the store (off the core).
         let wf = self.core.current()?.workflow(&id).await?;
@@ -216,7 +219,7 @@ impl WorkflowService for WorkflowApi {
         let wf = match self
             .core
             .ask(|reply| CoreMsg::CancelWorkflow {
-                id: r.id,
+                id: wf.id.clone(),
                 reason: r.reason,
                 reply,
             })
@@ -243,7 +246,7 @@ impl WorkflowService for WorkflowApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = auth::principal(&req)?;
         let r = req.into_inner();
-        let id = r.id;
+        let id = crate::resolve::workflow(self.catalog.store().as_ref(), &who, &r.id).await?;
         validate::id("workflow", &id)?;
         if r.after_revision < 0 {
             return Err(Error::invalid("after_revision must not be negative").into());

@@ -235,6 +235,13 @@ impl Artifacts {
                 ));
             }
         };
+        // A unique id prefix works too (see `crate::resolve`).
+        let store = self.core.current()?.store().clone();
+        let id = if workflow {
+            crate::resolve::workflow(store.as_ref(), who, &id).await?
+        } else {
+            crate::resolve::task(store.as_ref(), who, &id).await?
+        };
         check_id(if workflow { "workflow_id" } else { "task_id" }, &id)?;
         let served = self.served(&id, workflow).await?;
         who.check_visible(what, &id, &served.project)?;

@@ -53,6 +53,7 @@ pub fn rule(path: &str) -> Rule {
         ("AdminService", "DrainAgent" | "ListAudit" | "ResetBreaker") => Rule::Api(Scope::Operator),
         // The effective configuration, secrets hidden (see crate::config_view).
         ("AdminService", "GetConfig") => Rule::Api(Scope::Operator),
+        ("AdminService", "UndrainAgent" | "RemoveAgent") => Rule::Api(Scope::Operator),
         ("AdminService", _) => Rule::Api(Scope::Admin),
         // Uploads come from the agent running the attempt; downloads from agents (inputs
         // of their attempts) and readers (results); the service checks which.
@@ -241,6 +242,12 @@ mod tests {
             rule("/scabbard.v1.AdminService/DrainAgent"),
             Rule::Api(Scope::Operator)
         );
+        for m in ["UndrainAgent", "RemoveAgent"] {
+            assert_eq!(
+                rule(&format!("/scabbard.v1.AdminService/{m}")),
+                Rule::Api(Scope::Operator)
+            );
+        }
         assert_eq!(
             rule("/scabbard.v1.AdminService/CreateToken"),
             Rule::Api(Scope::Admin)

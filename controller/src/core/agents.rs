@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use prost::Message;
 use scabbard_common::proto::{
     Agent, AgentStatus, CancelAttempt, ControllerMessage, Drain, Hello, Resume, StoredAgent,
     TaskState, Welcome, agent_message, controller_message,
@@ -18,11 +17,20 @@ use super::{AGENT_PREFIX, AgentEntry, Attached, Conn, Reply, State, agent_effect
 static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl State {
-    pub(super) async fn register(&mut self, stored: StoredAgent, reply: Reply<()>) {
+    pub(super) async fn register(&mut self, mut stored: StoredAgent, reply: Reply<()>) {
         let Some(agent) = stored.agent.clone() else {
             let _ = reply.send(Err(Error::internal("register without agent")));
             return;
         };
+        // Re-registering keeps an operator's drain.
+        if let Some(e) = self.agents.get(&agent.id)
+            && e.stored.drained
+        {
+            stored.drained = true;
+            if let Some(a) = stored.agent.as_mut() {
+                a.draining = true;
+            }
+        }
         let entry = self
             .agents
             .entry(agent.id.clone())
@@ -40,7 +48,7 @@ impl State {
         info!(agent = %agent.id, name = %agent.name, "agent registered");
         self.write(
             format!("{AGENT_PREFIX}{}", agent.id),
-            Some(stored.encode_to_vec()),
+            Some(super::agent_admin::record(&stored)),
             vec![reply_effect(reply, ())],
         )
         .await;
@@ -69,7 +77,10 @@ impl State {
             ))));
             return;
         };
+        let drained = entry.stored.drained;
         if let Some(a) = entry.stored.agent.as_mut() {
+            // A new session: only an operator's drain carries over (not a shutdown's).
+            a.draining = drained;
             a.capabilities = hello.capabilities.clone();
             a.labels = hello.labels.clone();
             a.slots = hello.slots;
@@ -167,6 +178,7 @@ impl State {
             max_artifact_bytes: self.cfg.artifacts.max_artifact_bytes,
             max_task_artifact_bytes: self.cfg.artifacts.max_task_artifact_bytes,
             archives_logs: self.archive.is_some(),
+            drained: stored.drained,
         };
         info!(agent = %agent_id, session, resumed = attempts.len(), log_replays = replays.len(), lost = lost.len(), "agent attached");
         for t in lost {
@@ -199,7 +211,7 @@ impl State {
         }
         self.write(
             format!("{AGENT_PREFIX}{agent_id}"),
-            Some(stored.encode_to_vec()),
+            Some(super::agent_admin::record(&stored)),
             effects,
         )
         .await;
@@ -354,6 +366,7 @@ impl State {
             let _ = reply.send(Err(Error::not_found("agent", id)));
             return;
         };
+        entry.stored.drained = true;
         if let Some(a) = entry.stored.agent.as_mut() {
             a.draining = true;
         }
@@ -372,7 +385,7 @@ impl State {
         effects.insert(0, reply_effect(reply, view));
         self.write(
             format!("{AGENT_PREFIX}{id}"),
-            Some(stored.encode_to_vec()),
+            Some(super::agent_admin::record(&stored)),
             effects,
         )
         .await;

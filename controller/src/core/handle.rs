@@ -109,6 +109,11 @@ impl CoreHandle {
         &self.logs
     }
 
+    /// The cluster-state store this core writes to.
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// Where finished attempts' logs are archived (None: no blob store).
     pub fn archive(&self) -> Option<&Arc<crate::logstore::archive::LogArchive>> {
         self.archive.as_ref()

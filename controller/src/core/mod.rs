@@ -7,6 +7,7 @@
 //! On start it rebuilds itself from the store. A failed commit ends its term: it stops, and
 //! the controller starts a new term that rebuilds from the store again.
 
+mod agent_admin;
 pub(crate) mod agent_tx;
 mod agents;
 pub(crate) mod archive;
@@ -472,6 +473,8 @@ impl State {
                     .collect()));
             }
             CoreMsg::DrainAgent { id, reason, reply } => self.drain(id, reason, reply).await,
+            CoreMsg::UndrainAgent { id, reason, reply } => self.undrain(id, reason, reply).await,
+            CoreMsg::RemoveAgent { id, reply } => self.remove_agent(id, reply).await,
             CoreMsg::SubmitWorkflow {
                 spec,
                 idempotency_key,

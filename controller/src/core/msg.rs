@@ -96,6 +96,17 @@ pub(crate) enum CoreMsg {
         reason: String,
         reply: Reply<Agent>,
     },
+    /// Returns a drained agent to service (see `agent_admin`).
+    UndrainAgent {
+        id: String,
+        reason: String,
+        reply: Reply<Agent>,
+    },
+    /// Forgets a lost agent (see `agent_admin`).
+    RemoveAgent {
+        id: String,
+        reply: Reply<Agent>,
+    },
     Stats {
         reply: oneshot::Sender<CoreStats>,
     },

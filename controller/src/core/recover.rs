@@ -25,11 +25,15 @@ impl State {
         let old_agents = std::mem::take(&mut self.agents);
         drop(old_agents); // dropping the senders ends every session; workers reconnect.
         for kv in self.load_prefix(AGENT_PREFIX).await? {
-            let stored = StoredAgent::decode(kv.value.as_slice())
+            let mut stored = StoredAgent::decode(kv.value.as_slice())
                 .map_err(|e| Error::internal(format!("corrupt agent record {}: {e}", kv.key)))?;
-            let Some(agent) = stored.agent.as_ref() else {
+            // Records written before `drained` existed kept a drain in `agent.draining`.
+            let Some(agent) = stored.agent.as_mut() else {
                 continue;
             };
+            stored.drained |= agent.draining;
+            agent.draining = stored.drained;
+            let agent = stored.agent.as_ref().expect("checked above");
             let id = agent.id.clone();
             let last_seen_ms = agent.last_seen_ms;
             self.agents.insert(

@@ -113,6 +113,10 @@ unary_routes! {
         "List agents with capabilities, labels, slots and state.";
     POST "/api/v1/agents/{id}/drain" => "/scabbard.v1.AdminService/DrainAgent", DrainAgentRequest, Agent, ["id" => "id"],
         "Drain an agent (operator).";
+    POST "/api/v1/agents/{id}/undrain" => "/scabbard.v1.AdminService/UndrainAgent", UndrainAgentRequest, Agent, ["id" => "id"],
+        "Return a drained agent to service (operator; id, unique id prefix or name).";
+    DELETE "/api/v1/agents/{id}" => "/scabbard.v1.AdminService/RemoveAgent", RemoveAgentRequest, RemoveAgentResponse, ["id" => "id"],
+        "Remove a LOST agent: its record, presence and tokens (operator).";
     GET "/api/v1/breakers" => "/scabbard.v1.AdminService/ListBreakers", ListBreakersRequest, ListBreakersResponse, [],
         "List circuit breakers (query: all=true for closed ones too).";
     POST "/api/v1/breakers/{key}/reset" => "/scabbard.v1.AdminService/ResetBreaker", ResetBreakerRequest, Breaker, ["key" => "key"],

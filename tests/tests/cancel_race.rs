@@ -39,10 +39,21 @@ async fn all_cancelled_and_gone(
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + END;
     let mut stuck = Vec::new();
+    // Where the cancels hit: before any assignment, after it but before the process wrote
+    // its pid, or once it ran.
+    let (mut queued, mut assigned, mut ran) = (0, 0, 0);
     for (i, id, delay) in ids {
         let left = deadline.saturating_duration_since(Instant::now());
         match wait_state(tasks, id, None, left.max(Duration::from_millis(200))).await {
-            Ok(t) if t.state() == TaskState::Cancelled => {}
+            Ok(t) if t.state() == TaskState::Cancelled => {
+                if t.attempts.is_empty() {
+                    queued += 1;
+                } else if pids.join(format!("{i}.pid")).exists() {
+                    ran += 1;
+                } else {
+                    assigned += 1;
+                }
+            }
             Ok(t) => stuck.push(format!(
                 "#{i} ({delay} ms) ended {:?}: {:?}",
                 t.state(),
@@ -57,6 +68,9 @@ async fn all_cancelled_and_gone(
         stuck.len(),
         ids.len(),
         stuck.join("\n")
+    );
+    println!(
+        "cancelled: {queued} while queued, {assigned} assigned before their process ran, {ran} once their process had started"
     );
     // Tasks whose process started wrote its pid: that process must be gone.
     for (i, _, _) in ids {
@@ -89,16 +103,25 @@ async fn cancel_at_any_moment_after_submit_ends_the_attempt() -> anyhow::Result<
     let pids = d.path().join("pids");
     std::fs::create_dir_all(&pids)?;
     // Delays from 0 to 50 ms between submit and cancel sweep every window: queued,
-    // assigned (not yet acked), spawning, just running.
+    // assigned (not yet acked), spawning, just running. Six at a time, so the worker is
+    // busy starting some while the cancels of others arrive.
     let mut ids = Vec::new();
-    for i in 0..60usize {
-        let delay = (i as u64 * 7) % 51;
-        let id = submit(&mut tasks, sleeper(&pids, i)).await?;
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+    for group in 0..10usize {
+        let runs = (0..6usize).map(|k| {
+            let (mut tasks, pids, i) = (tasks.clone(), pids.clone(), group * 6 + k);
+            async move {
+                let delay = (i as u64 * 7) % 51;
+                let id = submit(&mut tasks, sleeper(&pids, i)).await?;
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
+                cancel(&mut tasks, &id).await?;
+                anyhow::Ok((i, id, delay))
+            }
+        });
+        for r in futures::future::join_all(runs).await {
+            ids.push(r?);
         }
-        cancel(&mut tasks, &id).await?;
-        ids.push((i, id, delay));
     }
     all_cancelled_and_gone(&mut tasks, &pids, &ids).await
 }

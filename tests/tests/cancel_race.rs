@@ -192,3 +192,35 @@ async fn cancel_while_the_worker_is_away_is_applied_when_it_returns() -> anyhow:
     proxy.restore();
     all_cancelled_and_gone(&mut tasks, &pids, &ids).await
 }
+
+#[tokio::test]
+async fn cancel_while_the_worker_stays_away_past_its_lease() -> anyhow::Result<()> {
+    let d = tempfile::tempdir()?;
+    // The default 2 s lease: the worker is lost while it is cut off.
+    let c = Controller::start(&d.path().join("c"), 0, &ControllerOpts::default())?;
+    let proxy = Proxy::start(c.addr).await?;
+    let _w = Worker::start(&proxy.addr.to_string(), &d.path().join("w"), "w", 2)?;
+    let mut tasks = tasks_client(&c.addr.to_string()).await?;
+    let pids = d.path().join("pids");
+    std::fs::create_dir_all(&pids)?;
+    let id = submit(&mut tasks, sleeper(&pids, 0)).await?;
+    wait_state(&mut tasks, &id, Some(TaskState::Running), END).await?;
+    eventually("the task's pid file", END, || async {
+        pids.join("0.pid").exists().then_some(())
+    })
+    .await?;
+    proxy.cut(true);
+    wait_agent(
+        &c.addr.to_string(),
+        "the controller to see the worker gone",
+        |a| a.name == "w" && a.status() != scabbard_common::proto::AgentStatus::Connected,
+    )
+    .await?;
+    cancel(&mut tasks, &id).await?;
+    // The controller ends the task when the lease runs out, without the worker…
+    let t = wait_state(&mut tasks, &id, None, END).await?;
+    assert_eq!(t.state(), TaskState::Cancelled, "{t:?}");
+    // …and the worker, back, hears the attempt is not kept and kills its process.
+    proxy.restore();
+    all_cancelled_and_gone(&mut tasks, &pids, &[(0, id, 0)]).await
+}

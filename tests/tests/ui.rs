@@ -40,6 +40,7 @@ const FLOWS: &[&str] = &[
     "template_form_task_live",
     "workflow_graph_live",
     "cancel_from_task_page",
+    "cancel_answer_after_the_task_ended",
     "script_payloads_are_text",
     "artifacts_listed_with_download_links",
     "tasks_list_filters_and_live_rows",

@@ -10,8 +10,12 @@
 //! ends), creates the `artifact_dir` when the spec declares artifacts, and after a success
 //! packs and uploads what the executor left there before reporting the result with their
 //! refs; then it removes the artifact dir.
+//!
+//! A cancel is never lost to timing: one for an attempt this worker does not know (yet) is
+//! remembered, keyed by task and fencing token, and an attempt that starts later under that
+//! key starts cancelled (see [`Runner::cancel`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,7 +80,14 @@ pub(crate) struct Runner {
     warm: Mutex<warm::WarmCache>,
     /// Input downloads and artifact uploads.
     artifacts: Arc<Artifacts>,
+    /// Cancels of attempts not in `attempts` when they came, newest last (at most
+    /// [`EARLY_CANCELS`]). Locked after `attempts`, never before.
+    early_cancels: Mutex<VecDeque<AttemptKey>>,
 }
+
+/// How many cancels of unknown attempts are remembered. Most are for attempts that already
+/// ended here; the one that matters (an Assign still on its way) is among the newest.
+const EARLY_CANCELS: usize = 256;
 
 impl Runner {
     pub(crate) fn new(parts: RunnerParts) -> Self {
@@ -96,6 +107,7 @@ impl Runner {
             agent_id: Mutex::new(String::new()),
             agent_name: parts.agent_name,
             artifacts: parts.artifacts,
+            early_cancels: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -244,6 +256,14 @@ impl Runner {
                     finished: None,
                 },
             );
+            // Cancelled before it got here: it starts cancelled (the executor ends it at
+            // once, as CANCELLED), so the controller hears how it ended.
+            let mut early = self.early_cancels.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = early.iter().position(|k| *k == key) {
+                early.remove(i);
+                info!(task = %key.0, token = key.1, "attempt was cancelled before it arrived: starting it cancelled");
+                cancel.cancel();
+            }
         }
         let ctx = ExecContext {
             task_id: assign.task_id.clone(),
@@ -489,10 +509,22 @@ impl Runner {
             .await;
     }
 
-    /// Asks a running attempt to stop (the executor reports CANCELLED).
+    /// Asks a running attempt to stop (the executor reports CANCELLED). An attempt this
+    /// worker does not hold is remembered: should its `Assign` come after the cancel (the
+    /// fencing token names the attempt exactly), it starts cancelled. Checked and recorded
+    /// under the attempts' lock, so a concurrent [`start`](Self::start) sees one or the other.
     pub(crate) fn cancel(&self, key: &AttemptKey) {
-        if let Some(a) = self.lock().get(key) {
+        let table = self.lock();
+        if let Some(a) = table.get(key) {
             a.cancel.cancel();
+            return;
+        }
+        let mut early = self.early_cancels.lock().unwrap_or_else(|p| p.into_inner());
+        if !early.contains(key) {
+            if early.len() >= EARLY_CANCELS {
+                early.pop_front();
+            }
+            early.push_back(key.clone());
         }
     }
 

@@ -383,3 +383,48 @@ async fn a_spool_that_cannot_be_written_fails_the_attempt_visibly() {
         assert_eq!(c.seq, i as u64);
     }
 }
+
+/// The result of the attempt `token` of `task-1`, skipping its log chunks.
+async fn result_of(rx: &mut mpsc::Receiver<AgentMessage>, token: u64) -> proto::TaskResult {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("attempt finished in time")
+            .expect("outbox open");
+        if let Some(agent_message::Msg::Finished(f)) = msg.msg
+            && f.fencing_token == token
+        {
+            return f.result.expect("a result");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_that_comes_before_its_assign_ends_that_attempt_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, mut rx) = mpsc::channel(64);
+    let executors: Vec<Arc<dyn Executor>> = vec![Arc::new(ShellExecutor::new())];
+    let runner = runner(dir.path(), executors, outbox, "127.0.0.1:1").await;
+    let assign = |token: u64, script: &str| proto::Assign {
+        task_id: "task-1".into(),
+        fencing_token: token,
+        attempt: token as u32,
+        spec: Some(proto::TaskSpec {
+            kind: Some(proto::task_spec::Kind::Shell(proto::ShellTask {
+                command: vec!["sh".into(), "-c".into(), script.into()],
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // The cancel of attempt 1 arrives first: attempt 1 starts cancelled and ends at once.
+    runner.cancel(&("task-1".into(), 1));
+    assert_eq!(runner.start(assign(1, "sleep 300")), Ok(true));
+    let r = result_of(&mut rx, 1).await;
+    assert_eq!(r.outcome, proto::Outcome::Cancelled as i32, "{r:?}");
+    // It was used up, and fenced by its token: attempt 2 of the same task runs normally.
+    runner.forget(&("task-1".into(), 1));
+    assert_eq!(runner.start(assign(2, "echo fine")), Ok(true));
+    let r = result_of(&mut rx, 2).await;
+    assert_eq!(r.outcome, proto::Outcome::Succeeded as i32, "{r:?}");
+}

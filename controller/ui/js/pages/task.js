@@ -20,7 +20,16 @@ export function render(root, { id }) {
   let task = null;
   let logAttempt = 0;
   let logStream = null;
+  // Snapshots of the task come from three places that race: the first GET, the live
+  // events, and the answer to Cancel. An answer can arrive after an event that is newer
+  // than it (the cancel ended the attempt before the browser read the POST's reply):
+  // drawing it would show RUNNING and "Cancel requested…" for good, as no event follows a
+  // final state. So a snapshot older than the one shown is dropped.
+  const stale = (t) => task && (
+    (FINAL_TASK.includes(taskState(task)) && !FINAL_TASK.includes(taskState(t)))
+    || Number(t.updatedAtMs || 0) < Number(task.updatedAtMs || 0));
   const draw = (t) => {
+    if (stale(t)) return;
     task = t;
     const st = taskState(t);
     clear(head).append(

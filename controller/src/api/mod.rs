@@ -8,6 +8,7 @@ mod guard;
 mod list;
 mod logs;
 mod projects;
+mod rerun;
 mod schedules;
 pub(crate) mod streams;
 mod tasks;

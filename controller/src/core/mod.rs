@@ -25,7 +25,9 @@ pub(crate) mod persist;
 pub(crate) mod placement;
 mod presence;
 mod recover;
+mod rerun;
 mod retry;
+mod schedule_verbs;
 pub(crate) mod scheduler;
 mod schedules;
 mod tasks;
@@ -381,14 +383,16 @@ impl State {
                 idempotency_key,
                 project,
                 trace,
+                rerun_of,
                 reply,
             } => {
-                self.submit(*spec, idempotency_key, project, trace, reply)
+                self.submit(*spec, idempotency_key, project, trace, rerun_of, reply)
                     .await
             }
             CoreMsg::SubmitBatch { entries } => {
                 for e in entries {
-                    self.submit(*e.spec, e.idempotency_key, e.project, e.trace, e.reply)
+                    let (spec, key, project) = (*e.spec, e.idempotency_key, e.project);
+                    self.submit(spec, key, project, e.trace, String::new(), e.reply)
                         .await;
                 }
             }
@@ -397,10 +401,12 @@ impl State {
                 idempotency_key,
                 project,
                 trace,
+                rerun_of,
                 reply,
                 found,
             } => {
-                self.submit_looked(*spec, idempotency_key, project, trace, reply, found)
+                let looked = (trace, rerun_of, found);
+                self.submit_looked(*spec, idempotency_key, project, looked, reply)
                     .await
             }
             CoreMsg::Get { id, reply } => {
@@ -464,6 +470,7 @@ impl State {
                     template,
                     validated,
                     trace,
+                    String::new(),
                     reply,
                 )
                 .await
@@ -555,6 +562,30 @@ impl State {
                 fencing_token,
                 archived,
             } => self.on_log_archived(task_id, fencing_token, archived).await,
+            CoreMsg::RerunTask {
+                source,
+                idempotency_key,
+                trace,
+                reply,
+            } => {
+                self.rerun_task(*source, idempotency_key, trace, reply)
+                    .await
+            }
+            CoreMsg::RerunWorkflow {
+                source,
+                idempotency_key,
+                trace,
+                reply,
+            } => {
+                self.rerun_workflow(*source, idempotency_key, trace, reply)
+                    .await
+            }
+            CoreMsg::TriggerSchedule {
+                id,
+                idempotency_key,
+                reply,
+            } => self.trigger_schedule(id, idempotency_key, reply).await,
+            CoreMsg::UpdateSchedule { req, reply } => self.update_schedule(*req, reply).await,
             CoreMsg::Forget { ids } => {
                 self.forget_finished(&ids);
             }

@@ -59,6 +59,7 @@ pub(crate) fn header(wf: &Workflow) -> Workflow {
         idempotency_key: wf.idempotency_key.clone(),
         cancel_requested: wf.cancel_requested,
         traceparent: wf.traceparent.clone(),
+        rerun_of: wf.rerun_of.clone(),
     }
 }
 

@@ -8,6 +8,8 @@ mod security;
 mod store;
 mod tasks;
 mod templates;
+mod verbs;
+mod workflow_logs;
 mod workflows;
 
 use anyhow::Result;

@@ -103,7 +103,7 @@ fn secret_env(
 
 /// Waits until the task is in a final state; with `-o json|yaml` prints every event of
 /// the watch (JSON Lines), and shows the state on `spinner`.
-async fn wait(
+pub(super) async fn wait(
     tasks: &mut TaskServiceClient<AuthedChannel>,
     id: &str,
     spinner: Option<&indicatif::ProgressBar>,
@@ -136,7 +136,7 @@ async fn wait(
 }
 
 /// Prints the outcome on stderr; the exit code is the task's (1 when it has none).
-fn report(t: &Task) -> u8 {
+pub(super) fn report(t: &Task) -> u8 {
     let r = t.result.clone().unwrap_or_default();
     esay!(
         "task {} {} (exit code {}){}",
@@ -156,7 +156,7 @@ fn report(t: &Task) -> u8 {
     }
 }
 
-async fn print_logs(
+pub(super) async fn print_logs(
     tasks: &mut TaskServiceClient<AuthedChannel>,
     id: &str,
     attempt: u32,
@@ -201,6 +201,7 @@ async fn print_logs(
 
 pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
     match c {
+        TaskCommand::Rerun(a) => return super::verbs::task_rerun(a).await,
         TaskCommand::Get { target, id } => {
             let mut tasks = TaskServiceClient::new(super::connect(&target).await?);
             let t = tasks

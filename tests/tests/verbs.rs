@@ -1,0 +1,399 @@
+//! The everyday verbs through the real `scabbard` binary against a real controller and
+//! worker process: `task rerun`, `workflow rerun`, `workflow logs`, `schedule trigger`,
+//! `schedule update` and `template run --wait`.
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use anyhow::{Context, Result, ensure};
+use scabbard_tests::*;
+use serde_json::Value;
+
+/// Two nodes that print and succeed; `test` waits for `build`.
+const OK: &str = r#"
+name: ok
+version: 1
+description: Two nodes that print and succeed.
+parameters:
+  - {name: what, type: string, default: hello}
+  - {name: pause, type: string, default: "0"}
+workflow:
+  tasks:
+    - name: build
+      shell: {command: [sh, -c, "echo build says ${{ params.what }}; sleep ${{ params.pause }}; echo build done"]}
+    - name: test
+      depends_on: [build]
+      shell: {command: [sh, -c, "echo test says ${{ params.what }}; echo test done"]}
+"#;
+
+/// A node that fails.
+const BAD: &str = r#"
+name: bad
+version: 1
+description: Fails.
+workflow:
+  tasks:
+    - name: boom
+      shell: {command: [sh, -c, "echo about to fail; exit 3"]}
+"#;
+
+struct Env {
+    dir: tempfile::TempDir,
+    ctl: Controller,
+    _worker: Worker,
+}
+
+impl Env {
+    fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let templates = dir.path().join("templates");
+        std::fs::create_dir_all(&templates)?;
+        std::fs::write(templates.join("ok.yaml"), OK)?;
+        std::fs::write(templates.join("bad.yaml"), BAD)?;
+        let ctl = Controller::start(
+            &dir.path().join("controller"),
+            0,
+            &ControllerOpts {
+                extra: vec!["--templates-dir".into(), templates.display().to_string()],
+                ..ControllerOpts::default()
+            },
+        )?;
+        let worker = Worker::start(&ctl.addr.to_string(), &dir.path().join("w1"), "w1", 4)?;
+        Ok(Self {
+            dir,
+            ctl,
+            _worker: worker,
+        })
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("cli-config")
+    }
+
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut c = cli(&self.config());
+        c.env("SCABBARD_CONTROLLER", self.ctl.addr.to_string())
+            .args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Result<Output> {
+        Ok(self.command(args).output()?)
+    }
+
+    /// stdout of a command that must succeed.
+    fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.run(args)?;
+        ensure!(
+            out.status.success(),
+            "scabbard {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `args -o json`, parsed.
+    fn json(&self, args: &[&str]) -> Result<Value> {
+        let mut with = args.to_vec();
+        with.extend(["-o", "json"]);
+        let text = self.ok(&with)?;
+        serde_json::from_str(&text).with_context(|| format!("{args:?}: not JSON: {text}"))
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The id in a `submitted <id>` line on stderr.
+fn submitted(o: &Output) -> Result<String> {
+    stderr(o)
+        .lines()
+        .find_map(|l| l.strip_prefix("submitted ").map(|s| s.trim().to_string()))
+        .with_context(|| format!("no `submitted <id>` line in: {}", stderr(o)))
+}
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn task_rerun_makes_a_new_task_with_the_same_spec() -> Result<()> {
+    let env = Env::start()?;
+    let out = env.run(&[
+        "submit",
+        "--wait",
+        "--name",
+        "again",
+        "--label",
+        "team=core",
+        "--secret",
+        "PASSWORD=s3cret",
+        "--",
+        "sh",
+        "-c",
+        "echo password has ${#PASSWORD} chars",
+    ])?;
+    ensure!(out.status.success(), "submit: {}", stderr(&out));
+    let first = submitted(&out)?;
+
+    let out = env.run(&["task", "rerun", &first, "--follow"])?;
+    ensure!(out.status.success(), "rerun --follow: {}", stderr(&out));
+    // The secret went along (sealed again): the rerun's task saw its 6 characters.
+    let log = String::from_utf8(out.stdout)?;
+    ensure!(log.contains("password has 6 chars"), "rerun log: {log}");
+    let second = stderr(&out)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("rerunning {first} as "))
+                .map(str::to_string)
+        })
+        .context("no `rerunning … as …` line")?;
+    ensure!(second != first);
+
+    let a = env.json(&["task", "get", &first])?;
+    let b = env.json(&["task", "get", &second])?;
+    assert_eq!(s(&b, &["rerunOf"]), first);
+    assert_eq!(s(&a, &["rerunOf"]), "");
+    assert_eq!(b["spec"], a["spec"], "the rerun's spec is the source's");
+    assert_eq!(s(&b, &["spec", "secretEnv", "PASSWORD"]), "***");
+    assert_eq!(s(&b, &["state"]), "TASK_STATE_SUCCEEDED");
+
+    // An idempotency key: the second rerun with it is the first one.
+    let k1 = env.ok(&["task", "rerun", &first, "--idempotency-key", "again-1"])?;
+    let out = env.run(&["task", "rerun", &first, "--idempotency-key", "again-1"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8(out.stdout)?.trim(), k1.trim());
+    ensure!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+
+    // Unknown ids are NOT_FOUND; the rerun is in the audit log.
+    let out = env.run(&["task", "rerun", "01jzzzzzzzzzzzzzzzzzzzzzzz"])?;
+    ensure!(!out.status.success());
+    ensure!(stderr(&out).contains("NOT_FOUND"), "{}", stderr(&out));
+    let audit = env.ok(&["audit", "-o", "json"])?;
+    ensure!(
+        audit.contains("task.rerun") && audit.contains(&format!("rerun of {first}")),
+        "audit: {audit}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn template_run_wait_exits_with_the_workflow_result() -> Result<()> {
+    let env = Env::start()?;
+    let out = env.run(&["template", "run", "ok", "-p", "what=hi", "--wait"])?;
+    ensure!(out.status.success(), "ok --wait: {}", stderr(&out));
+    let err = stderr(&out);
+    // Progress while it ran, then the outcome.
+    ensure!(err.contains("build") && err.contains("test"), "{err}");
+    ensure!(err.contains("SUCCEEDED"), "{err}");
+    let id = submitted(&out)?;
+    let w = env.json(&["workflow", "get", &id])?;
+    assert_eq!(s(&w, &["state"]), "WORKFLOW_STATE_SUCCEEDED");
+
+    let out = env.run(&["template", "run", "bad", "--wait"])?;
+    ensure!(!out.status.success(), "bad --wait exited 0");
+    ensure!(stderr(&out).contains("FAILED"), "{}", stderr(&out));
+    Ok(())
+}
+
+#[tokio::test]
+async fn workflow_logs_and_rerun() -> Result<()> {
+    let env = Env::start()?;
+    let out = env.run(&["template", "run", "ok", "-p", "what=hi", "--wait"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let id = submitted(&out)?;
+
+    // Every node's lines, each prefixed by its node (padded to the longest name).
+    let logs = env.ok(&["workflow", "logs", &id])?;
+    for line in [
+        "build | build says hi",
+        "build | build done",
+        "test  | test says hi",
+        "test  | test done",
+    ] {
+        ensure!(
+            logs.lines().any(|l| l == line),
+            "{line:?} missing from:\n{logs}"
+        );
+    }
+    let only = env.ok(&["workflow", "logs", &id, "--node", "test"])?;
+    ensure!(only.contains("test | test done"), "{only}");
+    ensure!(!only.contains("build"), "{only}");
+    let out = env.run(&["workflow", "logs", &id, "--node", "nope"])?;
+    ensure!(!out.status.success());
+    ensure!(stderr(&out).contains("build, test"), "{}", stderr(&out));
+
+    // --follow on a running workflow: lines of nodes that start later too, then it ends.
+    let running = env.ok(&["template", "run", "ok", "-p", "what=later", "-p", "pause=1"])?;
+    let running = running.trim();
+    let out = env.run(&["workflow", "logs", running, "--follow"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let followed = String::from_utf8(out.stdout)?;
+    for line in ["build | build done", "test  | test says later"] {
+        ensure!(
+            followed.lines().any(|l| l == line),
+            "{line:?} missing from:\n{followed}"
+        );
+    }
+    let w = env.json(&["workflow", "get", running])?;
+    assert_eq!(s(&w, &["state"]), "WORKFLOW_STATE_SUCCEEDED");
+
+    // A rerun: a new workflow, same spec and template parameters, rerun_of set.
+    let out = env.run(&["workflow", "rerun", &id, "--wait"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let again = submitted(&out)?;
+    ensure!(again != id);
+    let a = env.json(&["workflow", "get", &id])?;
+    let b = env.json(&["workflow", "get", &again])?;
+    assert_eq!(s(&b, &["rerunOf"]), id);
+    assert_eq!(b["spec"], a["spec"]);
+    assert_eq!(b["template"]["params"], a["template"]["params"]);
+    assert_eq!(s(&b, &["state"]), "WORKFLOW_STATE_SUCCEEDED");
+    let relogs = env.ok(&["workflow", "logs", &again])?;
+    ensure!(relogs.contains("test  | test says hi"), "{relogs}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn schedule_trigger_fires_once_per_idempotency_key() -> Result<()> {
+    let env = Env::start()?;
+    let created = env.json(&[
+        "schedule",
+        "create",
+        "--name",
+        "yearly",
+        "--cron",
+        "0 0 1 1 *",
+        "--template",
+        "ok",
+        "-p",
+        "what=tick",
+    ])?;
+    let sid = s(&created, &["id"]).to_string();
+
+    let first = env.ok(&[
+        "schedule",
+        "trigger",
+        &sid,
+        "--idempotency-key",
+        "deploy-42",
+    ])?;
+    let first = first.trim().to_string();
+    let out = env.run(&[
+        "schedule",
+        "trigger",
+        &sid,
+        "--idempotency-key",
+        "deploy-42",
+    ])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8(out.stdout)?.trim(),
+        first,
+        "same key, same run"
+    );
+    ensure!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+
+    let sch = env.json(&["schedule", "get", &sid])?;
+    assert_eq!(sch["fired"], Value::from("1"), "{sch}");
+    assert_eq!(s(&sch, &["lastWorkflowId"]), first);
+
+    // The run is the schedule's: its template, parameters and schedule id.
+    let out = env.run(&["workflow", "watch", &first])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let w = env.json(&["workflow", "get", &first])?;
+    assert_eq!(s(&w, &["template", "scheduleId"]), sid);
+    assert_eq!(s(&w, &["template", "params", "what"]), "tick");
+
+    // Without a key every trigger is a run; --wait follows it.
+    let out = env.run(&["schedule", "trigger", &sid, "--wait"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    ensure!(submitted(&out)? != first);
+    let sch = env.json(&["schedule", "get", &sid])?;
+    assert_eq!(sch["fired"], Value::from("2"), "{sch}");
+    let audit = env.ok(&["audit", "-o", "json"])?;
+    ensure!(audit.contains("schedule.trigger"), "audit: {audit}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn schedule_update_recomputes_the_next_tick_and_names_bad_fields() -> Result<()> {
+    let env = Env::start()?;
+    let created = env.json(&[
+        "schedule",
+        "create",
+        "--name",
+        "nightly",
+        "--cron",
+        "0 3 * * *",
+        "--template",
+        "ok",
+        "-p",
+        "what=a",
+    ])?;
+    let sid = s(&created, &["id"]).to_string();
+    let before: i64 = s(&created, &["nextTickMs"]).parse()?;
+    ensure!(before / 1000 % 86_400 == 3 * 3600, "{created}");
+
+    let updated = env.json(&[
+        "schedule",
+        "update",
+        &sid,
+        "--cron",
+        "30 12 * * *",
+        "-p",
+        "pause=2",
+    ])?;
+    let after: i64 = s(&updated, &["nextTickMs"]).parse()?;
+    ensure!(after != before, "next tick unchanged: {updated}");
+    assert_eq!(after / 1000 % 86_400, 12 * 3600 + 30 * 60, "{updated}");
+    assert_eq!(s(&updated, &["spec", "cron"]), "30 12 * * *");
+    // Parameters merge: the old one stays, the new one is added.
+    assert_eq!(s(&updated, &["spec", "params", "what"]), "a");
+    assert_eq!(s(&updated, &["spec", "params", "pause"]), "2");
+
+    // A time zone moves the tick; pausing clears it; resuming plans it again.
+    let tz = env.json(&["schedule", "update", &sid, "--timezone", "Asia/Tokyo"])?;
+    let tokyo: i64 = s(&tz, &["nextTickMs"]).parse()?;
+    assert_eq!(tokyo / 1000 % 86_400, 3 * 3600 + 30 * 60, "{tz}");
+    let paused = env.json(&["schedule", "update", &sid, "--pause", "--overlap", "queue"])?;
+    assert_eq!(paused["paused"], Value::Bool(true));
+    assert_eq!(s(&paused, &["nextTickMs"]), "0");
+    assert_eq!(s(&paused, &["spec", "overlap"]), "OVERLAP_POLICY_QUEUE");
+    let resumed = env.json(&["schedule", "update", &sid, "--resume"])?;
+    assert_eq!(s(&resumed, &["nextTickMs"]), s(&tz, &["nextTickMs"]));
+
+    // Bad input: INVALID_ARGUMENT naming the field; nothing changes.
+    for (args, field) in [
+        (vec!["--cron", "not a cron"], "cron"),
+        (vec!["--timezone", "Mars/Olympus"], "timezone"),
+        (vec!["--template", "no-such-template"], "no-such-template"),
+    ] {
+        let mut all = vec!["schedule", "update", sid.as_str()];
+        all.extend(args.iter().copied());
+        let out = env.run(&all)?;
+        ensure!(!out.status.success(), "{all:?} succeeded");
+        let err = stderr(&out);
+        ensure!(
+            err.contains(field) && (err.contains("INVALID_ARGUMENT") || err.contains("NOT_FOUND")),
+            "{all:?}: {err}"
+        );
+    }
+    let out = env.run(&["schedule", "update", &sid])?;
+    ensure!(
+        stderr(&out).contains("nothing to update"),
+        "{}",
+        stderr(&out)
+    );
+    let now = env.json(&["schedule", "get", &sid])?;
+    assert_eq!(s(&now, &["spec", "cron"]), "30 12 * * *");
+    let audit = env.ok(&["audit", "-o", "json"])?;
+    ensure!(audit.contains("schedule.update"), "audit: {audit}");
+    Ok(())
+}

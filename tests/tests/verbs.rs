@@ -90,7 +90,7 @@ impl Env {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        Ok(String::from_utf8(out.stdout)?)
+        Ok(String::from_utf8(out.stdout.clone())?)
     }
 
     /// `args -o json`, parsed.
@@ -145,7 +145,7 @@ async fn task_rerun_makes_a_new_task_with_the_same_spec() -> Result<()> {
     let out = env.run(&["task", "rerun", &first, "--follow"])?;
     ensure!(out.status.success(), "rerun --follow: {}", stderr(&out));
     // The secret went along (sealed again): the rerun's task saw its 6 characters.
-    let log = String::from_utf8(out.stdout)?;
+    let log = String::from_utf8(out.stdout.clone())?;
     ensure!(log.contains("password has 6 chars"), "rerun log: {log}");
     let second = stderr(&out)
         .lines()
@@ -168,7 +168,7 @@ async fn task_rerun_makes_a_new_task_with_the_same_spec() -> Result<()> {
     let k1 = env.ok(&["task", "rerun", &first, "--idempotency-key", "again-1"])?;
     let out = env.run(&["task", "rerun", &first, "--idempotency-key", "again-1"])?;
     ensure!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(String::from_utf8(out.stdout)?.trim(), k1.trim());
+    assert_eq!(String::from_utf8(out.stdout.clone())?.trim(), k1.trim());
     ensure!(stderr(&out).contains("already exists"), "{}", stderr(&out));
 
     // Unknown ids are NOT_FOUND; the rerun is in the audit log.
@@ -234,7 +234,7 @@ async fn workflow_logs_and_rerun() -> Result<()> {
     let running = running.trim();
     let out = env.run(&["workflow", "logs", running, "--follow"])?;
     ensure!(out.status.success(), "{}", stderr(&out));
-    let followed = String::from_utf8(out.stdout)?;
+    let followed = String::from_utf8(out.stdout.clone())?;
     for line in ["build | build done", "test  | test says later"] {
         ensure!(
             followed.lines().any(|l| l == line),
@@ -294,7 +294,7 @@ async fn schedule_trigger_fires_once_per_idempotency_key() -> Result<()> {
     ])?;
     ensure!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
-        String::from_utf8(out.stdout)?.trim(),
+        String::from_utf8(out.stdout.clone())?.trim(),
         first,
         "same key, same run"
     );

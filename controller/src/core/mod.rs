@@ -405,9 +405,16 @@ impl State {
                 reply,
                 found,
             } => {
-                let looked = (trace, rerun_of, found);
-                self.submit_looked(*spec, idempotency_key, project, looked, reply)
-                    .await
+                self.submit_looked(
+                    *spec,
+                    idempotency_key,
+                    project,
+                    trace,
+                    rerun_of,
+                    reply,
+                    found,
+                )
+                .await
             }
             CoreMsg::Get { id, reply } => {
                 let _ = reply.send(

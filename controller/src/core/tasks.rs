@@ -107,18 +107,17 @@ impl State {
     }
 
     /// A submit back from its store lookup (see [`submit`](Self::submit)).
+    // The submit's parts as the message carries them.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn submit_looked(
         &mut self,
         spec: TaskSpec,
         key: String,
         project: String,
-        // The submitter's trace context, the task it reruns, and what the lookup found.
-        (trace, rerun_of, found): (
-            super::trace::Trace,
-            String,
-            Result<(Option<String>, Vec<Task>)>,
-        ),
+        trace: super::trace::Trace,
+        rerun_of: String,
         reply: Reply<(Task, bool)>,
+        found: Result<(Option<String>, Vec<Task>)>,
     ) {
         let mem_key = super::idempotency_key(&project, &key);
         let waiting = self.idem_pending.remove(&mem_key).unwrap_or_default();

@@ -1,6 +1,7 @@
 //! The everyday verbs through the real `scabbard` binary against a real controller and
 //! worker process: `task rerun`, `workflow rerun`, `workflow logs`, `schedule trigger`,
-//! `schedule update` and `template run --wait`.
+//! `schedule update` and `template run --wait`; and their HTTP routes with the scope and
+//! project rules.
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -41,20 +42,31 @@ struct Env {
     dir: tempfile::TempDir,
     ctl: Controller,
     _worker: Worker,
+    /// The HTTP API's port (0: no HTTP listener).
+    http_port: u16,
 }
 
 impl Env {
     fn start() -> Result<Self> {
+        Self::start_with(false)
+    }
+
+    fn start_with(http_api: bool) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let templates = dir.path().join("templates");
         std::fs::create_dir_all(&templates)?;
         std::fs::write(templates.join("ok.yaml"), OK)?;
         std::fs::write(templates.join("bad.yaml"), BAD)?;
+        let mut extra = vec!["--templates-dir".into(), templates.display().to_string()];
+        let http_port = if http_api { free_port() } else { 0 };
+        if http_api {
+            extra.extend(["--http-listen".into(), format!("127.0.0.1:{http_port}")]);
+        }
         let ctl = Controller::start(
             &dir.path().join("controller"),
             0,
             &ControllerOpts {
-                extra: vec!["--templates-dir".into(), templates.display().to_string()],
+                extra,
                 ..ControllerOpts::default()
             },
         )?;
@@ -63,6 +75,7 @@ impl Env {
             dir,
             ctl,
             _worker: worker,
+            http_port,
         })
     }
 
@@ -395,5 +408,200 @@ async fn schedule_update_recomputes_the_next_tick_and_names_bad_fields() -> Resu
     assert_eq!(s(&now, &["spec", "cron"]), "30 12 * * *");
     let audit = env.ok(&["audit", "-o", "json"])?;
     ensure!(audit.contains("schedule.update"), "audit: {audit}");
+    Ok(())
+}
+
+/// One HTTP call with curl: (status, JSON body).
+fn http(env: &Env, method: &str, path: &str, token: &str, body: &str) -> Result<(u16, Value)> {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("curl is missing: run scripts/setup.sh");
+    }
+    let url = format!("http://127.0.0.1:{}{path}", env.http_port);
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ])
+        .arg(&url)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "curl {method} {url}: {}",
+        stderr(&out)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let (body, code) = text.rsplit_once('\n').context("no status")?;
+    Ok((
+        code.trim().parse()?,
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    ))
+}
+
+async fn api_token(
+    env: &Env,
+    project: &str,
+    scope: scabbard_common::proto::Scope,
+) -> Result<String> {
+    use scabbard_common::client::AdminServiceClient;
+    use scabbard_common::proto::{CreateTokenRequest, TokenKind};
+    let mut adm = AdminServiceClient::new(admin_channel(&env.ctl.addr.to_string()).await?);
+    let r = adm
+        .create_token(CreateTokenRequest {
+            kind: TokenKind::Api as i32,
+            name: format!("{project}-{}", scope.as_str_name()),
+            scopes: vec![scope as i32],
+            project: project.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(r.secret)
+}
+
+#[tokio::test]
+async fn the_verbs_over_http_follow_the_scope_and_project_rules() -> Result<()> {
+    use scabbard_common::proto::Scope;
+    let env = Env::start_with(true)?;
+    eventually(
+        "the HTTP API to answer",
+        std::time::Duration::from_secs(20),
+        || async {
+            http(&env, "GET", "/api/v1/whoami", ADMIN_TOKEN, "")
+                .ok()
+                .filter(|(code, _)| *code == 200)
+        },
+    )
+    .await?;
+    env.ok(&["project", "create", "other"])?;
+    let out = env.run(&["submit", "--wait", "--", "sh", "-c", "echo over http"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let task = submitted(&out)?;
+
+    // Rerun: a new task naming its source; the same key returns it.
+    let path = format!("/api/v1/tasks/{task}/rerun");
+    let (code, a) = http(
+        &env,
+        "POST",
+        &path,
+        ADMIN_TOKEN,
+        r#"{"idempotencyKey":"h1"}"#,
+    )?;
+    assert_eq!(code, 200, "{a}");
+    assert_eq!(s(&a, &["task", "rerunOf"]), task);
+    let (_, b) = http(
+        &env,
+        "POST",
+        &path,
+        ADMIN_TOKEN,
+        r#"{"idempotencyKey":"h1"}"#,
+    )?;
+    assert_eq!(s(&b, &["task", "id"]), s(&a, &["task", "id"]));
+    assert_eq!(b["existing"], Value::Bool(true));
+    // A read-only token may not rerun; another project's token does not see the source.
+    let read = api_token(&env, "default", Scope::Read).await?;
+    let (code, e) = http(&env, "POST", &path, &read, "{}")?;
+    assert_eq!((code, s(&e, &["code"])), (403, "PERMISSION_DENIED"), "{e}");
+    let other = api_token(&env, "other", Scope::Submit).await?;
+    let (code, e) = http(&env, "POST", &path, &other, "{}")?;
+    assert_eq!((code, s(&e, &["code"])), (404, "NOT_FOUND"), "{e}");
+
+    // Workflow rerun.
+    let out = env.run(&["template", "run", "ok", "--wait"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let wf = submitted(&out)?;
+    let (code, r) = http(
+        &env,
+        "POST",
+        &format!("/api/v1/workflows/{wf}/rerun"),
+        ADMIN_TOKEN,
+        "{}",
+    )?;
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(s(&r, &["workflow", "rerunOf"]), wf);
+
+    // Schedule trigger (once per key) and update (bad input names the field).
+    let created = env.json(&[
+        "schedule",
+        "create",
+        "--name",
+        "h",
+        "--cron",
+        "0 0 1 1 *",
+        "--template",
+        "ok",
+    ])?;
+    let sid = s(&created, &["id"]).to_string();
+    let path = format!("/api/v1/schedules/{sid}/trigger");
+    let (code, t1) = http(
+        &env,
+        "POST",
+        &path,
+        ADMIN_TOKEN,
+        r#"{"idempotencyKey":"k"}"#,
+    )?;
+    assert_eq!(code, 200, "{t1}");
+    let (_, t2) = http(
+        &env,
+        "POST",
+        &path,
+        ADMIN_TOKEN,
+        r#"{"idempotencyKey":"k"}"#,
+    )?;
+    assert_eq!(s(&t2, &["workflow", "id"]), s(&t1, &["workflow", "id"]));
+    assert_eq!(t2["existing"], Value::Bool(true));
+    assert_eq!(s(&t2, &["schedule", "fired"]), "1");
+    let path = format!("/api/v1/schedules/{sid}");
+    let (code, e) = http(
+        &env,
+        "PATCH",
+        &path,
+        ADMIN_TOKEN,
+        r#"{"cron":"61 * * * *"}"#,
+    )?;
+    assert_eq!((code, s(&e, &["code"])), (400, "INVALID_ARGUMENT"), "{e}");
+    ensure!(s(&e, &["message"]).contains("cron"), "{e}");
+    let (code, e) = http(
+        &env,
+        "PATCH",
+        &path,
+        ADMIN_TOKEN,
+        r#"{"catchUpWindowMs":"999999999999"}"#,
+    )?;
+    assert_eq!(code, 400, "{e}");
+    ensure!(s(&e, &["message"]).contains("catch_up_window_ms"), "{e}");
+    let (code, u) = http(
+        &env,
+        "PATCH",
+        &path,
+        ADMIN_TOKEN,
+        r#"{"params":{"values":{"what":"x"}},"paused":true}"#,
+    )?;
+    assert_eq!(code, 200, "{u}");
+    assert_eq!(s(&u, &["spec", "params", "what"]), "x");
+    assert_eq!(u["paused"], Value::Bool(true));
+    let (code, e) = http(
+        &env,
+        "POST",
+        &format!("/api/v1/schedules/{sid}/trigger"),
+        &read,
+        "{}",
+    )?;
+    assert_eq!(code, 403, "{e}");
     Ok(())
 }

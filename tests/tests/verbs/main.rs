@@ -462,3 +462,105 @@ async fn a_manual_trigger_runs_whatever_the_overlap_policy_but_queue_waits() -> 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn mcp_tools_rerun_and_trigger() -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let env = Env::start()?;
+    let out = env.run(&["submit", "--wait", "--", "sh", "-c", "echo via mcp"])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let task = submitted(&out)?;
+    let created = env.json(&[
+        "schedule",
+        "create",
+        "--name",
+        "m",
+        "--cron",
+        "0 0 1 1 *",
+        "--template",
+        "ok",
+    ])?;
+    let sid = s(&created, &["id"]).to_string();
+
+    let mut child = env
+        .command(&["mcp"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && tx.send(v).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let answer = |stdin: &mut std::process::ChildStdin, id: u64, msg: Value| -> Result<Value> {
+        writeln!(stdin, "{msg}")?;
+        stdin.flush()?;
+        loop {
+            let v = rx.recv_timeout(std::time::Duration::from_secs(30))?;
+            if v["id"] == Value::from(id) {
+                return Ok(v);
+            }
+        }
+    };
+    answer(
+        &mut stdin,
+        1,
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "verbs", "version": "0"}}}),
+    )?;
+    writeln!(
+        stdin,
+        r#"{{"jsonrpc":"2.0","method":"notifications/initialized"}}"#
+    )?;
+    let call = |id: u64, name: &str, args: Value| {
+        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": name, "arguments": args}})
+    };
+    let r = answer(
+        &mut stdin,
+        2,
+        call(2, "rerun_task", serde_json::json!({"id": task})),
+    )?;
+    let new = s(&r, &["result", "structuredContent", "task", "id"]).to_string();
+    ensure!(!new.is_empty() && new != task, "{r}");
+    let got = env.json(&["task", "get", &new])?;
+    assert_eq!(s(&got, &["rerunOf"]), task);
+    let args = serde_json::json!({"id": sid, "idempotency_key": "mcp"});
+    let a = answer(&mut stdin, 3, call(3, "trigger_schedule", args.clone()))?;
+    let b = answer(&mut stdin, 4, call(4, "trigger_schedule", args))?;
+    let run = s(&a, &["result", "structuredContent", "workflow", "id"]).to_string();
+    ensure!(!run.is_empty(), "{a}");
+    assert_eq!(
+        s(&b, &["result", "structuredContent", "workflow", "id"]),
+        run
+    );
+    assert_eq!(
+        b["result"]["structuredContent"]["existing"],
+        Value::Bool(true)
+    );
+    let r = answer(
+        &mut stdin,
+        5,
+        call(5, "rerun_workflow", serde_json::json!({"id": run})),
+    )?;
+    ensure!(
+        !s(&r, &["result", "structuredContent", "workflow", "id"]).is_empty(),
+        "{r}"
+    );
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(())
+}

@@ -509,7 +509,7 @@ async fn mcp_tools_rerun_and_trigger() -> Result<()> {
         stdin.flush()?;
         loop {
             let v = rx.recv_timeout(std::time::Duration::from_secs(30))?;
-            if v["id"] == Value::from(id) {
+            if v["id"] == id {
                 return Ok(v);
             }
         }

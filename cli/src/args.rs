@@ -198,9 +198,11 @@ pub(crate) enum ArtifactsCommand {
 
 mod output;
 mod security;
+mod verbs;
 mod workflows;
 pub(crate) use output::{EXIT_CODES, legacy_output_dir};
 pub(crate) use security::*;
+pub(crate) use verbs::*;
 pub(crate) use workflows::*;
 
 /// Where the controller is and how to authenticate to it; what is not given here comes
@@ -646,6 +648,8 @@ pub(crate) enum TaskCommand {
         /// Task id.
         id: String,
     },
+    /// Run a task again: a new task with the same spec; prints its id.
+    Rerun(TaskRerunArgs),
 }
 
 #[derive(Args, Debug)]

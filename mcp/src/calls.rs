@@ -299,6 +299,41 @@ impl Api {
                     .into_inner();
                 Ok(workflow_json(&w))
             }
+            "rerun_task" => {
+                let r = self
+                    .tasks()
+                    .rerun(pb::RerunTaskRequest {
+                        id: required(args, "id")?,
+                        idempotency_key: s(args, "idempotency_key").unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                let t = r.task.unwrap_or_default();
+                Ok(json!({"task": task_json(&t), "existing": r.existing}))
+            }
+            "rerun_workflow" => {
+                let r = self
+                    .workflows()
+                    .rerun(pb::RerunWorkflowRequest {
+                        id: required(args, "id")?,
+                        idempotency_key: s(args, "idempotency_key").unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                let w = r.workflow.unwrap_or_default();
+                Ok(json!({"workflow": workflow_json(&w), "existing": r.existing}))
+            }
+            "trigger_schedule" => {
+                let r = pb::schedule_service_client::ScheduleServiceClient::new(self.ch.clone())
+                    .trigger(pb::TriggerScheduleRequest {
+                        id: required(args, "id")?,
+                        idempotency_key: s(args, "idempotency_key").unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                let w = r.workflow.unwrap_or_default();
+                Ok(json!({"workflow": workflow_json(&w), "existing": r.existing}))
+            }
             "list_agents" => {
                 let r = self
                     .admin()

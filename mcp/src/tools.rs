@@ -127,6 +127,12 @@ fn output_schema(name: &str) -> Option<Arc<Map<String, Value>>> {
         "list_agents" => {
             json!({"type": "object", "required": ["agents"], "properties": {"agents": {"type": "array", "items": {"type": "object"}}}})
         }
+        "rerun_task" => {
+            json!({"type": "object", "required": ["task"], "properties": {"task": task_schema(), "existing": {"type": "boolean"}}})
+        }
+        "rerun_workflow" | "trigger_schedule" => {
+            json!({"type": "object", "required": ["workflow"], "properties": {"workflow": workflow_schema(), "existing": {"type": "boolean"}}})
+        }
         "cluster_status" => json!({"type": "object", "properties": {
             "leader": {"type": "string"}, "store_healthy": {"type": "boolean"}, "queued_tasks": {"type": "integer"},
             "active_tasks": {"type": "integer"}, "connected_agents": {"type": "integer"}}}),
@@ -274,6 +280,36 @@ pub(crate) fn builtin() -> Vec<(Tool, Scope)> {
             "Leader, store health, task and workflow counts.",
             Kind::Read,
             object(json!({}), &[]),
+        ),
+        tool(
+            "rerun_task",
+            "Rerun a task",
+            "A new task with the same spec as the given one (secrets included), in its project; the same idempotency_key returns the first rerun.",
+            Kind::Create,
+            object(
+                json!({"id": id("task"), "idempotency_key": {"type": "string"}}),
+                &["id"],
+            ),
+        ),
+        tool(
+            "rerun_workflow",
+            "Rerun a workflow",
+            "A new workflow with the same spec and template parameters as the given one (every node runs again); the same idempotency_key returns the first rerun.",
+            Kind::Create,
+            object(
+                json!({"id": id("workflow"), "idempotency_key": {"type": "string"}}),
+                &["id"],
+            ),
+        ),
+        tool(
+            "trigger_schedule",
+            "Trigger a schedule now",
+            "Fires a schedule once now, whatever its overlap policy (a queue schedule's run waits its turn); the same idempotency_key returns the first run instead of starting another.",
+            Kind::Create,
+            object(
+                json!({"id": {"type": "string", "description": "Schedule id."}, "idempotency_key": {"type": "string"}}),
+                &["id"],
+            ),
         ),
     ]
 }

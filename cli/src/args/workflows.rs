@@ -81,6 +81,10 @@ pub(crate) enum WorkflowCommand {
         /// Workflow id (or a unique prefix of it).
         id: String,
     },
+    /// Run a workflow again: a new workflow with the same spec; prints its id.
+    Rerun(super::WorkflowRerunArgs),
+    /// Every node's log, each line prefixed by its node's name.
+    Logs(super::WorkflowLogsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -141,6 +145,10 @@ pub(crate) enum TemplateCommand {
         /// succeeded, 1 otherwise.
         #[arg(long)]
         watch: bool,
+        /// Wait for the workflow to finish (progress on stderr); exit 0 if it succeeded,
+        /// 1 otherwise.
+        #[arg(long, conflicts_with = "watch")]
+        wait: bool,
     },
 }
 
@@ -243,6 +251,10 @@ pub(crate) enum ScheduleCommand {
         /// Schedule id, name or unique id prefix.
         id: String,
     },
+    /// Fire a schedule once now (whatever its overlap policy); prints the run's id.
+    Trigger(super::ScheduleTriggerArgs),
+    /// Change a schedule: only the options given change; the next tick is recomputed.
+    Update(super::ScheduleUpdateArgs),
 }
 
 #[derive(Subcommand, Debug)]

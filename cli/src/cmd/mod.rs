@@ -10,6 +10,8 @@ mod store;
 mod taskfollow;
 mod tasks;
 mod templates;
+mod verbs;
+mod workflow_logs;
 mod workflows;
 
 use anyhow::Result;

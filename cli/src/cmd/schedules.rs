@@ -16,6 +16,8 @@ use crate::render;
 
 pub(crate) async fn schedule(c: ScheduleCommand) -> Result<u8> {
     match c {
+        ScheduleCommand::Trigger(a) => return super::verbs::schedule_trigger(a).await,
+        ScheduleCommand::Update(a) => return super::verbs::schedule_update(a).await,
         ScheduleCommand::Create {
             target,
             name,

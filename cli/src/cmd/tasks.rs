@@ -113,7 +113,7 @@ fn secret_env(
 }
 
 /// Prints the outcome on stderr; the exit code is the task's (1 when it has none).
-fn report(t: &Task) -> u8 {
+pub(super) fn report(t: &Task) -> u8 {
     let r = t.result.clone().unwrap_or_default();
     esay!(
         "task {} {} (exit code {}){}",
@@ -134,6 +134,7 @@ fn report(t: &Task) -> u8 {
 
 pub(crate) async fn task(c: TaskCommand) -> Result<u8> {
     match c {
+        TaskCommand::Rerun(a) => return super::verbs::task_rerun(a).await,
         TaskCommand::Get { target, id } => {
             let tasks = TaskServiceClient::new(super::connect(&target).await?);
             let t = crate::retry::idempotent(|| {

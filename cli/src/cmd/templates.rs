@@ -80,6 +80,7 @@ pub(crate) async fn template(c: TemplateCommand) -> Result<u8> {
             project,
             idempotency_key,
             watch,
+            wait,
         } => {
             let params = param_map(params).map_err(anyhow::Error::msg)?;
             let channel = super::connect(&target).await?;
@@ -99,6 +100,9 @@ pub(crate) async fn template(c: TemplateCommand) -> Result<u8> {
                 Err(s) => return Err(output::status(s)),
             };
             let mut wf = super::workflows::Client::new(channel);
+            if wait {
+                return super::verbs::started_with_progress(&mut wf, resp).await;
+            }
             return super::workflows::started(&mut wf, resp, false, watch).await;
         }
     }

@@ -134,6 +134,8 @@ pub(crate) async fn workflow(c: WorkflowCommand) -> Result<u8> {
             );
             Ok(0)
         }
+        WorkflowCommand::Rerun(a) => super::verbs::workflow_rerun(a).await,
+        WorkflowCommand::Logs(a) => super::workflow_logs::logs(a).await,
         WorkflowCommand::Watch { target, id } => {
             let mut wf = Client::new(super::connect(&target).await?);
             let w = follow(&mut wf, &id, true).await?;

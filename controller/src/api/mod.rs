@@ -9,6 +9,7 @@ mod list;
 mod logs;
 mod placement;
 mod projects;
+mod rerun;
 mod schedules;
 pub(crate) mod streams;
 mod tasks;

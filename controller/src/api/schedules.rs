@@ -7,7 +7,8 @@ use scabbard_common::Error;
 use scabbard_common::proto::{
     CreateScheduleRequest, DeleteScheduleRequest, DeleteScheduleResponse, GetScheduleRequest,
     ListSchedulesRequest, ListSchedulesResponse, PauseScheduleRequest, ResumeScheduleRequest,
-    Schedule, schedule_service_server::ScheduleService,
+    Schedule, TriggerScheduleRequest, TriggerScheduleResponse, UpdateScheduleRequest,
+    schedule_service_server::ScheduleService,
 };
 use tonic::{Request, Response, Status};
 
@@ -154,5 +155,52 @@ impl ScheduleService for ScheduleApi {
             .await?;
         self.audit(&who, "schedule.delete", &s).await;
         Ok(Response::new(DeleteScheduleResponse {}))
+    }
+
+    async fn trigger(
+        &self,
+        req: Request<TriggerScheduleRequest>,
+    ) -> Result<Response<TriggerScheduleResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let r = req.into_inner();
+        let s = self.visible(&who, r.id).await?;
+        let resp =
+            super::rerun::trigger(&self.core, &self.catalog, &who, s, r.idempotency_key).await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn update(
+        &self,
+        req: Request<UpdateScheduleRequest>,
+    ) -> Result<Response<Schedule>, Status> {
+        let who = auth::principal(&req)?;
+        let mut r = req.into_inner();
+        let nothing = r.name.is_none()
+            && r.cron.is_none()
+            && r.timezone.is_none()
+            && r.template.is_none()
+            && r.template_version.is_none()
+            && r.params.is_none()
+            && r.overlap.is_none()
+            && r.catch_up_window_ms.is_none()
+            && r.paused.is_none();
+        if nothing {
+            return Err(Error::invalid(
+                "nothing to update: set at least one of name, cron, timezone, template, template_version, params, overlap, catch_up_window_ms, paused",
+            )
+            .into());
+        }
+        let s = self.visible(&who, r.id.clone()).await?;
+        // The id as the core knows it (the visible lookup may accept other spellings).
+        r.id = s.id;
+        let s = self
+            .core
+            .ask(|reply| CoreMsg::UpdateSchedule {
+                req: Box::new(r),
+                reply,
+            })
+            .await?;
+        self.audit(&who, "schedule.update", &s).await;
+        Ok(Response::new(s))
     }
 }

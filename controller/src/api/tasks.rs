@@ -8,9 +8,9 @@ use prost::Message;
 use scabbard_common::Error;
 use scabbard_common::proto::{
     BatchEntryError, CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
-    LogChunk, SubmitBatchRequest, SubmitBatchResponse, SubmitBatchResult, SubmitTaskRequest,
-    SubmitTaskResponse, Task, TaskEvent, TaskLogsRequest, TaskState, WatchTasksRequest,
-    task_service_server::TaskService,
+    LogChunk, RerunTaskRequest, SubmitBatchRequest, SubmitBatchResponse, SubmitBatchResult,
+    SubmitTaskRequest, SubmitTaskResponse, Task, TaskEvent, TaskLogsRequest, TaskState,
+    WatchTasksRequest, task_service_server::TaskService,
 };
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -107,6 +107,7 @@ impl TaskService for TaskApi {
                 idempotency_key,
                 project,
                 trace,
+                rerun_of: String::new(),
                 reply,
             })
             .await?;
@@ -487,6 +488,26 @@ impl TaskService for TaskApi {
                 m
             },
         ))))
+    }
+
+    async fn rerun(
+        &self,
+        req: Request<RerunTaskRequest>,
+    ) -> Result<Response<SubmitTaskResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let trace = crate::core::trace::incoming(&req);
+        let r = req.into_inner();
+        let source = self.visible_task(&who, r.id).await?;
+        let resp = super::rerun::task(
+            &self.core,
+            &self.catalog,
+            &who,
+            source,
+            r.idempotency_key,
+            trace,
+        )
+        .await?;
+        Ok(Response::new(resp))
     }
 }
 

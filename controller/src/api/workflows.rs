@@ -5,8 +5,9 @@ use std::sync::Arc;
 use scabbard_common::Error;
 use scabbard_common::proto::{
     CancelWorkflowRequest, GetWorkflowRequest, ListWorkflowsRequest, ListWorkflowsResponse,
-    SubmitWorkflowRequest, SubmitWorkflowResponse, TemplateRef, WatchWorkflowRequest, Workflow,
-    WorkflowEvent, WorkflowSpec, WorkflowState, workflow_service_server::WorkflowService,
+    RerunWorkflowRequest, SubmitWorkflowRequest, SubmitWorkflowResponse, TemplateRef,
+    WatchWorkflowRequest, Workflow, WorkflowEvent, WorkflowSpec, WorkflowState,
+    workflow_service_server::WorkflowService,
 };
 use tonic::{Request, Response, Status};
 
@@ -334,6 +335,26 @@ impl WorkflowService for WorkflowApi {
             }
         });
         Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn rerun(
+        &self,
+        req: Request<RerunWorkflowRequest>,
+    ) -> Result<Response<SubmitWorkflowResponse>, Status> {
+        let who = auth::principal(&req)?;
+        let trace = crate::core::trace::incoming(&req);
+        let r = req.into_inner();
+        let source = self.visible(&who, r.id).await?;
+        let resp = super::rerun::workflow(
+            &self.core,
+            &self.catalog,
+            &who,
+            source,
+            r.idempotency_key,
+            trace,
+        )
+        .await?;
+        Ok(Response::new(resp))
     }
 }
 

@@ -61,6 +61,7 @@ pub fn rule(path: &str) -> Rule {
         ("ArtifactService", "Download") => Rule::AgentOrApi(Scope::Read),
         ("ArtifactService", _) => Rule::Api(Scope::Read),
         ("TaskService", "Submit" | "SubmitBatch" | "Cancel") => Rule::Api(Scope::Submit),
+        ("TaskService", "Rerun") => Rule::Api(Scope::Submit),
         ("TaskService", _) => Rule::Api(Scope::Read),
         ("ProjectService", "Get" | "List") => Rule::Api(Scope::Read),
         ("ProjectService", _) => Rule::Api(Scope::Admin),
@@ -265,6 +266,18 @@ mod tests {
             Rule::Api(Scope::Admin)
         );
         assert_eq!(rule("/nope"), Rule::Api(Scope::Read));
+        for m in [
+            "TaskService/Rerun",
+            "WorkflowService/Rerun",
+            "ScheduleService/Trigger",
+            "ScheduleService/Update",
+        ] {
+            assert_eq!(
+                rule(&format!("/scabbard.v1.{m}")),
+                Rule::Api(Scope::Submit),
+                "{m}"
+            );
+        }
         assert_eq!(rule("/scabbard.v1.ArtifactService/Upload"), Rule::Agent);
         assert_eq!(
             rule("/scabbard.v1.ArtifactService/Download"),

@@ -26,7 +26,9 @@ pub(crate) mod persist;
 pub(crate) mod placement;
 mod presence;
 mod recover;
+mod rerun;
 mod retry;
+mod schedule_verbs;
 pub(crate) mod scheduler;
 mod schedules;
 mod tasks;
@@ -388,14 +390,16 @@ impl State {
                 idempotency_key,
                 project,
                 trace,
+                rerun_of,
                 reply,
             } => {
-                self.submit(*spec, idempotency_key, project, trace, reply)
+                self.submit(*spec, idempotency_key, project, trace, rerun_of, reply)
                     .await
             }
             CoreMsg::SubmitBatch { entries } => {
                 for e in entries {
-                    self.submit(*e.spec, e.idempotency_key, e.project, e.trace, e.reply)
+                    let (spec, key, project) = (*e.spec, e.idempotency_key, e.project);
+                    self.submit(spec, key, project, e.trace, String::new(), e.reply)
                         .await;
                 }
             }
@@ -404,11 +408,20 @@ impl State {
                 idempotency_key,
                 project,
                 trace,
+                rerun_of,
                 reply,
                 found,
             } => {
-                self.submit_looked(*spec, idempotency_key, project, trace, reply, found)
-                    .await
+                self.submit_looked(
+                    *spec,
+                    idempotency_key,
+                    project,
+                    trace,
+                    rerun_of,
+                    reply,
+                    found,
+                )
+                .await
             }
             CoreMsg::Get { id, reply } => {
                 let _ = reply.send(
@@ -491,6 +504,7 @@ impl State {
                     template,
                     validated,
                     trace,
+                    String::new(),
                     reply,
                 )
                 .await
@@ -582,6 +596,30 @@ impl State {
                 fencing_token,
                 archived,
             } => self.on_log_archived(task_id, fencing_token, archived).await,
+            CoreMsg::RerunTask {
+                source,
+                idempotency_key,
+                trace,
+                reply,
+            } => {
+                self.rerun_task(*source, idempotency_key, trace, reply)
+                    .await
+            }
+            CoreMsg::RerunWorkflow {
+                source,
+                idempotency_key,
+                trace,
+                reply,
+            } => {
+                self.rerun_workflow(*source, idempotency_key, trace, reply)
+                    .await
+            }
+            CoreMsg::TriggerSchedule {
+                id,
+                idempotency_key,
+                reply,
+            } => self.trigger_schedule(id, idempotency_key, reply).await,
+            CoreMsg::UpdateSchedule { req, reply } => self.update_schedule(*req, reply).await,
             CoreMsg::Forget { ids } => {
                 self.forget_finished(&ids);
             }

@@ -25,6 +25,8 @@ pub(crate) enum CoreMsg {
         project: String,
         /// The submitter's trace context (stored with the task).
         trace: trace::Trace,
+        /// The task this submit reruns (`Task.rerun_of`); empty for a plain submit.
+        rerun_of: String,
         reply: Reply<(Task, bool)>,
     },
     /// Submits each entry as [`CoreMsg::Submit`] would, in order, in one message.
@@ -39,6 +41,7 @@ pub(crate) enum CoreMsg {
         idempotency_key: String,
         project: String,
         trace: trace::Trace,
+        rerun_of: String,
         reply: Reply<(Task, bool)>,
         found: Result<(Option<String>, Vec<Task>)>,
     },
@@ -202,6 +205,32 @@ pub(crate) enum CoreMsg {
         id: String,
         workflow: bool,
         reply: Reply<artifacts::Served>,
+    },
+    /// Runs a task again: a new task with the source's spec (its secrets opened and
+    /// sealed anew), submitted as [`CoreMsg::Submit`] with `rerun_of` set.
+    RerunTask {
+        source: Box<Task>,
+        idempotency_key: String,
+        trace: trace::Trace,
+        reply: Reply<(Task, bool)>,
+    },
+    /// Runs a workflow again: a new workflow with the source's spec and template ref.
+    RerunWorkflow {
+        source: Box<Workflow>,
+        idempotency_key: String,
+        trace: trace::Trace,
+        reply: Reply<(Workflow, bool)>,
+    },
+    /// Fires a schedule once now (idempotency key already namespaced by the API).
+    TriggerSchedule {
+        id: String,
+        idempotency_key: String,
+        reply: Reply<(Workflow, bool, scabbard_common::proto::Schedule)>,
+    },
+    /// Changes a schedule's set fields (validated as a create is).
+    UpdateSchedule {
+        req: Box<scabbard_common::proto::UpdateScheduleRequest>,
+        reply: Reply<scabbard_common::proto::Schedule>,
     },
     /// An attempt's log was archived in the blob store: record it, then ack its agent.
     LogArchived {

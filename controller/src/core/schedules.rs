@@ -38,7 +38,7 @@ impl State {
         paused: bool,
         reply: Reply<Schedule>,
     ) {
-        let cron = match self.check_schedule(&spec, &project) {
+        let cron = match self.check_schedule(&spec, &project, None) {
             Ok(c) => c,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -75,8 +75,15 @@ impl State {
             .await;
     }
 
-    /// Validates a new schedule; returns its parsed cron expression.
-    fn check_schedule(&self, spec: &ScheduleSpec, project: &str) -> Result<Cron> {
+    /// Validates a new schedule (or, with `except`, that schedule's new spec: it does not
+    /// clash with its own name or count against the cap); returns its parsed cron
+    /// expression.
+    pub(super) fn check_schedule(
+        &self,
+        spec: &ScheduleSpec,
+        project: &str,
+        except: Option<&str>,
+    ) -> Result<Cron> {
         if spec.name.is_empty()
             || spec.name.len() > 64
             || !spec
@@ -92,6 +99,7 @@ impl State {
         if self
             .schedules
             .values()
+            .filter(|s| Some(s.id.as_str()) != except)
             .any(|s| s.project == project && s.spec.as_ref().is_some_and(|x| x.name == spec.name))
         {
             return Err(Error::AlreadyExists(format!(
@@ -113,6 +121,7 @@ impl State {
         }
         let cap = self.cfg.max_schedules_per_project;
         if cap > 0
+            && except.is_none()
             && self
                 .schedules
                 .values()
@@ -322,7 +331,7 @@ impl State {
                 s.project.clone(),
                 Some(template),
                 false,
-                None,
+                (None, String::new()),
                 None,
             )
             .await
@@ -382,7 +391,7 @@ impl State {
         Ok(())
     }
 
-    async fn persist_schedule(&mut self, s: &Schedule, effects: Vec<super::Effect>) {
+    pub(super) async fn persist_schedule(&mut self, s: &Schedule, effects: Vec<super::Effect>) {
         self.write(
             format!("{SCHEDULE_PREFIX}{}", s.id),
             Some(s.encode_to_vec()),

@@ -43,6 +43,7 @@ impl State {
         key: String,
         project: String,
         trace: super::trace::Trace,
+        rerun_of: String,
         reply: Reply<(Task, bool)>,
     ) {
         let mem_key = super::idempotency_key(&project, &key);
@@ -54,6 +55,7 @@ impl State {
                 idempotency_key: key,
                 project,
                 trace,
+                rerun_of,
                 reply,
             });
             return;
@@ -77,7 +79,9 @@ impl State {
             })
             .collect();
         if !key_missing && producers.is_empty() {
-            return self.submit_checked(spec, key, project, trace, reply).await;
+            return self
+                .submit_checked(spec, key, project, (trace, rerun_of), reply)
+                .await;
         }
         if !key.is_empty() {
             self.idem_pending.insert(mem_key, Vec::new());
@@ -93,6 +97,7 @@ impl State {
                         idempotency_key: key,
                         project,
                         trace,
+                        rerun_of,
                         reply,
                         found,
                     })
@@ -102,12 +107,15 @@ impl State {
     }
 
     /// A submit back from its store lookup (see [`submit`](Self::submit)).
+    // The submit's parts as the message carries them.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn submit_looked(
         &mut self,
         spec: TaskSpec,
         key: String,
         project: String,
         trace: super::trace::Trace,
+        rerun_of: String,
         reply: Reply<(Task, bool)>,
         found: Result<(Option<String>, Vec<Task>)>,
     ) {
@@ -134,7 +142,8 @@ impl State {
                 if let Some(id) = idem_id.filter(|id| self.tasks.contains_key(id)) {
                     self.idempotency.insert(mem_key, id, 0, &self.durability);
                 }
-                self.submit_checked(spec, key, project, trace, reply).await;
+                self.submit_checked(spec, key, project, (trace, rerun_of), reply)
+                    .await;
             }
         }
         for msg in waiting {
@@ -147,7 +156,8 @@ impl State {
         mut spec: TaskSpec,
         key: String,
         project: String,
-        trace: super::trace::Trace,
+        // The submitter's trace context and the task this one reruns ("" for none).
+        (trace, rerun_of): (super::trace::Trace, String),
         reply: Reply<(Task, bool)>,
     ) {
         if let Err(e) = validate::task_spec(&mut spec, &self.cfg)
@@ -192,6 +202,7 @@ impl State {
         match self.new_task(spec, key, project, None) {
             Ok(mut task) => {
                 super::trace::stamp(&mut task, trace);
+                task.rerun_of = rerun_of;
                 let effects = vec![reply_effect(reply, (task.clone(), false))];
                 self.enqueue_new(task, effects).await;
             }

@@ -40,11 +40,13 @@ impl State {
         template: Option<TemplateRef>,
         validated: bool,
         trace: super::trace::Trace,
+        rerun_of: String,
         reply: Reply<(Workflow, bool)>,
     ) {
         // The reply carries the outcome.
+        let origin = (trace, rerun_of);
         let _ = self
-            .create_workflow(spec, key, project, template, validated, trace, Some(reply))
+            .create_workflow(spec, key, project, template, validated, origin, Some(reply))
             .await;
     }
 
@@ -60,7 +62,8 @@ impl State {
         project: String,
         template: Option<TemplateRef>,
         validated: bool,
-        trace: super::trace::Trace,
+        // The submitter's trace context and the workflow this one reruns ("" for none).
+        (trace, rerun_of): (super::trace::Trace, String),
         reply: Option<Reply<(Workflow, bool)>>,
     ) -> std::result::Result<(Workflow, bool), String> {
         let answer = |reply: Option<Reply<(Workflow, bool)>>, r: Result<(Workflow, bool)>| {
@@ -86,6 +89,7 @@ impl State {
                 Ok(mut wf) => {
                     // The submitter's context: the workflow's span is its child.
                     wf.traceparent = trace.map(|t| t.traceparent).unwrap_or_default();
+                    wf.rerun_of = rerun_of;
                     wf
                 }
                 Err(e) => {

@@ -139,6 +139,14 @@ unary_routes! {
         "Recent throughput and latency (5 s buckets, last 15 min; query: windowMs, project) and queue depth per project.";
     GET "/api/v1/config" => "/scabbard.v1.AdminService/GetConfig", GetConfigRequest, GetConfigResponse, [],
         "The answering controller's effective configuration, secrets hidden (operator).";
+    POST "/api/v1/tasks/{id}/rerun" => "/scabbard.v1.TaskService/Rerun", RerunTaskRequest, SubmitTaskResponse, ["id" => "id"],
+        "Run a task again: a new task with the same spec (body: optional {\"idempotencyKey\": ...}).";
+    POST "/api/v1/workflows/{id}/rerun" => "/scabbard.v1.WorkflowService/Rerun", RerunWorkflowRequest, SubmitWorkflowResponse, ["id" => "id"],
+        "Run a workflow again: a new workflow with the same spec and template (body: optional {\"idempotencyKey\": ...}).";
+    POST "/api/v1/schedules/{id}/trigger" => "/scabbard.v1.ScheduleService/Trigger", TriggerScheduleRequest, TriggerScheduleResponse, ["id" => "id"],
+        "Fire a schedule once now (body: optional {\"idempotencyKey\": ...}; the same key returns the same run).";
+    PATCH "/api/v1/schedules/{id}" => "/scabbard.v1.ScheduleService/Update", UpdateScheduleRequest, Schedule, ["id" => "id"],
+        "Change a schedule: the fields set in the body (cron, timezone, template, templateVersion, params: {\"values\": {...}}, overlap, catchUpWindowMs, paused, name).";
 }
 
 /// The routes: unary ones, streaming ones and the OpenAPI document.

@@ -81,6 +81,12 @@ impl WorkflowService for Fake {
             events.into_iter().map(Ok),
         ))))
     }
+    async fn rerun(
+        &self,
+        _: Request<scabbard_common::proto::RerunWorkflowRequest>,
+    ) -> Result<Response<SubmitWorkflowResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 async fn client(final_state: WorkflowState) -> Client {

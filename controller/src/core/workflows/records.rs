@@ -65,6 +65,7 @@ pub(crate) fn header(wf: &Workflow) -> Workflow {
         } else {
             None
         },
+        rerun_of: wf.rerun_of.clone(),
     }
 }
 

@@ -81,13 +81,19 @@ fn show_change(
     lines: bool,
 ) {
     let moved = last.is_none_or(|l| l.state != t.state);
-    let why = t
-        .placement
-        .as_ref()
-        .filter(|_| !placement::same(last.and_then(|l| l.placement.as_ref()), t.placement.as_ref()));
+    let why = t.placement.as_ref().filter(|_| {
+        !placement::same(
+            last.and_then(|l| l.placement.as_ref()),
+            t.placement.as_ref(),
+        )
+    });
     if lines && !render::structured() {
         if moved {
-            say!("{} {}", clock(t.updated_at_ms), output::state_name(t.state()));
+            say!(
+                "{} {}",
+                clock(t.updated_at_ms),
+                output::state_name(t.state())
+            );
         }
         if let Some(p) = why {
             say!(

@@ -155,6 +155,9 @@ impl State {
             }
             resume.push(res);
         }
+        for (task, token) in &attempts {
+            self.resumed_running(task, *token, &agent_id);
+        }
         let entry = self.agents.get_mut(&agent_id).expect("checked above");
         for (task, _) in &attempts {
             entry.running.insert(task.clone());

@@ -329,8 +329,7 @@ impl State {
             "assigned"
         );
         let effects = vec![agent_effect(conn.tx.clone(), msg)];
-        let task = t.clone();
-        self.persist_task(task, effects).await;
+        self.persist_entry(task_id, effects).await;
     }
 
     /// Fails a task taken off the queue that no agent can ever be given (its secrets cannot

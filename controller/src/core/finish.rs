@@ -195,8 +195,7 @@ impl State {
                 crate::metrics::task_finished(state, t.created_at_ms, now);
             }
         }
-        let task = t.clone();
-        super::trace::after_attempt(&task);
+        super::trace::after_attempt(t);
         if let Some(a) = self.agents.get_mut(agent_id) {
             a.running.remove(&f.task_id);
             self.placement.sync_running(agent_id, a);
@@ -204,7 +203,9 @@ impl State {
         let discard = if result.outcome() == Outcome::Succeeded {
             None
         } else {
-            self.discard_effect(self.unreferenced_uploads(&task, f.fencing_token))
+            self.tasks.get(&f.task_id).and_then(|e| {
+                self.discard_effect(self.unreferenced_uploads(&e.task, f.fencing_token))
+            })
         };
         match retry::class_of(&result) {
             None if result.outcome() == Outcome::Succeeded => {
@@ -239,7 +240,7 @@ impl State {
         effects.extend(discard);
         // Breaker changes first: durable no later than the result that caused them.
         self.flush_breakers().await;
-        self.persist_task(task, effects).await;
+        self.persist_entry(&f.task_id, effects).await;
     }
 
     /// An attempt failed for a reason that is not the task's fault: requeue (after the

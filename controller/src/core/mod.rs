@@ -29,6 +29,7 @@ mod recover;
 mod rerun;
 mod retry;
 mod schedule_verbs;
+mod running;
 pub(crate) mod scheduler;
 mod schedules;
 mod tasks;
@@ -199,6 +200,9 @@ pub(crate) struct State {
     /// Tasks whose record the store refused this term, with the size of the shrunk record
     /// written instead (if that is refused too, the term ends).
     pub(crate) unstorable: HashMap<String, usize>,
+    /// Tasks RUNNING in memory whose record still says ASSIGNED (written late, see
+    /// [`running`]).
+    pub(crate) running_unwritten: running::Unwritten,
 }
 
 /// What a core works with besides its config and store.
@@ -285,6 +289,7 @@ pub(crate) async fn start(
         term,
         term_over: persisted.term_over.clone(),
         unstorable: HashMap::new(),
+        running_unwritten: Default::default(),
     };
     state.recover().await?;
     state.advance_workflows().await;
@@ -323,6 +328,8 @@ async fn run(
     // Schedules are checked often enough for second-granularity cron expressions.
     let mut cron_tick = tokio::time::interval(Duration::from_millis(200));
     cron_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut running_tick = tokio::time::interval(running::TICK);
+    running_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Each turn's writes go to the persister together, at the end of the turn.
     state.persister.stage();
     loop {
@@ -359,6 +366,9 @@ async fn run(
                 state.advance_workflows().await;
                 state.schedule().await;
                 state.flush_breakers().await;
+            }
+            _ = running_tick.tick(), if !state.running_unwritten.is_empty() => {
+                state.write_due_running().await;
             }
             _ = tokio::time::sleep_until(state.next_timer()) => {
                 state.release_due_retries().await;

@@ -484,7 +484,42 @@ impl State {
                 crate::metrics::task_started(entry.task.created_at_ms, now);
             }
         }
-        let task = entry.task.clone();
-        self.persist_task(task, Vec::new()).await;
+        // Written late, and only if the attempt still runs then (see `running`).
+        self.running_unwritten.defer(task_id);
+    }
+
+    /// A kept attempt of a reconnecting agent is running there (its `Hello` lists it): an
+    /// attempt still ASSIGNED here (its `Accepted` never reached this controller, or its
+    /// RUNNING record was not written before a leader change) becomes RUNNING, so the
+    /// accept timeout does not requeue work the agent holds.
+    pub(super) fn resumed_running(&mut self, task_id: &str, token: u64, agent_id: &str) {
+        let Some(entry) = self.current_attempt(task_id, token, agent_id) else {
+            return;
+        };
+        if entry.task.state() != TaskState::Assigned {
+            return;
+        }
+        let now = now_ms();
+        entry.task.state = TaskState::Running as i32;
+        entry.task.updated_at_ms = now;
+        if let Some(a) = entry.task.attempts.last_mut()
+            && a.started_at_ms == 0
+        {
+            a.started_at_ms = now;
+        }
+        self.running_unwritten.defer(task_id);
+    }
+
+    /// Writes the RUNNING records that are due (see `running`): of tasks still running.
+    pub(super) async fn write_due_running(&mut self) {
+        for id in self.running_unwritten.due(std::time::Instant::now()) {
+            if self
+                .tasks
+                .get(&id)
+                .is_some_and(|e| e.task.state() == TaskState::Running)
+            {
+                self.persist_entry(&id, Vec::new()).await;
+            }
+        }
     }
 }

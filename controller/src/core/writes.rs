@@ -39,12 +39,26 @@ impl State {
         self.write_with(key, Some(value), also, effects).await;
     }
 
+    /// [`persist_task_ref`](Self::persist_task_ref) of the task `id` in the table, as it is
+    /// now: no copy of the task at all unless somebody watches. (The record is moved out
+    /// of its entry while it is encoded and back in afterwards; nothing reads it between.)
+    pub(crate) async fn persist_entry(&mut self, id: &str, effects: Vec<Effect>) {
+        let Some(task) = self.tasks.get_mut(id).map(|e| std::mem::take(&mut e.task)) else {
+            return;
+        };
+        self.persist_task_ref(&task, effects).await;
+        if let Some(e) = self.tasks.get_mut(id) {
+            e.task = task;
+        }
+    }
+
     /// A task record's key, value and the history keys it implies (see `persist_task`).
     fn task_write(
         &mut self,
         task: &Task,
         effects: &mut Vec<Effect>,
     ) -> (String, Vec<u8>, Vec<Also>) {
+        self.running_unwritten.written(&task.id);
         if !task.workflow_id.is_empty() && !self.wf_dirty.contains(&task.workflow_id) {
             self.wf_dirty.insert(task.workflow_id.clone());
         }

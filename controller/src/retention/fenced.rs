@@ -8,6 +8,8 @@ use crate::store::{Compare, CompareTarget, Op, Txn};
 
 /// Deletes per transaction (besides the fence compare).
 const TXN_DELETES: usize = super::BATCH;
+/// ... while live work runs.
+const BUSY_TXN_DELETES: usize = 32;
 
 impl Run {
     /// Deletes keys that still have the given mod revision (a key rewritten since it was
@@ -25,7 +27,7 @@ impl Run {
             let r = self
                 .s
                 .store
-                .txn(Txn {
+                .txn_background(Txn {
                     compares,
                     success: chunk.iter().map(|(k, _)| Op::delete(k.clone())).collect(),
                     failure: vec![],
@@ -44,7 +46,7 @@ impl Run {
                 let r = self
                     .s
                     .store
-                    .txn(Txn {
+                    .txn_background(Txn {
                         compares: self
                             .s
                             .fence
@@ -62,12 +64,17 @@ impl Run {
         Ok(deleted)
     }
 
-    /// Most deletes one fenced transaction carries. (32 instead of 128 measured no better
-    /// for the core's latency and halved the sweep rate: each transaction waits for a
-    /// commit.)
+    /// Most deletes one fenced transaction carries: fewer while live work runs, so a commit
+    /// of the core's that lands in the same store batch waits less. (The transactions are
+    /// [background ones](crate::store::Store::txn_background): the embedded store does not
+    /// sync a batch of them alone, so small ones cost the sweep little.)
     fn per_txn(&self) -> usize {
-        TXN_DELETES
-            .min(self.s.store.max_txn_ops().saturating_sub(1))
+        let most = if self.busy() {
+            BUSY_TXN_DELETES
+        } else {
+            TXN_DELETES
+        };
+        most.min(self.s.store.max_txn_ops().saturating_sub(1))
             .max(1)
     }
 
@@ -101,7 +108,7 @@ impl Run {
         let r = self
             .s
             .store
-            .txn(Txn {
+            .txn_background(Txn {
                 compares: self.s.fence.iter().cloned().collect(),
                 success: keys.into_iter().map(Op::delete).collect(),
                 failure: vec![],
@@ -110,6 +117,8 @@ impl Run {
         if !r.succeeded {
             self.deposed = true;
         }
+        // Live work first: the core and the sessions run before the next transaction.
+        tokio::task::yield_now().await;
         Ok(r.succeeded)
     }
 

@@ -105,6 +105,11 @@ impl Run {
         Ok(report)
     }
 
+    /// Whether live work ran at the last pause.
+    pub(super) fn busy(&self) -> bool {
+        self.busy
+    }
+
     /// Keys per range page: smaller while live work runs, so each batch (its reads, log
     /// deletes and fenced transactions) delays a concurrent task less.
     fn batch(&self) -> usize {

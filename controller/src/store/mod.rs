@@ -219,6 +219,15 @@ pub trait Store: Send + Sync + 'static {
     /// Runs a compare-and-swap transaction atomically and durably.
     async fn txn(&self, txn: Txn) -> Result<TxnResponse>;
 
+    /// [`txn`](Self::txn) for background work that a crash may undo and that is then simply
+    /// done again (the retention sweeper's deletes of expired history): atomic, in order
+    /// with every other write and visible at once, but a backend may answer before it is
+    /// durable, so it never delays the syncs of live work. It becomes durable with the next
+    /// ordinary write or checkpoint. The default is [`txn`](Self::txn).
+    async fn txn_background(&self, txn: Txn) -> Result<TxnResponse> {
+        self.txn(txn).await
+    }
+
     /// Streams changes to keys under `prefix` with revision >= `from_revision` (0 = only
     /// future changes). Fails with `FailedPrecondition` when that history is compacted.
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream>;

@@ -506,7 +506,22 @@ impl Store for EmbeddedStore {
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
         validate(&txn)?;
-        self.call(|reply| Request::Txn { txn, reply }).await
+        self.call(|reply| Request::Txn {
+            txn,
+            reply,
+            background: false,
+        })
+        .await
+    }
+
+    async fn txn_background(&self, txn: Txn) -> Result<TxnResponse> {
+        validate(&txn)?;
+        self.call(|reply| Request::Txn {
+            txn,
+            reply,
+            background: true,
+        })
+        .await
     }
 
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream> {

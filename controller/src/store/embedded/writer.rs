@@ -35,6 +35,9 @@ pub(super) enum Request {
     Txn {
         txn: Txn,
         reply: oneshot::Sender<Result<TxnResponse>>,
+        /// [`Store::txn_background`](crate::store::Store::txn_background): a batch of
+        /// nothing else is not synced (the next synced frame or checkpoint makes it durable).
+        background: bool,
     },
     /// Grant a lease with this TTL.
     Grant {
@@ -178,7 +181,7 @@ impl Writer {
                 }
             }
             let mut answers = Vec::with_capacity(requests.len());
-            let result = self.write_batch(requests.drain(..), &mut answers);
+            let result = self.write_batch(&mut requests, &mut answers);
             let result = match result {
                 Ok(outcome) => {
                     self.publish(outcome);
@@ -247,9 +250,20 @@ impl Writer {
     /// Applies `requests` in one redb transaction and commits it (if anything was written).
     fn write_batch(
         &mut self,
-        requests: impl Iterator<Item = Request>,
+        requests: &mut Vec<Request>,
         answers: &mut Vec<Answer>,
     ) -> Result<Outcome> {
+        // Only background transactions: logged and answered without a sync of their own
+        // (with the log; without one every commit is durable).
+        let lazy = requests.iter().all(|r| {
+            matches!(
+                r,
+                Request::Txn {
+                    background: true,
+                    ..
+                }
+            )
+        });
         let mut wtx = self
             .db
             .begin_write()
@@ -261,9 +275,9 @@ impl Writer {
         }
         let log = self.config.wal.is_some().then(MutationLog::default);
         let mut batch = Batch::open(&wtx, &self.shared, self.at, log)?;
-        for req in requests {
+        for req in requests.drain(..) {
             match req {
-                Request::Txn { txn, reply } => {
+                Request::Txn { txn, reply, .. } => {
                     let r = batch.apply_txn(txn)?;
                     answers.push(Answer::Txn(reply, r));
                 }
@@ -286,6 +300,7 @@ impl Writer {
                     outcome.at.revision,
                     outcome.at.next_lease,
                     log,
+                    !lazy,
                 )?;
             }
             wtx.commit().map_err(|e| storage_err("commit", e))?;

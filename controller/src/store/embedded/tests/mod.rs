@@ -186,6 +186,15 @@ fn crash_child() {
             .await
             .unwrap();
         assert!(store.delete("k/000").await.unwrap());
+        // A background write is answered unsynced: a process crash (the page cache
+        // survives it) still finds it in the log.
+        store
+            .txn_background(Txn {
+                success: vec![Op::delete("k/199")],
+                ..Txn::default()
+            })
+            .await
+            .unwrap();
         std::fs::write(dir.join("lease"), lease.to_string()).unwrap();
         // Crash: no close, no drop, no final checkpoint.
         std::process::exit(CRASH_EXIT);
@@ -215,15 +224,16 @@ async fn crash_recovery() {
             .parse()
             .unwrap();
         let store = EmbeddedStore::open(&dir.path().join("state.redb")).expect("reopen");
-        // 200 puts, the leased put, the delete; the lease grant does not bump.
+        // 200 puts, the leased put, two deletes; the lease grant does not bump.
         assert_eq!(
             store.revision().await.unwrap(),
-            1 + 202,
+            1 + 203,
             "checkpoint={checkpoint_every_batch}"
         );
         let page = store.range("k/", None, 0).await.unwrap();
-        assert_eq!(page.kvs.len(), 199);
+        assert_eq!(page.kvs.len(), 198);
         assert_eq!(page.kvs[0].key, "k/001");
+        assert_eq!(page.kvs[197].key, "k/198");
         assert!(
             page.kvs
                 .iter()

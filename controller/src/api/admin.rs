@@ -136,28 +136,8 @@ impl AdminService for AdminApi {
         &self,
         req: Request<DrainAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
-        let who = auth::principal(&req)?;
-        who.require_cluster_wide("draining an agent (agents serve every project)")?;
-        let r = req.into_inner();
-        check_reason(&r.reason)?;
-        let id = self.agent_id(&r.id).await?;
-        let entry = audit::entry(
-            &who,
-            "agent.drain",
-            &id,
-            auth::ALL_PROJECTS,
-            r.reason.clone(),
-        );
-        let agent = self
-            .core
-            .ask(|reply| CoreMsg::DrainAgent {
-                id,
-                reason: r.reason,
-                reply,
-            })
-            .await?;
-        audit::record(&self.store, &entry).await?;
-        Ok(Response::new(agent))
+        let drain = true;
+        Ok(Response::new(self.set_drain(req, drain).await?))
     }
 
     async fn create_token(
@@ -339,28 +319,8 @@ impl AdminService for AdminApi {
         &self,
         req: Request<UndrainAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
-        let who = auth::principal(&req)?;
-        who.require_cluster_wide("undraining an agent (agents serve every project)")?;
-        let r = req.into_inner();
-        check_reason(&r.reason)?;
-        let id = self.agent_id(&r.id).await?;
-        let entry = audit::entry(
-            &who,
-            "agent.undrain",
-            &id,
-            auth::ALL_PROJECTS,
-            r.reason.clone(),
-        );
-        let agent = self
-            .core
-            .ask(|reply| CoreMsg::UndrainAgent {
-                id,
-                reason: r.reason,
-                reply,
-            })
-            .await?;
-        audit::record(&self.store, &entry).await?;
-        Ok(Response::new(agent))
+        let drain = false;
+        Ok(Response::new(self.set_drain(req, drain).await?))
     }
 
     async fn remove_agent(
@@ -447,5 +407,57 @@ fn breaker_to_reset(who: &Principal, key: String) -> Result<(String, String), St
             let project = who.resolve_project("")?;
             Ok((breakers::scoped_key(&project, &key), project))
         }
+    }
+}
+
+impl AdminApi {
+    /// `DrainAgent` and `UndrainAgent`: one rule (cluster-wide operator, a reason within
+    /// bounds, the agent by id, prefix or name), audited after the core applied it.
+    async fn set_drain<R: DrainRequest>(
+        &self,
+        req: Request<R>,
+        drain: bool,
+    ) -> Result<Agent, Status> {
+        let who = auth::principal(&req)?;
+        let verb = if drain { "draining" } else { "undraining" };
+        who.require_cluster_wide(&format!("{verb} an agent (agents serve every project)"))?;
+        let (id, reason) = req.into_inner().parts();
+        check_reason(&reason)?;
+        let id = self.agent_id(&id).await?;
+        let action = if drain {
+            "agent.drain"
+        } else {
+            "agent.undrain"
+        };
+        let entry = audit::entry(&who, action, &id, auth::ALL_PROJECTS, reason.clone());
+        let agent = self
+            .core
+            .ask(|reply| {
+                if drain {
+                    CoreMsg::DrainAgent { id, reason, reply }
+                } else {
+                    CoreMsg::UndrainAgent { id, reason, reply }
+                }
+            })
+            .await?;
+        audit::record(&self.store, &entry).await?;
+        Ok(agent)
+    }
+}
+
+/// A drain or undrain request: the agent and the operator's reason.
+trait DrainRequest {
+    fn parts(self) -> (String, String);
+}
+
+impl DrainRequest for DrainAgentRequest {
+    fn parts(self) -> (String, String) {
+        (self.id, self.reason)
+    }
+}
+
+impl DrainRequest for UndrainAgentRequest {
+    fn parts(self) -> (String, String) {
+        (self.id, self.reason)
     }
 }

@@ -335,7 +335,11 @@ async fn run(
     loop {
         state.flush_writes().await;
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => {
+                // A stop is not a crash: leave RUNNING tasks RUNNING in the store.
+                state.write_all_running().await;
+                break;
+            }
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
                 state.handle(msg).await;

@@ -55,6 +55,15 @@ impl Unwritten {
         self.pending.is_empty()
     }
 
+    /// Every task whose RUNNING record still waits, due or not (a controller stopping
+    /// writes them all, so a restart finds them RUNNING without waiting for the agents).
+    pub(crate) fn take_all(&mut self) -> Vec<String> {
+        self.order.clear();
+        let mut out: Vec<String> = self.pending.drain().collect();
+        out.sort();
+        out
+    }
+
     /// Tasks whose RUNNING record is due at `now` (and no longer pending after this).
     pub(crate) fn due(&mut self, now: Instant) -> Vec<String> {
         let mut out = Vec::new();
@@ -89,6 +98,17 @@ mod tests {
         assert_eq!(u.due(Instant::now() + DELAY * 2), vec!["a".to_string()]);
         assert!(u.is_empty());
         assert!(u.due(Instant::now() + DELAY * 4).is_empty());
+    }
+
+    #[test]
+    fn take_all_writes_what_is_not_due_yet() {
+        let mut u = Unwritten::default();
+        u.defer("b");
+        u.defer("a");
+        u.written("b");
+        assert_eq!(u.take_all(), vec!["a".to_string()]);
+        assert!(u.is_empty());
+        assert!(u.due(Instant::now() + DELAY * 2).is_empty());
     }
 
     #[test]

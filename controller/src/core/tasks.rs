@@ -512,7 +512,18 @@ impl State {
 
     /// Writes the RUNNING records that are due (see `running`): of tasks still running.
     pub(super) async fn write_due_running(&mut self) {
-        for id in self.running_unwritten.due(std::time::Instant::now()) {
+        let due = self.running_unwritten.due(std::time::Instant::now());
+        self.write_running(due).await;
+    }
+
+    /// Writes every RUNNING record still waiting (the controller is stopping).
+    pub(super) async fn write_all_running(&mut self) {
+        let all = self.running_unwritten.take_all();
+        self.write_running(all).await;
+    }
+
+    async fn write_running(&mut self, ids: Vec<String>) {
+        for id in ids {
             if self
                 .tasks
                 .get(&id)

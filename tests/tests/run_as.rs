@@ -109,9 +109,11 @@ async fn run_as_tasks_cannot_read_the_worker_or_each_other() -> Result<()> {
     assert_eq!(t.state(), TaskState::Failed, "cat must fail: {log}");
     assert!(!log.contains("key-of-the-other-project"), "{log}");
     assert!(log.contains("No such file or directory"), "{log}");
+    // The pid list is the stdout line of numbers; stderr's line (from `cat`) may come
+    // before it in the merged log, as the two pipes are read concurrently.
     let visible: Vec<i32> = log
         .lines()
-        .next()
+        .find(|l| !l.trim().is_empty() && l.split_whitespace().all(|w| w.parse::<i32>().is_ok()))
         .unwrap_or_default()
         .split_whitespace()
         .filter_map(|p| p.parse().ok())

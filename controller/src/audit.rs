@@ -6,7 +6,10 @@
 //! Submits (`task.submit`, `workflow.submit`, `template.run`) are recorded through a
 //! [`Sink`]: in the background, many entries per store transaction, so the submit path
 //! neither waits for nor multiplies commits (one entry per `SubmitBatch` call, not per
-//! task).
+//! task). They are background transactions ([`Store::txn_background`]): on the embedded
+//! store a commit of nothing else is not synced on its own, so an idle cluster's sequential
+//! submit → finish path has no sync for its audit entry in between (the next synced commit,
+//! usually the task's own, makes it durable; only a power loss in that gap can drop one).
 //!
 //! Action strings, `noun.verb`: [`ACTIONS`].
 
@@ -53,7 +56,7 @@ impl Sink {
                 };
                 let mut delay = std::time::Duration::from_millis(50);
                 for attempt in 1..=5 {
-                    match store.txn(txn.clone()).await {
+                    match store.txn_background(txn.clone()).await {
                         Ok(_) => break,
                         Err(e) if attempt == 5 => {
                             tracing::warn!(error = %e, entries = batch.len(), "could not write audit entries; dropped");

@@ -3,13 +3,14 @@
 //! what and when. Written in the same transaction as the change where the change is a
 //! store write of ours; listed by `AdminService.ListAudit` / `scabbard audit`.
 //!
-//! Submits (`task.submit`, `workflow.submit`, `template.run`) are recorded through a
-//! [`Sink`]: in the background, many entries per store transaction, so the submit path
-//! neither waits for nor multiplies commits (one entry per `SubmitBatch` call, not per
-//! task). They are background transactions ([`Store::txn_background`]): on the embedded
-//! store a commit of nothing else is not synced on its own, so an idle cluster's sequential
-//! submit → finish path has no sync for its audit entry in between (the next synced commit,
-//! usually the task's own, makes it durable; only a power loss in that gap can drop one).
+//! A `task.submit` of a new task through `TaskService.Submit` is staged by the core with
+//! the task's own writes and lands in the task's commit: no commit, sync or task of its
+//! own on the submit path. Other submits (`SubmitBatch`, `workflow.submit`, `template.run`,
+//! an idempotent repeat) are recorded through a [`Sink`]: in the background, many entries
+//! per store transaction (one entry per `SubmitBatch` call, not per task). The sink writes
+//! background transactions ([`Store::txn_background`]): on the embedded store a commit of
+//! nothing else is not synced on its own (the next synced commit makes it durable; only a
+//! power loss in that gap can drop one).
 //!
 //! Action strings, `noun.verb`: [`ACTIONS`].
 

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit;
 use crate::auth::{self, Catalog, Principal};
-use crate::core::{BatchEntry, CoreMsg, CoreRouter, TASK_PREFIX, validate};
+use crate::core::{BatchEntry, CoreMsg, CoreRouter, Origin, TASK_PREFIX, validate};
 use crate::store::{Store, WatchEvent};
 // Every task leaving this service goes through `masked`: secret values read "***".
 use crate::sealed::masked;
@@ -100,29 +100,31 @@ impl TaskService for TaskApi {
         let trace = crate::core::trace::incoming(&req);
         let (spec, idempotency_key, project) = self.check_submit(&who, req.into_inner())?;
         let name = spec.name.clone();
+        let audit = audit::entry(&who, "task.submit", "", &project, name.clone());
         let (task, existing) = self
             .core
             .ask(|reply| CoreMsg::Submit {
                 spec: Box::new(spec),
                 idempotency_key,
                 project,
-                trace,
-                rerun_of: String::new(),
+                origin: Origin {
+                    trace,
+                    rerun_of: String::new(),
+                    audit: Some(Box::new(audit)),
+                },
                 reply,
             })
             .await?;
-        let detail = if existing {
-            format!("{name} (existing: same idempotency key)")
-        } else {
-            name
-        };
-        self.catalog.audit(audit::entry(
-            &who,
-            "task.submit",
-            &task.id,
-            &task.project,
-            detail,
-        ));
+        // A new task's entry was written in its commit; a repeat wrote nothing.
+        if existing {
+            self.catalog.audit(audit::entry(
+                &who,
+                "task.submit",
+                &task.id,
+                &task.project,
+                format!("{name} (existing: same idempotency key)"),
+            ));
+        }
         Ok(Response::new(SubmitTaskResponse {
             task: Some(masked(task)),
             existing,

@@ -18,7 +18,7 @@ mod finish;
 mod forget;
 mod msg;
 use msg::Reply;
-pub(crate) use msg::{Attached, BatchEntry, CoreMsg};
+pub(crate) use msg::{Attached, BatchEntry, CoreMsg, Origin};
 mod handle;
 pub use handle::{CoreHandle, CoreRouter, Route};
 pub mod history;
@@ -403,39 +403,32 @@ impl State {
                 spec,
                 idempotency_key,
                 project,
-                trace,
-                rerun_of,
+                origin,
                 reply,
             } => {
-                self.submit(*spec, idempotency_key, project, trace, rerun_of, reply)
+                self.submit(*spec, idempotency_key, project, origin, reply)
                     .await
             }
             CoreMsg::SubmitBatch { entries } => {
                 for e in entries {
                     let (spec, key, project) = (*e.spec, e.idempotency_key, e.project);
-                    self.submit(spec, key, project, e.trace, String::new(), e.reply)
-                        .await;
+                    let origin = msg::Origin {
+                        trace: e.trace,
+                        ..Default::default()
+                    };
+                    self.submit(spec, key, project, origin, e.reply).await;
                 }
             }
             CoreMsg::SubmitLooked {
                 spec,
                 idempotency_key,
                 project,
-                trace,
-                rerun_of,
+                origin,
                 reply,
                 found,
             } => {
-                self.submit_looked(
-                    *spec,
-                    idempotency_key,
-                    project,
-                    trace,
-                    rerun_of,
-                    reply,
-                    found,
-                )
-                .await
+                self.submit_looked(*spec, idempotency_key, project, origin, reply, found)
+                    .await
             }
             CoreMsg::Get { id, reply } => {
                 let _ = reply.send(

@@ -16,6 +16,18 @@ pub(crate) struct Attached {
     pub(crate) last_seen: Arc<std::sync::atomic::AtomicI64>,
 }
 
+/// Where a submit comes from: kept with the new task, or written beside it.
+#[derive(Default)]
+pub(crate) struct Origin {
+    /// The submitter's trace context (stored with the task).
+    pub(crate) trace: trace::Trace,
+    /// The task this submit reruns (`Task.rerun_of`); empty for a plain submit.
+    pub(crate) rerun_of: String,
+    /// The `task.submit` audit entry, written in the new task's commit (the core fills in
+    /// its target); an idempotent repeat writes nothing, so its caller records it.
+    pub(crate) audit: Option<Box<scabbard_common::proto::AuditEntry>>,
+}
+
 /// Requests to the core actor.
 pub(crate) enum CoreMsg {
     Submit {
@@ -23,10 +35,7 @@ pub(crate) enum CoreMsg {
         idempotency_key: String,
         /// Resolved and checked by the API (exists, the caller may use it).
         project: String,
-        /// The submitter's trace context (stored with the task).
-        trace: trace::Trace,
-        /// The task this submit reruns (`Task.rerun_of`); empty for a plain submit.
-        rerun_of: String,
+        origin: Origin,
         reply: Reply<(Task, bool)>,
     },
     /// Submits each entry as [`CoreMsg::Submit`] would, in order, in one message.
@@ -40,8 +49,7 @@ pub(crate) enum CoreMsg {
         spec: Box<TaskSpec>,
         idempotency_key: String,
         project: String,
-        trace: trace::Trace,
-        rerun_of: String,
+        origin: Origin,
         reply: Reply<(Task, bool)>,
         found: Result<(Option<String>, Vec<Task>)>,
     },

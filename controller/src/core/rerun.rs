@@ -25,8 +25,12 @@ impl State {
             let _ = reply.send(Err(e));
             return;
         }
-        self.submit(spec, key, source.project, trace, source.id, reply)
-            .await;
+        let origin = super::Origin {
+            trace,
+            rerun_of: source.id,
+            audit: None,
+        };
+        self.submit(spec, key, source.project, origin, reply).await;
     }
 
     pub(super) async fn rerun_workflow(

@@ -42,8 +42,7 @@ impl State {
         spec: TaskSpec,
         key: String,
         project: String,
-        trace: super::trace::Trace,
-        rerun_of: String,
+        origin: super::Origin,
         reply: Reply<(Task, bool)>,
     ) {
         let mem_key = super::idempotency_key(&project, &key);
@@ -54,8 +53,7 @@ impl State {
                 spec: Box::new(spec),
                 idempotency_key: key,
                 project,
-                trace,
-                rerun_of,
+                origin,
                 reply,
             });
             return;
@@ -79,9 +77,7 @@ impl State {
             })
             .collect();
         if !key_missing && producers.is_empty() {
-            return self
-                .submit_checked(spec, key, project, (trace, rerun_of), reply)
-                .await;
+            return self.submit_checked(spec, key, project, origin, reply).await;
         }
         if !key.is_empty() {
             self.idem_pending.insert(mem_key, Vec::new());
@@ -96,8 +92,7 @@ impl State {
                         spec: Box::new(spec),
                         idempotency_key: key,
                         project,
-                        trace,
-                        rerun_of,
+                        origin,
                         reply,
                         found,
                     })
@@ -107,15 +102,12 @@ impl State {
     }
 
     /// A submit back from its store lookup (see [`submit`](Self::submit)).
-    // The submit's parts as the message carries them.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn submit_looked(
         &mut self,
         spec: TaskSpec,
         key: String,
         project: String,
-        trace: super::trace::Trace,
-        rerun_of: String,
+        origin: super::Origin,
         reply: Reply<(Task, bool)>,
         found: Result<(Option<String>, Vec<Task>)>,
     ) {
@@ -142,8 +134,7 @@ impl State {
                 if let Some(id) = idem_id.filter(|id| self.tasks.contains_key(id)) {
                     self.idempotency.insert(mem_key, id, 0, &self.durability);
                 }
-                self.submit_checked(spec, key, project, (trace, rerun_of), reply)
-                    .await;
+                self.submit_checked(spec, key, project, origin, reply).await;
             }
         }
         for msg in waiting {
@@ -156,8 +147,7 @@ impl State {
         mut spec: TaskSpec,
         key: String,
         project: String,
-        // The submitter's trace context and the task this one reruns ("" for none).
-        (trace, rerun_of): (super::trace::Trace, String),
+        origin: super::Origin,
         reply: Reply<(Task, bool)>,
     ) {
         if let Err(e) = validate::task_spec(&mut spec, &self.cfg)
@@ -201,10 +191,19 @@ impl State {
         }
         match self.new_task(spec, key, project, None) {
             Ok(mut task) => {
-                super::trace::stamp(&mut task, trace);
-                task.rerun_of = rerun_of;
+                super::trace::stamp(&mut task, origin.trace);
+                task.rerun_of = origin.rerun_of;
                 let effects = vec![reply_effect(reply, (task.clone(), false))];
+                let audit = origin.audit.map(|mut e| {
+                    e.target.clone_from(&task.id);
+                    e
+                });
                 self.enqueue_new(task, effects).await;
+                // Staged in the same turn: lands in the task's commit, with no commit or
+                // sync of its own on the submit path.
+                if let Some(e) = audit {
+                    self.write_audit(&e).await;
+                }
             }
             Err(e) => {
                 let _ = reply.send(Err(e));

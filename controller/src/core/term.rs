@@ -66,6 +66,10 @@ pub(super) async fn next_term(store: &dyn Store, fence: Option<&Fence>) -> Resul
 impl State {
     /// The store refused one write of ours on its own.
     pub(super) async fn on_write_refused(&mut self, refused: Refused) {
+        if refused.key.starts_with(crate::audit::AUDIT_PREFIX) {
+            warn!(key = %refused.key, reason = %refused.reason, "the store refused an audit entry; it is not recorded");
+            return;
+        }
         let Some(id) = refused.key.strip_prefix(TASK_PREFIX).map(str::to_string) else {
             error!(key = %refused.key, reason = %refused.reason, "a record the store refused is not a task's: ending the term so the next one rebuilds from the store");
             self.term_over.cancel();

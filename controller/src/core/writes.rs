@@ -144,6 +144,15 @@ impl State {
         self.write_with(key, value, Vec::new(), effects).await
     }
 
+    /// An audit entry, staged with the writes of this turn (so it lands in their commit).
+    /// A refusal of it is logged, never held against a task (see `on_write_refused`).
+    pub(crate) async fn write_audit(&self, e: &scabbard_common::proto::AuditEntry) {
+        if let crate::store::Op::Put { key, value, .. } = crate::audit::op(e) {
+            self.write_with(key, Some(value), Vec::new(), Vec::new())
+                .await;
+        }
+    }
+
     /// [`write`](Self::write) with more keys in the same commit.
     pub(crate) async fn write_with(
         &self,

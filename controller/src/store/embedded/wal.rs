@@ -236,7 +236,7 @@ impl Wal {
 /// Extends `file` from `size` with zeros to cover `end`, rounded up to [`GROW_STEP`]. Not
 /// synced here: the sync of the frame that needed the room covers it.
 fn grow(file: &File, size: u64, end: u64) -> std::io::Result<()> {
-    const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let target = end.div_ceil(GROW_STEP) * GROW_STEP;
     let mut at = size;
     while at < target {

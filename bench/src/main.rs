@@ -226,8 +226,20 @@ async fn bench(args: Args) -> Result<()> {
         namespace: namespace.clone(),
         ..Default::default()
     };
+    // etcd mode needs an advertised address (followers redirect to it): a free loopback
+    // port, chosen before the controller binds it.
+    let (listen, advertise_addr) = if args.store == "etcd" {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        (addr, Some(addr.to_string()))
+    } else {
+        ("127.0.0.1:0".parse()?, None)
+    };
     let mut ctl = scabbard_controller::spawn(scabbard_controller::ControllerConfig {
-        listen: "127.0.0.1:0".parse()?,
+        listen,
+        advertise_addr,
         data_dir: dir.join("controller"),
         registration_token: token.clone(),
         bootstrap_token: Some(ADMIN_TOKEN.into()),

@@ -338,7 +338,10 @@ async fn admin_actions_are_audited_and_whoami_answers() -> anyhow::Result<()> {
         .into_inner()
         .entries;
     assert_eq!(
-        at_submit.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
+        at_submit
+            .iter()
+            .map(|e| e.target.as_str())
+            .collect::<Vec<_>>(),
         [task.id.as_str()],
         "{at_submit:#?}"
     );

@@ -214,6 +214,10 @@ async fn bench(args: Args) -> Result<()> {
         }
         return external::run(&args).await;
     }
+    // From here on this process hosts the controller (and the workers, whose tasks start
+    // no processes that matter): the controller's process settings. Modes that start
+    // `scabbard` processes returned above, so those never inherit them.
+    scabbard_controller::process::disable_transparent_huge_pages();
     let temp = tempfile::tempdir()?;
     let dir = args
         .data_dir

@@ -38,6 +38,10 @@ fn main() -> std::process::ExitCode {
         cli.command,
         args::Command::Dev(_) | args::Command::Controller(_) | args::Command::Worker(_)
     );
+    // A controller process starts no user work: see `scabbard_controller::process`.
+    if matches!(cli.command, args::Command::Controller(_)) {
+        scabbard_controller::process::disable_transparent_huge_pages();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -22,6 +22,7 @@ pub mod listener;
 pub mod logstore;
 pub mod membership;
 pub mod metrics;
+pub mod process;
 pub(crate) mod resolve;
 pub(crate) mod retention;
 pub mod rpc_trace;

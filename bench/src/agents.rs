@@ -144,8 +144,18 @@ pub(crate) struct ControllerProc {
 
 impl ControllerProc {
     pub(crate) fn start(bin: &PathBuf, dir: &std::path::Path, extra: &[String]) -> Result<Self> {
+        Self::start_on(bin, dir, "127.0.0.1:0", extra)
+    }
+
+    /// As [`start`](Self::start), listening on `listen`.
+    pub(crate) fn start_on(
+        bin: &PathBuf,
+        dir: &std::path::Path,
+        listen: &str,
+        extra: &[String],
+    ) -> Result<Self> {
         let mut child = Command::new(bin)
-            .args(["controller", "--listen", "127.0.0.1:0"])
+            .args(["controller", "--listen", listen])
             .arg("--data-dir")
             .arg(dir)
             .args(["--registration-token", REG_TOKEN])

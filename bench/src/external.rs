@@ -33,7 +33,15 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let namespace = format!("/bench-ext-{}/", std::process::id());
     let mut extra: Vec<String> = Vec::new();
+    let mut listen = "127.0.0.1:0".to_string();
     if args.store == "etcd" {
+        // etcd mode needs an advertised address (followers redirect to it): a free
+        // loopback port, chosen before the controller binds it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        listen = format!("127.0.0.1:{port}");
+        extra.extend(["--advertise-addr".into(), listen.clone()]);
         extra.extend([
             "--store".into(),
             "etcd".into(),
@@ -44,7 +52,7 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
         ]);
     }
     extra.extend(args.controller_args.split_whitespace().map(str::to_string));
-    let ctl = ControllerProc::start(&bin, &dir.path().join("controller"), &extra)?;
+    let ctl = ControllerProc::start_on(&bin, &dir.path().join("controller"), &listen, &extra)?;
     let mut workers = Workers(Vec::new());
     for i in 0..args.workers {
         let child = Command::new(&bin)

@@ -37,10 +37,7 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
     if args.store == "etcd" {
         // etcd mode needs an advertised address (followers redirect to it): a free
         // loopback port, chosen before the controller binds it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        listen = format!("127.0.0.1:{port}");
+        listen = crate::free_loopback_addr()?.to_string();
         extra.extend(["--advertise-addr".into(), listen.clone()]);
         extra.extend([
             "--store".into(),

@@ -233,10 +233,7 @@ async fn bench(args: Args) -> Result<()> {
     // etcd mode needs an advertised address (followers redirect to it): a free loopback
     // port, chosen before the controller binds it.
     let (listen, advertise_addr) = if args.store == "etcd" {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let addr = free_loopback_addr()?;
         (addr, Some(addr.to_string()))
     } else {
         ("127.0.0.1:0".parse()?, None)
@@ -475,4 +472,14 @@ fn report(what: &str, samples: &mut [Duration]) {
         pct(0.99).as_secs_f64() * 1e3,
         samples.len()
     );
+}
+
+/// A loopback address with a free port, for a controller that must know its address
+/// before it binds (etcd mode advertises it). The port is free when chosen; nothing else
+/// on this host is expected to take it in between.
+pub(crate) fn free_loopback_addr() -> Result<std::net::SocketAddr> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    Ok(([127, 0, 0, 1], port).into())
 }

@@ -44,6 +44,8 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
             "etcd".into(),
             "--etcd-endpoints".into(),
             args.etcd_endpoints.clone(),
+            "--etcd-max-txn-ops".into(),
+            args.etcd_max_txn_ops.to_string(),
             "--etcd-namespace".into(),
             namespace,
         ]);

@@ -108,6 +108,9 @@ struct Args {
     /// etcd endpoints (with `--store etcd`), comma-separated.
     #[arg(long, default_value = "http://127.0.0.1:2379")]
     etcd_endpoints: String,
+    /// With `--store etcd`: the etcd servers' `--max-txn-ops` (`etcd.max_txn_ops`).
+    #[arg(long, default_value_t = 128)]
+    etcd_max_txn_ops: usize,
     /// Controller's per-token rate limit (requests/s; 0 = off, so the bench is never
     /// throttled).
     #[arg(long, default_value_t = 0)]
@@ -228,6 +231,7 @@ async fn bench(args: Args) -> Result<()> {
     let etcd = scabbard_controller::store::EtcdConfig {
         endpoints: args.etcd_endpoints.split(',').map(str::to_string).collect(),
         namespace: namespace.clone(),
+        max_txn_ops: args.etcd_max_txn_ops,
         ..Default::default()
     };
     // etcd mode needs an advertised address (followers redirect to it): a free loopback

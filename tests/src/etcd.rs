@@ -49,6 +49,8 @@ pub struct EtcdMember {
     /// etcd's stderr (errors only), appended across restarts.
     pub log: PathBuf,
     initial_cluster: String,
+    /// More etcd flags (e.g. `--max-txn-ops=256`).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -60,6 +62,7 @@ impl EtcdMember {
             data_dir: dir.join(format!("{name}.data")),
             log: dir.join(format!("{name}.log")),
             initial_cluster: String::new(),
+            extra: Vec::new(),
             name,
             child: None,
         }
@@ -84,6 +87,7 @@ impl EtcdMember {
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", "scabbard-test"])
             .args(["--logger=zap", "--log-level=error"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -214,13 +218,18 @@ impl EtcdCluster {
     /// Starts `n` members (`--initial-cluster` on free peer ports) and waits until every
     /// one of them is healthy.
     pub fn start(n: usize) -> Result<Self> {
+        Self::start_with(n, &[])
+    }
+
+    /// [`Self::start`], every member with the etcd flags `extra` too.
+    pub fn start_with(n: usize, extra: &[&str]) -> Result<Self> {
         if n == 0 {
             bail!("an etcd cluster needs at least one member");
         }
         etcd_bin()?;
         let mut attempt = 1;
         loop {
-            match Self::try_start(n) {
+            match Self::try_start(n, extra) {
                 Ok(c) => return Ok(c),
                 // Another test took a port between `free_port` and etcd's bind.
                 Err((e, true)) if attempt < PORT_ATTEMPTS => {
@@ -232,7 +241,7 @@ impl EtcdCluster {
         }
     }
 
-    fn try_start(n: usize) -> std::result::Result<Self, (anyhow::Error, bool)> {
+    fn try_start(n: usize, extra: &[&str]) -> std::result::Result<Self, (anyhow::Error, bool)> {
         let dir = tempfile::Builder::new()
             .prefix("scabbard-etcd-")
             .tempdir()
@@ -247,6 +256,7 @@ impl EtcdCluster {
             .join(",");
         for m in &mut members {
             m.initial_cluster = initial_cluster.clone();
+            m.extra = extra.iter().map(|a| a.to_string()).collect();
             m.spawn().map_err(|e| (e, false))?;
         }
         let mut cluster = Self { members, dir };
@@ -301,7 +311,12 @@ pub struct EtcdServer {
 impl EtcdServer {
     /// Starts etcd on free loopback ports and waits until it serves.
     pub fn start() -> Result<Self> {
-        let EtcdCluster { mut members, dir } = EtcdCluster::start(1)?;
+        Self::start_with(&[])
+    }
+
+    /// [`Self::start`] with the etcd flags `extra` too.
+    pub fn start_with(extra: &[&str]) -> Result<Self> {
+        let EtcdCluster { mut members, dir } = EtcdCluster::start_with(1, extra)?;
         let member = members.remove(0);
         Ok(Self {
             client_url: member.client_url.clone(),

@@ -311,3 +311,42 @@ async fn etcd_limits_leases_and_watch_cleanup() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_txn_ops_is_checked_against_the_servers() -> anyhow::Result<()> {
+    // etcd's default --max-txn-ops is 128: a controller told 256 refuses to start, saying
+    // which setting to change on which side.
+    let default = EtcdServer::start()?;
+    let mut c = cfg(&default.client_url, "/txn-ops/");
+    c.max_txn_ops = 256;
+    let err = match EtcdStore::connect(&c).await {
+        Ok(_) => panic!("connected with etcd.max_txn_ops above the servers' limit"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("etcd.max_txn_ops = 256") && msg.contains("--max-txn-ops=256"),
+        "{msg}"
+    );
+    // With the servers raised to match, it connects and commits a transaction of that size
+    // (which the default servers refuse).
+    let raised = EtcdServer::start_with(&["--max-txn-ops=256"])?;
+    c.endpoints = vec![raised.client_url.clone()];
+    let store = EtcdStore::connect(&c).await?;
+    assert_eq!(store.max_txn_ops(), 256);
+    let big = |n: usize| Txn {
+        success: (0..n)
+            .map(|i| Op::put(format!("k/{i}"), b"v".to_vec()))
+            .collect(),
+        ..Txn::default()
+    };
+    assert!(store.txn(big(255)).await?.succeeded);
+    assert_eq!(store.range("k/", None, 0).await?.kvs.len(), 255);
+    let small = EtcdStore::connect(&cfg(&default.client_url, "/txn-ops/")).await?;
+    assert!(matches!(
+        small.txn(big(255)).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    Ok(())
+}

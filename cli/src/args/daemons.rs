@@ -79,6 +79,10 @@ pub(crate) struct ControllerArgs {
     /// Bound of a whole etcd request, retries included (default 5s).
     #[arg(long, env = "SCABBARD_ETCD_REQUEST_TIMEOUT", value_parser = crate::duration::parse)]
     pub(crate) etcd_request_timeout: Option<std::time::Duration>,
+    /// The etcd servers' --max-txn-ops (default 128): the most operations the leader puts
+    /// in one transaction. Checked against the servers at start.
+    #[arg(long, env = "SCABBARD_ETCD_MAX_TXN_OPS")]
+    pub(crate) etcd_max_txn_ops: Option<usize>,
     /// Address others are redirected to while this controller leads (default: --listen).
     #[arg(long, env = "SCABBARD_ADVERTISE_ADDR")]
     pub(crate) advertise_addr: Option<String>,

@@ -250,6 +250,9 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if let Some(d) = a.etcd_request_timeout {
         cfg.etcd.request_timeout = d;
     }
+    if let Some(n) = a.etcd_max_txn_ops {
+        cfg.etcd.max_txn_ops = n;
+    }
     if a.advertise_addr.is_some() {
         cfg.advertise_addr = a.advertise_addr;
     }

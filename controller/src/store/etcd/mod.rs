@@ -60,6 +60,8 @@ pub struct EtcdStore {
     endpoints: String,
     /// The servers' request size limit ([`EtcdConfig::max_request_bytes`]).
     max_request_bytes: usize,
+    /// [`EtcdConfig::max_txn_ops`].
+    max_txn_ops: usize,
     /// Takes dead endpoints out of the balancer; stops with the store.
     _prober: Option<endpoints::Prober>,
 }
@@ -116,6 +118,7 @@ impl EtcdStore {
             attempt_timeout: cfg.attempt_timeout,
             endpoints: endpoints.clone(),
             max_request_bytes: cfg.max_request_bytes,
+            max_txn_ops: cfg.max_txn_ops,
         };
         // The client connects lazily: a read proves etcd is there. Retried until the
         // deadline, so one dead member of several does not fail it.
@@ -123,7 +126,30 @@ impl EtcdStore {
             Error::Unavailable(why) => unreachable(why),
             other => other,
         })?;
+        if store.max_txn_ops > ETCD_MAX_TXN_OPS {
+            store.check_max_txn_ops().await?;
+        }
         Ok(Arc::new(store))
+    }
+
+    /// Proves the servers take transactions of `max_txn_ops` operations: a read-only
+    /// transaction with that many compares (etcd counts compares against the same limit).
+    async fn check_max_txn_ops(&self) -> Result<()> {
+        let n = self.max_txn_ops;
+        let probe = Txn {
+            compares: (0..n)
+                .map(|i| Compare::absent(format!("meta/max-txn-ops-probe/{i}")))
+                .collect(),
+            ..Txn::default()
+        };
+        match self.txn(probe).await {
+            Ok(_) => Ok(()),
+            Err(Error::InvalidArgument(why)) => Err(Error::invalid(format!(
+                "etcd.max_txn_ops = {n}, but etcd at {} refused a transaction of {n} operations ({why}): start the etcd servers with --max-txn-ops={n} or more, or lower etcd.max_txn_ops (etcd's default is {ETCD_MAX_TXN_OPS})",
+                self.endpoints
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// The servers' request size limit, as configured.
@@ -131,9 +157,10 @@ impl EtcdStore {
         self.max_request_bytes
     }
 
-    /// Most compares, or ops per branch, one transaction may carry (etcd's default).
+    /// Most compares, or ops per branch, one transaction may carry (as configured, and
+    /// checked against the servers at connect).
     pub fn max_txn_ops(&self) -> usize {
-        ETCD_MAX_TXN_OPS
+        self.max_txn_ops
     }
 
     /// The endpoints this store talks to, comma-separated.
@@ -479,7 +506,7 @@ impl Store for EtcdStore {
     }
 
     fn max_txn_ops(&self) -> usize {
-        ETCD_MAX_TXN_OPS
+        self.max_txn_ops
     }
 
     fn max_value_bytes(&self) -> usize {

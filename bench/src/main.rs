@@ -108,8 +108,8 @@ struct Args {
     /// etcd endpoints (with `--store etcd`), comma-separated.
     #[arg(long, default_value = "http://127.0.0.1:2379")]
     etcd_endpoints: String,
-    /// With `--store etcd`: the etcd servers' `--max-txn-ops` (`etcd.max_txn_ops`).
-    #[arg(long, default_value_t = 128)]
+    /// With `--store etcd`: `etcd.max_txn_ops` (0: found at start, as by default).
+    #[arg(long, default_value_t = 0)]
     etcd_max_txn_ops: usize,
     /// Controller's per-token rate limit (requests/s; 0 = off, so the bench is never
     /// throttled).

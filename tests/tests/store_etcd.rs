@@ -335,6 +335,12 @@ async fn max_txn_ops_is_checked_against_the_servers() -> anyhow::Result<()> {
     c.endpoints = vec![raised.client_url.clone()];
     let store = EtcdStore::connect(&c).await?;
     assert_eq!(store.max_txn_ops(), 256);
+    // Left at 0 (the default), the limit is found at start: etcd's default, or the
+    // largest tried size the servers take.
+    let auto = EtcdStore::connect(&cfg(&default.client_url, "/txn-ops/")).await?;
+    assert_eq!(auto.max_txn_ops(), 128);
+    let auto = EtcdStore::connect(&cfg(&raised.client_url, "/txn-ops/")).await?;
+    assert_eq!(auto.max_txn_ops(), 256);
     let big = |n: usize| Txn {
         success: (0..n)
             .map(|i| Op::put(format!("k/{i}"), b"v".to_vec()))

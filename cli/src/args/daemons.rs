@@ -79,8 +79,9 @@ pub(crate) struct ControllerArgs {
     /// Bound of a whole etcd request, retries included (default 5s).
     #[arg(long, env = "SCABBARD_ETCD_REQUEST_TIMEOUT", value_parser = crate::duration::parse)]
     pub(crate) etcd_request_timeout: Option<std::time::Duration>,
-    /// The etcd servers' --max-txn-ops (default 128): the most operations the leader puts
-    /// in one transaction. Checked against the servers at start.
+    /// The etcd servers' --max-txn-ops: the most operations the leader puts in one
+    /// transaction (default 0: the largest of 1024, 512, 256, 128 the servers take, found
+    /// at start). A figure set here is checked against the servers at start.
     #[arg(long, env = "SCABBARD_ETCD_MAX_TXN_OPS")]
     pub(crate) etcd_max_txn_ops: Option<usize>,
     /// Address others are redirected to while this controller leads (default: --listen).

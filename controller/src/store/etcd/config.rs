@@ -46,10 +46,11 @@ pub struct EtcdConfig {
     /// The etcd servers' `--max-request-bytes` (etcd's default: 1.5 MiB). Scabbard keeps
     /// every record and every transaction under it, with room for framing.
     pub max_request_bytes: usize,
-    /// The etcd servers' `--max-txn-ops` (etcd's default: 128): most compares, or
-    /// operations per branch, in one transaction. The leader groups its writes into
-    /// transactions of at most this many operations, so raising both lets a busy cluster
-    /// commit more per round trip. Checked against the servers at start.
+    /// Most compares, or operations per branch, in one transaction: the etcd servers'
+    /// `--max-txn-ops` (etcd's default: 128). The leader groups its writes into
+    /// transactions of at most this many operations, so a higher limit lets a busy cluster
+    /// commit more per round trip. `0` (the default) finds it at start: the largest of
+    /// 1024, 512, 256 and 128 the servers take. A figure set here is checked at start.
     pub max_txn_ops: usize,
 }
 
@@ -68,7 +69,7 @@ impl Default for EtcdConfig {
             keep_alive_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
             max_request_bytes: 1536 * 1024,
-            max_txn_ops: 128,
+            max_txn_ops: 0,
         }
     }
 }
@@ -86,9 +87,9 @@ impl EtcdConfig {
                 self.max_request_bytes
             ));
         }
-        if !(16..=65_536).contains(&self.max_txn_ops) {
+        if self.max_txn_ops != 0 && !(16..=65_536).contains(&self.max_txn_ops) {
             return bad(format!(
-                "max_txn_ops = {} is out of range: set it to the etcd servers' --max-txn-ops (16 to 65536; etcd's default is 128)",
+                "max_txn_ops = {} is out of range: set it to the etcd servers' --max-txn-ops (16 to 65536; etcd's default is 128), or 0 to find it at start",
                 self.max_txn_ops
             ));
         }
@@ -263,7 +264,7 @@ mod tests {
             ..base.clone()
         };
         assert!(err(&c).contains("etcd.connect_timeout"));
-        for n in [0, 15, 65_537] {
+        for n in [1, 15, 65_537] {
             let c = EtcdConfig {
                 max_txn_ops: n,
                 ..base.clone()

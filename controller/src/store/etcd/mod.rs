@@ -40,6 +40,10 @@ use super::{
 
 /// etcd's default `--max-txn-ops`: most compares, or ops per branch, in one transaction.
 pub const ETCD_MAX_TXN_OPS: usize = 128;
+/// Transaction sizes tried at connect with `etcd.max_txn_ops = 0`, largest first: more
+/// than 1024 operations per commit gains little (a commit of 1024 already holds ~128
+/// no-op tasks).
+const DETECTED_TXN_OPS: [usize; 3] = [1024, 512, 256];
 /// Room left in a request for protobuf framing, compares and keys.
 const ETCD_FRAMING_BYTES: usize = 32 * 1024;
 
@@ -126,16 +130,35 @@ impl EtcdStore {
             Error::Unavailable(why) => unreachable(why),
             other => other,
         })?;
-        if store.max_txn_ops > ETCD_MAX_TXN_OPS {
-            store.check_max_txn_ops().await?;
+        let mut store = store;
+        if store.max_txn_ops == 0 {
+            store.max_txn_ops = store.detect_max_txn_ops().await?;
+        } else if store.max_txn_ops > ETCD_MAX_TXN_OPS
+            && let Err(why) = store.takes_txn_ops(store.max_txn_ops).await?
+        {
+            let n = store.max_txn_ops;
+            return Err(Error::invalid(format!(
+                "etcd.max_txn_ops = {n}, but etcd at {} refused a transaction of {n} operations ({why}): start the etcd servers with --max-txn-ops={n} or more, or lower etcd.max_txn_ops (etcd's default is {ETCD_MAX_TXN_OPS}; 0 finds the servers' limit)",
+                store.endpoints
+            )));
         }
         Ok(Arc::new(store))
     }
 
-    /// Proves the servers take transactions of `max_txn_ops` operations: a read-only
-    /// transaction with that many compares (etcd counts compares against the same limit).
-    async fn check_max_txn_ops(&self) -> Result<()> {
-        let n = self.max_txn_ops;
+    /// The largest of [`DETECTED_TXN_OPS`] the servers take (etcd's default if none).
+    async fn detect_max_txn_ops(&self) -> Result<usize> {
+        for n in DETECTED_TXN_OPS {
+            if self.takes_txn_ops(n).await?.is_ok() {
+                return Ok(n);
+            }
+        }
+        Ok(ETCD_MAX_TXN_OPS)
+    }
+
+    /// Whether the servers take a transaction of `n` operations: a read-only transaction
+    /// with that many compares (etcd counts compares against the same limit). `Err` holds
+    /// the servers' refusal.
+    async fn takes_txn_ops(&self, n: usize) -> Result<std::result::Result<(), String>> {
         let probe = Txn {
             compares: (0..n)
                 .map(|i| Compare::absent(format!("meta/max-txn-ops-probe/{i}")))
@@ -143,11 +166,8 @@ impl EtcdStore {
             ..Txn::default()
         };
         match self.txn(probe).await {
-            Ok(_) => Ok(()),
-            Err(Error::InvalidArgument(why)) => Err(Error::invalid(format!(
-                "etcd.max_txn_ops = {n}, but etcd at {} refused a transaction of {n} operations ({why}): start the etcd servers with --max-txn-ops={n} or more, or lower etcd.max_txn_ops (etcd's default is {ETCD_MAX_TXN_OPS})",
-                self.endpoints
-            ))),
+            Ok(_) => Ok(Ok(())),
+            Err(Error::InvalidArgument(why)) => Ok(Err(why)),
             Err(e) => Err(e),
         }
     }

@@ -3,8 +3,13 @@
 //! embedded store before the controller starts), two days old and so inside the default
 //! 30-day retention. Sequential submit→finish latency is measured, then the `default`
 //! project's retention is cut to one day (no restart), and the latency is measured again
-//! while the sweeper deletes them all; the sweep's rate comes from `scabbard status`'s
-//! counters.
+//! while the sweeper deletes them all, and once more after it is done; the sweep's rate comes
+//! from `scabbard status`'s counters.
+//!
+//! The idle windows run for at least [`IDLE_WINDOW`] each (or `--latency-samples`, whichever
+//! is more), one before and one after the sweep: a p99 needs thousands of samples to be
+//! steady, and the window after the sweep sees the same store (grown by the tasks run during
+//! it) and the same warm caches as the sweep, so the comparison is of the sweep alone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,11 +82,8 @@ pub(crate) async fn run(expired: usize, samples: usize) -> Result<()> {
     watch_all(channel.clone(), seen.clone(), done_tx).await?;
     let mut tasks = TaskServiceClient::new(channel.clone());
 
-    let mut baseline = Vec::new();
-    for _ in 0..samples {
-        baseline.push(one(&mut tasks, &seen, &mut done_rx).await?);
-    }
-    report("idle:         submit→finish", &mut baseline);
+    let mut before = idle_window(&mut tasks, &seen, &mut done_rx, samples).await?;
+    report("idle before:    submit→finish", &mut before);
 
     // Cut the default project's retention: everything filled is now expired.
     let mut projects = ProjectServiceClient::new(channel.clone());
@@ -130,10 +132,47 @@ pub(crate) async fn run(expired: usize, samples: usize) -> Result<()> {
         took.as_secs_f64(),
         deleted as f64 / took.as_secs_f64()
     );
+    let mut after = idle_window(&mut tasks, &seen, &mut done_rx, samples).await?;
+    report("idle after:     submit→finish", &mut after);
+    let mut idle = before;
+    idle.extend_from_slice(&after);
+    report("idle (both):    submit→finish", &mut idle);
+    let (idle99, during99) = (p99(&mut idle), p99(&mut during));
+    println!(
+        "retention: p99 while sweeping vs idle: {:+.1} % (goal: at most +20 %)",
+        (during99.as_secs_f64() / idle99.as_secs_f64().max(1e-9) - 1.0) * 100.0
+    );
     stop.cancel();
     ctl.shutdown.cancel();
     let _ = ctl.task.await;
     Ok(())
+}
+
+/// Shortest idle window (see the module docs).
+const IDLE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Sequential tasks for [`IDLE_WINDOW`] and at least `samples` of them.
+async fn idle_window(
+    tasks: &mut TaskServiceClient<client::AuthedChannel>,
+    seen: &Arc<Mutex<Seen>>,
+    done: &mut mpsc::UnboundedReceiver<()>,
+    samples: usize,
+) -> Result<Vec<Duration>> {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < samples || started.elapsed() < IDLE_WINDOW {
+        out.push(one(tasks, seen, done).await?);
+    }
+    Ok(out)
+}
+
+/// The 99th percentile of `samples` (sorted in place), as `report` prints it.
+fn p99(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples
+        .get(((samples.len() as f64 * 0.99) as usize).min(samples.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
 }
 
 /// One sequential no-op task, submit→finish.

@@ -285,13 +285,27 @@ impl Run {
             }
             doomed.push((done_key, id, task));
         }
-        // Logs and artifacts first, a few tasks at a time.
+        // Logs (of the whole batch at once) and artifacts first, a few tasks at a time.
+        let logs = self
+            .s
+            .core
+            .logs()
+            .delete_tasks(
+                &doomed
+                    .iter()
+                    .map(|(_, id, _)| id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .await;
         let outside: Vec<_> = {
             use futures::StreamExt;
             let this = &*self;
-            futures::stream::iter(doomed)
-                .map(|(done_key, id, task)| async move {
-                    let r = this.delete_outside(&task).await;
+            futures::stream::iter(doomed.into_iter().zip(logs))
+                .map(|((done_key, id, task), logs)| async move {
+                    let r = match logs {
+                        Ok(()) => this.delete_artifacts(&task).await,
+                        Err(e) => Err(e),
+                    };
                     (done_key, id, task, r)
                 })
                 .buffered(8)
@@ -353,9 +367,8 @@ impl Run {
         Ok(over)
     }
 
-    /// Deletes a final task's logs and artifacts.
-    async fn delete_outside(&self, task: &Task) -> Result<()> {
-        self.s.core.logs().delete_task(&task.id).await?;
+    /// Deletes a final task's artifacts (its logs are gone already: they count here).
+    async fn delete_artifacts(&self, task: &Task) -> Result<()> {
         STATS.add(Kind::Log, task.attempts.len() as u64);
         let Some(store) = &self.s.artifacts else {
             return Ok(());

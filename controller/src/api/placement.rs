@@ -30,10 +30,14 @@ impl Seen {
         }
     }
 
-    /// Notes a state event of `t` at `revision` (of a watched id: the map stays bounded by
-    /// the watch's ids).
-    pub(crate) fn state(&mut self, t: &Task, revision: i64) {
+    /// Notes a state event of `t` at `revision`. Only a task in `ids` (the watch's ids) is
+    /// remembered: explanations are sent for those alone, and a watch of a whole project or
+    /// cluster, open for months, must not keep an entry per task it ever saw.
+    pub(crate) fn state(&mut self, t: &Task, revision: i64, ids: &HashSet<String>) {
         self.revision = self.revision.max(revision);
+        if !ids.contains(&t.id) {
+            return;
+        }
         if let Some(e) = self.tasks.get_mut(&t.id) {
             *e = (t.state, t.updated_at_ms, t.placement.clone());
         } else {
@@ -118,7 +122,7 @@ mod tests {
     fn explanations_are_sent_once_and_never_after_a_newer_state() {
         let ids: HashSet<String> = ["t1".to_string()].into();
         let mut seen = Seen::new(9);
-        seen.state(&task(TaskState::Queued, 10, None), 12);
+        seen.state(&task(TaskState::Queued, 10, None), 12, &ids);
         let label = || {
             Arc::new(task(
                 TaskState::Queued,
@@ -139,11 +143,26 @@ mod tests {
             "a changed one goes out"
         );
         // Assigned since: an explanation of the queued task is stale.
-        seen.state(&task(TaskState::Assigned, 11, None), 13);
+        seen.state(&task(TaskState::Assigned, 11, None), 13, &ids);
         assert!(seen.placement(label(), &ids).is_none());
         // Not a watched id, or no explanation: nothing.
         let mut other = task(TaskState::Queued, 10, Some(PlacementReason::NoAgents));
         other.id = "t2".into();
         assert!(seen.placement(Arc::new(other), &ids).is_none());
+    }
+
+    /// A watch of everything (no ids) remembers no task, however many it sees; the
+    /// revision still moves.
+    #[test]
+    fn a_watch_without_ids_keeps_no_entry_per_task() {
+        let none = HashSet::new();
+        let mut seen = Seen::new(1);
+        for i in 0..10_000 {
+            let mut t = task(TaskState::Succeeded, i, None);
+            t.id = format!("t{i}");
+            seen.state(&t, 2 + i, &none);
+        }
+        assert!(seen.tasks.is_empty());
+        assert_eq!(seen.revision, 10_001);
     }
 }

@@ -352,7 +352,7 @@ impl TaskService for TaskApi {
             let mut seen = super::placement::Seen::new(from - 1);
             if send_initial {
                 for (t, revision) in snapshot {
-                    seen.state(&t, revision);
+                    seen.state(&t, revision, &filter);
                     if !tx.push(TaskEvent {
                         task: Some(masked(t)),
                         revision,
@@ -429,7 +429,7 @@ impl TaskService for TaskApi {
                 if !who.may_access(&t.project) {
                     continue;
                 }
-                seen.state(&t, kv.mod_revision);
+                seen.state(&t, kv.mod_revision, &filter);
                 // False: the client went away or fell too far behind (then the stream
                 // ends with RESOURCE_EXHAUSTED, its buffer freed).
                 if !tx.push(TaskEvent {

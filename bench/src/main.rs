@@ -369,6 +369,7 @@ async fn measure(
         to_start.push(st.duration_since(t0));
         to_finish.push(fin.duration_since(t0));
     }
+    report_drift("submit→finish", &to_finish);
     report("submit→start ", &mut to_start);
     report("submit→finish", &mut to_finish);
 
@@ -477,6 +478,24 @@ fn report(what: &str, samples: &mut [Duration]) {
         samples.len()
     );
 }
+
+/// For a long sequential run (at least [`DRIFT_MIN_SAMPLES`]): p50 and p99 of each tenth
+/// of it in order, so latency that grows with the tasks a controller has run shows.
+fn report_drift(what: &str, samples: &[Duration]) {
+    if samples.len() < DRIFT_MIN_SAMPLES {
+        return;
+    }
+    let size = samples.len() / 10;
+    for (i, window) in samples.chunks(size).take(10).enumerate() {
+        report(
+            &format!("{what} tasks {}..{}", i * size, (i + 1) * size),
+            &mut window.to_vec(),
+        );
+    }
+}
+
+/// Sequential samples from which [`report_drift`] reports windows.
+const DRIFT_MIN_SAMPLES: usize = 20_000;
 
 /// A loopback address with a free port, for a controller that must know its address
 /// before it binds (etcd mode advertises it). The port is free when chosen; nothing else

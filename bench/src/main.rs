@@ -470,13 +470,21 @@ fn report(what: &str, samples: &mut [Duration]) {
         return;
     }
     samples.sort();
-    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    let pct = |p: f64| percentile(samples, p);
     println!(
         "{what}: p50 {:.2} ms  p99 {:.2} ms  (n={})",
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
         samples.len()
     );
+}
+
+/// The `p` quantile (0..=1) of sorted `samples` (zero for none).
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
 }
 
 /// For a long sequential run (at least [`DRIFT_MIN_SAMPLES`]): p50 and p99 of each tenth

@@ -169,10 +169,7 @@ async fn idle_window(
 /// The 99th percentile of `samples` (sorted in place), as `report` prints it.
 fn p99(samples: &mut [Duration]) -> Duration {
     samples.sort();
-    samples
-        .get(((samples.len() as f64 * 0.99) as usize).min(samples.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default()
+    super::percentile(samples, 0.99)
 }
 
 /// One sequential no-op task, submit→finish.

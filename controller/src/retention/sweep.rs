@@ -303,7 +303,10 @@ impl Run {
             futures::stream::iter(doomed.into_iter().zip(logs))
                 .map(|((done_key, id, task), logs)| async move {
                     let r = match logs {
-                        Ok(()) => this.delete_artifacts(&task).await,
+                        Ok(()) => {
+                            STATS.add(Kind::Log, task.attempts.len() as u64);
+                            this.delete_artifacts(&task).await
+                        }
                         Err(e) => Err(e),
                     };
                     (done_key, id, task, r)
@@ -367,9 +370,8 @@ impl Run {
         Ok(over)
     }
 
-    /// Deletes a final task's artifacts (its logs are gone already: they count here).
+    /// Deletes a final task's artifacts.
     async fn delete_artifacts(&self, task: &Task) -> Result<()> {
-        STATS.add(Kind::Log, task.attempts.len() as u64);
         let Some(store) = &self.s.artifacts else {
             return Ok(());
         };

@@ -138,10 +138,14 @@ async fn killing_the_etcd_leader_member_stalls_commits_for_seconds_not_a_request
     }
     assert!(ids.len() >= 8, "too few tasks flowed: {}", ids.len());
     for (loss, stall) in stalls {
-        // A frozen member is only noticed by missed probes (about 2 s), a killed one at once.
+        // What this guards against is a stall as long as the etcd request timeout (tens of
+        // seconds). The failover figures (1-2 s for a kill, `scabbard-bench --kind failover`)
+        // come from the bench; here, on a loaded CI host where the Scabbard leader may also
+        // lose its term (a new election, ~3 s lease), the bound leaves room for that. A frozen
+        // member is only noticed by missed probes (about 2 s more).
         let bound = match loss {
-            Loss::Kill => Duration::from_secs(4),
-            Loss::Freeze => Duration::from_secs(5),
+            Loss::Kill => Duration::from_secs(8),
+            Loss::Freeze => Duration::from_secs(10),
         };
         assert!(
             stall < bound,

@@ -46,8 +46,6 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
             args.etcd_endpoints.clone(),
             "--etcd-max-txn-ops".into(),
             args.etcd_max_txn_ops.to_string(),
-            "--etcd-commit-pipeline".into(),
-            args.etcd_commit_pipeline.to_string(),
             "--etcd-namespace".into(),
             namespace,
         ]);

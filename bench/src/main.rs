@@ -111,10 +111,6 @@ struct Args {
     /// With `--store etcd`: `etcd.max_txn_ops` (0: found at start, as by default).
     #[arg(long, default_value_t = 0)]
     etcd_max_txn_ops: usize,
-    /// With `--store etcd`: `etcd.commit_pipeline`, the leader's group commits in flight at
-    /// once (1: one at a time, as before session 26).
-    #[arg(long, default_value_t = 4)]
-    etcd_commit_pipeline: usize,
     /// Controller's per-token rate limit (requests/s; 0 = off, so the bench is never
     /// throttled).
     #[arg(long, default_value_t = 0)]
@@ -236,7 +232,6 @@ async fn bench(args: Args) -> Result<()> {
         endpoints: args.etcd_endpoints.split(',').map(str::to_string).collect(),
         namespace: namespace.clone(),
         max_txn_ops: args.etcd_max_txn_ops,
-        commit_pipeline: args.etcd_commit_pipeline,
         ..Default::default()
     };
     // etcd mode needs an advertised address (followers redirect to it): a free loopback

@@ -84,10 +84,6 @@ pub(crate) struct ControllerArgs {
     /// at start). A figure set here is checked against the servers at start.
     #[arg(long, env = "SCABBARD_ETCD_MAX_TXN_OPS")]
     pub(crate) etcd_max_txn_ops: Option<usize>,
-    /// Most of the leader's group commits in flight to etcd at once (default 4; 1: one at
-    /// a time). They are chained, so they apply in order.
-    #[arg(long, env = "SCABBARD_ETCD_COMMIT_PIPELINE")]
-    pub(crate) etcd_commit_pipeline: Option<usize>,
     /// Address others are redirected to while this controller leads (default: --listen).
     #[arg(long, env = "SCABBARD_ADVERTISE_ADDR")]
     pub(crate) advertise_addr: Option<String>,

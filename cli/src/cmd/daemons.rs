@@ -253,9 +253,6 @@ pub(crate) async fn controller(a: ControllerArgs) -> Result<u8> {
     if let Some(n) = a.etcd_max_txn_ops {
         cfg.etcd.max_txn_ops = n;
     }
-    if let Some(n) = a.etcd_commit_pipeline {
-        cfg.etcd.commit_pipeline = n;
-    }
     if a.advertise_addr.is_some() {
         cfg.advertise_addr = a.advertise_addr;
     }

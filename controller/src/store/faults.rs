@@ -1,9 +1,7 @@
 //! Fault injection around a real store, for tests and failure drills: [`FaultyStore`]
 //! wraps any [`Store`] and, while told to, refuses chosen writes the way a backend refuses
-//! an oversized request, fails every write the way an unreachable store does, holds chosen
-//! writes back (so later ones overtake them, as concurrent requests may on a network), or
-//! applies a write and then loses its answer (a timeout after the commit). Reads, watches
-//! and leases pass through untouched; nothing is mocked.
+//! an oversized request, or fails every write the way an unreachable store does. Reads,
+//! watches and leases pass through untouched; nothing is mocked.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,11 +24,6 @@ pub struct FaultyStore {
     refused: AtomicU64,
     failed: AtomicU64,
     committed: AtomicU64,
-    hold: Mutex<Option<Arc<RefusePut>>>,
-    /// Bumped by [`FaultyStore::release_held`].
-    release: tokio::sync::watch::Sender<u64>,
-    holding: AtomicU64,
-    lose_answers: AtomicU64,
 }
 
 impl FaultyStore {
@@ -43,10 +36,6 @@ impl FaultyStore {
             refused: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             committed: AtomicU64::new(0),
-            hold: Mutex::new(None),
-            release: tokio::sync::watch::Sender::new(0),
-            holding: AtomicU64::new(0),
-            lose_answers: AtomicU64::new(0),
         })
     }
 
@@ -64,29 +53,6 @@ impl FaultyStore {
     /// While `on`, every transaction that writes fails `Unavailable` and health fails.
     pub fn set_outage(&self, on: bool) {
         self.outage.store(on, Ordering::SeqCst);
-    }
-
-    /// From now on, a transaction that puts a (key, value) for which `pred` holds waits
-    /// before it reaches the store until [`release_held`](Self::release_held).
-    pub fn hold_puts(&self, pred: impl Fn(&str, &[u8]) -> bool + Send + Sync + 'static) {
-        *self.hold.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(pred));
-    }
-
-    /// Lets every held transaction through and stops holding.
-    pub fn release_held(&self) {
-        *self.hold.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.release.send_modify(|n| *n += 1);
-    }
-
-    /// Transactions waiting in [`hold_puts`](Self::hold_puts) now.
-    pub fn holding(&self) -> u64 {
-        self.holding.load(Ordering::SeqCst)
-    }
-
-    /// The next `n` writing transactions reach the store and are applied, and their
-    /// callers get `Unavailable` instead of the answer (the outcome looks unknown).
-    pub fn lose_next_answers(&self, n: u64) {
-        self.lose_answers.store(n, Ordering::SeqCst);
     }
 
     /// Transactions refused so far.
@@ -153,27 +119,9 @@ impl Store for FaultyStore {
                 }
             }
         }
-        let mut released = self.release.subscribe();
-        let hold = self.hold.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(pred) = hold
-            && Self::writes(&txn)
-                .any(|op| matches!(op, Op::Put { key, value, .. } if pred(key, value)))
-        {
-            self.holding.fetch_add(1, Ordering::SeqCst);
-            let _ = released.changed().await;
-            self.holding.fetch_sub(1, Ordering::SeqCst);
-        }
         let r = self.inner.txn(txn).await?;
         if writes {
             self.committed.fetch_add(1, Ordering::SeqCst);
-            let lose = self
-                .lose_answers
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-            if lose.is_ok() {
-                return Err(Error::Unavailable(
-                    "injected: the answer was lost after the store applied the write".into(),
-                ));
-            }
         }
         Ok(r)
     }
@@ -218,10 +166,6 @@ impl Store for FaultyStore {
 
     fn max_txn_ops(&self) -> usize {
         self.inner.max_txn_ops()
-    }
-
-    fn commit_pipeline(&self) -> usize {
-        self.inner.commit_pipeline()
     }
 
     fn max_value_bytes(&self) -> usize {

@@ -257,14 +257,6 @@ pub trait Store: Send + Sync + 'static {
         usize::MAX
     }
 
-    /// How many transactions of the leader's group commits may be in flight at once. A
-    /// store whose round trip is long and that batches concurrent transactions (etcd: one
-    /// raft round and one fsync for all) says more than 1; the persister then chains them
-    /// so they still apply in order (see `core::persist::chain`).
-    fn commit_pipeline(&self) -> usize {
-        1
-    }
-
     /// A failure this store cannot recover from while the process lives (the embedded
     /// writer stopped after a storage error): the controller exits so that a supervisor
     /// restarts it, which reopens and repairs the store. Cheap: no I/O.

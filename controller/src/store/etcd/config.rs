@@ -52,12 +52,6 @@ pub struct EtcdConfig {
     /// commit more per round trip. `0` (the default) finds it at start: the largest of
     /// 1024, 512, 256 and 128 the servers take. A figure set here is checked at start.
     pub max_txn_ops: usize,
-    /// Most group commits of the leader in flight at once (default 4; 1 sends the next
-    /// only once the last is answered). etcd batches concurrent transactions into one raft
-    /// round and one fsync, so a busy leader commits several batches per round trip; the
-    /// commits are chained (each compares the `meta/commit-chain` key its predecessor put),
-    /// so they apply in order whatever order they reach etcd in.
-    pub commit_pipeline: usize,
 }
 
 impl Default for EtcdConfig {
@@ -76,7 +70,6 @@ impl Default for EtcdConfig {
             connect_timeout: Duration::from_secs(5),
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 0,
-            commit_pipeline: 4,
         }
     }
 }
@@ -98,12 +91,6 @@ impl EtcdConfig {
             return bad(format!(
                 "max_txn_ops = {} is out of range: set it to the etcd servers' --max-txn-ops (16 to 65536; etcd's default is 128), or 0 to find it at start",
                 self.max_txn_ops
-            ));
-        }
-        if !(1..=64).contains(&self.commit_pipeline) {
-            return bad(format!(
-                "commit_pipeline = {} is out of range: 1 (one commit at a time) to 64",
-                self.commit_pipeline
             ));
         }
         let mut https = 0;

@@ -66,8 +66,6 @@ pub struct EtcdStore {
     max_request_bytes: usize,
     /// [`EtcdConfig::max_txn_ops`].
     max_txn_ops: usize,
-    /// [`EtcdConfig::commit_pipeline`].
-    commit_pipeline: usize,
     /// Takes dead endpoints out of the balancer; stops with the store.
     _prober: Option<endpoints::Prober>,
 }
@@ -125,7 +123,6 @@ impl EtcdStore {
             endpoints: endpoints.clone(),
             max_request_bytes: cfg.max_request_bytes,
             max_txn_ops: cfg.max_txn_ops,
-            commit_pipeline: cfg.commit_pipeline,
         };
         // The client connects lazily: a read proves etcd is there. Retried until the
         // deadline, so one dead member of several does not fail it.
@@ -530,10 +527,6 @@ impl Store for EtcdStore {
 
     fn max_txn_ops(&self) -> usize {
         self.max_txn_ops
-    }
-
-    fn commit_pipeline(&self) -> usize {
-        self.commit_pipeline
     }
 
     fn max_value_bytes(&self) -> usize {

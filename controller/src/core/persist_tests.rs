@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
+use crate::store::EmbeddedStore;
 use crate::store::faults::FaultyStore;
-use crate::store::{EmbeddedStore, Op, Txn};
 
 /// Each write's name and the outcome its effect saw, in the order effects ran.
 type Outcomes = Arc<Mutex<Vec<(String, std::result::Result<(), CommitError>)>>>;
@@ -80,35 +80,12 @@ fn wide() -> BatchLimits {
     BatchLimits {
         ops: 1000,
         bytes: 1 << 30,
-        in_flight: 1,
-    }
-}
-
-/// Several commits in flight, chained, `ops` operations per batch.
-fn chained(ops: usize) -> BatchLimits {
-    BatchLimits {
-        ops,
-        bytes: 1 << 30,
-        in_flight: 4,
     }
 }
 
 #[tokio::test]
 async fn a_refused_write_fails_alone_and_its_batch_commits() {
-    refused_write_fails_alone(wide()).await;
-}
-
-#[tokio::test]
-async fn a_refused_write_fails_alone_while_later_commits_are_in_flight() {
-    // One write per batch: the refused one goes alone and the two behind it, sent chained
-    // after it, come back out of turn and are sent again.
-    refused_write_fails_alone(chained(1)).await;
-    // Two per batch: the refused batch is split while the next one is in flight.
-    refused_write_fails_alone(chained(2)).await;
-}
-
-async fn refused_write_fails_alone(limits: BatchLimits) {
-    let r = rig(limits);
+    let r = rig(wide());
     r.faulty.refuse_puts(|key, _| key == "tasks/big");
     // Hold the persister on a first write so the rest queue up into one batch.
     r.send_all(vec![
@@ -147,7 +124,6 @@ async fn batches_are_bounded_by_bytes() {
     let r = rig(BatchLimits {
         ops: 1000,
         bytes: 10_000,
-        in_flight: 1,
     });
     let value = vec![7u8; 3_000];
     let writes = (0..10)
@@ -165,16 +141,7 @@ async fn batches_are_bounded_by_bytes() {
 
 #[tokio::test]
 async fn an_outage_ends_the_term_and_nothing_queued_after_it_commits() {
-    outage_ends_the_term(wide()).await;
-}
-
-#[tokio::test]
-async fn an_outage_ends_the_term_with_chained_commits() {
-    outage_ends_the_term(chained(1)).await;
-}
-
-async fn outage_ends_the_term(limits: BatchLimits) {
-    let r = rig(limits);
+    let r = rig(wide());
     r.send_all(vec![r.write("k/before", b"1")]).await;
     r.settled(1).await;
     r.faulty.set_outage(true);
@@ -208,7 +175,6 @@ async fn a_barrier_waits_for_what_came_before() {
     let r = rig(BatchLimits {
         ops: 1,
         bytes: 1 << 30,
-        in_flight: 1,
     });
     r.send_all(vec![
         r.write("k/1", b"1"),
@@ -220,132 +186,4 @@ async fn a_barrier_waits_for_what_came_before() {
     assert_eq!(got[2].0, "b");
     assert!(got.iter().all(|(_, res)| res.is_ok()));
     assert!(r.faulty.get("k/2").await.unwrap().is_some());
-}
-
-#[tokio::test]
-async fn chained_commits_apply_in_order_when_a_later_one_overtakes_an_earlier_one() {
-    let r = rig(chained(1));
-    // The first write of k/x is held back on its way to the store; the two after it (one
-    // batch each) reach the store first.
-    r.faulty
-        .hold_puts(|key, value| key == "k/x" && value == b"first");
-    r.send_all(vec![
-        r.write("k/x", b"first"),
-        r.write("k/x", b"second"),
-        r.write("k/y", b"third"),
-    ])
-    .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while r.faulty.holding() < 1 || r.faulty.committed() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "holding {}, reached the store {}",
-            r.faulty.holding(),
-            r.faulty.committed()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // Both reached the store out of turn: neither was applied, nobody was answered.
-    assert!(r.faulty.get("k/x").await.unwrap().is_none());
-    assert!(r.faulty.get("k/y").await.unwrap().is_none());
-    assert!(r.outcomes.lock().unwrap().is_empty());
-    r.faulty.release_held();
-    let got = r.settled(3).await;
-    assert!(got.iter().all(|(_, res)| res.is_ok()), "{got:?}");
-    let order: Vec<_> = got.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(order, ["k/x", "k/x", "k/y"]);
-    // Applied in the order written: the second write of k/x is the one that stays.
-    assert_eq!(r.faulty.get("k/x").await.unwrap().unwrap().value, b"second");
-    assert_eq!(r.faulty.get("k/y").await.unwrap().unwrap().value, b"third");
-    assert!(!r.events.term_over.is_cancelled());
-}
-
-#[tokio::test]
-async fn a_chained_commit_applied_with_its_answer_lost_counts_as_applied() {
-    let r = rig(chained(1000));
-    r.send_all(vec![r.write("k/a", b"1")]).await;
-    r.settled(1).await;
-    // The next commit is applied and its answer lost: sent again, it finds its own link
-    // in the chain (it does not come out of turn forever, nor end the term).
-    r.faulty.lose_next_answers(1);
-    r.send_all(vec![r.write("k/b", b"2")]).await;
-    let got = r.settled(2).await;
-    assert!(got[1].1.is_ok(), "{got:?}");
-    assert!(!r.events.term_over.is_cancelled());
-    assert_eq!(r.faulty.get("k/b").await.unwrap().unwrap().value, b"2");
-    // The chain goes on from there.
-    r.send_all(vec![r.write("k/c", b"3"), r.write("k/c", b"4")])
-        .await;
-    let got = r.settled(4).await;
-    assert!(got.iter().all(|(_, res)| res.is_ok()), "{got:?}");
-    assert_eq!(r.faulty.get("k/c").await.unwrap().unwrap().value, b"4");
-}
-
-#[tokio::test]
-async fn a_lost_fence_ends_the_term_of_chained_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
-    let leader = store
-        .txn(Txn {
-            compares: vec![],
-            success: vec![Op::put("leader", "me")],
-            failure: vec![],
-        })
-        .await
-        .unwrap();
-    let fence = Fence {
-        compare: Compare::mod_revision("leader", leader.revision),
-        lost: CancellationToken::new(),
-    };
-    let lost = fence.lost.clone();
-    let (persister, events, _task) = Persister::start(store.clone(), chained(1), Some(fence));
-    let outcomes: Outcomes = Arc::default();
-    let write = |key: &str| {
-        let outcomes = outcomes.clone();
-        let name = key.to_string();
-        Write {
-            key: key.into(),
-            value: Some(b"v".to_vec()),
-            also: Vec::new(),
-            effects: vec![Box::new(move |r| {
-                outcomes.lock().unwrap().push((name, r.clone()));
-            })],
-        }
-    };
-    persister.write(write("k/1")).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while outcomes.lock().unwrap().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(outcomes.lock().unwrap()[0].1.is_ok());
-    // Another controller takes over.
-    store
-        .txn(Txn {
-            compares: vec![],
-            success: vec![Op::put("leader", "someone else")],
-            failure: vec![],
-        })
-        .await
-        .unwrap();
-    for k in ["k/2", "k/3", "k/4"] {
-        persister.write(write(k)).await.unwrap();
-    }
-    tokio::time::timeout(Duration::from_secs(10), events.term_over.cancelled())
-        .await
-        .expect("the term is over");
-    assert!(lost.is_cancelled());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while outcomes.lock().unwrap().len() < 4 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let got = outcomes.lock().unwrap().clone();
-    let order: Vec<_> = got.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(order, ["k/1", "k/2", "k/3", "k/4"]);
-    // Nothing written after the fence moved is applied or acknowledged.
-    for (k, res) in &got[1..] {
-        assert!(res.is_err(), "{k}: {res:?}");
-        assert!(store.get(k).await.unwrap().is_none(), "{k} applied");
-    }
 }

@@ -16,27 +16,17 @@
 //!   confirmed is never served.
 //! * A **barrier** ([`Write::barrier`]) carries no data: its effects run once every write
 //!   queued before it is durable, for answers that state something already written.
-//!
-//! With a store that takes several transactions at once (etcd, [`Store::commit_pipeline`]),
-//! full batches go out while earlier ones are still in flight, chained so that the store
-//! applies them in order ([`chain`]); effects still run in the order of the writes
-//! ([`commit`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use scabbard_common::{Error, Result};
 use tokio::sync::mpsc;
+use tracing::{error, warn};
 
 use tokio_util::sync::CancellationToken;
 
-mod chain;
-mod commit;
-#[cfg(test)]
-mod tests;
-
-use crate::store::{Compare, Store};
-use commit::Loop;
+use crate::store::{Compare, Op, Store, Txn};
 
 /// What guards every commit: the leader's fence, and the token to cancel when it fails.
 #[derive(Clone)]
@@ -144,19 +134,15 @@ pub(crate) struct BatchLimits {
     /// Bytes of keys and values per transaction. A single larger write still goes alone
     /// (and the store decides).
     pub(crate) bytes: usize,
-    /// Most commits in flight at once ([`Store::commit_pipeline`]); above 1, commits are
-    /// chained (see [`chain`]).
-    pub(crate) in_flight: usize,
 }
 
 impl BatchLimits {
-    /// What `store` accepts in one transaction, with room for the commit chain's put.
+    /// What `store` accepts in one transaction, with room for the fence compare.
     pub(crate) fn for_store(store: &dyn Store) -> Self {
         Self {
             ops: 4096usize.min(store.max_txn_ops().saturating_sub(1)).max(1),
             // Keys and values are not all a request carries: leave an eighth for framing.
             bytes: (store.max_txn_bytes() / 8 * 7).max(1),
-            in_flight: store.commit_pipeline().max(1),
         }
     }
 }
@@ -226,14 +212,15 @@ impl Persister {
         let term_over = CancellationToken::new();
         let load = Arc::new(Load::default());
         let handle = tokio::spawn(
-            Loop::new(
-                load.clone(),
+            Loop {
+                load: load.clone(),
                 store,
                 limits,
                 fence,
-                refused_tx,
-                term_over.clone(),
-            )
+                refused: refused_tx,
+                term_over: term_over.clone(),
+                failure: None,
+            }
             .run(rx),
         );
         let persister = Self {
@@ -297,3 +284,216 @@ impl Persister {
             .map_err(|_| Error::Unavailable("controller is shutting down".into()))
     }
 }
+
+struct Loop {
+    load: Arc<Load>,
+    store: Arc<dyn Store>,
+    limits: BatchLimits,
+    fence: Option<Fence>,
+    refused: mpsc::UnboundedSender<Refused>,
+    term_over: CancellationToken,
+    /// Set once the term is over: every later write fails with it, uncommitted.
+    failure: Option<String>,
+}
+
+impl Loop {
+    async fn run(mut self, mut rx: mpsc::Receiver<Vec<Write>>) {
+        let mut batch: Vec<Write> = Vec::new();
+        // Received and not yet in a commit, in order.
+        let mut pending: std::collections::VecDeque<Write> = std::collections::VecDeque::new();
+        loop {
+            if pending.is_empty() {
+                match rx.recv().await {
+                    Some(ws) => pending.extend(ws),
+                    None => return,
+                }
+            }
+            let (mut bytes, mut ops) = (0usize, 0usize);
+            loop {
+                let Some(w) = pending.front() else {
+                    if ops >= self.limits.ops {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(ws) => {
+                            pending.extend(ws);
+                            continue;
+                        }
+                        Err(_) => break,
+                    }
+                };
+                // The first write always goes (a larger one alone; the store decides).
+                if !batch.is_empty()
+                    && !w.is_barrier()
+                    && (bytes + w.bytes() > self.limits.bytes || ops + w.ops() > self.limits.ops)
+                {
+                    break;
+                }
+                let Some(w) = pending.pop_front() else { break };
+                bytes += w.bytes();
+                ops += w.ops();
+                batch.push(w);
+            }
+            if !batch.is_empty() {
+                self.commit_batch(&mut batch).await;
+            }
+        }
+    }
+
+    /// Commits `batch` (draining it) and runs every write's effects with its outcome.
+    async fn commit_batch(&mut self, batch: &mut Vec<Write>) {
+        if let Some(why) = &self.failure {
+            let result = Err(CommitError::unavailable(why));
+            run_effects(batch.drain(..), &result);
+            return;
+        }
+        let started = std::time::Instant::now();
+        let result = self.commit(ops_for(batch)).await;
+        crate::metrics::store_commit(batch.len(), started.elapsed(), result.is_ok());
+        self.load.committed(started.elapsed());
+        match result {
+            Ok(()) => run_effects(batch.drain(..), &Ok(())),
+            Err(Failure::Refused(why)) if batch.iter().filter(|w| !w.is_barrier()).count() > 1 => {
+                warn!(error = %why, writes = batch.len(), "the store refused a batch: committing its writes one at a time");
+                self.one_at_a_time(batch).await;
+            }
+            Err(Failure::Refused(why)) => {
+                let w = batch.iter().find(|w| !w.is_barrier());
+                if let Some(w) = w {
+                    self.report_refused(w, &why);
+                }
+                run_effects(batch.drain(..), &Err(CommitError::refused(&why)));
+            }
+            Err(Failure::TermOver(why)) => {
+                self.end_term(&why);
+                run_effects(batch.drain(..), &Err(CommitError::unavailable(&why)));
+            }
+        }
+    }
+
+    /// After a refused batch: each write alone, in order, so only the culprit fails.
+    async fn one_at_a_time(&mut self, batch: &mut Vec<Write>) {
+        for w in batch.drain(..) {
+            if let Some(why) = &self.failure {
+                let result = Err(CommitError::unavailable(why));
+                run_effects([w], &result);
+                continue;
+            }
+            if w.is_barrier() {
+                run_effects([w], &Ok(()));
+                continue;
+            }
+            let result = match self.commit(ops_for(std::slice::from_ref(&w))).await {
+                Ok(()) => Ok(()),
+                Err(Failure::Refused(why)) => {
+                    self.report_refused(&w, &why);
+                    Err(CommitError::refused(&why))
+                }
+                Err(Failure::TermOver(why)) => {
+                    self.end_term(&why);
+                    Err(CommitError::unavailable(&why))
+                }
+            };
+            run_effects([w], &result);
+        }
+    }
+
+    fn report_refused(&self, w: &Write, why: &str) {
+        error!(key = %w.key, bytes = w.bytes(), error = %why, "the store refused a write");
+        let _ = self.refused.send(Refused {
+            key: w.key.clone(),
+            bytes: w.bytes(),
+            reason: why.to_string(),
+        });
+    }
+
+    fn end_term(&mut self, why: &str) {
+        error!(error = %why, "store commit failed: ending this term (the state is rebuilt from the store)");
+        self.failure = Some(format!("the store could not be written ({why}); retry"));
+        self.term_over.cancel();
+    }
+
+    async fn commit(&self, ops: Vec<Op>) -> std::result::Result<(), Failure> {
+        let mut attempt = 0u32;
+        loop {
+            let txn = Txn {
+                compares: self.fence.iter().map(|f| f.compare.clone()).collect(),
+                success: ops.clone(),
+                failure: Vec::new(),
+            };
+            match self.store.txn(txn).await {
+                Ok(r) if r.succeeded => return Ok(()),
+                Ok(_) => {
+                    if let Some(f) = &self.fence {
+                        f.lost.cancel();
+                    }
+                    return Err(Failure::TermOver(
+                        "this controller is no longer the leader (fenced write refused)".into(),
+                    ));
+                }
+                Err(e @ Error::Unavailable(_)) if attempt < 3 && self.store.fatal().is_none() => {
+                    attempt += 1;
+                    warn!(error = %e, attempt, "store unavailable; retrying commit");
+                    tokio::time::sleep(scabbard_common::backoff::Backoff::default().delay(attempt))
+                        .await;
+                }
+                // A full database (etcd's NOSPACE alarm) refuses everything: not this write's
+                // fault, and not something isolating it would fix.
+                Err(Error::ResourceExhausted(why)) if why.contains("space exceeded") => {
+                    return Err(Failure::TermOver(why));
+                }
+                Err(e @ (Error::InvalidArgument(_) | Error::ResourceExhausted(_))) => {
+                    return Err(Failure::Refused(e.to_string()));
+                }
+                Err(e) => return Err(Failure::TermOver(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Why a commit did not happen.
+enum Failure {
+    /// The store refused the request itself (too large, invalid): nothing was written and
+    /// the store is fine.
+    Refused(String),
+    /// The store could not be written, or the fence was lost: the term is over.
+    TermOver(String),
+}
+
+fn run_effects(writes: impl IntoIterator<Item = Write>, result: &Result<(), CommitError>) {
+    for w in writes {
+        for effect in w.effects {
+            effect(result);
+        }
+    }
+}
+
+/// The store ops of a batch; later writes of a key supersede earlier ones (a write's
+/// `also` keys count as written after its key); barriers carry none.
+fn ops_for(batch: &[Write]) -> Vec<Op> {
+    let all = || {
+        batch.iter().filter(|w| !w.is_barrier()).flat_map(|w| {
+            std::iter::once((&w.key, &w.value)).chain(w.also.iter().map(|(k, v)| (k, v)))
+        })
+    };
+    let mut last: std::collections::HashMap<&str, usize> =
+        std::collections::HashMap::with_capacity(batch.len());
+    for (i, (k, _)) in all().enumerate() {
+        last.insert(k.as_str(), i);
+    }
+    let mut ops = Vec::with_capacity(last.len());
+    for (i, (k, v)) in all().enumerate() {
+        if last.get(k.as_str()) != Some(&i) {
+            continue;
+        }
+        ops.push(match v {
+            Some(v) => Op::put(k.clone(), v.clone()),
+            None => Op::delete(k.clone()),
+        });
+    }
+    ops
+}
+
+#[cfg(test)]
+#[path = "persist_tests.rs"]
+mod tests;

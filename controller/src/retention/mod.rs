@@ -52,6 +52,11 @@ const ROUND_BUDGET: usize = 4_096;
 const SCAN_BUDGET: usize = 32 * 1_024;
 /// Most keys a round scans to count what it left behind (the backlog).
 const BACKLOG_SCAN: usize = 100_000;
+/// Keys per range page of that count (a pause after each, as after a batch of deletes).
+const BACKLOG_PAGE: usize = 1_000;
+/// The backlog is counted at most this often; rounds in between report the last count
+/// less what they deleted.
+const BACKLOG_EVERY: Duration = Duration::from_secs(30);
 /// Keys read per range page while live work runs (see `sweep::Run::pause`).
 const BUSY_BATCH: usize = 32;
 /// Shortest pause between two batches.

@@ -13,8 +13,8 @@ use tracing::{debug, warn};
 
 use super::stats::Kind;
 use super::{
-    BACKLOG_SCAN, BATCH, BUSY_BATCH, BUSY_FACTOR, BUSY_PAUSE, BUSY_QUEUE, MIN_PAUSE, Policy,
-    ROUND_BUDGET, SCAN_BUDGET, SLOW_COMMIT, STATS, Sweeper,
+    BACKLOG_EVERY, BACKLOG_PAGE, BACKLOG_SCAN, BATCH, BUSY_BATCH, BUSY_FACTOR, BUSY_PAUSE,
+    BUSY_QUEUE, MIN_PAUSE, Policy, ROUND_BUDGET, SCAN_BUDGET, SLOW_COMMIT, STATS, Sweeper,
 };
 use crate::audit::AUDIT_PREFIX;
 use crate::core::history::{
@@ -54,6 +54,18 @@ pub(crate) struct Run {
     seen_commits: u64,
     /// Live work was running at the last pause: batches of [`BUSY_BATCH`].
     busy: bool,
+    /// The last count of the backlog of `done/` and `wdone/` (see [`Self::backlog`]).
+    counted: [Option<Counted>; 2],
+    /// Tasks and workflows deleted by this run so far.
+    deleted: [u64; 2],
+}
+
+/// A count of the expired entries a round left behind.
+struct Counted {
+    at: Instant,
+    expired: u64,
+    /// [`Run::deleted`] of its kind then.
+    deleted: u64,
 }
 
 /// Which history a done-key scan walks.
@@ -72,6 +84,8 @@ impl Run {
             history_cursor: [None, None],
             seen_commits: 0,
             busy: false,
+            counted: [None, None],
+            deleted: [0, 0],
         }
     }
 
@@ -173,7 +187,7 @@ impl Run {
             }
             if handled >= ROUND_BUDGET || scanned >= SCAN_BUDGET {
                 self.history_cursor[slot] = after.clone();
-                return self.count_expired(prefix, after, policy).await;
+                return self.backlog(kind, after, policy, stop).await;
             }
             let started = Instant::now();
             let page = self
@@ -199,30 +213,79 @@ impl Run {
                 }
             }
             handled += expired.len();
-            match kind {
+            let deleted = match kind {
                 History::Tasks => {
-                    report.tasks += self.delete_tasks(expired, &mut workflows_over).await?
+                    let n = self.delete_tasks(expired, &mut workflows_over).await?;
+                    report.tasks += n;
+                    n
                 }
-                History::Workflows => report.workflows += self.delete_workflows(expired).await?,
-            }
+                History::Workflows => {
+                    let n = self.delete_workflows(expired).await?;
+                    report.workflows += n;
+                    n
+                }
+            };
+            self.deleted[slot] += deleted;
             if end {
+                // Caught up: the next backlog is counted afresh.
+                self.counted[slot] = None;
                 return Ok(0);
             }
             self.pause(started, stop).await;
         }
     }
 
-    /// Counts expired entries after `after` (at most [`BACKLOG_SCAN`] keys looked at).
+    /// The expired entries this round leaves after `after`: counted (see
+    /// [`Self::count_expired`]) at most once per [`BACKLOG_EVERY`]; in between, the last
+    /// count less what was deleted since (what expired since shows at the next count).
+    async fn backlog(
+        &mut self,
+        kind: History,
+        after: Option<String>,
+        policy: &Policy,
+        stop: &CancellationToken,
+    ) -> Result<u64> {
+        let slot = kind as usize;
+        if let Some(c) = &self.counted[slot]
+            && c.at.elapsed() < BACKLOG_EVERY
+        {
+            return Ok(c
+                .expired
+                .saturating_sub(self.deleted[slot].saturating_sub(c.deleted)));
+        }
+        let prefix = match kind {
+            History::Tasks => DONE_PREFIX,
+            History::Workflows => WF_DONE_PREFIX,
+        };
+        let expired = self.count_expired(prefix, after, policy, stop).await?;
+        self.counted[slot] = Some(Counted {
+            at: Instant::now(),
+            expired,
+            deleted: self.deleted[slot],
+        });
+        Ok(expired)
+    }
+
+    /// Counts expired entries after `after` (at most [`BACKLOG_SCAN`] keys looked at), a
+    /// page of [`BACKLOG_PAGE`] keys at a time with the same pauses as the deletes: it is
+    /// only a figure for `scabbard status` and the metrics, and reading 100,000 keys in one
+    /// go would take the CPU from live work for tens of milliseconds.
     async fn count_expired(
-        &self,
+        &mut self,
         prefix: &str,
         mut after: Option<String>,
         policy: &Policy,
+        stop: &CancellationToken,
     ) -> Result<u64> {
         let until = policy.scan_until();
         let (mut seen, mut expired) = (0usize, 0u64);
-        while seen < BACKLOG_SCAN {
-            let page = self.s.store.range(prefix, after.as_deref(), 1_000).await?;
+        while seen < BACKLOG_SCAN && !self.stopped(stop) {
+            let started = Instant::now();
+            let page = self
+                .s
+                .store
+                .range(prefix, after.as_deref(), BACKLOG_PAGE)
+                .await?;
             after = page.kvs.last().map(|kv| kv.key.clone());
             seen += page.kvs.len();
             for kv in &page.kvs {
@@ -237,6 +300,7 @@ impl Run {
             if !page.more {
                 break;
             }
+            self.pause(started, stop).await;
         }
         Ok(expired)
     }

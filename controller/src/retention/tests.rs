@@ -187,3 +187,46 @@ async fn a_deposed_leader_deletes_nothing() {
     assert!(exists(&f.store, &done_key(old.updated_at_ms, "old")).await);
     assert!(f.forgotten.try_recv().is_err());
 }
+
+#[tokio::test]
+async fn the_backlog_is_counted_once_then_follows_what_rounds_delete() {
+    let Fixture {
+        _dir,
+        store,
+        mut run,
+        mut forgotten,
+    } = fixture().await;
+    tokio::spawn(async move { while forgotten.recv().await.is_some() {} });
+    let budget = super::ROUND_BUDGET;
+    let n = 2 * budget + 500;
+    let mut ops = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        let t = task(&format!("t{i:05}"), TaskState::Succeeded, NOW - 5_000, "");
+        ops.push(Op::put(format!("tasks/{}", t.id), t.encode_to_vec()));
+        ops.push(Op::put(
+            done_key(t.updated_at_ms, &t.id),
+            b"default".to_vec(),
+        ));
+    }
+    store
+        .txn(Txn {
+            success: ops,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    // The first round stops at its budget and counts what it left.
+    let first = run.round(&policy(), &stop).await.unwrap();
+    assert_eq!(first.tasks, budget as u64, "{first:?}");
+    assert_eq!(first.backlog, (budget + 500) as u64, "{first:?}");
+    // The next, within the count's lifetime, takes what it deleted off that count.
+    let second = run.round(&policy(), &stop).await.unwrap();
+    assert_eq!(second.tasks, budget as u64, "{second:?}");
+    assert_eq!(second.backlog, 500, "{second:?}");
+    // The last catches up.
+    let third = run.round(&policy(), &stop).await.unwrap();
+    assert_eq!((third.tasks, third.backlog), (500, 0), "{third:?}");
+    assert!(store.range("done/", None, 0).await.unwrap().kvs.is_empty());
+    assert!(store.range("tasks/", None, 0).await.unwrap().kvs.is_empty());
+}

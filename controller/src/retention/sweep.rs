@@ -75,6 +75,16 @@ enum History {
     Workflows = 1,
 }
 
+impl History {
+    /// The keys it walks: `done/` or `wdone/`.
+    fn prefix(self) -> &'static str {
+        match self {
+            History::Tasks => DONE_PREFIX,
+            History::Workflows => WF_DONE_PREFIX,
+        }
+    }
+}
+
 impl Run {
     pub(crate) fn new(s: Sweeper) -> Self {
         Self {
@@ -171,10 +181,7 @@ impl Run {
         stop: &CancellationToken,
         report: &mut Report,
     ) -> Result<u64> {
-        let prefix = match kind {
-            History::Tasks => DONE_PREFIX,
-            History::Workflows => WF_DONE_PREFIX,
-        };
+        let prefix = kind.prefix();
         let until = policy.scan_until();
         let slot = kind as usize;
         let mut after: Option<String> = self.history_cursor[slot].take();
@@ -253,11 +260,9 @@ impl Run {
                 .expired
                 .saturating_sub(self.deleted[slot].saturating_sub(c.deleted)));
         }
-        let prefix = match kind {
-            History::Tasks => DONE_PREFIX,
-            History::Workflows => WF_DONE_PREFIX,
-        };
-        let expired = self.count_expired(prefix, after, policy, stop).await?;
+        let expired = self
+            .count_expired(kind.prefix(), after, policy, stop)
+            .await?;
         self.counted[slot] = Some(Counted {
             at: Instant::now(),
             expired,
